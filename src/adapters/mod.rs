@@ -1,0 +1,1 @@
+//! Implementations of [`crate::ports`] for Azure and the vendor's device cloud.

@@ -1,0 +1,277 @@
+//! Parsing the API's input: "parse, don't validate". Each type can only hold a valid value.
+
+use serde_json::Value;
+use std::fmt;
+
+/// Why an input was rejected, naming the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InputError {
+    /// The field (JSON pointer-ish name: `deviceId`, `dod`, `minSoc`, `body`, `Idempotency-Key`).
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl InputError {
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A device id: 1-64 characters of `[A-Za-z0-9._-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(String);
+
+impl DeviceId {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn parse(raw: &str) -> Result<Self, InputError> {
+        if raw.is_empty() || raw.len() > Self::MAX_LEN {
+            return Err(InputError::new("deviceId", "must be 1-64 characters"));
+        }
+        if !raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(InputError::new(
+                "deviceId",
+                "may contain only A-Z, a-z, 0-9, '.', '_' and '-'",
+            ));
+        }
+        Ok(Self(raw.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Minimum state of charge in percent, 0..=100.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MinSoc(u8);
+
+impl MinSoc {
+    pub fn new(percent: u8) -> Option<Self> {
+        (percent <= 100).then_some(Self(percent))
+    }
+
+    pub fn from_dod(dod: u8) -> Option<Self> {
+        (dod <= 100).then(|| Self(100 - dod))
+    }
+
+    pub fn percent(self) -> u8 {
+        self.0
+    }
+
+    /// Depth of discharge: `100 - minSoc`.
+    pub fn dod(self) -> u8 {
+        100 - self.0
+    }
+}
+
+/// An `Idempotency-Key` header value: 1-128 visible ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub const MAX_LEN: usize = 128;
+
+    pub fn parse(raw: &[u8]) -> Result<Self, InputError> {
+        if raw.is_empty() || raw.len() > Self::MAX_LEN {
+            return Err(InputError::new(
+                "Idempotency-Key",
+                "must be 1-128 characters",
+            ));
+        }
+        if !raw.iter().all(|b| (0x21..=0x7e).contains(b)) {
+            return Err(InputError::new(
+                "Idempotency-Key",
+                "may contain only visible ASCII characters",
+            ));
+        }
+        // Every byte is ASCII, so this cannot fail.
+        Ok(Self(String::from_utf8_lossy(raw).into_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A validated `POST /devices/{id}/soc` body: exactly one of `dod` or `minSoc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettingRequest {
+    pub min_soc: MinSoc,
+}
+
+impl SettingRequest {
+    /// Largest body accepted; anything bigger is rejected before parsing.
+    pub const MAX_BODY_BYTES: usize = 1024;
+
+    pub fn parse(body: &[u8]) -> Result<Self, InputError> {
+        if body.len() > Self::MAX_BODY_BYTES {
+            return Err(InputError::new(
+                "body",
+                format!("larger than {} bytes", Self::MAX_BODY_BYTES),
+            ));
+        }
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(InputError::new(
+                "body",
+                "a JSON object with \"dod\" or \"minSoc\" is required",
+            ));
+        }
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| InputError::new("body", format!("malformed JSON: {e}")))?;
+        let Value::Object(fields) = value else {
+            return Err(InputError::new("body", "must be a JSON object"));
+        };
+        if let Some(other) = fields.keys().find(|k| *k != "dod" && *k != "minSoc") {
+            return Err(InputError::new(
+                "body",
+                format!("unknown field {other:?}; send exactly one of \"dod\" or \"minSoc\""),
+            ));
+        }
+        match (fields.get("dod"), fields.get("minSoc")) {
+            (Some(_), Some(_)) => Err(InputError::new(
+                "body",
+                "send exactly one of \"dod\" or \"minSoc\", not both",
+            )),
+            (None, None) => Err(InputError::new(
+                "body",
+                "one of \"dod\" or \"minSoc\" is required",
+            )),
+            (Some(dod), None) => Ok(Self {
+                min_soc: MinSoc::from_dod(percent("dod", dod)?).expect("checked range"),
+            }),
+            (None, Some(min)) => Ok(Self {
+                min_soc: MinSoc::new(percent("minSoc", min)?).expect("checked range"),
+            }),
+        }
+    }
+}
+
+/// An integer 0..=100. `50.0` is not an integer here: the API is strict so that
+/// a client's rounding bug shows up as a 400 instead of a silently changed value.
+fn percent(field: &'static str, value: &Value) -> Result<u8, InputError> {
+    let Value::Number(n) = value else {
+        return Err(InputError::new(field, "must be an integer 0..=100"));
+    };
+    match n.as_u64() {
+        Some(v) if v <= 100 => Ok(v as u8),
+        Some(_) => Err(InputError::new(field, "must be between 0 and 100")),
+        None if n.as_i64().is_some() => Err(InputError::new(field, "must be between 0 and 100")),
+        None => Err(InputError::new(field, "must be an integer 0..=100")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids_accept_the_documented_alphabet_only() {
+        assert!(DeviceId::parse("bat-01.A_z").is_ok());
+        assert!(DeviceId::parse(&"a".repeat(64)).is_ok());
+        for bad in ["", &"a".repeat(65), "a b", "a/b", "ä", "a%2F", "a\n"] {
+            assert_eq!(
+                DeviceId::parse(bad).unwrap_err().field,
+                "deviceId",
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn dod_is_converted_to_min_soc() {
+        assert_eq!(
+            SettingRequest::parse(br#"{"dod":80}"#)
+                .unwrap()
+                .min_soc
+                .percent(),
+            20
+        );
+        assert_eq!(
+            SettingRequest::parse(br#"{"minSoc":35}"#)
+                .unwrap()
+                .min_soc
+                .percent(),
+            35
+        );
+        assert_eq!(
+            SettingRequest::parse(br#"{"dod":0}"#)
+                .unwrap()
+                .min_soc
+                .percent(),
+            100
+        );
+        assert_eq!(
+            SettingRequest::parse(br#"{"minSoc":100}"#)
+                .unwrap()
+                .min_soc
+                .dod(),
+            0
+        );
+    }
+
+    #[test]
+    fn invalid_bodies_name_the_field() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "body"),
+            (b"{", "body"),
+            (b"[1]", "body"),
+            (b"{}", "body"),
+            (br#"{"dod":10,"minSoc":90}"#, "body"),
+            (br#"{"dod":101}"#, "dod"),
+            (br#"{"dod":-1}"#, "dod"),
+            (br#"{"minSoc":50.5}"#, "minSoc"),
+            (br#"{"minSoc":50.0}"#, "minSoc"),
+            (br#"{"minSoc":"50"}"#, "minSoc"),
+            (br#"{"minSoc":null}"#, "minSoc"),
+            (br#"{"minSoc":1e2}"#, "minSoc"),
+            (br#"{"minSoc":18446744073709551616}"#, "minSoc"),
+            (br#"{"minsoc":50}"#, "body"),
+        ];
+        for (body, field) in cases {
+            let err = SettingRequest::parse(body).unwrap_err();
+            assert_eq!(
+                err.field,
+                *field,
+                "{}: {err}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_bodies_are_rejected_before_parsing() {
+        let body = format!(r#"{{"minSoc":50,"pad":"{}"}}"#, " ".repeat(2000));
+        let err = SettingRequest::parse(body.as_bytes()).unwrap_err();
+        assert!(err.reason.contains("larger than"));
+    }
+
+    #[test]
+    fn idempotency_keys_are_visible_ascii_up_to_128() {
+        assert!(IdempotencyKey::parse(b"abc-123/#?").is_ok());
+        assert!(IdempotencyKey::parse(&[b'k'; 128]).is_ok());
+        for bad in [
+            &b""[..],
+            &[b'k'; 129],
+            b"a b",
+            b"tab\t",
+            "é".as_bytes(),
+            b"\x7f",
+        ] {
+            assert!(IdempotencyKey::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

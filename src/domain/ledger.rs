@@ -1,0 +1,333 @@
+//! The ledger: one desired-state record per device, the single source of truth.
+//!
+//! Service Bus messages are only wake-up calls for a device. Whoever applies a
+//! setting reads the record and applies what it says *now*, never the value a
+//! message was created for, so an old message can never overwrite a newer setting.
+//!
+//! Device PUTs are serialised per device by a short lease stored in the record:
+//! only the lease holder talks to the device, and before it lets go it checks
+//! that what it applied is still the desired value (and applies the newer one if
+//! not). Every change is an optimistic-concurrency write (ETag) in the adapter.
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+use super::input::{DeviceId, MinSoc};
+
+/// Identifies one accepted request (UUID v4, simple form).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RequestId(String);
+
+impl RequestId {
+    pub fn new_random() -> Self {
+        Self(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    pub fn from_stored(raw: impl Into<String>) -> Self {
+        Self(raw.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestStatus {
+    Pending,
+    Applied,
+    Expired,
+    Failed,
+}
+
+impl RequestStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Applied => "applied",
+            Self::Expired => "expired",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "pending" => Some(Self::Pending),
+            "applied" => Some(Self::Applied),
+            "expired" => Some(Self::Expired),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        self != Self::Pending
+    }
+}
+
+/// Who may talk to the device right now, and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub holder: String,
+    pub until: DateTime<Utc>,
+}
+
+/// The per-device desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredState {
+    pub device_id: DeviceId,
+    pub request_id: RequestId,
+    pub min_soc: MinSoc,
+    pub status: RequestStatus,
+    pub requested_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub applied_at: Option<DateTime<Utc>>,
+    /// Device apply attempts (PUTs, including those that found the device offline).
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// MessageId of the one wake-up message the queue chain expects next.
+    /// A delivery carrying another id is a stale or duplicate chain and does not re-schedule.
+    pub wake_message_id: Option<String>,
+    /// When that message becomes due. Pending past this (plus a grace) means the message was lost.
+    pub wake_due_at: Option<DateTime<Utc>>,
+    pub lease: Option<Lease>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl DesiredState {
+    /// A freshly accepted request. It supersedes whatever `previous` held, but keeps
+    /// the previous lease: a holder mid-PUT must still see that it has to converge.
+    pub fn accept(
+        device_id: DeviceId,
+        min_soc: MinSoc,
+        now: DateTime<Utc>,
+        ttl: Duration,
+        previous: Option<&DesiredState>,
+    ) -> Self {
+        Self {
+            device_id,
+            request_id: RequestId::new_random(),
+            min_soc,
+            status: RequestStatus::Pending,
+            requested_at: now,
+            expires_at: now + ttl,
+            applied_at: None,
+            attempts: 0,
+            last_error: None,
+            wake_message_id: None,
+            wake_due_at: None,
+            lease: previous
+                .and_then(|p| p.lease.clone())
+                .filter(|l| l.until > now),
+            updated_at: now,
+        }
+    }
+
+    /// Keeps this request's identity but carries the lease of the record now stored.
+    pub fn with_lease_of(mut self, stored: Option<&DesiredState>, now: DateTime<Utc>) -> Self {
+        self.lease = stored
+            .and_then(|p| p.lease.clone())
+            .filter(|l| l.until > now);
+        self
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.status == RequestStatus::Pending
+    }
+
+    pub fn is_expired_at(&self, now: DateTime<Utc>) -> bool {
+        now >= self.expires_at
+    }
+
+    /// Whether `holder` may start talking to the device.
+    pub fn lease_free_for(&self, holder: &str, now: DateTime<Utc>) -> bool {
+        match &self.lease {
+            None => true,
+            Some(l) => l.holder == holder || l.until <= now,
+        }
+    }
+
+    pub fn take_lease(&mut self, holder: &str, now: DateTime<Utc>, duration: Duration) {
+        self.lease = Some(Lease {
+            holder: holder.to_string(),
+            until: now + duration,
+        });
+        self.updated_at = now;
+    }
+
+    pub fn release_lease(&mut self, holder: &str) {
+        if self.lease.as_ref().is_some_and(|l| l.holder == holder) {
+            self.lease = None;
+        }
+    }
+
+    pub fn holds_lease(&self, holder: &str, now: DateTime<Utc>) -> bool {
+        self.lease
+            .as_ref()
+            .is_some_and(|l| l.holder == holder && l.until > now)
+    }
+
+    pub fn mark_applied(&mut self, now: DateTime<Utc>) {
+        self.status = RequestStatus::Applied;
+        self.applied_at = Some(now);
+        self.last_error = None;
+        self.clear_wake();
+        self.updated_at = now;
+    }
+
+    pub fn mark_expired(&mut self, now: DateTime<Utc>) {
+        self.status = RequestStatus::Expired;
+        self.last_error = Some(format!(
+            "expired at {} without the device coming online",
+            self.expires_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ));
+        self.clear_wake();
+        self.updated_at = now;
+    }
+
+    pub fn mark_failed(&mut self, reason: impl Into<String>, now: DateTime<Utc>) {
+        self.status = RequestStatus::Failed;
+        self.last_error = Some(reason.into());
+        self.clear_wake();
+        self.updated_at = now;
+    }
+
+    /// Records the wake-up message that is now expected for this request.
+    pub fn expect_wake(
+        &mut self,
+        message_id: impl Into<String>,
+        due_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) {
+        self.wake_message_id = Some(message_id.into());
+        self.wake_due_at = Some(due_at);
+        self.updated_at = now;
+    }
+
+    fn clear_wake(&mut self) {
+        self.wake_message_id = None;
+        self.wake_due_at = None;
+    }
+
+    /// A pending request whose wake-up message should have arrived by now (plus `grace`)
+    /// but the record shows no delivery: the message is lost (or was never sent).
+    pub fn wake_overdue(&self, now: DateTime<Utc>, grace: Duration) -> bool {
+        self.is_pending()
+            && match self.wake_due_at {
+                Some(due) => now > due + grace,
+                // Never had a message (crash between ledger write and send): overdue after grace.
+                None => now > self.updated_at + grace,
+            }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    fn device() -> DeviceId {
+        DeviceId::parse("bat-1").unwrap()
+    }
+
+    fn pending(at: i64) -> DesiredState {
+        DesiredState::accept(
+            device(),
+            MinSoc::new(30).unwrap(),
+            t(at),
+            Duration::seconds(100),
+            None,
+        )
+    }
+
+    #[test]
+    fn a_new_request_keeps_a_live_lease_so_the_holder_converges() {
+        let mut old = pending(0);
+        old.take_lease("holder-a", t(1), Duration::seconds(30));
+        let new = DesiredState::accept(
+            device(),
+            MinSoc::new(60).unwrap(),
+            t(2),
+            Duration::seconds(100),
+            Some(&old),
+        );
+        assert_ne!(new.request_id, old.request_id);
+        assert_eq!(new.lease.as_ref().unwrap().holder, "holder-a");
+        assert!(!new.lease_free_for("holder-b", t(3)));
+        assert!(new.lease_free_for("holder-a", t(3)));
+    }
+
+    #[test]
+    fn an_expired_lease_is_dropped_and_free_for_anyone() {
+        let mut old = pending(0);
+        old.take_lease("holder-a", t(0), Duration::seconds(5));
+        assert!(old.lease_free_for("holder-b", t(5)));
+        let new = DesiredState::accept(
+            device(),
+            MinSoc::new(60).unwrap(),
+            t(6),
+            Duration::seconds(100),
+            Some(&old),
+        );
+        assert!(new.lease.is_none());
+    }
+
+    #[test]
+    fn expiry_is_reached_exactly_at_the_ttl() {
+        let r = pending(0);
+        assert!(!r.is_expired_at(t(99)));
+        assert!(r.is_expired_at(t(100)));
+    }
+
+    #[test]
+    fn final_states_clear_the_expected_wake_message() {
+        let mut r = pending(0);
+        r.expect_wake("m1", t(60), t(0));
+        r.mark_applied(t(10));
+        assert_eq!(r.status, RequestStatus::Applied);
+        assert!(r.wake_message_id.is_none());
+        assert!(!r.wake_overdue(t(1000), Duration::seconds(1)));
+    }
+
+    #[test]
+    fn a_wake_message_is_overdue_only_after_its_due_time_and_grace() {
+        let mut r = pending(0);
+        r.expect_wake("m1", t(60), t(0));
+        assert!(!r.wake_overdue(t(70), Duration::seconds(30)));
+        assert!(r.wake_overdue(t(91), Duration::seconds(30)));
+    }
+
+    #[test]
+    fn a_request_that_never_got_a_message_is_overdue_after_grace() {
+        let r = pending(0);
+        assert!(!r.wake_overdue(t(20), Duration::seconds(30)));
+        assert!(r.wake_overdue(t(31), Duration::seconds(30)));
+    }
+
+    #[test]
+    fn status_round_trips_through_its_wire_name() {
+        for s in [
+            RequestStatus::Pending,
+            RequestStatus::Applied,
+            RequestStatus::Expired,
+            RequestStatus::Failed,
+        ] {
+            assert_eq!(RequestStatus::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(RequestStatus::parse("done"), None);
+    }
+}

@@ -1,0 +1,12 @@
+//! Pure domain: types and decisions, no I/O and no clock reads (time is passed in).
+//!
+//! - [`input`]: parsing what the API receives (device ids, settings, idempotency keys).
+//! - [`ledger`]: the per-device desired-state record and what may happen to it.
+//! - [`schedule`]: re-check back-off and expiry arithmetic.
+
+pub mod input;
+pub mod ledger;
+pub mod schedule;
+
+pub use input::{DeviceId, IdempotencyKey, InputError, MinSoc, SettingRequest};
+pub use ledger::{DesiredState, RequestId, RequestStatus};

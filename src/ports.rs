@@ -1,0 +1,180 @@
+//! The traits the functions need from the outside world. Adapters in
+//! [`crate::adapters`] implement them for Azure and the device cloud; tests may
+//! implement them in memory.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
+
+// ---------------------------------------------------------------- device API
+
+/// What `GET /devices/{id}` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceStatus {
+    pub online: bool,
+    pub min_soc: Option<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// `409` on PUT: the device is offline; try again later.
+    #[error("device is offline")]
+    Offline,
+    /// `404`: the device cloud does not know this device (permanent).
+    #[error("unknown device")]
+    UnknownDevice,
+    /// `400`/`422`: the device cloud rejected the value (permanent).
+    #[error("value rejected by the device cloud: {0}")]
+    Rejected(String),
+    /// `429`, `5xx`, timeouts, connection errors: try again, not before `retry_after` if given.
+    #[error("device cloud unavailable: {reason}")]
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl DeviceError {
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::UnknownDevice | Self::Rejected(_))
+    }
+}
+
+/// The vendor's device cloud (contract in `docs/device-api.md`).
+#[async_trait]
+pub trait DeviceApi: Send + Sync {
+    async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError>;
+    /// `PUT /devices/{id}/settings/min-soc` with `Idempotency-Key: {request_id}`.
+    async fn apply_min_soc(
+        &self,
+        device: &DeviceId,
+        min_soc: MinSoc,
+        request_id: &RequestId,
+    ) -> Result<(), DeviceError>;
+}
+
+// ---------------------------------------------------------------- settings queue
+
+/// The JSON body of a wake-up message. Its field names must not collide
+/// (case-insensitively) with Service Bus metadata keys the handler reads
+/// (`MessageId`, `DeliveryCount`): the host copies body properties into Metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WakeMessage {
+    pub request_id: RequestId,
+    pub device_id: String,
+    pub min_soc: u8,
+    pub requested_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// One send to the settings queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingMessage {
+    /// Unique per logical send; reused when that same send is retried, so the
+    /// broker's duplicate detection drops a retry whose first try did land.
+    pub message_id: String,
+    pub body: WakeMessage,
+    /// `ScheduledEnqueueTimeUtc`; `None` = deliver now.
+    pub scheduled_at: Option<DateTime<Utc>>,
+    /// `TimeToLive`, counted from when the message becomes active.
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("settings queue unavailable: {0}")]
+pub struct QueueError(pub String);
+
+#[async_trait]
+pub trait SettingsQueue: Send + Sync {
+    async fn send(&self, message: &OutgoingMessage) -> Result<(), QueueError>;
+}
+
+// ---------------------------------------------------------------- ledger
+
+/// Opaque optimistic-concurrency token (the storage ETag).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ETag(pub String);
+
+/// A stored value and the ETag it was read or written with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub etag: ETag,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The ETag did not match (someone else wrote first), or an insert found a row.
+    #[error("concurrent update")]
+    Conflict,
+    #[error("state storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What an `Idempotency-Key` was first used for, and the answer given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    pub device_id: DeviceId,
+    pub key: IdempotencyKey,
+    /// Canonical form of the request the key was first used with (e.g. `minSoc=35`).
+    pub fingerprint: String,
+    /// `None` while the first request is still in flight.
+    pub response: Option<StoredResponse>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+/// The desired-state ledger (Azure Table Storage in production).
+#[async_trait]
+pub trait Ledger: Send + Sync {
+    async fn get(&self, device: &DeviceId) -> Result<Option<Versioned<DesiredState>>, StoreError>;
+    /// Inserts when `expected` is `None` (Conflict if a record exists), otherwise
+    /// replaces only if the stored ETag still equals `expected` (Conflict if not).
+    async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError>;
+    /// Deletes only if the stored ETag equals `expected` (Conflict if not; Ok if already gone).
+    async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError>;
+    /// Every record whose status is pending, across all devices.
+    async fn pending(&self) -> Result<Vec<Versioned<DesiredState>>, StoreError>;
+
+    async fn get_idempotency(
+        &self,
+        device: &DeviceId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Versioned<IdempotencyRecord>>, StoreError>;
+    /// Same insert/replace semantics as [`Ledger::put`].
+    async fn put_idempotency(
+        &self,
+        record: &IdempotencyRecord,
+        expected: Option<&ETag>,
+    ) -> Result<ETag, StoreError>;
+    async fn delete_idempotency(
+        &self,
+        device: &DeviceId,
+        key: &IdempotencyKey,
+        expected: &ETag,
+    ) -> Result<(), StoreError>;
+}
+
+// ---------------------------------------------------------------- clock
+
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
