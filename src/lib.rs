@@ -19,4 +19,5 @@
 pub mod adapters;
 pub mod config;
 pub mod domain;
+pub mod host;
 pub mod ports;

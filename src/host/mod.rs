@@ -1,0 +1,1 @@
+//! The Functions host <-> custom handler wire protocol.
