@@ -19,5 +19,6 @@
 pub mod adapters;
 pub mod config;
 pub mod domain;
+pub mod functions;
 pub mod host;
 pub mod ports;

@@ -1,0 +1,258 @@
+//! `DrainSocTimer`: the sweep that keeps nothing pending forever.
+//!
+//! For every pending request (one per device, the ledger holds only the latest):
+//! - past expiry: mark it expired;
+//! - otherwise one status call to the device cloud (never more per device per run,
+//!   at most `DRAIN_SOC_CONCURRENCY` at once);
+//! - online: apply now instead of waiting for the back-off;
+//! - offline, or status unavailable, with its wake-up message overdue (lost,
+//!   dead-lettered, or never sent): re-send it;
+//! - unknown device: fail the request with the reason.
+
+use futures::stream::{self, StreamExt};
+use tracing::{info, warn};
+
+use crate::domain::DesiredState;
+use crate::ports::{DeviceError, StoreError, Versioned};
+
+use super::apply::{apply_latest, ApplyOutcome};
+use super::wake::{self, Rescheduled};
+use super::Services;
+
+/// Counts of what one sweep did (logged, and returned to the host in `Logs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub pending: usize,
+    pub applied: usize,
+    pub expired: usize,
+    pub failed: usize,
+    pub resent: usize,
+    pub still_offline: usize,
+    pub busy: usize,
+    pub errors: usize,
+}
+
+impl std::fmt::Display for SweepReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pending={} applied={} expired={} failed={} resent={} still_offline={} busy={} errors={}",
+            self.pending, self.applied, self.expired, self.failed, self.resent, self.still_offline, self.busy, self.errors
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Applied,
+    Expired,
+    Failed,
+    Resent,
+    StillOffline,
+    Busy,
+    Error,
+}
+
+/// Runs one sweep. Fails only when the ledger cannot be listed at all.
+pub async fn run(svc: &Services) -> Result<SweepReport, StoreError> {
+    let pending = svc.ledger.pending().await?;
+    let mut report = SweepReport {
+        pending: pending.len(),
+        ..Default::default()
+    };
+    let steps: Vec<Step> = stream::iter(pending)
+        .map(|rec| sweep_one(svc, rec))
+        .buffer_unordered(svc.policy.drain_concurrency)
+        .collect()
+        .await;
+    for step in steps {
+        match step {
+            Step::Applied => report.applied += 1,
+            Step::Expired => report.expired += 1,
+            Step::Failed => report.failed += 1,
+            Step::Resent => report.resent += 1,
+            Step::StillOffline => report.still_offline += 1,
+            Step::Busy => report.busy += 1,
+            Step::Error => report.errors += 1,
+        }
+    }
+    info!(%report, "sweep done");
+    Ok(report)
+}
+
+async fn sweep_one(svc: &Services, current: Versioned<DesiredState>) -> Step {
+    let device = current.value.device_id.clone();
+    let now = svc.clock.now();
+    let holder = format!("sweep-{}", uuid::Uuid::new_v4().simple());
+    if current.value.is_expired_at(now) {
+        // apply_latest marks an expired record without calling the device.
+        return match apply_latest(svc, &device, &holder, Some(current)).await {
+            Ok(a) => step_of(&a.outcome),
+            Err(e) => log_error(&device, &e.to_string()),
+        };
+    }
+    if !current.value.lease_free_for(&holder, now) {
+        return Step::Busy;
+    }
+    let status = svc.device.status(&device).await;
+    let current = match status {
+        Ok(s) if s.online => match apply_latest(svc, &device, &holder, Some(current)).await {
+            Ok(a) => match a.outcome {
+                ApplyOutcome::Offline(v) | ApplyOutcome::Transient(v, _) => v,
+                other => return step_of(&other),
+            },
+            Err(e) => return log_error(&device, &e.to_string()),
+        },
+        Err(DeviceError::UnknownDevice) => {
+            let mut failed = current.value.clone();
+            failed.mark_failed(DeviceError::UnknownDevice.to_string(), now);
+            return match svc.ledger.put(&failed, Some(&current.etag)).await {
+                Ok(_) => Step::Failed,
+                // Changed meanwhile; the next run looks again.
+                Err(StoreError::Conflict) => Step::Busy,
+                Err(e) => log_error(&device, &e.to_string()),
+            };
+        }
+        Ok(_) | Err(_) => current,
+    };
+    if !current
+        .value
+        .wake_overdue(svc.clock.now(), svc.policy.wake_grace)
+    {
+        return Step::StillOffline;
+    }
+    let lost = current.value.wake_message_id.clone();
+    match wake::schedule_recheck(svc, current, lost.as_deref(), None).await {
+        Ok(Rescheduled::Scheduled { message_id, .. }) => {
+            info!(device = %device, lost = ?lost, message_id = %message_id, "overdue wake-up message re-sent");
+            Step::Resent
+        }
+        Ok(Rescheduled::NoTimeLeft) | Ok(Rescheduled::Superseded) => Step::StillOffline,
+        Err(e) => log_error(&device, &e.to_string()),
+    }
+}
+
+fn step_of(outcome: &ApplyOutcome) -> Step {
+    match outcome {
+        ApplyOutcome::Applied(_) => Step::Applied,
+        ApplyOutcome::Expired(_) => Step::Expired,
+        ApplyOutcome::Failed(..) => Step::Failed,
+        ApplyOutcome::Busy(_) => Step::Busy,
+        ApplyOutcome::AlreadyFinal(_) | ApplyOutcome::NoRecord => Step::Busy,
+        ApplyOutcome::Offline(_) | ApplyOutcome::Transient(..) => Step::StillOffline,
+    }
+}
+
+fn log_error(device: &crate::domain::DeviceId, error: &str) -> Step {
+    warn!(device = %device, error, "sweep could not handle device");
+    Step::Error
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::functions::fakes::Harness;
+    use crate::functions::set_soc_http::{self, ApiRequest};
+
+    async fn post(h: &Harness, device: &str, min_soc: u8) {
+        set_soc_http::handle(
+            &h.svc,
+            ApiRequest {
+                method: "POST".into(),
+                device_id: device.into(),
+                idempotency_key: None,
+                body: format!(r#"{{"minSoc":{min_soc}}}"#).into_bytes(),
+            },
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn devices_back_online_are_applied_without_waiting_for_their_backoff() {
+        let h = Harness::new();
+        for d in ["a", "b", "c"] {
+            h.device.set_online(d, false);
+            post(&h, d, 50).await;
+        }
+        h.device.set_online("a", true);
+        h.device.set_online("c", true);
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(
+            (report.pending, report.applied, report.still_offline),
+            (3, 2, 1),
+            "{report}"
+        );
+        assert_eq!(h.ledger_record("a").await.status.as_str(), "applied");
+        assert_eq!(h.ledger_record("b").await.status.as_str(), "pending");
+    }
+
+    #[tokio::test]
+    async fn each_device_gets_at_most_one_status_call_per_run() {
+        let h = Harness::new();
+        for d in ["a", "b", "c", "d"] {
+            h.device.set_online(d, false);
+            post(&h, d, 50).await;
+        }
+        let (status_before, _) = h.device.calls();
+        run(&h.svc).await.unwrap();
+        let (status_after, _) = h.device.calls();
+        assert_eq!(status_after - status_before, 4);
+    }
+
+    #[tokio::test]
+    async fn requests_past_expiry_are_marked_expired_without_a_device_call() {
+        let h = Harness::new();
+        h.device.set_online("a", false);
+        post(&h, "a", 50).await;
+        h.clock
+            .advance(h.svc.policy.request_ttl + chrono::Duration::seconds(1));
+        h.device.set_online("a", true);
+        let calls = h.device.calls();
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(report.expired, 1);
+        assert_eq!(h.device.calls(), calls);
+        let rec = h.ledger_record("a").await;
+        assert_eq!(rec.status.as_str(), "expired");
+        assert!(rec.last_error.unwrap().contains("expired"));
+    }
+
+    #[tokio::test]
+    async fn a_lost_wake_message_is_resent_once_overdue() {
+        let h = Harness::new();
+        h.device.set_online("a", false);
+        post(&h, "a", 50).await;
+        assert_eq!(run(&h.svc).await.unwrap().resent, 0, "not overdue yet");
+        // The message was due after 60 s; grace is 60 s.
+        h.clock.advance(chrono::Duration::seconds(121));
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(report.resent, 1, "{report}");
+        let sent = h.queue.sent();
+        assert_eq!(sent.len(), 2);
+        assert_eq!(
+            h.ledger_record("a").await.wake_message_id.as_deref(),
+            Some(sent[1].message_id.as_str())
+        );
+        assert_eq!(
+            run(&h.svc).await.unwrap().resent,
+            0,
+            "the new message is not overdue"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unknown_device_fails_its_pending_request() {
+        let h = Harness::new();
+        h.device.set_online("a", false);
+        post(&h, "a", 50).await;
+        h.device.forget("a");
+        assert_eq!(run(&h.svc).await.unwrap().failed, 1);
+        assert_eq!(h.ledger_record("a").await.status.as_str(), "failed");
+    }
+
+    #[tokio::test]
+    async fn a_ledger_outage_fails_the_sweep() {
+        let h = Harness::new();
+        h.ledger.set_down(true);
+        assert!(run(&h.svc).await.is_err());
+    }
+}

@@ -1,0 +1,413 @@
+//! In-memory ports for fast unit tests of the functions' decisions and races.
+//! The integration tests run the same code against Azurite and loopback servers.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration, TimeZone, Utc};
+
+use crate::domain::schedule::Backoff;
+use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
+use crate::ports::*;
+
+use super::{Policy, Services};
+
+type Hook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+#[derive(Default)]
+struct DeviceState {
+    online: HashMap<String, bool>,
+    rejected: HashMap<String, String>,
+    transient: HashMap<String, u32>,
+    puts: HashMap<String, Vec<(u8, String)>>,
+    status_calls: usize,
+    put_calls: usize,
+    hooks: HashMap<String, Hook>,
+    latency: std::time::Duration,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeDevice(Arc<Mutex<DeviceState>>);
+
+impl FakeDevice {
+    pub fn set_online(&self, id: &str, online: bool) {
+        self.0.lock().unwrap().online.insert(id.into(), online);
+    }
+    pub fn forget(&self, id: &str) {
+        self.0.lock().unwrap().online.remove(id);
+    }
+    pub fn reject(&self, id: &str, reason: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .rejected
+            .insert(id.into(), reason.into());
+    }
+    /// The next `n` calls for `id` fail with a transient error.
+    pub fn fail_transiently(&self, id: &str, n: u32) {
+        self.0.lock().unwrap().transient.insert(id.into(), n);
+    }
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.0.lock().unwrap().latency = latency;
+    }
+    /// Runs `hook` while the next PUT for `id` is in flight (before it lands).
+    pub fn on_next_put(
+        &self,
+        id: &str,
+        hook: impl FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + 'static,
+    ) {
+        self.0
+            .lock()
+            .unwrap()
+            .hooks
+            .insert(id.into(), Box::new(hook));
+    }
+    /// Successful PUTs, in order: (minSoc, idempotency key).
+    pub fn puts(&self, id: &str) -> Vec<(u8, String)> {
+        self.0
+            .lock()
+            .unwrap()
+            .puts
+            .get(id)
+            .cloned()
+            .unwrap_or_default()
+    }
+    pub fn calls(&self) -> (usize, usize) {
+        let s = self.0.lock().unwrap();
+        (s.status_calls, s.put_calls)
+    }
+    fn take_transient(&self, id: &str) -> bool {
+        let mut s = self.0.lock().unwrap();
+        match s.transient.get_mut(id) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[async_trait]
+impl DeviceApi for FakeDevice {
+    async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        self.0.lock().unwrap().status_calls += 1;
+        if self.take_transient(device.as_str()) {
+            return Err(DeviceError::Transient {
+                reason: "503".into(),
+                retry_after: None,
+            });
+        }
+        let s = self.0.lock().unwrap();
+        match s.online.get(device.as_str()) {
+            None => Err(DeviceError::UnknownDevice),
+            Some(online) => Ok(DeviceStatus {
+                online: *online,
+                min_soc: None,
+            }),
+        }
+    }
+
+    async fn apply_min_soc(
+        &self,
+        device: &DeviceId,
+        min_soc: MinSoc,
+        request_id: &RequestId,
+    ) -> Result<(), DeviceError> {
+        let (hook, latency) = {
+            let mut s = self.0.lock().unwrap();
+            s.put_calls += 1;
+            (s.hooks.remove(device.as_str()), s.latency)
+        };
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        if let Some(hook) = hook {
+            hook().await;
+        }
+        if self.take_transient(device.as_str()) {
+            return Err(DeviceError::Transient {
+                reason: "503".into(),
+                retry_after: None,
+            });
+        }
+        let mut s = self.0.lock().unwrap();
+        if let Some(reason) = s.rejected.get(device.as_str()) {
+            return Err(DeviceError::Rejected(reason.clone()));
+        }
+        match s.online.get(device.as_str()) {
+            None => Err(DeviceError::UnknownDevice),
+            Some(false) => Err(DeviceError::Offline),
+            Some(true) => {
+                s.puts
+                    .entry(device.to_string())
+                    .or_default()
+                    .push((min_soc.percent(), request_id.to_string()));
+                Ok(())
+            }
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct FakeQueue {
+    sent: Arc<Mutex<Vec<OutgoingMessage>>>,
+    down: Arc<Mutex<bool>>,
+}
+
+impl FakeQueue {
+    pub fn sent(&self) -> Vec<OutgoingMessage> {
+        self.sent.lock().unwrap().clone()
+    }
+    pub fn set_down(&self, down: bool) {
+        *self.down.lock().unwrap() = down;
+    }
+}
+
+#[async_trait]
+impl SettingsQueue for FakeQueue {
+    async fn send(&self, message: &OutgoingMessage) -> Result<(), QueueError> {
+        if *self.down.lock().unwrap() {
+            return Err(QueueError("503 from broker".into()));
+        }
+        self.sent.lock().unwrap().push(message.clone());
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct LedgerState {
+    rows: HashMap<String, (DesiredState, u64)>,
+    idem: HashMap<(String, String), (IdempotencyRecord, u64)>,
+    next: u64,
+    down: bool,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeLedger(Arc<Mutex<LedgerState>>);
+
+impl FakeLedger {
+    pub fn set_down(&self, down: bool) {
+        self.0.lock().unwrap().down = down;
+    }
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().rows.len()
+    }
+}
+
+fn check<T>(slot: Option<&(T, u64)>, expected: Option<&ETag>) -> Result<(), StoreError> {
+    match (slot, expected) {
+        (None, None) => Ok(()),
+        (Some((_, v)), Some(e)) if v.to_string() == e.0 => Ok(()),
+        _ => Err(StoreError::Conflict),
+    }
+}
+
+#[async_trait]
+impl Ledger for FakeLedger {
+    async fn get(&self, device: &DeviceId) -> Result<Option<Versioned<DesiredState>>, StoreError> {
+        let s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        Ok(s.rows.get(device.as_str()).map(|(v, n)| Versioned {
+            value: v.clone(),
+            etag: ETag(n.to_string()),
+        }))
+    }
+
+    async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
+        let mut s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        check(s.rows.get(state.device_id.as_str()), expected)?;
+        s.next += 1;
+        let n = s.next;
+        s.rows
+            .insert(state.device_id.to_string(), (state.clone(), n));
+        Ok(ETag(n.to_string()))
+    }
+
+    async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError> {
+        let mut s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        match s.rows.get(device.as_str()) {
+            None => Ok(()),
+            Some((_, v)) if v.to_string() == expected.0 => {
+                s.rows.remove(device.as_str());
+                Ok(())
+            }
+            Some(_) => Err(StoreError::Conflict),
+        }
+    }
+
+    async fn pending(&self) -> Result<Vec<Versioned<DesiredState>>, StoreError> {
+        let s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        let mut all: Vec<_> = s
+            .rows
+            .values()
+            .filter(|(v, _)| v.is_pending())
+            .map(|(v, n)| Versioned {
+                value: v.clone(),
+                etag: ETag(n.to_string()),
+            })
+            .collect();
+        all.sort_by(|a, b| a.value.device_id.cmp(&b.value.device_id));
+        Ok(all)
+    }
+
+    async fn get_idempotency(
+        &self,
+        device: &DeviceId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Versioned<IdempotencyRecord>>, StoreError> {
+        let s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        let k = (device.to_string(), key.as_str().to_string());
+        Ok(s.idem.get(&k).map(|(v, n)| Versioned {
+            value: v.clone(),
+            etag: ETag(n.to_string()),
+        }))
+    }
+
+    async fn put_idempotency(
+        &self,
+        record: &IdempotencyRecord,
+        expected: Option<&ETag>,
+    ) -> Result<ETag, StoreError> {
+        let mut s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        let k = (
+            record.device_id.to_string(),
+            record.key.as_str().to_string(),
+        );
+        check(s.idem.get(&k), expected)?;
+        s.next += 1;
+        let n = s.next;
+        s.idem.insert(k, (record.clone(), n));
+        Ok(ETag(n.to_string()))
+    }
+
+    async fn delete_idempotency(
+        &self,
+        device: &DeviceId,
+        key: &IdempotencyKey,
+        expected: &ETag,
+    ) -> Result<(), StoreError> {
+        let mut s = self.0.lock().unwrap();
+        let k = (device.to_string(), key.as_str().to_string());
+        match s.idem.get(&k) {
+            None => Ok(()),
+            Some((_, v)) if v.to_string() == expected.0 => {
+                s.idem.remove(&k);
+                Ok(())
+            }
+            Some(_) => Err(StoreError::Conflict),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct FakeClock(Arc<Mutex<DateTime<Utc>>>);
+
+impl FakeClock {
+    pub fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// Services wired to fakes, with handles to steer and inspect them.
+#[derive(Clone)]
+pub struct Harness {
+    pub svc: Services,
+    pub device: FakeDevice,
+    pub queue: FakeQueue,
+    pub ledger: FakeLedger,
+    pub clock: FakeClock,
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        let device = FakeDevice::default();
+        let queue = FakeQueue::default();
+        let ledger = FakeLedger::default();
+        let clock = FakeClock(Arc::new(Mutex::new(
+            Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap(),
+        )));
+        let policy = Policy {
+            request_ttl: Duration::seconds(3600),
+            backoff: Backoff {
+                initial: Duration::seconds(60),
+                max: Duration::seconds(600),
+            },
+            lease: Duration::seconds(15),
+            wake_grace: Duration::seconds(60),
+            drain_concurrency: 4,
+        };
+        let svc = Services {
+            device: Arc::new(device.clone()),
+            queue: Arc::new(queue.clone()),
+            ledger: Arc::new(ledger.clone()),
+            clock: Arc::new(clock.clone()),
+            policy,
+        };
+        Self {
+            svc,
+            device,
+            queue,
+            ledger,
+            clock,
+        }
+    }
+
+    pub fn id(&self, raw: &str) -> DeviceId {
+        DeviceId::parse(raw).unwrap()
+    }
+
+    pub async fn ledger_record(&self, device: &str) -> DesiredState {
+        self.ledger
+            .get(&self.id(device))
+            .await
+            .unwrap()
+            .expect("record")
+            .value
+    }
+}
+
+/// Writes a newly accepted pending request the way the HTTP function does.
+pub async fn accept_pending(h: &Harness, device: &str, min_soc: u8) -> DesiredState {
+    loop {
+        let current = h.ledger.get(&h.id(device)).await.unwrap();
+        let rec = DesiredState::accept(
+            h.id(device),
+            MinSoc::new(min_soc).unwrap(),
+            h.clock.now(),
+            h.svc.policy.request_ttl,
+            current.as_ref().map(|v| &v.value),
+        );
+        match h.ledger.put(&rec, current.as_ref().map(|v| &v.etag)).await {
+            Ok(_) => return rec,
+            Err(StoreError::Conflict) => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}

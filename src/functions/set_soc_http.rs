@@ -1,0 +1,795 @@
+//! `SetSocHttp`: `GET|POST /api/devices/{deviceId}/soc`.
+//!
+//! POST validates, then either applies the setting now (device online: `200`) or
+//! stores it durably (device offline or the device cloud unavailable: `202`).
+//! Storing means: the wake-up message is sent to Service Bus *first*, then the
+//! ledger names the request. If the send fails nothing was written (`503`); if the
+//! ledger write fails the message is an orphan that no-ops when delivered (`503`).
+//! When the device was online but the apply did not go through, the ledger already
+//! holds the request; if the message then cannot be sent, the ledger is put back
+//! as it was (`503`), and only if even that fails does the request stay stored
+//! (`202`), because the timer sweep will then re-send it: a `202` is never a lie.
+//!
+//! The function works on [`ApiRequest`]/[`ApiResponse`]; the router converts the
+//! forwarded HTTP request and the host's envelope into them.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use crate::domain::{DesiredState, DeviceId, IdempotencyKey, InputError, SettingRequest};
+use crate::ports::{DeviceError, ETag, IdempotencyRecord, StoreError, StoredResponse, Versioned};
+
+use super::apply::{apply_latest, ApplyOutcome};
+use super::wake::{self, Rescheduled};
+use super::Services;
+
+/// How long a first request with an `Idempotency-Key` may stay in flight before a
+/// retry with the same key may take over (its invocation is presumed dead).
+const IDEMPOTENCY_IN_FLIGHT: chrono::Duration = chrono::Duration::seconds(60);
+/// Bounded retries of a ledger write that lost an optimistic-concurrency race.
+const MAX_WRITE_ROUNDS: usize = 8;
+/// `Retry-After` (seconds) sent with `503`.
+const RETRY_AFTER_SECONDS: u32 = 5;
+
+/// The HTTP request, independent of how the host delivered it.
+#[derive(Debug, Clone, Default)]
+pub struct ApiRequest {
+    pub method: String,
+    pub device_id: String,
+    /// Raw `Idempotency-Key` header value, if present.
+    pub idempotency_key: Option<Vec<u8>>,
+    pub body: Vec<u8>,
+}
+
+/// The HTTP response, independent of how the host wants it back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiResponse {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Value,
+}
+
+impl ApiResponse {
+    fn json(status: u16, body: Value) -> Self {
+        Self {
+            status,
+            headers: vec![("Content-Type", "application/json".into())],
+            body,
+        }
+    }
+
+    fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// An RFC 9457 problem document.
+    pub fn problem(status: u16, title: &str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            headers: vec![("Content-Type", "application/problem+json".into())],
+            body: json!({ "type": "about:blank", "title": title, "status": status, "detail": detail.into() }),
+        }
+    }
+
+    fn invalid(err: InputError) -> Self {
+        let mut p = Self::problem(400, "Invalid request", err.to_string());
+        p.body["field"] = json!(err.field);
+        p
+    }
+
+    fn unavailable(detail: &str) -> Self {
+        Self::problem(503, "Service unavailable", detail)
+            .with_header("Retry-After", RETRY_AFTER_SECONDS.to_string())
+    }
+
+    pub fn content_type(&self) -> &str {
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == "Content-Type")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("application/json")
+    }
+}
+
+pub async fn handle(svc: &Services, req: ApiRequest) -> ApiResponse {
+    let device = match DeviceId::parse(&req.device_id) {
+        Ok(d) => d,
+        Err(e) => return ApiResponse::invalid(e),
+    };
+    match req.method.to_ascii_uppercase().as_str() {
+        "GET" => get(svc, &device).await,
+        "POST" => post(svc, device, req.idempotency_key.as_deref(), &req.body).await,
+        _ => ApiResponse::problem(405, "Method not allowed", "use GET or POST")
+            .with_header("Allow", "GET, POST"),
+    }
+}
+
+async fn get(svc: &Services, device: &DeviceId) -> ApiResponse {
+    match svc.ledger.get(device).await {
+        Ok(Some(v)) => ApiResponse::json(200, view(&v.value, svc.clock.now())),
+        Ok(None) => ApiResponse::problem(
+            404,
+            "Not found",
+            format!("no settings request for device {device}"),
+        ),
+        Err(e) => {
+            warn!(device = %device, error = %e, "ledger read failed");
+            ApiResponse::unavailable("the settings store is unavailable")
+        }
+    }
+}
+
+async fn post(svc: &Services, device: DeviceId, key: Option<&[u8]>, body: &[u8]) -> ApiResponse {
+    let key = match key.map(IdempotencyKey::parse).transpose() {
+        Ok(k) => k,
+        Err(e) => return ApiResponse::invalid(e),
+    };
+    let setting = match SettingRequest::parse(body) {
+        Ok(s) => s,
+        Err(e) => return ApiResponse::invalid(e),
+    };
+    let Some(key) = key else {
+        return accept(svc, device, setting).await;
+    };
+    let fingerprint = format!("minSoc={}", setting.min_soc.percent());
+    let reservation = match reserve(svc, &device, &key, &fingerprint).await {
+        Ok(Reservation::Fresh(etag)) => etag,
+        Ok(Reservation::Answer(response)) => return response,
+        Err(e) => {
+            warn!(device = %device, error = %e, "idempotency record unavailable");
+            return ApiResponse::unavailable("the settings store is unavailable");
+        }
+    };
+    let response = accept(svc, device.clone(), setting).await;
+    finish(svc, &device, &key, &fingerprint, reservation, &response).await;
+    response
+}
+
+// ------------------------------------------------------------------ accepting
+
+async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> ApiResponse {
+    match svc.device.status(&device).await {
+        Err(DeviceError::UnknownDevice) => ApiResponse::problem(
+            404,
+            "Unknown device",
+            format!("the device cloud does not know device {device}"),
+        ),
+        Ok(status) if status.online => apply_now(svc, device, setting).await,
+        Ok(_) => store_for_later(svc, device, setting).await,
+        Err(e) => {
+            info!(device = %device, error = %e, "device status unavailable; storing the request");
+            store_for_later(svc, device, setting).await
+        }
+    }
+}
+
+/// Device offline: message first, then the ledger. Nothing is written if the send fails.
+async fn store_for_later(svc: &Services, device: DeviceId, setting: SettingRequest) -> ApiResponse {
+    let now = svc.clock.now();
+    let mut current = match svc.ledger.get(&device).await {
+        Ok(c) => c,
+        Err(e) => return store_failed(&device, &e.to_string()),
+    };
+    let mut record = DesiredState::accept(
+        device.clone(),
+        setting.min_soc,
+        now,
+        svc.policy.request_ttl,
+        current.as_ref().map(|v| &v.value),
+    );
+    let first_check = svc
+        .policy
+        .backoff
+        .next_recheck(0, now, record.expires_at)
+        .map(|r| r.at);
+    let Some(message) = wake::message_for(&record, first_check, now) else {
+        return store_failed(&device, "request TTL too short for a wake-up message");
+    };
+    if let Err(e) = svc.queue.send(&message).await {
+        return store_failed(&device, &e.to_string());
+    }
+    record.expect_wake(message.message_id.clone(), first_check.unwrap_or(now), now);
+    for _ in 0..MAX_WRITE_ROUNDS {
+        match svc
+            .ledger
+            .put(&record, current.as_ref().map(|v| &v.etag))
+            .await
+        {
+            Ok(_) => {
+                info!(device = %device, request_id = %record.request_id, min_soc = setting.min_soc.percent(), "request stored until the device is back");
+                return pending_response(&record);
+            }
+            Err(StoreError::Conflict) => match svc.ledger.get(&device).await {
+                Ok(fresh) => {
+                    record = record.with_lease_of(fresh.as_ref().map(|v| &v.value), now);
+                    current = fresh;
+                }
+                Err(e) => return store_failed(&device, &e.to_string()),
+            },
+            Err(e) => return store_failed(&device, &e.to_string()),
+        }
+    }
+    store_failed(&device, "too many concurrent updates")
+}
+
+/// Device online: the ledger first (so any older message sees the newer value), then the device.
+async fn apply_now(svc: &Services, device: DeviceId, setting: SettingRequest) -> ApiResponse {
+    let now = svc.clock.now();
+    let (accepted, previous) = match write_accepted(svc, &device, setting, now).await {
+        Ok(pair) => pair,
+        Err(e) => return store_failed(&device, &e.to_string()),
+    };
+    let ours = accepted.value.request_id.clone();
+    let holder = format!("http-{ours}");
+    let applied = match apply_latest(svc, &device, &holder, Some(accepted.clone())).await {
+        Ok(a) => a,
+        Err(e) => {
+            // The request is in the ledger; the sweep finds it (no wake message yet) and re-sends.
+            warn!(device = %device, request_id = %ours, error = %e, "ledger failed during apply; the sweep will pick the request up");
+            return pending_response(&accepted.value);
+        }
+    };
+    if applied.delivered.contains(&ours) {
+        let mut shown = accepted.value.clone();
+        shown.mark_applied(svc.clock.now());
+        if let ApplyOutcome::Applied(r) = &applied.outcome {
+            if r.request_id == ours {
+                shown = r.clone();
+            }
+        }
+        return applied_response(&shown);
+    }
+    let (current, retry_after) = match applied.outcome {
+        ApplyOutcome::Failed(r, e) if r.request_id == ours => return refused(&device, &e),
+        ApplyOutcome::Offline(v) | ApplyOutcome::Busy(v) => (v, None),
+        ApplyOutcome::Transient(v, DeviceError::Transient { retry_after, .. }) => (v, retry_after),
+        ApplyOutcome::Transient(v, _) => (v, None),
+        // Superseded by a newer request or settled by someone else meanwhile.
+        other => return response_for_settled(svc, &accepted.value, other),
+    };
+    if current.value.request_id != ours {
+        return pending_response(&accepted.value);
+    }
+    let not_before = retry_after
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .map(|d| svc.clock.now() + d);
+    match wake::schedule_recheck(svc, current, None, not_before).await {
+        Ok(Rescheduled::Scheduled { .. } | Rescheduled::Superseded | Rescheduled::NoTimeLeft) => {
+            pending_response(&accepted.value)
+        }
+        Err(wake::WakeError::Store(e)) => {
+            // The message is out; the ledger holds the request without naming it, so the
+            // delivery treats it as the chain (and the sweep would re-send otherwise).
+            warn!(device = %device, request_id = %ours, error = %e, "could not record the wake-up message");
+            pending_response(&accepted.value)
+        }
+        Err(wake::WakeError::Queue(e)) => {
+            roll_back(
+                svc,
+                &device,
+                &ours,
+                previous,
+                &accepted.value,
+                &e.to_string(),
+            )
+            .await
+        }
+    }
+}
+
+/// Writes a new pending request over whatever the ledger holds; returns it and the record it replaced.
+async fn write_accepted(
+    svc: &Services,
+    device: &DeviceId,
+    setting: SettingRequest,
+    now: DateTime<Utc>,
+) -> Result<(Versioned<DesiredState>, Option<DesiredState>), StoreError> {
+    let mut current = svc.ledger.get(device).await?;
+    let mut record = DesiredState::accept(
+        device.clone(),
+        setting.min_soc,
+        now,
+        svc.policy.request_ttl,
+        current.as_ref().map(|v| &v.value),
+    );
+    for _ in 0..MAX_WRITE_ROUNDS {
+        match svc
+            .ledger
+            .put(&record, current.as_ref().map(|v| &v.etag))
+            .await
+        {
+            Ok(etag) => {
+                return Ok((
+                    Versioned {
+                        value: record,
+                        etag,
+                    },
+                    current.map(|v| v.value),
+                ))
+            }
+            Err(StoreError::Conflict) => {
+                current = svc.ledger.get(device).await?;
+                record = record.with_lease_of(current.as_ref().map(|v| &v.value), now);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Conflict)
+}
+
+/// The wake-up message could not be sent after the request was written: put the
+/// ledger back as it was so nothing half-stored applies it later.
+async fn roll_back(
+    svc: &Services,
+    device: &DeviceId,
+    ours: &crate::domain::RequestId,
+    previous: Option<DesiredState>,
+    accepted: &DesiredState,
+    why: &str,
+) -> ApiResponse {
+    for _ in 0..MAX_WRITE_ROUNDS {
+        let current = match svc.ledger.get(device).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return store_failed(device, why),
+            Err(_) => break,
+        };
+        if current.value.request_id != *ours || !current.value.is_pending() {
+            // Superseded or settled meanwhile: nothing of ours is left to undo.
+            return store_failed(device, why);
+        }
+        let undo = match &previous {
+            Some(prev) => svc
+                .ledger
+                .put(
+                    &prev
+                        .clone()
+                        .with_lease_of(Some(&current.value), svc.clock.now()),
+                    Some(&current.etag),
+                )
+                .await
+                .map(|_| ()),
+            None => svc.ledger.delete(device, &current.etag).await,
+        };
+        match undo {
+            Ok(()) => return store_failed(device, why),
+            Err(StoreError::Conflict) => continue,
+            Err(_) => break,
+        }
+    }
+    warn!(device = %device, request_id = %ours, "could not undo the ledger write; the request stays stored and the sweep will re-send it");
+    pending_response(accepted)
+}
+
+fn response_for_settled(svc: &Services, ours: &DesiredState, outcome: ApplyOutcome) -> ApiResponse {
+    match outcome {
+        ApplyOutcome::Applied(r) | ApplyOutcome::AlreadyFinal(r)
+            if r.request_id == ours.request_id =>
+        {
+            match r.status.as_str() {
+                "applied" => applied_response(&r),
+                _ => ApiResponse::json(200, view(&r, svc.clock.now())),
+            }
+        }
+        _ => pending_response(ours),
+    }
+}
+
+fn refused(device: &DeviceId, error: &DeviceError) -> ApiResponse {
+    match error {
+        DeviceError::UnknownDevice => ApiResponse::problem(
+            404,
+            "Unknown device",
+            format!("the device cloud does not know device {device}"),
+        ),
+        other => ApiResponse::problem(422, "Setting rejected", other.to_string()),
+    }
+}
+
+fn store_failed(device: &DeviceId, why: &str) -> ApiResponse {
+    warn!(device = %device, reason = %why, "request not stored");
+    ApiResponse::unavailable("the request could not be stored; nothing was changed, retry later")
+}
+
+// ------------------------------------------------------------------ idempotency
+
+enum Reservation {
+    /// First use of the key: go ahead; finish with this ETag.
+    Fresh(ETag),
+    /// Answer without doing anything (replay, different body, or still in flight).
+    Answer(ApiResponse),
+}
+
+async fn reserve(
+    svc: &Services,
+    device: &DeviceId,
+    key: &IdempotencyKey,
+    fingerprint: &str,
+) -> Result<Reservation, StoreError> {
+    for _ in 0..MAX_WRITE_ROUNDS {
+        let now = svc.clock.now();
+        match svc.ledger.get_idempotency(device, key).await? {
+            None => {
+                let record = IdempotencyRecord {
+                    device_id: device.clone(),
+                    key: key.clone(),
+                    fingerprint: fingerprint.to_string(),
+                    response: None,
+                    created_at: now,
+                };
+                match svc.ledger.put_idempotency(&record, None).await {
+                    Ok(etag) => return Ok(Reservation::Fresh(etag)),
+                    Err(StoreError::Conflict) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Some(existing) if existing.value.fingerprint != fingerprint => {
+                return Ok(Reservation::Answer(ApiResponse::problem(
+                    409,
+                    "Idempotency-Key reused",
+                    "this Idempotency-Key was already used with a different request body",
+                )));
+            }
+            Some(existing) => {
+                if let Some(stored) = &existing.value.response {
+                    return Ok(Reservation::Answer(replay(stored)));
+                }
+                if now - existing.value.created_at < IDEMPOTENCY_IN_FLIGHT {
+                    return Ok(Reservation::Answer(
+                        ApiResponse::problem(
+                            409,
+                            "Request in progress",
+                            "a request with this Idempotency-Key is still being processed",
+                        )
+                        .with_header("Retry-After", "1"),
+                    ));
+                }
+                // The first attempt died mid-way: take the key over.
+                let mut record = existing.value.clone();
+                record.created_at = now;
+                match svc
+                    .ledger
+                    .put_idempotency(&record, Some(&existing.etag))
+                    .await
+                {
+                    Ok(etag) => return Ok(Reservation::Fresh(etag)),
+                    Err(StoreError::Conflict) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Err(StoreError::Conflict)
+}
+
+/// Keeps the answer for accepted (and permanently refused) requests; frees the key otherwise.
+async fn finish(
+    svc: &Services,
+    device: &DeviceId,
+    key: &IdempotencyKey,
+    fingerprint: &str,
+    etag: ETag,
+    response: &ApiResponse,
+) {
+    let result = if matches!(response.status, 200 | 202 | 422) {
+        let record = IdempotencyRecord {
+            device_id: device.clone(),
+            key: key.clone(),
+            fingerprint: fingerprint.to_string(),
+            response: Some(StoredResponse {
+                status: response.status,
+                body: response.body.clone(),
+            }),
+            created_at: svc.clock.now(),
+        };
+        svc.ledger
+            .put_idempotency(&record, Some(&etag))
+            .await
+            .map(|_| ())
+    } else {
+        svc.ledger.delete_idempotency(device, key, &etag).await
+    };
+    if let Err(e) = result {
+        warn!(device = %device, error = %e, "could not record the idempotent response");
+    }
+}
+
+fn replay(stored: &StoredResponse) -> ApiResponse {
+    let mut response = ApiResponse::json(stored.status, stored.body.clone())
+        .with_header("Idempotent-Replayed", "true");
+    if stored.status == 202 {
+        if let Some(device) = stored.body.get("deviceId").and_then(Value::as_str) {
+            response = response.with_header("Location", location(device));
+        }
+    }
+    response
+}
+
+// ------------------------------------------------------------------ rendering
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn location(device: &str) -> String {
+    format!("/api/devices/{device}/soc")
+}
+
+fn applied_response(r: &DesiredState) -> ApiResponse {
+    ApiResponse::json(
+        200,
+        json!({
+            "requestId": r.request_id,
+            "deviceId": r.device_id.as_str(),
+            "minSoc": r.min_soc.percent(),
+            "dod": r.min_soc.dod(),
+            "status": "applied",
+            "requestedAt": ts(r.requested_at),
+            "appliedAt": ts(r.applied_at.unwrap_or(r.updated_at)),
+        }),
+    )
+}
+
+fn pending_response(r: &DesiredState) -> ApiResponse {
+    ApiResponse::json(
+        202,
+        json!({
+            "requestId": r.request_id,
+            "deviceId": r.device_id.as_str(),
+            "minSoc": r.min_soc.percent(),
+            "dod": r.min_soc.dod(),
+            "status": "pending",
+            "requestedAt": ts(r.requested_at),
+            "expiresAt": ts(r.expires_at),
+        }),
+    )
+    .with_header("Location", location(r.device_id.as_str()))
+}
+
+/// The `GET` view of a record. A pending request past its expiry shows as expired
+/// even before the sweep has written that down.
+pub fn view(r: &DesiredState, now: DateTime<Utc>) -> Value {
+    let status = if r.is_pending() && r.is_expired_at(now) {
+        "expired"
+    } else {
+        r.status.as_str()
+    };
+    let mut v = json!({
+        "requestId": r.request_id,
+        "deviceId": r.device_id.as_str(),
+        "minSoc": r.min_soc.percent(),
+        "dod": r.min_soc.dod(),
+        "status": status,
+        "requestedAt": ts(r.requested_at),
+        "expiresAt": ts(r.expires_at),
+        "attempts": r.attempts,
+    });
+    if let Some(at) = r.applied_at {
+        v["appliedAt"] = json!(ts(at));
+    }
+    if let Some(err) = &r.last_error {
+        v["lastError"] = json!(err);
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::functions::fakes::Harness;
+    use crate::ports::Clock as _;
+
+    fn post_req(device: &str, body: &str, key: Option<&str>) -> ApiRequest {
+        ApiRequest {
+            method: "POST".into(),
+            device_id: device.into(),
+            idempotency_key: key.map(|k| k.as_bytes().to_vec()),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn get_req(device: &str) -> ApiRequest {
+        ApiRequest {
+            method: "GET".into(),
+            device_id: device.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_online_device_gets_the_setting_at_once() {
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        let r = handle(&h.svc, post_req("d1", r#"{"dod":70}"#, None)).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body["status"], "applied");
+        assert_eq!(r.body["minSoc"], 30);
+        assert_eq!(r.body["dod"], 70);
+        assert!(r.body["appliedAt"].is_string());
+        assert_eq!(
+            h.device.puts("d1"),
+            vec![(30, r.body["requestId"].as_str().unwrap().to_string())]
+        );
+        assert!(
+            h.queue.sent().is_empty(),
+            "no message needed for an applied request"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_offline_device_gets_a_stored_request_and_one_scheduled_message() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
+        assert_eq!(r.status, 202, "{r:?}");
+        assert_eq!(r.body["status"], "pending");
+        assert!(r
+            .headers
+            .contains(&("Location", "/api/devices/d1/soc".into())));
+        let sent = h.queue.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(
+            sent[0].body.request_id.as_str(),
+            r.body["requestId"].as_str().unwrap()
+        );
+        assert_eq!(
+            sent[0].scheduled_at,
+            Some(h.clock.now() + chrono::Duration::seconds(60))
+        );
+        let rec = h.ledger_record("d1").await;
+        assert_eq!(
+            rec.wake_message_id.as_deref(),
+            Some(sent[0].message_id.as_str())
+        );
+        assert!(h.device.puts("d1").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_transient_device_error_stores_the_request() {
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        h.device.fail_transiently("d1", 2);
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
+        assert_eq!(r.status, 202, "{r:?}");
+        assert_eq!(h.queue.sent().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_device_is_404_and_nothing_is_stored() {
+        let h = Harness::new();
+        let r = handle(&h.svc, post_req("ghost", r#"{"minSoc":25}"#, None)).await;
+        assert_eq!(r.status, 404);
+        assert_eq!(r.content_type(), "application/problem+json");
+        assert_eq!(h.ledger.len(), 0);
+        assert!(h.queue.sent().is_empty());
+    }
+
+    #[tokio::test]
+    async fn invalid_input_is_400_naming_the_field_and_touches_nothing() {
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        for (device, body, key, field) in [
+            ("d1", r#"{"dod":101}"#, None, "dod"),
+            ("d1", r#"{"dod":1,"minSoc":2}"#, None, "body"),
+            ("bad id", r#"{"dod":1}"#, None, "deviceId"),
+            ("d1", r#"{"dod":1}"#, Some("has space"), "Idempotency-Key"),
+            ("d1", "{nope", None, "body"),
+        ] {
+            let r = handle(&h.svc, post_req(device, body, key)).await;
+            assert_eq!(r.status, 400, "{body}");
+            assert_eq!(r.body["field"], field);
+            assert_eq!(r.content_type(), "application/problem+json");
+        }
+        assert_eq!(h.device.calls(), (0, 0));
+        assert_eq!(h.ledger.len(), 0);
+        assert!(h.queue.sent().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_queue_outage_for_an_offline_device_is_503_with_nothing_stored() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        h.queue.set_down(true);
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
+        assert_eq!(r.status, 503);
+        assert!(r.headers.iter().any(|(k, _)| *k == "Retry-After"));
+        assert_eq!(h.ledger.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_queue_outage_after_a_failed_apply_restores_the_previous_request() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        let a = handle(&h.svc, post_req("d1", r#"{"minSoc":10}"#, None)).await;
+        assert_eq!(a.status, 202);
+        // The device reports online but the PUT finds it offline (it flapped); the queue is down.
+        h.device.set_online("d1", true);
+        h.device.on_next_put("d1", {
+            let d = h.device.clone();
+            move || Box::pin(async move { d.set_online("d1", false) })
+        });
+        h.queue.set_down(true);
+        let b = handle(&h.svc, post_req("d1", r#"{"minSoc":90}"#, None)).await;
+        assert_eq!(b.status, 503, "{b:?}");
+        let rec = h.ledger_record("d1").await;
+        assert_eq!(
+            rec.request_id.as_str(),
+            a.body["requestId"].as_str().unwrap(),
+            "A is desired again"
+        );
+        assert_eq!(rec.min_soc.percent(), 10);
+    }
+
+    #[tokio::test]
+    async fn a_storage_outage_is_503() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        h.ledger.set_down(true);
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
+        assert_eq!(r.status, 503);
+    }
+
+    #[tokio::test]
+    async fn the_same_idempotency_key_and_body_returns_the_first_answer() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        let first = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, Some("k-1"))).await;
+        let again = handle(&h.svc, post_req("d1", r#"{"dod":75}"#, Some("k-1"))).await;
+        assert_eq!(first.status, 202);
+        assert_eq!(again.status, 202);
+        assert_eq!(again.body["requestId"], first.body["requestId"]);
+        assert_eq!(again.body["status"], "pending");
+        assert_eq!(h.queue.sent().len(), 1, "no second request");
+    }
+
+    #[tokio::test]
+    async fn the_same_idempotency_key_with_another_body_is_409() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, Some("k-1"))).await;
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":26}"#, Some("k-1"))).await;
+        assert_eq!(r.status, 409);
+        assert_eq!(r.content_type(), "application/problem+json");
+        assert_eq!(h.queue.sent().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_key_whose_first_use_failed_can_be_retried() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        h.queue.set_down(true);
+        assert_eq!(
+            handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, Some("k-1")))
+                .await
+                .status,
+            503
+        );
+        h.queue.set_down(false);
+        assert_eq!(
+            handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, Some("k-1")))
+                .await
+                .status,
+            202
+        );
+    }
+
+    #[tokio::test]
+    async fn get_shows_the_latest_request_or_404() {
+        let h = Harness::new();
+        assert_eq!(handle(&h.svc, get_req("d1")).await.status, 404);
+        h.device.set_online("d1", false);
+        handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
+        let b = handle(&h.svc, post_req("d1", r#"{"minSoc":35}"#, None)).await;
+        let r = handle(&h.svc, get_req("d1")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body["requestId"], b.body["requestId"]);
+        assert_eq!(r.body["status"], "pending");
+        assert_eq!(r.body["attempts"], 0);
+        h.clock.advance(h.svc.policy.request_ttl);
+        assert_eq!(
+            handle(&h.svc, get_req("d1")).await.body["status"],
+            "expired"
+        );
+    }
+}

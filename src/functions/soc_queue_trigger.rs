@@ -1,0 +1,376 @@
+//! `SocQueueTrigger`: a wake-up message for a pending request was delivered.
+//!
+//! The message only says which device to look at. What is applied is whatever
+//! the ledger holds now, so a late, duplicate or stale message can never put an
+//! older value on the device:
+//! - the ledger has no record, a newer request, or a settled one: no-op (complete);
+//! - the message is not the one the ledger's wake-up chain expects: no-op, so a
+//!   duplicate delivery never forks the chain into two;
+//! - otherwise apply now; if the device is offline, continue the chain with the
+//!   next back-off and complete; on a transient error fail the invocation so that
+//!   Service Bus redelivers (and dead-letters after its max delivery count; the
+//!   timer sweep then re-sends, so the request is not lost).
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::domain::DeviceId;
+use crate::ports::{DeviceError, WakeMessage};
+
+use super::apply::{apply_latest, ApplyOutcome};
+use super::wake::{self, Rescheduled};
+use super::Services;
+
+/// Longest a delivery waits for a device cloud's `Retry-After` before giving the message back.
+const MAX_RETRY_AFTER_WAIT: Duration = Duration::from_secs(10);
+
+/// A delivered message, independent of the host's envelope.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    pub delivery_count: u32,
+}
+
+/// What the host should do with the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// Success: the host completes the message. The text is logged.
+    Complete(String),
+    /// Failure: the host abandons it and Service Bus redelivers.
+    Retry(String),
+}
+
+pub async fn handle(svc: &Services, delivery: Delivery) -> Settle {
+    let message: WakeMessage = match serde_json::from_slice(&delivery.body) {
+        Ok(m) => m,
+        Err(e) => {
+            // Redelivering cannot fix a malformed body; complete it and say so loudly.
+            warn!(message_id = ?delivery.message_id, error = %e, "malformed wake-up message dropped");
+            return Settle::Complete(format!("malformed message dropped: {e}"));
+        }
+    };
+    let device = match DeviceId::parse(&message.device_id) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(message_id = ?delivery.message_id, error = %e, "wake-up message with an invalid device id dropped");
+            return Settle::Complete(format!("invalid device id dropped: {e}"));
+        }
+    };
+    let current = match svc.ledger.get(&device).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return noop(
+                &device,
+                &message,
+                "no ledger record (its request was never stored)",
+            )
+        }
+        Err(e) => return Settle::Retry(format!("ledger unavailable: {e}")),
+    };
+    let record = &current.value;
+    if record.request_id != message.request_id {
+        return noop(
+            &device,
+            &message,
+            &format!("superseded by request {}", record.request_id),
+        );
+    }
+    if !record.is_pending() {
+        return noop(
+            &device,
+            &message,
+            &format!("request already {}", record.status.as_str()),
+        );
+    }
+    let chain = delivery.message_id.as_deref();
+    if let (Some(expected), Some(got)) = (record.wake_message_id.as_deref(), chain) {
+        if expected != got {
+            return noop(
+                &device,
+                &message,
+                &format!("stale wake-up; the ledger expects message {expected}"),
+            );
+        }
+    }
+
+    let holder = format!("sb-{}", uuid::Uuid::new_v4().simple());
+    let applied = match apply_latest(svc, &device, &holder, Some(current)).await {
+        Ok(a) => a,
+        Err(e) => return Settle::Retry(format!("ledger unavailable: {e}")),
+    };
+    let (pending, not_before) = match applied.outcome {
+        ApplyOutcome::Applied(r) => {
+            return Settle::Complete(format!(
+                "applied minSoc {} (request {}) to {device}",
+                r.min_soc.percent(),
+                r.request_id
+            ))
+        }
+        ApplyOutcome::AlreadyFinal(r) => {
+            return noop(
+                &device,
+                &message,
+                &format!("request already {}", r.status.as_str()),
+            )
+        }
+        ApplyOutcome::NoRecord => return noop(&device, &message, "no ledger record"),
+        ApplyOutcome::Expired(r) => {
+            return Settle::Complete(format!("request {} expired", r.request_id))
+        }
+        ApplyOutcome::Failed(r, e) => {
+            return Settle::Complete(format!("request {} failed permanently: {e}", r.request_id))
+        }
+        ApplyOutcome::Transient(
+            _,
+            DeviceError::Transient {
+                reason,
+                retry_after,
+            },
+        ) => {
+            if let Some(wait) = retry_after {
+                tokio::time::sleep(wait.min(MAX_RETRY_AFTER_WAIT)).await;
+            }
+            return Settle::Retry(format!("device cloud unavailable: {reason}"));
+        }
+        ApplyOutcome::Transient(_, e) => {
+            return Settle::Retry(format!("device cloud unavailable: {e}"))
+        }
+        ApplyOutcome::Offline(v) => (v, None),
+        // Someone else is talking to the device and will converge; look again soon in case it dies.
+        ApplyOutcome::Busy(v) => (v, None),
+    };
+    match wake::schedule_recheck(svc, pending, chain, not_before).await {
+        Ok(Rescheduled::Scheduled { message_id, at }) => Settle::Complete(format!(
+            "device {device} offline; re-check at {at} (message {message_id})"
+        )),
+        Ok(Rescheduled::NoTimeLeft) => Settle::Complete(format!(
+            "device {device} offline and no re-check fits before expiry; the sweep will expire it"
+        )),
+        Ok(Rescheduled::Superseded) => {
+            noop(&device, &message, "chain continued by another invocation")
+        }
+        Err(e) => Settle::Retry(format!("could not schedule the re-check: {e}")),
+    }
+}
+
+fn noop(device: &DeviceId, message: &WakeMessage, why: &str) -> Settle {
+    info!(device = %device, request_id = %message.request_id, reason = why, "wake-up message is a no-op");
+    Settle::Complete(format!("no-op for request {}: {why}", message.request_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::functions::fakes::Harness;
+    use crate::functions::set_soc_http::{self, ApiRequest};
+    use crate::ports::Clock as _;
+    use crate::ports::OutgoingMessage;
+
+    async fn post(h: &Harness, device: &str, min_soc: u8) -> serde_json::Value {
+        let r = set_soc_http::handle(
+            &h.svc,
+            ApiRequest {
+                method: "POST".into(),
+                device_id: device.into(),
+                idempotency_key: None,
+                body: format!(r#"{{"minSoc":{min_soc}}}"#).into_bytes(),
+            },
+        )
+        .await;
+        r.body
+    }
+
+    fn delivery_of(m: &OutgoingMessage) -> Delivery {
+        Delivery {
+            body: serde_json::to_vec(&m.body).unwrap(),
+            message_id: Some(m.message_id.clone()),
+            delivery_count: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_for_a_returned_device_applies_the_setting() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        post(&h, "d1", 40).await;
+        h.device.set_online("d1", true);
+        let settle = handle(&h.svc, delivery_of(&h.queue.sent()[0])).await;
+        assert!(
+            matches!(settle, Settle::Complete(ref s) if s.starts_with("applied")),
+            "{settle:?}"
+        );
+        assert_eq!(h.device.puts("d1").len(), 1);
+        assert_eq!(h.ledger_record("d1").await.status.as_str(), "applied");
+    }
+
+    #[tokio::test]
+    async fn a_still_offline_device_gets_one_later_recheck_with_growing_backoff() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        post(&h, "d1", 40).await;
+        let first = h.queue.sent()[0].clone();
+        let settle = handle(&h.svc, delivery_of(&first)).await;
+        assert!(matches!(settle, Settle::Complete(_)));
+        let sent = h.queue.sent();
+        assert_eq!(sent.len(), 2);
+        // attempts = 1 after the PUT found the device offline: delay = 2 x initial.
+        assert_eq!(
+            sent[1].scheduled_at,
+            Some(h.clock.now() + chrono::Duration::seconds(120))
+        );
+        let second = handle(&h.svc, delivery_of(&sent[1])).await;
+        assert!(matches!(second, Settle::Complete(_)));
+        assert_eq!(
+            h.queue.sent()[2].scheduled_at,
+            Some(h.clock.now() + chrono::Duration::seconds(240))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_delivery_after_the_chain_moved_on_is_a_noop() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        post(&h, "d1", 40).await;
+        let first = h.queue.sent()[0].clone();
+        handle(&h.svc, delivery_of(&first)).await;
+        let again = handle(&h.svc, delivery_of(&first)).await;
+        assert!(
+            matches!(again, Settle::Complete(ref s) if s.contains("stale")),
+            "{again:?}"
+        );
+        assert_eq!(
+            h.queue.sent().len(),
+            2,
+            "the duplicate must not fork the chain"
+        );
+    }
+
+    #[tokio::test]
+    async fn two_concurrent_deliveries_of_one_message_fork_no_chain_and_put_once() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        post(&h, "d1", 40).await;
+        let m = h.queue.sent()[0].clone();
+        h.device.set_online("d1", true);
+        h.device.set_latency(std::time::Duration::from_millis(20));
+        let (a, b) = tokio::join!(
+            handle(&h.svc, delivery_of(&m)),
+            handle(&h.svc, delivery_of(&m))
+        );
+        assert!(
+            matches!(a, Settle::Complete(_)) && matches!(b, Settle::Complete(_)),
+            "{a:?} {b:?}"
+        );
+        assert_eq!(h.device.puts("d1").len(), 1);
+        assert_eq!(h.ledger_record("d1").await.status.as_str(), "applied");
+    }
+
+    #[tokio::test]
+    async fn an_old_message_never_overwrites_a_newer_setting() {
+        // A queued offline, device back, B applied directly by HTTP, then A's message delivered.
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        post(&h, "d1", 10).await;
+        let a_msg = h.queue.sent()[0].clone();
+        h.device.set_online("d1", true);
+        let b = post(&h, "d1", 90).await;
+        assert_eq!(b["status"], "applied");
+        let settle = handle(&h.svc, delivery_of(&a_msg)).await;
+        assert!(
+            matches!(settle, Settle::Complete(ref s) if s.contains("superseded")),
+            "{settle:?}"
+        );
+        let puts: Vec<u8> = h.device.puts("d1").into_iter().map(|p| p.0).collect();
+        assert_eq!(puts, vec![90]);
+    }
+
+    #[tokio::test]
+    async fn a_older_queued_request_is_superseded_by_a_newer_queued_one() {
+        // A offline, B offline, then online: only B reaches the device.
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        post(&h, "d1", 10).await;
+        post(&h, "d1", 90).await;
+        h.device.set_online("d1", true);
+        for m in h.queue.sent() {
+            handle(&h.svc, delivery_of(&m)).await;
+        }
+        let puts: Vec<u8> = h.device.puts("d1").into_iter().map(|p| p.0).collect();
+        assert_eq!(puts, vec![90]);
+    }
+
+    #[tokio::test]
+    async fn a_transient_device_error_asks_for_redelivery() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        post(&h, "d1", 40).await;
+        h.device.set_online("d1", true);
+        h.device.fail_transiently("d1", 1);
+        let settle = handle(&h.svc, delivery_of(&h.queue.sent()[0])).await;
+        assert!(matches!(settle, Settle::Retry(_)), "{settle:?}");
+        let again = handle(&h.svc, delivery_of(&h.queue.sent()[0])).await;
+        assert!(
+            matches!(again, Settle::Complete(ref s) if s.starts_with("applied")),
+            "{again:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rejected_value_fails_the_request_without_retrying() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        post(&h, "d1", 40).await;
+        h.device.reject("d1", "value outside device limits");
+        let settle = handle(&h.svc, delivery_of(&h.queue.sent()[0])).await;
+        assert!(
+            matches!(settle, Settle::Complete(ref s) if s.contains("failed permanently")),
+            "{settle:?}"
+        );
+        let rec = h.ledger_record("d1").await;
+        assert_eq!(rec.status.as_str(), "failed");
+        assert!(rec.last_error.unwrap().contains("device limits"));
+        assert_eq!(h.queue.sent().len(), 1, "no further re-check");
+    }
+
+    #[tokio::test]
+    async fn a_message_delivered_after_expiry_marks_the_request_expired() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        post(&h, "d1", 40).await;
+        h.device.set_online("d1", true);
+        h.clock.advance(h.svc.policy.request_ttl);
+        let settle = handle(&h.svc, delivery_of(&h.queue.sent()[0])).await;
+        assert!(
+            matches!(settle, Settle::Complete(ref s) if s.contains("expired")),
+            "{settle:?}"
+        );
+        assert!(h.device.puts("d1").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_malformed_message_is_completed_not_retried_forever() {
+        let h = Harness::new();
+        let settle = handle(
+            &h.svc,
+            Delivery {
+                body: b"{oops".to_vec(),
+                message_id: None,
+                delivery_count: 1,
+            },
+        )
+        .await;
+        assert!(matches!(settle, Settle::Complete(ref s) if s.contains("malformed")));
+    }
+
+    #[tokio::test]
+    async fn a_ledger_outage_asks_for_redelivery() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        post(&h, "d1", 40).await;
+        h.ledger.set_down(true);
+        let settle = handle(&h.svc, delivery_of(&h.queue.sent()[0])).await;
+        assert!(matches!(settle, Settle::Retry(_)));
+    }
+}

@@ -1,0 +1,182 @@
+//! Wake-up messages: the chain of Service Bus messages that brings a pending
+//! request back to [`super::apply`] while its device is offline.
+//!
+//! Invariant: the ledger names the one message the chain expects next
+//! (`wake_message_id`). A message is always sent *before* the ledger names it,
+//! so a crash in between leaves at worst an orphan message, which is a no-op
+//! when delivered (its id is not the expected one), and never a record that
+//! waits for a message that does not exist for longer than the sweep's grace.
+
+use chrono::{DateTime, Utc};
+use tracing::info;
+
+use crate::domain::DesiredState;
+use crate::ports::{OutgoingMessage, QueueError, StoreError, Versioned, WakeMessage};
+
+use super::Services;
+
+/// A wake-up message for `record`'s request, due at `at` (now if `None`).
+/// `None` when the request has no lifetime left for a message.
+pub fn message_for(
+    record: &DesiredState,
+    at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Option<OutgoingMessage> {
+    let active_from = at.unwrap_or(now).max(now);
+    let ttl = crate::domain::schedule::ttl_until(active_from, record.expires_at)?;
+    Some(OutgoingMessage {
+        message_id: uuid::Uuid::new_v4().simple().to_string(),
+        body: WakeMessage {
+            request_id: record.request_id.clone(),
+            device_id: record.device_id.to_string(),
+            min_soc: record.min_soc.percent(),
+            requested_at: record.requested_at,
+            expires_at: record.expires_at,
+        },
+        scheduled_at: at.filter(|a| *a > now),
+        ttl: ttl.to_std().unwrap_or_default(),
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WakeError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What [`schedule_recheck`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rescheduled {
+    /// A message was sent and the ledger now expects it.
+    Scheduled {
+        message_id: String,
+        at: DateTime<Utc>,
+    },
+    /// No re-check fits before expiry; the sweep will mark the request expired.
+    NoTimeLeft,
+    /// The record moved on (newer request, settled, or another chain took over); nothing to do.
+    Superseded,
+}
+
+/// Continues the wake-up chain of a pending request after a check found the device
+/// unavailable: sends the next message after the back-off, then records it.
+/// `chain` is the message id the caller was delivered for (`None` from the sweep),
+/// used to tell whether another invocation has already continued the chain.
+pub async fn schedule_recheck(
+    svc: &Services,
+    mut current: Versioned<DesiredState>,
+    chain: Option<&str>,
+    not_before: Option<DateTime<Utc>>,
+) -> Result<Rescheduled, WakeError> {
+    let now = svc.clock.now();
+    let Some(recheck) =
+        svc.policy
+            .backoff
+            .next_recheck(current.value.attempts, now, current.value.expires_at)
+    else {
+        return Ok(Rescheduled::NoTimeLeft);
+    };
+    let at = match not_before {
+        Some(t) if t > recheck.at && t < current.value.expires_at => t,
+        _ => recheck.at,
+    };
+    let Some(message) = message_for(&current.value, Some(at), now) else {
+        return Ok(Rescheduled::NoTimeLeft);
+    };
+    let request_id = current.value.request_id.clone();
+    svc.queue.send(&message).await?;
+    loop {
+        let mut record = current.value.clone();
+        record.expect_wake(message.message_id.clone(), at, now);
+        match svc.ledger.put(&record, Some(&current.etag)).await {
+            Ok(_) => {
+                info!(device = %record.device_id, request_id = %request_id, message_id = %message.message_id, at = %at, "re-check scheduled");
+                return Ok(Rescheduled::Scheduled {
+                    message_id: message.message_id,
+                    at,
+                });
+            }
+            Err(StoreError::Conflict) => {
+                let Some(fresh) = svc.ledger.get(&record.device_id).await? else {
+                    return Ok(Rescheduled::Superseded);
+                };
+                let same_chain = fresh.value.wake_message_id.as_deref() == chain
+                    || fresh.value.wake_message_id == current.value.wake_message_id;
+                if fresh.value.request_id != request_id || !fresh.value.is_pending() || !same_chain
+                {
+                    return Ok(Rescheduled::Superseded);
+                }
+                current = fresh;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::functions::fakes::{accept_pending, Harness};
+    use crate::ports::{Clock as _, Ledger as _};
+
+    #[tokio::test]
+    async fn the_message_never_outlives_the_request() {
+        let h = Harness::new();
+        let rec = accept_pending(&h, "d1", 20).await;
+        let m = message_for(
+            &rec,
+            Some(h.clock.now() + chrono::Duration::seconds(600)),
+            h.clock.now(),
+        )
+        .unwrap();
+        let active = m.scheduled_at.unwrap();
+        assert_eq!(
+            active + chrono::Duration::from_std(m.ttl).unwrap(),
+            rec.expires_at
+        );
+        assert_eq!(m.body.request_id, rec.request_id);
+    }
+
+    #[tokio::test]
+    async fn the_chain_is_recorded_after_the_message_is_sent() {
+        let h = Harness::new();
+        accept_pending(&h, "d1", 20).await;
+        let current = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+        let out = schedule_recheck(&h.svc, current, None, None).await.unwrap();
+        let Rescheduled::Scheduled { message_id, at } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(h.queue.sent()[0].message_id, message_id);
+        let rec = h.ledger_record("d1").await;
+        assert_eq!(rec.wake_message_id.as_deref(), Some(message_id.as_str()));
+        assert_eq!(rec.wake_due_at, Some(at));
+        assert_eq!(at, h.clock.now() + chrono::Duration::seconds(60));
+    }
+
+    #[tokio::test]
+    async fn nothing_is_recorded_when_the_queue_is_down() {
+        let h = Harness::new();
+        accept_pending(&h, "d1", 20).await;
+        h.queue.set_down(true);
+        let current = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+        assert!(matches!(
+            schedule_recheck(&h.svc, current, None, None).await,
+            Err(WakeError::Queue(_))
+        ));
+        assert!(h.ledger_record("d1").await.wake_message_id.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_later_than_the_backoff_is_honoured() {
+        let h = Harness::new();
+        accept_pending(&h, "d1", 20).await;
+        let current = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+        let later = h.clock.now() + chrono::Duration::seconds(300);
+        let out = schedule_recheck(&h.svc, current, None, Some(later))
+            .await
+            .unwrap();
+        assert!(matches!(out, Rescheduled::Scheduled { at, .. } if at == later));
+    }
+}
