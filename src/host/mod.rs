@@ -72,3 +72,45 @@ pub enum HostError {
     #[error("metadata key {key:?} is invalid: {reason}")]
     InvalidMetadata { key: String, reason: String },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// Every parser returns a value or a typed error for odd inputs; a panic fails this test.
+    #[test]
+    fn no_parser_panics_on_odd_payloads() {
+        let odd = [
+            Value::Null,
+            json!(true),
+            json!(-1),
+            json!(1e300),
+            json!(""),
+            json!("\""),
+            json!("{"),
+            json!("[1,"),
+            json!("é\u{0}"),
+            json!([]),
+            json!({}),
+            json!({"Method": "G E T", "Headers": {"a": [null, 1, {}]}, "Query": [], "Body": ""}),
+            json!({"ScheduleStatus": {"Last": 5, "Next": null}, "IsPastDue": []}),
+        ];
+        for data in &odd {
+            for meta in &odd {
+                let envelope = json!({"Data": {"b": data}, "Metadata": {
+                    "DeliveryCount": meta, "ExpiresAt": meta, "sys": meta, "RetryContext": meta,
+                    "SequenceNumber": meta, "ApplicationProperties": meta
+                }});
+                let Ok(inv) = InvocationRequest::from_value(envelope) else {
+                    continue;
+                };
+                let _ = HttpTriggerRequest::from_invocation(&inv, "b").map(|r| r.into_call());
+                let _ = ServiceBusDelivery::from_invocation(&inv, "b");
+                let _ = TimerInfo::from_invocation(&inv, "b");
+                let _ = (inv.function_name(), inv.host_utc_now(), inv.retry_context());
+            }
+            let _ = HttpResponseOut::from_output(data);
+        }
+    }
+}
