@@ -1,1 +1,116 @@
 //! The Functions host <-> custom handler wire protocol.
+//!
+//! Everything that knows what the host sends or expects lives here; the
+//! function modules see typed values only. References (§) are to the
+//! protocol notes (`custom-handler-protocol.md`), whose example payloads are
+//! copied to `tests/fixtures/host-payloads/` and parsed by `tests/host_payloads.rs`.
+//!
+//! # Using it
+//! ```text
+//! POST /SetSocHttp (envelope mode)     InvocationRequest::from_slice(body)
+//!                                      -> HttpTriggerRequest::from_invocation(&inv, SET_SOC_HTTP_TRIGGER_BINDING)
+//!                                      -> .into_call() : HttpCall
+//! /api/devices/{id}/soc (forwarded)    HttpCall::from_forwarded(&parts, params, body)
+//!   answer (envelope)                  InvocationResponse::ok().with_http(SET_SOC_HTTP_OUTPUT_BINDING, &HttpResponseOut)
+//!   answer (forwarded)                 a plain HTTP response (any status is a successful invocation)
+//! POST /SocQueueTrigger                ServiceBusDelivery::from_invocation(&inv, SOC_QUEUE_TRIGGER_BINDING)
+//! POST /DrainSocTimer                  TimerInfo::from_invocation(&inv, DRAIN_SOC_TIMER_BINDING)
+//! success / failure                    InvocationResponse (200 JSON) / InvocationFailure (non-2xx)
+//! ```
+//!
+//! # Host quirks and the one place each is handled
+//! | Quirk | Where |
+//! |---|---|
+//! | `Data`/`Metadata` and all keys matched case-insensitively (Newtonsoft, host dictionaries) | `envelope::get_ci`, `InvocationRequest::from_value` |
+//! | Primitive Metadata values double-encoded (`"\"abc\""`, `"5"`) (§2.2, §8.1) | [`unwrap_double_encoded`], `InvocationRequest::metadata_text` |
+//! | Dates: offset or none (`*Utc` keys, local timer times), 0-7 fractional digits (§2.2, §4, §8.3) | [`parse_host_datetime`] |
+//! | Service Bus body: double-encoded string (no `dataType`), base64 (`dataType: binary`, ours), single-encoded JSON text, JSON object (§5.1) | `service_bus::decode_body` |
+//! | Body JSON properties copied into Metadata, overwriting keys such as `ExpiresAt` (§2.2, §8.2) | [`ServiceBusDelivery::from_invocation`] (shadowed keys ignored; `ExpiresAt` falls back to `ExpiresAtUtc`) |
+//! | HTTP envelope: header values are arrays; body is UTF-8 text, base64 for octet-stream/multipart, absent without Content-Length (§3.2, §8.5) | [`HttpTriggerRequest::from_invocation`] |
+//! | Function key in `code=` query and in `Url` | dropped in [`HttpCall`] (both modes) |
+//! | Repeated query keys comma-joined (§8.15) | envelope: by the host; forwarded: [`HttpCall::from_forwarded`] |
+//! | Timer `ScheduleStatus` null without monitor; `Last` = `0001-01-01` before the first run (§4) | [`TimerInfo::from_invocation`] |
+//! | `RetryContext` with an opaque `Exception` (§2.2) | [`InvocationRequest::retry_context`] |
+//! | Response must be 2xx + `application/json` + non-empty body, else hang/failure (§6, §8.7) | [`InvocationResponse`] |
+//! | Non-2xx fails the invocation (Service Bus abandon + redeliver) (§5.3, §6.1) | [`InvocationFailure`] |
+//! | HTTP output: object with `statusCode`, string header values, string body written verbatim (§3.5) | [`HttpResponseOut::to_output`] |
+//! | Queue outputs: base64 trap and re-indenting (§5.5, §8.8) | [`InvocationResponse::with_queue_messages`] (array of strings) |
+//!
+//! Not handled here because they are not payload decoding: binding
+//! `127.0.0.1`, answering `GET /`, logging to stdout (the router/main), and
+//! keeping `autoCompleteMessages` true (checked by `tests/config_files.rs`).
+
+pub mod envelope;
+pub mod http_trigger;
+pub mod response;
+pub mod service_bus;
+pub mod timer;
+
+pub use envelope::{parse_host_datetime, unwrap_double_encoded, InvocationRequest, RetryContext};
+pub use http_trigger::{
+    Headers, HttpCall, HttpResponseOut, HttpTriggerRequest, SET_SOC_HTTP_OUTPUT_BINDING,
+    SET_SOC_HTTP_TRIGGER_BINDING,
+};
+pub use response::{InvocationFailure, InvocationResponse, MAX_LOG_LINE};
+pub use service_bus::{ServiceBusDelivery, SOC_QUEUE_TRIGGER_BINDING};
+pub use timer::{ScheduleStatus, TimerInfo, DRAIN_SOC_TIMER_BINDING};
+
+/// Why an invocation payload could not be read. Messages name the binding or
+/// Metadata key, never a value (values may be customer data).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    /// The body is not `{"Data":{...},"Metadata":{...}}`.
+    #[error("invalid invocation envelope: {0}")]
+    InvalidEnvelope(String),
+    /// `Data` has no entry for the binding the function.json declares.
+    #[error("input binding {0:?} is missing from Data")]
+    MissingBinding(String),
+    #[error("input binding {binding:?} is invalid: {reason}")]
+    InvalidBinding { binding: String, reason: String },
+    #[error("metadata key {0:?} is missing")]
+    MissingMetadata(String),
+    #[error("metadata key {key:?} is invalid: {reason}")]
+    InvalidMetadata { key: String, reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// Every parser returns a value or a typed error for odd inputs; a panic fails this test.
+    #[test]
+    fn no_parser_panics_on_odd_payloads() {
+        let odd = [
+            Value::Null,
+            json!(true),
+            json!(-1),
+            json!(1e300),
+            json!(""),
+            json!("\""),
+            json!("{"),
+            json!("[1,"),
+            json!("é\u{0}"),
+            json!([]),
+            json!({}),
+            json!({"Method": "G E T", "Headers": {"a": [null, 1, {}]}, "Query": [], "Body": ""}),
+            json!({"ScheduleStatus": {"Last": 5, "Next": null}, "IsPastDue": []}),
+        ];
+        for data in &odd {
+            for meta in &odd {
+                let envelope = json!({"Data": {"b": data}, "Metadata": {
+                    "DeliveryCount": meta, "ExpiresAt": meta, "sys": meta, "RetryContext": meta,
+                    "SequenceNumber": meta, "ApplicationProperties": meta
+                }});
+                let Ok(inv) = InvocationRequest::from_value(envelope) else {
+                    continue;
+                };
+                let _ = HttpTriggerRequest::from_invocation(&inv, "b").map(|r| r.into_call());
+                let _ = ServiceBusDelivery::from_invocation(&inv, "b");
+                let _ = TimerInfo::from_invocation(&inv, "b");
+                let _ = (inv.function_name(), inv.host_utc_now(), inv.retry_context());
+            }
+            let _ = HttpResponseOut::from_output(data);
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! HTTP trigger, both ways the host can deliver it (protocol §3):
+//! - envelope mode (§3.2): `Data.req` inside the invocation JSON -> [`HttpTriggerRequest`];
+//! - forwarded mode (§3.3, what our host.json enables): a plain HTTP request
+//!   to `/api/devices/{id}/soc` -> [`HttpCall::from_forwarded`].
+//!
+//! Both meet in [`HttpCall`], the one request type the function code sees.
+//! The response side for envelope mode is [`HttpResponseOut`], rendered by
+//! [`super::InvocationResponse::with_http`].
+
+use std::collections::BTreeMap;
+
+use axum::http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, Method};
+use base64::Engine as _;
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use super::envelope::{get_ci, primitive_text, InvocationRequest};
+use super::HostError;
+
+/// Trigger binding name of `SetSocHttp/function.json`.
+pub const SET_SOC_HTTP_TRIGGER_BINDING: &str = "req";
+/// Output binding name of `SetSocHttp/function.json` (tests/config_files.rs checks it).
+pub const SET_SOC_HTTP_OUTPUT_BINDING: &str = "res";
+/// The query parameter carrying the function key. Kept out of [`HttpCall`]
+/// so it can never reach a log line.
+const FUNCTION_KEY_PARAM: &str = "code";
+
+/// Request headers as the envelope carries them: name -> list of values.
+/// Lookups ignore case (HTTP header names are case-insensitive; the host
+/// keeps Kestrel's casing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(String, Vec<String>)>);
+
+impl Headers {
+    /// First value of a header.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.get_all(name).first().map(String::as_str)
+    }
+
+    /// All values of a header (empty if absent).
+    pub fn get_all(&self, name: &str) -> &[String] {
+        self.0
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+            .unwrap_or(&[])
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[String])> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
+    }
+}
+
+/// `Data.req` of an HTTP trigger in envelope mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpTriggerRequest {
+    pub method: Method,
+    /// Original public URL incl. `/api` and the raw query. **Contains the
+    /// function key (`code=`) when one was used: never log it.**
+    pub url: String,
+    /// Query values; repeated keys arrive comma-joined (`tag=a,b`). Includes `code`.
+    pub query: BTreeMap<String, String>,
+    pub headers: Headers,
+    /// Route values (`deviceId`); a catch-all without a value is left out.
+    pub params: BTreeMap<String, String>,
+    /// `None` when the host sent no `Body` (no `Content-Length`, or 0).
+    pub body: Option<Vec<u8>>,
+}
+
+impl HttpTriggerRequest {
+    /// Reads `Data.<binding>` (ours: [`SET_SOC_HTTP_TRIGGER_BINDING`]).
+    pub fn from_invocation(inv: &InvocationRequest, binding: &str) -> Result<Self, HostError> {
+        let invalid = |reason: &str| HostError::InvalidBinding {
+            binding: binding.to_string(),
+            reason: reason.to_string(),
+        };
+        let req = match inv.data(binding) {
+            None => return Err(HostError::MissingBinding(binding.to_string())),
+            Some(Value::Object(map)) => map,
+            Some(_) => return Err(invalid("not an object")),
+        };
+        let method = get_ci(req, "Method")
+            .and_then(Value::as_str)
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+            .ok_or_else(|| invalid("Method missing or invalid"))?;
+        let url = get_ci(req, "Url")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let query = string_map(get_ci(req, "Query")).map_err(|r| invalid(&format!("Query {r}")))?;
+        let params =
+            string_map(get_ci(req, "Params")).map_err(|r| invalid(&format!("Params {r}")))?;
+        let headers = headers(get_ci(req, "Headers")).map_err(|r| invalid(&r))?;
+        let body = match get_ci(req, "Body") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(text)) => {
+                Some(decode_body(text, headers.get("Content-Type")).map_err(|r| invalid(&r))?)
+            }
+            Some(_) => return Err(invalid("Body is not a string")),
+        };
+        Ok(Self {
+            method,
+            url,
+            query,
+            headers,
+            params,
+            body,
+        })
+    }
+
+    /// Converts to the mode-neutral request. Headers whose name or value HTTP
+    /// does not allow are dropped; multiple values stay separate entries.
+    pub fn into_call(self) -> HttpCall {
+        let mut headers = HeaderMap::new();
+        for (name, values) in self.headers.0 {
+            let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+                continue;
+            };
+            for value in values {
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    headers.append(name.clone(), value);
+                }
+            }
+        }
+        let mut query = self.query;
+        query.remove(FUNCTION_KEY_PARAM);
+        HttpCall {
+            method: self.method,
+            params: self.params,
+            query,
+            headers,
+            body: self.body.map(Bytes::from).unwrap_or_default(),
+        }
+    }
+}
+
+/// The one HTTP request type the function code sees, whichever way the host
+/// delivered it. Never contains the function key.
+#[derive(Debug, Clone)]
+pub struct HttpCall {
+    pub method: Method,
+    /// Route values by name (`deviceId`).
+    pub params: BTreeMap<String, String>,
+    /// Query parameters except `code`; repeated keys comma-joined like the host does.
+    pub query: BTreeMap<String, String>,
+    pub headers: HeaderMap,
+    /// Empty when there was no body.
+    pub body: Bytes,
+}
+
+impl HttpCall {
+    /// Forwarded mode: the host replays the caller's request (path with `/api`,
+    /// original headers, body only if it had a `Content-Length`). The router
+    /// extracts the route values (`params`) and the body; this adds the query.
+    pub fn from_forwarded(parts: &Parts, params: BTreeMap<String, String>, body: Bytes) -> Self {
+        let mut query: BTreeMap<String, String> = BTreeMap::new();
+        if let Some(raw) = parts.uri.query() {
+            for (k, v) in url::form_urlencoded::parse(raw.as_bytes()) {
+                if k == FUNCTION_KEY_PARAM {
+                    continue;
+                }
+                query
+                    .entry(k.into_owned())
+                    .and_modify(|existing| {
+                        existing.push(',');
+                        existing.push_str(&v);
+                    })
+                    .or_insert_with(|| v.into_owned());
+            }
+        }
+        Self {
+            method: parts.method.clone(),
+            params,
+            query,
+            headers: parts.headers.clone(),
+            body,
+        }
+    }
+
+    /// A header as text (first value), if present and visible ASCII.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn content_type(&self) -> Option<&str> {
+        self.header(header::CONTENT_TYPE.as_str())
+    }
+}
+
+/// HTTP response in envelope mode, rendered as `Outputs.<res>` (§3.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponseOut {
+    pub status: u16,
+    /// Header values are strings on the wire; a repeated name keeps the last.
+    pub headers: Vec<(String, String)>,
+    /// Written verbatim by the host (a string body is never re-indented).
+    pub body: String,
+}
+
+impl HttpResponseOut {
+    /// A JSON body with `Content-Type: application/json` (or a caller-chosen
+    /// JSON type such as `application/problem+json` via [`Self::with_header`]).
+    pub fn json(status: u16, body: &Value) -> Self {
+        Self {
+            status,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: body.to_string(),
+        }
+    }
+
+    /// Adds a header, replacing an earlier one of the same name (any casing).
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        let name = name.into();
+        self.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// The `Outputs.<res>` object: `{"statusCode":..,"headers":{..},"body":"<string>"}`.
+    pub fn to_output(&self) -> Value {
+        let headers: Map<String, Value> = self
+            .headers
+            .iter()
+            .map(|(n, v)| (n.clone(), Value::String(v.clone())))
+            .collect();
+        serde_json::json!({
+            "statusCode": self.status,
+            "headers": headers,
+            "body": self.body,
+        })
+    }
+
+    /// Reads an `Outputs.<res>` object back (tests, stand-ins). Accepts what the
+    /// host accepts: any key casing, numeric or numeric-string `statusCode`
+    /// (missing = 200), string body (object/array bodies become their JSON text).
+    pub fn from_output(value: &Value) -> Result<Self, String> {
+        let Value::Object(map) = value else {
+            return Err("http output is not an object".into());
+        };
+        let status = match get_ci(map, "statusCode") {
+            None | Some(Value::Null) => 200,
+            Some(v) => primitive_text(v)
+                .and_then(|t| t.parse::<u16>().ok())
+                .ok_or("statusCode is not a number")?,
+        };
+        let headers = match get_ci(map, "headers") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Object(h)) => h
+                .iter()
+                .map(|(k, v)| match v {
+                    Value::String(s) => Ok((k.clone(), s.clone())),
+                    _ => Err(format!("header {k} is not a string")),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err("headers is not an object".into()),
+        };
+        let body = match get_ci(map, "body") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+        };
+        Ok(Self {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+fn string_map(value: Option<&Value>) -> Result<BTreeMap<String, String>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(BTreeMap::new()),
+        Some(Value::Object(map)) => Ok(map
+            .iter()
+            .filter_map(|(k, v)| primitive_text(v).map(|t| (k.clone(), t)))
+            .collect()),
+        // The docs show `"Query": "{}"` (a string); the source sends objects.
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+            Ok(inner @ Value::Object(_)) => string_map(Some(&inner)),
+            _ => Err("is not an object".into()),
+        },
+        Some(_) => Err("is not an object".into()),
+    }
+}
+
+fn headers(value: Option<&Value>) -> Result<Headers, String> {
+    let map = match value {
+        None | Some(Value::Null) => return Ok(Headers::default()),
+        Some(Value::Object(map)) => map,
+        Some(_) => return Err("Headers is not an object".into()),
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (name, v) in map {
+        let values = match v {
+            Value::Array(items) => items.iter().filter_map(primitive_text).collect(),
+            // Metadata.Headers style (one string) tolerated.
+            other => primitive_text(other).into_iter().collect(),
+        };
+        out.push((name.clone(), values));
+    }
+    Ok(Headers(out))
+}
+
+/// §3.2: `application/octet-stream` and `multipart/*` bodies are base64,
+/// everything else is the body decoded as UTF-8 text.
+fn decode_body(text: &str, content_type: Option<&str>) -> Result<Vec<u8>, String> {
+    let media = content_type
+        .and_then(|c| c.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    if media == "application/octet-stream" || media.starts_with("multipart/") {
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(|_| "Body is not valid base64".to_string())
+    } else {
+        Ok(text.as_bytes().to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn request(req: Value) -> Result<HttpTriggerRequest, HostError> {
+        let inv = InvocationRequest::from_value(json!({"Data": {"req": req}})).unwrap();
+        HttpTriggerRequest::from_invocation(&inv, "req")
+    }
+
+    #[test]
+    fn a_json_body_is_its_utf8_text_and_headers_ignore_case() {
+        let r = request(json!({
+            "Method": "POST",
+            "Url": "https://x/api/devices/d1/soc?code=secret",
+            "Query": {"code": "secret"},
+            "Headers": {"Content-Type": ["application/json"], "Idempotency-Key": ["k1"]},
+            "Params": {"deviceId": "d1"},
+            "Body": "{\"dod\":20}"
+        }))
+        .unwrap();
+        assert_eq!(r.method, Method::POST);
+        assert_eq!(r.headers.get("idempotency-key"), Some("k1"));
+        assert_eq!(r.body.as_deref(), Some(&b"{\"dod\":20}"[..]));
+        let call = r.into_call();
+        assert_eq!(call.params.get("deviceId").map(String::as_str), Some("d1"));
+        assert!(call.query.is_empty(), "the function key must not survive");
+        assert_eq!(call.header("Idempotency-Key"), Some("k1"));
+        assert_eq!(&call.body[..], b"{\"dod\":20}");
+    }
+
+    #[test]
+    fn octet_stream_and_multipart_bodies_are_base64_decoded() {
+        for ct in [
+            "application/octet-stream",
+            "multipart/form-data; boundary=x",
+        ] {
+            let r = request(json!({
+                "Method": "POST", "Headers": {"content-type": [ct]}, "Body": "AAEC/w=="
+            }))
+            .unwrap();
+            assert_eq!(r.body.as_deref(), Some(&[0u8, 1, 2, 255][..]), "{ct}");
+        }
+        let bad = request(json!({
+            "Method": "POST", "Headers": {"Content-Type": ["application/octet-stream"]}, "Body": "%%"
+        }));
+        assert!(matches!(bad, Err(HostError::InvalidBinding { .. })));
+    }
+
+    #[test]
+    fn a_request_without_body_has_none_and_an_empty_call_body() {
+        let r =
+            request(json!({"Method": "GET", "Params": {"deviceId": "d1", "rest": null}})).unwrap();
+        assert_eq!(r.body, None);
+        assert!(!r.params.contains_key("rest"));
+        assert!(r.into_call().body.is_empty());
+    }
+
+    #[test]
+    fn malformed_requests_are_typed_errors() {
+        assert!(matches!(
+            request(json!("GET")),
+            Err(HostError::InvalidBinding { .. })
+        ));
+        assert!(matches!(
+            request(json!({})),
+            Err(HostError::InvalidBinding { .. })
+        ));
+        assert!(matches!(
+            request(json!({"Method": "GET", "Headers": []})),
+            Err(HostError::InvalidBinding { .. })
+        ));
+        assert!(matches!(
+            request(json!({"Method": "GET", "Body": 5})),
+            Err(HostError::InvalidBinding { .. })
+        ));
+        let inv = InvocationRequest::default();
+        assert!(matches!(
+            HttpTriggerRequest::from_invocation(&inv, "req"),
+            Err(HostError::MissingBinding(_))
+        ));
+    }
+
+    #[test]
+    fn headers_that_http_forbids_are_dropped_not_fatal() {
+        let r = request(json!({"Method": "GET", "Headers": {
+            "bad name": ["x"], "X-Ok": ["a", "b"], "X-Bad": ["line\nbreak"]
+        }}))
+        .unwrap();
+        let call = r.into_call();
+        assert_eq!(call.headers.get_all("x-ok").iter().count(), 2);
+        assert!(call.headers.get("x-bad").is_none());
+        assert_eq!(call.headers.len(), 2);
+    }
+
+    #[test]
+    fn forwarded_requests_meet_envelope_requests_in_one_type() {
+        let req = axum::http::Request::builder()
+            .method("POST")
+            .uri("/api/devices/d1/soc?code=secret&tag=a&tag=b")
+            .header("Idempotency-Key", "k1")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let params = BTreeMap::from([("deviceId".to_string(), "d1".to_string())]);
+        let call = HttpCall::from_forwarded(&parts, params, Bytes::from_static(b"{}"));
+        assert_eq!(call.method, Method::POST);
+        assert_eq!(call.query.get("tag").map(String::as_str), Some("a,b"));
+        assert!(!call.query.contains_key("code"));
+        assert_eq!(call.header("idempotency-key"), Some("k1"));
+    }
+
+    #[test]
+    fn the_http_output_has_string_headers_and_a_verbatim_string_body() {
+        let out = HttpResponseOut::json(202, &json!({"status": "pending"}))
+            .with_header("Location", "/api/devices/d1/soc")
+            .with_header("content-type", "application/problem+json");
+        let v = out.to_output();
+        assert_eq!(v["statusCode"], json!(202));
+        assert_eq!(v["body"], json!("{\"status\":\"pending\"}"));
+        assert_eq!(v["headers"]["Location"], json!("/api/devices/d1/soc"));
+        assert_eq!(
+            v["headers"]["content-type"],
+            json!("application/problem+json")
+        );
+        assert_eq!(v["headers"].as_object().unwrap().len(), 2);
+        assert_eq!(HttpResponseOut::from_output(&v).unwrap(), out);
+    }
+
+    #[test]
+    fn reading_an_http_output_accepts_what_the_host_accepts() {
+        let out = HttpResponseOut::from_output(&json!({"StatusCode": "404"})).unwrap();
+        assert_eq!((out.status, out.body.as_str()), (404, ""));
+        let out = HttpResponseOut::from_output(&json!({"body": {"a": 1}})).unwrap();
+        assert_eq!((out.status, out.body.as_str()), (200, "{\"a\":1}"));
+        assert!(HttpResponseOut::from_output(&json!("body")).is_err());
+        assert!(HttpResponseOut::from_output(&json!({"headers": {"X": 1}})).is_err());
+    }
+}
