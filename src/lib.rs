@@ -17,6 +17,7 @@
 //! - [`app`]: wiring: builds the router from config, lazily connecting clients.
 
 pub mod adapters;
+pub mod app;
 pub mod config;
 pub mod domain;
 pub mod functions;

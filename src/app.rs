@@ -1,0 +1,571 @@
+//! Wiring: the axum router the host talks to.
+//!
+//! | route                               | who calls it                                     |
+//! |-------------------------------------|--------------------------------------------------|
+//! | `GET /`                             | host readiness probe and health ping (§1.3)      |
+//! | `GET|POST /api/devices/{id}/soc`    | `SetSocHttp`, forwarded (host.json default)      |
+//! | `POST /SetSocHttp`                  | `SetSocHttp`, envelope mode                      |
+//! | `POST /SocQueueTrigger`             | Service Bus trigger invocation                   |
+//! | `POST /DrainSocTimer`               | timer trigger invocation                         |
+//!
+//! Function routes are the function folder names, case-sensitive, as the host
+//! calls them. The services are built before serving but do no I/O until the
+//! first invocation, so `GET /` answers at once. A broken configuration does not
+//! stop the process (the host would restart it in a loop): every invocation
+//! fails with the reason logged instead.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::FutureExt;
+use serde_json::json;
+use tracing::{error, info};
+
+use crate::functions::set_soc_http::{self, ApiRequest, ApiResponse};
+use crate::functions::soc_queue_trigger::{self, Delivery, Settle};
+use crate::functions::{drain_soc_timer, Services};
+use crate::host::{
+    HttpCall, HttpResponseOut, HttpTriggerRequest, InvocationFailure, InvocationRequest,
+    InvocationResponse, ServiceBusDelivery, TimerInfo, DRAIN_SOC_TIMER_BINDING,
+    SET_SOC_HTTP_OUTPUT_BINDING, SET_SOC_HTTP_TRIGGER_BINDING, SOC_QUEUE_TRIGGER_BINDING,
+};
+
+/// The function folders this handler serves; each has a `POST /{name}` route.
+pub const FUNCTIONS: [&str; 3] = ["SetSocHttp", "SocQueueTrigger", "DrainSocTimer"];
+
+/// Largest invocation envelope read (the HTTP body inside is limited much lower by the domain).
+const MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
+/// Largest forwarded request body read; the domain rejects anything above 1 KiB with a 400.
+const MAX_FORWARDED_BODY_BYTES: usize = 64 * 1024;
+
+/// Shared state: the services, or why they could not be built.
+#[derive(Clone)]
+pub struct AppState {
+    services: Result<Services, Arc<str>>,
+}
+
+impl AppState {
+    pub fn new(services: Result<Services, String>) -> Self {
+        Self {
+            services: services.map_err(Arc::from),
+        }
+    }
+
+    fn services(&self) -> Result<&Services, &str> {
+        self.services.as_ref().map_err(|e| &**e)
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(ready))
+        .route(
+            "/api/devices/{device_id}/soc",
+            get(set_soc_forwarded).post(set_soc_forwarded),
+        )
+        .route("/SetSocHttp", post(set_soc_envelope))
+        .route("/SocQueueTrigger", post(soc_queue_trigger))
+        .route("/DrainSocTimer", post(drain_soc_timer))
+        .fallback(not_found)
+        .layer(middleware::from_fn(catch_panic))
+        .with_state(state)
+}
+
+async fn ready() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ready" }))
+}
+
+async fn not_found() -> Response {
+    let p = ApiResponse::problem(404, "Not found", "no such route");
+    api_response(p)
+}
+
+/// A panic in one invocation must not take the process (and every other
+/// in-flight invocation) down: it becomes a failed invocation.
+async fn catch_panic(req: Request, next: Next) -> Response {
+    match AssertUnwindSafe(next.run(req)).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            error!(panic = %what, "invocation panicked");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({ "error": "internal error" })),
+            )
+                .into_response()
+        }
+    }
+}
+
+// ------------------------------------------------------------------ SetSocHttp
+
+async fn set_soc_forwarded(
+    State(state): State<AppState>,
+    Path(device_id): Path<String>,
+    req: Request,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = match to_bytes(body, MAX_FORWARDED_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            let mut p = ApiResponse::problem(400, "Invalid request", "body: too large");
+            p.body["field"] = json!("body");
+            return api_response(p);
+        }
+    };
+    let call = HttpCall::from_forwarded(
+        &parts,
+        BTreeMap::from([("deviceId".to_string(), device_id)]),
+        body,
+    );
+    let Ok(services) = state.services() else {
+        return api_response(misconfigured());
+    };
+    api_response(set_soc_http::handle(services, api_request(call)).await)
+}
+
+async fn set_soc_envelope(State(state): State<AppState>, body: Body) -> Response {
+    let inv = match read_envelope(body).await {
+        Ok(inv) => inv,
+        Err(failure) => return failure.into_response(),
+    };
+    let call = match HttpTriggerRequest::from_invocation(&inv, SET_SOC_HTTP_TRIGGER_BINDING) {
+        Ok(req) => req.into_call(),
+        Err(e) => return InvocationFailure::from(e).into_response(),
+    };
+    let response = match state.services() {
+        Ok(services) => set_soc_http::handle(services, api_request(call)).await,
+        Err(_) => misconfigured(),
+    };
+    let mut out = HttpResponseOut::json(response.status, &response.body);
+    out.headers
+        .retain(|(k, _)| !k.eq_ignore_ascii_case("content-type"));
+    for (name, value) in &response.headers {
+        out = out.with_header(*name, value.clone());
+    }
+    InvocationResponse::ok()
+        .with_http(SET_SOC_HTTP_OUTPUT_BINDING, &out)
+        .into_response()
+}
+
+fn api_request(call: HttpCall) -> ApiRequest {
+    ApiRequest {
+        method: call.method.as_str().to_string(),
+        device_id: call.params.get("deviceId").cloned().unwrap_or_default(),
+        idempotency_key: call
+            .headers
+            .get("idempotency-key")
+            .map(|v| v.as_bytes().to_vec()),
+        body: call.body.to_vec(),
+    }
+}
+
+fn misconfigured() -> ApiResponse {
+    ApiResponse::problem(
+        500,
+        "Service misconfigured",
+        "the service is not configured correctly; operators have been alerted",
+    )
+}
+
+fn api_response(r: ApiResponse) -> Response {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, r.body.to_string()).into_response();
+    for (name, value) in r.headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            response.headers_mut().insert(n, v);
+        }
+    }
+    response
+}
+
+// ------------------------------------------------------------------ triggers
+
+async fn soc_queue_trigger(State(state): State<AppState>, body: Body) -> Response {
+    let inv = match read_envelope(body).await {
+        Ok(inv) => inv,
+        Err(failure) => return failure.into_response(),
+    };
+    let delivery = match ServiceBusDelivery::from_invocation(&inv, SOC_QUEUE_TRIGGER_BINDING) {
+        Ok(d) => d,
+        Err(e) => return InvocationFailure::from(e).into_response(),
+    };
+    let services = match state.services() {
+        Ok(s) => s,
+        Err(reason) => {
+            return InvocationFailure::internal(format!("configuration: {reason}")).into_response()
+        }
+    };
+    let settle = soc_queue_trigger::handle(
+        services,
+        Delivery {
+            body: delivery.body,
+            message_id: delivery.message_id,
+            delivery_count: delivery.delivery_count,
+        },
+    )
+    .await;
+    match settle {
+        Settle::Complete(log) => InvocationResponse::ok().with_log(log).into_response(),
+        Settle::Retry(reason) => InvocationFailure::unavailable(reason).into_response(),
+    }
+}
+
+async fn drain_soc_timer(State(state): State<AppState>, body: Body) -> Response {
+    let inv = match read_envelope(body).await {
+        Ok(inv) => inv,
+        Err(failure) => return failure.into_response(),
+    };
+    let timer = match TimerInfo::from_invocation(&inv, DRAIN_SOC_TIMER_BINDING) {
+        Ok(t) => t,
+        Err(e) => return InvocationFailure::from(e).into_response(),
+    };
+    if timer.is_past_due {
+        info!("DrainSocTimer is running late (past due)");
+    }
+    let services = match state.services() {
+        Ok(s) => s,
+        Err(reason) => {
+            return InvocationFailure::internal(format!("configuration: {reason}")).into_response()
+        }
+    };
+    match drain_soc_timer::run(services).await {
+        Ok(report) => InvocationResponse::ok()
+            .with_log(format!("sweep: {report}"))
+            .into_response(),
+        Err(e) => {
+            InvocationFailure::unavailable(format!("sweep could not list pending requests: {e}"))
+                .into_response()
+        }
+    }
+}
+
+async fn read_envelope(body: Body) -> Result<InvocationRequest, InvocationFailure> {
+    let bytes = to_bytes(body, MAX_ENVELOPE_BYTES)
+        .await
+        .map_err(|_| InvocationFailure::bad_request("invocation body too large or unreadable"))?;
+    InvocationRequest::from_slice(&bytes).map_err(InvocationFailure::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::functions::fakes::Harness;
+    use crate::ports::Ledger as _;
+    use axum::http::Request as HttpRequest;
+    use base64::Engine as _;
+    use http_body_util::BodyExt;
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    fn app(h: &Harness) -> Router {
+        router(AppState::new(Ok(h.svc.clone())))
+    }
+
+    async fn call(
+        app: Router,
+        req: HttpRequest<Body>,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let res = app.oneshot(req).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+
+    fn post_json(uri: &str, body: Value) -> HttpRequest<Body> {
+        HttpRequest::post(uri)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    }
+
+    fn sb_envelope(body: &Value, message_id: &str) -> Value {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(body.to_string());
+        json!({
+            "Data": { "msg": b64 },
+            "Metadata": { "DeliveryCount": "1", "MessageId": format!("\"{message_id}\""), "sys": { "MethodName": "SocQueueTrigger" } }
+        })
+    }
+
+    #[test]
+    fn every_function_folder_has_a_route_and_every_route_a_folder() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut folders: Vec<String> = std::fs::read_dir(root)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("function.json").is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        folders.sort();
+        let mut routes: Vec<String> = FUNCTIONS.iter().map(|s| s.to_string()).collect();
+        routes.sort();
+        assert_eq!(folders, routes);
+    }
+
+    #[tokio::test]
+    async fn every_function_route_is_served_at_its_exact_folder_name() {
+        let h = Harness::new();
+        for name in FUNCTIONS {
+            let (status, _, _) = call(app(&h), post_json(&format!("/{name}"), json!({}))).await;
+            assert_ne!(status, StatusCode::NOT_FOUND, "{name}");
+            let (status, _, _) = call(
+                app(&h),
+                post_json(&format!("/{}", name.to_lowercase()), json!({})),
+            )
+            .await;
+            assert_eq!(
+                status,
+                StatusCode::NOT_FOUND,
+                "{name} must be case-sensitive"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_readiness_probe_is_answered_even_when_misconfigured() {
+        let broken = router(AppState::new(Err(
+            "SOC_QUEUE_NAME: required app setting is missing".into(),
+        )));
+        let (status, _, body) = call(
+            broken.clone(),
+            HttpRequest::get("/").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["status"], "ready");
+        let (status, _, _) = call(
+            broken.clone(),
+            post_json(
+                "/DrainSocTimer",
+                json!({"Data":{"timer":{"IsPastDue":false}},"Metadata":{}}),
+            ),
+        )
+        .await;
+        assert!(status.is_server_error());
+        let (status, headers, body) = call(
+            broken,
+            post_json("/api/devices/d1/soc", json!({"minSoc": 5})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(headers["content-type"], "application/problem+json");
+        assert!(
+            !body.to_string().contains("SOC_QUEUE_NAME"),
+            "internals are not echoed to callers"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_post_applies_and_answers_json() {
+        let h = Harness::new();
+        h.device.set_online("bat-7", true);
+        let (status, headers, body) = call(
+            app(&h),
+            post_json("/api/devices/bat-7/soc?code=secret", json!({"dod": 60})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(body["minSoc"], 40);
+        let (status, _, body) = call(
+            app(&h),
+            HttpRequest::get("/api/devices/bat-7/soc")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["status"], "applied");
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_offline_post_is_202_with_location() {
+        let h = Harness::new();
+        h.device.set_online("bat-7", false);
+        let req = HttpRequest::post("/api/devices/bat-7/soc")
+            .header("content-type", "application/json")
+            .header("Idempotency-Key", "abc")
+            .body(Body::from(r#"{"minSoc":30}"#))
+            .unwrap();
+        let (status, headers, body) = call(app(&h), req).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(headers["location"], "/api/devices/bat-7/soc");
+        assert_eq!(body["status"], "pending");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_forwarded_body_is_a_400_problem() {
+        let h = Harness::new();
+        let big = format!(r#"{{"minSoc":1,"x":"{}"}}"#, "a".repeat(100_000));
+        let req = HttpRequest::post("/api/devices/d1/soc")
+            .body(Body::from(big))
+            .unwrap();
+        let (status, headers, body) = call(app(&h), req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(headers["content-type"], "application/problem+json");
+        assert_eq!(body["field"], "body");
+        assert_eq!(h.device.calls(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn an_envelope_http_invocation_answers_with_an_http_output_inside_a_2xx() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        let envelope = json!({
+            "Data": { "req": {
+                "Url": "https://x.azurewebsites.net/api/devices/d1/soc?code=k",
+                "Method": "POST",
+                "Query": { "code": "k" },
+                "Headers": { "Content-Type": ["application/json"], "Idempotency-Key": ["key-1"] },
+                "Params": { "deviceId": "d1" },
+                "Body": "{\"minSoc\":45}"
+            }},
+            "Metadata": { "minSoc": "\"45\"", "deviceId": "\"d1\"", "sys": { "MethodName": "SetSocHttp" } }
+        });
+        let (status, headers, body) = call(app(&h), post_json("/SetSocHttp", envelope)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"));
+        let res = &body["Outputs"]["res"];
+        assert_eq!(res["statusCode"], 202);
+        assert_eq!(res["headers"]["Location"], "/api/devices/d1/soc");
+        assert_eq!(res["headers"]["Content-Type"], "application/json");
+        let inner: Value = serde_json::from_str(res["body"].as_str().unwrap()).unwrap();
+        assert_eq!(inner["minSoc"], 45);
+        assert_eq!(
+            h.ledger
+                .get(&h.id("d1"))
+                .await
+                .unwrap()
+                .unwrap()
+                .value
+                .min_soc
+                .percent(),
+            45
+        );
+    }
+
+    #[tokio::test]
+    async fn an_envelope_invalid_body_is_a_400_inside_a_2xx_invocation() {
+        let h = Harness::new();
+        let envelope = json!({
+            "Data": { "req": { "Method": "POST", "Headers": {}, "Params": { "deviceId": "d1" }, "Body": "{\"dod\":500}" } },
+            "Metadata": {}
+        });
+        let (status, _, body) = call(app(&h), post_json("/SetSocHttp", envelope)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["Outputs"]["res"]["statusCode"], 400);
+        assert_eq!(
+            body["Outputs"]["res"]["headers"]["Content-Type"],
+            "application/problem+json"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_queue_delivery_is_completed_with_a_json_body_and_logs() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        let (_, _, accepted) = call(
+            app(&h),
+            post_json("/api/devices/d1/soc", json!({"minSoc": 20})),
+        )
+        .await;
+        h.device.set_online("d1", true);
+        let sent = h.queue.sent()[0].clone();
+        let body = serde_json::to_value(&sent.body).unwrap();
+        let (status, headers, out) = call(
+            app(&h),
+            post_json("/SocQueueTrigger", sb_envelope(&body, &sent.message_id)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{out}");
+        assert!(headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"));
+        assert!(
+            out["Logs"][0].as_str().unwrap().starts_with("applied"),
+            "{out}"
+        );
+        assert_eq!(
+            h.device.puts("d1")[0].1,
+            accepted["requestId"].as_str().unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_queue_delivery_that_must_be_retried_fails_the_invocation() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        call(
+            app(&h),
+            post_json("/api/devices/d1/soc", json!({"minSoc": 20})),
+        )
+        .await;
+        let sent = h.queue.sent()[0].clone();
+        h.ledger.set_down(true);
+        let body = serde_json::to_value(&sent.body).unwrap();
+        let (status, _, _) = call(
+            app(&h),
+            post_json("/SocQueueTrigger", sb_envelope(&body, &sent.message_id)),
+        )
+        .await;
+        assert!(!status.is_success(), "{status}");
+    }
+
+    #[tokio::test]
+    async fn a_timer_invocation_runs_the_sweep_and_reports_it() {
+        let h = Harness::new();
+        let timer = json!({
+            "Data": { "timer": { "Schedule": { "AdjustForDST": true }, "ScheduleStatus": null, "IsPastDue": false } },
+            "Metadata": { "sys": { "MethodName": "DrainSocTimer", "UtcNow": "2026-11-21T12:00:00.1234567Z" } }
+        });
+        let (status, _, body) = call(app(&h), post_json("/DrainSocTimer", timer)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body["Logs"][0]
+                .as_str()
+                .unwrap()
+                .starts_with("sweep: pending=0"),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_becomes_a_500_and_the_server_keeps_serving() {
+        let app = Router::new()
+            .route("/boom", get(|| async { panic!("kaboom") as &str }))
+            .route("/ok", get(|| async { "fine" }))
+            .layer(middleware::from_fn(catch_panic));
+        let (status, _, _) = call(
+            app.clone(),
+            HttpRequest::get("/boom").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        let res = app
+            .oneshot(HttpRequest::get("/ok").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+}
