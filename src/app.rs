@@ -31,12 +31,31 @@ use tracing::{error, info};
 
 use crate::functions::set_soc_http::{self, ApiRequest, ApiResponse};
 use crate::functions::soc_queue_trigger::{self, Delivery, Settle};
-use crate::functions::{drain_soc_timer, Services};
+use crate::config::Config;
+use crate::functions::{drain_soc_timer, Policy, Services};
+use crate::ports::SystemClock;
 use crate::host::{
     HttpCall, HttpResponseOut, HttpTriggerRequest, InvocationFailure, InvocationRequest,
     InvocationResponse, ServiceBusDelivery, TimerInfo, DRAIN_SOC_TIMER_BINDING,
     SET_SOC_HTTP_OUTPUT_BINDING, SET_SOC_HTTP_TRIGGER_BINDING, SOC_QUEUE_TRIGGER_BINDING,
 };
+
+/// Builds the services from app settings. Does no I/O: clients connect on first use.
+pub fn services_from_env() -> Result<Services, String> {
+    let config = Config::from_env().map_err(|e| e.to_string())?;
+    services_from_config(&config)
+}
+
+pub fn services_from_config(config: &Config) -> Result<Services, String> {
+    let adapters = crate::adapters::build(config).map_err(|e| e.to_string())?;
+    Ok(Services {
+        device: adapters.device,
+        queue: adapters.queue,
+        ledger: adapters.ledger,
+        clock: Arc::new(SystemClock),
+        policy: Policy::from_config(config),
+    })
+}
 
 /// The function folders this handler serves; each has a `POST /{name}` route.
 pub const FUNCTIONS: [&str; 3] = ["SetSocHttp", "SocQueueTrigger", "DrainSocTimer"];

@@ -23,3 +23,4 @@ pub mod domain;
 pub mod functions;
 pub mod host;
 pub mod ports;
+pub mod telemetry;
