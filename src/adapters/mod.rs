@@ -8,5 +8,7 @@
 
 pub mod connection_string;
 pub mod device_api;
+pub mod service_bus;
 
 pub use device_api::HttpDeviceApi;
+pub use service_bus::ServiceBusQueue;

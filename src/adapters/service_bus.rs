@@ -96,7 +96,10 @@ impl SettingsQueue for ServiceBusQueue {
         let options = SendMessageOptions {
             content_type: Some("application/json".into()),
             broker_properties: None,
-            custom_properties: Some(HashMap::from([("BrokerProperties".to_string(), properties)])),
+            custom_properties: Some(HashMap::from([(
+                "BrokerProperties".to_string(),
+                properties,
+            )])),
         };
         let result = self.client.send_message(&body, Some(options)).await;
         match result {
@@ -141,7 +144,9 @@ fn queue_error(err: &azure_core::Error) -> QueueError {
         ));
     }
     match err.kind() {
-        ErrorKind::Io => QueueError("Service Bus could not be reached (connection failed or timed out)".into()),
+        ErrorKind::Io => {
+            QueueError("Service Bus could not be reached (connection failed or timed out)".into())
+        }
         kind => QueueError(format!("send to Service Bus failed ({kind})")),
     }
 }
@@ -299,8 +304,7 @@ mod tests {
         assert_eq!(r.path, "/soc-settings/messages");
         assert_eq!(header(r, "content-type"), "application/json");
 
-        let props: serde_json::Value =
-            serde_json::from_str(header(r, "brokerproperties")).unwrap();
+        let props: serde_json::Value = serde_json::from_str(header(r, "brokerproperties")).unwrap();
         assert_eq!(
             props,
             serde_json::json!({
@@ -414,7 +418,10 @@ mod tests {
                     .unwrap(),
             )
             .unwrap();
-        assert_eq!(out.as_str(), "http://127.0.0.1:5300/q/messages/head?timeout=5");
+        assert_eq!(
+            out.as_str(),
+            "http://127.0.0.1:5300/q/messages/head?timeout=5"
+        );
 
         let client = RedirectingHttpClient::new(
             Arc::new(reqwest::Client::new()),
