@@ -151,7 +151,12 @@ impl TableLedger {
         }
     }
 
-    async fn delete_row(&self, partition: &str, row: &str, expected: &ETag) -> Result<(), StoreError> {
+    async fn delete_row(
+        &self,
+        partition: &str,
+        row: &str,
+        expected: &ETag,
+    ) -> Result<(), StoreError> {
         let table = self.table().await?;
         let result = table
             .partition_key_client(partition)
@@ -191,7 +196,8 @@ impl Ledger for TableLedger {
     }
 
     async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError> {
-        self.delete_row(device.as_str(), DESIRED_ROW, expected).await
+        self.delete_row(device.as_str(), DESIRED_ROW, expected)
+            .await
     }
 
     async fn pending(&self) -> Result<Vec<Versioned<DesiredState>>, StoreError> {
@@ -211,7 +217,9 @@ impl Ledger for TableLedger {
                     .and_then(Value::as_str)
                     .map(|s| ETag(s.to_string()))
                     .ok_or_else(|| {
-                        StoreError::Unavailable("query pending: a row came without odata.etag".into())
+                        StoreError::Unavailable(
+                            "query pending: a row came without odata.etag".into(),
+                        )
                     })?;
                 out.push(Versioned {
                     value: desired_from_entity(&entity)?,
@@ -219,7 +227,11 @@ impl Ledger for TableLedger {
                 });
             }
         }
-        tracing::debug!(pending = out.len(), pages = page_count, "ledger: pending query");
+        tracing::debug!(
+            pending = out.len(),
+            pages = page_count,
+            "ledger: pending query"
+        );
         Ok(out)
     }
 
@@ -285,7 +297,9 @@ fn unavailable(op: &str, err: &azure_core::Error) -> StoreError {
                 .unwrap_or_default()
         ),
         None => match err.kind() {
-            ErrorKind::Io => format!("table {op}: storage could not be reached (connection failed or timed out)"),
+            ErrorKind::Io => {
+                format!("table {op}: storage could not be reached (connection failed or timed out)")
+            }
             ErrorKind::Credential => format!("table {op}: storage credentials are invalid"),
             kind => format!("table {op}: failed ({kind})"),
         },
@@ -329,7 +343,11 @@ fn desired_to_entity(s: &DesiredState) -> Map<String, Value> {
     e.insert("Attempts".into(), s.attempts.to_string().into());
     e.insert("Attempts@odata.type".into(), "Edm.Int64".into());
     put_opt(&mut e, "LastError", s.last_error.clone().map(Value::from));
-    put_opt(&mut e, "WakeMessageId", s.wake_message_id.clone().map(Value::from));
+    put_opt(
+        &mut e,
+        "WakeMessageId",
+        s.wake_message_id.clone().map(Value::from),
+    );
     put_opt(&mut e, "WakeDueAt", s.wake_due_at.map(time));
     if let Some(lease) = &s.lease {
         e.insert("LeaseHolder".into(), lease.holder.clone().into());
@@ -419,7 +437,12 @@ fn desired_from_entity(entity: &Map<String, Value>) -> Result<DesiredState, Stor
     let lease = match (row.opt_str("LeaseHolder")?, row.opt_time("LeaseUntil")?) {
         (Some(holder), Some(until)) => Some(Lease { holder, until }),
         (None, None) => None,
-        _ => return Err(row.bad("LeaseHolder/LeaseUntil", "must be both present or both absent")),
+        _ => {
+            return Err(row.bad(
+                "LeaseHolder/LeaseUntil",
+                "must be both present or both absent",
+            ))
+        }
     };
     Ok(DesiredState {
         device_id,
@@ -460,11 +483,18 @@ fn idempotency_from_entity(entity: &Map<String, Value>) -> Result<IdempotencyRec
         .map_err(|_| row.bad("Key", "is not an idempotency key"))?;
     let response = match (row.opt_int("ResponseStatus")?, row.opt_str("ResponseBody")?) {
         (Some(status), Some(body)) => Some(StoredResponse {
-            status: u16::try_from(status).map_err(|_| row.bad("ResponseStatus", "is out of range"))?,
-            body: serde_json::from_str(&body).map_err(|_| row.bad("ResponseBody", "is not JSON"))?,
+            status: u16::try_from(status)
+                .map_err(|_| row.bad("ResponseStatus", "is out of range"))?,
+            body: serde_json::from_str(&body)
+                .map_err(|_| row.bad("ResponseBody", "is not JSON"))?,
         }),
         (None, None) => None,
-        _ => return Err(row.bad("ResponseStatus/ResponseBody", "must be both present or both absent")),
+        _ => {
+            return Err(row.bad(
+                "ResponseStatus/ResponseBody",
+                "must be both present or both absent",
+            ))
+        }
     };
     Ok(IdempotencyRecord {
         device_id,
@@ -522,7 +552,14 @@ mod tests {
         s.wake_due_at = None;
         s.lease = None;
         let e = desired_to_entity(&s);
-        for absent in ["AppliedAt", "LastError", "WakeMessageId", "WakeDueAt", "LeaseHolder", "LeaseUntil"] {
+        for absent in [
+            "AppliedAt",
+            "LastError",
+            "WakeMessageId",
+            "WakeDueAt",
+            "LeaseHolder",
+            "LeaseUntil",
+        ] {
             assert!(!e.contains_key(absent), "{absent}");
         }
         assert_eq!(desired_from_entity(&e).unwrap(), s);
@@ -536,7 +573,10 @@ mod tests {
         assert!(err.contains("Status"), "{err}");
         let mut e = desired_to_entity(&full_state());
         e.insert("MinSoc".into(), 101.into());
-        assert!(desired_from_entity(&e).unwrap_err().to_string().contains("MinSoc"));
+        assert!(desired_from_entity(&e)
+            .unwrap_err()
+            .to_string()
+            .contains("MinSoc"));
     }
 
     #[test]
