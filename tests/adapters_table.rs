@@ -370,3 +370,21 @@ async fn a_wrong_account_key_is_unavailable_not_a_conflict() {
     );
     assert!(!err.to_string().contains("d3Jvbmcta2V5"));
 }
+
+#[test]
+fn the_azurite_helper_stops_the_process_and_removes_its_directory_on_drop() {
+    let azurite = Azurite::start();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], azurite.port()));
+    assert!(std::net::TcpStream::connect(addr).is_ok());
+    assert!(azurite.connection_string().contains(&format!(
+        "TableEndpoint=http://127.0.0.1:{}/devstoreaccount1",
+        azurite.port()
+    )));
+
+    drop(azurite);
+
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "azurite still listening after drop"
+    );
+}
