@@ -125,4 +125,20 @@ mod tests {
             !text.contains(SB_KEY) && !text.contains("!!notbase64!!") && !text.contains(API_KEY)
         );
     }
+
+    #[test]
+    fn debug_output_of_the_built_clients_hides_every_key() {
+        let sb = ServiceBusConnection::parse(&format!(
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey={SB_KEY}"
+        ))
+        .unwrap();
+        let queue = ServiceBusQueue::new(&sb, "q").unwrap();
+        assert!(!format!("{queue:?}").contains(SB_KEY));
+        // The SDK stores the key base64-encoded once more; that must not show either.
+        assert!(!format!("{queue:?}").contains(&azure_core::base64::encode(SB_KEY)));
+
+        let storage = StorageConnection::parse("UseDevelopmentStorage=true").unwrap();
+        let ledger = TableLedger::new(&storage, "socsettings").unwrap();
+        assert!(!format!("{ledger:?}").contains(connection_string::DEV_ACCOUNT_KEY));
+    }
 }
