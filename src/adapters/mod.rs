@@ -1,1 +1,144 @@
 //! Implementations of [`crate::ports`] for Azure and the vendor's device cloud.
+//!
+//! - [`device_api`]: `reqwest` client for the device cloud (`docs/device-api.md`).
+//! - [`service_bus`]: the settings queue, sent with `azure_messaging_servicebus`.
+//! - [`table_ledger`]: the desired-state ledger in Azure Table Storage (`azure_data_tables`).
+//! - [`connection_string`]: Service Bus and Storage connection strings, parsed without
+//!   ever echoing a secret.
+//!
+//! [`build`] makes all three from [`Config`] without any network I/O, so the handler
+//! can answer the host's readiness probe before anything outside is reachable.
+
+pub mod connection_string;
+pub mod device_api;
+pub mod service_bus;
+pub mod table_ledger;
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::ports::{DeviceApi, Ledger, SettingsQueue};
+
+pub use connection_string::{ConnectionStringError, ServiceBusConnection, StorageConnection};
+pub use device_api::HttpDeviceApi;
+pub use service_bus::ServiceBusQueue;
+pub use table_ledger::TableLedger;
+
+/// The production adapters, behind their ports.
+#[derive(Clone)]
+pub struct Adapters {
+    pub device: Arc<dyn DeviceApi>,
+    pub queue: Arc<dyn SettingsQueue>,
+    pub ledger: Arc<dyn Ledger>,
+}
+
+/// Every adapter configuration problem at once, one per line. Never contains a secret.
+#[derive(Debug, thiserror::Error)]
+#[error("adapter configuration is invalid:\n  {}", .0.join("\n  "))]
+pub struct BuildError(pub Vec<String>);
+
+/// Builds the device client, the Service Bus sender and the Table ledger. No I/O:
+/// the ledger table is created on first use.
+pub fn build(config: &Config) -> Result<Adapters, BuildError> {
+    let mut errors = Vec::new();
+
+    let device = HttpDeviceApi::new(
+        &config.device_api_base_url,
+        &config.device_api_key,
+        config.device_api_timeout,
+    )
+    .map_err(|e| errors.push(e.to_string()))
+    .ok();
+
+    let queue = ServiceBusConnection::parse(&config.service_bus_connection)
+        .map_err(|e| errors.push(e.to_string()))
+        .ok()
+        .and_then(|conn| {
+            ServiceBusQueue::new(&conn, &config.queue_name)
+                .map_err(|e| errors.push(format!("ServiceBusConnection: {e}")))
+                .ok()
+        });
+
+    let ledger = StorageConnection::parse(&config.storage_connection)
+        .map_err(|e| errors.push(e.to_string()))
+        .ok()
+        .and_then(|conn| {
+            TableLedger::new(&conn, &config.table_name)
+                .map_err(|e| errors.push(format!("SOC_STATE_TABLE: {e}")))
+                .ok()
+        });
+
+    match (device, queue, ledger) {
+        (Some(device), Some(queue), Some(ledger)) if errors.is_empty() => Ok(Adapters {
+            device: Arc::new(device),
+            queue: Arc::new(queue),
+            ledger: Arc::new(ledger),
+        }),
+        _ => Err(BuildError(errors)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const SB_KEY: &str = "c2ItdGVzdC1rZXktMTIz";
+    const API_KEY: &str = "api-key-7781";
+
+    fn config(storage: &str, service_bus: &str) -> Config {
+        let vars: HashMap<String, String> = [
+            ("AzureWebJobsStorage", storage),
+            ("ServiceBusConnection", service_bus),
+            ("SOC_QUEUE_NAME", "soc-settings"),
+            ("DEVICE_API_BASE_URL", "http://127.0.0.1:1/api"),
+            ("DEVICE_API_KEY", API_KEY),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Config::from_vars(&vars).unwrap()
+    }
+
+    #[test]
+    fn emulator_connection_strings_build_all_three_adapters_without_network() {
+        let sb = format!(
+            "Endpoint=sb://127.0.0.1:1;SharedAccessKeyName=k;SharedAccessKey={SB_KEY};UseDevelopmentEmulator=true"
+        );
+        // Port 1 on loopback: nothing listens, and nothing must be contacted.
+        build(&config("UseDevelopmentStorage=true", &sb)).unwrap();
+    }
+
+    #[test]
+    fn malformed_connection_strings_are_all_reported_without_secrets() {
+        let err = build(&config(
+            "AccountName=x;AccountKey=!!notbase64!!",
+            &format!("Endpoint=sb://elsewhere.example.com/;SharedAccessKeyName=k;SharedAccessKey={SB_KEY}"),
+        ))
+        .err()
+        .expect("must fail");
+        assert_eq!(err.0.len(), 2, "{err}");
+        let text = err.to_string();
+        assert!(text.contains("ServiceBusConnection"), "{text}");
+        assert!(text.contains("AccountKey"), "{text}");
+        assert!(
+            !text.contains(SB_KEY) && !text.contains("!!notbase64!!") && !text.contains(API_KEY)
+        );
+    }
+
+    #[test]
+    fn debug_output_of_the_built_clients_hides_every_key() {
+        let sb = ServiceBusConnection::parse(&format!(
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey={SB_KEY}"
+        ))
+        .unwrap();
+        let queue = ServiceBusQueue::new(&sb, "q").unwrap();
+        assert!(!format!("{queue:?}").contains(SB_KEY));
+        // The SDK stores the key base64-encoded once more; that must not show either.
+        assert!(!format!("{queue:?}").contains(&azure_core::base64::encode(SB_KEY)));
+
+        let storage = StorageConnection::parse("UseDevelopmentStorage=true").unwrap();
+        let ledger = TableLedger::new(&storage, "socsettings").unwrap();
+        assert!(!format!("{ledger:?}").contains(connection_string::DEV_ACCOUNT_KEY));
+    }
+}

@@ -1,0 +1,624 @@
+//! The vendor's device cloud over HTTP (contract: `docs/device-api.md`).
+//!
+//! Every call has a timeout. Status codes map to [`DeviceError`] so callers can
+//! tell permanent outcomes (unknown device, value rejected) from transient ones
+//! (throttling, 5xx, timeouts, connection errors). The API key is sent as a
+//! header and never appears in a log line or an error message.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use reqwest::{header::HeaderMap, StatusCode};
+use serde::Deserialize;
+use std::time::Duration;
+
+use crate::domain::{DeviceId, MinSoc, RequestId};
+use crate::ports::{DeviceApi, DeviceError, DeviceStatus};
+
+use super::connection_string::SecretString;
+
+/// Longest vendor reason kept in a [`DeviceError::Rejected`] (it ends up in the ledger).
+pub const MAX_REASON_CHARS: usize = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceApiConfigError {
+    #[error("DEVICE_API_BASE_URL: must be an absolute http(s) URL")]
+    BaseUrl,
+    #[error("DEVICE_API_KEY: must be a non-empty visible ASCII string")]
+    Key,
+    #[error("device API client could not be built: {0}")]
+    Client(String),
+}
+
+/// `reqwest` client for the device cloud.
+#[derive(Debug, Clone)]
+pub struct HttpDeviceApi {
+    http: reqwest::Client,
+    /// Base URL without a trailing slash; may carry a path prefix (`https://host/v1`).
+    base: String,
+    key: SecretString,
+    timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusBody {
+    online: bool,
+    #[serde(default)]
+    min_soc: Option<u8>,
+}
+
+impl HttpDeviceApi {
+    /// Builds the client. Does no I/O.
+    pub fn new(
+        base_url: &str,
+        api_key: &str,
+        timeout: Duration,
+    ) -> Result<Self, DeviceApiConfigError> {
+        let parsed = url::Url::parse(base_url).map_err(|_| DeviceApiConfigError::BaseUrl)?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(DeviceApiConfigError::BaseUrl);
+        }
+        if api_key.is_empty() || !api_key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            return Err(DeviceApiConfigError::Key);
+        }
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .user_agent(concat!("soc-settings/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| DeviceApiConfigError::Client(e.to_string()))?;
+        Ok(Self {
+            http,
+            base: base_url.trim_end_matches('/').to_string(),
+            key: SecretString::new(api_key),
+            timeout,
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut key = reqwest::header::HeaderValue::from_str(self.key.expose())
+            .expect("key validated as visible ASCII in new()");
+        key.set_sensitive(true);
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .header("x-api-key", key)
+    }
+
+    /// A transient error for a failed send. Built from the error's *kind* only:
+    /// the reqwest error text carries the URL, which is not ours to log verbatim.
+    fn send_error(&self, what: &str, err: &reqwest::Error) -> DeviceError {
+        let reason = if err.is_timeout() {
+            format!("{what}: timed out after {} ms", self.timeout.as_millis())
+        } else if err.is_connect() {
+            format!("{what}: could not connect")
+        } else if err.is_body() || err.is_decode() {
+            format!("{what}: response body could not be read")
+        } else {
+            format!("{what}: request failed")
+        };
+        DeviceError::Transient {
+            reason,
+            retry_after: None,
+        }
+    }
+
+    /// Vendor text, trimmed, truncated and scrubbed of our key should the vendor echo it.
+    fn reason_text(&self, raw: &str, status: StatusCode) -> String {
+        let scrubbed = raw.replace(self.key.expose(), "<redacted>");
+        let text = scrubbed.trim();
+        let text: String = text.chars().take(MAX_REASON_CHARS).collect();
+        if text.is_empty() {
+            format!("HTTP {}", status.as_u16())
+        } else if text.len() < scrubbed.trim().len() {
+            format!("HTTP {}: {text}…", status.as_u16())
+        } else {
+            format!("HTTP {}: {text}", status.as_u16())
+        }
+    }
+
+    fn unexpected(&self, what: &str, status: StatusCode, headers: &HeaderMap) -> DeviceError {
+        let reason = match status.as_u16() {
+            401 | 403 => format!(
+                "{what}: device API refused our credentials (HTTP {})",
+                status.as_u16()
+            ),
+            429 => format!("{what}: throttled (HTTP 429)"),
+            s if status.is_server_error() => format!("{what}: device API error (HTTP {s})"),
+            s => format!("{what}: unexpected HTTP {s}"),
+        };
+        DeviceError::Transient {
+            reason,
+            retry_after: retry_after(headers, Utc::now()),
+        }
+    }
+}
+
+#[async_trait]
+impl DeviceApi for HttpDeviceApi {
+    async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        let what = "GET device status";
+        let path = format!("/devices/{}", device.as_str());
+        let response = self
+            .request(reqwest::Method::GET, &path)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .map_err(|e| self.send_error(what, &e))?;
+        let status = response.status();
+        tracing::debug!(device = %device, status = status.as_u16(), "device API: {what}");
+        match status {
+            StatusCode::OK => {
+                let bytes = response
+                    .bytes()
+                    .await
+                    .map_err(|e| self.send_error(what, &e))?;
+                let body: StatusBody =
+                    serde_json::from_slice(&bytes).map_err(|_| DeviceError::Transient {
+                        reason: format!("{what}: malformed 200 response body"),
+                        retry_after: None,
+                    })?;
+                if body.min_soc.is_some_and(|v| v > 100) {
+                    return Err(DeviceError::Transient {
+                        reason: format!("{what}: minSoc out of range in response"),
+                        retry_after: None,
+                    });
+                }
+                Ok(DeviceStatus {
+                    online: body.online,
+                    min_soc: body.min_soc,
+                })
+            }
+            StatusCode::NOT_FOUND => Err(DeviceError::UnknownDevice),
+            _ => Err(self.unexpected(what, status, response.headers())),
+        }
+    }
+
+    async fn apply_min_soc(
+        &self,
+        device: &DeviceId,
+        min_soc: MinSoc,
+        request_id: &RequestId,
+    ) -> Result<(), DeviceError> {
+        let what = "PUT min-soc";
+        let path = format!("/devices/{}/settings/min-soc", device.as_str());
+        let response = self
+            .request(reqwest::Method::PUT, &path)
+            .header("Idempotency-Key", request_id.as_str())
+            .json(&serde_json::json!({ "minSoc": min_soc.percent() }))
+            .send()
+            .await
+            .map_err(|e| self.send_error(what, &e))?;
+        let status = response.status();
+        tracing::info!(
+            device = %device,
+            request_id = %request_id,
+            min_soc = min_soc.percent(),
+            status = status.as_u16(),
+            "device API: {what}"
+        );
+        match status.as_u16() {
+            200 | 204 => Ok(()),
+            409 => Err(DeviceError::Offline),
+            404 => Err(DeviceError::UnknownDevice),
+            400 | 422 => {
+                // A body that cannot be read still means "rejected": the status decides.
+                let text = response.text().await.unwrap_or_default();
+                Err(DeviceError::Rejected(self.reason_text(&text, status)))
+            }
+            _ => Err(self.unexpected(what, status, response.headers())),
+        }
+    }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP-date (relative to `now`; past dates mean zero).
+pub fn retry_after(headers: &HeaderMap, now: DateTime<Utc>) -> Option<Duration> {
+    let raw = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = raw.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = DateTime::parse_from_rfc2822(raw).ok()?.with_timezone(&Utc);
+    Some((at - now).to_std().unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::{
+        extract::{Path, State},
+        http::{HeaderMap as AxumHeaders, StatusCode as AxumStatus},
+        response::{IntoResponse, Response},
+        routing::{get, put},
+        Router,
+    };
+    use std::sync::{Arc, Mutex};
+
+    const KEY: &str = "test-key-5f2b9c7e";
+
+    /// What the stand-in saw on its last request.
+    #[derive(Default, Debug)]
+    struct Seen {
+        api_key: Option<String>,
+        idempotency_key: Option<String>,
+        content_type: Option<String>,
+        body: Option<serde_json::Value>,
+        path: Option<String>,
+    }
+
+    #[derive(Clone, Default)]
+    struct Stand {
+        seen: Arc<Mutex<Seen>>,
+    }
+
+    fn header(h: &AxumHeaders, name: &str) -> Option<String> {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
+    /// The device id chooses the answer, so one server covers every status.
+    async fn get_device(
+        State(s): State<Stand>,
+        Path(id): Path<String>,
+        h: AxumHeaders,
+    ) -> Response {
+        {
+            let mut seen = s.seen.lock().unwrap();
+            seen.api_key = header(&h, "x-api-key");
+            seen.path = Some(format!("/devices/{id}"));
+        }
+        if header(&h, "x-api-key").as_deref() != Some(KEY) {
+            return AxumStatus::UNAUTHORIZED.into_response();
+        }
+        match id.as_str() {
+            "online-1" => (
+                AxumStatus::OK,
+                [("content-type", "application/json")],
+                r#"{"deviceId":"online-1","online":true,"minSoc":35}"#,
+            )
+                .into_response(),
+            "offline-1" => (
+                AxumStatus::OK,
+                [("content-type", "application/json")],
+                r#"{"deviceId":"offline-1","online":false,"minSoc":null}"#,
+            )
+                .into_response(),
+            "garbled" => (AxumStatus::OK, "not json").into_response(),
+            "busy" => (AxumStatus::SERVICE_UNAVAILABLE, [("retry-after", "7")], "").into_response(),
+            "slow" => {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                AxumStatus::OK.into_response()
+            }
+            _ => AxumStatus::NOT_FOUND.into_response(),
+        }
+    }
+
+    async fn put_min_soc(
+        State(s): State<Stand>,
+        Path(id): Path<String>,
+        h: AxumHeaders,
+        body: String,
+    ) -> Response {
+        {
+            let mut seen = s.seen.lock().unwrap();
+            seen.api_key = header(&h, "x-api-key");
+            seen.idempotency_key = header(&h, "idempotency-key");
+            seen.content_type = header(&h, "content-type");
+            seen.body = serde_json::from_str(&body).ok();
+            seen.path = Some(format!("/devices/{id}/settings/min-soc"));
+        }
+        if header(&h, "x-api-key").as_deref() != Some(KEY) {
+            return AxumStatus::UNAUTHORIZED.into_response();
+        }
+        match id.as_str() {
+            "ok-200" => AxumStatus::OK.into_response(),
+            "ok-204" => AxumStatus::NO_CONTENT.into_response(),
+            "offline" => AxumStatus::CONFLICT.into_response(),
+            "unknown" => AxumStatus::NOT_FOUND.into_response(),
+            "bad-400" => {
+                (AxumStatus::BAD_REQUEST, "minSoc below vendor floor of 10").into_response()
+            }
+            "bad-422" => (
+                AxumStatus::UNPROCESSABLE_ENTITY,
+                format!("{} echoed key {KEY}", "x".repeat(500)),
+            )
+                .into_response(),
+            "throttled" => {
+                (AxumStatus::TOO_MANY_REQUESTS, [("retry-after", "30")], "").into_response()
+            }
+            "throttled-date" => (
+                AxumStatus::TOO_MANY_REQUESTS,
+                [("retry-after", "Wed, 21 Oct 2099 07:28:00 GMT")],
+                "",
+            )
+                .into_response(),
+            "broken" => AxumStatus::BAD_GATEWAY.into_response(),
+            "slow" => {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                AxumStatus::OK.into_response()
+            }
+            _ => AxumStatus::IM_A_TEAPOT.into_response(),
+        }
+    }
+
+    async fn stand_in() -> (String, Stand) {
+        let stand = Stand::default();
+        let app = Router::new()
+            .route("/v1/devices/{id}", get(get_device))
+            .route("/v1/devices/{id}/settings/min-soc", put(put_min_soc))
+            .with_state(stand.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/v1/"), stand)
+    }
+
+    fn api(base: &str) -> HttpDeviceApi {
+        HttpDeviceApi::new(base, KEY, Duration::from_millis(500)).unwrap()
+    }
+
+    fn dev(id: &str) -> DeviceId {
+        DeviceId::parse(id).unwrap()
+    }
+
+    fn soc(v: u8) -> MinSoc {
+        MinSoc::new(v).unwrap()
+    }
+
+    fn rid() -> RequestId {
+        RequestId::from_stored("0f1e2d3c4b5a69788796a5b4c3d2e1f0")
+    }
+
+    #[tokio::test]
+    async fn status_of_an_online_device_reads_online_and_min_soc_with_the_api_key() {
+        let (base, stand) = stand_in().await;
+        let status = api(&base).status(&dev("online-1")).await.unwrap();
+        assert_eq!(
+            status,
+            DeviceStatus {
+                online: true,
+                min_soc: Some(35)
+            }
+        );
+        let seen = stand.seen.lock().unwrap();
+        assert_eq!(seen.api_key.as_deref(), Some(KEY));
+        assert_eq!(seen.path.as_deref(), Some("/devices/online-1"));
+    }
+
+    #[tokio::test]
+    async fn status_of_an_offline_device_allows_a_null_min_soc() {
+        let (base, _) = stand_in().await;
+        let status = api(&base).status(&dev("offline-1")).await.unwrap();
+        assert_eq!(
+            status,
+            DeviceStatus {
+                online: false,
+                min_soc: None
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn status_404_maps_to_unknown_device() {
+        let (base, _) = stand_in().await;
+        let err = api(&base).status(&dev("nobody")).await.unwrap_err();
+        assert_eq!(err, DeviceError::UnknownDevice);
+        assert!(err.is_permanent());
+    }
+
+    #[tokio::test]
+    async fn status_503_is_transient_and_carries_retry_after() {
+        let (base, _) = stand_in().await;
+        let err = api(&base).status(&dev("busy")).await.unwrap_err();
+        match err {
+            DeviceError::Transient { retry_after, .. } => {
+                assert_eq!(retry_after, Some(Duration::from_secs(7)))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_status_body_is_transient_not_a_crash() {
+        let (base, _) = stand_in().await;
+        let err = api(&base).status(&dev("garbled")).await.unwrap_err();
+        assert!(matches!(err, DeviceError::Transient { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn apply_sends_min_soc_json_with_the_request_id_as_idempotency_key() {
+        let (base, stand) = stand_in().await;
+        api(&base)
+            .apply_min_soc(&dev("ok-200"), soc(42), &rid())
+            .await
+            .unwrap();
+        let seen = stand.seen.lock().unwrap();
+        assert_eq!(seen.api_key.as_deref(), Some(KEY));
+        assert_eq!(seen.idempotency_key.as_deref(), Some(rid().as_str()));
+        assert_eq!(seen.content_type.as_deref(), Some("application/json"));
+        assert_eq!(seen.body, Some(serde_json::json!({"minSoc": 42})));
+        assert_eq!(
+            seen.path.as_deref(),
+            Some("/devices/ok-200/settings/min-soc")
+        );
+    }
+
+    #[tokio::test]
+    async fn apply_204_counts_as_applied() {
+        let (base, _) = stand_in().await;
+        assert_eq!(
+            api(&base)
+                .apply_min_soc(&dev("ok-204"), soc(0), &rid())
+                .await,
+            Ok(())
+        );
+    }
+
+    #[tokio::test]
+    async fn offline_device_maps_409_to_offline() {
+        let (base, _) = stand_in().await;
+        let err = api(&base)
+            .apply_min_soc(&dev("offline"), soc(50), &rid())
+            .await
+            .unwrap_err();
+        assert_eq!(err, DeviceError::Offline);
+        assert!(!err.is_permanent());
+    }
+
+    #[tokio::test]
+    async fn apply_404_maps_to_unknown_device() {
+        let (base, _) = stand_in().await;
+        let err = api(&base)
+            .apply_min_soc(&dev("unknown"), soc(50), &rid())
+            .await
+            .unwrap_err();
+        assert_eq!(err, DeviceError::UnknownDevice);
+    }
+
+    #[tokio::test]
+    async fn apply_400_is_a_permanent_rejection_with_the_vendor_reason() {
+        let (base, _) = stand_in().await;
+        let err = api(&base)
+            .apply_min_soc(&dev("bad-400"), soc(5), &rid())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            DeviceError::Rejected("HTTP 400: minSoc below vendor floor of 10".into())
+        );
+        assert!(err.is_permanent());
+    }
+
+    #[tokio::test]
+    async fn apply_422_reason_is_truncated_and_never_echoes_the_key() {
+        let (base, _) = stand_in().await;
+        let err = api(&base)
+            .apply_min_soc(&dev("bad-422"), soc(5), &rid())
+            .await
+            .unwrap_err();
+        let DeviceError::Rejected(reason) = &err else {
+            panic!("{err:?}")
+        };
+        assert!(reason.starts_with("HTTP 422: xxx"), "{reason}");
+        assert!(reason.chars().count() <= MAX_REASON_CHARS + 12, "{reason}");
+        assert!(reason.ends_with('…'));
+        assert!(!err.to_string().contains(KEY));
+    }
+
+    #[tokio::test]
+    async fn throttling_is_transient_with_retry_after_in_seconds_or_http_date() {
+        let (base, _) = stand_in().await;
+        let err = api(&base)
+            .apply_min_soc(&dev("throttled"), soc(5), &rid())
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            DeviceError::Transient { retry_after: Some(d), .. } if d == Duration::from_secs(30)
+        ));
+        let err = api(&base)
+            .apply_min_soc(&dev("throttled-date"), soc(5), &rid())
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            DeviceError::Transient { retry_after: Some(d), .. } if d > Duration::from_secs(3600)
+        ));
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_transient() {
+        let (base, _) = stand_in().await;
+        let err = api(&base)
+            .apply_min_soc(&dev("broken"), soc(5), &rid())
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            DeviceError::Transient {
+                retry_after: None,
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("502"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_slow_device_api_times_out_as_transient() {
+        let (base, _) = stand_in().await;
+        let started = std::time::Instant::now();
+        let err = api(&base)
+            .apply_min_soc(&dev("slow"), soc(5), &rid())
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(
+            matches!(&err, DeviceError::Transient { reason, .. } if reason.contains("timed out")),
+            "{err:?}"
+        );
+        let err = api(&base).status(&dev("slow")).await.unwrap_err();
+        assert!(
+            matches!(&err, DeviceError::Transient { reason, .. } if reason.contains("timed out"))
+        );
+    }
+
+    #[tokio::test]
+    async fn connection_refused_is_transient_and_does_not_leak_the_key() {
+        // Bind then drop: the port is (almost certainly) closed afterwards.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = api(&format!("http://127.0.0.1:{port}"))
+            .status(&dev("x"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DeviceError::Transient { .. }), "{err:?}");
+        assert!(!format!("{err:?}").contains(KEY));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_key_is_transient_because_it_is_our_configuration_not_the_request() {
+        let (base, _) = stand_in().await;
+        let api = HttpDeviceApi::new(&base, "wrong", Duration::from_secs(1)).unwrap();
+        let err = api.status(&dev("online-1")).await.unwrap_err();
+        assert!(
+            matches!(&err, DeviceError::Transient { reason, .. } if reason.contains("401")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn debug_of_the_client_hides_the_key() {
+        let api = HttpDeviceApi::new("http://127.0.0.1:9", KEY, Duration::from_secs(1)).unwrap();
+        assert!(!format!("{api:?}").contains(KEY));
+    }
+
+    #[test]
+    fn bad_base_urls_and_keys_are_refused_without_echoing_them() {
+        for base in ["", "not a url", "ftp://x/", "/relative"] {
+            assert!(
+                HttpDeviceApi::new(base, KEY, Duration::from_secs(1)).is_err(),
+                "{base}"
+            );
+        }
+        let err = HttpDeviceApi::new("http://x", "has space", Duration::from_secs(1)).unwrap_err();
+        assert!(!err.to_string().contains("has space"));
+    }
+
+    #[test]
+    fn retry_after_past_http_dates_mean_retry_now() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "retry-after",
+            "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&h, Utc::now()), Some(Duration::ZERO));
+        h.insert("retry-after", "soon".parse().unwrap());
+        assert_eq!(retry_after(&h, Utc::now()), None);
+    }
+}

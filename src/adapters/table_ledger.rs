@@ -1,0 +1,589 @@
+//! The desired-state ledger in Azure Table Storage, through `azure_data_tables`.
+//!
+//! Entity design (one partition per device):
+//!
+//! | PartitionKey | RowKey            | holds                                   |
+//! |--------------|-------------------|-----------------------------------------|
+//! | `{deviceId}` | `desired`         | [`DesiredState`]                        |
+//! | `{deviceId}` | `idem-{hex(key)}` | [`IdempotencyRecord`] for that key      |
+//!
+//! Idempotency keys are hex-encoded because keys may contain `/`, `\`, `#`, `?`,
+//! which RowKey forbids. Timestamps are stored as RFC 3339 strings (nanosecond-exact,
+//! unlike `Edm.DateTime`), `Attempts` as `Edm.Int64`, absent optionals as absent
+//! properties. Every write is conditional: insert (`POST`, 409 when present) or
+//! replace with `If-Match: {etag}` (412 when someone wrote first).
+//!
+//! The table is created lazily on first use (construction does no I/O), once per process.
+
+use async_trait::async_trait;
+use azure_core::{auth::Secret, error::ErrorKind, Etag, RetryOptions, TransportOptions};
+use azure_data_tables::prelude::*;
+use azure_storage::{CloudLocation, StorageCredentials};
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt;
+use serde_json::{Map, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+use super::connection_string::StorageConnection;
+use crate::domain::ledger::Lease;
+use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus};
+use crate::ports::{ETag, IdempotencyRecord, Ledger, StoreError, StoredResponse, Versioned};
+
+/// Timeout of one storage request.
+pub const STORAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// RowKey of the desired-state record.
+pub const DESIRED_ROW: &str = "desired";
+/// The query `pending()` runs.
+pub const PENDING_FILTER: &str = "RowKey eq 'desired' and Status eq 'pending'";
+
+/// The Table Storage ledger.
+#[derive(Debug)]
+pub struct TableLedger {
+    table: TableClient,
+    created: OnceCell<()>,
+}
+
+impl TableLedger {
+    /// Builds the client. Does no I/O: the table is created on first use.
+    pub fn new(connection: &StorageConnection, table_name: &str) -> Result<Self, StoreError> {
+        let transport = reqwest::Client::builder()
+            .timeout(STORAGE_TIMEOUT)
+            .connect_timeout(STORAGE_TIMEOUT)
+            .build()
+            .map_err(|_| StoreError::Unavailable("HTTP client could not be built".into()))?;
+        let location = CloudLocation::Custom {
+            account: connection.account.clone(),
+            uri: connection
+                .table_endpoint
+                .as_str()
+                .trim_end_matches('/')
+                .to_string(),
+        };
+        let credentials = StorageCredentials::access_key(
+            connection.account.clone(),
+            Secret::new(connection.key.expose().to_string()),
+        );
+        let service = azure_data_tables::clients::TableServiceClientBuilder::with_location(
+            location,
+            credentials,
+        )
+        // Retries belong to the functions (Service Bus redelivery, the timer sweep);
+        // here a failure should surface quickly.
+        .retry(RetryOptions::none())
+        .transport(TransportOptions::new(Arc::new(transport)))
+        .build();
+        Ok(Self {
+            table: service.table_client(table_name),
+            created: OnceCell::new(),
+        })
+    }
+
+    /// Creates the table the first time any operation needs it. A failure is not
+    /// remembered, so the next call tries again.
+    async fn table(&self) -> Result<&TableClient, StoreError> {
+        self.created
+            .get_or_try_init(|| async {
+                match self.table.create().await {
+                    Ok(_) => {
+                        tracing::info!(table = %self.table.table_name(), "ledger table created");
+                        Ok(())
+                    }
+                    Err(e) if status_of(&e) == Some(409) => Ok(()),
+                    Err(e) => Err(unavailable("create table", &e)),
+                }
+            })
+            .await?;
+        Ok(&self.table)
+    }
+
+    async fn get_row(
+        &self,
+        partition: &str,
+        row: &str,
+    ) -> Result<Option<(Map<String, Value>, ETag)>, StoreError> {
+        let table = self.table().await?;
+        let result = table
+            .partition_key_client(partition)
+            .entity_client(row)
+            .get::<Map<String, Value>>()
+            .await;
+        match result {
+            Ok(response) => Ok(Some((response.entity, etag_of(&response.etag)))),
+            Err(e) if status_of(&e) == Some(404) => Ok(None),
+            Err(e) => Err(unavailable("get", &e)),
+        }
+    }
+
+    async fn put_row(
+        &self,
+        partition: &str,
+        row: &str,
+        entity: Map<String, Value>,
+        expected: Option<&ETag>,
+    ) -> Result<ETag, StoreError> {
+        let table = self.table().await?;
+        match expected {
+            None => {
+                let insert = table
+                    .insert::<_, Value>(entity)
+                    .map_err(|e| unavailable("serialise", &e))?;
+                match insert.await {
+                    Ok(response) => Ok(etag_of(&response.etag)),
+                    Err(e) if status_of(&e) == Some(409) => Err(StoreError::Conflict),
+                    Err(e) => Err(unavailable("insert", &e)),
+                }
+            }
+            Some(etag) => {
+                let update = table
+                    .partition_key_client(partition)
+                    .entity_client(row)
+                    .update(entity, IfMatchCondition::Etag(Etag::from(etag.0.clone())))
+                    .map_err(|e| unavailable("serialise", &e))?;
+                match update.await {
+                    Ok(response) => Ok(etag_of(&response.etag)),
+                    // 412: someone wrote first. 404: someone deleted it; the ETag cannot match either.
+                    Err(e) if matches!(status_of(&e), Some(412 | 404)) => Err(StoreError::Conflict),
+                    Err(e) => Err(unavailable("replace", &e)),
+                }
+            }
+        }
+    }
+
+    async fn delete_row(
+        &self,
+        partition: &str,
+        row: &str,
+        expected: &ETag,
+    ) -> Result<(), StoreError> {
+        let table = self.table().await?;
+        let result = table
+            .partition_key_client(partition)
+            .entity_client(row)
+            .delete()
+            .if_match(IfMatchCondition::Etag(Etag::from(expected.0.clone())))
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            Err(e) if status_of(&e) == Some(412) => Err(StoreError::Conflict),
+            Err(e) => Err(unavailable("delete", &e)),
+        }
+    }
+}
+
+#[async_trait]
+impl Ledger for TableLedger {
+    async fn get(&self, device: &DeviceId) -> Result<Option<Versioned<DesiredState>>, StoreError> {
+        match self.get_row(device.as_str(), DESIRED_ROW).await? {
+            None => Ok(None),
+            Some((entity, etag)) => Ok(Some(Versioned {
+                value: desired_from_entity(&entity)?,
+                etag,
+            })),
+        }
+    }
+
+    async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
+        self.put_row(
+            state.device_id.as_str(),
+            DESIRED_ROW,
+            desired_to_entity(state),
+            expected,
+        )
+        .await
+    }
+
+    async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError> {
+        self.delete_row(device.as_str(), DESIRED_ROW, expected)
+            .await
+    }
+
+    async fn pending(&self) -> Result<Vec<Versioned<DesiredState>>, StoreError> {
+        let table = self.table().await?;
+        let mut pages = table
+            .query()
+            .filter(Filter::new(PENDING_FILTER))
+            .into_stream::<Map<String, Value>>();
+        let mut out = Vec::new();
+        let mut page_count = 0usize;
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| unavailable("query pending", &e))?;
+            page_count += 1;
+            for entity in page.entities {
+                let etag = entity
+                    .get("odata.etag")
+                    .and_then(Value::as_str)
+                    .map(|s| ETag(s.to_string()))
+                    .ok_or_else(|| {
+                        StoreError::Unavailable(
+                            "query pending: a row came without odata.etag".into(),
+                        )
+                    })?;
+                out.push(Versioned {
+                    value: desired_from_entity(&entity)?,
+                    etag,
+                });
+            }
+        }
+        tracing::debug!(
+            pending = out.len(),
+            pages = page_count,
+            "ledger: pending query"
+        );
+        Ok(out)
+    }
+
+    async fn get_idempotency(
+        &self,
+        device: &DeviceId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Versioned<IdempotencyRecord>>, StoreError> {
+        match self.get_row(device.as_str(), &idempotency_row(key)).await? {
+            None => Ok(None),
+            Some((entity, etag)) => Ok(Some(Versioned {
+                value: idempotency_from_entity(&entity)?,
+                etag,
+            })),
+        }
+    }
+
+    async fn put_idempotency(
+        &self,
+        record: &IdempotencyRecord,
+        expected: Option<&ETag>,
+    ) -> Result<ETag, StoreError> {
+        self.put_row(
+            record.device_id.as_str(),
+            &idempotency_row(&record.key),
+            idempotency_to_entity(record),
+            expected,
+        )
+        .await
+    }
+
+    async fn delete_idempotency(
+        &self,
+        device: &DeviceId,
+        key: &IdempotencyKey,
+        expected: &ETag,
+    ) -> Result<(), StoreError> {
+        self.delete_row(device.as_str(), &idempotency_row(key), expected)
+            .await
+    }
+}
+
+// ---------------------------------------------------------------- errors
+
+fn status_of(err: &azure_core::Error) -> Option<u16> {
+    err.as_http_error().map(|h| u16::from(h.status()))
+}
+
+fn etag_of(etag: &Etag) -> ETag {
+    ETag(etag.to_string())
+}
+
+/// Everything that is not a conflict is "unavailable": network, 5xx, auth, throttling.
+/// Built from status, service error code and error kind only, never the SDK's text
+/// (which may carry URLs or response bodies).
+fn unavailable(op: &str, err: &azure_core::Error) -> StoreError {
+    let reason = match err.as_http_error() {
+        Some(http) => format!(
+            "table {op}: HTTP {}{}",
+            u16::from(http.status()),
+            http.error_code()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default()
+        ),
+        None => match err.kind() {
+            ErrorKind::Io => {
+                format!("table {op}: storage could not be reached (connection failed or timed out)")
+            }
+            ErrorKind::Credential => format!("table {op}: storage credentials are invalid"),
+            kind => format!("table {op}: failed ({kind})"),
+        },
+    };
+    tracing::warn!(error = %reason, "ledger: storage error");
+    StoreError::Unavailable(reason)
+}
+
+// ---------------------------------------------------------------- entity mapping
+
+/// RowKey of an idempotency record: `idem-` and the key's bytes in lower-case hex.
+pub fn idempotency_row(key: &IdempotencyKey) -> String {
+    let mut row = String::with_capacity(5 + key.as_str().len() * 2);
+    row.push_str("idem-");
+    for b in key.as_str().bytes() {
+        row.push_str(&format!("{b:02x}"));
+    }
+    row
+}
+
+fn time(at: DateTime<Utc>) -> Value {
+    Value::String(at.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+}
+
+fn put_opt(entity: &mut Map<String, Value>, name: &str, value: Option<Value>) {
+    if let Some(v) = value {
+        entity.insert(name.to_string(), v);
+    }
+}
+
+fn desired_to_entity(s: &DesiredState) -> Map<String, Value> {
+    let mut e = Map::new();
+    e.insert("PartitionKey".into(), s.device_id.as_str().into());
+    e.insert("RowKey".into(), DESIRED_ROW.into());
+    e.insert("RequestId".into(), s.request_id.as_str().into());
+    e.insert("MinSoc".into(), s.min_soc.percent().into());
+    e.insert("Status".into(), s.status.as_str().into());
+    e.insert("RequestedAt".into(), time(s.requested_at));
+    e.insert("ExpiresAt".into(), time(s.expires_at));
+    put_opt(&mut e, "AppliedAt", s.applied_at.map(time));
+    e.insert("Attempts".into(), s.attempts.to_string().into());
+    e.insert("Attempts@odata.type".into(), "Edm.Int64".into());
+    put_opt(&mut e, "LastError", s.last_error.clone().map(Value::from));
+    put_opt(
+        &mut e,
+        "WakeMessageId",
+        s.wake_message_id.clone().map(Value::from),
+    );
+    put_opt(&mut e, "WakeDueAt", s.wake_due_at.map(time));
+    if let Some(lease) = &s.lease {
+        e.insert("LeaseHolder".into(), lease.holder.clone().into());
+        e.insert("LeaseUntil".into(), time(lease.until));
+    }
+    e.insert("UpdatedAt".into(), time(s.updated_at));
+    e
+}
+
+/// Reads a row back; a row that does not parse is reported (not silently skipped).
+struct Row<'a> {
+    entity: &'a Map<String, Value>,
+}
+
+impl Row<'_> {
+    fn bad(&self, field: &str, what: &str) -> StoreError {
+        let pk = self
+            .entity
+            .get("PartitionKey")
+            .and_then(Value::as_str)
+            .unwrap_or("?");
+        StoreError::Unavailable(format!("ledger row for {pk} is unreadable: {field} {what}"))
+    }
+
+    fn opt_str(&self, field: &str) -> Result<Option<String>, StoreError> {
+        match self.entity.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(self.bad(field, "is not a string")),
+        }
+    }
+
+    fn str(&self, field: &str) -> Result<String, StoreError> {
+        self.opt_str(field)?
+            .ok_or_else(|| self.bad(field, "is missing"))
+    }
+
+    fn opt_time(&self, field: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.opt_str(field)?
+            .map(|s| {
+                DateTime::parse_from_rfc3339(&s)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|_| self.bad(field, "is not an RFC 3339 time"))
+            })
+            .transpose()
+    }
+
+    fn time(&self, field: &str) -> Result<DateTime<Utc>, StoreError> {
+        self.opt_time(field)?
+            .ok_or_else(|| self.bad(field, "is missing"))
+    }
+
+    /// Int32 arrives as a JSON number; Int64 as a string (with an `@odata.type` annotation).
+    fn opt_int(&self, field: &str) -> Result<Option<i64>, StoreError> {
+        match self.entity.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| self.bad(field, "is not an integer")),
+            Some(Value::String(s)) => s
+                .parse()
+                .map(Some)
+                .map_err(|_| self.bad(field, "is not an integer")),
+            Some(_) => Err(self.bad(field, "is not an integer")),
+        }
+    }
+
+    fn int(&self, field: &str) -> Result<i64, StoreError> {
+        self.opt_int(field)?
+            .ok_or_else(|| self.bad(field, "is missing"))
+    }
+}
+
+fn desired_from_entity(entity: &Map<String, Value>) -> Result<DesiredState, StoreError> {
+    let row = Row { entity };
+    let device_id = DeviceId::parse(&row.str("PartitionKey")?)
+        .map_err(|_| row.bad("PartitionKey", "is not a device id"))?;
+    let min_soc = u8::try_from(row.int("MinSoc")?)
+        .ok()
+        .and_then(MinSoc::new)
+        .ok_or_else(|| row.bad("MinSoc", "is out of range"))?;
+    let status = RequestStatus::parse(&row.str("Status")?)
+        .ok_or_else(|| row.bad("Status", "is not a known status"))?;
+    let attempts =
+        u32::try_from(row.int("Attempts")?).map_err(|_| row.bad("Attempts", "is out of range"))?;
+    let lease = match (row.opt_str("LeaseHolder")?, row.opt_time("LeaseUntil")?) {
+        (Some(holder), Some(until)) => Some(Lease { holder, until }),
+        (None, None) => None,
+        _ => {
+            return Err(row.bad(
+                "LeaseHolder/LeaseUntil",
+                "must be both present or both absent",
+            ))
+        }
+    };
+    Ok(DesiredState {
+        device_id,
+        request_id: RequestId::from_stored(row.str("RequestId")?),
+        min_soc,
+        status,
+        requested_at: row.time("RequestedAt")?,
+        expires_at: row.time("ExpiresAt")?,
+        applied_at: row.opt_time("AppliedAt")?,
+        attempts,
+        last_error: row.opt_str("LastError")?,
+        wake_message_id: row.opt_str("WakeMessageId")?,
+        wake_due_at: row.opt_time("WakeDueAt")?,
+        lease,
+        updated_at: row.time("UpdatedAt")?,
+    })
+}
+
+fn idempotency_to_entity(r: &IdempotencyRecord) -> Map<String, Value> {
+    let mut e = Map::new();
+    e.insert("PartitionKey".into(), r.device_id.as_str().into());
+    e.insert("RowKey".into(), idempotency_row(&r.key).into());
+    e.insert("Key".into(), r.key.as_str().into());
+    e.insert("Fingerprint".into(), r.fingerprint.clone().into());
+    if let Some(response) = &r.response {
+        e.insert("ResponseStatus".into(), response.status.into());
+        e.insert("ResponseBody".into(), response.body.to_string().into());
+    }
+    e.insert("CreatedAt".into(), time(r.created_at));
+    e
+}
+
+fn idempotency_from_entity(entity: &Map<String, Value>) -> Result<IdempotencyRecord, StoreError> {
+    let row = Row { entity };
+    let device_id = DeviceId::parse(&row.str("PartitionKey")?)
+        .map_err(|_| row.bad("PartitionKey", "is not a device id"))?;
+    let key = IdempotencyKey::parse(row.str("Key")?.as_bytes())
+        .map_err(|_| row.bad("Key", "is not an idempotency key"))?;
+    let response = match (row.opt_int("ResponseStatus")?, row.opt_str("ResponseBody")?) {
+        (Some(status), Some(body)) => Some(StoredResponse {
+            status: u16::try_from(status)
+                .map_err(|_| row.bad("ResponseStatus", "is out of range"))?,
+            body: serde_json::from_str(&body)
+                .map_err(|_| row.bad("ResponseBody", "is not JSON"))?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(row.bad(
+                "ResponseStatus/ResponseBody",
+                "must be both present or both absent",
+            ))
+        }
+    };
+    Ok(IdempotencyRecord {
+        device_id,
+        key,
+        fingerprint: row.str("Fingerprint")?,
+        response,
+        created_at: row.time("CreatedAt")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn full_state() -> DesiredState {
+        let t = |s: i64| Utc.timestamp_opt(1_800_000_000 + s, 123_456_789).unwrap();
+        DesiredState {
+            device_id: DeviceId::parse("bat-1").unwrap(),
+            request_id: RequestId::from_stored("abc123"),
+            min_soc: MinSoc::new(35).unwrap(),
+            status: RequestStatus::Failed,
+            requested_at: t(0),
+            expires_at: t(604_800),
+            applied_at: Some(t(5)),
+            attempts: u32::MAX,
+            last_error: Some("HTTP 422: nope".into()),
+            wake_message_id: Some("abc123:wake-2".into()),
+            wake_due_at: Some(t(60)),
+            lease: Some(Lease {
+                holder: "invocation-9".into(),
+                until: t(30),
+            }),
+            updated_at: t(6),
+        }
+    }
+
+    #[test]
+    fn a_desired_state_maps_to_an_entity_and_back_without_loss() {
+        let s = full_state();
+        let e = desired_to_entity(&s);
+        assert_eq!(e["Status"], "failed");
+        assert_eq!(e["RowKey"], "desired");
+        assert_eq!(e["Attempts@odata.type"], "Edm.Int64");
+        assert_eq!(e["RequestedAt"], "2027-01-15T08:00:00.123456789Z");
+        assert_eq!(desired_from_entity(&e).unwrap(), s);
+    }
+
+    #[test]
+    fn absent_optionals_are_absent_properties() {
+        let mut s = full_state();
+        s.applied_at = None;
+        s.last_error = None;
+        s.wake_message_id = None;
+        s.wake_due_at = None;
+        s.lease = None;
+        let e = desired_to_entity(&s);
+        for absent in [
+            "AppliedAt",
+            "LastError",
+            "WakeMessageId",
+            "WakeDueAt",
+            "LeaseHolder",
+            "LeaseUntil",
+        ] {
+            assert!(!e.contains_key(absent), "{absent}");
+        }
+        assert_eq!(desired_from_entity(&e).unwrap(), s);
+    }
+
+    #[test]
+    fn an_unreadable_row_is_an_error_naming_the_field() {
+        let mut e = desired_to_entity(&full_state());
+        e.insert("Status".into(), "weird".into());
+        let err = desired_from_entity(&e).unwrap_err().to_string();
+        assert!(err.contains("Status"), "{err}");
+        let mut e = desired_to_entity(&full_state());
+        e.insert("MinSoc".into(), 101.into());
+        assert!(desired_from_entity(&e)
+            .unwrap_err()
+            .to_string()
+            .contains("MinSoc"));
+    }
+
+    #[test]
+    fn idempotency_row_keys_are_hex_so_forbidden_characters_cannot_appear() {
+        let key = IdempotencyKey::parse(br"a/b#c?d\e").unwrap();
+        let row = idempotency_row(&key);
+        assert_eq!(row, "idem-612f6223633f645c65");
+        assert!(row.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    }
+}

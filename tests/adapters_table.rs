@@ -1,0 +1,390 @@
+//! The Table Storage ledger against a real Azurite (see `tests/support/azurite.rs`).
+//! Tests share one Azurite process while they run and each uses its own table.
+
+#[path = "support/azurite.rs"]
+mod azurite;
+
+use azurite::Azurite;
+use chrono::{DateTime, TimeZone, Utc};
+use futures::StreamExt;
+use soc_settings::adapters::connection_string::StorageConnection;
+use soc_settings::adapters::table_ledger::TableLedger;
+use soc_settings::domain::ledger::Lease;
+use soc_settings::domain::{
+    DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus,
+};
+use soc_settings::ports::{ETag, IdempotencyRecord, Ledger, StoreError, StoredResponse};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+fn unique_table(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn ledger_on(azurite: &Azurite, table: &str) -> TableLedger {
+    let conn = StorageConnection::parse(&azurite.connection_string()).unwrap();
+    TableLedger::new(&conn, table).unwrap()
+}
+
+fn t(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_800_000_000 + secs, 987_654_321)
+        .unwrap()
+}
+
+fn device(id: &str) -> DeviceId {
+    DeviceId::parse(id).unwrap()
+}
+
+fn pending(id: &str, min_soc: u8) -> DesiredState {
+    DesiredState::accept(
+        device(id),
+        MinSoc::new(min_soc).unwrap(),
+        t(0),
+        chrono::Duration::days(7),
+        None,
+    )
+}
+
+/// Every field set, including the optional ones.
+fn everything_set(id: &str) -> DesiredState {
+    DesiredState {
+        device_id: device(id),
+        request_id: RequestId::new_random(),
+        min_soc: MinSoc::new(42).unwrap(),
+        status: RequestStatus::Applied,
+        requested_at: t(0),
+        expires_at: t(604_800),
+        applied_at: Some(t(12)),
+        attempts: 4_000_000_000,
+        last_error: Some("HTTP 422: value 'x' rejected / ü ✓".into()),
+        wake_message_id: Some("req:wake-3".into()),
+        wake_due_at: Some(t(300)),
+        lease: Some(Lease {
+            holder: "invocation-17".into(),
+            until: t(45),
+        }),
+        updated_at: t(13),
+    }
+}
+
+#[tokio::test]
+async fn a_desired_state_with_every_field_round_trips_losslessly() {
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("roundtrip"));
+    let state = everything_set("bat-rt");
+
+    let etag = ledger.put(&state, None).await.unwrap();
+    let read = ledger.get(&state.device_id).await.unwrap().unwrap();
+
+    assert_eq!(read.value, state);
+    assert_eq!(read.etag, etag);
+
+    let minimal = pending("bat-rt-2", 0);
+    ledger.put(&minimal, None).await.unwrap();
+    assert_eq!(
+        ledger.get(&minimal.device_id).await.unwrap().unwrap().value,
+        minimal
+    );
+}
+
+#[tokio::test]
+async fn a_device_without_a_record_reads_as_none() {
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("none"));
+    assert_eq!(ledger.get(&device("nobody")).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn inserting_over_an_existing_record_is_a_conflict() {
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("insert"));
+    let first = pending("bat-ins", 30);
+    ledger.put(&first, None).await.unwrap();
+
+    let second = pending("bat-ins", 60);
+    assert_eq!(ledger.put(&second, None).await, Err(StoreError::Conflict));
+    assert_eq!(
+        ledger.get(&first.device_id).await.unwrap().unwrap().value,
+        first
+    );
+}
+
+#[tokio::test]
+async fn a_replace_with_a_stale_etag_is_a_conflict_and_the_first_writer_wins() {
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("replace"));
+    let original = pending("bat-rep", 30);
+    let etag0 = ledger.put(&original, None).await.unwrap();
+
+    let mut a = original.clone();
+    a.min_soc = MinSoc::new(50).unwrap();
+    let etag1 = ledger.put(&a, Some(&etag0)).await.unwrap();
+    assert_ne!(etag1, etag0);
+
+    let mut b = original.clone();
+    b.min_soc = MinSoc::new(70).unwrap();
+    assert_eq!(
+        ledger.put(&b, Some(&etag0)).await,
+        Err(StoreError::Conflict)
+    );
+
+    let stored = ledger.get(&original.device_id).await.unwrap().unwrap();
+    assert_eq!(stored.value, a);
+    assert_eq!(stored.etag, etag1);
+    // The fresh ETag works.
+    ledger.put(&b, Some(&stored.etag)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replace_of_a_deleted_record_is_a_conflict() {
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("repdel"));
+    let state = pending("bat-gone", 30);
+    let etag = ledger.put(&state, None).await.unwrap();
+    ledger.delete(&state.device_id, &etag).await.unwrap();
+    assert_eq!(
+        ledger.put(&state, Some(&etag)).await,
+        Err(StoreError::Conflict)
+    );
+}
+
+#[tokio::test]
+async fn delete_needs_the_current_etag_and_is_ok_when_already_gone() {
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("delete"));
+    let state = pending("bat-del", 30);
+    let etag0 = ledger.put(&state, None).await.unwrap();
+    let etag1 = ledger.put(&state, Some(&etag0)).await.unwrap();
+
+    assert_eq!(
+        ledger.delete(&state.device_id, &etag0).await,
+        Err(StoreError::Conflict)
+    );
+    assert!(ledger.get(&state.device_id).await.unwrap().is_some());
+
+    ledger.delete(&state.device_id, &etag1).await.unwrap();
+    assert_eq!(ledger.get(&state.device_id).await.unwrap(), None);
+    // Already gone: Ok, whatever the ETag.
+    ledger.delete(&state.device_id, &etag1).await.unwrap();
+    ledger
+        .delete(&device("never-existed"), &ETag("W/\"x\"".into()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn pending_lists_every_pending_record_across_1200_devices_following_continuations() {
+    let azurite = Azurite::shared();
+    let ledger = Arc::new(ledger_on(&azurite, &unique_table("pending")));
+    const PENDING: usize = 1200;
+
+    // 1200 pending, 30 applied, and idempotency rows in the same partitions: only the first count.
+    let mut writes = Vec::new();
+    for i in 0..PENDING {
+        writes.push((pending(&format!("dev-{i:05}"), (i % 101) as u8), true));
+    }
+    for i in 0..30 {
+        let mut s = pending(&format!("done-{i:03}"), 50);
+        s.mark_applied(t(5));
+        writes.push((s, false));
+    }
+    futures::stream::iter(writes.into_iter().map(|(s, _)| {
+        let ledger = ledger.clone();
+        async move { ledger.put(&s, None).await.unwrap() }
+    }))
+    .buffer_unordered(32)
+    .collect::<Vec<_>>()
+    .await;
+    for i in 0..5 {
+        ledger
+            .put_idempotency(
+                &IdempotencyRecord {
+                    device_id: device(&format!("dev-{i:05}")),
+                    key: IdempotencyKey::parse(b"k").unwrap(),
+                    fingerprint: "minSoc=1".into(),
+                    response: None,
+                    created_at: t(0),
+                },
+                None,
+            )
+            .await
+            .unwrap();
+    }
+
+    let found = ledger.pending().await.unwrap();
+
+    assert_eq!(found.len(), PENDING, "a page boundary was not followed");
+    let mut ids: Vec<_> = found
+        .iter()
+        .map(|v| v.value.device_id.as_str().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), PENDING);
+    assert!(found
+        .iter()
+        .all(|v| v.value.status == RequestStatus::Pending));
+    let sample = found
+        .iter()
+        .find(|v| v.value.device_id.as_str() == "dev-00777")
+        .unwrap();
+    assert_eq!(sample.value.min_soc.percent(), (777 % 101) as u8);
+
+    // The ETag a query returns is usable for a conditional replace, and a stale one is not.
+    let mut next = sample.value.clone();
+    next.mark_applied(t(9));
+    let fresh = ledger.put(&next, Some(&sample.etag)).await.unwrap();
+    assert_ne!(fresh, sample.etag);
+    assert_eq!(
+        ledger.put(&next, Some(&sample.etag)).await,
+        Err(StoreError::Conflict)
+    );
+    assert_eq!(ledger.pending().await.unwrap().len(), PENDING - 1);
+}
+
+#[tokio::test]
+async fn idempotency_records_with_awkward_keys_round_trip_and_are_conditional() {
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("idem"));
+    let dev = device("bat-idem");
+    let keys: [&[u8]; 6] = [
+        b"a/b",
+        b"#frag",
+        b"what?now",
+        br"back\slash",
+        b"it's'quoted'",
+        &[b'~'; 128],
+    ];
+    for raw in keys {
+        let key = IdempotencyKey::parse(raw).unwrap();
+        let mut record = IdempotencyRecord {
+            device_id: dev.clone(),
+            key: key.clone(),
+            fingerprint: "minSoc=35".into(),
+            response: None,
+            created_at: t(1),
+        };
+        let etag = ledger.put_idempotency(&record, None).await.unwrap();
+        assert_eq!(
+            ledger.put_idempotency(&record, None).await,
+            Err(StoreError::Conflict),
+            "{key:?}"
+        );
+        let read = ledger.get_idempotency(&dev, &key).await.unwrap().unwrap();
+        assert_eq!(read.value, record);
+        assert_eq!(read.etag, etag);
+
+        record.response = Some(StoredResponse {
+            status: 202,
+            body: serde_json::json!({"requestId": "r1", "status": "pending", "nested": {"n": [1, 2]}}),
+        });
+        let etag2 = ledger.put_idempotency(&record, Some(&etag)).await.unwrap();
+        assert_eq!(
+            ledger.put_idempotency(&record, Some(&etag)).await,
+            Err(StoreError::Conflict)
+        );
+        assert_eq!(
+            ledger
+                .get_idempotency(&dev, &key)
+                .await
+                .unwrap()
+                .unwrap()
+                .value,
+            record
+        );
+
+        assert_eq!(
+            ledger.delete_idempotency(&dev, &key, &etag).await,
+            Err(StoreError::Conflict)
+        );
+        ledger.delete_idempotency(&dev, &key, &etag2).await.unwrap();
+        assert_eq!(ledger.get_idempotency(&dev, &key).await.unwrap(), None);
+        ledger.delete_idempotency(&dev, &key, &etag2).await.unwrap();
+    }
+    // Idempotency rows never show up as a device's desired state.
+    assert_eq!(ledger.get(&dev).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn two_instances_first_using_the_same_table_at_once_both_succeed() {
+    let azurite = Azurite::shared();
+    let table = unique_table("race");
+    let a = ledger_on(&azurite, &table);
+    let b = ledger_on(&azurite, &table);
+    let (sa, sb) = (pending("bat-a", 10), pending("bat-b", 20));
+    let (ra, rb) = tokio::join!(a.put(&sa, None), b.put(&sb, None));
+    ra.unwrap();
+    rb.unwrap();
+    assert!(a.get(&device("bat-b")).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn construction_does_no_io_and_unreachable_storage_is_unavailable_without_secrets() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let key = azurite::ACCOUNT_KEY;
+    let conn = StorageConnection::parse(&format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1"
+    ))
+    .unwrap();
+    // Nothing listens there: building must still succeed.
+    let ledger = TableLedger::new(&conn, "socsettings").unwrap();
+
+    let err = ledger.get(&device("bat-1")).await.unwrap_err();
+    let StoreError::Unavailable(reason) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(reason.contains("could not be reached"), "{reason}");
+    assert!(
+        !reason.contains(key) && !reason.contains("Eby8"),
+        "{reason}"
+    );
+    // The failed creation is not remembered as done: the next call tries again.
+    assert!(matches!(
+        ledger.pending().await,
+        Err(StoreError::Unavailable(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_wrong_account_key_is_unavailable_not_a_conflict() {
+    let azurite = Azurite::shared();
+    let conn = StorageConnection::parse(&format!(
+        "AccountName=devstoreaccount1;AccountKey=d3Jvbmcta2V5;TableEndpoint={}",
+        azurite.table_endpoint()
+    ))
+    .unwrap();
+    let ledger = TableLedger::new(&conn, &unique_table("auth")).unwrap();
+    let err = ledger.put(&pending("bat-auth", 5), None).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(r) if r.contains("403")),
+        "{err:?}"
+    );
+    assert!(!err.to_string().contains("d3Jvbmcta2V5"));
+}
+
+#[test]
+fn the_azurite_helper_stops_the_process_and_removes_its_directory_on_drop() {
+    let azurite = Azurite::start();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], azurite.port()));
+    assert!(std::net::TcpStream::connect(addr).is_ok());
+    assert!(azurite.connection_string().contains(&format!(
+        "TableEndpoint=http://127.0.0.1:{}/devstoreaccount1",
+        azurite.port()
+    )));
+
+    drop(azurite);
+
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "azurite still listening after drop"
+    );
+}
