@@ -29,16 +29,16 @@ use futures::FutureExt;
 use serde_json::json;
 use tracing::{error, info};
 
+use crate::config::Config;
 use crate::functions::set_soc_http::{self, ApiRequest, ApiResponse};
 use crate::functions::soc_queue_trigger::{self, Delivery, Settle};
-use crate::config::Config;
 use crate::functions::{drain_soc_timer, Policy, Services};
-use crate::ports::SystemClock;
 use crate::host::{
     HttpCall, HttpResponseOut, HttpTriggerRequest, InvocationFailure, InvocationRequest,
     InvocationResponse, ServiceBusDelivery, TimerInfo, DRAIN_SOC_TIMER_BINDING,
     SET_SOC_HTTP_OUTPUT_BINDING, SET_SOC_HTTP_TRIGGER_BINDING, SOC_QUEUE_TRIGGER_BINDING,
 };
+use crate::ports::SystemClock;
 
 /// Builds the services from app settings. Does no I/O: clients connect on first use.
 pub fn services_from_env() -> Result<Services, String> {

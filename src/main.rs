@@ -28,7 +28,10 @@ async fn main() -> ExitCode {
     let services = app::services_from_env();
     match &services {
         Ok(_) => info!(port, "handler ready"),
-        Err(e) => error!(port, "handler started without a usable configuration; every invocation will fail: {e}"),
+        Err(e) => error!(
+            port,
+            "handler started without a usable configuration; every invocation will fail: {e}"
+        ),
     }
     let served = axum::serve(listener, app::router(app::AppState::new(services)))
         .with_graceful_shutdown(shutdown_signal())

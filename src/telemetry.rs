@@ -3,7 +3,7 @@
 //! No ANSI colours: the lines end up in Application Insights.
 
 pub fn init() {
-    let filter = tracing_subscriber::EnvFilter::new("info,hyper=warn,reqwest=warn,azure_core=warn");
+    let filter = tracing_subscriber::EnvFilter::new("info,hyper=warn,reqwest=warn,azure_core=warn,azure_data_tables=warn,azure_storage=warn,azure_messaging_servicebus=warn");
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout)
