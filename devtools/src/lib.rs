@@ -7,5 +7,6 @@
 //! - [`devhost`]: the Azure Functions host stand-in (spawns `handler`, HTTP/timer/Service Bus
 //!   triggers) built on the two above.
 
+pub mod devhost;
 pub mod devicesim;
 pub mod servicebus;
