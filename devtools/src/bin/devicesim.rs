@@ -1,0 +1,79 @@
+//! `devicesim` — run the device cloud simulator.
+//!
+//! ```text
+//! devicesim [--addr 127.0.0.1:7073] [--api-key KEY | --no-api-key] [--seed N]
+//!           [--device ID[:online|:offline]]... [--fleet N] [--fleet-interval-ms MS]
+//! ```
+
+use std::net::SocketAddr;
+
+use devtools::devicesim::{DeviceSim, FleetConfig, DEFAULT_API_KEY};
+
+fn usage() -> ! {
+    println!(
+        "usage: devicesim [--addr 127.0.0.1:7073] [--api-key KEY | --no-api-key] [--seed N]\n\
+         \x20                [--device ID[:online|:offline]]... [--fleet N] [--fleet-interval-ms MS]"
+    );
+    std::process::exit(2)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let mut addr: SocketAddr = "127.0.0.1:7073".parse()?;
+    let mut api_key = Some(DEFAULT_API_KEY.to_string());
+    let mut seed = 1u64;
+    let mut devices: Vec<(String, bool)> = Vec::new();
+    let mut fleet: Option<usize> = None;
+    let mut fleet_interval = 2000u64;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--addr" => addr = val().parse()?,
+            "--api-key" => api_key = Some(val()),
+            "--no-api-key" => api_key = None,
+            "--seed" => seed = val().parse()?,
+            "--device" => {
+                let v = val();
+                let (id, online) = match v.split_once(':') {
+                    Some((id, s)) => (id.to_string(), s != "offline"),
+                    None => (v, true),
+                };
+                devices.push((id, online));
+            }
+            "--fleet" => fleet = Some(val().parse()?),
+            "--fleet-interval-ms" => fleet_interval = val().parse()?,
+            "-h" | "--help" => usage(),
+            _ => usage(),
+        }
+    }
+    let sim = DeviceSim::start_with(addr, api_key.clone(), seed).await?;
+    for (id, online) in &devices {
+        sim.add_device(id, *online);
+    }
+    if let Some(n) = fleet {
+        sim.start_fleet(FleetConfig {
+            count: n,
+            interval_ms: fleet_interval,
+            seed,
+            ..FleetConfig::default()
+        });
+    }
+    println!("devicesim: device API   {}/devices/{{id}}", sim.base_url());
+    println!(
+        "devicesim: control API  {}/_control/devices",
+        sim.base_url()
+    );
+    match &api_key {
+        Some(k) => println!("devicesim: x-api-key    {k}"),
+        None => println!("devicesim: x-api-key    (not checked)"),
+    }
+    tokio::signal::ctrl_c().await?;
+    sim.shutdown().await;
+    Ok(())
+}

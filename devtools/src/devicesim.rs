@@ -1,0 +1,963 @@
+//! devicesim: a local stand-in for the vendor's device cloud (the contract in issue 2), with a
+//! control API for tests and demos. Real HTTP server on loopback; also usable in-process through
+//! [`DeviceSim`].
+//!
+//! Device API (requires `x-api-key`):
+//! - `GET /devices/{id}` -> `200 {"deviceId","online","minSoc"}` | `404`
+//! - `PUT /devices/{id}/settings/min-soc` `{"minSoc":n}` + `Idempotency-Key` ->
+//!   `200`/`204` applied (online only), `409` offline, `404` unknown, `422` rejected, or an injected
+//!   fault (`5xx`, `429` + `Retry-After`, hang = timeout), after optional latency.
+//!
+//! Control API: see `devtools/README.md` (`/_control/...`).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Default API key (matches `DEVICE_API_KEY` in local.settings.json).
+pub const DEFAULT_API_KEY: &str = "local-dev-key";
+
+/// Which device endpoints the random/scripted faults apply to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FaultScope {
+    /// GET and PUT.
+    #[default]
+    All,
+    /// Only `PUT .../settings/min-soc`.
+    Put,
+    /// Only `GET /devices/{id}`.
+    Get,
+}
+
+/// A one-shot fault, consumed by the next matching request of a device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Fault {
+    /// Answer with this 5xx (or any) status.
+    Status { status: u16 },
+    /// `429 Too Many Requests` with `Retry-After: {retry_after_seconds}`.
+    TooMany {
+        #[serde(rename = "retryAfterSeconds", default = "one")]
+        retry_after_seconds: u64,
+    },
+    /// Hang for the device's `hangMs` (default 30 s) then answer 504; nothing applied.
+    Timeout,
+    /// Apply the setting, then hang like `Timeout` (the client never sees the success).
+    TimeoutAfterApply,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// Per-device behaviour. All rates are probabilities in 0..=1 drawn from the seeded RNG.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DeviceConfig {
+    pub latency_ms: u64,
+    pub error_5xx_rate: f64,
+    pub error_5xx_status: u16,
+    pub rate_429: f64,
+    pub retry_after_seconds: u64,
+    pub timeout_rate: f64,
+    pub hang_ms: u64,
+    /// `Some(reason)`: every PUT is rejected with 422 and this reason.
+    pub reject: Option<String>,
+    pub fault_scope: FaultScope,
+    /// 200 (with body) or 204 on success.
+    pub success_status: u16,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            latency_ms: 0,
+            error_5xx_rate: 0.0,
+            error_5xx_status: 503,
+            rate_429: 0.0,
+            retry_after_seconds: 1,
+            timeout_rate: 0.0,
+            hang_ms: 30_000,
+            reject: None,
+            fault_scope: FaultScope::All,
+            success_status: 200,
+        }
+    }
+}
+
+/// Partial update of a device (control API `PATCH /_control/devices/{id}`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DevicePatch {
+    pub online: Option<bool>,
+    pub min_soc: Option<Option<i64>>,
+    pub latency_ms: Option<u64>,
+    pub error_5xx_rate: Option<f64>,
+    pub error_5xx_status: Option<u16>,
+    pub rate_429: Option<f64>,
+    pub retry_after_seconds: Option<u64>,
+    pub timeout_rate: Option<f64>,
+    pub hang_ms: Option<u64>,
+    /// `"reject": "reason"` sets, `"reject": null` clears.
+    #[serde(default, with = "double_option")]
+    pub reject: Option<Option<String>>,
+    pub fault_scope: Option<FaultScope>,
+    pub success_status: Option<u16>,
+}
+
+mod double_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    pub fn serialize<S: Serializer>(v: &Option<Option<String>>, s: S) -> Result<S::Ok, S::Error> {
+        v.serialize(s)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<String>>, D::Error> {
+        Ok(Some(Option::<String>::deserialize(d)?))
+    }
+}
+
+/// What a device looks like from outside (control API / in-process API).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceView {
+    pub device_id: String,
+    pub online: bool,
+    pub min_soc: Option<i64>,
+    /// How many times a setting was actually applied (idempotent replays do not count).
+    pub apply_count: u64,
+    pub config: DeviceConfig,
+    pub scripted_faults: Vec<Fault>,
+}
+
+/// One received settings PUT.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PutRecord {
+    pub seq: u64,
+    pub device_id: String,
+    /// `None` when the body was not a valid `{"minSoc": n}`.
+    pub min_soc: Option<i64>,
+    pub idempotency_key: Option<String>,
+    pub at: DateTime<Utc>,
+    /// `applied`, `replayed`, `offline`, `unknown-device`, `rejected`, `fault-5xx`, `fault-429`,
+    /// `timeout`, `timeout-after-apply`, `unauthorized`, `bad-request`, `key-reused`
+    pub outcome: String,
+    pub status: u16,
+}
+
+/// Fleet mode: N devices flapping randomly.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FleetConfig {
+    pub count: usize,
+    pub prefix: String,
+    pub interval_ms: u64,
+    /// Probability that a device toggles at each tick.
+    pub flip_probability: f64,
+    /// Probability that a device starts online.
+    pub initial_online_ratio: f64,
+    pub seed: u64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            count: 10,
+            prefix: "fleet-".into(),
+            interval_ms: 1000,
+            flip_probability: 0.3,
+            initial_online_ratio: 0.5,
+            seed: 1,
+        }
+    }
+}
+
+impl FleetConfig {
+    /// The device ids this fleet creates (`{prefix}{i:04}`).
+    pub fn device_ids(&self) -> Vec<String> {
+        (0..self.count)
+            .map(|i| format!("{}{:04}", self.prefix, i))
+            .collect()
+    }
+}
+
+#[derive(Debug)]
+struct Device {
+    online: bool,
+    min_soc: Option<i64>,
+    apply_count: u64,
+    config: DeviceConfig,
+    scripted: VecDeque<Fault>,
+}
+
+impl Device {
+    fn new(online: bool) -> Self {
+        Device {
+            online,
+            min_soc: None,
+            apply_count: 0,
+            config: DeviceConfig::default(),
+            scripted: VecDeque::new(),
+        }
+    }
+}
+
+struct Inner {
+    api_key: Option<String>,
+    devices: HashMap<String, Device>,
+    history: Vec<PutRecord>,
+    /// (deviceId, Idempotency-Key) -> (minSoc, status) of the applied result.
+    idempotency: HashMap<(String, String), (i64, u16)>,
+    rng: StdRng,
+    fleet: Option<JoinHandle<()>>,
+    next_seq: u64,
+}
+
+impl Inner {
+    fn record(
+        &mut self,
+        device_id: &str,
+        min_soc: Option<i64>,
+        key: Option<&str>,
+        outcome: &str,
+        status: u16,
+    ) {
+        self.next_seq += 1;
+        let rec = PutRecord {
+            seq: self.next_seq,
+            device_id: device_id.to_string(),
+            min_soc,
+            idempotency_key: key.map(str::to_string),
+            at: Utc::now(),
+            outcome: outcome.to_string(),
+            status,
+        };
+        tracing::info!(
+            device = device_id,
+            min_soc = ?min_soc,
+            key = ?key,
+            outcome,
+            status,
+            "devicesim PUT"
+        );
+        self.history.push(rec);
+    }
+
+    fn view(&self, id: &str) -> Option<DeviceView> {
+        self.devices.get(id).map(|d| DeviceView {
+            device_id: id.to_string(),
+            online: d.online,
+            min_soc: d.min_soc,
+            apply_count: d.apply_count,
+            config: d.config.clone(),
+            scripted_faults: d.scripted.iter().cloned().collect(),
+        })
+    }
+}
+
+/// Shared simulator state; cheap to clone.
+#[derive(Clone)]
+pub struct SimState {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl SimState {
+    /// A new, empty simulator requiring `api_key` (`None` disables the key check).
+    pub fn new(api_key: Option<String>, seed: u64) -> Self {
+        SimState {
+            inner: Arc::new(Mutex::new(Inner {
+                api_key,
+                devices: HashMap::new(),
+                history: Vec::new(),
+                idempotency: HashMap::new(),
+                rng: StdRng::seed_from_u64(seed),
+                fleet: None,
+                next_seq: 0,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Create (or replace) a device.
+    pub fn add_device(&self, id: &str, online: bool) {
+        self.lock()
+            .devices
+            .insert(id.to_string(), Device::new(online));
+    }
+
+    /// Create (or replace) a device with a current minSoc.
+    pub fn add_device_with(&self, id: &str, online: bool, min_soc: Option<i64>) {
+        let mut d = Device::new(online);
+        d.min_soc = min_soc;
+        self.lock().devices.insert(id.to_string(), d);
+    }
+
+    pub fn remove_device(&self, id: &str) -> bool {
+        self.lock().devices.remove(id).is_some()
+    }
+
+    /// Returns false when the device does not exist.
+    pub fn set_online(&self, id: &str, online: bool) -> bool {
+        match self.lock().devices.get_mut(id) {
+            Some(d) => {
+                d.online = online;
+                tracing::info!(device = id, online, "devicesim device state");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Set every device online (or offline) and stop fleet flapping.
+    pub fn set_all_online(&self, online: bool) {
+        self.stop_fleet();
+        for d in self.lock().devices.values_mut() {
+            d.online = online;
+        }
+    }
+
+    /// Apply a partial update; false when the device does not exist.
+    pub fn patch(&self, id: &str, p: &DevicePatch) -> bool {
+        let mut g = self.lock();
+        let Some(d) = g.devices.get_mut(id) else {
+            return false;
+        };
+        if let Some(v) = p.online {
+            d.online = v;
+        }
+        if let Some(v) = p.min_soc {
+            d.min_soc = v;
+        }
+        let c = &mut d.config;
+        if let Some(v) = p.latency_ms {
+            c.latency_ms = v;
+        }
+        if let Some(v) = p.error_5xx_rate {
+            c.error_5xx_rate = v;
+        }
+        if let Some(v) = p.error_5xx_status {
+            c.error_5xx_status = v;
+        }
+        if let Some(v) = p.rate_429 {
+            c.rate_429 = v;
+        }
+        if let Some(v) = p.retry_after_seconds {
+            c.retry_after_seconds = v;
+        }
+        if let Some(v) = p.timeout_rate {
+            c.timeout_rate = v;
+        }
+        if let Some(v) = p.hang_ms {
+            c.hang_ms = v;
+        }
+        if let Some(v) = &p.reject {
+            c.reject = v.clone();
+        }
+        if let Some(v) = p.fault_scope {
+            c.fault_scope = v;
+        }
+        if let Some(v) = p.success_status {
+            c.success_status = v;
+        }
+        true
+    }
+
+    /// Replace a device's behaviour config.
+    pub fn configure(&self, id: &str, config: DeviceConfig) -> bool {
+        match self.lock().devices.get_mut(id) {
+            Some(d) => {
+                d.config = config;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Queue `count` one-shot faults for the next matching requests of a device.
+    pub fn script_faults(&self, id: &str, fault: Fault, count: usize) -> bool {
+        match self.lock().devices.get_mut(id) {
+            Some(d) => {
+                for _ in 0..count {
+                    d.scripted.push_back(fault.clone());
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn device(&self, id: &str) -> Option<DeviceView> {
+        self.lock().view(id)
+    }
+
+    pub fn devices(&self) -> Vec<DeviceView> {
+        let g = self.lock();
+        let mut ids: Vec<&String> = g.devices.keys().collect();
+        ids.sort();
+        ids.into_iter().filter_map(|id| g.view(id)).collect()
+    }
+
+    /// Every settings PUT received, in arrival order.
+    pub fn history(&self) -> Vec<PutRecord> {
+        self.lock().history.clone()
+    }
+
+    pub fn history_for(&self, id: &str) -> Vec<PutRecord> {
+        self.lock()
+            .history
+            .iter()
+            .filter(|r| r.device_id == id)
+            .cloned()
+            .collect()
+    }
+
+    pub fn clear_history(&self) {
+        self.lock().history.clear();
+    }
+
+    /// Remove all devices, history, idempotency records; stop the fleet.
+    pub fn reset(&self) {
+        self.stop_fleet();
+        let mut g = self.lock();
+        g.devices.clear();
+        g.history.clear();
+        g.idempotency.clear();
+        g.next_seq = 0;
+    }
+
+    /// Create the fleet's devices and start flapping them every `interval_ms` (0 = no flapping).
+    pub fn start_fleet(&self, cfg: FleetConfig) -> Vec<String> {
+        self.stop_fleet();
+        let ids = cfg.device_ids();
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        {
+            let mut g = self.lock();
+            for id in &ids {
+                let online = rng.gen_bool(cfg.initial_online_ratio.clamp(0.0, 1.0));
+                g.devices.insert(id.clone(), Device::new(online));
+            }
+        }
+        if cfg.interval_ms > 0 {
+            let state = self.clone();
+            let ids2 = ids.clone();
+            let handle = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(cfg.interval_ms));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let mut g = state.lock();
+                    for id in &ids2 {
+                        if rng.gen_bool(cfg.flip_probability.clamp(0.0, 1.0)) {
+                            if let Some(d) = g.devices.get_mut(id) {
+                                d.online = !d.online;
+                            }
+                        }
+                    }
+                }
+            });
+            self.lock().fleet = Some(handle);
+        }
+        tracing::info!(
+            count = cfg.count,
+            interval_ms = cfg.interval_ms,
+            "devicesim fleet started"
+        );
+        ids
+    }
+
+    /// Stop flapping (devices keep their current state).
+    pub fn stop_fleet(&self) {
+        if let Some(h) = self.lock().fleet.take() {
+            h.abort();
+        }
+    }
+
+    fn check_key(&self, headers: &HeaderMap) -> bool {
+        let g = self.lock();
+        match &g.api_key {
+            None => true,
+            Some(k) => headers
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v == k),
+        }
+    }
+
+    /// Decide which fault (if any) the next request of `id` gets. Returns (fault, latency, hang).
+    fn draw_fault(&self, id: &str, is_put: bool) -> (Option<Fault>, u64, u64) {
+        let mut g = self.lock();
+        let Inner { devices, rng, .. } = &mut *g;
+        let Some(d) = devices.get_mut(id) else {
+            return (None, 0, 0);
+        };
+        let c = d.config.clone();
+        let applies = match c.fault_scope {
+            FaultScope::All => true,
+            FaultScope::Put => is_put,
+            FaultScope::Get => !is_put,
+        };
+        if !applies {
+            return (None, c.latency_ms, c.hang_ms);
+        }
+        if let Some(f) = d.scripted.pop_front() {
+            // A TimeoutAfterApply on a GET behaves like a plain timeout.
+            let f = if !is_put && f == Fault::TimeoutAfterApply {
+                Fault::Timeout
+            } else {
+                f
+            };
+            return (Some(f), c.latency_ms, c.hang_ms);
+        }
+        let roll: f64 = rng.gen();
+        let mut acc = c.error_5xx_rate;
+        let f = if roll < acc {
+            Some(Fault::Status {
+                status: c.error_5xx_status,
+            })
+        } else {
+            acc += c.rate_429;
+            if roll < acc {
+                Some(Fault::TooMany {
+                    retry_after_seconds: c.retry_after_seconds,
+                })
+            } else {
+                acc += c.timeout_rate;
+                if roll < acc {
+                    Some(Fault::Timeout)
+                } else {
+                    None
+                }
+            }
+        };
+        (f, c.latency_ms, c.hang_ms)
+    }
+}
+
+fn problem(status: StatusCode, detail: &str) -> Response {
+    (status, Json(json!({"error": detail}))).into_response()
+}
+
+async fn get_device(
+    State(s): State<SimState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !s.check_key(&headers) {
+        return problem(StatusCode::UNAUTHORIZED, "missing or wrong x-api-key");
+    }
+    let (fault, latency, hang) = s.draw_fault(&id, false);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    if let Some(f) = fault {
+        return fault_response(&f, hang).await;
+    }
+    match s.device(&id) {
+        Some(d) => Json(json!({"deviceId": d.device_id, "online": d.online, "minSoc": d.min_soc}))
+            .into_response(),
+        None => problem(StatusCode::NOT_FOUND, "unknown device"),
+    }
+}
+
+async fn fault_response(f: &Fault, hang_ms: u64) -> Response {
+    match f {
+        Fault::Status { status } => problem(
+            StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            "injected fault",
+        ),
+        Fault::TooMany {
+            retry_after_seconds,
+        } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", retry_after_seconds.to_string())],
+            Json(json!({"error": "injected throttling"})),
+        )
+            .into_response(),
+        Fault::Timeout | Fault::TimeoutAfterApply => {
+            tokio::time::sleep(Duration::from_millis(hang_ms)).await;
+            problem(StatusCode::GATEWAY_TIMEOUT, "injected timeout")
+        }
+    }
+}
+
+async fn put_min_soc(
+    State(s): State<SimState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+) -> Response {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let min_soc = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("minSoc").and_then(|m| m.as_i64()));
+    if !s.check_key(&headers) {
+        s.lock()
+            .record(&id, min_soc, key.as_deref(), "unauthorized", 401);
+        return problem(StatusCode::UNAUTHORIZED, "missing or wrong x-api-key");
+    }
+    let (fault, latency, hang) = s.draw_fault(&id, true);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    let Some(value) = min_soc.filter(|v| (0..=100).contains(v)) else {
+        s.lock()
+            .record(&id, min_soc, key.as_deref(), "bad-request", 400);
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "body must be {\"minSoc\": 0..=100}",
+        );
+    };
+    match fault {
+        Some(Fault::TimeoutAfterApply) => {
+            // Apply like a success, then never answer in time.
+            let _ = apply(&s, &id, value, key.as_deref(), "timeout-after-apply");
+            return fault_response(&Fault::Timeout, hang).await;
+        }
+        Some(f) => {
+            let outcome = match f {
+                Fault::Status { .. } => "fault-5xx",
+                Fault::TooMany { .. } => "fault-429",
+                _ => "timeout",
+            };
+            let status = match &f {
+                Fault::Status { status } => *status,
+                Fault::TooMany { .. } => 429,
+                _ => 504,
+            };
+            s.lock()
+                .record(&id, Some(value), key.as_deref(), outcome, status);
+            return fault_response(&f, hang).await;
+        }
+        None => {}
+    }
+    apply(&s, &id, value, key.as_deref(), "applied")
+}
+
+/// The non-fault part of a PUT: idempotency, unknown/offline/rejected, apply.
+fn apply(s: &SimState, id: &str, value: i64, key: Option<&str>, applied_outcome: &str) -> Response {
+    let mut g = s.lock();
+    if let Some(k) = key {
+        if let Some((prev_value, prev_status)) =
+            g.idempotency.get(&(id.to_string(), k.to_string())).cloned()
+        {
+            if prev_value == value {
+                g.record(id, Some(value), key, "replayed", prev_status);
+                return success(id, value, prev_status);
+            }
+            g.record(id, Some(value), key, "key-reused", 422);
+            return problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Idempotency-Key reused with a different body",
+            );
+        }
+    }
+    let Some(d) = g.devices.get_mut(id) else {
+        g.record(id, Some(value), key, "unknown-device", 404);
+        return problem(StatusCode::NOT_FOUND, "unknown device");
+    };
+    if let Some(reason) = d.config.reject.clone() {
+        g.record(id, Some(value), key, "rejected", 422);
+        return problem(StatusCode::UNPROCESSABLE_ENTITY, &reason);
+    }
+    if !d.online {
+        g.record(id, Some(value), key, "offline", 409);
+        return problem(StatusCode::CONFLICT, "device offline");
+    }
+    d.min_soc = Some(value);
+    d.apply_count += 1;
+    let status = if d.config.success_status == 204 {
+        204
+    } else {
+        200
+    };
+    if let Some(k) = key {
+        g.idempotency
+            .insert((id.to_string(), k.to_string()), (value, status));
+    }
+    g.record(id, Some(value), key, applied_outcome, status);
+    success(id, value, status)
+}
+
+fn success(id: &str, value: i64, status: u16) -> Response {
+    if status == 204 {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        Json(json!({"deviceId": id, "minSoc": value, "applied": true})).into_response()
+    }
+}
+
+// ---------------------------------------------------------------- control API
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateDevice {
+    device_id: String,
+    #[serde(default)]
+    online: bool,
+    #[serde(default)]
+    min_soc: Option<i64>,
+    #[serde(default)]
+    config: Option<DeviceConfig>,
+}
+
+async fn ctl_create(State(s): State<SimState>, Json(body): Json<serde_json::Value>) -> Response {
+    // Accept a single object or an array of objects.
+    let items: Vec<serde_json::Value> = match body {
+        serde_json::Value::Array(a) => a,
+        other => vec![other],
+    };
+    let mut created = Vec::new();
+    for it in items {
+        let c: CreateDevice = match serde_json::from_value(it) {
+            Ok(c) => c,
+            Err(e) => return problem(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+        s.add_device_with(&c.device_id, c.online, c.min_soc);
+        if let Some(cfg) = c.config {
+            s.configure(&c.device_id, cfg);
+        }
+        created.push(s.device(&c.device_id));
+    }
+    (StatusCode::CREATED, Json(created)).into_response()
+}
+
+async fn ctl_list(State(s): State<SimState>) -> Json<Vec<DeviceView>> {
+    Json(s.devices())
+}
+
+async fn ctl_get(State(s): State<SimState>, Path(id): Path<String>) -> Response {
+    match s.device(&id) {
+        Some(d) => Json(d).into_response(),
+        None => problem(StatusCode::NOT_FOUND, "unknown device"),
+    }
+}
+
+async fn ctl_patch(
+    State(s): State<SimState>,
+    Path(id): Path<String>,
+    Json(p): Json<DevicePatch>,
+) -> Response {
+    if s.patch(&id, &p) {
+        Json(s.device(&id)).into_response()
+    } else {
+        problem(StatusCode::NOT_FOUND, "unknown device")
+    }
+}
+
+async fn ctl_delete(State(s): State<SimState>, Path(id): Path<String>) -> Response {
+    if s.remove_device(&id) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        problem(StatusCode::NOT_FOUND, "unknown device")
+    }
+}
+
+async fn ctl_online(State(s): State<SimState>, Path(id): Path<String>) -> Response {
+    set_online_resp(&s, &id, true)
+}
+
+async fn ctl_offline(State(s): State<SimState>, Path(id): Path<String>) -> Response {
+    set_online_resp(&s, &id, false)
+}
+
+fn set_online_resp(s: &SimState, id: &str, online: bool) -> Response {
+    if s.set_online(id, online) {
+        Json(s.device(id)).into_response()
+    } else {
+        problem(StatusCode::NOT_FOUND, "unknown device")
+    }
+}
+
+#[derive(Deserialize)]
+struct ScriptFaults {
+    #[serde(flatten)]
+    fault: Fault,
+    #[serde(default = "one_usize")]
+    count: usize,
+}
+
+fn one_usize() -> usize {
+    1
+}
+
+async fn ctl_faults(
+    State(s): State<SimState>,
+    Path(id): Path<String>,
+    Json(f): Json<ScriptFaults>,
+) -> Response {
+    if s.script_faults(&id, f.fault, f.count) {
+        Json(s.device(&id)).into_response()
+    } else {
+        problem(StatusCode::NOT_FOUND, "unknown device")
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HistoryQuery {
+    device_id: Option<String>,
+}
+
+async fn ctl_history(
+    State(s): State<SimState>,
+    Query(q): Query<HistoryQuery>,
+) -> Json<Vec<PutRecord>> {
+    Json(match q.device_id {
+        Some(id) => s.history_for(&id),
+        None => s.history(),
+    })
+}
+
+async fn ctl_clear_history(State(s): State<SimState>) -> StatusCode {
+    s.clear_history();
+    StatusCode::NO_CONTENT
+}
+
+async fn ctl_reset(State(s): State<SimState>) -> StatusCode {
+    s.reset();
+    StatusCode::NO_CONTENT
+}
+
+async fn ctl_fleet(State(s): State<SimState>, Json(cfg): Json<FleetConfig>) -> Response {
+    let ids = s.start_fleet(cfg);
+    (StatusCode::CREATED, Json(json!({"deviceIds": ids}))).into_response()
+}
+
+async fn ctl_fleet_stop(State(s): State<SimState>) -> StatusCode {
+    s.stop_fleet();
+    StatusCode::NO_CONTENT
+}
+
+#[derive(Deserialize)]
+struct AllOnline {
+    online: bool,
+}
+
+async fn ctl_all_online(State(s): State<SimState>, Json(b): Json<AllOnline>) -> StatusCode {
+    s.set_all_online(b.online);
+    StatusCode::NO_CONTENT
+}
+
+/// The axum router of the simulator (device API + control API).
+pub fn router(state: SimState) -> Router {
+    Router::new()
+        .route("/devices/{id}", get(get_device))
+        .route("/devices/{id}/settings/min-soc", put(put_min_soc))
+        .route("/_control/reset", post(ctl_reset))
+        .route("/_control/devices", get(ctl_list).post(ctl_create))
+        .route(
+            "/_control/devices/{id}",
+            get(ctl_get).patch(ctl_patch).delete(ctl_delete),
+        )
+        .route("/_control/devices/{id}/online", post(ctl_online))
+        .route("/_control/devices/{id}/offline", post(ctl_offline))
+        .route("/_control/devices/{id}/faults", post(ctl_faults))
+        .route("/_control/all-online", post(ctl_all_online))
+        .route("/_control/fleet", post(ctl_fleet).delete(ctl_fleet_stop))
+        .route(
+            "/_control/history",
+            get(ctl_history).delete(ctl_clear_history),
+        )
+        .with_state(state)
+}
+
+/// A running simulator. Dropping it does not stop the server; call [`DeviceSim::shutdown`].
+pub struct DeviceSim {
+    state: SimState,
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl DeviceSim {
+    /// Start on `addr` (use `127.0.0.1:0` for a free port) with the default API key.
+    pub async fn start(addr: SocketAddr) -> anyhow::Result<DeviceSim> {
+        Self::start_with(addr, Some(DEFAULT_API_KEY.to_string()), 1).await
+    }
+
+    /// Start with an explicit API key (`None` = no key check) and RNG seed for random faults.
+    pub async fn start_with(
+        addr: SocketAddr,
+        api_key: Option<String>,
+        seed: u64,
+    ) -> anyhow::Result<DeviceSim> {
+        let state = SimState::new(api_key, seed);
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let app = router(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        tracing::info!(%addr, "devicesim listening");
+        Ok(DeviceSim {
+            state,
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:{port}` — what `DEVICE_API_BASE_URL` should be.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The shared state: all in-process control methods live there.
+    pub fn state(&self) -> &SimState {
+        &self.state
+    }
+
+    pub async fn shutdown(mut self) {
+        self.state.stop_fleet();
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(mut t) = self.task.take() {
+            // In-flight hung requests would delay graceful shutdown: bound it.
+            if tokio::time::timeout(Duration::from_secs(2), &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for DeviceSim {
+    type Target = SimState;
+    fn deref(&self) -> &SimState {
+        &self.state
+    }
+}

@@ -1,0 +1,323 @@
+//! devicesim behaviour over real HTTP on loopback.
+
+use std::time::Duration;
+
+use devtools::devicesim::{DevicePatch, DeviceSim, Fault, FleetConfig, DEFAULT_API_KEY};
+use serde_json::{json, Value};
+
+async fn sim() -> DeviceSim {
+    DeviceSim::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_millis(800))
+        .build()
+        .unwrap()
+}
+
+async fn put(
+    sim: &DeviceSim,
+    id: &str,
+    min_soc: i64,
+    key: &str,
+) -> reqwest::Result<reqwest::Response> {
+    client()
+        .put(format!("{}/devices/{id}/settings/min-soc", sim.base_url()))
+        .header("x-api-key", DEFAULT_API_KEY)
+        .header("Idempotency-Key", key)
+        .json(&json!({ "minSoc": min_soc }))
+        .send()
+        .await
+}
+
+#[tokio::test]
+async fn get_device_returns_the_contract_shape_or_404() {
+    let sim = sim().await;
+    sim.add_device_with("bat-1", true, Some(20));
+    let r = client()
+        .get(format!("{}/devices/bat-1", sim.base_url()))
+        .header("x-api-key", DEFAULT_API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v,
+        json!({"deviceId": "bat-1", "online": true, "minSoc": 20})
+    );
+    let r = client()
+        .get(format!("{}/devices/nope", sim.base_url()))
+        .header("x-api-key", DEFAULT_API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_without_the_api_key_get_401_and_apply_nothing() {
+    let sim = sim().await;
+    sim.add_device("bat-1", true);
+    let r = client()
+        .put(format!("{}/devices/bat-1/settings/min-soc", sim.base_url()))
+        .json(&json!({"minSoc": 30}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .get(format!("{}/devices/bat-1", sim.base_url()))
+        .header("x-api-key", "wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(sim.device("bat-1").unwrap().min_soc, None);
+    assert_eq!(sim.history()[0].outcome, "unauthorized");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn put_applies_only_when_online_and_answers_409_404_422_otherwise() {
+    let sim = sim().await;
+    sim.add_device("on", true);
+    sim.add_device("off", false);
+    sim.add_device("picky", true);
+    sim.patch(
+        "picky",
+        &DevicePatch {
+            reject: Some(Some("minSoc below vendor floor".into())),
+            ..Default::default()
+        },
+    );
+    assert_eq!(put(&sim, "on", 30, "k1").await.unwrap().status(), 200);
+    assert_eq!(put(&sim, "off", 30, "k2").await.unwrap().status(), 409);
+    assert_eq!(put(&sim, "ghost", 30, "k3").await.unwrap().status(), 404);
+    let r = put(&sim, "picky", 30, "k4").await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(r.text().await.unwrap().contains("vendor floor"));
+    assert_eq!(sim.device("on").unwrap().min_soc, Some(30));
+    assert_eq!(sim.device("off").unwrap().min_soc, None);
+    let outcomes: Vec<String> = sim.history().into_iter().map(|h| h.outcome).collect();
+    assert_eq!(
+        outcomes,
+        ["applied", "offline", "unknown-device", "rejected"]
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_with_the_same_body_does_not_apply_twice() {
+    let sim = sim().await;
+    sim.add_device("bat", true);
+    assert_eq!(put(&sim, "bat", 40, "req-1").await.unwrap().status(), 200);
+    assert_eq!(put(&sim, "bat", 50, "req-2").await.unwrap().status(), 200);
+    // replay of req-1 after req-2: same answer, no effect
+    assert_eq!(put(&sim, "bat", 40, "req-1").await.unwrap().status(), 200);
+    let d = sim.device("bat").unwrap();
+    assert_eq!(d.min_soc, Some(50));
+    assert_eq!(d.apply_count, 2);
+    assert_eq!(sim.history()[2].outcome, "replayed");
+    // same key, different body: rejected
+    assert_eq!(put(&sim, "bat", 41, "req-1").await.unwrap().status(), 422);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_offline_device_accepts_the_same_key_once_it_is_back_online() {
+    let sim = sim().await;
+    sim.add_device("bat", false);
+    assert_eq!(put(&sim, "bat", 40, "req-1").await.unwrap().status(), 409);
+    sim.set_online("bat", true);
+    assert_eq!(put(&sim, "bat", 40, "req-1").await.unwrap().status(), 200);
+    assert_eq!(sim.device("bat").unwrap().min_soc, Some(40));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn scripted_faults_give_5xx_then_429_with_retry_after_then_success() {
+    let sim = sim().await;
+    sim.add_device("bat", true);
+    sim.script_faults("bat", Fault::Status { status: 502 }, 2);
+    sim.script_faults(
+        "bat",
+        Fault::TooMany {
+            retry_after_seconds: 7,
+        },
+        1,
+    );
+    assert_eq!(put(&sim, "bat", 10, "k").await.unwrap().status(), 502);
+    assert_eq!(put(&sim, "bat", 10, "k").await.unwrap().status(), 502);
+    let r = put(&sim, "bat", 10, "k").await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "7");
+    assert_eq!(put(&sim, "bat", 10, "k").await.unwrap().status(), 200);
+    let outcomes: Vec<String> = sim.history().into_iter().map(|h| h.outcome).collect();
+    assert_eq!(outcomes, ["fault-5xx", "fault-5xx", "fault-429", "applied"]);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_timeout_fault_hangs_past_the_client_timeout_and_applies_nothing() {
+    let sim = sim().await;
+    sim.add_device("bat", true);
+    sim.patch(
+        "bat",
+        &DevicePatch {
+            hang_ms: Some(2_000),
+            ..Default::default()
+        },
+    );
+    sim.script_faults("bat", Fault::Timeout, 1);
+    let err = put(&sim, "bat", 10, "k").await.unwrap_err();
+    assert!(err.is_timeout());
+    assert_eq!(sim.device("bat").unwrap().min_soc, None);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn timeout_after_apply_applies_but_the_client_never_hears_and_the_retry_is_a_replay() {
+    let sim = sim().await;
+    sim.add_device("bat", true);
+    sim.patch(
+        "bat",
+        &DevicePatch {
+            hang_ms: Some(2_000),
+            ..Default::default()
+        },
+    );
+    sim.script_faults("bat", Fault::TimeoutAfterApply, 1);
+    assert!(put(&sim, "bat", 10, "k").await.unwrap_err().is_timeout());
+    assert_eq!(put(&sim, "bat", 10, "k").await.unwrap().status(), 200);
+    let d = sim.device("bat").unwrap();
+    assert_eq!((d.min_soc, d.apply_count), (Some(10), 1));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn latency_is_added_before_answering() {
+    let sim = sim().await;
+    sim.add_device("bat", true);
+    sim.patch(
+        "bat",
+        &DevicePatch {
+            latency_ms: Some(300),
+            ..Default::default()
+        },
+    );
+    let t = std::time::Instant::now();
+    assert_eq!(put(&sim, "bat", 10, "k").await.unwrap().status(), 200);
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn random_error_rates_are_seeded_and_roughly_honoured() {
+    let sim = sim().await;
+    sim.add_device("bat", true);
+    sim.patch(
+        "bat",
+        &DevicePatch {
+            error_5xx_rate: Some(0.5),
+            ..Default::default()
+        },
+    );
+    let mut fails = 0;
+    for i in 0..60 {
+        if put(&sim, "bat", 10, &format!("k{i}"))
+            .await
+            .unwrap()
+            .status()
+            == 503
+        {
+            fails += 1;
+        }
+    }
+    assert!((15..=45).contains(&fails), "{fails} of 60 failed");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_control_api_creates_flips_and_lists_devices_and_history_over_http() {
+    let sim = sim().await;
+    let c = client();
+    let base = sim.base_url();
+    let r = c
+        .post(format!("{base}/_control/devices"))
+        .json(&json!([{"deviceId": "a", "online": false}, {"deviceId": "b", "online": true}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    c.post(format!("{base}/_control/devices/a/online"))
+        .send()
+        .await
+        .unwrap();
+    c.patch(format!("{base}/_control/devices/b"))
+        .json(&json!({"reject": "nope"}))
+        .send()
+        .await
+        .unwrap();
+    c.post(format!("{base}/_control/devices/a/faults"))
+        .json(&json!({"kind": "status", "status": 500, "count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put(&sim, "a", 5, "x").await.unwrap().status(), 500);
+    assert_eq!(put(&sim, "a", 5, "x").await.unwrap().status(), 200);
+    assert_eq!(put(&sim, "b", 5, "y").await.unwrap().status(), 422);
+    let h: Vec<Value> = c
+        .get(format!("{base}/_control/history?deviceId=a"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h.len(), 2);
+    assert_eq!(h[1]["outcome"], "applied");
+    assert_eq!(h[1]["idempotencyKey"], "x");
+    assert_eq!(h[1]["minSoc"], 5);
+    assert!(h[1]["at"].as_str().unwrap().contains('T'));
+    let list: Vec<Value> = c
+        .get(format!("{base}/_control/devices"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.len(), 2);
+    c.post(format!("{base}/_control/reset"))
+        .send()
+        .await
+        .unwrap();
+    assert!(sim.devices().is_empty() && sim.history().is_empty());
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn fleet_mode_creates_n_devices_that_flap_and_all_online_stops_the_flapping() {
+    let sim = sim().await;
+    let ids = sim.start_fleet(FleetConfig {
+        count: 20,
+        interval_ms: 20,
+        flip_probability: 0.5,
+        seed: 7,
+        ..Default::default()
+    });
+    assert_eq!(ids.len(), 20);
+    let before: Vec<bool> = sim.devices().iter().map(|d| d.online).collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let after: Vec<bool> = sim.devices().iter().map(|d| d.online).collect();
+    assert_ne!(before, after, "fleet did not flap");
+    sim.set_all_online(true);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(sim.devices().iter().all(|d| d.online));
+    sim.shutdown().await;
+}
