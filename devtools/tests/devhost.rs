@@ -1,6 +1,6 @@
 //! devhost end to end with a fake handler (`fakehandler` bin), driven by the repo's real
 //! host.json / function.json / local.settings.json. Payload shapes are compared with the
-//! fixtures in shared/reference/host-payloads.
+//! fixtures in tests/fixtures/host-payloads (the repo copy of the reference payloads).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,12 +17,9 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The repo's copy of the host payload fixtures (see its SOURCE.md).
 fn fixtures() -> PathBuf {
-    repo_root()
-        .ancestors()
-        .map(|a| a.join("shared/reference/host-payloads"))
-        .find(|p| p.is_dir())
-        .expect("shared/reference/host-payloads next to the repo")
+    repo_root().join("tests/fixtures/host-payloads")
 }
 
 fn fixture(name: &str) -> Value {

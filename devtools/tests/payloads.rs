@@ -8,11 +8,8 @@ use devtools::servicebus::{json_send, Broker, BrokerConfig};
 use serde_json::{json, Value};
 
 fn fixture(name: &str) -> Value {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|a| a.join("shared/reference/host-payloads"))
-        .find(|p| p.is_dir())
-        .expect("shared/reference/host-payloads next to the repo");
+    // The repo's copy of the host payload fixtures (see its SOURCE.md).
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/host-payloads");
     serde_json::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
 }
 

@@ -1,5 +1,5 @@
 //! The exact invocation payloads the Functions host sends (protocol doc §2-§5; fixtures in
-//! `shared/reference/host-payloads/`).
+//! `tests/fixtures/host-payloads/`).
 
 use base64::Engine;
 use chrono::{DateTime, Utc};
