@@ -84,22 +84,34 @@ fn unknown_settings(bicep: &str) -> Vec<String> {
 #[test]
 fn every_setting_the_code_reads_is_set_by_the_function_app_bicep() {
     let missing = missing_settings(&read(FUNCTION_APP_BICEP));
-    assert!(missing.is_empty(), "{FUNCTION_APP_BICEP} does not set {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "{FUNCTION_APP_BICEP} does not set {missing:?}"
+    );
 }
 
 #[test]
 fn the_bicep_sets_no_service_setting_the_code_does_not_know() {
     let unknown = unknown_settings(&read(FUNCTION_APP_BICEP));
-    assert!(unknown.is_empty(), "socSettings sets {unknown:?}, which config::SETTINGS does not list");
+    assert!(
+        unknown.is_empty(),
+        "socSettings sets {unknown:?}, which config::SETTINGS does not list"
+    );
 
     let known: BTreeSet<&str> = SETTINGS.iter().map(|s| s.name).collect();
     let mut anywhere = BTreeSet::new();
-    own_keys_anywhere(&Path::new(env!("CARGO_MANIFEST_DIR")).join("infra"), &mut anywhere);
+    own_keys_anywhere(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("infra"),
+        &mut anywhere,
+    );
     let stray: Vec<_> = anywhere
         .iter()
         .filter(|(k, _)| !known.contains(k.as_str()))
         .collect();
-    assert!(stray.is_empty(), "unknown service settings in the infra: {stray:?}");
+    assert!(
+        stray.is_empty(),
+        "unknown service settings in the infra: {stray:?}"
+    );
 }
 
 #[test]
