@@ -512,6 +512,8 @@ async fn start_azurite(
             &loc.to_string_lossy(),
             "--skipApiVersionCheck",
             "--silent",
+            // Loopback only: Azurite otherwise sends telemetry to Application Insights.
+            "--disableTelemetry",
         ])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -620,6 +622,15 @@ async fn deliver_sb(inner: &Arc<Inner>, function: &str, d: crate::servicebus::De
         &Uuid::new_v4().to_string(),
         Utc::now(),
     );
+    // Like the real host's "Trigger Details" line: which message, which delivery.
+    inner.output.line(&format!(
+        "[devhost] Executing 'Functions.{function}' Trigger Details: MessageId: {}, SequenceNumber: {}, DeliveryCount: {}, EnqueuedTimeUtc: {}, LockedUntilUtc: {}",
+        d.message.message_id,
+        d.message.sequence_number,
+        d.message.delivery_count,
+        d.message.enqueued_time.to_rfc3339(),
+        d.locked_until.to_rfc3339(),
+    ));
     match invoke(inner, function, &env).await {
         Ok(_) => {
             tracing::info!(
