@@ -73,7 +73,12 @@ async fn main() -> anyhow::Result<()> {
         Some(k) => println!("devicesim: x-api-key    {k}"),
         None => println!("devicesim: x-api-key    (not checked)"),
     }
-    tokio::signal::ctrl_c().await?;
+    // Ctrl-C, or SIGTERM from a supervising script (scripts/dev).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     sim.shutdown().await;
     Ok(())
 }

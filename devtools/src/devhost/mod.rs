@@ -29,7 +29,7 @@ use crate::servicebus::{Broker, BrokerConfig, ConnectionString, QueueSnapshot, S
 use config::{AppConfig, Trigger};
 use json::J;
 use payloads::{HttpIn, TimerStatus};
-use supervisor::{HandlerSpec, HandlerState, Supervisor};
+use supervisor::{HandlerSpec, HandlerState, OutputSink, Supervisor};
 
 /// The host version devhost claims in headers.
 pub const HOST_VERSION: &str = "4.1037.0.0";
@@ -59,6 +59,8 @@ pub struct DevHostOptions {
     pub master_key: Option<String>,
     /// Start timers (false: only manual firing).
     pub timers: bool,
+    /// Write the handler's output and invocation logs to this file instead of stdout.
+    pub handler_log: Option<PathBuf>,
 }
 
 impl DevHostOptions {
@@ -77,15 +79,19 @@ impl DevHostOptions {
             function_key: None,
             master_key: None,
             timers: true,
+            handler_log: None,
         }
     }
 
-    /// Free ports everywhere, no Azurite, a fresh data dir: for parallel tests.
+    /// Free ports everywhere, no Azurite, a fresh data dir, handler output in
+    /// `{data_dir}/handler.log` (not on stdout): for parallel tests.
     pub fn for_tests(app_root: impl Into<PathBuf>, data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
         DevHostOptions {
             port: 0,
             servicebus_port: Some(0),
-            data_dir: Some(data_dir.into()),
+            handler_log: Some(data_dir.join("handler.log")),
+            data_dir: Some(data_dir),
             start_azurite: false,
             ..Self::new(app_root)
         }
@@ -100,6 +106,7 @@ struct Inner {
     config: AppConfig,
     settings: BTreeMap<String, String>,
     supervisor: Supervisor,
+    output: OutputSink,
     broker: Broker,
     function_key: String,
     master_key: String,
@@ -224,6 +231,10 @@ impl DevHost {
         }
         config.settings = settings.clone();
 
+        let output = match &opts.handler_log {
+            Some(p) => OutputSink::file(p).with_context(|| format!("opening {}", p.display()))?,
+            None => OutputSink::stdout(),
+        };
         let exe = opts.handler.clone().unwrap_or(config.executable.clone());
         let supervisor = Supervisor::start(HandlerSpec {
             executable: exe,
@@ -232,6 +243,7 @@ impl DevHost {
             app_root: config.root.clone(),
             env: settings.clone(),
             init_timeout: opts.init_timeout,
+            output: output.clone(),
         });
 
         let inner = Arc::new(Inner {
@@ -244,6 +256,7 @@ impl DevHost {
             config,
             settings,
             supervisor,
+            output,
             broker: broker.clone(),
             timers: Mutex::new(HashMap::new()),
             front_addr: Mutex::new(None),
@@ -499,6 +512,8 @@ async fn start_azurite(
             &loc.to_string_lossy(),
             "--skipApiVersionCheck",
             "--silent",
+            // Loopback only: Azurite otherwise sends telemetry to Application Insights.
+            "--disableTelemetry",
         ])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -579,7 +594,10 @@ async fn invoke(inner: &Inner, function: &str, envelope: &J) -> anyhow::Result<V
         .and_then(|(_, l)| l.as_array())
     {
         for l in logs {
-            println!("[{function} log] {}", l.as_str().unwrap_or(&l.to_string()));
+            inner.output.line(&format!(
+                "[{function} log] {}",
+                l.as_str().unwrap_or(&l.to_string())
+            ));
         }
     }
     Ok(v)
@@ -604,6 +622,15 @@ async fn deliver_sb(inner: &Arc<Inner>, function: &str, d: crate::servicebus::De
         &Uuid::new_v4().to_string(),
         Utc::now(),
     );
+    // Like the real host's "Trigger Details" line: which message, which delivery.
+    inner.output.line(&format!(
+        "[devhost] Executing 'Functions.{function}' Trigger Details: MessageId: {}, SequenceNumber: {}, DeliveryCount: {}, EnqueuedTimeUtc: {}, LockedUntilUtc: {}",
+        d.message.message_id,
+        d.message.sequence_number,
+        d.message.delivery_count,
+        d.message.enqueued_time.to_rfc3339(),
+        d.locked_until.to_rfc3339(),
+    ));
     match invoke(inner, function, &env).await {
         Ok(_) => {
             tracing::info!(

@@ -20,6 +20,46 @@ pub struct HandlerSpec {
     /// App settings passed as environment variables.
     pub env: BTreeMap<String, String>,
     pub init_timeout: Duration,
+    /// Where the handler's output lines go: devhost's stdout, or a file (tests).
+    pub output: OutputSink,
+}
+
+/// Destination of the handler's stdout/stderr lines and the invocation `Logs`.
+/// Stdout by default (what a developer watches); a file in tests, where stdout
+/// printed from runtime threads is not captured by the test harness and would
+/// flood the test output.
+#[derive(Clone, Debug, Default)]
+pub struct OutputSink {
+    file: Option<Arc<Mutex<std::fs::File>>>,
+}
+
+impl OutputSink {
+    /// Print to stdout.
+    pub fn stdout() -> Self {
+        OutputSink { file: None }
+    }
+
+    /// Append to `path` (created if missing).
+    pub fn file(path: &std::path::Path) -> std::io::Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(OutputSink {
+            file: Some(Arc::new(Mutex::new(f))),
+        })
+    }
+
+    pub fn line(&self, line: &str) {
+        match &self.file {
+            None => println!("{line}"),
+            Some(f) => {
+                use std::io::Write;
+                let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = writeln!(f, "{line}");
+            }
+        }
+    }
 }
 
 /// Handler state visible to invokers.
@@ -181,14 +221,16 @@ async fn run(
         *pid.lock().unwrap_or_else(|p| p.into_inner()) = child.id();
         tracing::info!(pid = ?child.id(), port, "devhost: handler started");
         if let Some(out) = child.stdout.take() {
+            let sink = spec.output.clone();
             tokio::spawn(async move {
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(l)) = lines.next_line().await {
-                    println!("[handler] {l}");
+                    sink.line(&format!("[handler] {l}"));
                 }
             });
         }
         if let Some(err) = child.stderr.take() {
+            let sink = spec.output.clone();
             tokio::spawn(async move {
                 let mut lines = BufReader::new(err).lines();
                 while let Ok(Some(l)) = lines.next_line().await {
@@ -197,7 +239,7 @@ async fn run(
                     } else {
                         "ERROR"
                     };
-                    println!("[handler stderr {level}] {l}");
+                    sink.line(&format!("[handler stderr {level}] {l}"));
                 }
             });
         }

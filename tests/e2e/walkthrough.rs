@@ -1,0 +1,112 @@
+//! The walk-through `scripts/dev` prints, run as written: the script prints it for this test's
+//! ports and keys (`--print-walkthrough`), and every `curl` line is executed with bash; each
+//! `#    expect: TEXT` line below a command must appear in that command's output. Commands that
+//! only read (no `-X POST`) are repeated until they match, as a person would; a POST runs once.
+//! devicesim gets the demo batteries scripts/dev creates (bat-online, bat-offline).
+
+use std::time::{Duration, Instant};
+
+use crate::support::{app_root, Setup};
+
+struct Step {
+    command: String,
+    expect: Vec<String>,
+}
+
+fn parse(text: &str) -> Vec<Step> {
+    let mut steps: Vec<Step> = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("curl ") {
+            steps.push(Step {
+                command: line.to_string(),
+                expect: vec![],
+            });
+        } else if let Some(e) = line.trim_start().strip_prefix("#    expect: ") {
+            steps
+                .last_mut()
+                .expect("an expect line follows a command")
+                .expect
+                .push(e.to_string());
+        } else if let Some(e) = line.strip_prefix("#") {
+            assert!(
+                !e.trim_start().starts_with("expect"),
+                "malformed expect line: {line:?}"
+            );
+        }
+    }
+    steps
+}
+
+async fn run(command: &str) -> String {
+    let out = tokio::process::Command::new("bash")
+        .args(["-c", command])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("bash");
+    assert!(out.status.success(), "{command}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walk_through_printed_by_scripts_dev_works_as_written() {
+    const FUNCTION_KEY: &str = "e2e-walkthrough-function-key";
+    const MASTER_KEY: &str = "e2e-walkthrough-master-key";
+    // scripts/dev runs with local.settings.json's timings unless told otherwise.
+    let app = Setup::new()
+        .set("SOC_RECHECK_INITIAL_SECONDS", "60")
+        .set("SOC_RECHECK_MAX_SECONDS", "1800")
+        .set("DRAIN_SOC_SCHEDULE", "0 */5 * * * *")
+        .keys(FUNCTION_KEY, MASTER_KEY)
+        .start()
+        .await;
+    app.sim.add_device("bat-online", true);
+    app.sim.add_device("bat-offline", false);
+
+    let printed = std::process::Command::new("bash")
+        .arg(app_root().join("scripts/dev"))
+        .args([
+            "--print-walkthrough",
+            "--port",
+            &app.host().addr().port().to_string(),
+            "--sim-port",
+            &app.sim.addr().port().to_string(),
+            "--function-key",
+            FUNCTION_KEY,
+            "--master-key",
+            MASTER_KEY,
+        ])
+        .output()
+        .expect("scripts/dev");
+    assert!(printed.status.success(), "{printed:?}");
+    let text = String::from_utf8(printed.stdout).unwrap();
+    let steps = parse(&text);
+    assert!(steps.len() >= 8, "the walk-through has its steps:\n{text}");
+
+    for (i, step) in steps.iter().enumerate() {
+        assert!(
+            !step.expect.is_empty(),
+            "step {} says what to expect",
+            i + 1
+        );
+        let retry = !step.command.contains("-X POST");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = run(&step.command).await;
+            let missing: Vec<&String> = step.expect.iter().filter(|e| !out.contains(*e)).collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                retry && Instant::now() < deadline,
+                "step {}: {}\nexpected {missing:?} in:\n{out}\n{}",
+                i + 1,
+                step.command,
+                app.handler_log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    assert_eq!(app.device_value("bat-offline"), Some(30));
+    assert_eq!(app.device_value("bat-online"), Some(25));
+}
