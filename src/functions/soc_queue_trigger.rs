@@ -22,8 +22,22 @@ use super::apply::{apply_latest, ApplyOutcome};
 use super::wake::{self, Rescheduled};
 use super::Services;
 
-/// Longest a delivery waits for a device cloud's `Retry-After` before giving the message back.
-const MAX_RETRY_AFTER_WAIT: Duration = Duration::from_secs(10);
+/// Longest a delivery waits before giving a message back after a transient error.
+const MAX_TRANSIENT_WAIT: Duration = Duration::from_secs(10);
+/// First wait after a transient error without `Retry-After`; doubles with each delivery.
+const FIRST_TRANSIENT_WAIT: Duration = Duration::from_millis(500);
+
+/// How long to hold a message before abandoning it after a transient device-cloud
+/// error. Service Bus redelivers an abandoned message at once, so without this an
+/// outage of a few seconds would use up the queue's max delivery count. The wait
+/// honours `Retry-After`, else doubles per delivery, capped (the lock is renewed
+/// by the host meanwhile). Past the max delivery count the message is
+/// dead-lettered and the timer sweep re-sends it.
+pub fn transient_wait(delivery_count: u32, retry_after: Option<Duration>) -> Duration {
+    let backoff =
+        FIRST_TRANSIENT_WAIT.saturating_mul(1u32 << delivery_count.saturating_sub(1).min(16));
+    retry_after.unwrap_or(backoff).min(MAX_TRANSIENT_WAIT)
+}
 
 /// A delivered message, independent of the host's envelope.
 #[derive(Debug, Clone)]
@@ -122,20 +136,13 @@ pub async fn handle(svc: &Services, delivery: Delivery) -> Settle {
         ApplyOutcome::Failed(r, e) => {
             return Settle::Complete(format!("request {} failed permanently: {e}", r.request_id))
         }
-        ApplyOutcome::Transient(
-            _,
-            DeviceError::Transient {
-                reason,
-                retry_after,
-            },
-        ) => {
-            if let Some(wait) = retry_after {
-                tokio::time::sleep(wait.min(MAX_RETRY_AFTER_WAIT)).await;
-            }
-            return Settle::Retry(format!("device cloud unavailable: {reason}"));
-        }
         ApplyOutcome::Transient(_, e) => {
-            return Settle::Retry(format!("device cloud unavailable: {e}"))
+            let retry_after = match &e {
+                DeviceError::Transient { retry_after, .. } => *retry_after,
+                _ => None,
+            };
+            tokio::time::sleep(transient_wait(delivery.delivery_count, retry_after)).await;
+            return Settle::Retry(format!("device cloud unavailable: {e}"));
         }
         ApplyOutcome::Offline(v) => (v, None),
         // Someone else is talking to the device and will converge; look again soon in case it dies.
@@ -286,7 +293,25 @@ mod tests {
         assert_eq!(puts, vec![90]);
     }
 
-    #[tokio::test]
+    #[test]
+    fn transient_waits_double_per_delivery_honour_retry_after_and_are_capped() {
+        let ms = |n| transient_wait(n, None).as_millis();
+        assert_eq!(
+            [ms(1), ms(2), ms(3), ms(4), ms(5), ms(6), ms(10)],
+            [500, 1000, 2000, 4000, 8000, 10_000, 10_000]
+        );
+        assert_eq!(
+            transient_wait(1, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            transient_wait(1, Some(Duration::from_secs(300))),
+            MAX_TRANSIENT_WAIT
+        );
+        assert_eq!(transient_wait(u32::MAX, None), MAX_TRANSIENT_WAIT);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_transient_device_error_asks_for_redelivery() {
         let h = Harness::new();
         h.device.set_online("d1", false);

@@ -191,7 +191,7 @@ async fn a_delivery_while_offline_schedules_one_later_recheck_and_duplicates_for
 }
 
 #[tokio::test]
-async fn device_5xx_makes_the_delivery_fail_for_redelivery_then_it_applies() {
+async fn device_5xx_backs_off_and_fails_the_delivery_for_redelivery_then_it_applies() {
     let app = TestApp::start().await;
     app.device("bat-1", false);
     app.post_soc("bat-1", &minsoc(61)).await;
@@ -202,7 +202,14 @@ async fn device_5xx_makes_the_delivery_fail_for_redelivery_then_it_applies() {
     let m = app.messages().remove(0);
     let mut statuses = Vec::new();
     for _ in 0..3 {
+        let started = std::time::Instant::now();
         let (status, _) = app.invoke_queue(&app.lock(&m)).await;
+        if status >= 500 {
+            assert!(
+                started.elapsed() >= Duration::from_millis(450),
+                "a transient failure backs off before redelivery"
+            );
+        }
         statuses.push(status);
         if status == 200 {
             break;
