@@ -794,6 +794,18 @@ impl Broker {
         Ok(())
     }
 
+    /// Deletes one message whatever its state (an operator purge; tests use it to
+    /// simulate a lost message or a host that completed it). `false` if absent.
+    pub fn remove(&self, queue: &str, sequence_number: i64) -> bool {
+        let mut g = self.lock();
+        let Some(q) = g.get_mut(queue) else {
+            return false;
+        };
+        let present = q.messages.contains_key(&sequence_number);
+        q.delete_msg(sequence_number);
+        present
+    }
+
     /// All stored messages of a queue (any state).
     pub fn messages(&self, queue: &str) -> Vec<StoredMessage> {
         self.lock()

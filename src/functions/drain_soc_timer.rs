@@ -151,21 +151,7 @@ fn log_error(device: &crate::domain::DeviceId, error: &str) -> Step {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::functions::fakes::Harness;
-    use crate::functions::set_soc_http::{self, ApiRequest};
-
-    async fn post(h: &Harness, device: &str, min_soc: u8) {
-        set_soc_http::handle(
-            &h.svc,
-            ApiRequest {
-                method: "POST".into(),
-                device_id: device.into(),
-                idempotency_key: None,
-                body: format!(r#"{{"minSoc":{min_soc}}}"#).into_bytes(),
-            },
-        )
-        .await;
-    }
+    use crate::functions::fakes::{post_min_soc as post, Harness};
 
     #[tokio::test]
     async fn devices_back_online_are_applied_without_waiting_for_their_backoff() {

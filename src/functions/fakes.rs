@@ -411,3 +411,14 @@ pub async fn accept_pending(h: &Harness, device: &str, min_soc: u8) -> DesiredSt
         }
     }
 }
+
+/// POSTs `{"minSoc": min_soc}` through `SetSocHttp` and returns the response body.
+pub async fn post_min_soc(h: &Harness, device: &str, min_soc: u8) -> serde_json::Value {
+    let request = super::set_soc_http::ApiRequest {
+        method: "POST".into(),
+        device_id: device.into(),
+        idempotency_key: None,
+        body: format!(r#"{{"minSoc":{min_soc}}}"#).into_bytes(),
+    };
+    super::set_soc_http::handle(&h.svc, request).await.body
+}

@@ -516,35 +516,28 @@ fn location(device: &str) -> String {
     format!("/api/devices/{device}/soc")
 }
 
+/// The fields every representation of a request shares.
+fn request_json(r: &DesiredState, status: &str) -> Value {
+    json!({
+        "requestId": r.request_id,
+        "deviceId": r.device_id.as_str(),
+        "minSoc": r.min_soc.percent(),
+        "dod": r.min_soc.dod(),
+        "status": status,
+        "requestedAt": ts(r.requested_at),
+    })
+}
+
 fn applied_response(r: &DesiredState) -> ApiResponse {
-    ApiResponse::json(
-        200,
-        json!({
-            "requestId": r.request_id,
-            "deviceId": r.device_id.as_str(),
-            "minSoc": r.min_soc.percent(),
-            "dod": r.min_soc.dod(),
-            "status": "applied",
-            "requestedAt": ts(r.requested_at),
-            "appliedAt": ts(r.applied_at.unwrap_or(r.updated_at)),
-        }),
-    )
+    let mut body = request_json(r, "applied");
+    body["appliedAt"] = json!(ts(r.applied_at.unwrap_or(r.updated_at)));
+    ApiResponse::json(200, body)
 }
 
 fn pending_response(r: &DesiredState) -> ApiResponse {
-    ApiResponse::json(
-        202,
-        json!({
-            "requestId": r.request_id,
-            "deviceId": r.device_id.as_str(),
-            "minSoc": r.min_soc.percent(),
-            "dod": r.min_soc.dod(),
-            "status": "pending",
-            "requestedAt": ts(r.requested_at),
-            "expiresAt": ts(r.expires_at),
-        }),
-    )
-    .with_header("Location", location(r.device_id.as_str()))
+    let mut body = request_json(r, "pending");
+    body["expiresAt"] = json!(ts(r.expires_at));
+    ApiResponse::json(202, body).with_header("Location", location(r.device_id.as_str()))
 }
 
 /// The `GET` view of a record. A pending request past its expiry shows as expired
@@ -555,16 +548,9 @@ pub fn view(r: &DesiredState, now: DateTime<Utc>) -> Value {
     } else {
         r.status.as_str()
     };
-    let mut v = json!({
-        "requestId": r.request_id,
-        "deviceId": r.device_id.as_str(),
-        "minSoc": r.min_soc.percent(),
-        "dod": r.min_soc.dod(),
-        "status": status,
-        "requestedAt": ts(r.requested_at),
-        "expiresAt": ts(r.expires_at),
-        "attempts": r.attempts,
-    });
+    let mut v = request_json(r, status);
+    v["expiresAt"] = json!(ts(r.expires_at));
+    v["attempts"] = json!(r.attempts);
     if let Some(at) = r.applied_at {
         v["appliedAt"] = json!(ts(at));
     }

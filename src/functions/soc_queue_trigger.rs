@@ -163,24 +163,9 @@ fn noop(device: &DeviceId, message: &WakeMessage, why: &str) -> Settle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::functions::fakes::Harness;
-    use crate::functions::set_soc_http::{self, ApiRequest};
+    use crate::functions::fakes::{post_min_soc as post, Harness};
     use crate::ports::Clock as _;
     use crate::ports::OutgoingMessage;
-
-    async fn post(h: &Harness, device: &str, min_soc: u8) -> serde_json::Value {
-        let r = set_soc_http::handle(
-            &h.svc,
-            ApiRequest {
-                method: "POST".into(),
-                device_id: device.into(),
-                idempotency_key: None,
-                body: format!(r#"{{"minSoc":{min_soc}}}"#).into_bytes(),
-            },
-        )
-        .await;
-        r.body
-    }
 
     fn delivery_of(m: &OutgoingMessage) -> Delivery {
         Delivery {

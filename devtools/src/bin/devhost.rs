@@ -104,9 +104,12 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => {
             let host = DevHost::start(opts).await?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             let failed = loop {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => break false,
+                    _ = term.recv() => break false,
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {
                         if host.handler_failed() { break true; }
                     }

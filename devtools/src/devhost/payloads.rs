@@ -1,5 +1,5 @@
 //! The exact invocation payloads the Functions host sends (protocol doc §2-§5; fixtures in
-//! `shared/reference/host-payloads/`).
+//! `tests/fixtures/host-payloads/`).
 
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -24,18 +24,28 @@ pub fn dt_offset(t: DateTime<Utc>) -> Value {
     json!(t.format("%Y-%m-%dT%H:%M:%S+00:00").to_string())
 }
 
+/// Seconds plus up to 7 fractional digits (100 ns ticks), trailing zeros dropped.
+fn seven_digits(t: DateTime<Utc>) -> String {
+    use chrono::Timelike;
+    let ticks = t.nanosecond() % 1_000_000_000 / 100;
+    let frac = format!("{ticks:07}");
+    let frac = frac.trim_end_matches('0');
+    let base = t.format("%Y-%m-%dT%H:%M:%S").to_string();
+    if frac.is_empty() {
+        base
+    } else {
+        format!("{base}.{frac}")
+    }
+}
+
 /// .NET round-trip format with 7 fractional digits, trailing zeros dropped, `Z`.
 pub fn utc_now_string(t: DateTime<Utc>) -> String {
-    let s = t.format("%Y-%m-%dT%H:%M:%S%.7f").to_string();
-    let s = s.trim_end_matches('0').trim_end_matches('.');
-    format!("{s}Z")
+    format!("{}Z", seven_digits(t))
 }
 
 /// Local-time (UTC here) DateTimeOffset with 7 fractional digits, `+00:00` (timer status).
 pub fn offset_full(t: DateTime<Utc>) -> String {
-    let s = t.format("%Y-%m-%dT%H:%M:%S%.7f").to_string();
-    let s = s.trim_end_matches('0').trim_end_matches('.');
-    format!("{s}+00:00")
+    format!("{}+00:00", seven_digits(t))
 }
 
 pub fn sys(function: &str, now: DateTime<Utc>) -> J {

@@ -1,0 +1,186 @@
+// SoC settings service: everything one environment (qa or prod) needs, in one
+// resource group. Deploy with
+//   az deployment group create -g <rg> -f infra/main.bicep \
+//     -p infra/params/<env>.parameters.json -p deviceApiKey=<key>
+// (docs/deploy.md walks through it).
+//
+// Order, encoded by the data flow between modules:
+//   serviceBus -> keyVault (stores the Service Bus connection string) -> functionApp
+// storage and monitoring have no dependency on either and deploy in parallel.
+
+targetScope = 'resourceGroup'
+
+@description('Environment name; part of every resource name.')
+@allowed([
+  'qa'
+  'prod'
+])
+param environmentName string
+
+@description('Azure region for all resources. Must offer the Flex Consumption plan when hostingPlan is FlexConsumption (az functionapp list-flexconsumption-locations).')
+param location string = resourceGroup().location
+
+@description('Short lowercase name used in resource names (letters and digits).')
+@minLength(3)
+@maxLength(8)
+param baseName string = 'socset'
+
+@description('FlexConsumption (default) or Dedicated; see docs/deploy.md for why.')
+@allowed([
+  'FlexConsumption'
+  'Dedicated'
+])
+param hostingPlan string = 'FlexConsumption'
+
+@description('Base URL of the vendor device cloud API (DEVICE_API_BASE_URL).')
+param deviceApiBaseUrl string
+
+@description('x-api-key for the device cloud API. Stored in Key Vault; never put it in a parameter file.')
+@secure()
+param deviceApiKey string
+
+@description('Queue carrying pending settings (SOC_QUEUE_NAME).')
+param queueName string = 'soc-settings'
+
+@description('Ledger table (SOC_STATE_TABLE).')
+param ledgerTableName string = 'socsettings'
+
+@description('How long a request may wait for its device (SOC_REQUEST_TTL_SECONDS). 7 days.')
+@minValue(60)
+@maxValue(1209600)
+param requestTtlSeconds int = 604800
+
+@description('Queue default message TTL, ISO 8601. Must be at least requestTtlSeconds (infra/tests check it).')
+param queueMessageTimeToLive string = 'P14D'
+
+@description('Deliveries before a message the handler keeps failing is dead-lettered.')
+@minValue(3)
+@maxValue(100)
+param queueMaxDeliveryCount int = 10
+
+@description('Peek-lock duration of the queue, ISO 8601 (at most PT5M).')
+param queueLockDuration string = 'PT1M'
+
+@description('Duplicate detection history window, ISO 8601.')
+param queueDuplicateDetectionWindow string = 'PT10M'
+
+@description('DEVICE_API_TIMEOUT_MS')
+param deviceApiTimeoutMs int = 5000
+
+@description('SOC_RECHECK_INITIAL_SECONDS')
+param recheckInitialSeconds int = 60
+
+@description('SOC_RECHECK_MAX_SECONDS')
+param recheckMaxSeconds int = 1800
+
+@description('DRAIN_SOC_SCHEDULE (NCRONTAB with seconds).')
+param drainSchedule string = '0 */5 * * * *'
+
+@description('DRAIN_SOC_CONCURRENCY')
+param drainConcurrency int = 16
+
+@description('Storage redundancy.')
+@allowed([
+  'Standard_LRS'
+  'Standard_ZRS'
+  'Standard_GRS'
+  'Standard_GZRS'
+])
+param storageSku string = 'Standard_LRS'
+
+@description('Days deleted Key Vault objects stay recoverable.')
+param keyVaultSoftDeleteDays int = 90
+
+@description('Log Analytics retention in days.')
+param logRetentionDays int = 30
+
+var suffix = uniqueString(resourceGroup().id, environmentName)
+var compactBase = toLower(baseName)
+var tags = {
+  service: 'soc-settings'
+  environment: environmentName
+}
+
+module serviceBus 'modules/servicebus.bicep' = {
+  name: 'servicebus'
+  params: {
+    location: location
+    namespaceName: 'sb-${baseName}-${environmentName}-${suffix}'
+    queueName: queueName
+    messageTimeToLive: queueMessageTimeToLive
+    maxDeliveryCount: queueMaxDeliveryCount
+    lockDuration: queueLockDuration
+    duplicateDetectionWindow: queueDuplicateDetectionWindow
+    tags: tags
+  }
+}
+
+// Takes the Service Bus module's outputs, so it is deployed after it.
+module keyVault 'modules/keyvault.bicep' = {
+  name: 'keyvault'
+  params: {
+    location: location
+    vaultName: take('kv${compactBase}${environmentName}${suffix}', 24)
+    serviceBusNamespaceName: serviceBus.outputs.namespaceName
+    serviceBusRuleName: serviceBus.outputs.authorizationRuleName
+    deviceApiKey: deviceApiKey
+    softDeleteRetentionDays: keyVaultSoftDeleteDays
+    tags: tags
+  }
+}
+
+module storage 'modules/storage.bicep' = {
+  name: 'storage'
+  params: {
+    location: location
+    accountName: take('st${compactBase}${environmentName}${suffix}', 24)
+    ledgerTableName: ledgerTableName
+    deploymentContainerName: 'app-package'
+    skuName: storageSku
+    tags: tags
+  }
+}
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'monitoring'
+  params: {
+    location: location
+    workspaceName: 'log-${baseName}-${environmentName}-${suffix}'
+    appInsightsName: 'appi-${baseName}-${environmentName}-${suffix}'
+    retentionDays: logRetentionDays
+    tags: tags
+  }
+}
+
+// Takes the Key Vault module's secret URIs, so it is deployed after it.
+module functionApp 'modules/functionapp.bicep' = {
+  name: 'functionapp'
+  params: {
+    location: location
+    appName: 'func-${baseName}-${environmentName}-${suffix}'
+    planName: 'plan-${baseName}-${environmentName}-${suffix}'
+    hostingPlan: hostingPlan
+    storageAccountName: storage.outputs.accountName
+    deploymentContainerName: storage.outputs.deploymentContainerName
+    appInsightsName: monitoring.outputs.appInsightsName
+    keyVaultName: keyVault.outputs.vaultName
+    serviceBusSecretUri: keyVault.outputs.serviceBusSecretUri
+    deviceApiKeySecretUri: keyVault.outputs.deviceApiKeySecretUri
+    queueName: serviceBus.outputs.queueName
+    ledgerTableName: storage.outputs.ledgerTableName
+    deviceApiBaseUrl: deviceApiBaseUrl
+    deviceApiTimeoutMs: deviceApiTimeoutMs
+    requestTtlSeconds: requestTtlSeconds
+    recheckInitialSeconds: recheckInitialSeconds
+    recheckMaxSeconds: recheckMaxSeconds
+    drainSchedule: drainSchedule
+    drainConcurrency: drainConcurrency
+    tags: tags
+  }
+}
+
+output functionAppName string = functionApp.outputs.appName
+output defaultHostname string = functionApp.outputs.defaultHostname
+output queueName string = serviceBus.outputs.queueName
+output keyVaultName string = keyVault.outputs.vaultName
+output serviceBusNamespace string = serviceBus.outputs.namespaceName

@@ -1,0 +1,39 @@
+// Log Analytics workspace and the workspace-based Application Insights
+// resource the Functions host sends its logs and the handler's stdout to.
+
+@description('Azure region.')
+param location string
+
+param workspaceName string
+param appInsightsName string
+
+@minValue(30)
+param retentionDays int
+
+param tags object = {}
+
+resource workspace 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
+  name: workspaceName
+  location: location
+  tags: tags
+  properties: {
+    sku: {
+      name: 'PerGB2018'
+    }
+    retentionInDays: retentionDays
+  }
+}
+
+resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
+  name: appInsightsName
+  location: location
+  tags: tags
+  kind: 'web'
+  properties: {
+    Application_Type: 'web'
+    WorkspaceResourceId: workspace.id
+    IngestionMode: 'LogAnalytics'
+  }
+}
+
+output appInsightsName string = appInsights.name

@@ -1,0 +1,150 @@
+"""Source-level checks of the Bicep files, and proof that each one fails on a
+broken copy."""
+
+import json
+
+import pytest
+
+from conftest import replace_once
+from infra_model import (
+    ENVIRONMENTS,
+    INFRA,
+    bicep_files,
+    effective_queue,
+    iso_seconds,
+    module_call,
+    parse,
+    queue_problems,
+    resources_of_type,
+    setting_problems,
+)
+
+
+def test_every_bicep_file_parses():
+    files = bicep_files()
+    assert len(files) >= 6, files
+    for path in files:
+        parse(path)
+
+
+def test_a_syntax_error_is_reported(infra_copy):
+    target = infra_copy / "modules" / "servicebus.bicep"
+    replace_once(target, "    maxDeliveryCount: maxDeliveryCount\n", "    maxDeliveryCount maxDeliveryCount\n")
+    with pytest.raises(Exception):
+        parse(target)
+
+
+def test_settings_queue_has_the_required_properties_in_every_environment():
+    assert queue_problems() == []
+    for env in ENVIRONMENTS:
+        q = effective_queue(INFRA, env)
+        assert q["deadLetteringOnMessageExpiration"] is True
+        assert iso_seconds(q["defaultMessageTimeToLive"]) >= 7 * 86400
+
+
+@pytest.mark.parametrize(
+    "old,new,expected",
+    [
+        ("deadLetteringOnMessageExpiration: true", "deadLetteringOnMessageExpiration: false", "deadLettering"),
+        ("    deadLetteringOnMessageExpiration: true\n", "", "deadLettering"),
+        ("    requiresDuplicateDetection: true\n", "", "requiresDuplicateDetection"),
+        ("    maxDeliveryCount: maxDeliveryCount\n", "", "maxDeliveryCount"),
+        ("    lockDuration: lockDuration\n", "    lockDuration: 'PT10M'\n", "lockDuration"),
+        ("    defaultMessageTimeToLive: messageTimeToLive\n", "    defaultMessageTimeToLive: 'P1D'\n", "defaultMessageTimeToLive"),
+    ],
+)
+def test_queue_check_fails_on_a_broken_queue(infra_copy, old, new, expected):
+    replace_once(infra_copy / "modules" / "servicebus.bicep", old, new)
+    problems = queue_problems(infra_copy)
+    assert any(expected in p for p in problems), problems
+
+
+def test_queue_ttl_shorter_than_the_request_ttl_in_one_environment_fails(infra_copy):
+    params = infra_copy / "params" / "prod.parameters.json"
+    data = json.loads(params.read_text())
+    data["parameters"]["queueMessageTimeToLive"] = {"value": "P6D"}
+    params.write_text(json.dumps(data))
+    assert any(p.startswith("prod: defaultMessageTimeToLive") for p in queue_problems(infra_copy))
+
+
+def test_secrets_come_from_key_vault_and_the_runtime_is_custom():
+    assert setting_problems() == []
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        (
+            "  ServiceBusConnection: '@Microsoft.KeyVault(SecretUri=${serviceBusSecretUri})'\n",
+            "  ServiceBusConnection: 'Endpoint=sb://example/'\n",
+        ),
+        ("  FUNCTIONS_WORKER_RUNTIME: 'custom'\n", "  FUNCTIONS_WORKER_RUNTIME: 'node'\n"),
+        ("        name: 'custom'\n", "        name: 'python'\n"),
+    ],
+)
+def test_setting_check_fails_without_key_vault_or_custom_runtime(infra_copy, old, new):
+    replace_once(infra_copy / "modules" / "functionapp.bicep", old, new)
+    assert setting_problems(infra_copy) != []
+
+
+def _references(expr) -> set[str]:
+    """Symbol names an expression in the pycep JSON refers to."""
+    found = set()
+    if isinstance(expr, dict):
+        operator = expr.get("operator", {})
+        if operator.get("type") == "property_accessor":
+            first = operator["operands"]["operand_1"]
+            if isinstance(first, str):
+                found.add(first)
+        for value in expr.values():
+            found |= _references(value)
+    elif isinstance(expr, list):
+        for value in expr:
+            found |= _references(value)
+    return found
+
+
+def test_key_vault_module_is_fed_by_the_service_bus_module_and_feeds_the_app():
+    main = parse(INFRA / "main.bicep")
+    sb, _ = module_call(main, "modules/servicebus.bicep")
+    kv, kv_params = module_call(main, "modules/keyvault.bicep")
+    _, app_params = module_call(main, "modules/functionapp.bicep")
+    assert sb in _references(kv_params), "Key Vault module must take Service Bus outputs (deploy order)"
+    assert kv in _references(app_params), "function app must take Key Vault outputs"
+
+
+def test_key_vault_uses_rbac_and_the_app_identity_only_reads_secrets():
+    kv = parse(INFRA / "modules" / "keyvault.bicep")
+    (vault,) = resources_of_type(kv, "Microsoft.KeyVault/vaults").values()
+    assert vault["config"]["properties"]["enableRbacAuthorization"] is True
+    app = parse(INFRA / "modules" / "functionapp.bicep")
+    assert app["variables"]["keyVaultSecretsUserRoleId"]["value"] == "4633458b-17de-408a-b874-0445c86b69e6"
+    (site,) = resources_of_type(app, "Microsoft.Web/sites").values()
+    assert site["config"]["identity"]["type"] == "SystemAssigned"
+    roles = resources_of_type(app, "Microsoft.Authorization/roleAssignments")
+    configs = [r["config"].get("config", r["config"]) for r in roles.values()]  # `if` resources nest
+    role_ids = {c["properties"]["roleDefinitionId"]["function"]["parameters"]["resource_name_1"] for c in configs}
+    assert role_ids <= {"keyVaultSecretsUserRoleId", "storageBlobDataContributorRoleId"}, role_ids
+
+
+def test_service_bus_tier_supports_duplicate_detection_and_scheduling():
+    sb = parse(INFRA / "modules" / "servicebus.bicep")
+    (ns,) = resources_of_type(sb, "Microsoft.ServiceBus/namespaces").values()
+    assert ns["config"]["sku"]["tier"] in ("Standard", "Premium")
+    (rule,) = resources_of_type(sb, "Microsoft.ServiceBus/namespaces/authorizationRules").values()
+    assert sorted(rule["config"]["properties"]["rights"]) == ["Listen", "Send"]
+
+
+def test_parameter_files_hold_no_secret_and_main_declares_the_key_secure():
+    main = parse(INFRA / "main.bicep")
+    decorators = [d["type"] for d in main["parameters"]["deviceApiKey"]["decorators"]]
+    assert "secure" in decorators
+    for env in ENVIRONMENTS:
+        text = (INFRA / "params" / f"{env}.parameters.json").read_text()
+        assert "deviceApiKey" not in text
+        assert "SharedAccessKey" not in text and "AccountKey" not in text
+
+
+def test_outputs_give_the_deployer_app_name_hostname_and_queue():
+    main = parse(INFRA / "main.bicep")
+    assert {"functionAppName", "defaultHostname", "queueName"} <= set(main["outputs"])

@@ -1,0 +1,95 @@
+"""The CI workflow, the package check and .funcignore."""
+
+import os
+import stat
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+FUNCTIONS = ("SetSocHttp", "DrainSocTimer", "SocQueueTrigger")
+
+
+@pytest.fixture(scope="module")
+def workflow():
+    return yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+
+
+def test_workflow_runs_tests_on_push_and_pull_requests_and_publishes_on_v_tags(workflow):
+    triggers = workflow[True] if True in workflow else workflow["on"]  # YAML 1.1 reads `on` as true
+    assert "v*" in triggers["push"]["tags"]
+    assert "pull_request" in triggers
+    assert set(workflow["jobs"]) >= {"test", "publish"}
+
+
+def test_test_job_runs_lint_rust_tests_and_infra_checks(workflow):
+    script = "\n".join(step.get("run", "") for step in workflow["jobs"]["test"]["steps"])
+    for command in ("scripts/setup", "cargo fmt", "cargo clippy --all-targets -- -D warnings",
+                    "cargo test", "pytest infra/tests"):
+        assert command in script, command
+
+
+def test_publish_job_needs_tests_a_tag_and_logs_in_with_oidc(workflow):
+    job = workflow["jobs"]["publish"]
+    assert job["needs"] == "test"
+    assert job["if"] == "startsWith(github.ref, 'refs/tags/v')"
+    assert job["permissions"]["id-token"] == "write"
+    steps = job["steps"]
+    uses = [s.get("uses", "") for s in steps]
+    assert any(u.startswith("azure/login@") for u in uses)
+    login = next(s for s in steps if s.get("uses", "").startswith("azure/login@"))
+    assert "client-secret" not in login.get("with", {}) and "creds" not in login.get("with", {})
+    script = "\n".join(s.get("run", "") for s in steps)
+    assert "scripts/package" in script
+    assert "infra/main.bicep" in script
+    assert "publish.zip" in script or "func azure functionapp publish" in script
+    assert "${{ secrets.DEVICE_API_KEY }}" not in script, "secrets go through env, not the command line"
+
+
+def _zip(path: Path, entries: dict[str, int]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, mode in entries.items():
+            info = zipfile.ZipInfo(name)
+            info.create_system = 3
+            info.external_attr = (stat.S_IFREG | mode) << 16
+            z.writestr(info, b"x")
+    return path
+
+
+GOOD = {"host.json": 0o644, "handler": 0o755, **{f"{f}/function.json": 0o644 for f in FUNCTIONS}}
+
+
+def _verify(zip_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ROOT / "scripts" / "package"), "--verify", str(zip_path)],
+                          capture_output=True, text=True)
+
+
+def test_package_check_accepts_exactly_the_app_files(tmp_path):
+    result = _verify(_zip(tmp_path / "ok.zip", GOOD))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("change", ["extra", "missing", "not-executable"])
+def test_package_check_rejects_a_wrong_zip(tmp_path, change):
+    entries = dict(GOOD)
+    if change == "extra":
+        entries["local.settings.json"] = 0o644
+    elif change == "missing":
+        del entries["SocQueueTrigger/function.json"]
+    else:
+        entries["handler"] = 0o644
+    result = _verify(_zip(tmp_path / "bad.zip", entries))
+    assert result.returncode != 0
+    assert "is wrong" in result.stderr
+
+
+def test_funcignore_keeps_only_host_json_the_function_folders_and_handler():
+    lines = [l.strip() for l in (ROOT / ".funcignore").read_text().splitlines()
+             if l.strip() and not l.startswith("#")]
+    assert lines[0] == "*", "ignore everything, then re-include"
+    kept = {l[1:].rstrip("/") for l in lines[1:]}
+    assert kept == {"host.json", "handler", *FUNCTIONS, *(f"{f}/function.json" for f in FUNCTIONS)}
+    assert os.access(ROOT / "scripts" / "package", os.X_OK)
