@@ -19,6 +19,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use axum::body::{to_bytes, Body};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -132,9 +133,16 @@ async fn catch_panic(req: Request, next: Next) -> Response {
 
 async fn set_soc_forwarded(
     State(state): State<AppState>,
-    Path(device_id): Path<String>,
+    device_id: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Response {
+    // A path segment that does not percent-decode to UTF-8 is a bad deviceId, answered
+    // like any other (axum's own rejection would be a text/plain 400).
+    let Ok(Path(device_id)) = device_id else {
+        let mut p = ApiResponse::problem(400, "Invalid request", "deviceId: not valid UTF-8");
+        p.body["field"] = json!("deviceId");
+        return api_response(p);
+    };
     let (parts, body) = req.into_parts();
     let body = match to_bytes(body, MAX_FORWARDED_BODY_BYTES).await {
         Ok(b) => b,
