@@ -55,6 +55,11 @@ pub async fn apply_latest(
     start: Option<Versioned<DesiredState>>,
 ) -> Result<Applied, StoreError> {
     let mut delivered: Vec<RequestId> = Vec::new();
+    // A start record that already holds our lease was written by the caller together
+    // with the attempt it counts (SetSocHttp does that in its accepting write).
+    let mut leased_by_caller = start
+        .as_ref()
+        .is_some_and(|s| s.value.holds_lease(holder, svc.clock.now()));
     let mut next = start;
     for _ in 0..MAX_ROUNDS {
         let current = match next.take() {
@@ -70,6 +75,8 @@ pub async fn apply_latest(
             },
         };
         let now = svc.clock.now();
+        // Only the first round can use the caller's lease; later rounds re-read the record.
+        let leased_now = std::mem::take(&mut leased_by_caller);
         let mut record = current.value.clone();
 
         // Settled already: only let go of a lease we might still hold.
@@ -130,12 +137,16 @@ pub async fn apply_latest(
         }
 
         // Take (or renew) the lease and count the attempt, in one conditional write.
-        record.take_lease(holder, now, svc.policy.lease);
-        record.attempts += 1;
-        let etag = match write(svc, &record, &current.etag).await {
-            Ok(etag) => etag,
-            Err(StoreError::Conflict) => continue,
-            Err(e) => return Err(e),
+        let etag = if leased_now {
+            current.etag.clone()
+        } else {
+            record.take_lease(holder, now, svc.policy.lease);
+            record.attempts += 1;
+            match write(svc, &record, &current.etag).await {
+                Ok(etag) => etag,
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
         };
 
         let result = svc

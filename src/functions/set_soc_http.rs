@@ -1,14 +1,20 @@
 //! `SetSocHttp`: `GET|POST /api/devices/{deviceId}/soc`.
 //!
-//! POST validates, then either applies the setting now (device online: `200`) or
-//! stores it durably (device offline or the device cloud unavailable: `202`).
-//! Storing means: the wake-up message is sent to Service Bus *first*, then the
-//! ledger names the request. If the send fails nothing was written (`503`); if the
-//! ledger write fails the message is an orphan that no-ops when delivered (`503`).
-//! When the device was online but the apply did not go through, the ledger already
-//! holds the request; if the message then cannot be sent, the ledger is put back
-//! as it was (`503`), and only if even that fails does the request stay stored
-//! (`202`), because the timer sweep will then re-send it: a `202` is never a lie.
+//! POST validates, then writes the request to the ledger as the device's desired
+//! value, holding the device's lease, in one conditional write, and makes exactly
+//! one device call (a PUT; there is no separate status check):
+//! - applied: `200`;
+//! - offline (`409`) or the device cloud unavailable: a wake-up message is sent and
+//!   the ledger names it: `202`. If the message cannot be sent, the ledger is put
+//!   back as it was before the request (`503`, nothing left that would apply it);
+//!   only if even that fails does the request stay stored, and then it is a `202`,
+//!   because the timer sweep re-sends a pending request that has no message:
+//!   a `202` is never a lie;
+//! - unknown device: the ledger write is undone: `404`; value rejected: `422`.
+//!
+//! Writing the ledger before the device call is what keeps the newest setting
+//! winning: an older message delivered meanwhile reads the newer value, and device
+//! calls are serialised by the lease (see [`super::apply`]).
 //!
 //! The function works on [`ApiRequest`]/[`ApiResponse`]; the router converts the
 //! forwarded HTTP request and the host's envelope into them.
@@ -17,7 +23,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use crate::domain::{DesiredState, DeviceId, IdempotencyKey, InputError, SettingRequest};
+use crate::domain::{
+    DesiredState, DeviceId, IdempotencyKey, InputError, RequestStatus, SettingRequest,
+};
 use crate::ports::{DeviceError, ETag, IdempotencyRecord, StoreError, StoredResponse, Versioned};
 
 use super::apply::{apply_latest, ApplyOutcome};
@@ -149,80 +157,17 @@ async fn post(svc: &Services, device: DeviceId, key: Option<&[u8]>, body: &[u8])
 
 // ------------------------------------------------------------------ accepting
 
+/// Writes the request to the ledger holding the device's lease, then makes one
+/// device call: applied (`200`); offline or unavailable (wake-up message, `202`);
+/// unknown device (ledger write undone, `404`); value rejected (`422`).
 async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> ApiResponse {
-    match svc.device.status(&device).await {
-        Err(DeviceError::UnknownDevice) => ApiResponse::problem(
-            404,
-            "Unknown device",
-            format!("the device cloud does not know device {device}"),
-        ),
-        Ok(status) if status.online => apply_now(svc, device, setting).await,
-        Ok(_) => store_for_later(svc, device, setting).await,
-        Err(e) => {
-            info!(device = %device, error = %e, "device status unavailable; storing the request");
-            store_for_later(svc, device, setting).await
-        }
-    }
-}
-
-/// Device offline: message first, then the ledger. Nothing is written if the send fails.
-async fn store_for_later(svc: &Services, device: DeviceId, setting: SettingRequest) -> ApiResponse {
     let now = svc.clock.now();
-    let mut current = match svc.ledger.get(&device).await {
-        Ok(c) => c,
-        Err(e) => return store_failed(&device, &e.to_string()),
-    };
-    let mut record = DesiredState::accept(
-        device.clone(),
-        setting.min_soc,
-        now,
-        svc.policy.request_ttl,
-        current.as_ref().map(|v| &v.value),
-    );
-    let first_check = svc
-        .policy
-        .backoff
-        .next_recheck(0, now, record.expires_at)
-        .map(|r| r.at);
-    let Some(message) = wake::message_for(&record, first_check, now) else {
-        return store_failed(&device, "request TTL too short for a wake-up message");
-    };
-    if let Err(e) = svc.queue.send(&message).await {
-        return store_failed(&device, &e.to_string());
-    }
-    record.expect_wake(message.message_id.clone(), first_check.unwrap_or(now), now);
-    for _ in 0..MAX_WRITE_ROUNDS {
-        match svc
-            .ledger
-            .put(&record, current.as_ref().map(|v| &v.etag))
-            .await
-        {
-            Ok(_) => {
-                info!(device = %device, request_id = %record.request_id, min_soc = setting.min_soc.percent(), "request stored until the device is back");
-                return pending_response(&record);
-            }
-            Err(StoreError::Conflict) => match svc.ledger.get(&device).await {
-                Ok(fresh) => {
-                    record = record.with_lease_of(fresh.as_ref().map(|v| &v.value), now);
-                    current = fresh;
-                }
-                Err(e) => return store_failed(&device, &e.to_string()),
-            },
-            Err(e) => return store_failed(&device, &e.to_string()),
-        }
-    }
-    store_failed(&device, "too many concurrent updates")
-}
-
-/// Device online: the ledger first (so any older message sees the newer value), then the device.
-async fn apply_now(svc: &Services, device: DeviceId, setting: SettingRequest) -> ApiResponse {
-    let now = svc.clock.now();
-    let (accepted, previous) = match write_accepted(svc, &device, setting, now).await {
+    let holder = format!("http-{}", uuid::Uuid::new_v4().simple());
+    let (accepted, previous) = match write_accepted(svc, &device, setting, now, &holder).await {
         Ok(pair) => pair,
         Err(e) => return store_failed(&device, &e.to_string()),
     };
     let ours = accepted.value.request_id.clone();
-    let holder = format!("http-{ours}");
     let applied = match apply_latest(svc, &device, &holder, Some(accepted.clone())).await {
         Ok(a) => a,
         Err(e) => {
@@ -242,6 +187,17 @@ async fn apply_now(svc: &Services, device: DeviceId, setting: SettingRequest) ->
         return applied_response(&shown);
     }
     let (current, retry_after) = match applied.outcome {
+        ApplyOutcome::Failed(r, DeviceError::UnknownDevice) if r.request_id == ours => {
+            // Not a request we accept: leave nothing behind.
+            let undone = undo(svc, &device, &ours, previous, |r| {
+                r.status == RequestStatus::Failed
+            })
+            .await;
+            if !undone {
+                warn!(device = %device, request_id = %ours, "could not undo the ledger write for an unknown device; it stays recorded as failed");
+            }
+            return refused(&device, &DeviceError::UnknownDevice);
+        }
         ApplyOutcome::Failed(r, e) if r.request_id == ours => return refused(&device, &e),
         ApplyOutcome::Offline(v) | ApplyOutcome::Busy(v) => (v, None),
         ApplyOutcome::Transient(v, DeviceError::Transient { retry_after, .. }) => (v, retry_after),
@@ -257,6 +213,7 @@ async fn apply_now(svc: &Services, device: DeviceId, setting: SettingRequest) ->
         .map(|d| svc.clock.now() + d);
     match wake::schedule_recheck(svc, current, None, not_before).await {
         Ok(Rescheduled::Scheduled { .. } | Rescheduled::Superseded | Rescheduled::NoTimeLeft) => {
+            info!(device = %device, request_id = %ours, min_soc = setting.min_soc.percent(), "request stored until the device is back");
             pending_response(&accepted.value)
         }
         Err(wake::WakeError::Store(e)) => {
@@ -266,25 +223,26 @@ async fn apply_now(svc: &Services, device: DeviceId, setting: SettingRequest) ->
             pending_response(&accepted.value)
         }
         Err(wake::WakeError::Queue(e)) => {
-            roll_back(
-                svc,
-                &device,
-                &ours,
-                previous,
-                &accepted.value,
-                &e.to_string(),
-            )
-            .await
+            // Nothing may stay behind that would apply this request later.
+            if undo(svc, &device, &ours, previous, DesiredState::is_pending).await {
+                store_failed(&device, &e.to_string())
+            } else {
+                warn!(device = %device, request_id = %ours, "could not undo the ledger write; the request stays stored and the sweep will re-send it");
+                pending_response(&accepted.value)
+            }
         }
     }
 }
 
-/// Writes a new pending request over whatever the ledger holds; returns it and the record it replaced.
+/// Writes a new pending request over whatever the ledger holds, taking the device's
+/// lease for `holder` (and counting the attempt) when nobody else holds it. Returns
+/// the written record and the one it replaced.
 async fn write_accepted(
     svc: &Services,
     device: &DeviceId,
     setting: SettingRequest,
     now: DateTime<Utc>,
+    holder: &str,
 ) -> Result<(Versioned<DesiredState>, Option<DesiredState>), StoreError> {
     let mut current = svc.ledger.get(device).await?;
     let mut record = DesiredState::accept(
@@ -295,6 +253,10 @@ async fn write_accepted(
         current.as_ref().map(|v| &v.value),
     );
     for _ in 0..MAX_WRITE_ROUNDS {
+        if record.lease_free_for(holder, now) {
+            record.take_lease(holder, now, svc.policy.lease);
+            record.attempts = 1;
+        }
         match svc
             .ledger
             .put(&record, current.as_ref().map(|v| &v.etag))
@@ -312,6 +274,7 @@ async fn write_accepted(
             Err(StoreError::Conflict) => {
                 current = svc.ledger.get(device).await?;
                 record = record.with_lease_of(current.as_ref().map(|v| &v.value), now);
+                record.attempts = 0;
             }
             Err(e) => return Err(e),
         }
@@ -319,27 +282,29 @@ async fn write_accepted(
     Err(StoreError::Conflict)
 }
 
-/// The wake-up message could not be sent after the request was written: put the
-/// ledger back as it was so nothing half-stored applies it later.
-async fn roll_back(
+/// Puts the ledger back as it was before `ours` was written, if the record still is
+/// `ours` in the state `still`. `true` when nothing of ours is left.
+async fn undo(
     svc: &Services,
     device: &DeviceId,
     ours: &crate::domain::RequestId,
     previous: Option<DesiredState>,
-    accepted: &DesiredState,
-    why: &str,
-) -> ApiResponse {
+    still: impl Fn(&DesiredState) -> bool,
+) -> bool {
     for _ in 0..MAX_WRITE_ROUNDS {
         let current = match svc.ledger.get(device).await {
             Ok(Some(c)) => c,
-            Ok(None) => return store_failed(device, why),
-            Err(_) => break,
+            Ok(None) => return true,
+            Err(_) => return false,
         };
-        if current.value.request_id != *ours || !current.value.is_pending() {
-            // Superseded or settled meanwhile: nothing of ours is left to undo.
-            return store_failed(device, why);
+        if current.value.request_id != *ours {
+            return true;
         }
-        let undo = match &previous {
+        if !still(&current.value) {
+            // Settled meanwhile (e.g. applied by another invocation): not ours to undo.
+            return false;
+        }
+        let result = match &previous {
             Some(prev) => svc
                 .ledger
                 .put(
@@ -352,14 +317,13 @@ async fn roll_back(
                 .map(|_| ()),
             None => svc.ledger.delete(device, &current.etag).await,
         };
-        match undo {
-            Ok(()) => return store_failed(device, why),
+        match result {
+            Ok(()) => return true,
             Err(StoreError::Conflict) => continue,
-            Err(_) => break,
+            Err(_) => return false,
         }
     }
-    warn!(device = %device, request_id = %ours, "could not undo the ledger write; the request stays stored and the sweep will re-send it");
-    pending_response(accepted)
+    false
 }
 
 fn response_for_settled(svc: &Services, ours: &DesiredState, outcome: ApplyOutcome) -> ApiResponse {
@@ -565,6 +529,7 @@ mod tests {
     use super::*;
     use crate::functions::fakes::Harness;
     use crate::ports::Clock as _;
+    use crate::ports::Ledger as _;
 
     fn post_req(device: &str, body: &str, key: Option<&str>) -> ApiRequest {
         ApiRequest {
@@ -761,6 +726,71 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_post_costs_exactly_one_device_call_online_or_offline() {
+        let h = Harness::new();
+        h.device.set_online("on", true);
+        h.device.set_online("off", false);
+        assert_eq!(
+            handle(&h.svc, post_req("on", r#"{"minSoc":25}"#, None))
+                .await
+                .status,
+            200
+        );
+        assert_eq!(h.device.calls(), (0, 1));
+        assert_eq!(
+            handle(&h.svc, post_req("off", r#"{"minSoc":25}"#, None))
+                .await
+                .status,
+            202
+        );
+        assert_eq!(h.device.calls(), (0, 2));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_device_leaves_the_previous_request_in_place() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        let a = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
+        h.device.forget("d1");
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":35}"#, None)).await;
+        assert_eq!(r.status, 404);
+        let rec = h.ledger_record("d1").await;
+        assert_eq!(
+            rec.request_id.as_str(),
+            a.body["requestId"].as_str().unwrap()
+        );
+        assert_eq!(rec.status.as_str(), "pending");
+    }
+
+    #[tokio::test]
+    async fn a_post_while_another_invocation_holds_the_lease_is_stored_for_it_to_converge() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
+        let mut held = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+        held.value.take_lease(
+            "queue-delivery",
+            h.clock.now(),
+            chrono::Duration::seconds(30),
+        );
+        h.ledger.put(&held.value, Some(&held.etag)).await.unwrap();
+        h.device.set_online("d1", true);
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":35}"#, None)).await;
+        assert_eq!(r.status, 202, "{r:?}");
+        assert!(
+            h.device.puts("d1").is_empty(),
+            "only the lease holder talks to the device"
+        );
+        let rec = h.ledger_record("d1").await;
+        assert_eq!(rec.min_soc.percent(), 35);
+        assert_eq!(
+            rec.lease.unwrap().holder,
+            "queue-delivery",
+            "the holder's lease is kept so it converges"
+        );
+    }
+
+    #[tokio::test]
     async fn get_shows_the_latest_request_or_404() {
         let h = Harness::new();
         assert_eq!(handle(&h.svc, get_req("d1")).await.status, 404);
@@ -771,7 +801,8 @@ mod tests {
         assert_eq!(r.status, 200);
         assert_eq!(r.body["requestId"], b.body["requestId"]);
         assert_eq!(r.body["status"], "pending");
-        assert_eq!(r.body["attempts"], 0);
+        assert_eq!(r.body["attempts"], 1, "the POST tried the device once");
+        assert_eq!(r.body["lastError"], "device offline");
         h.clock.advance(h.svc.policy.request_ttl);
         assert_eq!(
             handle(&h.svc, get_req("d1")).await.body["status"],

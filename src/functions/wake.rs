@@ -71,10 +71,12 @@ pub async fn schedule_recheck(
     not_before: Option<DateTime<Utc>>,
 ) -> Result<Rescheduled, WakeError> {
     let now = svc.clock.now();
-    let Some(recheck) =
-        svc.policy
-            .backoff
-            .next_recheck(current.value.attempts, now, current.value.expires_at)
+    // The first re-check after the first attempt waits `initial`, then it doubles.
+    let checks_done = current.value.attempts.saturating_sub(1);
+    let Some(recheck) = svc
+        .policy
+        .backoff
+        .next_recheck(checks_done, now, current.value.expires_at)
     else {
         return Ok(Rescheduled::NoTimeLeft);
     };
