@@ -4,6 +4,8 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -142,8 +144,19 @@ pub trait Ledger: Send + Sync {
     async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError>;
     /// Deletes only if the stored ETag equals `expected` (Conflict if not; Ok if already gone).
     async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError>;
+    /// Every record whose status is pending, across all devices, a page at a time, so
+    /// that work on the first page can start before the listing ends.
+    fn pending_pages(&self) -> BoxStream<'_, Result<Vec<Versioned<DesiredState>>, StoreError>>;
+
     /// Every record whose status is pending, across all devices.
-    async fn pending(&self) -> Result<Vec<Versioned<DesiredState>>, StoreError>;
+    async fn pending(&self) -> Result<Vec<Versioned<DesiredState>>, StoreError> {
+        let mut pages = self.pending_pages();
+        let mut all = Vec::new();
+        while let Some(page) = pages.next().await {
+            all.extend(page?);
+        }
+        Ok(all)
+    }
 
     async fn get_idempotency(
         &self,

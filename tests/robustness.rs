@@ -142,8 +142,10 @@ impl Ledger for MemLedger {
             Some(_) => Err(StoreError::Conflict),
         }
     }
-    async fn pending(&self) -> Result<Vec<Versioned<DesiredState>>, StoreError> {
-        Ok(self
+    fn pending_pages(
+        &self,
+    ) -> futures::stream::BoxStream<'_, Result<Vec<Versioned<DesiredState>>, StoreError>> {
+        let page: Vec<_> = self
             .rows
             .lock()
             .unwrap()
@@ -153,7 +155,8 @@ impl Ledger for MemLedger {
                 value: v.clone(),
                 etag: ETag(e.clone()),
             })
-            .collect())
+            .collect();
+        Box::pin(futures::stream::iter(vec![Ok(page)]))
     }
     async fn get_idempotency(
         &self,

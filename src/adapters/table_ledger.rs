@@ -20,6 +20,7 @@ use azure_core::{auth::Secret, error::ErrorKind, Etag, RetryOptions, TransportOp
 use azure_data_tables::prelude::*;
 use azure_storage::{CloudLocation, StorageCredentials};
 use chrono::{DateTime, SecondsFormat, Utc};
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -200,39 +201,21 @@ impl Ledger for TableLedger {
             .await
     }
 
-    async fn pending(&self) -> Result<Vec<Versioned<DesiredState>>, StoreError> {
-        let table = self.table().await?;
-        let mut pages = table
-            .query()
-            .filter(Filter::new(PENDING_FILTER))
-            .into_stream::<Map<String, Value>>();
-        let mut out = Vec::new();
-        let mut page_count = 0usize;
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| unavailable("query pending", &e))?;
-            page_count += 1;
-            for entity in page.entities {
-                let etag = entity
-                    .get("odata.etag")
-                    .and_then(Value::as_str)
-                    .map(|s| ETag(s.to_string()))
-                    .ok_or_else(|| {
-                        StoreError::Unavailable(
-                            "query pending: a row came without odata.etag".into(),
-                        )
-                    })?;
-                out.push(Versioned {
-                    value: desired_from_entity(&entity)?,
-                    etag,
-                });
-            }
-        }
-        tracing::debug!(
-            pending = out.len(),
-            pages = page_count,
-            "ledger: pending query"
-        );
-        Ok(out)
+    fn pending_pages(&self) -> BoxStream<'_, Result<Vec<Versioned<DesiredState>>, StoreError>> {
+        futures::stream::once(self.table())
+            .flat_map(|table| match table {
+                Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+                Ok(table) => table
+                    .query()
+                    .filter(Filter::new(PENDING_FILTER))
+                    .into_stream::<Map<String, Value>>()
+                    .map(|page| {
+                        let page = page.map_err(|e| unavailable("query pending", &e))?;
+                        page.entities.iter().map(versioned_desired).collect()
+                    })
+                    .boxed(),
+            })
+            .boxed()
     }
 
     async fn get_idempotency(
@@ -502,6 +485,21 @@ fn idempotency_from_entity(entity: &Map<String, Value>) -> Result<IdempotencyRec
         fingerprint: row.str("Fingerprint")?,
         response,
         created_at: row.time("CreatedAt")?,
+    })
+}
+
+/// A queried `desired` row with the ETag the query returned for it.
+fn versioned_desired(entity: &Map<String, Value>) -> Result<Versioned<DesiredState>, StoreError> {
+    let etag = entity
+        .get("odata.etag")
+        .and_then(Value::as_str)
+        .map(|s| ETag(s.to_string()))
+        .ok_or_else(|| {
+            StoreError::Unavailable("query pending: a row came without odata.etag".into())
+        })?;
+    Ok(Versioned {
+        value: desired_from_entity(entity)?,
+        etag,
     })
 }
 

@@ -53,19 +53,34 @@ enum Step {
     Error,
 }
 
-/// Runs one sweep. Fails only when the ledger cannot be listed at all.
+/// Runs one sweep. Device calls start as soon as the first page of pending
+/// requests is read. Fails only when the ledger cannot be listed at all.
 pub async fn run(svc: &Services) -> Result<SweepReport, StoreError> {
-    let pending = svc.ledger.pending().await?;
-    let mut report = SweepReport {
-        pending: pending.len(),
-        ..Default::default()
-    };
-    let steps: Vec<Step> = stream::iter(pending)
-        .map(|rec| sweep_one(svc, rec))
-        .buffer_unordered(svc.policy.drain_concurrency)
-        .collect()
-        .await;
-    for step in steps {
+    let records = svc.ledger.pending_pages().flat_map(|page| match page {
+        Ok(records) => stream::iter(records.into_iter().map(Ok).collect::<Vec<_>>()),
+        Err(e) => stream::iter(vec![Err(e)]),
+    });
+    let mut outcomes = records
+        .map(|record| async move {
+            match record {
+                Ok(record) => Ok(sweep_one(svc, record).await),
+                Err(e) => Err(e),
+            }
+        })
+        .buffer_unordered(svc.policy.drain_concurrency);
+    let mut report = SweepReport::default();
+    while let Some(outcome) = outcomes.next().await {
+        let step = match outcome {
+            Ok(step) => step,
+            // Nothing read at all: the sweep failed. Later pages failing: count and go on.
+            Err(e) if report.pending == 0 => return Err(e),
+            Err(e) => {
+                warn!(error = %e, "sweep could not read a page of pending requests");
+                report.errors += 1;
+                continue;
+            }
+        };
+        report.pending += 1;
         match step {
             Step::Applied => report.applied += 1,
             Step::Expired => report.expired += 1,

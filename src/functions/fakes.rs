@@ -247,22 +247,35 @@ impl Ledger for FakeLedger {
         }
     }
 
-    async fn pending(&self) -> Result<Vec<Versioned<DesiredState>>, StoreError> {
-        let s = self.0.lock().unwrap();
-        if s.down {
-            return Err(StoreError::Unavailable("down".into()));
-        }
-        let mut all: Vec<_> = s
-            .rows
-            .values()
-            .filter(|(v, _)| v.is_pending())
-            .map(|(v, n)| Versioned {
-                value: v.clone(),
-                etag: ETag(n.to_string()),
-            })
-            .collect();
-        all.sort_by(|a, b| a.value.device_id.cmp(&b.value.device_id));
-        Ok(all)
+    fn pending_pages(
+        &self,
+    ) -> futures::stream::BoxStream<'_, Result<Vec<Versioned<DesiredState>>, StoreError>> {
+        let page = (|| {
+            let s = self.0.lock().unwrap();
+            if s.down {
+                return Err(StoreError::Unavailable("down".into()));
+            }
+            let mut all: Vec<_> = s
+                .rows
+                .values()
+                .filter(|(v, _)| v.is_pending())
+                .map(|(v, n)| Versioned {
+                    value: v.clone(),
+                    etag: ETag(n.to_string()),
+                })
+                .collect();
+            all.sort_by(|a, b| a.value.device_id.cmp(&b.value.device_id));
+            Ok(all)
+        })();
+        // Two pages when there is more than one record, so the paging path is exercised.
+        let pages = match page {
+            Ok(mut all) if all.len() > 1 => {
+                let second = all.split_off(all.len() / 2);
+                vec![Ok(all), Ok(second)]
+            }
+            other => vec![other],
+        };
+        Box::pin(futures::stream::iter(pages))
     }
 
     async fn get_idempotency(
