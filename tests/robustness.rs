@@ -14,12 +14,8 @@
 #[path = "support/fuzz.rs"]
 mod fuzz;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{HeaderValue, Request, StatusCode};
 use base64::Engine as _;
@@ -29,227 +25,39 @@ use serde_json::{json, Map, Value};
 use tower::ServiceExt;
 
 use soc_settings::app::{router, AppState};
-use soc_settings::config::Config;
-use soc_settings::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
-use soc_settings::functions::{Policy, Services};
-use soc_settings::ports::{
-    DeviceApi, DeviceError, DeviceStatus, ETag, IdempotencyRecord, Ledger, OutgoingMessage,
-    QueueError, SettingsQueue, StoreError, SystemClock, Versioned,
-};
+use soc_settings::functions::fakes::Harness;
 
-// ------------------------------------------------------------------ in-memory ports
+// ------------------------------------------------------------------ the app on in-memory ports
 
-#[derive(Default)]
-struct MemDevice {
-    status_calls: AtomicUsize,
-    put_calls: AtomicUsize,
-}
-
-#[async_trait]
-impl DeviceApi for MemDevice {
-    async fn status(&self, _device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
-        self.status_calls.fetch_add(1, Ordering::SeqCst);
-        Ok(DeviceStatus {
-            online: true,
-            min_soc: None,
-        })
-    }
-    async fn apply_min_soc(
-        &self,
-        _device: &DeviceId,
-        _min_soc: MinSoc,
-        _request_id: &RequestId,
-    ) -> Result<(), DeviceError> {
-        self.put_calls.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-#[derive(Default)]
-struct MemQueue {
-    sent: Mutex<Vec<OutgoingMessage>>,
-}
-
-#[async_trait]
-impl SettingsQueue for MemQueue {
-    async fn send(&self, message: &OutgoingMessage) -> Result<(), QueueError> {
-        self.sent.lock().unwrap().push(message.clone());
-        Ok(())
-    }
-}
-
-/// ETag-conditional maps, the semantics the `Ledger` trait documents.
-#[derive(Default)]
-struct MemLedger {
-    version: AtomicU64,
-    rows: Mutex<HashMap<String, (DesiredState, String)>>,
-    keys: Mutex<HashMap<(String, String), (IdempotencyRecord, String)>>,
-}
-
-impl MemLedger {
-    fn next_etag(&self) -> String {
-        format!("v{}", self.version.fetch_add(1, Ordering::SeqCst))
-    }
-    fn is_empty(&self) -> bool {
-        self.rows.lock().unwrap().is_empty() && self.keys.lock().unwrap().is_empty()
-    }
-    fn put_in<K: std::hash::Hash + Eq, V: Clone>(
-        &self,
-        map: &mut HashMap<K, (V, String)>,
-        key: K,
-        value: &V,
-        expected: Option<&ETag>,
-    ) -> Result<ETag, StoreError> {
-        let matches = match (map.get(&key), expected) {
-            (None, None) => true,
-            (Some((_, have)), Some(want)) => *have == want.0,
-            _ => false,
-        };
-        if !matches {
-            return Err(StoreError::Conflict);
-        }
-        let etag = self.next_etag();
-        map.insert(key, (value.clone(), etag.clone()));
-        Ok(ETag(etag))
-    }
-}
-
-#[async_trait]
-impl Ledger for MemLedger {
-    async fn get(&self, device: &DeviceId) -> Result<Option<Versioned<DesiredState>>, StoreError> {
-        Ok(self
-            .rows
-            .lock()
-            .unwrap()
-            .get(device.as_str())
-            .map(|(v, e)| Versioned {
-                value: v.clone(),
-                etag: ETag(e.clone()),
-            }))
-    }
-    async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
-        let mut rows = self.rows.lock().unwrap();
-        self.put_in(&mut rows, state.device_id.to_string(), state, expected)
-    }
-    async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError> {
-        let mut rows = self.rows.lock().unwrap();
-        match rows.get(device.as_str()) {
-            None => Ok(()),
-            Some((_, e)) if *e == expected.0 => {
-                rows.remove(device.as_str());
-                Ok(())
-            }
-            Some(_) => Err(StoreError::Conflict),
-        }
-    }
-    fn pending_pages(
-        &self,
-    ) -> futures::stream::BoxStream<'_, Result<Vec<Versioned<DesiredState>>, StoreError>> {
-        let page: Vec<_> = self
-            .rows
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|(v, _)| v.is_pending())
-            .map(|(v, e)| Versioned {
-                value: v.clone(),
-                etag: ETag(e.clone()),
-            })
-            .collect();
-        Box::pin(futures::stream::iter(vec![Ok(page)]))
-    }
-    async fn get_idempotency(
-        &self,
-        device: &DeviceId,
-        key: &IdempotencyKey,
-    ) -> Result<Option<Versioned<IdempotencyRecord>>, StoreError> {
-        let k = (device.to_string(), key.as_str().to_string());
-        Ok(self.keys.lock().unwrap().get(&k).map(|(v, e)| Versioned {
-            value: v.clone(),
-            etag: ETag(e.clone()),
-        }))
-    }
-    async fn put_idempotency(
-        &self,
-        record: &IdempotencyRecord,
-        expected: Option<&ETag>,
-    ) -> Result<ETag, StoreError> {
-        let k = (
-            record.device_id.to_string(),
-            record.key.as_str().to_string(),
-        );
-        let mut keys = self.keys.lock().unwrap();
-        self.put_in(&mut keys, k, record, expected)
-    }
-    async fn delete_idempotency(
-        &self,
-        device: &DeviceId,
-        key: &IdempotencyKey,
-        expected: &ETag,
-    ) -> Result<(), StoreError> {
-        let k = (device.to_string(), key.as_str().to_string());
-        let mut keys = self.keys.lock().unwrap();
-        match keys.get(&k) {
-            None => Ok(()),
-            Some((_, e)) if *e == expected.0 => {
-                keys.remove(&k);
-                Ok(())
-            }
-            Some(_) => Err(StoreError::Conflict),
-        }
-    }
-}
-
+/// The router on the crate's in-memory ports (`functions::fakes`), every device known and online.
 struct World {
-    device: Arc<MemDevice>,
-    queue: Arc<MemQueue>,
-    ledger: Arc<MemLedger>,
+    h: Harness,
     app: axum::Router,
 }
 
 impl World {
     fn new() -> Self {
-        let vars: HashMap<String, String> = [
-            ("AzureWebJobsStorage", "UseDevelopmentStorage=true"),
-            (
-                "ServiceBusConnection",
-                "Endpoint=sb://127.0.0.1:1;SharedAccessKeyName=k;SharedAccessKey=a2V5;UseDevelopmentEmulator=true",
-            ),
-            ("SOC_QUEUE_NAME", "soc"),
-            ("DEVICE_API_BASE_URL", "http://127.0.0.1:1"),
-            ("DEVICE_API_KEY", "k"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let config = Config::from_vars(&vars).unwrap();
-        let device = Arc::new(MemDevice::default());
-        let queue = Arc::new(MemQueue::default());
-        let ledger = Arc::new(MemLedger::default());
-        let services = Services {
-            device: device.clone(),
-            queue: queue.clone(),
-            ledger: ledger.clone(),
-            clock: Arc::new(SystemClock),
-            policy: Policy::from_config(&config),
-        };
-        Self {
-            device,
-            queue,
-            ledger,
-            app: router(AppState::new(Ok(services))),
-        }
+        let h = Harness::new();
+        h.device.set_default_online(true);
+        let app = router(AppState::new(Ok(h.svc.clone())));
+        Self { h, app }
     }
 
     fn device_calls(&self) -> usize {
-        self.device.status_calls.load(Ordering::SeqCst)
-            + self.device.put_calls.load(Ordering::SeqCst)
+        let (status, put) = self.h.device.calls();
+        status + put
+    }
+
+    fn put_calls(&self) -> usize {
+        self.h.device.calls().1
+    }
+
+    fn sent(&self) -> usize {
+        self.h.queue.sent().len()
     }
 
     fn nothing_stored_or_sent(&self) -> bool {
-        self.ledger.is_empty()
-            && self.queue.sent.lock().unwrap().is_empty()
-            && self.device_calls() == 0
+        self.h.ledger.is_empty() && self.sent() == 0 && self.device_calls() == 0
     }
 }
 
@@ -426,8 +234,8 @@ fn check_http_answer(
             prop_assert!(
                 world.nothing_stored_or_sent(),
                 "invalid input stored or sent something: ledger empty {}, queue {}, device calls {}",
-                world.ledger.is_empty(),
-                world.queue.sent.lock().unwrap().len(),
+                world.h.ledger.is_empty(),
+                world.sent(),
                 world.device_calls()
             );
         }
@@ -436,8 +244,8 @@ fn check_http_answer(
             prop_assert_eq!(status, 200, "valid input not applied: {}", body);
             prop_assert_eq!(&body["status"], "applied");
             prop_assert_eq!(body["minSoc"].as_u64(), Some(min_soc as u64));
-            prop_assert_eq!(world.device.put_calls.load(Ordering::SeqCst), 1);
-            prop_assert!(world.queue.sent.lock().unwrap().is_empty());
+            prop_assert_eq!(world.put_calls(), 1);
+            prop_assert_eq!(world.sent(), 0);
         }
     }
     Ok(())

@@ -20,6 +20,8 @@ type Hook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>
 #[derive(Default)]
 struct DeviceState {
     online: HashMap<String, bool>,
+    /// How devices nobody configured behave: `None` = unknown to the device cloud.
+    default_online: Option<bool>,
     rejected: HashMap<String, String>,
     transient: HashMap<String, u32>,
     puts: HashMap<String, Vec<(u8, String)>>,
@@ -35,6 +37,10 @@ pub struct FakeDevice(Arc<Mutex<DeviceState>>);
 impl FakeDevice {
     pub fn set_online(&self, id: &str, online: bool) {
         self.0.lock().unwrap().online.insert(id.into(), online);
+    }
+    /// Makes every device nobody configured known, online or offline.
+    pub fn set_default_online(&self, online: bool) {
+        self.0.lock().unwrap().default_online = Some(online);
     }
     pub fn forget(&self, id: &str) {
         self.0.lock().unwrap().online.remove(id);
@@ -102,10 +108,10 @@ impl DeviceApi for FakeDevice {
             });
         }
         let s = self.0.lock().unwrap();
-        match s.online.get(device.as_str()) {
+        match s.online.get(device.as_str()).copied().or(s.default_online) {
             None => Err(DeviceError::UnknownDevice),
             Some(online) => Ok(DeviceStatus {
-                online: *online,
+                online,
                 min_soc: None,
             }),
         }
@@ -138,7 +144,7 @@ impl DeviceApi for FakeDevice {
         if let Some(reason) = s.rejected.get(device.as_str()) {
             return Err(DeviceError::Rejected(reason.clone()));
         }
-        match s.online.get(device.as_str()) {
+        match s.online.get(device.as_str()).copied().or(s.default_online) {
             None => Err(DeviceError::UnknownDevice),
             Some(false) => Err(DeviceError::Offline),
             Some(true) => {
@@ -195,6 +201,11 @@ impl FakeLedger {
     }
     pub fn len(&self) -> usize {
         self.0.lock().unwrap().rows.len()
+    }
+    /// No desired-state record and no idempotency record.
+    pub fn is_empty(&self) -> bool {
+        let s = self.0.lock().unwrap();
+        s.rows.is_empty() && s.idem.is_empty()
     }
 }
 
@@ -356,6 +367,12 @@ pub struct Harness {
     pub queue: FakeQueue,
     pub ledger: FakeLedger,
     pub clock: FakeClock,
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Harness {

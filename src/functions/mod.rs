@@ -63,5 +63,5 @@ impl Policy {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod fakes;
+#[cfg(any(test, feature = "test-fakes"))]
+pub mod fakes;
