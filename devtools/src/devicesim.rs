@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::server::{serve, ServerHandle};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -25,7 +26,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// Default API key (matches `DEVICE_API_KEY` in local.settings.json).
@@ -886,9 +886,7 @@ pub fn router(state: SimState) -> Router {
 /// A running simulator. Dropping it does not stop the server; call [`DeviceSim::shutdown`].
 pub struct DeviceSim {
     state: SimState,
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    server: ServerHandle,
 }
 
 impl DeviceSim {
@@ -904,33 +902,17 @@ impl DeviceSim {
         seed: u64,
     ) -> anyhow::Result<DeviceSim> {
         let state = SimState::new(api_key, seed);
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = oneshot::channel::<()>();
-        let app = router(state.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
-        tracing::info!(%addr, "devicesim listening");
-        Ok(DeviceSim {
-            state,
-            addr,
-            stop: Some(tx),
-            task: Some(task),
-        })
+        let server = serve(addr, router(state.clone()), "devicesim").await?;
+        Ok(DeviceSim { state, server })
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr
     }
 
     /// `http://127.0.0.1:{port}` — what `DEVICE_API_BASE_URL` should be.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.server.addr)
     }
 
     /// The shared state: all in-process control methods live there.
@@ -938,20 +920,9 @@ impl DeviceSim {
         &self.state
     }
 
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
         self.state.stop_fleet();
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(mut t) = self.task.take() {
-            // In-flight hung requests would delay graceful shutdown: bound it.
-            if tokio::time::timeout(Duration::from_secs(2), &mut t)
-                .await
-                .is_err()
-            {
-                t.abort();
-            }
-        }
+        self.server.shutdown().await;
     }
 }
 

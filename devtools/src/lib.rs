@@ -6,7 +6,9 @@
 //! - [`servicebus`]: the Service Bus stand-in (REST send, durable store, peek-lock delivery).
 //! - [`devhost`]: the Azure Functions host stand-in (spawns `handler`, HTTP/timer/Service Bus
 //!   triggers) built on the two above.
+//! - [`server`]: serving a router with bounded graceful shutdown, and logging setup.
 
 pub mod devhost;
 pub mod devicesim;
+pub mod server;
 pub mod servicebus;

@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use crate::server::ServerHandle;
 use anyhow::{anyhow, bail, Context};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -25,7 +26,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::Sha256;
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -478,29 +479,6 @@ impl QueueState {
 
 type DeliverFn = Arc<dyn Fn(Delivery) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
 
-/// A running REST endpoint.
-pub struct ServerHandle {
-    pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl ServerHandle {
-    pub async fn shutdown(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(mut t) = self.task.take() {
-            if tokio::time::timeout(Duration::from_secs(2), &mut t)
-                .await
-                .is_err()
-            {
-                t.abort();
-            }
-        }
-    }
-}
-
 impl Broker {
     /// Open (or create) the durable store and load every queue found on disk plus the
     /// configured ones.
@@ -924,25 +902,7 @@ impl Broker {
 
     /// Serve the REST endpoint on `addr` (`127.0.0.1:0` for a free port).
     pub async fn serve(&self, addr: SocketAddr) -> anyhow::Result<ServerHandle> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding Service Bus stand-in on {addr}"))?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = oneshot::channel::<()>();
-        let app = self.router();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
-        tracing::info!(%addr, "servicebus stand-in listening");
-        Ok(ServerHandle {
-            addr,
-            stop: Some(tx),
-            task: Some(task),
-        })
+        crate::server::serve(addr, self.router(), "Service Bus stand-in").await
     }
 }
 

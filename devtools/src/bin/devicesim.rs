@@ -19,11 +19,7 @@ fn usage() -> ! {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    devtools::server::init_logging();
     let mut addr: SocketAddr = "127.0.0.1:7073".parse()?;
     let mut api_key = Some(DEFAULT_API_KEY.to_string());
     let mut seed = 1u64;

@@ -21,7 +21,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use chrono::Utc;
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -120,7 +119,7 @@ pub struct DevHost {
     inner: Arc<Inner>,
     front_addr: SocketAddr,
     sb_server: Option<ServerHandle>,
-    stop: Option<oneshot::Sender<()>>,
+    front: Option<ServerHandle>,
     tasks: Vec<JoinHandle<()>>,
     azurite: Option<tokio::process::Child>,
 }
@@ -263,20 +262,16 @@ impl DevHost {
         });
 
         // front end
-        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], opts.port)))
-            .await
-            .with_context(|| format!("binding devhost on 127.0.0.1:{}", opts.port))?;
-        let front_addr = listener.local_addr()?;
-        *inner.front_addr.lock().unwrap() = Some(front_addr);
-        let (tx, rx) = oneshot::channel::<()>();
         let app = Router::new().fallback(front).with_state(inner.clone());
-        let mut tasks = vec![tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        })];
+        let front = crate::server::serve(
+            SocketAddr::from(([127, 0, 0, 1], opts.port)),
+            app,
+            "devhost",
+        )
+        .await?;
+        let front_addr = front.addr;
+        *inner.front_addr.lock().unwrap() = Some(front_addr);
+        let mut tasks = Vec::new();
 
         // Service Bus triggers
         for f in &inner.config.functions {
@@ -318,7 +313,7 @@ impl DevHost {
             inner,
             front_addr,
             sb_server,
-            stop: Some(tx),
+            front: Some(front),
             tasks,
             azurite,
         };
@@ -468,14 +463,11 @@ impl DevHost {
     }
 
     pub async fn shutdown(mut self) {
-        for t in self.tasks.drain(1..) {
+        for t in self.tasks.drain(..) {
             t.abort();
         }
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.tasks.pop() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        if let Some(front) = self.front.take() {
+            front.shutdown().await;
         }
         self.inner.supervisor.shutdown().await;
         if let Some(s) = self.sb_server.take() {
