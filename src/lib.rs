@@ -15,6 +15,9 @@
 //! - [`adapters`]: reqwest device client, Service Bus REST sender, Table Storage ledger.
 //! - [`config`]: typed app settings, and the one list of settings the infra must set.
 //! - [`app`]: wiring: builds the router from config, lazily connecting clients.
+//!
+//! `§` numbers in comments (`§1.3`, `§5.5`) are sections of
+//! `docs/custom-handler-protocol.md`, the host <-> handler protocol notes.
 
 pub mod adapters;
 pub mod app;
