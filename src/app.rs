@@ -30,7 +30,8 @@ use futures::FutureExt;
 use serde_json::json;
 use tracing::{error, info};
 
-use crate::config::Config;
+use crate::adapters::BuildError;
+use crate::config::{Config, ConfigError};
 use crate::functions::set_soc_http::{self, ApiRequest, ApiResponse};
 use crate::functions::soc_queue_trigger::{self, Delivery, Settle};
 use crate::functions::{drain_soc_timer, Policy, Services};
@@ -41,14 +42,24 @@ use crate::host::{
 };
 use crate::ports::SystemClock;
 
+/// Why the services could not be built at startup. The handler still serves
+/// (readiness, failed invocations naming this); the text never contains a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Adapters(#[from] BuildError),
+}
+
 /// Builds the services from app settings. Does no I/O: clients connect on first use.
-pub fn services_from_env() -> Result<Services, String> {
-    let config = Config::from_env().map_err(|e| e.to_string())?;
+pub fn services_from_env() -> Result<Services, StartupError> {
+    let config = Config::from_env()?;
     services_from_config(&config)
 }
 
-pub fn services_from_config(config: &Config) -> Result<Services, String> {
-    let adapters = crate::adapters::build(config).map_err(|e| e.to_string())?;
+pub fn services_from_config(config: &Config) -> Result<Services, StartupError> {
+    let adapters = crate::adapters::build(config)?;
     Ok(Services {
         device: adapters.device,
         queue: adapters.queue,
@@ -73,9 +84,9 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(services: Result<Services, String>) -> Self {
+    pub fn new(services: Result<Services, StartupError>) -> Self {
         Self {
-            services: services.map_err(Arc::from),
+            services: services.map_err(|e| Arc::from(e.to_string())),
         }
     }
 
@@ -367,9 +378,11 @@ mod tests {
 
     #[tokio::test]
     async fn the_readiness_probe_is_answered_even_when_misconfigured() {
-        let broken = router(AppState::new(Err(
-            "SOC_QUEUE_NAME: required app setting is missing".into(),
-        )));
+        let broken = router(AppState::new(Err(StartupError::Config(
+            crate::config::ConfigError(vec![
+                "SOC_QUEUE_NAME: required app setting is missing".into()
+            ]),
+        ))));
         let (status, _, body) = call(
             broken.clone(),
             HttpRequest::get("/").body(Body::empty()).unwrap(),

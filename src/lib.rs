@@ -14,6 +14,7 @@
 //! - [`ports`]: traits for the device API, the settings queue, the ledger and the clock.
 //! - [`adapters`]: reqwest device client, Service Bus REST sender, Table Storage ledger.
 //! - [`config`]: typed app settings, and the one list of settings the infra must set.
+//! - [`secret`]: [`secret::SecretString`], how every secret is held.
 //! - [`app`]: wiring: builds the router from config, lazily connecting clients.
 //!
 //! `§` numbers in comments (`§1.3`, `§5.5`) are sections of
@@ -26,4 +27,5 @@ pub mod domain;
 pub mod functions;
 pub mod host;
 pub mod ports;
+pub mod secret;
 pub mod telemetry;
