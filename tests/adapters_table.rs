@@ -9,7 +9,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use futures::StreamExt;
 use soc_settings::adapters::connection_string::StorageConnection;
 use soc_settings::adapters::table_ledger::TableLedger;
-use soc_settings::domain::ledger::Lease;
+use soc_settings::domain::ledger::{Lease, LeaseHolder};
 use soc_settings::domain::{
     DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus,
 };
@@ -65,7 +65,7 @@ fn everything_set(id: &str) -> DesiredState {
         wake_message_id: Some("req:wake-3".into()),
         wake_due_at: Some(t(300)),
         lease: Some(Lease {
-            holder: "invocation-17".into(),
+            holder: LeaseHolder::from_stored("invocation-17"),
             until: t(45),
         }),
         updated_at: t(13),

@@ -34,7 +34,7 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use super::connection_string::StorageConnection;
-use crate::domain::ledger::Lease;
+use crate::domain::ledger::{Lease, LeaseHolder};
 use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus};
 use crate::ports::{
     CorruptRow, ETag, IdempotencyRecord, Ledger, PendingPage, StoreError, StoredResponse, Versioned,
@@ -341,7 +341,7 @@ fn desired_to_entity(s: &DesiredState) -> Map<String, Value> {
     );
     put_opt(&mut e, "WakeDueAt", s.wake_due_at.map(time));
     if let Some(lease) = &s.lease {
-        e.insert("LeaseHolder".into(), lease.holder.clone().into());
+        e.insert("LeaseHolder".into(), lease.holder.as_str().into());
         e.insert("LeaseUntil".into(), time(lease.until));
     }
     e.insert("UpdatedAt".into(), time(s.updated_at));
@@ -433,7 +433,10 @@ fn desired_from_entity(entity: &Map<String, Value>) -> Result<DesiredState, Corr
     let attempts =
         u32::try_from(row.int("Attempts")?).map_err(|_| row.bad("Attempts", "is out of range"))?;
     let lease = match (row.opt_str("LeaseHolder")?, row.opt_time("LeaseUntil")?) {
-        (Some(holder), Some(until)) => Some(Lease { holder, until }),
+        (Some(holder), Some(until)) => Some(Lease {
+            holder: LeaseHolder::from_stored(holder),
+            until,
+        }),
         (None, None) => None,
         _ => {
             return Err(row.bad(
@@ -556,7 +559,7 @@ mod tests {
             wake_message_id: Some("abc123:wake-2".into()),
             wake_due_at: Some(t(60)),
             lease: Some(Lease {
-                holder: "invocation-9".into(),
+                holder: LeaseHolder::from_stored("invocation-9"),
                 until: t(30),
             }),
             updated_at: t(6),

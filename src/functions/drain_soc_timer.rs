@@ -16,7 +16,7 @@
 use futures::stream::{self, StreamExt};
 use tracing::{info, warn};
 
-use crate::domain::DesiredState;
+use crate::domain::{DesiredState, HolderKind, LeaseHolder};
 use crate::ports::{CorruptRow, DeviceError, StoreError, Versioned};
 
 use super::apply::{apply_latest, ApplyOutcome};
@@ -130,7 +130,7 @@ pub async fn run(svc: &Services) -> Result<SweepReport, StoreError> {
 async fn sweep_one(svc: &Services, current: Versioned<DesiredState>) -> Step {
     let device = current.value.device_id.clone();
     let now = svc.clock.now();
-    let holder = format!("sweep-{}", uuid::Uuid::new_v4().simple());
+    let holder = LeaseHolder::new(HolderKind::Sweep);
     if current.value.is_expired_at(now) {
         // apply_latest marks an expired record without calling the device.
         return match apply_latest(svc, &device, &holder, Some(current)).await {
@@ -216,8 +216,8 @@ mod tests {
             (3, 2, 1),
             "{report}"
         );
-        assert_eq!(h.ledger_record("a").await.status.as_str(), "applied");
-        assert_eq!(h.ledger_record("b").await.status.as_str(), "pending");
+        assert_eq!(h.ledger_record("a").await.status, RequestStatus::Applied);
+        assert_eq!(h.ledger_record("b").await.status, RequestStatus::Pending);
     }
 
     #[tokio::test]
@@ -246,7 +246,7 @@ mod tests {
         assert_eq!(report.expired, 1);
         assert_eq!(h.device.calls(), calls);
         let rec = h.ledger_record("a").await;
-        assert_eq!(rec.status.as_str(), "expired");
+        assert_eq!(rec.status, RequestStatus::Expired);
         assert!(rec.last_error.unwrap().contains("expired"));
     }
 
@@ -280,7 +280,7 @@ mod tests {
         post(&h, "a", 50).await;
         h.device.forget("a");
         assert_eq!(run(&h.svc).await.unwrap().failed, 1);
-        assert_eq!(h.ledger_record("a").await.status.as_str(), "failed");
+        assert_eq!(h.ledger_record("a").await.status, RequestStatus::Failed);
     }
 
     #[tokio::test]

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::domain::DeviceId;
+use crate::domain::{DeviceId, HolderKind, LeaseHolder};
 use crate::ports::{CorruptRow, DeviceError, StoreError, WakeMessage};
 
 use super::apply::{apply_latest, ApplyOutcome};
@@ -117,7 +117,7 @@ pub async fn handle(svc: &Services, delivery: Delivery) -> Settle {
         }
     }
 
-    let holder = format!("sb-{}", uuid::Uuid::new_v4().simple());
+    let holder = LeaseHolder::new(HolderKind::Queue);
     let applied = match apply_latest(svc, &device, &holder, Some(current)).await {
         Ok(a) => a,
         Err(StoreError::Corrupt(row)) => return unreadable(&message, &row),
@@ -191,6 +191,7 @@ fn noop(device: &DeviceId, message: &WakeMessage, why: &str) -> Settle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::RequestStatus;
     use crate::functions::fakes::{post_min_soc as post, Harness};
     use crate::ports::Clock as _;
     use crate::ports::OutgoingMessage;
@@ -215,7 +216,7 @@ mod tests {
             "{settle:?}"
         );
         assert_eq!(h.device.puts("d1").len(), 1);
-        assert_eq!(h.ledger_record("d1").await.status.as_str(), "applied");
+        assert_eq!(h.ledger_record("d1").await.status, RequestStatus::Applied);
     }
 
     #[tokio::test]
@@ -277,7 +278,7 @@ mod tests {
             "{a:?} {b:?}"
         );
         assert_eq!(h.device.puts("d1").len(), 1);
-        assert_eq!(h.ledger_record("d1").await.status.as_str(), "applied");
+        assert_eq!(h.ledger_record("d1").await.status, RequestStatus::Applied);
     }
 
     #[tokio::test]
@@ -360,7 +361,7 @@ mod tests {
             "{settle:?}"
         );
         let rec = h.ledger_record("d1").await;
-        assert_eq!(rec.status.as_str(), "failed");
+        assert_eq!(rec.status, RequestStatus::Failed);
         assert!(rec.last_error.unwrap().contains("device limits"));
         assert_eq!(h.queue.sent().len(), 1, "no further re-check");
     }

@@ -29,7 +29,9 @@ mod render;
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
-use crate::domain::{DesiredState, DeviceId, IdempotencyKey, RequestStatus, SettingRequest};
+use crate::domain::{
+    DesiredState, DeviceId, HolderKind, IdempotencyKey, LeaseHolder, RequestStatus, SettingRequest,
+};
 use crate::ports::{DeviceError, StoreError, Versioned};
 
 use super::apply::{apply_latest, ApplyOutcome};
@@ -111,7 +113,7 @@ async fn post(svc: &Services, device: DeviceId, key: Option<&[u8]>, body: &[u8])
 /// unknown device (ledger write undone, `404`); value rejected (`422`).
 async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> ApiResponse {
     let now = svc.clock.now();
-    let holder = format!("http-{}", uuid::Uuid::new_v4().simple());
+    let holder = LeaseHolder::new(HolderKind::Http);
     let (accepted, previous) = match write_accepted(svc, &device, setting, now, &holder).await {
         Ok(pair) => pair,
         Err(e) => return store_failed(&device, &e.to_string()),
@@ -191,7 +193,7 @@ async fn write_accepted(
     device: &DeviceId,
     setting: SettingRequest,
     now: DateTime<Utc>,
-    holder: &str,
+    holder: &LeaseHolder,
 ) -> Result<(Versioned<DesiredState>, Option<DesiredState>), StoreError> {
     let mut current = svc.ledger.get(device).await?;
     let mut record = DesiredState::accept(
@@ -203,8 +205,7 @@ async fn write_accepted(
     );
     for _ in 0..MAX_WRITE_ROUNDS {
         if record.lease_free_for(holder, now) {
-            record.take_lease(holder, now, svc.policy.lease);
-            record.attempts = 1;
+            record.record_attempt(holder, now, svc.policy.lease);
         }
         match svc
             .ledger
@@ -222,8 +223,7 @@ async fn write_accepted(
             }
             Err(StoreError::Conflict) => {
                 current = svc.ledger.get(device).await?;
-                record = record.with_lease_of(current.as_ref().map(|v| &v.value), now);
-                record.attempts = 0;
+                record = record.rebased_on(current.as_ref().map(|v| &v.value), now);
             }
             Err(e) => return Err(e),
         }
@@ -280,8 +280,8 @@ fn response_for_settled(svc: &Services, ours: &DesiredState, outcome: ApplyOutco
         ApplyOutcome::Applied(r) | ApplyOutcome::AlreadyFinal(r)
             if r.request_id == ours.request_id =>
         {
-            match r.status.as_str() {
-                "applied" => applied_response(&r),
+            match r.status {
+                RequestStatus::Applied => applied_response(&r),
                 _ => ApiResponse::json(200, view(&r, svc.clock.now())),
             }
         }
@@ -540,7 +540,7 @@ mod tests {
             rec.request_id.as_str(),
             a.body["requestId"].as_str().unwrap()
         );
-        assert_eq!(rec.status.as_str(), "pending");
+        assert_eq!(rec.status, RequestStatus::Pending);
     }
 
     #[tokio::test]
@@ -550,7 +550,7 @@ mod tests {
         handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
         let mut held = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
         held.value.take_lease(
-            "queue-delivery",
+            &LeaseHolder::from_stored("queue-delivery"),
             h.clock.now(),
             chrono::Duration::seconds(30),
         );
@@ -565,7 +565,7 @@ mod tests {
         let rec = h.ledger_record("d1").await;
         assert_eq!(rec.min_soc.percent(), 35);
         assert_eq!(
-            rec.lease.unwrap().holder,
+            rec.lease.unwrap().holder.as_str(),
             "queue-delivery",
             "the holder's lease is kept so it converges"
         );
