@@ -18,7 +18,7 @@ use soc_settings::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, Reque
 use soc_settings::functions::{Policy, Services};
 use soc_settings::ports::{
     Clock, DeviceApi, DeviceError, DeviceStatus, ETag, IdempotencyRecord, Ledger,
-    OutgoingMessage, QueueError, SettingsQueue, StoreError, Versioned,
+    OutgoingMessage, PendingPage, QueueError, SettingsQueue, StoreError, Versioned,
 };
 use tokio::sync::{oneshot, Notify};
 
@@ -167,7 +167,7 @@ fn describe(w: &mut World, s: &DesiredState) -> String {
     let lease = match &s.lease {
         None => String::new(),
         Some(l) => {
-            let holder = w.names.holder_name(&l.holder);
+            let holder = w.names.holder_name(l.holder.as_str());
             let left = (l.until - w.true_now()).num_milliseconds();
             format!(" lease={holder}({:+.1}s)", left as f64 / 1000.0)
         }
@@ -254,7 +254,7 @@ impl Ledger for SimLedger {
         r
     }
 
-    fn pending_pages(&self) -> BoxStream<'_, Result<Vec<Versioned<DesiredState>>, StoreError>> {
+    fn pending_pages(&self) -> BoxStream<'_, Result<PendingPage, StoreError>> {
         // (cursor: the last device listed, finished)
         futures::stream::unfold((None::<String>, false), move |(cursor, done)| async move {
             if done {
@@ -297,7 +297,13 @@ impl Ledger for SimLedger {
                 let items: Vec<String> = page.iter().map(|v| describe(w, &v.value)).collect();
                 format!("ledger.pending page -> [{}]", items.join(", "))
             });
-            Some((Ok(page), (last.or(cursor), finished)))
+            Some((
+                Ok(PendingPage {
+                    records: page,
+                    corrupt: Vec::new(),
+                }),
+                (last.or(cursor), finished),
+            ))
         })
         .boxed()
     }
@@ -601,7 +607,7 @@ impl SettingsQueue for SimQueue {
         sleep_ms(total - enqueue_at.unwrap_or(0)).await;
         self.0.inv.crash_point(&self.0.world, op, true).await;
         let result = match error {
-            Some(e) => Err(QueueError(e.into())),
+            Some(_) => Err(QueueError::Unreachable),
             None => Ok(()),
         };
         self.0.log(|w| {

@@ -338,7 +338,7 @@ impl World {
                 }
                 let lease = s.lease.as_ref().map(|l| {
                     (
-                        self.names.holder(&l.holder, &inv.label),
+                        self.names.holder(l.holder.as_str(), &inv.label),
                         l.until,
                     )
                 });
