@@ -200,6 +200,20 @@ impl DesiredState {
         }
     }
 
+    /// Whether `holder` holds the lease with at least `window` of it left at `now`:
+    /// enough for a whole PUT to land before anyone else may take the device over.
+    pub fn lease_covers(&self, holder: &LeaseHolder, now: DateTime<Utc>, window: Duration) -> bool {
+        self.lease
+            .as_ref()
+            .is_some_and(|l| l.holder == *holder && l.until - now >= window)
+    }
+
+    /// Whether anyone (`holder` included) may still be talking to the device under
+    /// this record's lease, allowing for `skew` between their clock and `now`.
+    pub fn lease_may_be_live(&self, now: DateTime<Utc>, skew: Duration) -> bool {
+        self.lease.as_ref().is_some_and(|l| l.until + skew * 2 > now)
+    }
+
     pub fn take_lease(&mut self, holder: &LeaseHolder, now: DateTime<Utc>, duration: Duration) {
         self.lease = Some(Lease {
             holder: holder.clone(),
@@ -386,6 +400,24 @@ mod tests {
         assert_eq!(new.lease.as_ref().unwrap().holder, holder("holder-a"));
         assert!(!new.lease_free_for(&holder("holder-b"), t(3)));
         assert!(new.lease_free_for(&holder("holder-a"), t(3)));
+    }
+
+    #[test]
+    fn a_lease_covers_a_put_only_with_the_whole_window_left() {
+        let mut r = pending(0);
+        r.take_lease(&holder("holder-a"), t(0), Duration::seconds(30));
+        assert!(r.lease_covers(&holder("holder-a"), t(10), Duration::seconds(20)));
+        assert!(!r.lease_covers(&holder("holder-a"), t(11), Duration::seconds(20)));
+        assert!(!r.lease_covers(&holder("holder-b"), t(0), Duration::seconds(1)));
+    }
+
+    #[test]
+    fn a_lapsed_lease_may_still_be_live_within_the_clock_skew() {
+        let mut r = pending(0);
+        assert!(!r.lease_may_be_live(t(0), Duration::seconds(2)));
+        r.take_lease(&holder("holder-a"), t(0), Duration::seconds(30));
+        assert!(r.lease_may_be_live(t(33), Duration::seconds(2)));
+        assert!(!r.lease_may_be_live(t(34), Duration::seconds(2)));
     }
 
     #[test]

@@ -48,6 +48,15 @@ pub struct Applied {
 
 /// Applies the latest desired value of `device`. `start` may carry a record just
 /// read or written by the caller, saving a read. `holder` must be unique per invocation.
+///
+/// Lease rules (the bounds are in [`super::Policy`]):
+/// - before each PUT the lease is taken or renewed with a fresh clock reading, and the
+///   PUT starts only if [`super::Policy::put_window`] of it is left after that write;
+/// - a PUT whose answer is in doubt (transient: it may have timed out and land late)
+///   keeps the lease, which covers the late landing, and this call PUTs nothing more;
+/// - nothing is settled (expired) over another holder's live lease, and no PUT starts
+///   within one lease of the request's expiry, so no PUT straddles it;
+/// - one call PUTs a request at most once.
 pub async fn apply_latest(
     svc: &Services,
     device: &DeviceId,
@@ -55,6 +64,8 @@ pub async fn apply_latest(
     start: Option<Versioned<DesiredState>>,
 ) -> Result<Applied, StoreError> {
     let mut delivered: Vec<RequestId> = Vec::new();
+    // The request this call PUT without it landing for sure, and the answer.
+    let mut tried: Option<(RequestId, DeviceError)> = None;
     // A start record that already holds our lease was written by the caller together
     // with the attempt it counts (SetSocHttp does that in its accepting write).
     let mut leased_by_caller = start
@@ -77,11 +88,13 @@ pub async fn apply_latest(
         let now = svc.clock.now();
         // Only the first round can use the caller's lease; later rounds re-read the record.
         let leased_now = std::mem::take(&mut leased_by_caller);
+        let in_doubt = matches!(tried, Some((_, DeviceError::Transient { .. })));
         let mut record = current.value.clone();
 
-        // Settled already: only let go of a lease we might still hold.
+        // Settled already: only let go of a lease we might still hold (never while a
+        // PUT of ours may still land: the lease is what keeps others off the device).
         if !record.is_pending() {
-            if record.holds_lease(holder, now) {
+            if record.holds_lease(holder, now) && !in_doubt {
                 record.release_lease(holder);
                 if let Err(e) = write(svc, &record, &current.etag).await {
                     if e == StoreError::Conflict {
@@ -96,19 +109,23 @@ pub async fn apply_latest(
             });
         }
 
-        if record.is_expired_at(now) {
-            record.mark_expired(now);
-            record.release_lease(holder);
-            match write(svc, &record, &current.etag).await {
-                Ok(_) => {
-                    info!(device = %device, request_id = %record.request_id, "request expired before its device came online");
-                    return Ok(Applied {
-                        outcome: ApplyOutcome::Expired(record),
-                        delivered,
-                    });
+        // Our last write lost a race: record the same answer on the record read now.
+        if let Some((id, error)) = &tried {
+            if record.request_id == *id {
+                let outcome = record_answer(&mut record, holder, Err(error.clone()), now);
+                match write(svc, &record, &current.etag).await {
+                    Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
+                    Err(StoreError::Conflict) => continue,
+                    Err(e) => return Err(e),
                 }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e),
+            }
+            if in_doubt {
+                // A newer request; our lease is in its record and keeps everyone off
+                // the device until our PUT can no longer land. Whoever comes next applies it.
+                return Ok(Applied {
+                    outcome: ApplyOutcome::Transient(current, error.clone()),
+                    delivered,
+                });
             }
         }
 
@@ -136,60 +153,65 @@ pub async fn apply_latest(
             });
         }
 
-        // Take (or renew) the lease and count the attempt, in one conditional write.
-        let etag = if leased_now {
+        // Expired, or so close to expiry that a PUT started now could land after it:
+        // mark it expired (nobody else holds a live lease, checked just above).
+        if record.is_expired_at(now + svc.policy.lease) {
+            record.mark_expired(now);
+            record.release_lease(holder);
+            match write(svc, &record, &current.etag).await {
+                Ok(_) => {
+                    info!(device = %device, request_id = %record.request_id, "request expired before its device came online");
+                    return Ok(Applied {
+                        outcome: ApplyOutcome::Expired(record),
+                        delivered,
+                    });
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+
+        // Take (or renew) the lease with a fresh clock reading, counting the attempt,
+        // in one conditional write; the caller's lease is kept if it still covers a PUT.
+        let etag = if leased_now && record.lease_covers(holder, now, svc.policy.put_window) {
             current.etag.clone()
         } else {
-            record.record_attempt(holder, now, svc.policy.lease);
+            let now = svc.clock.now();
+            if leased_now {
+                record.take_lease(holder, now, svc.policy.lease);
+            } else {
+                record.record_attempt(holder, now, svc.policy.lease);
+            }
             match write(svc, &record, &current.etag).await {
                 Ok(etag) => etag,
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e),
             }
         };
+        // The write may have been slow: PUT only with a whole PUT's worth of lease left.
+        if !record.lease_covers(holder, svc.clock.now(), svc.policy.put_window) {
+            warn!(device = %device, "lease too short for a PUT after a slow ledger write; renewing");
+            continue;
+        }
 
         let result = svc
             .device
             .apply_min_soc(device, record.min_soc, &record.request_id)
             .await;
         let now = svc.clock.now();
-        record.release_lease(holder);
-        let outcome = match result {
+        match &result {
             Ok(()) => {
                 delivered.push(record.request_id.clone());
-                record.mark_applied(now);
                 info!(device = %device, request_id = %record.request_id, min_soc = record.min_soc.percent(), attempts = record.attempts, "setting applied");
-                None
-            }
-            Err(DeviceError::Offline) => {
-                record.record_offline(now);
-                Some(Err(DeviceError::Offline))
-            }
-            Err(e @ DeviceError::Transient { .. }) => {
-                warn!(device = %device, request_id = %record.request_id, error = %e, "device cloud transient error");
-                record.record_transient(e.to_string(), now);
-                Some(Err(e))
             }
             Err(e) => {
-                warn!(device = %device, request_id = %record.request_id, error = %e, "device cloud refused the setting");
-                record.mark_failed(e.to_string(), now);
-                Some(Ok(e))
+                warn!(device = %device, request_id = %record.request_id, error = %e, "device call failed");
+                tried = Some((record.request_id.clone(), e.clone()));
             }
-        };
+        }
+        let outcome = record_answer(&mut record, holder, result, now);
         match write(svc, &record, &etag).await {
-            Ok(etag) => {
-                let stored = Versioned {
-                    value: record.clone(),
-                    etag,
-                };
-                let outcome = match outcome {
-                    None => ApplyOutcome::Applied(record),
-                    Some(Ok(permanent)) => ApplyOutcome::Failed(record, permanent),
-                    Some(Err(DeviceError::Offline)) => ApplyOutcome::Offline(stored),
-                    Some(Err(transient)) => ApplyOutcome::Transient(stored, transient),
-                };
-                return Ok(Applied { outcome, delivered });
-            }
+            Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
             // Someone changed the record while we talked to the device (a newer
             // request, most likely). Read again and converge; our lease is still in it.
             Err(StoreError::Conflict) => continue,
@@ -198,6 +220,59 @@ pub async fn apply_latest(
     }
     warn!(device = %device, "giving up after repeated concurrent ledger updates");
     Err(StoreError::Conflict)
+}
+
+/// Records the device's answer to a PUT of `record`'s request made under `holder`'s
+/// lease, and says what it means. The lease is let go, except after a transient
+/// answer: that PUT may still land (a timeout), and the lease, sized to cover the
+/// late landing, keeps everyone off the device until it lapses.
+fn record_answer(
+    record: &mut DesiredState,
+    holder: &LeaseHolder,
+    result: Result<(), DeviceError>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<Result<DeviceError, DeviceError>> {
+    match result {
+        Ok(()) => {
+            record.release_lease(holder);
+            record.mark_applied(now);
+            None
+        }
+        Err(DeviceError::Offline) => {
+            record.release_lease(holder);
+            record.record_offline(now);
+            Some(Err(DeviceError::Offline))
+        }
+        Err(e @ DeviceError::Transient { .. }) => {
+            record.record_transient(e.to_string(), now);
+            Some(Err(e))
+        }
+        Err(e) => {
+            record.release_lease(holder);
+            record.mark_failed(e.to_string(), now);
+            Some(Ok(e))
+        }
+    }
+}
+
+/// The outcome of a written answer (see [`record_answer`]).
+fn finish(
+    record: DesiredState,
+    etag: crate::ports::ETag,
+    outcome: Option<Result<DeviceError, DeviceError>>,
+    delivered: Vec<RequestId>,
+) -> Applied {
+    let stored = Versioned {
+        value: record.clone(),
+        etag,
+    };
+    let outcome = match outcome {
+        None => ApplyOutcome::Applied(record),
+        Some(Ok(permanent)) => ApplyOutcome::Failed(record, permanent),
+        Some(Err(DeviceError::Offline)) => ApplyOutcome::Offline(stored),
+        Some(Err(transient)) => ApplyOutcome::Transient(stored, transient),
+    };
+    Applied { outcome, delivered }
 }
 
 async fn write(

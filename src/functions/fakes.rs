@@ -426,8 +426,11 @@ impl Harness {
                 max: Duration::seconds(600),
             },
             lease: Duration::seconds(15),
+            put_window: Duration::seconds(5),
+            max_clock_skew: Duration::zero(),
             wake_grace: Duration::seconds(60),
             drain_concurrency: 4,
+            idempotency_in_flight: Duration::seconds(60),
         };
         let svc = Services {
             device: Arc::new(device.clone()),

@@ -43,6 +43,8 @@ pub use render::{view, ApiResponse};
 
 /// Bounded retries of a ledger write that lost an optimistic-concurrency race.
 const MAX_WRITE_ROUNDS: usize = 8;
+/// Reads of an unknown write's outcome before giving up (see [`read_back`]).
+const READ_BACK_TRIES: u32 = 14;
 
 /// The HTTP request, independent of how the host delivered it.
 #[derive(Debug, Clone, Default)]
@@ -186,8 +188,10 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
 }
 
 /// Writes a new pending request over whatever the ledger holds, taking the device's
-/// lease for `holder` (and counting the attempt) when nobody else holds it. Returns
-/// the written record and the one it replaced.
+/// lease for `holder` (and counting the attempt) when nobody else holds it, with a
+/// clock reading taken right before each write. Returns the written record and the
+/// one it replaced. A write whose outcome is unknown (timed out) is read back: the
+/// error stands only when the record certainly is not ours.
 async fn write_accepted(
     svc: &Services,
     device: &DeviceId,
@@ -204,6 +208,7 @@ async fn write_accepted(
         current.as_ref().map(|v| &v.value),
     );
     for _ in 0..MAX_WRITE_ROUNDS {
+        let now = svc.clock.now();
         if record.lease_free_for(holder, now) {
             record.record_attempt(holder, now, svc.policy.lease);
         }
@@ -225,14 +230,44 @@ async fn write_accepted(
                 current = svc.ledger.get(device).await?;
                 record = record.rebased_on(current.as_ref().map(|v| &v.value), now);
             }
+            Err(e @ StoreError::Unavailable(_)) => {
+                return match read_back(svc, device).await? {
+                    Some(stored) if stored.value.request_id == record.request_id => {
+                        Ok((stored, current.map(|v| v.value)))
+                    }
+                    _ => Err(e),
+                };
+            }
             Err(e) => return Err(e),
         }
     }
     Err(StoreError::Conflict)
 }
 
+/// Reads the device's record after a write whose outcome is unknown, trying again
+/// (0.1 s doubling, about 50 s in all) while the storage is unavailable.
+async fn read_back(
+    svc: &Services,
+    device: &DeviceId,
+) -> Result<Option<Versioned<DesiredState>>, StoreError> {
+    let mut wait = std::time::Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        match svc.ledger.get(device).await {
+            Err(StoreError::Unavailable(_)) if tries < READ_BACK_TRIES => {
+                tries += 1;
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Puts the ledger back as it was before `ours` was written, if the record still is
-/// `ours` in the state `still`. `true` when nothing of ours is left.
+/// `ours` in the state `still` and no lease on it may be live (a holder may be
+/// PUTting `ours` right now: then it stays, and converges). `true` when nothing of
+/// ours is left; an unknown outcome is read back.
 async fn undo(
     svc: &Services,
     device: &DeviceId,
@@ -241,7 +276,7 @@ async fn undo(
     still: impl Fn(&DesiredState) -> bool,
 ) -> bool {
     for _ in 0..MAX_WRITE_ROUNDS {
-        let current = match svc.ledger.get(device).await {
+        let current = match read_back(svc, device).await {
             Ok(Some(c)) => c,
             Ok(None) => return true,
             Err(_) => return false,
@@ -253,22 +288,27 @@ async fn undo(
             // Settled meanwhile (e.g. applied by another invocation): not ours to undo.
             return false;
         }
+        if current
+            .value
+            .lease_may_be_live(svc.clock.now(), svc.policy.max_clock_skew)
+        {
+            return false;
+        }
         let result = match &previous {
-            Some(prev) => svc
-                .ledger
-                .put(
-                    &prev
-                        .clone()
-                        .with_lease_of(Some(&current.value), svc.clock.now()),
-                    Some(&current.etag),
-                )
-                .await
-                .map(|_| ()),
+            Some(prev) => {
+                let mut restored = prev.clone();
+                restored.lease = None;
+                svc.ledger
+                    .put(&restored, Some(&current.etag))
+                    .await
+                    .map(|_| ())
+            }
             None => svc.ledger.delete(device, &current.etag).await,
         };
         match result {
             Ok(()) => return true,
-            Err(StoreError::Conflict) => continue,
+            // Lost a race, or unknown: look again.
+            Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
             Err(_) => return false,
         }
     }
