@@ -17,7 +17,9 @@
 //! - **S4 honest answers**: a request answered `503` or `4xx` never lands, is never
 //!   marked applied, and after a `503` nothing of it is kept (it is not in the ledger
 //!   at the end); a request answered `200 applied` had landed before the answer;
-//!   `expired` is never written for a request that landed (before or after).
+//!   `expired` is never written for a request whose landing the device cloud
+//!   confirmed to a live invocation (a PUT that timed out, or whose caller crashed,
+//!   can land unbeknown to anyone: residual risk R2 in the README).
 //! - **S5 bounded work**: one invocation PUTs a request at most once, sends at most
 //!   one wake-up message for it, and makes at most one status call per device; over
 //!   its life a request gets at most `2 + rechecks + sweep re-sends + faults` wake-up
@@ -193,9 +195,20 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
             _ => {}
         }
     }
+    // A landing the service was told of: its PUT was answered `applied` to an
+    // invocation that lived on to record it. (A PUT that timed out or whose caller
+    // crashed may land unbeknown to the service: residual risk R2 in the README.)
+    let confirmed = |r: &str| {
+        landings
+            .iter()
+            .filter(|p| p.request == r && p.answered_ok)
+            .filter(|p| !obs.invocations.iter().any(|i| i.label == p.inv && i.crashed))
+            .filter_map(|p| p.land_t)
+            .min()
+    };
     for c in obs.commits.iter().filter(|c| c.status == Some(RequestStatus::Expired)) {
         let r = c.request.as_deref().unwrap_or_default();
-        if let Some(t) = first_landing(r) {
+        if let Some(t) = confirmed(r) {
             v("S4", format!("{r} written expired by {} at {} ms but it landed at {t} ms", c.inv, c.t));
         }
     }

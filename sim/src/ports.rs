@@ -496,6 +496,7 @@ impl DeviceApi for SimDevice {
                 sent_t: t,
                 land_t: None,
                 landing: None,
+                answered_ok: false,
             });
             let i = self.0.inv.index;
             w.obs.invocations[i].puts.push(request.clone());
@@ -565,6 +566,9 @@ impl DeviceApi for SimDevice {
             }
         };
         self.0.inv.crash_point(&self.0.world, op, true).await;
+        if result.is_ok() {
+            self.0.world.lock().unwrap().obs.puts[index].answered_ok = true;
+        }
         self.0
             .log(|_| format!("device.PUT {d} {request} answered {result:?}"));
         result

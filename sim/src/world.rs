@@ -120,6 +120,8 @@ pub struct PutRecord {
     pub sent_t: u64,
     pub land_t: Option<u64>,
     pub landing: Option<Landing>,
+    /// The caller heard `applied` (and so could record it).
+    pub answered_ok: bool,
 }
 
 #[derive(Debug, Clone)]

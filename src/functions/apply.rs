@@ -16,6 +16,8 @@ use super::Services;
 
 /// How many conflicting ledger writes one apply tolerates before giving up (as transient).
 const MAX_ROUNDS: usize = 12;
+/// Reads of an unknown write's outcome before giving up (see [`read_back`]).
+const READ_BACK_TRIES: u32 = 14;
 
 /// What [`apply_latest`] did.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +32,8 @@ pub enum ApplyOutcome {
     Failed(DesiredState, DeviceError),
     /// The device is offline; the record stays pending (attempt counted, lease released).
     Offline(Versioned<DesiredState>),
-    /// The device cloud had a transient problem; the record stays pending.
+    /// The device cloud had a transient problem; the record stays pending, and keeps
+    /// this call's lease until it lapses (a timed-out PUT may still land).
     Transient(Versioned<DesiredState>, DeviceError),
     /// Another invocation holds the device's lease and will converge to the latest value.
     Busy(Versioned<DesiredState>),
@@ -75,7 +78,7 @@ pub async fn apply_latest(
     for _ in 0..MAX_ROUNDS {
         let current = match next.take() {
             Some(v) => v,
-            None => match svc.ledger.get(device).await? {
+            None => match read_back(svc, device).await? {
                 Some(v) => v,
                 None => {
                     return Ok(Applied {
@@ -213,8 +216,11 @@ pub async fn apply_latest(
         match write(svc, &record, &etag).await {
             Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
             // Someone changed the record while we talked to the device (a newer
-            // request, most likely). Read again and converge; our lease is still in it.
-            Err(StoreError::Conflict) => continue,
+            // request, most likely), or the write's outcome is unknown. Read again
+            // (with retries) and converge; our lease is still in it. What the device
+            // answered must be written down: a landed value left pending could later
+            // be marked expired.
+            Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
             Err(e) => return Err(e),
         }
     }
@@ -273,6 +279,27 @@ fn finish(
         Some(Err(transient)) => ApplyOutcome::Transient(stored, transient),
     };
     Applied { outcome, delivered }
+}
+
+/// Reads the device's record, trying again (0.1 s doubling to 5 s, about 50 s in
+/// all) while the storage is unavailable: used wherever the outcome of a write is
+/// unknown and must be known before going on.
+pub(crate) async fn read_back(
+    svc: &Services,
+    device: &DeviceId,
+) -> Result<Option<Versioned<DesiredState>>, StoreError> {
+    let mut wait = std::time::Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        match svc.ledger.get(device).await {
+            Err(StoreError::Unavailable(_)) if tries < READ_BACK_TRIES => {
+                tries += 1;
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn write(

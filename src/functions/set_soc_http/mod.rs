@@ -34,7 +34,7 @@ use crate::domain::{
 };
 use crate::ports::{DeviceError, StoreError, Versioned};
 
-use super::apply::{apply_latest, ApplyOutcome};
+use super::apply::{apply_latest, read_back, ApplyOutcome};
 use super::wake::{self, Rescheduled};
 use super::Services;
 use idempotency::{finish, reserve, Reservation};
@@ -43,8 +43,6 @@ pub use render::{view, ApiResponse};
 
 /// Bounded retries of a ledger write that lost an optimistic-concurrency race.
 const MAX_WRITE_ROUNDS: usize = 8;
-/// Reads of an unknown write's outcome before giving up (see [`read_back`]).
-const READ_BACK_TRIES: u32 = 14;
 
 /// The HTTP request, independent of how the host delivered it.
 #[derive(Debug, Clone, Default)]
@@ -242,26 +240,6 @@ async fn write_accepted(
         }
     }
     Err(StoreError::Conflict)
-}
-
-/// Reads the device's record after a write whose outcome is unknown, trying again
-/// (0.1 s doubling, about 50 s in all) while the storage is unavailable.
-async fn read_back(
-    svc: &Services,
-    device: &DeviceId,
-) -> Result<Option<Versioned<DesiredState>>, StoreError> {
-    let mut wait = std::time::Duration::from_millis(100);
-    let mut tries = 0;
-    loop {
-        match svc.ledger.get(device).await {
-            Err(StoreError::Unavailable(_)) if tries < READ_BACK_TRIES => {
-                tries += 1;
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(std::time::Duration::from_secs(5));
-            }
-            other => return other,
-        }
-    }
 }
 
 /// Puts the ledger back as it was before `ours` was written, if the record still is
