@@ -239,16 +239,22 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
         if sends.is_empty() {
             continue;
         }
-        // Pending life: until the request is settled or superseded in the ledger.
-        let settled = obs
+        // Pending life: until it is settled, or last seen in the ledger (a request
+        // superseded and then restored by an undo lives on).
+        let mine: Vec<_> = obs
             .commits
             .iter()
-            .filter(|c| c.device == info.device && c.t >= info.created_t)
-            .find(|c| {
-                c.request.as_deref() != Some(r.as_str())
-                    || c.status.is_some_and(|s| s != RequestStatus::Pending)
-            })
+            .filter(|c| c.request.as_deref() == Some(r.as_str()))
+            .collect();
+        let settled = mine
+            .iter()
+            .find(|c| c.status.is_some_and(|s| s != RequestStatus::Pending))
             .map(|c| c.t)
+            .or_else(|| {
+                let last = mine.last().map(|c| c.t)?;
+                let still_current = end.records.get(&info.device).is_some_and(|(f, _, _)| f == r);
+                (!still_current).then_some(last)
+            })
             .unwrap_or(sc.end_ms);
         let life = settled.saturating_sub(info.created_t);
         let mut rechecks = 0u64;

@@ -244,8 +244,8 @@ async fn write_accepted(
 
 /// Puts the ledger back as it was before `ours` was written, if the record still is
 /// `ours` in the state `still` and no lease on it may be live (a holder may be
-/// PUTting `ours` right now: then it stays, and converges). `true` when nothing of
-/// ours is left; an unknown outcome is read back.
+/// PUTting `ours` right now: then it stays, and converges). `true` only when this
+/// call took `ours` out (so nothing can bring it back); an unknown outcome is read back.
 async fn undo(
     svc: &Services,
     device: &DeviceId,
@@ -253,14 +253,22 @@ async fn undo(
     previous: Option<DesiredState>,
     still: impl Fn(&DesiredState) -> bool,
 ) -> bool {
+    let mut restored = false;
     for _ in 0..MAX_WRITE_ROUNDS {
         let current = match read_back(svc, device).await {
             Ok(Some(c)) => c,
+            // Only the request that inserted the record deletes it: ours, here.
             Ok(None) => return true,
             Err(_) => return false,
         };
         if current.value.request_id != *ours {
-            return true;
+            // Our own restore may have landed (its answer was lost); anything else is a
+            // newer request that superseded ours, and an undo of that one would put
+            // ours back: ours was accepted, not "not kept".
+            return restored
+                && previous
+                    .as_ref()
+                    .is_some_and(|p| p.request_id == current.value.request_id);
         }
         if !still(&current.value) {
             // Settled meanwhile (e.g. applied by another invocation): not ours to undo.
@@ -285,8 +293,9 @@ async fn undo(
         };
         match result {
             Ok(()) => return true,
-            // Lost a race, or unknown: look again.
-            Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
+            Err(StoreError::Conflict) => continue,
+            // Unknown: look again.
+            Err(StoreError::Unavailable(_)) => restored = true,
             Err(_) => return false,
         }
     }
