@@ -154,8 +154,11 @@ pub async fn handle(svc: &Services, delivery: Delivery) -> Settle {
             return Settle::Retry(format!("device cloud unavailable: {e}"));
         }
         ApplyOutcome::Offline(v) => (v, None),
-        // Someone else is talking to the device and will converge; look again soon in case it dies.
-        ApplyOutcome::Busy(v) => (v, None),
+        // Someone else is talking to the device and will converge; look again once its lease lapses, in case it died.
+        ApplyOutcome::Busy(v) => {
+            let lapses = v.value.lease.as_ref().map(|l| l.until);
+            (v, lapses)
+        }
     };
     match wake::schedule_recheck(svc, pending, chain, not_before).await {
         Ok(Rescheduled::Scheduled { message_id, at }) => Settle::Complete(format!(

@@ -137,7 +137,7 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
         }
         return applied_response(&shown);
     }
-    let (current, retry_after) = match applied.outcome {
+    let (current, not_before) = match applied.outcome {
         ApplyOutcome::Failed(r, DeviceError::UnknownDevice) if r.request_id == ours => {
             // Not a request we accept: leave nothing behind.
             let undone = undo(svc, &device, &ours, previous, |r| {
@@ -150,8 +150,18 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
             return refused(&device, &DeviceError::UnknownDevice);
         }
         ApplyOutcome::Failed(r, e) if r.request_id == ours => return refused(&device, &e),
-        ApplyOutcome::Offline(v) | ApplyOutcome::Busy(v) => (v, None),
-        ApplyOutcome::Transient(v, DeviceError::Transient { retry_after, .. }) => (v, retry_after),
+        ApplyOutcome::Offline(v) => (v, None),
+        // The holder converges; look again once its lease lapses, in case it died.
+        ApplyOutcome::Busy(v) => {
+            let lapses = v.value.lease.as_ref().map(|l| l.until);
+            (v, lapses)
+        }
+        ApplyOutcome::Transient(v, DeviceError::Transient { retry_after, .. }) => {
+            let at = retry_after
+                .and_then(|d| chrono::Duration::from_std(d).ok())
+                .map(|d| svc.clock.now() + d);
+            (v, at)
+        }
         ApplyOutcome::Transient(v, _) => (v, None),
         // Superseded by a newer request or settled by someone else meanwhile.
         other => return response_for_settled(svc, &accepted.value, other),
@@ -159,9 +169,6 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
     if current.value.request_id != ours {
         return pending_response(&accepted.value);
     }
-    let not_before = retry_after
-        .and_then(|d| chrono::Duration::from_std(d).ok())
-        .map(|d| svc.clock.now() + d);
     match wake::schedule_recheck(svc, current, None, not_before).await {
         Ok(Rescheduled::Scheduled { .. } | Rescheduled::Superseded | Rescheduled::NoTimeLeft) => {
             info!(device = %device, request_id = %ours, min_soc = setting.min_soc.percent(), "request stored until the device is back");
