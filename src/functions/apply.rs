@@ -118,7 +118,7 @@ pub async fn apply_latest(
                 let outcome = record_answer(&mut record, holder, Err(error.clone()), now);
                 match write(svc, &record, &current.etag).await {
                     Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
-                    Err(StoreError::Conflict) => continue,
+                    Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
                     Err(e) => return Err(e),
                 }
             }
@@ -144,7 +144,8 @@ pub async fn apply_latest(
                         delivered,
                     })
                 }
-                Err(StoreError::Conflict) => continue,
+                // What landed must be written down (see below): unknown outcomes too.
+                Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
                 Err(e) => return Err(e),
             }
         }
