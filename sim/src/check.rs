@@ -13,7 +13,9 @@
 //! - **S2 no regression**: once a request has landed on a device, no older request
 //!   lands on that device afterwards.
 //! - **S3 nothing lost**: every request answered 2xx ends applied, superseded by a
-//!   newer request, expired, or failed with a reason, within the settle bound.
+//!   newer request, expired, or failed with a reason, within the settle bound; and
+//!   no invocation that finishes (rather than crashes) has walked away from a PUT
+//!   it started (dropping work in flight leaves its lease and attempt behind).
 //! - **S4 honest answers**: a request answered `503` or `4xx` never lands, is never
 //!   marked applied, and after a `503` nothing of it is kept (it is not in the ledger
 //!   at the end); a request answered `200 applied` had landed before the answer;
@@ -138,6 +140,14 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
                 v("S3", format!("{device}: {f} failed without a reason"))
             }
             _ => {}
+        }
+    }
+
+    for p in obs.puts.iter().filter(|p| !p.heard) {
+        if let Some(i) = obs.invocations.iter().find(|i| i.label == p.inv) {
+            if i.ended.is_some() && !i.crashed {
+                v("S3", format!("{} finished without waiting for its PUT of {}", i.label, p.request));
+            }
         }
     }
 

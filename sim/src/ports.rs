@@ -497,6 +497,7 @@ impl DeviceApi for SimDevice {
                 land_t: None,
                 landing: None,
                 answered_ok: false,
+                heard: false,
             });
             let i = self.0.inv.index;
             w.obs.invocations[i].puts.push(request.clone());
@@ -566,8 +567,10 @@ impl DeviceApi for SimDevice {
             }
         };
         self.0.inv.crash_point(&self.0.world, op, true).await;
-        if result.is_ok() {
-            self.0.world.lock().unwrap().obs.puts[index].answered_ok = true;
+        {
+            let mut w = self.0.world.lock().unwrap();
+            w.obs.puts[index].heard = true;
+            w.obs.puts[index].answered_ok = result.is_ok();
         }
         self.0
             .log(|_| format!("device.PUT {d} {request} answered {result:?}"));

@@ -122,6 +122,8 @@ pub struct PutRecord {
     pub landing: Option<Landing>,
     /// The caller heard `applied` (and so could record it).
     pub answered_ok: bool,
+    /// The caller heard the answer at all.
+    pub heard: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -134,7 +134,9 @@ pub async fn apply_latest(
 
         // We already put exactly this request on the device in an earlier round:
         // only the bookkeeping is left.
-        if delivered.contains(&record.request_id) {
+        if delivered.contains(&record.request_id)
+            || (cfg!(feature = "mutant-delivered-ignores-request-id") && !delivered.is_empty())
+        {
             record.mark_applied(now);
             record.release_lease(holder);
             match write(svc, &record, &current.etag).await {
@@ -150,7 +152,22 @@ pub async fn apply_latest(
             }
         }
 
-        if !record.lease_free_for(holder, now) {
+        if cfg!(feature = "mutant-expiry-over-lease") && record.is_expired_at(now) {
+            record.mark_expired(now);
+            record.release_lease(holder);
+            match write(svc, &record, &current.etag).await {
+                Ok(_) => {
+                    return Ok(Applied {
+                        outcome: ApplyOutcome::Expired(record),
+                        delivered,
+                    })
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+
+        if !record.lease_free_for(holder, now) && !cfg!(feature = "mutant-no-lease-check") {
             return Ok(Applied {
                 outcome: ApplyOutcome::Busy(current),
                 delivered,
@@ -159,7 +176,12 @@ pub async fn apply_latest(
 
         // Expired, or so close to expiry that a PUT started now could land after it:
         // mark it expired (nobody else holds a live lease, checked just above).
-        if record.is_expired_at(now + svc.policy.lease) {
+        let cut = if cfg!(feature = "mutant-expiry-over-lease") {
+            chrono::Duration::zero()
+        } else {
+            svc.policy.lease
+        };
+        if record.is_expired_at(now + cut) {
             record.mark_expired(now);
             record.release_lease(holder);
             match write(svc, &record, &current.etag).await {
@@ -177,7 +199,9 @@ pub async fn apply_latest(
 
         // Take (or renew) the lease with a fresh clock reading, counting the attempt,
         // in one conditional write; the caller's lease is kept if it still covers a PUT.
-        let etag = if leased_now && record.lease_covers(holder, now, svc.policy.put_window) {
+        let caller_lease_covers = record.lease_covers(holder, now, svc.policy.put_window)
+            || cfg!(feature = "mutant-put-on-caller-lease");
+        let etag = if leased_now && caller_lease_covers {
             current.etag.clone()
         } else {
             let now = svc.clock.now();
@@ -193,7 +217,9 @@ pub async fn apply_latest(
             }
         };
         // The write may have been slow: PUT only with a whole PUT's worth of lease left.
-        if !record.lease_covers(holder, svc.clock.now(), svc.policy.put_window) {
+        if !record.lease_covers(holder, svc.clock.now(), svc.policy.put_window)
+            && !cfg!(feature = "mutant-put-on-caller-lease")
+        {
             warn!(device = %device, "lease too short for a PUT after a slow ledger write; renewing");
             continue;
         }
@@ -251,6 +277,9 @@ fn record_answer(
             Some(Err(DeviceError::Offline))
         }
         Err(e @ DeviceError::Transient { .. }) => {
+            if cfg!(feature = "mutant-transient-releases-lease") {
+                record.release_lease(holder);
+            }
             record.record_transient(e.to_string(), now);
             Some(Err(e))
         }

@@ -102,6 +102,9 @@ pub async fn run(svc: &Services) -> Result<SweepReport, StoreError> {
     while let Some(outcome) = outcomes.next().await {
         let step = match outcome {
             Ok(step) => step,
+            Err(e) if cfg!(feature = "mutant-sweep-aborts-on-page-error") && !listed_any => {
+                return Err(e)
+            }
             Err(e) => {
                 warn!(error = %e, "sweep could not read a page of pending requests");
                 report.errors += 1;

@@ -235,6 +235,9 @@ async fn write_accepted(
                 current = svc.ledger.get(device).await?;
                 record = record.rebased_on(current.as_ref().map(|v| &v.value), now);
             }
+            Err(e @ StoreError::Unavailable(_)) if cfg!(feature = "mutant-no-read-back") => {
+                return Err(e)
+            }
             Err(e @ StoreError::Unavailable(_)) => {
                 return match read_back(svc, device).await? {
                     Some(stored) if stored.value.request_id == record.request_id => {
@@ -284,6 +287,7 @@ async fn undo(
         if current
             .value
             .lease_may_be_live(svc.clock.now(), svc.policy.max_clock_skew)
+            && !cfg!(feature = "mutant-undo-ignores-lease")
         {
             return false;
         }
