@@ -70,6 +70,30 @@ impl Names {
             .or_insert_with(|| by.to_string())
             .clone()
     }
+    /// `text` with every product id in it (32 hex digits, a uuid's simple form)
+    /// replaced by its short name, so that traces do not depend on the uuids.
+    pub fn replace_ids(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(start) = rest.find(|c: char| c.is_ascii_hexdigit()) {
+            out.push_str(&rest[..start]);
+            rest = &rest[start..];
+            let len = rest
+                .find(|c: char| !c.is_ascii_hexdigit())
+                .unwrap_or(rest.len());
+            let token = &rest[..len];
+            if len == 32 {
+                let short = self.map.iter().find(|(k, _)| k.ends_with(token)).map(|(_, v)| v.as_str());
+                out.push_str(short.unwrap_or("<id>"));
+            } else {
+                out.push_str(token);
+            }
+            rest = &rest[len..];
+        }
+        out.push_str(rest);
+        out
+    }
+
     pub fn holder_name(&self, raw: &str) -> String {
         self.map
             .get(raw)
@@ -295,6 +319,7 @@ impl World {
     pub fn log(&mut self, who: &str, what: impl FnOnce(&mut Self) -> String) {
         if self.trace.is_some() {
             let line = what(self);
+            let line = self.names.replace_ids(&line);
             let t = self.ms();
             if let Some(trace) = self.trace.as_mut() {
                 trace.push(format!(
