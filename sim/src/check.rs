@@ -13,7 +13,9 @@
 //! - **S2 no regression**: once a request has landed on a device, no older request
 //!   lands on that device afterwards.
 //! - **S3 nothing lost**: every request answered 2xx ends applied, superseded by a
-//!   newer request, expired, or failed with a reason, within the settle bound; and
+//!   newer request, expired, or failed with a reason, within the settle bound (a
+//!   request whose accepting write's outcome was unknown and that a newer request
+//!   overtook while in flight counts as superseded, stored or not); and
 //!   no invocation that finishes (rather than crashes) has walked away from a PUT
 //!   it started (dropping work in flight leaves its lease and attempt behind).
 //! - **S4 honest answers**: a request answered `503` or `4xx` never lands, is never
@@ -107,7 +109,17 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
     for a in obs.answers.iter().filter(|a| matches!(a.status, 200 | 202)) {
         let Some(r) = a.request.as_deref() else { continue };
         let Some(ra) = age(r) else {
-            v("S3", format!("{r} answered {} but never stored", a.status));
+            // Never stored: acceptable only as superseded, i.e. when a newer request
+            // for the device was stored while it was in flight (its accepting write's
+            // outcome was unknown and a newer request overtook it).
+            let started = obs.invocations.iter().find(|i| i.label == a.inv).map_or(0, |i| i.started);
+            let overtaken = obs
+                .requests
+                .values()
+                .any(|q| q.device == a.device && q.created_t >= started && q.created_t <= a.t);
+            if !overtaken {
+                v("S3", format!("{r} answered {} but never stored", a.status));
+            }
             continue;
         };
         let e = latest_2xx.entry(a.device.as_str()).or_insert((ra, r));

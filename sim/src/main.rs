@@ -114,7 +114,7 @@ fn many(from: u64, n: u64, jobs: usize, keep_going: bool) {
         ran as f64 / elapsed.max(1e-9),
         failing.len()
     );
-    for (seed, violations) in failing.iter().take(20) {
+    for (seed, violations) in failing.iter().take(500) {
         println!("seed {seed} (replay: scripts/sim --seed {seed}):");
         for v in violations {
             println!("  {v}");

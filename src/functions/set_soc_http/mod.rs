@@ -115,7 +115,13 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
     let now = svc.clock.now();
     let holder = LeaseHolder::new(HolderKind::Http);
     let (accepted, previous) = match write_accepted(svc, &device, setting, now, &holder).await {
-        Ok(pair) => pair,
+        Ok(Accepted::Written(v, previous)) => (v, previous),
+        Ok(Accepted::Overtaken(ours)) => {
+            // Whether our write landed is unknown, but a newer request is there now:
+            // either way ours is superseded, as if it had been stored first.
+            warn!(device = %device, request_id = %ours.request_id, "accepting write of unknown outcome overtaken by a newer request");
+            return pending_response(&ours);
+        }
         Err(e) => return store_failed(&device, &e.to_string()),
     };
     let ours = accepted.value.request_id.clone();
@@ -196,14 +202,15 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
 /// lease for `holder` (and counting the attempt) when nobody else holds it, with a
 /// clock reading taken right before each write. Returns the written record and the
 /// one it replaced. A write whose outcome is unknown (timed out) is read back: the
-/// error stands only when the record certainly is not ours.
+/// error stands only when the record certainly is not ours (it is still the record we
+/// wrote over, unchanged).
 async fn write_accepted(
     svc: &Services,
     device: &DeviceId,
     setting: SettingRequest,
     now: DateTime<Utc>,
     holder: &LeaseHolder,
-) -> Result<(Versioned<DesiredState>, Option<DesiredState>), StoreError> {
+) -> Result<Accepted, StoreError> {
     let mut current = svc.ledger.get(device).await?;
     let mut record = DesiredState::accept(
         device.clone(),
@@ -223,7 +230,7 @@ async fn write_accepted(
             .await
         {
             Ok(etag) => {
-                return Ok((
+                return Ok(Accepted::Written(
                     Versioned {
                         value: record,
                         etag,
@@ -239,17 +246,30 @@ async fn write_accepted(
                 return Err(e)
             }
             Err(e @ StoreError::Unavailable(_)) => {
+                let before = current.as_ref().map(|v| &v.etag);
                 return match read_back(svc, device).await? {
                     Some(stored) if stored.value.request_id == record.request_id => {
-                        Ok((stored, current.map(|v| v.value)))
+                        Ok(Accepted::Written(stored, current.map(|v| v.value)))
                     }
-                    _ => Err(e),
+                    // Unchanged: ours did not land.
+                    None if before.is_none() => Err(e),
+                    Some(stored) if Some(&stored.etag) == before => Err(e),
+                    // Changed by someone else: ours may have landed first.
+                    _ => Ok(Accepted::Overtaken(record)),
                 };
             }
             Err(e) => return Err(e),
         }
     }
     Err(StoreError::Conflict)
+}
+
+/// What [`write_accepted`] did.
+enum Accepted {
+    /// The request is stored (with the record it replaced).
+    Written(Versioned<DesiredState>, Option<DesiredState>),
+    /// The write's outcome is unknown and a newer request is stored now.
+    Overtaken(DesiredState),
 }
 
 /// Puts the ledger back as it was before `ours` was written, if the record still is

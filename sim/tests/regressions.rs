@@ -1,0 +1,79 @@
+//! The interleavings of issue 8, as named regression seeds. Each was found by the
+//! simulator with the old logic brought back (the `mutant-*` feature named with it,
+//! see `scripts/sim-mutants`): built with that feature its test fails, as the old
+//! code did; built normally it passes.
+//!
+//! `scripts/sim --seed S` replays a seed with its trace;
+//! `cargo test -p soc-sim --features mutant-undo-ignores-lease --test regressions`
+//! shows the old logic failing.
+
+/// Whether any mutation is built in: then only the tests of that mutation judge.
+const MUTANT: bool = cfg!(any(
+    feature = "mutant-no-lease-check",
+    feature = "mutant-delivered-ignores-request-id",
+    feature = "mutant-transient-releases-lease",
+    feature = "mutant-undo-ignores-lease",
+    feature = "mutant-expiry-over-lease",
+    feature = "mutant-no-read-back",
+    feature = "mutant-put-on-caller-lease",
+    feature = "mutant-sweep-aborts-on-page-error",
+    feature = "mutant-no-chain-check",
+));
+
+/// Runs `seed`: with its own mutation built in it must violate `property`; without
+/// any mutation it must keep every property.
+fn judged(seed: u64, old_logic: bool, property: &str) {
+    let report = soc_sim::run_seed(seed, false);
+    let found: Vec<String> = report.violations.iter().map(ToString::to_string).collect();
+    if old_logic {
+        assert!(
+            report.violations.iter().any(|v| v.property == property),
+            "the old logic must violate {property} on seed {seed}; found {found:?}"
+        );
+    } else if !MUTANT {
+        assert!(found.is_empty(), "seed {seed}: {}", found.join("\n"));
+    }
+}
+
+/// Bug 1: a `503` rollback (undo) wrote the previous request back over a record whose
+/// lease was live: the value being PUT under that lease landed, the ledger said the
+/// previous one was applied, and the `503` was a lie.
+#[test]
+fn a_503_rollback_never_writes_over_a_live_lease() {
+    judged(87, cfg!(feature = "mutant-undo-ignores-lease"), "S1");
+}
+
+/// Bug 2: the POST PUT on the lease its accepting write took, with a clock reading from
+/// before slow ledger calls, without renewing it: the PUT outlived the lease.
+#[test]
+fn a_put_never_starts_on_an_almost_spent_lease() {
+    judged(42641, cfg!(feature = "mutant-put-on-caller-lease"), "S4");
+}
+
+/// Bug 3: expiry was written over a live lease, and the last re-check straddled expiry:
+/// the ledger said expired while the value landed.
+#[test]
+fn expiry_is_never_written_over_a_put_that_lands() {
+    judged(21251, cfg!(feature = "mutant-expiry-over-lease"), "S4");
+}
+
+/// Bug 4: a failed page of the pending listing, ready before the first page's applies
+/// finished, made the sweep return and drop them mid-PUT.
+#[test]
+fn one_failed_page_does_not_abort_the_sweeps_applies() {
+    judged(522, cfg!(feature = "mutant-sweep-aborts-on-page-error"), "S3");
+}
+
+/// The ambiguous write: the accepting write committed but timed out, the POST answered
+/// `503` ("nothing was kept") and the request was applied later.
+#[test]
+fn an_accepting_write_of_unknown_outcome_is_read_back_before_answering() {
+    judged(55, cfg!(feature = "mutant-no-read-back"), "S4");
+}
+
+/// A PUT that timed out released the lease at once although it could still land: a
+/// later PUT of another value was overtaken by it.
+#[test]
+fn a_timed_out_put_keeps_the_lease_until_it_can_no_longer_land() {
+    judged(87, cfg!(feature = "mutant-transient-releases-lease"), "S1");
+}
