@@ -107,12 +107,18 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
     // S1 + S3: the end state of every device.
     let mut latest_2xx: HashMap<&str, (usize, &str)> = HashMap::new();
     for a in obs.answers.iter().filter(|a| matches!(a.status, 200 | 202)) {
-        let Some(r) = a.request.as_deref() else { continue };
+        let Some(r) = a.request.as_deref() else {
+            continue;
+        };
         let Some(ra) = age(r) else {
             // Never stored: acceptable only as superseded, i.e. when a newer request
             // for the device was stored while it was in flight (its accepting write's
             // outcome was unknown and a newer request overtook it).
-            let started = obs.invocations.iter().find(|i| i.label == a.inv).map_or(0, |i| i.started);
+            let started = obs
+                .invocations
+                .iter()
+                .find(|i| i.label == a.inv)
+                .map_or(0, |i| i.started);
             let overtaken = obs
                 .requests
                 .values()
@@ -129,7 +135,10 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
     }
     for (device, (ra, r)) in &latest_2xx {
         match end.records.get(*device) {
-            None => v("S3", format!("{r} answered 2xx on {device}: the ledger holds nothing at the end")),
+            None => v(
+                "S3",
+                format!("{r} answered 2xx on {device}: the ledger holds nothing at the end"),
+            ),
             Some((f, _, _)) if age(f).unwrap_or(0) < *ra => v(
                 "S1",
                 format!("{device}: the ledger ends at {f}, older than {r} answered 2xx"),
@@ -142,7 +151,10 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
         match status {
             RequestStatus::Pending => v(
                 "S3",
-                format!("{device}: {f} still pending {} ms after the faults stopped", sc.settle_bound_ms()),
+                format!(
+                    "{device}: {f} still pending {} ms after the faults stopped",
+                    sc.settle_bound_ms()
+                ),
             ),
             RequestStatus::Applied if held.as_deref() != Some(f.as_str()) => v(
                 "S1",
@@ -158,7 +170,13 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
     for p in obs.puts.iter().filter(|p| !p.heard) {
         if let Some(i) = obs.invocations.iter().find(|i| i.label == p.inv) {
             if i.ended.is_some() && !i.crashed {
-                v("S3", format!("{} finished without waiting for its PUT of {}", i.label, p.request));
+                v(
+                    "S3",
+                    format!(
+                        "{} finished without waiting for its PUT of {}",
+                        i.label, p.request
+                    ),
+                );
             }
         }
     }
@@ -167,7 +185,10 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
     let mut by_device: BTreeMap<&str, Vec<(u64, usize, &str)>> = BTreeMap::new();
     for p in &landings {
         if let (Some(t), Some(a)) = (p.land_t, age(&p.request)) {
-            by_device.entry(&p.device).or_default().push((t, a, &p.request));
+            by_device
+                .entry(&p.device)
+                .or_default()
+                .push((t, a, &p.request));
         }
     }
     for (device, mut seq) in by_device {
@@ -176,7 +197,10 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
         for (t, a, r) in seq {
             if let Some((na, nr)) = newest {
                 if a < na {
-                    v("S2", format!("{device}: {r} landed at {t} ms after the newer {nr} had landed"));
+                    v(
+                        "S2",
+                        format!("{device}: {r} landed at {t} ms after the newer {nr} had landed"),
+                    );
                 }
             }
             if newest.is_none_or(|(na, _)| a > na) {
@@ -187,31 +211,41 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
 
     // S4: answers are honest.
     for a in &obs.answers {
-        let Some(r) = a.request.as_deref() else { continue };
+        let Some(r) = a.request.as_deref() else {
+            continue;
+        };
         match a.status {
             503 | 404 | 422 => {
                 if let Some(t) = first_landing(r) {
-                    v("S4", format!("{r} answered {} at {} ms but landed at {t} ms", a.status, a.t));
+                    v(
+                        "S4",
+                        format!(
+                            "{r} answered {} at {} ms but landed at {t} ms",
+                            a.status, a.t
+                        ),
+                    );
                 }
-                if obs
-                    .commits
-                    .iter()
-                    .any(|c| c.request.as_deref() == Some(r) && c.status == Some(RequestStatus::Applied))
-                {
-                    v("S4", format!("{r} answered {} but the ledger marked it applied", a.status));
+                if obs.commits.iter().any(|c| {
+                    c.request.as_deref() == Some(r) && c.status == Some(RequestStatus::Applied)
+                }) {
+                    v(
+                        "S4",
+                        format!("{r} answered {} but the ledger marked it applied", a.status),
+                    );
                 }
-                if a.status == 503
-                    && end
-                        .records
-                        .get(&a.device)
-                        .is_some_and(|(f, _, _)| f == r)
-                {
-                    v("S4", format!("{r} answered 503 (nothing kept) but the ledger still holds it"));
+                if a.status == 503 && end.records.get(&a.device).is_some_and(|(f, _, _)| f == r) {
+                    v(
+                        "S4",
+                        format!("{r} answered 503 (nothing kept) but the ledger still holds it"),
+                    );
                 }
             }
             200 if a.applied => match first_landing(r) {
                 Some(t) if t <= a.t => {}
-                Some(t) => v("S4", format!("{r} answered 200 at {} ms, landed only at {t} ms", a.t)),
+                Some(t) => v(
+                    "S4",
+                    format!("{r} answered 200 at {} ms, landed only at {t} ms", a.t),
+                ),
                 None => v("S4", format!("{r} answered 200 but never landed")),
             },
             _ => {}
@@ -224,14 +258,28 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
         landings
             .iter()
             .filter(|p| p.request == r && p.answered_ok)
-            .filter(|p| !obs.invocations.iter().any(|i| i.label == p.inv && i.crashed))
+            .filter(|p| {
+                !obs.invocations
+                    .iter()
+                    .any(|i| i.label == p.inv && i.crashed)
+            })
             .filter_map(|p| p.land_t)
             .min()
     };
-    for c in obs.commits.iter().filter(|c| c.status == Some(RequestStatus::Expired)) {
+    for c in obs
+        .commits
+        .iter()
+        .filter(|c| c.status == Some(RequestStatus::Expired))
+    {
         let r = c.request.as_deref().unwrap_or_default();
         if let Some(t) = confirmed(r) {
-            v("S4", format!("{r} written expired by {} at {} ms but it landed at {t} ms", c.inv, c.t));
+            v(
+                "S4",
+                format!(
+                    "{r} written expired by {} at {} ms but it landed at {t} ms",
+                    c.inv, c.t
+                ),
+            );
         }
     }
 
@@ -274,7 +322,10 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
             .map(|c| c.t)
             .or_else(|| {
                 let last = mine.last().map(|c| c.t)?;
-                let still_current = end.records.get(&info.device).is_some_and(|(f, _, _)| f == r);
+                let still_current = end
+                    .records
+                    .get(&info.device)
+                    .is_some_and(|(f, _, _)| f == r);
                 (!still_current).then_some(last)
             })
             .unwrap_or(sc.end_ms);
@@ -282,14 +333,20 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
         let mut rechecks = 0u64;
         let mut spent = 0i64;
         while spent <= life as i64 && rechecks < 10_000 {
-            spent += policy.backoff.delay(rechecks as u32).num_milliseconds().max(1);
+            spent += policy
+                .backoff
+                .delay(rechecks as u32)
+                .num_milliseconds()
+                .max(1);
             rechecks += 1;
         }
         let by_sweep = sends.iter().filter(|s| s.inv_kind == Kind::Sweep).count() as u64;
         let faults = obs
             .faults
             .iter()
-            .filter(|(t, d)| *t >= info.created_t && *t <= settled && (d == "*" || *d == info.device))
+            .filter(|(t, d)| {
+                *t >= info.created_t && *t <= settled && (d == "*" || *d == info.device)
+            })
             .count() as u64;
         let bound = 2 + rechecks + by_sweep + faults;
         if sends.len() as u64 > bound {

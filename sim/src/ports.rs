@@ -17,8 +17,8 @@ use futures::stream::{BoxStream, StreamExt};
 use soc_settings::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
 use soc_settings::functions::{Policy, Services};
 use soc_settings::ports::{
-    Clock, DeviceApi, DeviceError, DeviceStatus, ETag, IdempotencyRecord, Ledger,
-    OutgoingMessage, PendingPage, QueueError, SettingsQueue, StoreError, Versioned,
+    Clock, DeviceApi, DeviceError, DeviceStatus, ETag, IdempotencyRecord, Ledger, OutgoingMessage,
+    PendingPage, QueueError, SettingsQueue, StoreError, Versioned,
 };
 use tokio::sync::{oneshot, Notify};
 
@@ -206,7 +206,11 @@ impl Ledger for SimLedger {
             })
             .await;
         self.0.log(|w| match &r {
-            Ok(Some(v)) => format!("ledger.get {d} -> {} (e{})", describe(w, &v.value), v.etag.0),
+            Ok(Some(v)) => format!(
+                "ledger.get {d} -> {} (e{})",
+                describe(w, &v.value),
+                v.etag.0
+            ),
             Ok(None) => format!("ledger.get {d} -> none"),
             Err(e) => format!("ledger.get {d} -> ERR {e}"),
         });
@@ -229,8 +233,14 @@ impl Ledger for SimLedger {
             })
             .await;
         self.0.log(|w| {
-            let exp = expected.map(|e| format!("e{}", e.0)).unwrap_or("insert".into());
-            format!("ledger.put {d} {} if {exp} -> {}", describe(w, state), show(&r))
+            let exp = expected
+                .map(|e| format!("e{}", e.0))
+                .unwrap_or("insert".into());
+            format!(
+                "ledger.put {d} {} if {exp} -> {}",
+                describe(w, state),
+                show(&r)
+            )
         });
         r
     }
@@ -286,10 +296,17 @@ impl Ledger for SimLedger {
             if page_error || plan.error.is_some() || !plan.effect {
                 if page_error {
                     let who = self.0.inv.who();
-                    self.0.world.lock().unwrap().fault("*", &who, "ledger: page of pending fails");
+                    self.0
+                        .world
+                        .lock()
+                        .unwrap()
+                        .fault("*", &who, "ledger: page of pending fails");
                 }
                 self.0.log(|_| "ledger.pending page -> ERR".into());
-                return Some((Err(StoreError::Unavailable("page failed".into())), (None, true)));
+                return Some((
+                    Err(StoreError::Unavailable("page failed".into())),
+                    (None, true),
+                ));
             }
             let last = page.last().map(|v| v.value.device_id.as_str().to_string());
             let finished = page.len() < size;
@@ -450,7 +467,9 @@ impl DeviceApi for SimDevice {
             sleep_ms(dice.int(1, 300)).await;
             Err(DeviceError::Transient {
                 reason: "503".into(),
-                retry_after: dice.chance(0.5).then(|| Duration::from_secs(dice.int(1, 30))),
+                retry_after: dice
+                    .chance(0.5)
+                    .then(|| Duration::from_secs(dice.int(1, 30))),
             })
         } else {
             let lat = if on && dice.chance(faults.device_slow) {
@@ -469,8 +488,12 @@ impl DeviceApi for SimDevice {
             }
         };
         self.0.inv.crash_point(&self.0.world, op, true).await;
-        self.0
-            .log(|_| format!("device.status {d} -> {:?}", result.as_ref().map(|s| s.online)));
+        self.0.log(|_| {
+            format!(
+                "device.status {d} -> {:?}",
+                result.as_ref().map(|s| s.online)
+            )
+        });
         result
     }
 
@@ -503,7 +526,8 @@ impl DeviceApi for SimDevice {
             w.obs.invocations[i].puts.push(request.clone());
             (index, w.sc.faults, w.sc.bounds, w.faults_on, request)
         };
-        self.0.log(|_| format!("device.PUT {d} {request}={} sent", min_soc.percent()));
+        self.0
+            .log(|_| format!("device.PUT {d} {request}={} sent", min_soc.percent()));
         let fault = |what: &str| {
             let who = self.0.inv.who();
             self.0.world.lock().unwrap().fault(&d, &who, what);
@@ -515,7 +539,9 @@ impl DeviceApi for SimDevice {
             self.0.world.lock().unwrap().obs.puts[index].landing = Some(Landing::Lost);
             Err(DeviceError::Transient {
                 reason: "503".into(),
-                retry_after: dice.chance(0.5).then(|| Duration::from_secs(dice.int(1, 30))),
+                retry_after: dice
+                    .chance(0.5)
+                    .then(|| Duration::from_secs(dice.int(1, 30))),
             })
         } else if on && dice.chance(faults.device_timeout) {
             let lands = dice.chance(faults.late_landing);
@@ -619,7 +645,10 @@ impl SettingsQueue for SimQueue {
         };
         self.0.log(|w| {
             let m = w.names.message(&message.message_id);
-            format!("queue.send {m} -> {}", if result.is_ok() { "ok" } else { "ERR" })
+            format!(
+                "queue.send {m} -> {}",
+                if result.is_ok() { "ok" } else { "ERR" }
+            )
         });
         result
     }
@@ -675,7 +704,10 @@ impl SimQueue {
             done: false,
         });
         w.log("broker", |_| {
-            format!("{name} ({request}) enqueued, active at {:.1}s", (nominal + jitter) as f64 / 1000.0)
+            format!(
+                "{name} ({request}) enqueued, active at {:.1}s",
+                (nominal + jitter) as f64 / 1000.0
+            )
         });
         drop(w);
         self.0.notify.notify_one();

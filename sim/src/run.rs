@@ -129,7 +129,15 @@ async fn simulate(sc: Arc<Scenario>, trace: bool) -> Report {
                 let mut w = world.lock().unwrap();
                 if w.faults_on {
                     w.devices.get_mut(&name).unwrap().online = online;
-                    w.fault(&name, "world", if online { "device online" } else { "device offline" });
+                    w.fault(
+                        &name,
+                        "world",
+                        if online {
+                            "device online"
+                        } else {
+                            "device offline"
+                        },
+                    );
                 }
             });
         }
@@ -268,7 +276,11 @@ async fn client(host: Host, index: usize) {
                     let status = r.status;
                     let shown = r.body.get("status").cloned();
                     w.log(&inv.who(), |_| {
-                        format!("ANSWER {status} {} {}", request.unwrap_or_default(), shown.unwrap_or_default())
+                        format!(
+                            "ANSWER {status} {} {}",
+                            request.unwrap_or_default(),
+                            shown.unwrap_or_default()
+                        )
                     });
                     matches!(r.status, 503 | 409)
                 }
@@ -327,9 +339,17 @@ async fn dispatcher(host: Host) {
                 let lost = w.faults_on && w.draw() < faults.lock_loss;
                 if lost {
                     let device = w.queue[i].device.clone();
-                    w.fault(&device, "broker", &format!("{name}: lock lost, will be redelivered"));
+                    w.fault(
+                        &device,
+                        "broker",
+                        &format!("{name}: lock lost, will be redelivered"),
+                    );
                 }
-                let hold = if lost { bounds.lock_ms } else { bounds.max_lock_renewal_ms };
+                let hold = if lost {
+                    bounds.lock_ms
+                } else {
+                    bounds.max_lock_renewal_ms
+                };
                 let m = &mut w.queue[i];
                 m.locked_until = Some(now + hold);
                 m.lock_token += 1;
@@ -353,7 +373,11 @@ async fn dispatcher(host: Host) {
             });
             {
                 let mut w = host.world.lock().unwrap();
-                let name = w.queue.iter().find(|m| m.seq == seq).map(|m| m.name.clone());
+                let name = w
+                    .queue
+                    .iter()
+                    .find(|m| m.seq == seq)
+                    .map(|m| m.name.clone());
                 w.log(&inv.who(), |_| {
                     format!("delivered {} (delivery {count})", name.unwrap_or_default())
                 });
@@ -396,10 +420,16 @@ async fn settle(host: Host, seq: u64, token: u64, inv: Arc<Inv>, handle: JoinHan
         };
         match result {
             _ if !held => {
-                w.log(&inv.who(), |_| format!("{name}: settle ignored, lock no longer held"));
+                w.log(&inv.who(), |_| {
+                    format!("{name}: settle ignored, lock no longer held")
+                });
             }
             Ok(Settle::Complete(why)) if complete_lost => {
-                w.fault(&device, &inv.who(), &format!("{name}: completion lost ({why})"));
+                w.fault(
+                    &device,
+                    &inv.who(),
+                    &format!("{name}: completion lost ({why})"),
+                );
                 w.queue[i].locked_until = Some(now + lock_ms);
             }
             Ok(Settle::Complete(why)) => {
@@ -411,7 +441,9 @@ async fn settle(host: Host, seq: u64, token: u64, inv: Arc<Inv>, handle: JoinHan
                 w.log(&inv.who(), |_| format!("{name} abandoned: {why}"));
             }
             Err(_) => {
-                let until = w.queue[i].locked_until.map_or(now, |l| l.min(now + lock_ms));
+                let until = w.queue[i]
+                    .locked_until
+                    .map_or(now, |l| l.min(now + lock_ms));
                 w.queue[i].locked_until = Some(until);
             }
         }

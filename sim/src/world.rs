@@ -83,7 +83,11 @@ impl Names {
                 .unwrap_or(rest.len());
             let token = &rest[..len];
             if len == 32 {
-                let short = self.map.iter().find(|(k, _)| k.ends_with(token)).map(|(_, v)| v.as_str());
+                let short = self
+                    .map
+                    .iter()
+                    .find(|(k, _)| k.ends_with(token))
+                    .map(|(_, v)| v.as_str());
                 out.push_str(short.unwrap_or("<id>"));
             } else {
                 out.push_str(token);
@@ -365,12 +369,10 @@ impl World {
                         r.created.push(name.clone());
                     }
                 }
-                let lease = s.lease.as_ref().map(|l| {
-                    (
-                        self.names.holder(l.holder.as_str(), &inv.label),
-                        l.until,
-                    )
-                });
+                let lease = s
+                    .lease
+                    .as_ref()
+                    .map(|l| (self.names.holder(l.holder.as_str(), &inv.label), l.until));
                 (Some(name), Some(s.status), lease)
             }
         };
@@ -500,9 +502,7 @@ pub struct Dice(ChaCha8Rng);
 
 impl Dice {
     pub fn new(seed: u64, inv: u64, op: u32) -> Self {
-        let mixed = seed
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .rotate_left(17)
+        let mixed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17)
             ^ inv.wrapping_mul(0xbf58_476d_1ce4_e5b9)
             ^ (op as u64).wrapping_mul(0x94d0_49bb_1331_11eb);
         Self(ChaCha8Rng::seed_from_u64(mixed))

@@ -61,7 +61,11 @@ fn expiry_is_never_written_over_a_put_that_lands() {
 /// finished, made the sweep return and drop them mid-PUT.
 #[test]
 fn one_failed_page_does_not_abort_the_sweeps_applies() {
-    judged(522, cfg!(feature = "mutant-sweep-aborts-on-page-error"), "S3");
+    judged(
+        522,
+        cfg!(feature = "mutant-sweep-aborts-on-page-error"),
+        "S3",
+    );
 }
 
 /// The ambiguous write: the accepting write committed but timed out, the POST answered

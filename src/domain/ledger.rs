@@ -211,7 +211,9 @@ impl DesiredState {
     /// Whether anyone (`holder` included) may still be talking to the device under
     /// this record's lease, allowing for `skew` between their clock and `now`.
     pub fn lease_may_be_live(&self, now: DateTime<Utc>, skew: Duration) -> bool {
-        self.lease.as_ref().is_some_and(|l| l.until + skew * 2 > now)
+        self.lease
+            .as_ref()
+            .is_some_and(|l| l.until + skew * 2 > now)
     }
 
     pub fn take_lease(&mut self, holder: &LeaseHolder, now: DateTime<Utc>, duration: Duration) {

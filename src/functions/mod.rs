@@ -79,10 +79,8 @@ pub const SLOWEST_POST: Duration = Duration::seconds(360);
 impl Policy {
     pub fn from_config(config: &Config) -> Self {
         let secs = |d: std::time::Duration| Duration::milliseconds(d.as_millis() as i64);
-        let put_window = secs(config.device_api_timeout)
-            + LATE_LANDING
-            + MAX_CLOCK_SKEW * 2
-            + LEASE_MARGIN;
+        let put_window =
+            secs(config.device_api_timeout) + LATE_LANDING + MAX_CLOCK_SKEW * 2 + LEASE_MARGIN;
         Self {
             request_ttl: secs(config.request_ttl),
             backoff: Backoff {

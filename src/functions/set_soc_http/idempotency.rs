@@ -17,7 +17,6 @@ use crate::ports::{ETag, IdempotencyRecord, StoreError, StoredResponse};
 use super::render::{location, ApiResponse};
 use super::{Services, MAX_WRITE_ROUNDS};
 
-
 pub(super) enum Reservation {
     /// First use of the key: go ahead; finish with this ETag.
     Fresh(ETag),
