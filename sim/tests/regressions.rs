@@ -35,11 +35,20 @@ fn judged(seed: u64, old_logic: bool, property: &str) {
     }
 }
 
-/// Bug 1: a `503` rollback (undo) wrote the previous request back over a record whose
-/// lease was live: the value being PUT under that lease landed, the ledger said the
-/// previous one was applied, and the `503` was a lie.
+/// Bug 1, exactly as in the issue: post#2 holds the lease and PUTs A (R2); post#3
+/// writes B (R3), keeping that lease, and is Busy; post#2 re-reads B and PUTs it;
+/// post#3's wake-up send fails and its undo writes A back over post#2's live lease;
+/// B lands; post#2 re-reads A, finds it delivered and marks A applied: B answered
+/// `503` but is on the device.
 #[test]
-fn a_503_rollback_never_writes_over_a_live_lease() {
+fn a_503_rollback_never_writes_over_another_holders_live_lease() {
+    judged(2549, cfg!(feature = "mutant-undo-ignores-lease"), "S4");
+}
+
+/// Bug 1, variant: the undo wrote over the POST's own lease, kept because its PUT
+/// timed out and could still land, and it did.
+#[test]
+fn a_503_rollback_never_writes_over_a_put_that_may_still_land() {
     judged(87, cfg!(feature = "mutant-undo-ignores-lease"), "S1");
 }
 
