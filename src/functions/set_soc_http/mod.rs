@@ -202,8 +202,8 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
 /// lease for `holder` (and counting the attempt) when nobody else holds it, with a
 /// clock reading taken right before each write. Returns the written record and the
 /// one it replaced. A write whose outcome is unknown (timed out) is read back: the
-/// error stands only when the record certainly is not ours (it is still the record we
-/// wrote over, unchanged).
+/// error stands only when the record certainly is not ours (it still holds the request
+/// we wrote over).
 async fn write_accepted(
     svc: &Services,
     device: &DeviceId,
@@ -246,15 +246,16 @@ async fn write_accepted(
                 return Err(e)
             }
             Err(e @ StoreError::Unavailable(_)) => {
-                let before = current.as_ref().map(|v| &v.etag);
+                let before = current.as_ref().map(|v| &v.value.request_id);
                 return match read_back(svc, device).await? {
                     Some(stored) if stored.value.request_id == record.request_id => {
                         Ok(Accepted::Written(stored, current.map(|v| v.value)))
                     }
-                    // Unchanged: ours did not land.
+                    // Still the request we wrote over: had ours landed, every later write
+                    // would have been over ours (ETags), and none puts that one back.
                     None if before.is_none() => Err(e),
-                    Some(stored) if Some(&stored.etag) == before => Err(e),
-                    // Changed by someone else: ours may have landed first.
+                    Some(stored) if Some(&stored.value.request_id) == before => Err(e),
+                    // A newer request: ours may have landed before it.
                     _ => Ok(Accepted::Overtaken(record)),
                 };
             }
