@@ -419,6 +419,71 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn no_put_starts_within_one_lease_of_expiry() {
+        // Issue 8, bug 3: a PUT started then could land after the sweep wrote `expired`.
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        accept_pending(&h, "d1", 40).await;
+        h.clock
+            .advance(h.svc.policy.request_ttl - h.svc.policy.lease / 2);
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
+        assert!(matches!(out.outcome, ApplyOutcome::Expired(_)), "{out:?}");
+        assert!(h.device.puts("d1").is_empty());
+    }
+
+    #[tokio::test]
+    async fn expiry_is_never_written_over_another_holders_live_lease() {
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        accept_pending(&h, "d1", 40).await;
+        let mut held = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+        held.value.take_lease(
+            &holder("other"),
+            h.clock.now(),
+            h.svc.policy.request_ttl * 2,
+        );
+        h.ledger.put(&held.value, Some(&held.etag)).await.unwrap();
+        h.clock.advance(h.svc.policy.request_ttl);
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
+        assert!(matches!(out.outcome, ApplyOutcome::Busy(_)), "{out:?}");
+        assert_eq!(h.ledger_record("d1").await.status, RequestStatus::Pending);
+    }
+
+    #[tokio::test]
+    async fn a_caller_lease_too_short_for_a_put_is_renewed_first() {
+        // Issue 8, bug 2: the caller's lease was taken before slow ledger calls.
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        accept_pending(&h, "d1", 40).await;
+        let mut start = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+        let h1 = holder("h1");
+        start
+            .value
+            .record_attempt(&h1, h.clock.now(), h.svc.policy.put_window);
+        start.etag = h.ledger.put(&start.value, Some(&start.etag)).await.unwrap();
+        h.clock.advance(chrono::Duration::seconds(1));
+        let renewed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let seen = renewed.clone();
+        let h2 = h.clone();
+        h.device.on_next_put("d1", move || {
+            Box::pin(async move {
+                let rec = h2.ledger_record("d1").await;
+                *seen.lock().unwrap() = rec.lease.map(|l| l.until);
+            })
+        });
+        let out = apply_latest(&h.svc, &h.id("d1"), &h1, Some(start))
+            .await
+            .unwrap();
+        assert!(matches!(out.outcome, ApplyOutcome::Applied(_)), "{out:?}");
+        let until = renewed.lock().unwrap().expect("lease held during the PUT");
+        assert_eq!(until, h.clock.now() + h.svc.policy.lease);
+    }
+
+    #[tokio::test]
     async fn a_newer_request_arriving_during_the_put_is_applied_before_the_lease_is_released() {
         let h = Harness::new();
         h.device.set_online("d1", true);

@@ -631,6 +631,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_queue_outage_never_rolls_back_a_request_under_another_holders_live_lease() {
+        // Issue 8, bug 1: the holder may be PUTting this very request; rolling it back
+        // would leave the device and the ledger disagreeing after a 503.
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
+        let mut held = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+        held.value.take_lease(
+            &LeaseHolder::from_stored("queue-delivery"),
+            h.clock.now(),
+            chrono::Duration::seconds(30),
+        );
+        h.ledger.put(&held.value, Some(&held.etag)).await.unwrap();
+        h.queue.set_down(true);
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":35}"#, None)).await;
+        assert_eq!(r.status, 202, "{r:?}");
+        let rec = h.ledger_record("d1").await;
+        assert_eq!(
+            rec.min_soc.percent(),
+            35,
+            "the request stays for the holder"
+        );
+        assert_eq!(rec.lease.unwrap().holder.as_str(), "queue-delivery");
+    }
+
+    #[tokio::test]
     async fn get_shows_the_latest_request_or_404() {
         let h = Harness::new();
         assert_eq!(handle(&h.svc, get_req("d1")).await.status, 404);
