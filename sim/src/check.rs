@@ -114,11 +114,7 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
             // Never stored: acceptable only as superseded, i.e. when a newer request
             // for the device was stored while it was in flight (its accepting write's
             // outcome was unknown and a newer request overtook it).
-            let started = obs
-                .invocations
-                .iter()
-                .find(|i| i.label == a.inv)
-                .map_or(0, |i| i.started);
+            let started = obs.first_tried.get(r).copied().unwrap_or(a.t);
             let overtaken = obs
                 .requests
                 .values()

@@ -219,6 +219,12 @@ impl Ledger for SimLedger {
 
     async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
         let d = state.device_id.as_str().to_string();
+        {
+            let mut w = self.0.world.lock().unwrap();
+            let name = w.names.request(state.request_id.as_str());
+            let t = w.ms();
+            w.obs.first_tried.entry(name).or_insert(t);
+        }
         let r = self
             .0
             .storage(&d, |w, inv| {
@@ -461,6 +467,7 @@ impl DeviceApi for SimDevice {
             Err(DeviceError::Transient {
                 reason: "timed out".into(),
                 retry_after: None,
+                unanswered: true,
             })
         } else if on && dice.chance(faults.device_transient) {
             fault("device: status 503");
@@ -470,6 +477,7 @@ impl DeviceApi for SimDevice {
                 retry_after: dice
                     .chance(0.5)
                     .then(|| Duration::from_secs(dice.int(1, 30))),
+                unanswered: false,
             })
         } else {
             let lat = if on && dice.chance(faults.device_slow) {
@@ -542,6 +550,7 @@ impl DeviceApi for SimDevice {
                 retry_after: dice
                     .chance(0.5)
                     .then(|| Duration::from_secs(dice.int(1, 30))),
+                unanswered: false,
             })
         } else if on && dice.chance(faults.device_timeout) {
             let lands = dice.chance(faults.late_landing);
@@ -564,6 +573,7 @@ impl DeviceApi for SimDevice {
             Err(DeviceError::Transient {
                 reason: format!("timed out after {timeout} ms"),
                 retry_after: None,
+                unanswered: true,
             })
         } else {
             let total = if on && dice.chance(faults.device_slow) {
@@ -589,6 +599,7 @@ impl DeviceApi for SimDevice {
                 Landing::Lost => Err(DeviceError::Transient {
                     reason: "lost".into(),
                     retry_after: None,
+                    unanswered: false,
                 }),
             }
         };

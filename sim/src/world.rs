@@ -204,6 +204,8 @@ pub struct Observations {
     /// (t, device or "*") of every injected fault, for the work bound S5.
     pub faults: Vec<(u64, String)>,
     pub sweeps: Vec<u64>,
+    /// When each request was first written (tried), stored or not.
+    pub first_tried: HashMap<String, u64>,
 }
 
 pub struct DeviceState {

@@ -32,8 +32,8 @@ pub enum ApplyOutcome {
     Failed(DesiredState, DeviceError),
     /// The device is offline; the record stays pending (attempt counted, lease released).
     Offline(Versioned<DesiredState>),
-    /// The device cloud had a transient problem; the record stays pending, and keeps
-    /// this call's lease until it lapses (a timed-out PUT may still land).
+    /// The device cloud had a transient problem; the record stays pending. If the PUT
+    /// got no answer it keeps this call's lease until it lapses (it may still land).
     Transient(Versioned<DesiredState>, DeviceError),
     /// Another invocation holds the device's lease and will converge to the latest value.
     Busy(Versioned<DesiredState>),
@@ -55,8 +55,8 @@ pub struct Applied {
 /// Lease rules (the bounds are in [`super::Policy`]):
 /// - before each PUT the lease is taken or renewed with a fresh clock reading, and the
 ///   PUT starts only if [`super::Policy::put_window`] of it is left after that write;
-/// - a PUT whose answer is in doubt (transient: it may have timed out and land late)
-///   keeps the lease, which covers the late landing, and this call PUTs nothing more;
+/// - a PUT that got no answer (it timed out and may land late) keeps the lease, which
+///   covers the late landing, and this call PUTs nothing more;
 /// - nothing is settled (expired) over another holder's live lease, and no PUT starts
 ///   within one lease of the request's expiry, so no PUT straddles it;
 /// - one call PUTs a request at most once.
@@ -91,7 +91,16 @@ pub async fn apply_latest(
         let now = svc.clock.now();
         // Only the first round can use the caller's lease; later rounds re-read the record.
         let leased_now = std::mem::take(&mut leased_by_caller);
-        let in_doubt = matches!(tried, Some((_, DeviceError::Transient { .. })));
+        let in_doubt = matches!(
+            tried,
+            Some((
+                _,
+                DeviceError::Transient {
+                    unanswered: true,
+                    ..
+                }
+            ))
+        );
         let mut record = current.value.clone();
 
         // Settled already: only let go of a lease we might still hold (never while a
@@ -256,9 +265,9 @@ pub async fn apply_latest(
 }
 
 /// Records the device's answer to a PUT of `record`'s request made under `holder`'s
-/// lease, and says what it means. The lease is let go, except after a transient
-/// answer: that PUT may still land (a timeout), and the lease, sized to cover the
-/// late landing, keeps everyone off the device until it lapses.
+/// lease, and says what it means. The lease is let go, except when no answer came
+/// back (a timeout): that PUT may still land, and the lease, sized to cover the late
+/// landing, keeps everyone off the device until it lapses.
 fn record_answer(
     record: &mut DesiredState,
     holder: &LeaseHolder,
@@ -276,8 +285,8 @@ fn record_answer(
             record.record_offline(now);
             Some(Err(DeviceError::Offline))
         }
-        Err(e @ DeviceError::Transient { .. }) => {
-            if cfg!(feature = "mutant-transient-releases-lease") {
+        Err(e @ DeviceError::Transient { unanswered, .. }) => {
+            if !unanswered || cfg!(feature = "mutant-transient-releases-lease") {
                 record.release_lease(holder);
             }
             record.record_transient(e.to_string(), now);

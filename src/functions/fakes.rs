@@ -105,6 +105,7 @@ impl DeviceApi for FakeDevice {
             return Err(DeviceError::Transient {
                 reason: "503".into(),
                 retry_after: None,
+                unanswered: false,
             });
         }
         let s = self.0.lock().unwrap();
@@ -138,6 +139,7 @@ impl DeviceApi for FakeDevice {
             return Err(DeviceError::Transient {
                 reason: "503".into(),
                 retry_after: None,
+                unanswered: false,
             });
         }
         let mut s = self.0.lock().unwrap();

@@ -251,10 +251,14 @@ async fn write_accepted(
                     Some(stored) if stored.value.request_id == record.request_id => {
                         Ok(Accepted::Written(stored, current.map(|v| v.value)))
                     }
-                    // Still the request we wrote over: had ours landed, every later write
-                    // would have been over ours (ETags), and none puts that one back.
-                    None if before.is_none() => Err(e),
+                    // Gone, or still the request we wrote over: had ours landed, every
+                    // later write would have been over ours (ETags), none puts that one
+                    // back, and only ours would delete ours.
+                    None => Err(e),
                     Some(stored) if Some(&stored.value.request_id) == before => Err(e),
+                    // An older request put back by an undo: that undo could only have
+                    // written over the one we wrote over, so ours did not land.
+                    Some(stored) if stored.value.requested_at < record.requested_at => Err(e),
                     // A newer request: ours may have landed before it.
                     _ => Ok(Accepted::Overtaken(record)),
                 };
