@@ -143,6 +143,17 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
         }
         return applied_response(&shown);
     }
+    // A PUT of ours that got no answer may have landed: then nothing may be undone.
+    let maybe_landed = matches!(
+        applied.outcome,
+        ApplyOutcome::Transient(
+            _,
+            DeviceError::Transient {
+                unanswered: true,
+                ..
+            }
+        )
+    );
     let (current, not_before) = match applied.outcome {
         ApplyOutcome::Failed(r, DeviceError::UnknownDevice) if r.request_id == ours => {
             // Not a request we accept: leave nothing behind.
@@ -188,7 +199,9 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
         }
         Err(wake::WakeError::Queue(e)) => {
             // Nothing may stay behind that would apply this request later.
-            if undo(svc, &device, &ours, previous, DesiredState::is_pending).await {
+            if !maybe_landed
+                && undo(svc, &device, &ours, previous, DesiredState::is_pending).await
+            {
                 store_failed(&device, &e.to_string())
             } else {
                 warn!(device = %device, request_id = %ours, "could not undo the ledger write; the request stays stored and the sweep will re-send it");
