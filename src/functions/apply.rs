@@ -67,8 +67,8 @@ pub async fn apply_latest(
     start: Option<Versioned<DesiredState>>,
 ) -> Result<Applied, StoreError> {
     let mut delivered: Vec<RequestId> = Vec::new();
-    // The request this call PUT without it landing for sure, and the answer.
-    let mut tried: Option<(RequestId, DeviceError)> = None;
+    // The requests this call PUT without them landing for sure, and the answers.
+    let mut tried: Vec<(RequestId, DeviceError)> = Vec::new();
     // A start record that already holds our lease was written by the caller together
     // with the attempt it counts (SetSocHttp does that in its accepting write).
     let mut leased_by_caller = start
@@ -91,16 +91,15 @@ pub async fn apply_latest(
         let now = svc.clock.now();
         // Only the first round can use the caller's lease; later rounds re-read the record.
         let leased_now = std::mem::take(&mut leased_by_caller);
-        let in_doubt = matches!(
-            tried,
-            Some((
-                _,
+        let in_doubt = tried.iter().any(|(_, e)| {
+            matches!(
+                e,
                 DeviceError::Transient {
                     unanswered: true,
                     ..
                 }
-            ))
-        );
+            )
+        });
         let mut record = current.value.clone();
 
         // Settled already: only let go of a lease we might still hold (never while a
@@ -121,24 +120,31 @@ pub async fn apply_latest(
             });
         }
 
-        // Our last write lost a race: record the same answer on the record read now.
-        if let Some((id, error)) = &tried {
-            if record.request_id == *id {
-                let outcome = record_answer(&mut record, holder, Err(error.clone()), now);
-                match write(svc, &record, &current.etag).await {
-                    Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
-                    Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
-                    Err(e) => return Err(e),
+        // A request this call already PUT (its write lost a race, or the record came
+        // back to it): never PUT twice; record the same answer on the record read now.
+        if let Some((_, error)) = tried.iter().find(|(id, _)| *id == record.request_id) {
+            let outcome = record_answer(&mut record, holder, Err(error.clone()), now);
+            match write(svc, &record, &current.etag).await {
+                Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
+                Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some((_, error)) = tried.iter().find(|(_, e)| {
+            matches!(
+                e,
+                DeviceError::Transient {
+                    unanswered: true,
+                    ..
                 }
-            }
-            if in_doubt {
-                // A newer request; our lease is in its record and keeps everyone off
-                // the device until our PUT can no longer land. Whoever comes next applies it.
-                return Ok(Applied {
-                    outcome: ApplyOutcome::Transient(current, error.clone()),
-                    delivered,
-                });
-            }
+            )
+        }) {
+            // Another request; our lease is in its record and keeps everyone off the
+            // device until our PUT can no longer land. Whoever comes next applies it.
+            return Ok(Applied {
+                outcome: ApplyOutcome::Transient(current, error.clone()),
+                delivered,
+            });
         }
 
         // We already put exactly this request on the device in an earlier round:
@@ -245,7 +251,7 @@ pub async fn apply_latest(
             }
             Err(e) => {
                 warn!(device = %device, request_id = %record.request_id, error = %e, "device call failed");
-                tried = Some((record.request_id.clone(), e.clone()));
+                tried.push((record.request_id.clone(), e.clone()));
             }
         }
         let outcome = record_answer(&mut record, holder, result, now);

@@ -199,8 +199,7 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
         }
         Err(wake::WakeError::Queue(e)) => {
             // Nothing may stay behind that would apply this request later.
-            if !maybe_landed
-                && undo(svc, &device, &ours, previous, DesiredState::is_pending).await
+            if !maybe_landed && undo(svc, &device, &ours, previous, DesiredState::is_pending).await
             {
                 store_failed(&device, &e.to_string())
             } else {
