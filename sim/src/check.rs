@@ -15,7 +15,8 @@
 //! - **S3 nothing lost**: every request answered 2xx ends applied, superseded by a
 //!   newer request, expired, or failed with a reason, within the settle bound (a
 //!   request whose accepting write's outcome was unknown and that a newer request
-//!   overtook while in flight counts as superseded, stored or not); and
+//!   overtook while in flight counts as superseded, stored or not; a POST whose own
+//!   undo took effect unbeknown to it is residual risk R6 and not judged here); and
 //!   no invocation that finishes (rather than crashes) has walked away from a PUT
 //!   it started (dropping work in flight leaves its lease and attempt behind).
 //! - **S4 honest answers**: a request answered `503` or `4xx` never lands, is never
@@ -106,7 +107,18 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
 
     // S1 + S3: the end state of every device.
     let mut latest_2xx: HashMap<&str, (usize, &str)> = HashMap::new();
-    for a in obs.answers.iter().filter(|a| matches!(a.status, 200 | 202)) {
+    // Residual risk R6 (README): a POST whose undo took effect but answered a timeout
+    // cannot tell its own undo from a newer request; its answer is not judged by S1/S3.
+    let undo_unknown = |inv: &str| {
+        obs.invocations
+            .iter()
+            .any(|i| i.label == inv && i.undo_unknown)
+    };
+    for a in obs
+        .answers
+        .iter()
+        .filter(|a| matches!(a.status, 200 | 202) && !undo_unknown(&a.inv))
+    {
         let Some(r) = a.request.as_deref() else {
             continue;
         };

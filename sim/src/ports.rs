@@ -22,7 +22,7 @@ use soc_settings::ports::{
 };
 use tokio::sync::{oneshot, Notify};
 
-use crate::world::{Dice, Inv, Landing, PutRecord, QueuedMessage, SendRecord, Shared, World};
+use crate::world::{Dice, Inv, Kind, Landing, PutRecord, QueuedMessage, SendRecord, Shared, World};
 
 /// The ports of one invocation.
 pub fn services(world: &Shared, inv: &Arc<Inv>, policy: Policy, notify: &Arc<Notify>) -> Services {
@@ -140,7 +140,21 @@ impl Port {
         sleep_ms(plan.effect_at).await;
         let result = if plan.effect {
             let mut w = self.world.lock().unwrap();
-            Some(effect(&mut w, &self.inv))
+            let commits = w.obs.commits.len();
+            let r = effect(&mut w, &self.inv);
+            if r.is_ok() && plan.error.is_some() && w.obs.commits.len() > commits {
+                // Took effect, the caller will hear a timeout: a POST undoing (writing
+                // a request it did not create, or deleting) cannot know its undo landed.
+                let i = self.inv.index;
+                let own = w.obs.invocations[i].created.clone();
+                let last = w.obs.commits.last().map(|c| c.request.clone());
+                if self.inv.kind == Kind::Post
+                    && last.is_some_and(|r| r.is_none_or(|r| !own.contains(&r)))
+                {
+                    w.obs.invocations[i].undo_unknown = true;
+                }
+            }
+            Some(r)
         } else {
             None
         };

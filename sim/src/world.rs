@@ -190,6 +190,8 @@ pub struct InvRecord {
     pub puts: Vec<String>,
     pub sends: Vec<String>,
     pub status_calls: Vec<String>,
+    /// A POST's undo (restore or delete) took effect but answered a timeout.
+    pub undo_unknown: bool,
 }
 
 /// Everything the checker judges.
@@ -436,6 +438,7 @@ impl Inv {
             puts: Vec::new(),
             sends: Vec::new(),
             status_calls: Vec::new(),
+            undo_unknown: false,
         });
         let inv = Arc::new(Inv {
             id,
