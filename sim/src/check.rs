@@ -126,7 +126,13 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
             // Never stored: acceptable only as superseded, i.e. when a newer request
             // for the device was stored while it was in flight (its accepting write's
             // outcome was unknown and a newer request overtook it).
-            let started = obs.first_tried.get(r).copied().unwrap_or(a.t);
+            // From its first write attempt, less four clock skews: the service compares
+            // its clock with the other writer's (each up to the skew off), allowing
+            // twice the skew, so it tells "written after" only that closely.
+            let started = obs
+                .first_tried
+                .get(r)
+                .map_or(a.t, |t| t.saturating_sub(4 * sc.bounds.max_skew_ms));
             let overtaken = obs
                 .requests
                 .values()

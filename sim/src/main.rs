@@ -70,11 +70,14 @@ fn replay(seed: u64) {
     }
 }
 
+/// A violating seed and what it violated.
+type Failing = (u64, Vec<soc_sim::Violation>);
+
 fn many(from: u64, n: u64, jobs: usize, keep_going: bool) {
     let started = Instant::now();
     let next = Arc::new(AtomicU64::new(from));
     let stop = Arc::new(AtomicBool::new(false));
-    let failing: Arc<Mutex<Vec<(u64, Vec<soc_sim::Violation>)>>> = Arc::default();
+    let failing: Arc<Mutex<Vec<Failing>>> = Arc::default();
     let done = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..jobs)
         .map(|_| {

@@ -286,7 +286,7 @@ impl World {
             })
             .collect();
         Self {
-            rng: ChaCha8Rng::seed_from_u64(sc.seed ^ 0x5eed_0f_c0ffee),
+            rng: ChaCha8Rng::seed_from_u64(sc.seed ^ 0x5eed_0fc0_ffee),
             sc,
             start: Instant::now(),
             epoch: Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap(),

@@ -115,7 +115,7 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
     let now = svc.clock.now();
     let holder = LeaseHolder::new(HolderKind::Http);
     let (accepted, previous) = match write_accepted(svc, &device, setting, now, &holder).await {
-        Ok(Accepted::Written(v, previous)) => (v, previous),
+        Ok(Accepted::Written(written)) => *written,
         Ok(Accepted::Overtaken(ours)) => {
             // Whether our write landed is unknown, but a newer request is there now:
             // either way ours is superseded, as if it had been stored first.
@@ -233,6 +233,8 @@ async fn write_accepted(
     );
     for _ in 0..MAX_WRITE_ROUNDS {
         let now = svc.clock.now();
+        // When this round read the record it writes over (see the read-back below).
+        record.updated_at = now;
         if record.lease_free_for(holder, now) {
             record.record_attempt(holder, now, svc.policy.lease);
         }
@@ -242,13 +244,13 @@ async fn write_accepted(
             .await
         {
             Ok(etag) => {
-                return Ok(Accepted::Written(
+                return Ok(Accepted::Written(Box::new((
                     Versioned {
                         value: record,
                         etag,
                     },
                     current.map(|v| v.value),
-                ))
+                ))))
             }
             Err(StoreError::Conflict) => {
                 current = svc.ledger.get(device).await?;
@@ -260,19 +262,24 @@ async fn write_accepted(
             Err(e @ StoreError::Unavailable(_)) => {
                 let before = current.as_ref().map(|v| &v.value.request_id);
                 return match read_back(svc, device).await? {
-                    Some(stored) if stored.value.request_id == record.request_id => {
-                        Ok(Accepted::Written(stored, current.map(|v| v.value)))
-                    }
+                    Some(stored) if stored.value.request_id == record.request_id => Ok(
+                        Accepted::Written(Box::new((stored, current.map(|v| v.value)))),
+                    ),
                     // Gone, or still the request we wrote over: had ours landed, every
                     // later write would have been over ours (ETags), none puts that one
                     // back, and only ours would delete ours.
                     None => Err(e),
                     Some(stored) if Some(&stored.value.request_id) == before => Err(e),
-                    // An older request put back by an undo: that undo could only have
-                    // written over the one we wrote over, so ours did not land.
-                    Some(stored) if stored.value.requested_at < record.requested_at => Err(e),
-                    // A newer request: ours may have landed before it.
-                    _ => Ok(Accepted::Overtaken(record)),
+                    // Written by a round that read the record before ours could have
+                    // landed (or put back by an undo): had ours landed, that write would
+                    // have conflicted.
+                    Some(stored)
+                        if stored.value.updated_at + svc.policy.max_clock_skew * 2 < now =>
+                    {
+                        Err(e)
+                    }
+                    // Written after ours may have landed, over it or not.
+                    _ => Ok(Accepted::Overtaken(Box::new(record))),
                 };
             }
             Err(e) => return Err(e),
@@ -284,9 +291,9 @@ async fn write_accepted(
 /// What [`write_accepted`] did.
 enum Accepted {
     /// The request is stored (with the record it replaced).
-    Written(Versioned<DesiredState>, Option<DesiredState>),
+    Written(Box<(Versioned<DesiredState>, Option<DesiredState>)>),
     /// The write's outcome is unknown and a newer request is stored now.
-    Overtaken(DesiredState),
+    Overtaken(Box<DesiredState>),
 }
 
 /// Puts the ledger back as it was before `ours` was written, if the record still is
