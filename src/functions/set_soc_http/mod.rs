@@ -233,7 +233,11 @@ async fn write_accepted(
     );
     for _ in 0..MAX_WRITE_ROUNDS {
         let now = svc.clock.now();
-        // When this round read the record it writes over (see the read-back below).
+        // The request is accepted by the round whose write lands: it is stamped with
+        // that round's clock reading, taken after it read the record it writes over
+        // (the read-back below relies on it).
+        record.requested_at = now;
+        record.expires_at = now + svc.policy.request_ttl;
         record.updated_at = now;
         if record.lease_free_for(holder, now) {
             record.record_attempt(holder, now, svc.policy.lease);
@@ -270,11 +274,11 @@ async fn write_accepted(
                     // back, and only ours would delete ours.
                     None => Err(e),
                     Some(stored) if Some(&stored.value.request_id) == before => Err(e),
-                    // Written by a round that read the record before ours could have
+                    // Accepted by a round that read the record before ours could have
                     // landed (or put back by an undo): had ours landed, that write would
                     // have conflicted.
                     Some(stored)
-                        if stored.value.updated_at + svc.policy.max_clock_skew * 2 < now =>
+                        if stored.value.requested_at + svc.policy.max_clock_skew * 2 < now =>
                     {
                         Err(e)
                     }
