@@ -1,6 +1,6 @@
 //! A real Azurite Table service for tests, on a free loopback port, in memory.
 //!
-//! ```ignore
+//! ```text
 //! let azurite = Azurite::start();            // owned: killed when dropped (panics if it cannot start)
 //! let azurite = Azurite::try_start()?;       // the same, with the failure as an error
 //! let conn = azurite.connection_string();    // TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1
