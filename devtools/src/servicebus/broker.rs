@@ -6,13 +6,14 @@
 //! - A message's TTL is the smaller of its own and the queue default, counted from when it becomes
 //!   active (its scheduled time, else the send).
 //! - Delivery is in sequence-number order among active, unlocked, unexpired messages; each receive
-//!   increments the delivery count and persists it before the consumer sees the message.
+//!   increments the delivery count and writes it to the store before the consumer sees the
+//!   message (a failed write is logged, the delivery goes ahead).
 //! - Settling needs the current lock token and an unexpired lock, else [`SettleError::LockLost`].
 //! - A message whose delivery count reached `max_delivery_count` is dead-lettered
 //!   (`MaxDeliveryCountExceeded`) when abandoned or when its lock lapses; an expired, unlocked
 //!   message is dead-lettered (`TTLExpiredException`) or dropped per `dead_letter_on_expiration`.
-//! - One mutex guards every queue; no I/O other than the store's small file writes happens under it,
-//!   and consumers are woken after it is released.
+//! - One mutex guards every queue; it is never held across an `.await`, and consumers are woken
+//!   only after it is released.
 
 use std::collections::HashMap;
 use std::future::Future;
