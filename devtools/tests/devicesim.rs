@@ -345,7 +345,10 @@ async fn a_simulator_with_a_state_file_remembers_its_devices_and_history_after_a
         .await
         .unwrap();
     let bat1 = sim.device("bat-1").expect("bat-1 kept");
-    assert_eq!((bat1.online, bat1.min_soc, bat1.apply_count), (true, Some(45), 1));
+    assert_eq!(
+        (bat1.online, bat1.min_soc, bat1.apply_count),
+        (true, Some(45), 1)
+    );
     assert!(!sim.device("bat-2").expect("bat-2 kept").online);
     assert_eq!(sim.history_for("bat-1").len(), 1);
     // The applied key is remembered too: the same PUT again is a replay, not a second apply.
@@ -370,7 +373,10 @@ async fn a_corrupt_state_file_is_refused_with_a_hint_instead_of_silently_emptied
         .await
         .err()
         .expect("refused");
-    assert!(format!("{err:#}").contains("remove it to start afresh"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("remove it to start afresh"),
+        "{err:#}"
+    );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "{not json");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -406,7 +412,10 @@ impl SimProcess {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("devicesim did not start: {}", std::fs::read_to_string(log).unwrap());
+        panic!(
+            "devicesim did not start: {}",
+            std::fs::read_to_string(log).unwrap()
+        );
     }
 
     async fn device(&self, id: &str) -> Value {
@@ -428,12 +437,16 @@ impl SimProcess {
             .status()
             .unwrap();
         assert!(killed.success());
-        assert!(self.child.wait().unwrap().success(), "devicesim exits 0 on SIGTERM");
+        assert!(
+            self.child.wait().unwrap().success(),
+            "devicesim exits 0 on SIGTERM"
+        );
     }
 }
 
 #[tokio::test]
-async fn the_devicesim_binary_keeps_its_devices_across_a_restart_unless_fresh_and_logs_plain_text() {
+async fn the_devicesim_binary_keeps_its_devices_across_a_restart_unless_fresh_and_logs_plain_text()
+{
     let dir = tmp_dir();
     let state = dir.join("devicesim.json");
     let state = state.to_str().unwrap();
@@ -459,12 +472,18 @@ async fn the_devicesim_binary_keeps_its_devices_across_a_restart_unless_fresh_an
     // A log file (stdout is not a terminal): the PUT is logged, without colour escapes.
     let text = std::fs::read(&log).unwrap();
     assert!(String::from_utf8_lossy(&text).contains("devicesim PUT"));
-    assert!(!text.contains(&0x1b), "no ANSI escape codes in the log file");
+    assert!(
+        !text.contains(&0x1b),
+        "no ANSI escape codes in the log file"
+    );
 
     // Restarted with the same --device list: the saved battery wins over "offline".
     let sim = SimProcess::start(&["--state", state, "--device", "bat-1:offline"], &log).await;
     let d = sim.device("bat-1").await;
-    assert_eq!((d["online"].clone(), d["minSoc"].clone()), (json!(true), json!(45)));
+    assert_eq!(
+        (d["online"].clone(), d["minSoc"].clone()),
+        (json!(true), json!(45))
+    );
     sim.stop();
 
     // --fresh forgets it: the battery is as --device says, with no value yet.
@@ -474,7 +493,10 @@ async fn the_devicesim_binary_keeps_its_devices_across_a_restart_unless_fresh_an
     )
     .await;
     let d = sim.device("bat-1").await;
-    assert_eq!((d["online"].clone(), d["minSoc"].clone()), (json!(false), Value::Null));
+    assert_eq!(
+        (d["online"].clone(), d["minSoc"].clone()),
+        (json!(false), Value::Null)
+    );
     sim.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
