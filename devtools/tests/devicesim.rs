@@ -391,13 +391,16 @@ struct SimProcess {
 impl SimProcess {
     async fn start(args: &[&str], log: &std::path::Path) -> SimProcess {
         let out = std::fs::File::create(log).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_devicesim"))
-            .args(["--addr", "127.0.0.1:0"])
-            .args(args)
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
+        let mut sim = SimProcess {
+            child: std::process::Command::new(env!("CARGO_BIN_EXE_devicesim"))
+                .args(["--addr", "127.0.0.1:0"])
+                .args(args)
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .unwrap(),
+            base: String::new(),
+        };
         for _ in 0..400 {
             let text = std::fs::read_to_string(log).unwrap_or_default();
             if let Some(base) = text
@@ -405,10 +408,8 @@ impl SimProcess {
                 .find_map(|l| l.strip_prefix("devicesim: device API   "))
                 .and_then(|l| l.strip_suffix("/devices/{id}"))
             {
-                return SimProcess {
-                    child,
-                    base: base.to_string(),
-                };
+                sim.base = base.to_string();
+                return sim;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -430,7 +431,7 @@ impl SimProcess {
     }
 
     /// SIGTERM, as scripts/dev stops it.
-    fn stop(mut self) {
+    fn stop(&mut self) {
         let pid = self.child.id().to_string();
         let killed = std::process::Command::new("kill")
             .args(["-TERM", &pid])
@@ -444,6 +445,16 @@ impl SimProcess {
     }
 }
 
+impl Drop for SimProcess {
+    /// A failing test does not leave the process behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_devicesim_binary_keeps_its_devices_across_a_restart_unless_fresh_and_logs_plain_text()
 {
@@ -451,7 +462,7 @@ async fn the_devicesim_binary_keeps_its_devices_across_a_restart_unless_fresh_an
     let state = dir.join("devicesim.json");
     let state = state.to_str().unwrap();
     let log = dir.join("devicesim.log");
-    let sim = SimProcess::start(&["--state", state, "--device", "bat-1:offline"], &log).await;
+    let mut sim = SimProcess::start(&["--state", state, "--device", "bat-1:offline"], &log).await;
     let r = client()
         .post(format!("{}/_control/devices/bat-1/online", sim.base))
         .send()
@@ -478,7 +489,7 @@ async fn the_devicesim_binary_keeps_its_devices_across_a_restart_unless_fresh_an
     );
 
     // Restarted with the same --device list: the saved battery wins over "offline".
-    let sim = SimProcess::start(&["--state", state, "--device", "bat-1:offline"], &log).await;
+    let mut sim = SimProcess::start(&["--state", state, "--device", "bat-1:offline"], &log).await;
     let d = sim.device("bat-1").await;
     assert_eq!(
         (d["online"].clone(), d["minSoc"].clone()),
@@ -487,7 +498,7 @@ async fn the_devicesim_binary_keeps_its_devices_across_a_restart_unless_fresh_an
     sim.stop();
 
     // --fresh forgets it: the battery is as --device says, with no value yet.
-    let sim = SimProcess::start(
+    let mut sim = SimProcess::start(
         &["--state", state, "--fresh", "--device", "bat-1:offline"],
         &log,
     )
