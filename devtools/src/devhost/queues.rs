@@ -49,11 +49,12 @@ pub struct QueuePage {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MessageWithFate {
+    /// `will apply ...`, `will no-op: superseded by <requestId>`, `will no-op: request already
+    /// <status>`, `will no-op: ...`, `dead-lettered: ...`, or `unknown: ...`. First, so that it
+    /// is the first thing a reader sees of each message.
+    pub fate: String,
     #[serde(flatten)]
     pub view: MessageView,
-    /// `will apply ...`, `will no-op: superseded by <requestId>`, `will no-op: request already
-    /// <status>`, `will no-op: ...`, `dead-lettered: ...`, or `unknown: ...`.
-    pub fate: String,
 }
 
 /// The ledger's view of one device: what a delivery would compare the message with.
