@@ -186,8 +186,9 @@ fn escape(s: &str) -> String {
 
 // ---------------------------------------------------------------- reading the ledger
 
-/// Where the ledger lives, from the app settings the handler got.
-#[derive(Clone, Debug)]
+/// Where the ledger lives, from the app settings the handler got. Not `Debug`: it holds the
+/// account key.
+#[derive(Clone)]
 pub struct LedgerSource {
     account: String,
     key: Vec<u8>,
