@@ -435,6 +435,33 @@ async fn an_unknown_device_or_a_rejected_value_fails_with_the_reason_without_end
             .count()
             <= 1
     );
+
+    // Refused while online: 422 in our words; the vendor's text only in lastError, without
+    // the URL (and its key) the vendor put in it.
+    app.sim.patch(
+        "bat-picky",
+        &DevicePatch {
+            reject: Some(Some(
+                "minSoc below the vendor floor of 10, see https://vendor.example/doc?key=abc"
+                    .into(),
+            )),
+            ..Default::default()
+        },
+    );
+    let r = app.post("bat-picky", r#"{"minSoc":6}"#).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("refused minSoc 6 for device bat-picky") && !detail.contains("vendor"),
+        "{detail}"
+    );
+    let (_, record) = app.get("bat-picky").await;
+    let last_error = record["lastError"].as_str().unwrap();
+    assert!(
+        last_error.contains("vendor floor of 10") && last_error.contains("<url>"),
+        "{last_error}"
+    );
+    assert!(!last_error.contains("key=abc"), "{last_error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
