@@ -539,7 +539,7 @@ async fn start_azurite(
     let bin = root.join("tools/node/node_modules/.bin/azurite-table");
     if !bin.exists() {
         anyhow::bail!(
-            "Azurite is needed (AzureWebJobsStorage is local) but {} is missing: run scripts/setup",
+            "Azurite is needed (AzureWebJobsStorage is local) but {} is missing: run scripts/setup azurite",
             bin.display()
         );
     }
