@@ -82,12 +82,6 @@ pub struct Supervisor {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 impl Supervisor {
     pub fn start(spec: HandlerSpec) -> Supervisor {
         let (tx, rx) = watch::channel(HandlerState::Starting);
@@ -184,7 +178,7 @@ async fn run(
     let mut errors: Vec<Instant> = Vec::new();
     let worker_id = uuid::Uuid::new_v4().to_string();
     loop {
-        let port = match free_port() {
+        let port = match crate::free_port() {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("devhost: no free port: {e}");
