@@ -73,42 +73,32 @@ pub enum HandlerState {
 
 pub struct Supervisor {
     state_rx: watch::Receiver<HandlerState>,
-    pid: Arc<Mutex<Option<u32>>>,
-    restarts: Arc<AtomicU32>,
-    kill: Arc<Notify>,
-    intentional: Arc<AtomicBool>,
-    shutdown: Arc<Notify>,
-    fatal: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// What the supervisor and its task (`run`) both hold.
+#[derive(Default)]
+struct Shared {
+    /// The running handler's process id.
+    pid: Mutex<Option<u32>>,
+    restarts: AtomicU32,
+    /// Kill the handler for a restart that is not counted as an error (with `intentional`).
+    kill: Notify,
+    intentional: AtomicBool,
+    shutdown: Notify,
+    /// The restart budget is exhausted.
+    fatal: AtomicBool,
 }
 
 impl Supervisor {
     pub fn start(spec: HandlerSpec) -> Supervisor {
         let (tx, rx) = watch::channel(HandlerState::Starting);
-        let pid = Arc::new(Mutex::new(None));
-        let restarts = Arc::new(AtomicU32::new(0));
-        let kill = Arc::new(Notify::new());
-        let intentional = Arc::new(AtomicBool::new(false));
-        let shutdown = Arc::new(Notify::new());
-        let fatal = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(run(
-            spec,
-            tx,
-            pid.clone(),
-            restarts.clone(),
-            kill.clone(),
-            intentional.clone(),
-            shutdown.clone(),
-            fatal.clone(),
-        ));
+        let shared = Arc::new(Shared::default());
+        let task = tokio::spawn(run(spec, tx, shared.clone()));
         Supervisor {
             state_rx: rx,
-            pid,
-            restarts,
-            kill,
-            intentional,
-            shutdown,
-            fatal,
+            shared,
             task: Mutex::new(Some(task)),
         }
     }
@@ -136,27 +126,27 @@ impl Supervisor {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        *self.pid.lock().unwrap_or_else(|p| p.into_inner())
+        *self.shared.pid.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Number of restarts after crashes / forced restarts.
     pub fn restarts(&self) -> u32 {
-        self.restarts.load(Ordering::SeqCst)
+        self.shared.restarts.load(Ordering::SeqCst)
     }
 
     /// True when the restart budget was exhausted (the real host stops the application).
     pub fn fatal(&self) -> bool {
-        self.fatal.load(Ordering::SeqCst)
+        self.shared.fatal.load(Ordering::SeqCst)
     }
 
     /// Kill and restart the handler without counting an error (function timeout path, §1.5).
     pub fn restart(&self) {
-        self.intentional.store(true, Ordering::SeqCst);
-        self.kill.notify_one();
+        self.shared.intentional.store(true, Ordering::SeqCst);
+        self.shared.kill.notify_one();
     }
 
     pub async fn shutdown(&self) {
-        self.shutdown.notify_one();
+        self.shared.shutdown.notify_one();
         let t = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(t) = t {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
@@ -164,17 +154,7 @@ impl Supervisor {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    spec: HandlerSpec,
-    tx: watch::Sender<HandlerState>,
-    pid: Arc<Mutex<Option<u32>>>,
-    restarts: Arc<AtomicU32>,
-    kill: Arc<Notify>,
-    intentional: Arc<AtomicBool>,
-    shutdown: Arc<Notify>,
-    fatal: Arc<AtomicBool>,
-) {
+async fn run(spec: HandlerSpec, tx: watch::Sender<HandlerState>, shared: Arc<Shared>) {
     let mut errors: Vec<Instant> = Vec::new();
     let worker_id = uuid::Uuid::new_v4().to_string();
     loop {
@@ -208,11 +188,11 @@ async fn run(
                     spec.executable.display()
                 );
                 let _ = tx.send(HandlerState::Stopped);
-                fatal.store(true, Ordering::SeqCst);
+                shared.fatal.store(true, Ordering::SeqCst);
                 return;
             }
         };
-        *pid.lock().unwrap_or_else(|p| p.into_inner()) = child.id();
+        *shared.pid.lock().unwrap_or_else(|p| p.into_inner()) = child.id();
         tracing::info!(pid = ?child.id(), port, "devhost: handler started");
         if let Some(out) = child.stdout.take() {
             let sink = spec.output.clone();
@@ -275,11 +255,11 @@ async fn run(
             let _ = tx.send(HandlerState::Ready(port));
             tokio::select! {
                 st = child.wait() => st.ok(),
-                _ = kill.notified() => {
+                _ = shared.kill.notified() => {
                     let _ = child.start_kill();
                     child.wait().await.ok()
                 }
-                _ = shutdown.notified() => {
+                _ = shared.shutdown.notified() => {
                     let _ = tx.send(HandlerState::Stopped);
                     let _ = child.start_kill();
                     let _ = child.wait().await;
@@ -289,11 +269,11 @@ async fn run(
             }
         };
         let _ = tx.send(HandlerState::Starting);
-        *pid.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *shared.pid.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let code = status.and_then(|s| s.code());
-        if intentional.swap(false, Ordering::SeqCst) {
+        if shared.intentional.swap(false, Ordering::SeqCst) {
             tracing::warn!("devhost: handler killed for restart (function timeout or request)");
-            restarts.fetch_add(1, Ordering::SeqCst);
+            shared.restarts.fetch_add(1, Ordering::SeqCst);
             continue;
         }
         match code {
@@ -304,7 +284,7 @@ async fn run(
             }
             Some(200) => {
                 tracing::info!("devhost: handler exited with 200: intentional restart");
-                restarts.fetch_add(1, Ordering::SeqCst);
+                shared.restarts.fetch_add(1, Ordering::SeqCst);
                 continue;
             }
             other => {
@@ -319,11 +299,11 @@ async fn run(
                 tracing::error!(exit_code = ?other, errors = errors.len(), "devhost: handler exited abnormally");
                 if errors.len() >= 3 {
                     tracing::error!("devhost: Exceeded http worker restart retry count. Stopping.");
-                    fatal.store(true, Ordering::SeqCst);
+                    shared.fatal.store(true, Ordering::SeqCst);
                     let _ = tx.send(HandlerState::Stopped);
                     return;
                 }
-                restarts.fetch_add(1, Ordering::SeqCst);
+                shared.restarts.fetch_add(1, Ordering::SeqCst);
             }
         }
     }
