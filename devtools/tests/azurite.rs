@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use devtools::azurite::{self, AzuriteTable, Data};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+/// The repository's Azurite (`scripts/setup azurite`), or `$AZURITE_TABLE_BIN`.
+fn azurite_bin() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    azurite::binary(repo).unwrap()
 }
 
 fn listening(port: u16) -> bool {
@@ -22,7 +21,7 @@ fn listening(port: u16) -> bool {
 
 #[test]
 fn azurite_with_a_data_folder_keeps_the_folder_and_its_tables_when_stopped() {
-    let bin = azurite::binary(&repo_root()).unwrap();
+    let bin = azurite_bin();
     let data = std::env::temp_dir().join(format!("devtools-azurite-{}", uuid::Uuid::new_v4()));
     let port = devtools::free_port().unwrap();
 
@@ -48,7 +47,7 @@ fn azurite_with_a_data_folder_keeps_the_folder_and_its_tables_when_stopped() {
 
 #[test]
 fn azurite_on_a_port_another_process_holds_fails_with_its_own_output_instead_of_starting() {
-    let bin = azurite::binary(&repo_root()).unwrap();
+    let bin = azurite_bin();
     // Something already listens on the port: Azurite exits with an error.
     let taken = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let port = taken.local_addr().unwrap().port();

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::{watch, Notify};
 
@@ -195,25 +195,15 @@ async fn run(spec: HandlerSpec, tx: watch::Sender<HandlerState>, shared: Arc<Sha
         *shared.pid.lock().unwrap_or_else(|p| p.into_inner()) = child.id();
         tracing::info!(pid = ?child.id(), port, "devhost: handler started");
         if let Some(out) = child.stdout.take() {
-            let sink = spec.output.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    sink.line(&format!("[handler] {l}"));
-                }
-            });
+            forward_lines(out, spec.output.clone(), |_| "[handler]");
         }
         if let Some(err) = child.stderr.take() {
-            let sink = spec.output.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(err).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    let level = if l.to_ascii_lowercase().contains("warn") {
-                        "WARN"
-                    } else {
-                        "ERROR"
-                    };
-                    sink.line(&format!("[handler stderr {level}] {l}"));
+            // The host logs stderr lines as errors (§1.4), unless they say they are warnings.
+            forward_lines(err, spec.output.clone(), |l| {
+                if l.to_ascii_lowercase().contains("warn") {
+                    "[handler stderr WARN]"
+                } else {
+                    "[handler stderr ERROR]"
                 }
             });
         }
@@ -307,4 +297,18 @@ async fn run(spec: HandlerSpec, tx: watch::Sender<HandlerState>, shared: Arc<Sha
             }
         }
     }
+}
+
+/// Copies each line of one of the handler's pipes to the sink, after the label `label` gives it.
+fn forward_lines(
+    pipe: impl AsyncRead + Unpin + Send + 'static,
+    sink: OutputSink,
+    label: fn(&str) -> &'static str,
+) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(pipe).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            sink.line(&format!("{} {line}", label(&line)));
+        }
+    });
 }
