@@ -171,8 +171,9 @@ fn secret_problem(source: &str, name: &str) -> Option<String> {
         None => Some(format!("{name} is neither set nor identity-based")),
         Some(line) => {
             let value = line.split_once(':').unwrap().1.trim();
-            (!(value.starts_with("'@Microsoft.KeyVault(SecretUri=") || value == "''"))
-                .then(|| format!("{name} must be a Key Vault reference or identity-based, got {value}"))
+            (!(value.starts_with("'@Microsoft.KeyVault(SecretUri=") || value == "''")).then(|| {
+                format!("{name} must be a Key Vault reference or identity-based, got {value}")
+            })
         }
     }
 }
@@ -186,7 +187,10 @@ fn secret_settings_are_key_vault_references_or_identity_based() {
         .filter_map(|s| secret_problem(&source, s.name))
         .collect();
     assert!(problems.is_empty(), "{problems:?}");
-    assert!(!source.contains("listKeys("), "no key is read at deploy time");
+    assert!(
+        !source.contains("listKeys("),
+        "no key is read at deploy time"
+    );
 }
 
 #[test]

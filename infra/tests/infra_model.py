@@ -355,12 +355,24 @@ def local_auth_problems(root: Path = INFRA) -> list[str]:
 
 # ---------------------------------------------------------------- alerts
 
-def _expand(doc: dict, text: str) -> str:
-    """`${var}` in a string replaced by the module's string variables (others left as is)."""
+def _expand(doc: dict, text: str, defaults: bool = False) -> str:
+    """`${var}` in a string replaced by the module's string variables (and, with
+    `defaults`, parameters by their default values); others are left as is."""
     def sub(m):
         value = doc["variables"].get(m.group(1), {}).get("value")
-        return _expand(doc, value) if isinstance(value, str) else m.group(0)
+        if isinstance(value, str):
+            return _expand(doc, value, defaults)
+        default = doc["parameters"].get(m.group(1), {}).get("default") if defaults else None
+        return str(default) if isinstance(default, (int, str)) and not isinstance(default, bool) else m.group(0)
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", sub, text)
+
+
+def operator_queries(root: Path = INFRA) -> dict[str, str]:
+    """Every KQL query of the alerts module (alerts and workbook), parameters at their defaults."""
+    doc = parse(root / "modules" / "alerts.bicep")
+    return {name: _expand(doc, var["value"], defaults=True)
+            for name, var in doc["variables"].items()
+            if name.endswith("Query") and isinstance(var["value"], str)}
 
 
 def alert_rules(root: Path = INFRA) -> dict[str, dict]:

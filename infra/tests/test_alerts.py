@@ -4,7 +4,9 @@ check is also run on a broken copy to show it fails."""
 import pytest
 
 from conftest import replace_once
-from infra_model import alert_problems, alert_rules
+import re
+
+from infra_model import INFRA, alert_problems, alert_rules, operator_queries
 
 ALERTS = ("modules", "alerts.bicep")
 
@@ -46,3 +48,28 @@ def test_a_missing_alerts_module_is_reported(infra_copy):
     target = infra_copy / "main.bicep"
     replace_once(target, "module alerts 'modules/alerts.bicep'", "module alerts 'modules/other.bicep'")
     assert any("does not deploy modules/alerts.bicep" in p for p in alert_problems(infra_copy))
+
+
+def _kql_blocks(markdown: str) -> list[str]:
+    """The ```kusto blocks of a page, whitespace collapsed."""
+    blocks = re.findall(r"```kusto\n(.*?)```", markdown, re.S)
+    return [re.sub(r"\s+", " ", b).strip() for b in blocks]
+
+
+def _missing_from_docs(markdown: str, queries: dict[str, str]) -> list[str]:
+    blocks = _kql_blocks(markdown)
+    return [name for name, q in queries.items() if re.sub(r"\s+", " ", q).strip() not in blocks]
+
+
+def test_the_operations_guide_shows_every_alert_and_workbook_query_as_deployed():
+    queries = operator_queries()
+    assert len(queries) == 6, sorted(queries)
+    guide = (INFRA.parent / "docs" / "operations.md").read_text()
+    assert _missing_from_docs(guide, queries) == []
+
+
+def test_a_query_changed_in_the_bicep_only_is_reported():
+    queries = operator_queries()
+    guide = (INFRA.parent / "docs" / "operations.md").read_text()
+    changed = dict(queries, sweepMissingQuery=queries["sweepMissingQuery"].replace("== 0", "< 1"))
+    assert _missing_from_docs(guide, changed) == ["sweepMissingQuery"]
