@@ -11,6 +11,7 @@
 
 pub mod connection_string;
 pub mod device_api;
+pub mod identity;
 pub mod service_bus;
 pub mod table_ledger;
 
