@@ -46,7 +46,10 @@ pub fn managed_identity() -> Result<Arc<dyn TokenCredential>, String> {
 /// The `reqwest` client of an Azure adapter: `timeout` per request and connect, rustls with
 /// the public roots, plus the certificates in `extra_ca_pem` (a PEM bundle; the
 /// `SOC_EXTRA_CA_CERTS` setting, for local TLS stand-ins such as Azurite over HTTPS).
-pub fn transport(timeout: Duration, extra_ca_pem: Option<&Path>) -> Result<reqwest::Client, String> {
+pub fn transport(
+    timeout: Duration,
+    extra_ca_pem: Option<&Path>,
+) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout);
