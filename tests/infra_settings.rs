@@ -73,7 +73,8 @@ fn has_section(keys: &BTreeSet<String>, name: &str) -> bool {
     keys.iter().any(|k| k.starts_with(&prefix))
 }
 
-/// Settings in `config::SETTINGS` that the Bicep's `socSettings` does not set.
+/// Settings in `config::SETTINGS` that the Bicep's `socSettings` does not set (a
+/// connection set by its identity section counts as set).
 fn missing_settings(bicep: &str) -> Vec<&'static str> {
     let keys = object_keys(bicep, "socSettings");
     SETTINGS
@@ -83,16 +84,12 @@ fn missing_settings(bicep: &str) -> Vec<&'static str> {
         .collect()
 }
 
-/// Keys of `socSettings` that `config::SETTINGS` does not list (a member of a
-/// listed connection's identity section counts as listed).
+/// Keys of `socSettings` that `config::SETTINGS` does not list.
 fn unknown_settings(bicep: &str) -> Vec<String> {
     let known: BTreeSet<&str> = SETTINGS.iter().map(|s| s.name).collect();
     object_keys(bicep, "socSettings")
         .into_iter()
-        .filter(|k| {
-            let connection = k.split_once("__").map(|(c, _)| c);
-            !known.contains(k.as_str()) && !connection.is_some_and(|c| known.contains(c))
-        })
+        .filter(|k| !known.contains(k.as_str()))
         .collect()
 }
 

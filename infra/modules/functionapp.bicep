@@ -64,6 +64,9 @@ param recheckMaxSeconds int
 param drainSchedule string
 param drainConcurrency int
 
+@description('RUST_LOG: the handler\'s log filter; empty means info. Raise it (e.g. debug) without a rebuild.')
+param logFilter string = ''
+
 param tags object = {}
 
 var isFlex = hostingPlan == 'FlexConsumption'
@@ -274,6 +277,8 @@ var socSettings = {
   SOC_RECHECK_MAX_SECONDS: string(recheckMaxSeconds)
   DRAIN_SOC_SCHEDULE: drainSchedule
   DRAIN_SOC_CONCURRENCY: string(drainConcurrency)
+  SOC_EXTRA_CA_CERTS: ''
+  RUST_LOG: logFilter
 }
 
 // Applied after the role assignments exist. Role propagation can still lag:

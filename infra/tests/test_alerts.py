@@ -73,3 +73,32 @@ def test_a_query_changed_in_the_bicep_only_is_reported():
     guide = (INFRA.parent / "docs" / "operations.md").read_text()
     changed = dict(queries, sweepMissingQuery=queries["sweepMissingQuery"].replace("== 0", "< 1"))
     assert _missing_from_docs(guide, changed) == ["sweepMissingQuery"]
+
+
+LEDGER = INFRA.parent / "src" / "adapters" / "table_ledger.rs"
+# KQL key (as the queries extract it) -> the tracing field the handler logs it under.
+LOG_FIELDS = {" device=": "device = %state.device_id", " request_id=": "request_id = %state.request_id",
+              " outcome=": "outcome = %state.status.as_str()", " last_error=": "last_error = ?last_error"}
+
+
+def log_field_problems(source: str, queries: dict[str, str]) -> list[str]:
+    """The handler's ledger-write log line carries every field the queries extract."""
+    start = source.index("fn log_written(")
+    body = source[start:source.index("\n}\n", start)]
+    problems = []
+    for key, field in LOG_FIELDS.items():
+        if not any(key in q for q in queries.values()):
+            problems.append(f"no query extracts {key!r}")
+        if field not in body:
+            problems.append(f"log_written does not log {field!r} (the queries extract {key!r})")
+    return problems
+
+
+def test_the_handler_logs_every_field_the_queries_extract():
+    assert log_field_problems(LEDGER.read_text(), operator_queries()) == []
+
+
+def test_a_renamed_log_field_is_reported():
+    source = LEDGER.read_text().replace("outcome = %state.status.as_str()", "status = %state.status.as_str()")
+    problems = log_field_problems(source, operator_queries())
+    assert any("outcome" in p for p in problems), problems
