@@ -89,7 +89,7 @@ async fn rest_send(
     };
     if let Err(e) = authorize(
         auth,
-        &cfg,
+        cfg,
         Utc::now().timestamp(),
         &format!("{queue}/messages"),
     ) {
