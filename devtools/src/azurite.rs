@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! let bin = azurite::binary(&app_root)?;     // $AZURITE_TABLE_BIN or tools/node/.../azurite-table
-//! let table = AzuriteTable::start(&bin, port, Data::Temporary)?;   // or Data::Folder(dir)
+//! let table = AzuriteTable::start(&bin, port, Data::Temporary, None)?;   // or Data::Folder(dir),
+//!                                           // Some(OAuthTls { .. }) for HTTPS with bearer tokens
 //! table.connection_string();                // TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1
 //! drop(table);                              // killed; a temporary folder is removed
 //! ```
@@ -45,6 +46,15 @@ pub enum Data {
     Folder(PathBuf),
 }
 
+/// HTTPS with this certificate and key, accepting OAuth bearer tokens (`--oauth basic`:
+/// their issuer, audience and lifetime are checked, not their signature): the
+/// managed-identity path.
+#[derive(Clone, Copy, Debug)]
+pub struct OAuthTls<'a> {
+    pub cert_pem: &'a Path,
+    pub key_pem: &'a Path,
+}
+
 /// A running `azurite-table`; killed on drop.
 #[derive(Debug)]
 pub struct AzuriteTable {
@@ -52,6 +62,7 @@ pub struct AzuriteTable {
     port: u16,
     dir: PathBuf,
     remove_dir: bool,
+    https: bool,
 }
 
 /// The `azurite-table` executable for the app at `app_root`: `$AZURITE_TABLE_BIN`, else
@@ -71,9 +82,15 @@ pub fn binary(app_root: &Path) -> Result<PathBuf, String> {
 }
 
 impl AzuriteTable {
-    /// Starts `bin` on `127.0.0.1:{port}` and waits (blocking, up to [`READY_TIMEOUT`]) until
-    /// it accepts connections. The error holds Azurite's own output.
-    pub fn start(bin: &Path, port: u16, data: Data) -> Result<AzuriteTable, String> {
+    /// Starts `bin` on `127.0.0.1:{port}` (HTTP, or HTTPS with OAuth when `oauth_tls` is given)
+    /// and waits (blocking, up to [`READY_TIMEOUT`]) until it accepts connections. The error
+    /// holds Azurite's own output.
+    pub fn start(
+        bin: &Path,
+        port: u16,
+        data: Data,
+        oauth_tls: Option<OAuthTls>,
+    ) -> Result<AzuriteTable, String> {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let (dir, remove_dir) = match &data {
             Data::Temporary => (
@@ -105,6 +122,14 @@ impl AzuriteTable {
             Data::Temporary => command.arg("--inMemoryPersistence"),
             Data::Folder(_) => command.arg("--location").arg(&dir),
         };
+        if let Some(tls) = oauth_tls {
+            command
+                .arg("--cert")
+                .arg(tls.cert_pem)
+                .arg("--key")
+                .arg(tls.key_pem)
+                .args(["--oauth", "basic"]);
+        }
         let child = command
             .current_dir(&dir)
             .stdin(Stdio::null())
@@ -118,6 +143,7 @@ impl AzuriteTable {
             port,
             dir,
             remove_dir,
+            https: oauth_tls.is_some(),
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
@@ -157,9 +183,10 @@ impl AzuriteTable {
         &self.dir
     }
 
-    /// `http://127.0.0.1:{port}/devstoreaccount1`
+    /// `http://127.0.0.1:{port}/devstoreaccount1` (`https://` when started with [`OAuthTls`])
     pub fn table_endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}/{ACCOUNT}", self.port)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/{ACCOUNT}", self.port)
     }
 
     /// An explicit connection string for this instance (the form local.settings.json uses).

@@ -6,6 +6,7 @@
 //! - [`servicebus`]: the Service Bus stand-in (REST send, durable store, peek-lock delivery).
 //! - [`devhost`]: the Azure Functions host stand-in (spawns `handler`, HTTP/timer/Service Bus
 //!   triggers) built on the two above.
+//! - [`identity`]: the managed-identity endpoint stand-in (`IDENTITY_ENDPOINT`) and its tokens.
 //! - [`azurite`]: the Azurite Table service process (devhost's, and the tests' via `testkit`).
 //! - [`server`]: serving a router with bounded graceful shutdown, and logging setup.
 //! - [`free_port`] and [`function_folders`]: the loopback port and function list helpers that
@@ -14,6 +15,7 @@
 pub mod azurite;
 pub mod devhost;
 pub mod devicesim;
+pub mod identity;
 pub mod server;
 pub mod servicebus;
 

@@ -25,7 +25,7 @@ fn azurite_with_a_data_folder_keeps_the_folder_and_its_tables_when_stopped() {
     let data = std::env::temp_dir().join(format!("devtools-azurite-{}", uuid::Uuid::new_v4()));
     let port = devtools::free_port().unwrap();
 
-    let table = AzuriteTable::start(&bin, port, Data::Folder(data.clone())).unwrap();
+    let table = AzuriteTable::start(&bin, port, Data::Folder(data.clone()), None).unwrap();
     assert!(listening(port), "listening once started");
     assert_eq!(
         table.table_endpoint(),
@@ -52,7 +52,7 @@ fn azurite_on_a_port_another_process_holds_fails_with_its_own_output_instead_of_
     let taken = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let port = taken.local_addr().unwrap().port();
 
-    let error = AzuriteTable::start(&bin, port, Data::Temporary).unwrap_err();
+    let error = AzuriteTable::start(&bin, port, Data::Temporary, None).unwrap_err();
 
     assert!(error.contains("exited with"), "{error}");
     assert!(error.contains("EADDRINUSE"), "{error}");

@@ -8,6 +8,9 @@
 //! let conn = azurite.connection_string();    // TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1
 //! // or, to share one process between tests running at the same time:
 //! let azurite = Azurite::shared();           // Arc<Azurite>: killed when the last user drops it
+//! // HTTPS with OAuth (`--oauth basic`: bearer tokens' issuer, audience and lifetime are
+//! // checked, not their signature), for the managed-identity path:
+//! let azurite = Azurite::start_oauth(&cert_pem, &key_pem);   // table_endpoint() is https://
 //! ```
 //!
 //! The binary is `tools/node/node_modules/.bin/azurite-table` (installed by `scripts/setup`),
@@ -17,9 +20,10 @@
 //! another port if that one was taken in between.
 
 use std::ops::Deref;
+use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 
-use devtools::azurite::{AzuriteTable, Data};
+use devtools::azurite::{AzuriteTable, Data, OAuthTls};
 pub use devtools::azurite::{ACCOUNT, ACCOUNT_KEY};
 
 use crate::free_port;
@@ -49,10 +53,21 @@ impl Azurite {
     /// Starts a fresh instance (retrying on another port up to 5 times) and waits until it
     /// accepts connections; the error holds Azurite's own output.
     pub fn try_start() -> Result<Azurite, String> {
+        Self::try_start_with(None)
+    }
+
+    /// Starts an instance serving HTTPS with the certificate `cert_pem` (its key `key_pem`)
+    /// and accepting OAuth bearer tokens (`--oauth basic`). Panics if it cannot start.
+    pub fn start_oauth(cert_pem: &Path, key_pem: &Path) -> Azurite {
+        let tls = OAuthTls { cert_pem, key_pem };
+        Self::try_start_with(Some(tls)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_start_with(oauth_tls: Option<OAuthTls>) -> Result<Azurite, String> {
         let bin = devtools::azurite::binary(&crate::repo_root())?;
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
-            match AzuriteTable::start(&bin, free_port(), Data::Temporary) {
+            match AzuriteTable::start(&bin, free_port(), Data::Temporary, oauth_tls) {
                 Ok(table) => return Ok(Azurite(table)),
                 Err(e) => last_error = e,
             }

@@ -541,7 +541,7 @@ async fn start_azurite(
     let bin = azurite::binary(root)
         .map_err(|e| anyhow!("Azurite is needed (AzureWebJobsStorage is local) but {e}"))?;
     let data = Data::Folder(data_dir.join("azurite"));
-    let table = tokio::task::spawn_blocking(move || AzuriteTable::start(&bin, port, data))
+    let table = tokio::task::spawn_blocking(move || AzuriteTable::start(&bin, port, data, None))
         .await?
         .map_err(|e| anyhow!("Azurite did not start on 127.0.0.1:{port}: {e}"))?;
     println!(
