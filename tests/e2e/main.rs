@@ -3,6 +3,7 @@
 //! timing (short schedules and TTLs through app settings). The test plays the mobile app, the
 //! batteries and the operator; everything else happens on its own. See `support.rs`.
 
+mod contract;
 mod support;
 mod walkthrough;
 
