@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use axum::body::{to_bytes, Body};
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -30,25 +30,36 @@ use futures::FutureExt;
 use serde_json::json;
 use tracing::{error, info};
 
-use crate::config::Config;
+use crate::adapters::BuildError;
+use crate::config::{Config, ConfigError};
 use crate::functions::set_soc_http::{self, ApiRequest, ApiResponse};
 use crate::functions::soc_queue_trigger::{self, Delivery, Settle};
 use crate::functions::{drain_soc_timer, Policy, Services};
 use crate::host::{
-    HttpCall, HttpResponseOut, HttpTriggerRequest, InvocationFailure, InvocationRequest,
+    HostError, HttpCall, HttpResponseOut, HttpTriggerRequest, InvocationFailure, InvocationRequest,
     InvocationResponse, ServiceBusDelivery, TimerInfo, DRAIN_SOC_TIMER_BINDING,
     SET_SOC_HTTP_OUTPUT_BINDING, SET_SOC_HTTP_TRIGGER_BINDING, SOC_QUEUE_TRIGGER_BINDING,
 };
 use crate::ports::SystemClock;
 
+/// Why the services could not be built at startup. The handler still serves
+/// (readiness, failed invocations naming this); the text never contains a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Adapters(#[from] BuildError),
+}
+
 /// Builds the services from app settings. Does no I/O: clients connect on first use.
-pub fn services_from_env() -> Result<Services, String> {
-    let config = Config::from_env().map_err(|e| e.to_string())?;
+pub fn services_from_env() -> Result<Services, StartupError> {
+    let config = Config::from_env()?;
     services_from_config(&config)
 }
 
-pub fn services_from_config(config: &Config) -> Result<Services, String> {
-    let adapters = crate::adapters::build(config).map_err(|e| e.to_string())?;
+pub fn services_from_config(config: &Config) -> Result<Services, StartupError> {
+    let adapters = crate::adapters::build(config)?;
     Ok(Services {
         device: adapters.device,
         queue: adapters.queue,
@@ -73,9 +84,9 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(services: Result<Services, String>) -> Self {
+    pub fn new(services: Result<Services, StartupError>) -> Self {
         Self {
-            services: services.map_err(Arc::from),
+            services: services.map_err(|e| Arc::from(e.to_string())),
         }
     }
 
@@ -163,15 +174,11 @@ async fn set_soc_forwarded(
     api_response(set_soc_http::handle(services, api_request(call)).await)
 }
 
-async fn set_soc_envelope(State(state): State<AppState>, body: Body) -> Response {
-    let inv = match read_envelope(body).await {
-        Ok(inv) => inv,
-        Err(failure) => return failure.into_response(),
-    };
-    let call = match HttpTriggerRequest::from_invocation(&inv, SET_SOC_HTTP_TRIGGER_BINDING) {
-        Ok(req) => req.into_call(),
-        Err(e) => return InvocationFailure::from(e).into_response(),
-    };
+async fn set_soc_envelope(
+    State(state): State<AppState>,
+    Trigger(req): Trigger<HttpTriggerRequest>,
+) -> Response {
+    let call = req.into_call();
     let response = match state.services() {
         Ok(services) => set_soc_http::handle(services, api_request(call)).await,
         Err(_) => misconfigured(),
@@ -223,62 +230,81 @@ fn api_response(r: ApiResponse) -> Response {
 
 // ------------------------------------------------------------------ triggers
 
-async fn soc_queue_trigger(State(state): State<AppState>, body: Body) -> Response {
-    let inv = match read_envelope(body).await {
-        Ok(inv) => inv,
-        Err(failure) => return failure.into_response(),
+async fn soc_queue_trigger(
+    State(state): State<AppState>,
+    Trigger(delivery): Trigger<ServiceBusDelivery>,
+) -> Result<Response, InvocationFailure> {
+    let delivery = Delivery {
+        body: delivery.body,
+        message_id: delivery.message_id,
+        delivery_count: delivery.delivery_count,
     };
-    let delivery = match ServiceBusDelivery::from_invocation(&inv, SOC_QUEUE_TRIGGER_BINDING) {
-        Ok(d) => d,
-        Err(e) => return InvocationFailure::from(e).into_response(),
-    };
-    let services = match state.services() {
-        Ok(s) => s,
-        Err(reason) => {
-            return InvocationFailure::internal(format!("configuration: {reason}")).into_response()
-        }
-    };
-    let settle = soc_queue_trigger::handle(
-        services,
-        Delivery {
-            body: delivery.body,
-            message_id: delivery.message_id,
-            delivery_count: delivery.delivery_count,
+    Ok(
+        match soc_queue_trigger::handle(configured(&state)?, delivery).await {
+            Settle::Complete(log) => InvocationResponse::ok().with_log(log).into_response(),
+            Settle::Retry(reason) => InvocationFailure::unavailable(reason).into_response(),
         },
     )
-    .await;
-    match settle {
-        Settle::Complete(log) => InvocationResponse::ok().with_log(log).into_response(),
-        Settle::Retry(reason) => InvocationFailure::unavailable(reason).into_response(),
-    }
 }
 
-async fn drain_soc_timer(State(state): State<AppState>, body: Body) -> Response {
-    let inv = match read_envelope(body).await {
-        Ok(inv) => inv,
-        Err(failure) => return failure.into_response(),
-    };
-    let timer = match TimerInfo::from_invocation(&inv, DRAIN_SOC_TIMER_BINDING) {
-        Ok(t) => t,
-        Err(e) => return InvocationFailure::from(e).into_response(),
-    };
+async fn drain_soc_timer(
+    State(state): State<AppState>,
+    Trigger(timer): Trigger<TimerInfo>,
+) -> Result<Response, InvocationFailure> {
     if timer.is_past_due {
         info!("DrainSocTimer is running late (past due)");
     }
-    let services = match state.services() {
-        Ok(s) => s,
-        Err(reason) => {
-            return InvocationFailure::internal(format!("configuration: {reason}")).into_response()
-        }
-    };
-    match drain_soc_timer::run(services).await {
-        Ok(report) => InvocationResponse::ok()
-            .with_log(format!("sweep: {report}"))
-            .into_response(),
-        Err(e) => {
+    let report = drain_soc_timer::run(configured(&state)?)
+        .await
+        .map_err(|e| {
             InvocationFailure::unavailable(format!("sweep could not list pending requests: {e}"))
-                .into_response()
-        }
+        })?;
+    Ok(InvocationResponse::ok()
+        .with_log(format!("sweep: {report}"))
+        .into_response())
+}
+
+/// The services, or a failed invocation naming the configuration problem.
+fn configured(state: &AppState) -> Result<&Services, InvocationFailure> {
+    state
+        .services()
+        .map_err(|reason| InvocationFailure::internal(format!("configuration: {reason}")))
+}
+
+/// A trigger value decoded from the host's invocation envelope (extractor). A body
+/// that is too large, not an envelope, or without a valid binding value is a failed
+/// invocation (`400`), answered before the function runs.
+struct Trigger<T>(T);
+
+/// A trigger type and the `function.json` binding it is read from.
+trait TriggerBinding: Sized {
+    fn decode(inv: &InvocationRequest) -> Result<Self, HostError>;
+}
+
+impl TriggerBinding for ServiceBusDelivery {
+    fn decode(inv: &InvocationRequest) -> Result<Self, HostError> {
+        Self::from_invocation(inv, SOC_QUEUE_TRIGGER_BINDING)
+    }
+}
+
+impl TriggerBinding for TimerInfo {
+    fn decode(inv: &InvocationRequest) -> Result<Self, HostError> {
+        Self::from_invocation(inv, DRAIN_SOC_TIMER_BINDING)
+    }
+}
+
+impl TriggerBinding for HttpTriggerRequest {
+    fn decode(inv: &InvocationRequest) -> Result<Self, HostError> {
+        Self::from_invocation(inv, SET_SOC_HTTP_TRIGGER_BINDING)
+    }
+}
+
+impl<S: Send + Sync, T: TriggerBinding> FromRequest<S> for Trigger<T> {
+    type Rejection = InvocationFailure;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let inv = read_envelope(req.into_body()).await?;
+        Ok(Trigger(T::decode(&inv)?))
     }
 }
 
@@ -367,9 +393,11 @@ mod tests {
 
     #[tokio::test]
     async fn the_readiness_probe_is_answered_even_when_misconfigured() {
-        let broken = router(AppState::new(Err(
-            "SOC_QUEUE_NAME: required app setting is missing".into(),
-        )));
+        let broken = router(AppState::new(Err(StartupError::Config(
+            crate::config::ConfigError(vec![
+                "SOC_QUEUE_NAME: required app setting is missing".into()
+            ]),
+        ))));
         let (status, _, body) = call(
             broken.clone(),
             HttpRequest::get("/").body(Body::empty()).unwrap(),

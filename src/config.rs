@@ -7,8 +7,8 @@
 //! [`Config::from_env`] reports every problem at once instead of stopping at
 //! the first, so an operator fixes a broken deployment in one pass.
 
+use crate::secret::SecretString;
 use std::collections::HashMap;
-use std::fmt;
 use std::time::Duration;
 
 /// One app setting the handler reads.
@@ -58,41 +58,21 @@ pub const SETTINGS: &[Setting] = &[
     setting("DRAIN_SOC_CONCURRENCY", Some("16"), false, false, "Device API calls DrainSocTimer makes at once"),
 ];
 
-/// Typed settings.
-#[derive(Clone)]
+/// Typed settings. Every secret is a [`SecretString`], so `Debug` shows none.
+#[derive(Debug, Clone)]
 pub struct Config {
     pub port: u16,
-    pub storage_connection: String,
+    pub storage_connection: SecretString,
     pub table_name: String,
-    pub service_bus_connection: String,
+    pub service_bus_connection: SecretString,
     pub queue_name: String,
     pub device_api_base_url: String,
-    pub device_api_key: String,
+    pub device_api_key: SecretString,
     pub device_api_timeout: Duration,
     pub request_ttl: Duration,
     pub recheck_initial: Duration,
     pub recheck_max: Duration,
     pub drain_concurrency: usize,
-}
-
-impl fmt::Debug for Config {
-    // Hand-written so that connection strings and keys never reach a log line.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("port", &self.port)
-            .field("storage_connection", &"<redacted>")
-            .field("table_name", &self.table_name)
-            .field("service_bus_connection", &"<redacted>")
-            .field("queue_name", &self.queue_name)
-            .field("device_api_base_url", &self.device_api_base_url)
-            .field("device_api_key", &"<redacted>")
-            .field("device_api_timeout", &self.device_api_timeout)
-            .field("request_ttl", &self.request_ttl)
-            .field("recheck_initial", &self.recheck_initial)
-            .field("recheck_max", &self.recheck_max)
-            .field("drain_concurrency", &self.drain_concurrency)
-            .finish()
-    }
 }
 
 /// All configuration problems found, one per line.
@@ -144,12 +124,12 @@ impl Config {
             .unwrap_or_else(|| reader.string("AzureWebJobsStorage"));
         let config = Config {
             port,
-            storage_connection,
+            storage_connection: SecretString::new(storage_connection),
             table_name: reader.string("SOC_STATE_TABLE"),
-            service_bus_connection: reader.string("ServiceBusConnection"),
+            service_bus_connection: SecretString::new(reader.string("ServiceBusConnection")),
             queue_name: reader.string("SOC_QUEUE_NAME"),
             device_api_base_url: reader.string("DEVICE_API_BASE_URL"),
-            device_api_key: reader.string("DEVICE_API_KEY"),
+            device_api_key: SecretString::new(reader.string("DEVICE_API_KEY")),
             device_api_timeout: Duration::from_millis(reader.number(
                 "DEVICE_API_TIMEOUT_MS",
                 1,
@@ -266,7 +246,7 @@ mod tests {
             ),
             ("SOC_QUEUE_NAME", "soc"),
             ("DEVICE_API_BASE_URL", "http://127.0.0.1:1"),
-            ("DEVICE_API_KEY", "k"),
+            ("DEVICE_API_KEY", "device-api-key-55"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -292,7 +272,10 @@ mod tests {
             "DefaultEndpointsProtocol=https;AccountName=x;AccountKey=eQ==".into(),
         );
         let c = Config::from_vars(&vars).unwrap();
-        assert!(c.storage_connection.starts_with("DefaultEndpointsProtocol"));
+        assert!(c
+            .storage_connection
+            .expose()
+            .starts_with("DefaultEndpointsProtocol"));
     }
 
     #[test]
@@ -314,6 +297,7 @@ mod tests {
         let shown = format!("{c:?}");
         assert!(!shown.contains("SharedAccessKey"));
         assert!(!shown.contains("UseDevelopmentStorage"));
+        assert!(!shown.contains("device-api-key-55"));
         assert!(shown.contains("<redacted>"));
     }
 

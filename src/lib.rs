@@ -14,7 +14,11 @@
 //! - [`ports`]: traits for the device API, the settings queue, the ledger and the clock.
 //! - [`adapters`]: reqwest device client, Service Bus REST sender, Table Storage ledger.
 //! - [`config`]: typed app settings, and the one list of settings the infra must set.
+//! - [`secret`]: [`secret::SecretString`], how every secret is held.
 //! - [`app`]: wiring: builds the router from config, lazily connecting clients.
+//!
+//! `§` numbers in comments (`§1.3`, `§5.5`) are sections of
+//! `docs/custom-handler-protocol.md`, the host <-> handler protocol notes.
 
 pub mod adapters;
 pub mod app;
@@ -23,4 +27,5 @@ pub mod domain;
 pub mod functions;
 pub mod host;
 pub mod ports;
+pub mod secret;
 pub mod telemetry;

@@ -86,9 +86,32 @@ pub struct OutgoingMessage {
     pub ttl: Duration,
 }
 
+/// Why a send to the settings queue failed. Texts name statuses and kinds only,
+/// never the SDK's messages (which may carry URLs or bodies).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("settings queue unavailable: {0}")]
-pub struct QueueError(pub String);
+pub enum QueueError {
+    /// Connection failed or timed out.
+    #[error("settings queue unavailable: Service Bus could not be reached (connection failed or timed out)")]
+    Unreachable,
+    /// The broker answered with an error status (`code`: its error code, if any).
+    #[error("settings queue unavailable: Service Bus answered HTTP {status}{}", code.as_ref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Status { status: u16, code: Option<String> },
+    /// The send or the client could not be built here (serialisation, HTTP client,
+    /// another SDK failure): a fault of this process, not of the broker.
+    #[error("settings queue unavailable: {0}")]
+    Local(String),
+}
+
+impl QueueError {
+    /// Whether the same send may succeed later: no connection, `408`, `429`, `5xx`.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable => true,
+            Self::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            Self::Local(_) => false,
+        }
+    }
+}
 
 #[async_trait]
 pub trait SettingsQueue: Send + Sync {
@@ -113,8 +136,48 @@ pub enum StoreError {
     /// The ETag did not match (someone else wrote first), or an insert found a row.
     #[error("concurrent update")]
     Conflict,
+    /// The storage could not be used (network, 5xx, auth, throttling): try again later.
     #[error("state storage unavailable: {0}")]
     Unavailable(String),
+    /// The row exists but does not read as a record (a field missing, of the wrong
+    /// type or out of range). Trying again cannot help; the row needs a person.
+    #[error(transparent)]
+    Corrupt(#[from] CorruptRow),
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed (`Unavailable`), as opposed to a
+    /// conflict to re-read or a row that will never read.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+/// A stored row that cannot be read as a record, and why. Names the row by its
+/// keys only (the device id and row name), never its contents.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("ledger row {partition_key}/{row_key} is unreadable: {reason}")]
+pub struct CorruptRow {
+    /// The device id the row is filed under (as stored; it may itself be the bad field).
+    pub partition_key: String,
+    pub row_key: String,
+    pub reason: String,
+}
+
+/// One page of the pending listing: the records that read, and the rows that did
+/// not. One unreadable row never hides the rest of its page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingPage {
+    pub records: Vec<Versioned<DesiredState>>,
+    pub corrupt: Vec<CorruptRow>,
+}
+
+impl PendingPage {
+    /// Adds the rows of `other` to this page.
+    pub fn extend(&mut self, other: PendingPage) {
+        self.records.extend(other.records);
+        self.corrupt.extend(other.corrupt);
+    }
 }
 
 /// What an `Idempotency-Key` was first used for, and the answer given.
@@ -138,6 +201,7 @@ pub struct StoredResponse {
 /// The desired-state ledger (Azure Table Storage in production).
 #[async_trait]
 pub trait Ledger: Send + Sync {
+    /// The device's record; [`StoreError::Corrupt`] when its row does not read.
     async fn get(&self, device: &DeviceId) -> Result<Option<Versioned<DesiredState>>, StoreError>;
     /// Inserts when `expected` is `None` (Conflict if a record exists), otherwise
     /// replaces only if the stored ETag still equals `expected` (Conflict if not).
@@ -145,13 +209,14 @@ pub trait Ledger: Send + Sync {
     /// Deletes only if the stored ETag equals `expected` (Conflict if not; Ok if already gone).
     async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError>;
     /// Every record whose status is pending, across all devices, a page at a time, so
-    /// that work on the first page can start before the listing ends.
-    fn pending_pages(&self) -> BoxStream<'_, Result<Vec<Versioned<DesiredState>>, StoreError>>;
+    /// that work on the first page can start before the listing ends. An unreadable
+    /// row is listed in its page's `corrupt`, not as an error of the page.
+    fn pending_pages(&self) -> BoxStream<'_, Result<PendingPage, StoreError>>;
 
-    /// Every record whose status is pending, across all devices.
-    async fn pending(&self) -> Result<Vec<Versioned<DesiredState>>, StoreError> {
+    /// Every record whose status is pending, across all devices, as one page.
+    async fn pending(&self) -> Result<PendingPage, StoreError> {
         let mut pages = self.pending_pages();
-        let mut all = Vec::new();
+        let mut all = PendingPage::default();
         while let Some(page) = pages.next().await {
             all.extend(page?);
         }

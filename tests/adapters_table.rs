@@ -9,7 +9,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use futures::StreamExt;
 use soc_settings::adapters::connection_string::StorageConnection;
 use soc_settings::adapters::table_ledger::TableLedger;
-use soc_settings::domain::ledger::Lease;
+use soc_settings::domain::ledger::{Lease, LeaseHolder};
 use soc_settings::domain::{
     DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus,
 };
@@ -65,7 +65,7 @@ fn everything_set(id: &str) -> DesiredState {
         wake_message_id: Some("req:wake-3".into()),
         wake_due_at: Some(t(300)),
         lease: Some(Lease {
-            holder: "invocation-17".into(),
+            holder: LeaseHolder::from_stored("invocation-17"),
             until: t(45),
         }),
         updated_at: t(13),
@@ -218,6 +218,8 @@ async fn pending_lists_every_pending_record_across_1200_devices_following_contin
 
     let found = ledger.pending().await.unwrap();
 
+    assert!(found.corrupt.is_empty(), "{:?}", found.corrupt);
+    let found = found.records;
     assert_eq!(found.len(), PENDING, "a page boundary was not followed");
     let mut ids: Vec<_> = found
         .iter()
@@ -244,7 +246,49 @@ async fn pending_lists_every_pending_record_across_1200_devices_following_contin
         ledger.put(&next, Some(&sample.etag)).await,
         Err(StoreError::Conflict)
     );
-    assert_eq!(ledger.pending().await.unwrap().len(), PENDING - 1);
+    assert_eq!(ledger.pending().await.unwrap().records.len(), PENDING - 1);
+}
+
+#[tokio::test]
+async fn an_unreadable_row_is_reported_as_corrupt_and_does_not_hide_the_rest_of_its_page() {
+    let azurite = Azurite::shared();
+    let table = unique_table("corrupt");
+    let ledger = ledger_on(&azurite, &table);
+    for id in ["bat-a", "bat-b", "bat-c"] {
+        ledger.put(&pending(id, 30), None).await.unwrap();
+    }
+    // A writer with another schema: MinSoc out of range, stored as a number.
+    azurite
+        .merge_entity(
+            &table,
+            "bat-b",
+            "desired",
+            serde_json::json!({ "MinSoc": 250 }),
+        )
+        .await;
+
+    let page = ledger.pending().await.unwrap();
+
+    let mut read: Vec<_> = page
+        .records
+        .iter()
+        .map(|v| v.value.device_id.as_str())
+        .collect();
+    read.sort();
+    assert_eq!(read, ["bat-a", "bat-c"]);
+    assert_eq!(page.corrupt.len(), 1, "{:?}", page.corrupt);
+    let corrupt = &page.corrupt[0];
+    assert_eq!(
+        (corrupt.partition_key.as_str(), corrupt.row_key.as_str()),
+        ("bat-b", "desired")
+    );
+    assert!(corrupt.reason.contains("MinSoc"), "{corrupt}");
+    let err = ledger.get(&device("bat-b")).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt(row) if row.partition_key == "bat-b"),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
 }
 
 #[tokio::test]

@@ -4,27 +4,8 @@
 //! carries a secret, and a parse error may end up in a log line.
 
 use std::collections::HashMap;
-use std::fmt;
 
-/// A secret value whose `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretString(String);
-
-impl SecretString {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for SecretString {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use crate::secret::SecretString;
 
 /// Why a connection string was refused. Never contains a value from the string.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -44,13 +44,13 @@ pub fn build(config: &Config) -> Result<Adapters, BuildError> {
 
     let device = HttpDeviceApi::new(
         &config.device_api_base_url,
-        &config.device_api_key,
+        config.device_api_key.expose(),
         config.device_api_timeout,
     )
     .map_err(|e| errors.push(e.to_string()))
     .ok();
 
-    let queue = ServiceBusConnection::parse(&config.service_bus_connection)
+    let queue = ServiceBusConnection::parse(config.service_bus_connection.expose())
         .map_err(|e| errors.push(e.to_string()))
         .ok()
         .and_then(|conn| {
@@ -59,7 +59,7 @@ pub fn build(config: &Config) -> Result<Adapters, BuildError> {
                 .ok()
         });
 
-    let ledger = StorageConnection::parse(&config.storage_connection)
+    let ledger = StorageConnection::parse(config.storage_connection.expose())
         .map_err(|e| errors.push(e.to_string()))
         .ok()
         .and_then(|conn| {

@@ -61,7 +61,7 @@ impl ServiceBusQueue {
             .timeout(SEND_TIMEOUT)
             .connect_timeout(SEND_TIMEOUT)
             .build()
-            .map_err(|_| QueueError("HTTP client could not be built".into()))?;
+            .map_err(|_| QueueError::Local("HTTP client could not be built".into()))?;
         let mut http: Arc<dyn HttpClient> = Arc::new(transport);
         if let Some(base) = &connection.emulator_base {
             http = Arc::new(RedirectingHttpClient::new(http, base.clone()));
@@ -73,7 +73,7 @@ impl ServiceBusQueue {
             connection.key_name.clone(),
             connection.key.expose().to_string(),
         )
-        .map_err(|_| QueueError("Service Bus client could not be built".into()))?;
+        .map_err(|_| QueueError::Local("Service Bus client could not be built".into()))?;
         Ok(Self {
             client,
             queue: queue.to_string(),
@@ -85,14 +85,15 @@ impl ServiceBusQueue {
 impl SettingsQueue for ServiceBusQueue {
     async fn send(&self, message: &OutgoingMessage) -> Result<(), QueueError> {
         let body = serde_json::to_string(&message.body)
-            .map_err(|e| QueueError(format!("message body could not be serialised: {e}")))?;
+            .map_err(|e| QueueError::Local(format!("message body could not be serialised: {e}")))?;
         let properties = BrokerProperties {
             message_id: &message.message_id,
             time_to_live: message.ttl.as_secs(),
             scheduled_enqueue_time_utc: message.scheduled_at.map(rfc1123),
         };
-        let properties = serde_json::to_string(&properties)
-            .map_err(|e| QueueError(format!("broker properties could not be serialised: {e}")))?;
+        let properties = serde_json::to_string(&properties).map_err(|e| {
+            QueueError::Local(format!("broker properties could not be serialised: {e}"))
+        })?;
         let options = SendMessageOptions {
             content_type: Some("application/json".into()),
             broker_properties: None,
@@ -133,21 +134,14 @@ impl SettingsQueue for ServiceBusQueue {
 /// include URLs and bodies that we do not want to copy into logs verbatim.
 fn queue_error(err: &azure_core::Error) -> QueueError {
     if let Some(http) = err.as_http_error() {
-        let status = http.status();
-        let code = http
-            .error_code()
-            .map(|c| format!(" ({c})"))
-            .unwrap_or_default();
-        return QueueError(format!(
-            "Service Bus answered HTTP {}{code}",
-            u16::from(status)
-        ));
+        return QueueError::Status {
+            status: u16::from(http.status()),
+            code: http.error_code().map(str::to_string),
+        };
     }
     match err.kind() {
-        ErrorKind::Io => {
-            QueueError("Service Bus could not be reached (connection failed or timed out)".into())
-        }
-        kind => QueueError(format!("send to Service Bus failed ({kind})")),
+        ErrorKind::Io => QueueError::Unreachable,
+        kind => QueueError::Local(format!("send to Service Bus failed ({kind})")),
     }
 }
 
@@ -403,7 +397,9 @@ mod tests {
             .unwrap()
             .port();
         let err = queue_for(port).send(&message(false)).await.unwrap_err();
-        assert!(err.0.contains("could not be reached"), "{err}");
+        assert_eq!(err, QueueError::Unreachable);
+        assert!(err.is_transient());
+        assert!(err.to_string().contains("could not be reached"), "{err}");
     }
 
     #[test]

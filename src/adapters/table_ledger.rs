@@ -13,6 +13,12 @@
 //! properties. Every write is conditional: insert (`POST`, 409 when present) or
 //! replace with `If-Match: {etag}` (412 when someone wrote first).
 //!
+//! A row that exists but does not read as a record (a field missing, mistyped or out
+//! of range, e.g. after a schema change) is [`StoreError::Corrupt`] naming the row's
+//! keys and the field, never its values: `get` returns it as the error, and the
+//! pending listing reports it in its page's `corrupt` list while the page's other
+//! rows are returned as usual.
+//!
 //! The table is created lazily on first use (construction does no I/O), once per process.
 
 use async_trait::async_trait;
@@ -28,9 +34,11 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use super::connection_string::StorageConnection;
-use crate::domain::ledger::Lease;
+use crate::domain::ledger::{Lease, LeaseHolder};
 use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus};
-use crate::ports::{ETag, IdempotencyRecord, Ledger, StoreError, StoredResponse, Versioned};
+use crate::ports::{
+    CorruptRow, ETag, IdempotencyRecord, Ledger, PendingPage, StoreError, StoredResponse, Versioned,
+};
 
 /// Timeout of one storage request.
 pub const STORAGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -201,7 +209,7 @@ impl Ledger for TableLedger {
             .await
     }
 
-    fn pending_pages(&self) -> BoxStream<'_, Result<Vec<Versioned<DesiredState>>, StoreError>> {
+    fn pending_pages(&self) -> BoxStream<'_, Result<PendingPage, StoreError>> {
         futures::stream::once(self.table())
             .flat_map(|table| match table {
                 Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
@@ -211,7 +219,7 @@ impl Ledger for TableLedger {
                     .into_stream::<Map<String, Value>>()
                     .map(|page| {
                         let page = page.map_err(|e| unavailable("query pending", &e))?;
-                        page.entities.iter().map(versioned_desired).collect()
+                        Ok(pending_page(&page.entities))
                     })
                     .boxed(),
             })
@@ -333,7 +341,7 @@ fn desired_to_entity(s: &DesiredState) -> Map<String, Value> {
     );
     put_opt(&mut e, "WakeDueAt", s.wake_due_at.map(time));
     if let Some(lease) = &s.lease {
-        e.insert("LeaseHolder".into(), lease.holder.clone().into());
+        e.insert("LeaseHolder".into(), lease.holder.as_str().into());
         e.insert("LeaseUntil".into(), time(lease.until));
     }
     e.insert("UpdatedAt".into(), time(s.updated_at));
@@ -346,16 +354,23 @@ struct Row<'a> {
 }
 
 impl Row<'_> {
-    fn bad(&self, field: &str, what: &str) -> StoreError {
-        let pk = self
-            .entity
-            .get("PartitionKey")
+    fn key(&self, name: &str) -> String {
+        self.entity
+            .get(name)
             .and_then(Value::as_str)
-            .unwrap_or("?");
-        StoreError::Unavailable(format!("ledger row for {pk} is unreadable: {field} {what}"))
+            .unwrap_or("?")
+            .to_string()
     }
 
-    fn opt_str(&self, field: &str) -> Result<Option<String>, StoreError> {
+    fn bad(&self, field: &str, what: &str) -> CorruptRow {
+        CorruptRow {
+            partition_key: self.key("PartitionKey"),
+            row_key: self.key("RowKey"),
+            reason: format!("{field} {what}"),
+        }
+    }
+
+    fn opt_str(&self, field: &str) -> Result<Option<String>, CorruptRow> {
         match self.entity.get(field) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -363,12 +378,12 @@ impl Row<'_> {
         }
     }
 
-    fn str(&self, field: &str) -> Result<String, StoreError> {
+    fn str(&self, field: &str) -> Result<String, CorruptRow> {
         self.opt_str(field)?
             .ok_or_else(|| self.bad(field, "is missing"))
     }
 
-    fn opt_time(&self, field: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    fn opt_time(&self, field: &str) -> Result<Option<DateTime<Utc>>, CorruptRow> {
         self.opt_str(field)?
             .map(|s| {
                 DateTime::parse_from_rfc3339(&s)
@@ -378,13 +393,13 @@ impl Row<'_> {
             .transpose()
     }
 
-    fn time(&self, field: &str) -> Result<DateTime<Utc>, StoreError> {
+    fn time(&self, field: &str) -> Result<DateTime<Utc>, CorruptRow> {
         self.opt_time(field)?
             .ok_or_else(|| self.bad(field, "is missing"))
     }
 
     /// Int32 arrives as a JSON number; Int64 as a string (with an `@odata.type` annotation).
-    fn opt_int(&self, field: &str) -> Result<Option<i64>, StoreError> {
+    fn opt_int(&self, field: &str) -> Result<Option<i64>, CorruptRow> {
         match self.entity.get(field) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Number(n)) => n
@@ -399,13 +414,13 @@ impl Row<'_> {
         }
     }
 
-    fn int(&self, field: &str) -> Result<i64, StoreError> {
+    fn int(&self, field: &str) -> Result<i64, CorruptRow> {
         self.opt_int(field)?
             .ok_or_else(|| self.bad(field, "is missing"))
     }
 }
 
-fn desired_from_entity(entity: &Map<String, Value>) -> Result<DesiredState, StoreError> {
+fn desired_from_entity(entity: &Map<String, Value>) -> Result<DesiredState, CorruptRow> {
     let row = Row { entity };
     let device_id = DeviceId::parse(&row.str("PartitionKey")?)
         .map_err(|_| row.bad("PartitionKey", "is not a device id"))?;
@@ -418,7 +433,10 @@ fn desired_from_entity(entity: &Map<String, Value>) -> Result<DesiredState, Stor
     let attempts =
         u32::try_from(row.int("Attempts")?).map_err(|_| row.bad("Attempts", "is out of range"))?;
     let lease = match (row.opt_str("LeaseHolder")?, row.opt_time("LeaseUntil")?) {
-        (Some(holder), Some(until)) => Some(Lease { holder, until }),
+        (Some(holder), Some(until)) => Some(Lease {
+            holder: LeaseHolder::from_stored(holder),
+            until,
+        }),
         (None, None) => None,
         _ => {
             return Err(row.bad(
@@ -458,7 +476,7 @@ fn idempotency_to_entity(r: &IdempotencyRecord) -> Map<String, Value> {
     e
 }
 
-fn idempotency_from_entity(entity: &Map<String, Value>) -> Result<IdempotencyRecord, StoreError> {
+fn idempotency_from_entity(entity: &Map<String, Value>) -> Result<IdempotencyRecord, CorruptRow> {
     let row = Row { entity };
     let device_id = DeviceId::parse(&row.str("PartitionKey")?)
         .map_err(|_| row.bad("PartitionKey", "is not a device id"))?;
@@ -489,18 +507,36 @@ fn idempotency_from_entity(entity: &Map<String, Value>) -> Result<IdempotencyRec
 }
 
 /// A queried `desired` row with the ETag the query returned for it.
-fn versioned_desired(entity: &Map<String, Value>) -> Result<Versioned<DesiredState>, StoreError> {
+fn versioned_desired(entity: &Map<String, Value>) -> Result<Versioned<DesiredState>, CorruptRow> {
     let etag = entity
         .get("odata.etag")
         .and_then(Value::as_str)
         .map(|s| ETag(s.to_string()))
-        .ok_or_else(|| {
-            StoreError::Unavailable("query pending: a row came without odata.etag".into())
-        })?;
+        .ok_or_else(|| Row { entity }.bad("odata.etag", "is missing"))?;
     Ok(Versioned {
         value: desired_from_entity(entity)?,
         etag,
     })
+}
+
+/// One page of the pending query: readable rows as records, the rest (logged) as corrupt.
+fn pending_page(entities: &[Map<String, Value>]) -> PendingPage {
+    let mut page = PendingPage::default();
+    for entity in entities {
+        match versioned_desired(entity) {
+            Ok(record) => page.records.push(record),
+            Err(corrupt) => {
+                tracing::warn!(
+                    device = %corrupt.partition_key,
+                    row = %corrupt.row_key,
+                    reason = %corrupt.reason,
+                    "ledger: unreadable pending row"
+                );
+                page.corrupt.push(corrupt);
+            }
+        }
+    }
+    page
 }
 
 #[cfg(test)]
@@ -523,7 +559,7 @@ mod tests {
             wake_message_id: Some("abc123:wake-2".into()),
             wake_due_at: Some(t(60)),
             lease: Some(Lease {
-                holder: "invocation-9".into(),
+                holder: LeaseHolder::from_stored("invocation-9"),
                 until: t(30),
             }),
             updated_at: t(6),

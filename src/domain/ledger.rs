@@ -74,10 +74,54 @@ impl RequestStatus {
     }
 }
 
+/// Which kind of invocation holds a lease (the prefix of its [`LeaseHolder`] id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HolderKind {
+    /// `SetSocHttp` (`http-…`).
+    Http,
+    /// `SocQueueTrigger` (`sb-…`).
+    Queue,
+    /// `DrainSocTimer` (`sweep-…`).
+    Sweep,
+}
+
+/// Names the one invocation that may talk to a device while its lease lasts.
+/// New holders are made only by [`LeaseHolder::new`]: unique per invocation, so two
+/// invocations never both believe they hold the same lease.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseHolder(String);
+
+impl LeaseHolder {
+    /// A new holder, unique to one invocation of `kind`.
+    pub fn new(kind: HolderKind) -> Self {
+        let prefix = match kind {
+            HolderKind::Http => "http",
+            HolderKind::Queue => "sb",
+            HolderKind::Sweep => "sweep",
+        };
+        Self(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// A holder as read back from storage.
+    pub fn from_stored(raw: impl Into<String>) -> Self {
+        Self(raw.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for LeaseHolder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Who may talk to the device right now, and until when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
-    pub holder: String,
+    pub holder: LeaseHolder,
     pub until: DateTime<Utc>,
 }
 
@@ -149,31 +193,58 @@ impl DesiredState {
     }
 
     /// Whether `holder` may start talking to the device.
-    pub fn lease_free_for(&self, holder: &str, now: DateTime<Utc>) -> bool {
+    pub fn lease_free_for(&self, holder: &LeaseHolder, now: DateTime<Utc>) -> bool {
         match &self.lease {
             None => true,
-            Some(l) => l.holder == holder || l.until <= now,
+            Some(l) => l.holder == *holder || l.until <= now,
         }
     }
 
-    pub fn take_lease(&mut self, holder: &str, now: DateTime<Utc>, duration: Duration) {
+    pub fn take_lease(&mut self, holder: &LeaseHolder, now: DateTime<Utc>, duration: Duration) {
         self.lease = Some(Lease {
-            holder: holder.to_string(),
+            holder: holder.clone(),
             until: now + duration,
         });
         self.updated_at = now;
     }
 
-    pub fn release_lease(&mut self, holder: &str) {
-        if self.lease.as_ref().is_some_and(|l| l.holder == holder) {
+    pub fn release_lease(&mut self, holder: &LeaseHolder) {
+        if self.lease.as_ref().is_some_and(|l| l.holder == *holder) {
             self.lease = None;
         }
     }
 
-    pub fn holds_lease(&self, holder: &str, now: DateTime<Utc>) -> bool {
+    pub fn holds_lease(&self, holder: &LeaseHolder, now: DateTime<Utc>) -> bool {
         self.lease
             .as_ref()
-            .is_some_and(|l| l.holder == holder && l.until > now)
+            .is_some_and(|l| l.holder == *holder && l.until > now)
+    }
+
+    /// Takes (or renews) the lease for `holder` and counts one device attempt: done in
+    /// the same write, so every PUT is counted before it is made.
+    pub fn record_attempt(&mut self, holder: &LeaseHolder, now: DateTime<Utc>, duration: Duration) {
+        self.take_lease(holder, now, duration);
+        self.attempts += 1;
+    }
+
+    /// This freshly accepted request again, to be written over the record stored now
+    /// (after losing a write race): it carries the stored lease and has no attempt yet.
+    pub fn rebased_on(mut self, stored: Option<&DesiredState>, now: DateTime<Utc>) -> Self {
+        self = self.with_lease_of(stored, now);
+        self.attempts = 0;
+        self
+    }
+
+    /// The device was offline for this attempt; the request stays pending.
+    pub fn record_offline(&mut self, now: DateTime<Utc>) {
+        self.last_error = Some("device offline".into());
+        self.updated_at = now;
+    }
+
+    /// The device cloud failed transiently (`reason`); the request stays pending.
+    pub fn record_transient(&mut self, reason: impl Into<String>, now: DateTime<Utc>) {
+        self.last_error = Some(reason.into());
+        self.updated_at = now;
     }
 
     pub fn mark_applied(&mut self, now: DateTime<Utc>) {
@@ -236,6 +307,52 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
 
+    fn holder(id: &str) -> LeaseHolder {
+        LeaseHolder::from_stored(id)
+    }
+
+    #[test]
+    fn new_lease_holders_are_unique_and_name_their_kind() {
+        let a = LeaseHolder::new(HolderKind::Http);
+        let b = LeaseHolder::new(HolderKind::Http);
+        assert_ne!(a, b);
+        assert!(a.as_str().starts_with("http-"));
+        assert!(LeaseHolder::new(HolderKind::Queue)
+            .as_str()
+            .starts_with("sb-"));
+        assert!(LeaseHolder::new(HolderKind::Sweep)
+            .as_str()
+            .starts_with("sweep-"));
+    }
+
+    #[test]
+    fn an_attempt_takes_the_lease_and_counts_and_a_rebase_forgets_it() {
+        let mut r = DesiredState::accept(
+            device(),
+            MinSoc::new(30).unwrap(),
+            t(0),
+            Duration::days(7),
+            None,
+        );
+        r.record_attempt(&holder("h"), t(1), Duration::seconds(30));
+        assert_eq!(r.attempts, 1);
+        assert!(r.holds_lease(&holder("h"), t(2)));
+        r.record_offline(t(3));
+        assert_eq!(
+            (r.last_error.as_deref(), r.updated_at),
+            (Some("device offline"), t(3))
+        );
+        r.record_transient("HTTP 503", t(4));
+        assert_eq!(
+            (r.last_error.as_deref(), r.updated_at),
+            (Some("HTTP 503"), t(4))
+        );
+        assert!(r.is_pending());
+        let rebased = r.rebased_on(None, t(5));
+        assert_eq!(rebased.attempts, 0);
+        assert!(rebased.lease.is_none());
+    }
+
     fn t(secs: i64) -> DateTime<Utc> {
         Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
     }
@@ -257,7 +374,7 @@ mod tests {
     #[test]
     fn a_new_request_keeps_a_live_lease_so_the_holder_converges() {
         let mut old = pending(0);
-        old.take_lease("holder-a", t(1), Duration::seconds(30));
+        old.take_lease(&holder("holder-a"), t(1), Duration::seconds(30));
         let new = DesiredState::accept(
             device(),
             MinSoc::new(60).unwrap(),
@@ -266,16 +383,16 @@ mod tests {
             Some(&old),
         );
         assert_ne!(new.request_id, old.request_id);
-        assert_eq!(new.lease.as_ref().unwrap().holder, "holder-a");
-        assert!(!new.lease_free_for("holder-b", t(3)));
-        assert!(new.lease_free_for("holder-a", t(3)));
+        assert_eq!(new.lease.as_ref().unwrap().holder, holder("holder-a"));
+        assert!(!new.lease_free_for(&holder("holder-b"), t(3)));
+        assert!(new.lease_free_for(&holder("holder-a"), t(3)));
     }
 
     #[test]
     fn an_expired_lease_is_dropped_and_free_for_anyone() {
         let mut old = pending(0);
-        old.take_lease("holder-a", t(0), Duration::seconds(5));
-        assert!(old.lease_free_for("holder-b", t(5)));
+        old.take_lease(&holder("holder-a"), t(0), Duration::seconds(5));
+        assert!(old.lease_free_for(&holder("holder-b"), t(5)));
         let new = DesiredState::accept(
             device(),
             MinSoc::new(60).unwrap(),

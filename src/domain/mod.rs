@@ -9,4 +9,4 @@ pub mod ledger;
 pub mod schedule;
 
 pub use input::{DeviceId, IdempotencyKey, InputError, MinSoc, SettingRequest};
-pub use ledger::{DesiredState, RequestId, RequestStatus};
+pub use ledger::{DesiredState, HolderKind, LeaseHolder, RequestId, RequestStatus};

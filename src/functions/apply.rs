@@ -9,7 +9,7 @@
 
 use tracing::{info, warn};
 
-use crate::domain::{DesiredState, DeviceId, RequestId};
+use crate::domain::{DesiredState, DeviceId, LeaseHolder, RequestId};
 use crate::ports::{DeviceError, StoreError, Versioned};
 
 use super::Services;
@@ -51,7 +51,7 @@ pub struct Applied {
 pub async fn apply_latest(
     svc: &Services,
     device: &DeviceId,
-    holder: &str,
+    holder: &LeaseHolder,
     start: Option<Versioned<DesiredState>>,
 ) -> Result<Applied, StoreError> {
     let mut delivered: Vec<RequestId> = Vec::new();
@@ -140,8 +140,7 @@ pub async fn apply_latest(
         let etag = if leased_now {
             current.etag.clone()
         } else {
-            record.take_lease(holder, now, svc.policy.lease);
-            record.attempts += 1;
+            record.record_attempt(holder, now, svc.policy.lease);
             match write(svc, &record, &current.etag).await {
                 Ok(etag) => etag,
                 Err(StoreError::Conflict) => continue,
@@ -163,14 +162,12 @@ pub async fn apply_latest(
                 None
             }
             Err(DeviceError::Offline) => {
-                record.last_error = Some("device offline".into());
-                record.updated_at = now;
+                record.record_offline(now);
                 Some(Err(DeviceError::Offline))
             }
             Err(e @ DeviceError::Transient { .. }) => {
                 warn!(device = %device, request_id = %record.request_id, error = %e, "device cloud transient error");
-                record.last_error = Some(e.to_string());
-                record.updated_at = now;
+                record.record_transient(e.to_string(), now);
                 Some(Err(e))
             }
             Err(e) => {
@@ -214,22 +211,29 @@ async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::RequestStatus;
     use crate::functions::fakes::{accept_pending, Harness};
     use crate::ports::{Clock as _, Ledger as _};
+
+    fn holder(id: &str) -> LeaseHolder {
+        LeaseHolder::from_stored(id)
+    }
 
     #[tokio::test]
     async fn the_latest_value_is_applied_and_recorded() {
         let h = Harness::new();
         h.device.set_online("d1", true);
         let rec = accept_pending(&h, "d1", 40).await;
-        let out = apply_latest(&h.svc, &h.id("d1"), "h1", None).await.unwrap();
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
         assert!(
             matches!(out.outcome, ApplyOutcome::Applied(ref r) if r.request_id == rec.request_id)
         );
         assert_eq!(out.delivered, vec![rec.request_id.clone()]);
         assert_eq!(h.device.puts("d1"), vec![(40, rec.request_id.to_string())]);
         let stored = h.ledger_record("d1").await;
-        assert_eq!(stored.status.as_str(), "applied");
+        assert_eq!(stored.status, RequestStatus::Applied);
         assert_eq!(stored.attempts, 1);
         assert!(stored.lease.is_none());
     }
@@ -239,10 +243,12 @@ mod tests {
         let h = Harness::new();
         h.device.set_online("d1", false);
         accept_pending(&h, "d1", 40).await;
-        let out = apply_latest(&h.svc, &h.id("d1"), "h1", None).await.unwrap();
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
         assert!(matches!(out.outcome, ApplyOutcome::Offline(_)));
         let stored = h.ledger_record("d1").await;
-        assert_eq!(stored.status.as_str(), "pending");
+        assert_eq!(stored.status, RequestStatus::Pending);
         assert_eq!(stored.attempts, 1);
         assert_eq!(stored.last_error.as_deref(), Some("device offline"));
         assert!(stored.lease.is_none());
@@ -254,13 +260,15 @@ mod tests {
         h.device.set_online("d1", true);
         h.device.reject("d1", "minSoc below vendor floor");
         accept_pending(&h, "d1", 3).await;
-        let out = apply_latest(&h.svc, &h.id("d1"), "h1", None).await.unwrap();
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
         assert!(matches!(
             out.outcome,
             ApplyOutcome::Failed(_, DeviceError::Rejected(_))
         ));
         let stored = h.ledger_record("d1").await;
-        assert_eq!(stored.status.as_str(), "failed");
+        assert_eq!(stored.status, RequestStatus::Failed);
         assert!(stored.last_error.unwrap().contains("vendor floor"));
     }
 
@@ -270,10 +278,12 @@ mod tests {
         h.device.set_online("d1", true);
         accept_pending(&h, "d1", 40).await;
         h.clock.advance(h.svc.policy.request_ttl);
-        let out = apply_latest(&h.svc, &h.id("d1"), "h1", None).await.unwrap();
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
         assert!(matches!(out.outcome, ApplyOutcome::Expired(_)));
         assert!(h.device.puts("d1").is_empty());
-        assert_eq!(h.ledger_record("d1").await.status.as_str(), "expired");
+        assert_eq!(h.ledger_record("d1").await.status, RequestStatus::Expired);
     }
 
     #[tokio::test]
@@ -289,10 +299,12 @@ mod tests {
                 accept_pending(&h2, "d1", 90).await;
             })
         });
-        let out = apply_latest(&h.svc, &h.id("d1"), "h1", None).await.unwrap();
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
         let stored = h.ledger_record("d1").await;
         assert_ne!(stored.request_id, a.request_id);
-        assert_eq!(stored.status.as_str(), "applied");
+        assert_eq!(stored.status, RequestStatus::Applied);
         let puts: Vec<u8> = h.device.puts("d1").into_iter().map(|p| p.0).collect();
         assert_eq!(
             puts,
@@ -308,10 +320,15 @@ mod tests {
         h.device.set_online("d1", true);
         let rec = accept_pending(&h, "d1", 10).await;
         let mut held = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
-        held.value
-            .take_lease("other", h.clock.now(), chrono::Duration::seconds(30));
+        held.value.take_lease(
+            &holder("other"),
+            h.clock.now(),
+            chrono::Duration::seconds(30),
+        );
         h.ledger.put(&held.value, Some(&held.etag)).await.unwrap();
-        let out = apply_latest(&h.svc, &h.id("d1"), "h1", None).await.unwrap();
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
         assert!(
             matches!(out.outcome, ApplyOutcome::Busy(ref v) if v.value.request_id == rec.request_id)
         );
@@ -324,11 +341,16 @@ mod tests {
         h.device.set_online("d1", true);
         accept_pending(&h, "d1", 10).await;
         let mut held = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
-        held.value
-            .take_lease("crashed", h.clock.now(), chrono::Duration::seconds(30));
+        held.value.take_lease(
+            &holder("crashed"),
+            h.clock.now(),
+            chrono::Duration::seconds(30),
+        );
         h.ledger.put(&held.value, Some(&held.etag)).await.unwrap();
         h.clock.advance(chrono::Duration::seconds(31));
-        let out = apply_latest(&h.svc, &h.id("d1"), "h1", None).await.unwrap();
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
         assert!(matches!(out.outcome, ApplyOutcome::Applied(_)));
     }
 
@@ -339,12 +361,13 @@ mod tests {
         h.device.set_latency(std::time::Duration::from_millis(30));
         accept_pending(&h, "d1", 55).await;
         let d1 = h.id("d1");
+        let (h1, h2) = (holder("h1"), holder("h2"));
         let (a, b) = tokio::join!(
-            apply_latest(&h.svc, &d1, "h1", None),
-            apply_latest(&h.svc, &d1, "h2", None)
+            apply_latest(&h.svc, &d1, &h1, None),
+            apply_latest(&h.svc, &d1, &h2, None)
         );
         let outcomes = [a.unwrap().outcome, b.unwrap().outcome];
         assert_eq!(h.device.puts("d1").len(), 1, "{outcomes:?}");
-        assert_eq!(h.ledger_record("d1").await.status.as_str(), "applied");
+        assert_eq!(h.ledger_record("d1").await.status, RequestStatus::Applied);
     }
 }

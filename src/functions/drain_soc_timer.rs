@@ -8,12 +8,16 @@
 //! - offline, or status unavailable, with its wake-up message overdue (lost,
 //!   dead-lettered, or never sent): re-send it;
 //! - unknown device: fail the request with the reason.
+//!
+//! A row that does not read as a record ([`CorruptRow`]) is skipped, counted in
+//! `corrupt` and logged with its device id, row key and reason; it never fails its
+//! page or the sweep. The sweep fails only when the ledger cannot be listed at all.
 
 use futures::stream::{self, StreamExt};
 use tracing::{info, warn};
 
-use crate::domain::DesiredState;
-use crate::ports::{DeviceError, StoreError, Versioned};
+use crate::domain::{DesiredState, HolderKind, LeaseHolder};
+use crate::ports::{CorruptRow, DeviceError, StoreError, Versioned};
 
 use super::apply::{apply_latest, ApplyOutcome};
 use super::wake::{self, Rescheduled};
@@ -30,14 +34,16 @@ pub struct SweepReport {
     pub still_offline: usize,
     pub busy: usize,
     pub errors: usize,
+    /// Pending rows that could not be read (not counted in `pending`).
+    pub corrupt: usize,
 }
 
 impl std::fmt::Display for SweepReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "pending={} applied={} expired={} failed={} resent={} still_offline={} busy={} errors={}",
-            self.pending, self.applied, self.expired, self.failed, self.resent, self.still_offline, self.busy, self.errors
+            "pending={} applied={} expired={} failed={} resent={} still_offline={} busy={} errors={} corrupt={}",
+            self.pending, self.applied, self.expired, self.failed, self.resent, self.still_offline, self.busy, self.errors, self.corrupt
         )
     }
 }
@@ -51,45 +57,71 @@ enum Step {
     StillOffline,
     Busy,
     Error,
+    /// The row did not read; skipped.
+    Corrupt,
+}
+
+/// One row of the pending listing.
+enum Listed {
+    Record(Versioned<DesiredState>),
+    Corrupt(CorruptRow),
 }
 
 /// Runs one sweep. Device calls start as soon as the first page of pending
 /// requests is read. Fails only when the ledger cannot be listed at all.
 pub async fn run(svc: &Services) -> Result<SweepReport, StoreError> {
-    let records = svc.ledger.pending_pages().flat_map(|page| match page {
-        Ok(records) => stream::iter(records.into_iter().map(Ok).collect::<Vec<_>>()),
+    let rows = svc.ledger.pending_pages().flat_map(|page| match page {
+        Ok(page) => {
+            let records = page.records.into_iter().map(Listed::Record);
+            let corrupt = page.corrupt.into_iter().map(Listed::Corrupt);
+            stream::iter(records.chain(corrupt).map(Ok).collect::<Vec<_>>())
+        }
         Err(e) => stream::iter(vec![Err(e)]),
     });
-    let mut outcomes = records
-        .map(|record| async move {
-            match record {
-                Ok(record) => Ok(sweep_one(svc, record).await),
-                Err(e) => Err(e),
+    let mut outcomes = rows
+        .map(|row| async move {
+            match row? {
+                Listed::Record(record) => Ok(sweep_one(svc, record).await),
+                Listed::Corrupt(row) => {
+                    warn!(
+                        device = %row.partition_key,
+                        row = %row.row_key,
+                        reason = %row.reason,
+                        "sweep skipped an unreadable ledger row"
+                    );
+                    Ok(Step::Corrupt)
+                }
             }
         })
         .buffer_unordered(svc.policy.drain_concurrency);
     let mut report = SweepReport::default();
+    let mut listed_any = false;
     while let Some(outcome) = outcomes.next().await {
         let step = match outcome {
             Ok(step) => step,
             // Nothing read at all: the sweep failed. Later pages failing: count and go on.
-            Err(e) if report.pending == 0 => return Err(e),
+            Err(e) if !listed_any => return Err(e),
             Err(e) => {
                 warn!(error = %e, "sweep could not read a page of pending requests");
                 report.errors += 1;
                 continue;
             }
         };
-        report.pending += 1;
-        match step {
-            Step::Applied => report.applied += 1,
-            Step::Expired => report.expired += 1,
-            Step::Failed => report.failed += 1,
-            Step::Resent => report.resent += 1,
-            Step::StillOffline => report.still_offline += 1,
-            Step::Busy => report.busy += 1,
-            Step::Error => report.errors += 1,
+        listed_any = true;
+        if step != Step::Corrupt {
+            report.pending += 1;
         }
+        let count = match step {
+            Step::Applied => &mut report.applied,
+            Step::Expired => &mut report.expired,
+            Step::Failed => &mut report.failed,
+            Step::Resent => &mut report.resent,
+            Step::StillOffline => &mut report.still_offline,
+            Step::Busy => &mut report.busy,
+            Step::Error => &mut report.errors,
+            Step::Corrupt => &mut report.corrupt,
+        };
+        *count += 1;
     }
     info!(%report, "sweep done");
     Ok(report)
@@ -98,7 +130,7 @@ pub async fn run(svc: &Services) -> Result<SweepReport, StoreError> {
 async fn sweep_one(svc: &Services, current: Versioned<DesiredState>) -> Step {
     let device = current.value.device_id.clone();
     let now = svc.clock.now();
-    let holder = format!("sweep-{}", uuid::Uuid::new_v4().simple());
+    let holder = LeaseHolder::new(HolderKind::Sweep);
     if current.value.is_expired_at(now) {
         // apply_latest marks an expired record without calling the device.
         return match apply_latest(svc, &device, &holder, Some(current)).await {
@@ -166,6 +198,7 @@ fn log_error(device: &crate::domain::DeviceId, error: &str) -> Step {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::RequestStatus;
     use crate::functions::fakes::{post_min_soc as post, Harness};
 
     #[tokio::test]
@@ -183,8 +216,8 @@ mod tests {
             (3, 2, 1),
             "{report}"
         );
-        assert_eq!(h.ledger_record("a").await.status.as_str(), "applied");
-        assert_eq!(h.ledger_record("b").await.status.as_str(), "pending");
+        assert_eq!(h.ledger_record("a").await.status, RequestStatus::Applied);
+        assert_eq!(h.ledger_record("b").await.status, RequestStatus::Pending);
     }
 
     #[tokio::test]
@@ -213,7 +246,7 @@ mod tests {
         assert_eq!(report.expired, 1);
         assert_eq!(h.device.calls(), calls);
         let rec = h.ledger_record("a").await;
-        assert_eq!(rec.status.as_str(), "expired");
+        assert_eq!(rec.status, RequestStatus::Expired);
         assert!(rec.last_error.unwrap().contains("expired"));
     }
 
@@ -247,7 +280,32 @@ mod tests {
         post(&h, "a", 50).await;
         h.device.forget("a");
         assert_eq!(run(&h.svc).await.unwrap().failed, 1);
-        assert_eq!(h.ledger_record("a").await.status.as_str(), "failed");
+        assert_eq!(h.ledger_record("a").await.status, RequestStatus::Failed);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_row_is_skipped_and_counted_while_the_others_are_swept() {
+        let h = Harness::new();
+        for d in ["a", "b", "c"] {
+            h.device.set_online(d, false);
+            post(&h, d, 50).await;
+        }
+        h.ledger.corrupt("b", "MinSoc is out of range");
+        h.device.set_online("a", true);
+        h.device.set_online("c", true);
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(
+            (
+                report.pending,
+                report.applied,
+                report.corrupt,
+                report.errors
+            ),
+            (2, 2, 1, 0),
+            "{report}"
+        );
+        assert!(report.to_string().contains("corrupt=1"), "{report}");
+        assert_eq!(h.ledger_record("a").await.status, RequestStatus::Applied);
     }
 
     #[tokio::test]

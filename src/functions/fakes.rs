@@ -177,7 +177,10 @@ impl FakeQueue {
 impl SettingsQueue for FakeQueue {
     async fn send(&self, message: &OutgoingMessage) -> Result<(), QueueError> {
         if *self.down.lock().unwrap() {
-            return Err(QueueError("503 from broker".into()));
+            return Err(QueueError::Status {
+                status: 503,
+                code: None,
+            });
         }
         self.sent.lock().unwrap().push(message.clone());
         Ok(())
@@ -190,6 +193,8 @@ struct LedgerState {
     idem: HashMap<(String, String), (IdempotencyRecord, u64)>,
     next: u64,
     down: bool,
+    /// Devices whose `desired` row exists but does not read (`StoreError::Corrupt`).
+    corrupt: HashMap<String, CorruptRow>,
 }
 
 #[derive(Clone, Default)]
@@ -201,6 +206,19 @@ impl FakeLedger {
     }
     pub fn len(&self) -> usize {
         self.0.lock().unwrap().rows.len()
+    }
+    /// Makes the device's row unreadable, as a row written by another schema would be.
+    pub fn corrupt(&self, device: &str, reason: &str) {
+        let mut s = self.0.lock().unwrap();
+        s.rows.remove(device);
+        s.corrupt.insert(
+            device.to_string(),
+            CorruptRow {
+                partition_key: device.to_string(),
+                row_key: "desired".into(),
+                reason: reason.to_string(),
+            },
+        );
     }
     /// No desired-state record and no idempotency record.
     pub fn is_empty(&self) -> bool {
@@ -224,6 +242,9 @@ impl Ledger for FakeLedger {
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
         }
+        if let Some(corrupt) = s.corrupt.get(device.as_str()) {
+            return Err(StoreError::Corrupt(corrupt.clone()));
+        }
         Ok(s.rows.get(device.as_str()).map(|(v, n)| Versioned {
             value: v.clone(),
             etag: ETag(n.to_string()),
@@ -234,6 +255,10 @@ impl Ledger for FakeLedger {
         let mut s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
+        }
+        if s.corrupt.contains_key(state.device_id.as_str()) {
+            // The unreadable row's ETag was never handed out: no write can match it.
+            return Err(StoreError::Conflict);
         }
         check(s.rows.get(state.device_id.as_str()), expected)?;
         s.next += 1;
@@ -258,9 +283,7 @@ impl Ledger for FakeLedger {
         }
     }
 
-    fn pending_pages(
-        &self,
-    ) -> futures::stream::BoxStream<'_, Result<Vec<Versioned<DesiredState>>, StoreError>> {
+    fn pending_pages(&self) -> futures::stream::BoxStream<'_, Result<PendingPage, StoreError>> {
         let page = (|| {
             let s = self.0.lock().unwrap();
             if s.down {
@@ -276,15 +299,28 @@ impl Ledger for FakeLedger {
                 })
                 .collect();
             all.sort_by(|a, b| a.value.device_id.cmp(&b.value.device_id));
-            Ok(all)
+            let mut corrupt: Vec<_> = s.corrupt.values().cloned().collect();
+            corrupt.sort_by(|a, b| a.partition_key.cmp(&b.partition_key));
+            Ok((all, corrupt))
         })();
-        // Two pages when there is more than one record, so the paging path is exercised.
+        // Two pages when there is more than one record, so the paging path is exercised;
+        // unreadable rows sit in the first page, among readable ones.
         let pages = match page {
-            Ok(mut all) if all.len() > 1 => {
+            Ok((mut all, corrupt)) if all.len() > 1 => {
                 let second = all.split_off(all.len() / 2);
-                vec![Ok(all), Ok(second)]
+                vec![
+                    Ok(PendingPage {
+                        records: all,
+                        corrupt,
+                    }),
+                    Ok(PendingPage {
+                        records: second,
+                        corrupt: Vec::new(),
+                    }),
+                ]
             }
-            other => vec![other],
+            Ok((records, corrupt)) => vec![Ok(PendingPage { records, corrupt })],
+            Err(e) => vec![Err(e)],
         };
         Box::pin(futures::stream::iter(pages))
     }

@@ -10,13 +10,20 @@
 //!   next back-off and complete; on a transient error fail the invocation so that
 //!   Service Bus redelivers (and dead-letters after its max delivery count; the
 //!   timer sweep then re-sends, so the request is not lost).
+//!
+//! A ledger row that does not read ([`StoreError::Corrupt`]) is not an outage:
+//! redelivering cannot fix it, so the message is completed with the reason logged
+//! (device id, row key, field). Nothing is written over the row: the handler cannot
+//! tell what it held (possibly a newer request than the message's), and a person
+//! repairing it needs it as it is. The timer sweep keeps reporting the row in its
+//! `corrupt` count until it is repaired or removed.
 
 use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::domain::DeviceId;
-use crate::ports::{DeviceError, WakeMessage};
+use crate::domain::{DeviceId, HolderKind, LeaseHolder};
+use crate::ports::{CorruptRow, DeviceError, StoreError, WakeMessage};
 
 use super::apply::{apply_latest, ApplyOutcome};
 use super::wake::{self, Rescheduled};
@@ -81,6 +88,7 @@ pub async fn handle(svc: &Services, delivery: Delivery) -> Settle {
                 "no ledger record (its request was never stored)",
             )
         }
+        Err(StoreError::Corrupt(row)) => return unreadable(&message, &row),
         Err(e) => return Settle::Retry(format!("ledger unavailable: {e}")),
     };
     let record = &current.value;
@@ -109,9 +117,10 @@ pub async fn handle(svc: &Services, delivery: Delivery) -> Settle {
         }
     }
 
-    let holder = format!("sb-{}", uuid::Uuid::new_v4().simple());
+    let holder = LeaseHolder::new(HolderKind::Queue);
     let applied = match apply_latest(svc, &device, &holder, Some(current)).await {
         Ok(a) => a,
+        Err(StoreError::Corrupt(row)) => return unreadable(&message, &row),
         Err(e) => return Settle::Retry(format!("ledger unavailable: {e}")),
     };
     let (pending, not_before) = match applied.outcome {
@@ -162,6 +171,18 @@ pub async fn handle(svc: &Services, delivery: Delivery) -> Settle {
     }
 }
 
+/// The device's ledger row does not read: complete the message, say why, write nothing.
+fn unreadable(message: &WakeMessage, row: &CorruptRow) -> Settle {
+    warn!(
+        device = %row.partition_key,
+        row = %row.row_key,
+        reason = %row.reason,
+        request_id = %message.request_id,
+        "wake-up message completed: the ledger row is unreadable"
+    );
+    Settle::Complete(format!("request {} not applied: {row}", message.request_id))
+}
+
 fn noop(device: &DeviceId, message: &WakeMessage, why: &str) -> Settle {
     info!(device = %device, request_id = %message.request_id, reason = why, "wake-up message is a no-op");
     Settle::Complete(format!("no-op for request {}: {why}", message.request_id))
@@ -170,6 +191,7 @@ fn noop(device: &DeviceId, message: &WakeMessage, why: &str) -> Settle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::RequestStatus;
     use crate::functions::fakes::{post_min_soc as post, Harness};
     use crate::ports::Clock as _;
     use crate::ports::OutgoingMessage;
@@ -194,7 +216,7 @@ mod tests {
             "{settle:?}"
         );
         assert_eq!(h.device.puts("d1").len(), 1);
-        assert_eq!(h.ledger_record("d1").await.status.as_str(), "applied");
+        assert_eq!(h.ledger_record("d1").await.status, RequestStatus::Applied);
     }
 
     #[tokio::test]
@@ -256,7 +278,7 @@ mod tests {
             "{a:?} {b:?}"
         );
         assert_eq!(h.device.puts("d1").len(), 1);
-        assert_eq!(h.ledger_record("d1").await.status.as_str(), "applied");
+        assert_eq!(h.ledger_record("d1").await.status, RequestStatus::Applied);
     }
 
     #[tokio::test]
@@ -339,7 +361,7 @@ mod tests {
             "{settle:?}"
         );
         let rec = h.ledger_record("d1").await;
-        assert_eq!(rec.status.as_str(), "failed");
+        assert_eq!(rec.status, RequestStatus::Failed);
         assert!(rec.last_error.unwrap().contains("device limits"));
         assert_eq!(h.queue.sent().len(), 1, "no further re-check");
     }
@@ -372,6 +394,22 @@ mod tests {
         )
         .await;
         assert!(matches!(settle, Settle::Complete(ref s) if s.contains("malformed")));
+    }
+
+    #[tokio::test]
+    async fn a_message_for_an_unreadable_row_is_completed_with_the_reason_not_redelivered() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        post(&h, "d1", 40).await;
+        h.ledger.corrupt("d1", "Status is not a known status");
+        h.device.set_online("d1", true);
+        let settle = handle(&h.svc, delivery_of(&h.queue.sent()[0])).await;
+        assert!(
+            matches!(settle, Settle::Complete(ref s) if s.contains("d1/desired is unreadable: Status")),
+            "{settle:?}"
+        );
+        assert!(h.device.puts("d1").is_empty());
+        assert_eq!(h.queue.sent().len(), 1, "no re-check scheduled");
     }
 
     #[tokio::test]

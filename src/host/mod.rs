@@ -2,7 +2,7 @@
 //!
 //! Everything that knows what the host sends or expects lives here; the
 //! function modules see typed values only. References (§) are to the
-//! protocol notes (`custom-handler-protocol.md`), whose example payloads are
+//! sections of `docs/custom-handler-protocol.md`, whose example payloads are
 //! copied to `tests/fixtures/host-payloads/` and parsed by `tests/host_payloads.rs`.
 //!
 //! # Using it

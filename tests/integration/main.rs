@@ -444,6 +444,48 @@ async fn a_lost_wake_up_message_is_resent_by_the_sweep() {
 }
 
 #[tokio::test]
+async fn a_corrupt_ledger_row_is_skipped_and_reported_by_the_sweep_not_an_outage() {
+    let app = TestApp::start().await;
+    app.device("bat-1", false);
+    app.device("bat-2", false);
+    app.post_soc("bat-1", &minsoc(40)).await;
+    app.post_soc("bat-2", &minsoc(60)).await;
+    // A field the ledger cannot read, as a row written by another schema would have.
+    app.corrupt_ledger_row(
+        "bat-2",
+        serde_json::json!({ "Status": "pending", "Attempts": "many" }),
+    )
+    .await;
+    app.set_online("bat-1", true);
+    app.set_online("bat-2", true);
+
+    let (status, out) = app.fire_timer().await;
+
+    assert_eq!(status, 200, "{out}");
+    let logs = out["Logs"][0].as_str().unwrap();
+    assert!(
+        logs.contains("pending=1") && logs.contains("applied=1") && logs.contains("corrupt=1"),
+        "{out}"
+    );
+    assert_eq!(app.device_value("bat-1"), Some(40));
+    // The corrupt device's wake-up message is completed with the reason, not retried.
+    let bat2: Vec<_> = app
+        .messages()
+        .into_iter()
+        .filter(|m| TestApp::message_body(m)["deviceId"] == "bat-2")
+        .collect();
+    assert_eq!(bat2.len(), 1);
+    let (status, out) = app.invoke_queue(&app.lock(&bat2[0])).await;
+    assert_eq!(status, 200, "{out}");
+    assert!(
+        out.to_string()
+            .contains("bat-2/desired is unreadable: Attempts"),
+        "{out}"
+    );
+    assert_eq!(app.device_value("bat-2"), None);
+}
+
+#[tokio::test]
 async fn a_handler_killed_mid_apply_is_redelivered_and_applied_once_in_effect() {
     let mut app = TestApp::start_with(Options {
         device_timeout_ms: 1000,

@@ -57,7 +57,7 @@ pub struct TestApp {
     pub broker: Broker,
     broker_down: Arc<AtomicBool>,
     child: Child,
-    _azurite: Arc<Azurite>,
+    azurite: Arc<Azurite>,
     dir: PathBuf,
     env: Vec<(String, String)>,
 }
@@ -110,7 +110,7 @@ impl TestApp {
             broker,
             broker_down,
             child,
-            _azurite: azurite,
+            azurite,
             dir,
             env,
         };
@@ -127,6 +127,20 @@ impl TestApp {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("handler did not answer GET / within 10 s");
+    }
+
+    /// Overwrites fields of the device's ledger row behind the handler's back, as a
+    /// writer with another schema would (e.g. `{"MinSoc": 250}`).
+    pub async fn corrupt_ledger_row(&self, device: &str, properties: Value) {
+        let table = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "SOC_STATE_TABLE")
+            .map(|(_, v)| v.as_str())
+            .expect("SOC_STATE_TABLE is set");
+        self.azurite
+            .merge_entity(table, device, "desired", properties)
+            .await;
     }
 
     /// Kills the handler process (as a crash would) and starts a new one with the same settings.

@@ -84,6 +84,35 @@ impl Azurite {
         )
     }
 
+    /// Writes `properties` into the entity `partition`/`row` of `table` (insert or merge,
+    /// no ETag check), as a writer with another schema would. Lets a test plant a row
+    /// the ledger cannot read.
+    pub async fn merge_entity(
+        &self,
+        table: &str,
+        partition: &str,
+        row: &str,
+        properties: serde_json::Value,
+    ) {
+        let credentials = azure_storage::StorageCredentials::access_key(
+            ACCOUNT,
+            azure_core::auth::Secret::new(ACCOUNT_KEY),
+        );
+        let location = azure_storage::CloudLocation::Custom {
+            account: ACCOUNT.into(),
+            uri: self.table_endpoint(),
+        };
+        azure_data_tables::clients::TableServiceClientBuilder::with_location(location, credentials)
+            .build()
+            .table_client(table)
+            .partition_key_client(partition)
+            .entity_client(row)
+            .insert_or_merge(properties)
+            .expect("entity serialises")
+            .await
+            .expect("Azurite accepts the entity");
+    }
+
     fn try_start(bin: &PathBuf) -> Result<Azurite, String> {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let port = free_port();

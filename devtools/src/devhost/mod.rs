@@ -1,5 +1,6 @@
 //! devhost: a local stand-in for the Azure Functions host running a custom handler.
-//! See `devtools/README.md` and the protocol doc §9 checklist.
+//! See `devtools/README.md` and the §9 checklist of `docs/custom-handler-protocol.md`
+//! (all `§` numbers refer to that document).
 
 pub mod config;
 pub mod cron;

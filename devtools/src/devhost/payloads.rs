@@ -1,4 +1,4 @@
-//! The exact invocation payloads the Functions host sends (protocol doc §2-§5; fixtures in
+//! The exact invocation payloads the Functions host sends (`docs/custom-handler-protocol.md` §2-§5; fixtures in
 //! `tests/fixtures/host-payloads/`).
 
 use base64::Engine;

@@ -1,4 +1,4 @@
-//! Spawns and supervises the custom handler process (§1.2-§1.5).
+//! Spawns and supervises the custom handler process (§1.2-§1.5 of `docs/custom-handler-protocol.md`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -18,27 +18,31 @@
 //!
 //! The function works on [`ApiRequest`]/[`ApiResponse`]; the router converts the
 //! forwarded HTTP request and the host's envelope into them.
+//!
+//! - this module: the accept/undo flow above;
+//! - [`idempotency`]: `Idempotency-Key` reservation, replay and release;
+//! - [`render`]: the responses and the JSON views of a request.
 
-use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::{json, Value};
+mod idempotency;
+mod render;
+
+use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
 use crate::domain::{
-    DesiredState, DeviceId, IdempotencyKey, InputError, RequestStatus, SettingRequest,
+    DesiredState, DeviceId, HolderKind, IdempotencyKey, LeaseHolder, RequestStatus, SettingRequest,
 };
-use crate::ports::{DeviceError, ETag, IdempotencyRecord, StoreError, StoredResponse, Versioned};
+use crate::ports::{DeviceError, StoreError, Versioned};
 
 use super::apply::{apply_latest, ApplyOutcome};
 use super::wake::{self, Rescheduled};
 use super::Services;
+use idempotency::{finish, reserve, Reservation};
+use render::{applied_response, pending_response};
+pub use render::{view, ApiResponse};
 
-/// How long a first request with an `Idempotency-Key` may stay in flight before a
-/// retry with the same key may take over (its invocation is presumed dead).
-const IDEMPOTENCY_IN_FLIGHT: chrono::Duration = chrono::Duration::seconds(60);
 /// Bounded retries of a ledger write that lost an optimistic-concurrency race.
 const MAX_WRITE_ROUNDS: usize = 8;
-/// `Retry-After` (seconds) sent with `503`.
-const RETRY_AFTER_SECONDS: u32 = 5;
 
 /// The HTTP request, independent of how the host delivered it.
 #[derive(Debug, Clone, Default)]
@@ -48,57 +52,6 @@ pub struct ApiRequest {
     /// Raw `Idempotency-Key` header value, if present.
     pub idempotency_key: Option<Vec<u8>>,
     pub body: Vec<u8>,
-}
-
-/// The HTTP response, independent of how the host wants it back.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ApiResponse {
-    pub status: u16,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: Value,
-}
-
-impl ApiResponse {
-    fn json(status: u16, body: Value) -> Self {
-        Self {
-            status,
-            headers: vec![("Content-Type", "application/json".into())],
-            body,
-        }
-    }
-
-    fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
-        self.headers.push((name, value.into()));
-        self
-    }
-
-    /// An RFC 9457 problem document.
-    pub fn problem(status: u16, title: &str, detail: impl Into<String>) -> Self {
-        Self {
-            status,
-            headers: vec![("Content-Type", "application/problem+json".into())],
-            body: json!({ "type": "about:blank", "title": title, "status": status, "detail": detail.into() }),
-        }
-    }
-
-    fn invalid(err: InputError) -> Self {
-        let mut p = Self::problem(400, "Invalid request", err.to_string());
-        p.body["field"] = json!(err.field);
-        p
-    }
-
-    fn unavailable(detail: &str) -> Self {
-        Self::problem(503, "Service unavailable", detail)
-            .with_header("Retry-After", RETRY_AFTER_SECONDS.to_string())
-    }
-
-    pub fn content_type(&self) -> &str {
-        self.headers
-            .iter()
-            .find(|(k, _)| *k == "Content-Type")
-            .map(|(_, v)| v.as_str())
-            .unwrap_or("application/json")
-    }
 }
 
 pub async fn handle(svc: &Services, req: ApiRequest) -> ApiResponse {
@@ -155,14 +108,12 @@ async fn post(svc: &Services, device: DeviceId, key: Option<&[u8]>, body: &[u8])
     response
 }
 
-// ------------------------------------------------------------------ accepting
-
 /// Writes the request to the ledger holding the device's lease, then makes one
 /// device call: applied (`200`); offline or unavailable (wake-up message, `202`);
 /// unknown device (ledger write undone, `404`); value rejected (`422`).
 async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> ApiResponse {
     let now = svc.clock.now();
-    let holder = format!("http-{}", uuid::Uuid::new_v4().simple());
+    let holder = LeaseHolder::new(HolderKind::Http);
     let (accepted, previous) = match write_accepted(svc, &device, setting, now, &holder).await {
         Ok(pair) => pair,
         Err(e) => return store_failed(&device, &e.to_string()),
@@ -242,7 +193,7 @@ async fn write_accepted(
     device: &DeviceId,
     setting: SettingRequest,
     now: DateTime<Utc>,
-    holder: &str,
+    holder: &LeaseHolder,
 ) -> Result<(Versioned<DesiredState>, Option<DesiredState>), StoreError> {
     let mut current = svc.ledger.get(device).await?;
     let mut record = DesiredState::accept(
@@ -254,8 +205,7 @@ async fn write_accepted(
     );
     for _ in 0..MAX_WRITE_ROUNDS {
         if record.lease_free_for(holder, now) {
-            record.take_lease(holder, now, svc.policy.lease);
-            record.attempts = 1;
+            record.record_attempt(holder, now, svc.policy.lease);
         }
         match svc
             .ledger
@@ -273,8 +223,7 @@ async fn write_accepted(
             }
             Err(StoreError::Conflict) => {
                 current = svc.ledger.get(device).await?;
-                record = record.with_lease_of(current.as_ref().map(|v| &v.value), now);
-                record.attempts = 0;
+                record = record.rebased_on(current.as_ref().map(|v| &v.value), now);
             }
             Err(e) => return Err(e),
         }
@@ -331,8 +280,8 @@ fn response_for_settled(svc: &Services, ours: &DesiredState, outcome: ApplyOutco
         ApplyOutcome::Applied(r) | ApplyOutcome::AlreadyFinal(r)
             if r.request_id == ours.request_id =>
         {
-            match r.status.as_str() {
-                "applied" => applied_response(&r),
+            match r.status {
+                RequestStatus::Applied => applied_response(&r),
                 _ => ApiResponse::json(200, view(&r, svc.clock.now())),
             }
         }
@@ -354,174 +303,6 @@ fn refused(device: &DeviceId, error: &DeviceError) -> ApiResponse {
 fn store_failed(device: &DeviceId, why: &str) -> ApiResponse {
     warn!(device = %device, reason = %why, "request not stored");
     ApiResponse::unavailable("the request could not be stored; nothing was changed, retry later")
-}
-
-// ------------------------------------------------------------------ idempotency
-
-enum Reservation {
-    /// First use of the key: go ahead; finish with this ETag.
-    Fresh(ETag),
-    /// Answer without doing anything (replay, different body, or still in flight).
-    Answer(ApiResponse),
-}
-
-async fn reserve(
-    svc: &Services,
-    device: &DeviceId,
-    key: &IdempotencyKey,
-    fingerprint: &str,
-) -> Result<Reservation, StoreError> {
-    for _ in 0..MAX_WRITE_ROUNDS {
-        let now = svc.clock.now();
-        match svc.ledger.get_idempotency(device, key).await? {
-            None => {
-                let record = IdempotencyRecord {
-                    device_id: device.clone(),
-                    key: key.clone(),
-                    fingerprint: fingerprint.to_string(),
-                    response: None,
-                    created_at: now,
-                };
-                match svc.ledger.put_idempotency(&record, None).await {
-                    Ok(etag) => return Ok(Reservation::Fresh(etag)),
-                    Err(StoreError::Conflict) => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            Some(existing) if existing.value.fingerprint != fingerprint => {
-                return Ok(Reservation::Answer(ApiResponse::problem(
-                    409,
-                    "Idempotency-Key reused",
-                    "this Idempotency-Key was already used with a different request body",
-                )));
-            }
-            Some(existing) => {
-                if let Some(stored) = &existing.value.response {
-                    return Ok(Reservation::Answer(replay(stored)));
-                }
-                if now - existing.value.created_at < IDEMPOTENCY_IN_FLIGHT {
-                    return Ok(Reservation::Answer(
-                        ApiResponse::problem(
-                            409,
-                            "Request in progress",
-                            "a request with this Idempotency-Key is still being processed",
-                        )
-                        .with_header("Retry-After", "1"),
-                    ));
-                }
-                // The first attempt died mid-way: take the key over.
-                let mut record = existing.value.clone();
-                record.created_at = now;
-                match svc
-                    .ledger
-                    .put_idempotency(&record, Some(&existing.etag))
-                    .await
-                {
-                    Ok(etag) => return Ok(Reservation::Fresh(etag)),
-                    Err(StoreError::Conflict) => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-    }
-    Err(StoreError::Conflict)
-}
-
-/// Keeps the answer for accepted (and permanently refused) requests; frees the key otherwise.
-async fn finish(
-    svc: &Services,
-    device: &DeviceId,
-    key: &IdempotencyKey,
-    fingerprint: &str,
-    etag: ETag,
-    response: &ApiResponse,
-) {
-    let result = if matches!(response.status, 200 | 202 | 422) {
-        let record = IdempotencyRecord {
-            device_id: device.clone(),
-            key: key.clone(),
-            fingerprint: fingerprint.to_string(),
-            response: Some(StoredResponse {
-                status: response.status,
-                body: response.body.clone(),
-            }),
-            created_at: svc.clock.now(),
-        };
-        svc.ledger
-            .put_idempotency(&record, Some(&etag))
-            .await
-            .map(|_| ())
-    } else {
-        svc.ledger.delete_idempotency(device, key, &etag).await
-    };
-    if let Err(e) = result {
-        warn!(device = %device, error = %e, "could not record the idempotent response");
-    }
-}
-
-fn replay(stored: &StoredResponse) -> ApiResponse {
-    let mut response = ApiResponse::json(stored.status, stored.body.clone())
-        .with_header("Idempotent-Replayed", "true");
-    if stored.status == 202 {
-        if let Some(device) = stored.body.get("deviceId").and_then(Value::as_str) {
-            response = response.with_header("Location", location(device));
-        }
-    }
-    response
-}
-
-// ------------------------------------------------------------------ rendering
-
-fn ts(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-fn location(device: &str) -> String {
-    format!("/api/devices/{device}/soc")
-}
-
-/// The fields every representation of a request shares.
-fn request_json(r: &DesiredState, status: &str) -> Value {
-    json!({
-        "requestId": r.request_id,
-        "deviceId": r.device_id.as_str(),
-        "minSoc": r.min_soc.percent(),
-        "dod": r.min_soc.dod(),
-        "status": status,
-        "requestedAt": ts(r.requested_at),
-    })
-}
-
-fn applied_response(r: &DesiredState) -> ApiResponse {
-    let mut body = request_json(r, "applied");
-    body["appliedAt"] = json!(ts(r.applied_at.unwrap_or(r.updated_at)));
-    ApiResponse::json(200, body)
-}
-
-fn pending_response(r: &DesiredState) -> ApiResponse {
-    let mut body = request_json(r, "pending");
-    body["expiresAt"] = json!(ts(r.expires_at));
-    ApiResponse::json(202, body).with_header("Location", location(r.device_id.as_str()))
-}
-
-/// The `GET` view of a record. A pending request past its expiry shows as expired
-/// even before the sweep has written that down.
-pub fn view(r: &DesiredState, now: DateTime<Utc>) -> Value {
-    let status = if r.is_pending() && r.is_expired_at(now) {
-        "expired"
-    } else {
-        r.status.as_str()
-    };
-    let mut v = request_json(r, status);
-    v["expiresAt"] = json!(ts(r.expires_at));
-    v["attempts"] = json!(r.attempts);
-    if let Some(at) = r.applied_at {
-        v["appliedAt"] = json!(ts(at));
-    }
-    if let Some(err) = &r.last_error {
-        v["lastError"] = json!(err);
-    }
-    v
 }
 
 #[cfg(test)]
@@ -759,7 +540,7 @@ mod tests {
             rec.request_id.as_str(),
             a.body["requestId"].as_str().unwrap()
         );
-        assert_eq!(rec.status.as_str(), "pending");
+        assert_eq!(rec.status, RequestStatus::Pending);
     }
 
     #[tokio::test]
@@ -769,7 +550,7 @@ mod tests {
         handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
         let mut held = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
         held.value.take_lease(
-            "queue-delivery",
+            &LeaseHolder::from_stored("queue-delivery"),
             h.clock.now(),
             chrono::Duration::seconds(30),
         );
@@ -784,7 +565,7 @@ mod tests {
         let rec = h.ledger_record("d1").await;
         assert_eq!(rec.min_soc.percent(), 35);
         assert_eq!(
-            rec.lease.unwrap().holder,
+            rec.lease.unwrap().holder.as_str(),
             "queue-delivery",
             "the holder's lease is kept so it converges"
         );

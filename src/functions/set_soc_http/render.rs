@@ -1,0 +1,117 @@
+//! How `SetSocHttp` answers: [`ApiResponse`] (JSON or RFC 9457 problem+json) and the
+//! JSON representations of a request.
+//!
+//! Invariants: every error is a problem document with `status`, `title`, `detail`
+//! (and `field` for invalid input), never internals; timestamps are RFC 3339 UTC with
+//! milliseconds; a `202` carries `Location` (the `GET` URL of the device's request).
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{json, Value};
+
+use crate::domain::{DesiredState, InputError};
+
+/// `Retry-After` (seconds) sent with `503`.
+const RETRY_AFTER_SECONDS: u32 = 5;
+
+/// The HTTP response, independent of how the host wants it back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiResponse {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Value,
+}
+
+impl ApiResponse {
+    pub(super) fn json(status: u16, body: Value) -> Self {
+        Self {
+            status,
+            headers: vec![("Content-Type", "application/json".into())],
+            body,
+        }
+    }
+
+    pub(super) fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// An RFC 9457 problem document.
+    pub fn problem(status: u16, title: &str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            headers: vec![("Content-Type", "application/problem+json".into())],
+            body: json!({ "type": "about:blank", "title": title, "status": status, "detail": detail.into() }),
+        }
+    }
+
+    pub(super) fn invalid(err: InputError) -> Self {
+        let mut p = Self::problem(400, "Invalid request", err.to_string());
+        p.body["field"] = json!(err.field);
+        p
+    }
+
+    pub(super) fn unavailable(detail: &str) -> Self {
+        Self::problem(503, "Service unavailable", detail)
+            .with_header("Retry-After", RETRY_AFTER_SECONDS.to_string())
+    }
+
+    pub fn content_type(&self) -> &str {
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == "Content-Type")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("application/json")
+    }
+}
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+pub(super) fn location(device: &str) -> String {
+    format!("/api/devices/{device}/soc")
+}
+
+/// The fields every representation of a request shares.
+fn request_json(r: &DesiredState, status: &str) -> Value {
+    json!({
+        "requestId": r.request_id,
+        "deviceId": r.device_id.as_str(),
+        "minSoc": r.min_soc.percent(),
+        "dod": r.min_soc.dod(),
+        "status": status,
+        "requestedAt": ts(r.requested_at),
+    })
+}
+
+pub(super) fn applied_response(r: &DesiredState) -> ApiResponse {
+    let mut body = request_json(r, "applied");
+    body["appliedAt"] = json!(ts(r.applied_at.unwrap_or(r.updated_at)));
+    ApiResponse::json(200, body)
+}
+
+pub(super) fn pending_response(r: &DesiredState) -> ApiResponse {
+    let mut body = request_json(r, "pending");
+    body["expiresAt"] = json!(ts(r.expires_at));
+    ApiResponse::json(202, body).with_header("Location", location(r.device_id.as_str()))
+}
+
+/// The `GET` view of a record. A pending request past its expiry shows as expired
+/// even before the sweep has written that down.
+pub fn view(r: &DesiredState, now: DateTime<Utc>) -> Value {
+    let status = if r.is_pending() && r.is_expired_at(now) {
+        "expired"
+    } else {
+        r.status.as_str()
+    };
+    let mut v = request_json(r, status);
+    v["expiresAt"] = json!(ts(r.expires_at));
+    v["attempts"] = json!(r.attempts);
+    if let Some(at) = r.applied_at {
+        v["appliedAt"] = json!(ts(at));
+    }
+    if let Some(err) = &r.last_error {
+        v["lastError"] = json!(err);
+    }
+    v
+}
