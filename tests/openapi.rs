@@ -18,8 +18,11 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use soc_settings::app::{router, AppState};
+use soc_settings::app::{router, AppState, StartupError};
+use soc_settings::config::ConfigError;
+use soc_settings::domain::{DeviceId, IdempotencyKey};
 use soc_settings::functions::fakes::Harness;
+use soc_settings::ports::{Clock as _, IdempotencyRecord, Ledger as _};
 
 fn document() -> Value {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml"))
@@ -171,6 +174,23 @@ async fn scenarios() -> Vec<Observed> {
         )
         .await,
     );
+    let in_flight = IdempotencyRecord {
+        device_id: DeviceId::parse("off").unwrap(),
+        key: IdempotencyKey::parse(b"in-flight").unwrap(),
+        fingerprint: "minSoc=30".into(),
+        response: None,
+        created_at: h.clock.now(),
+    };
+    h.ledger.put_idempotency(&in_flight, None).await.unwrap();
+    seen.push(
+        call(
+            app(&h),
+            "setSoc",
+            "key in flight",
+            post("off", r#"{"minSoc":30}"#, Some("in-flight")),
+        )
+        .await,
+    );
     seen.push(
         call(
             app(&h),
@@ -269,7 +289,12 @@ async fn scenarios() -> Vec<Observed> {
     h.ledger.set_down(false);
 
     // Misconfigured: 500 everywhere.
-    let broken = || router(AppState::new(Err("SOC_QUEUE_NAME: missing".into())));
+    let broken = || {
+        let missing = ConfigError(vec![
+            "SOC_QUEUE_NAME: required app setting is missing".into()
+        ]);
+        router(AppState::new(Err(StartupError::Config(missing))))
+    };
     seen.push(
         call(
             broken(),

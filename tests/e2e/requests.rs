@@ -59,7 +59,10 @@ async fn a_client_follows_its_own_request_to_superseded_applied_failed_and_expir
     );
     let shown = app.wait_request_status(&c_at, "failed", secs(15)).await;
     assert!(
-        shown["lastError"].as_str().unwrap().contains("vendor floor"),
+        shown["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("vendor floor"),
         "{shown}"
     );
 

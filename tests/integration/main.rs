@@ -641,7 +641,11 @@ async fn each_request_can_be_followed_until_it_is_applied_superseded_failed_or_e
     assert_eq!(status, 202, "{a}");
     let a_at = location(&headers, &a);
     let (status, shown) = app.get_path(&a_at).await;
-    assert_eq!((status, shown["status"].as_str()), (200, Some("pending")), "{shown}");
+    assert_eq!(
+        (status, shown["status"].as_str()),
+        (200, Some("pending")),
+        "{shown}"
+    );
     assert_eq!(shown["requestId"], a["requestId"]);
     let (_, headers, b) = app.post_soc("bat-1", &minsoc(20)).await;
     let b_at = location(&headers, &b);
@@ -672,7 +676,10 @@ async fn each_request_can_be_followed_until_it_is_applied_superseded_failed_or_e
     app.deliver_all().await;
     let (_, shown) = app.get_path(&c_at).await;
     assert_eq!(shown["status"], "failed", "{shown}");
-    assert!(shown["lastError"].as_str().unwrap().contains("vendor floor"));
+    assert!(shown["lastError"]
+        .as_str()
+        .unwrap()
+        .contains("vendor floor"));
 
     // D outlives its TTL while the battery is away.
     app.configure("bat-1", DeviceConfig::default());
@@ -705,6 +712,10 @@ async fn a_post_answered_503_leaves_the_previous_request_pending_and_not_superse
     assert_eq!(status, 503);
     app.set_broker_down(false);
     let (status, shown) = app.get_path(&a_at).await;
-    assert_eq!((status, shown["status"].as_str()), (200, Some("pending")), "{shown}");
+    assert_eq!(
+        (status, shown["status"].as_str()),
+        (200, Some("pending")),
+        "{shown}"
+    );
     assert!(shown.get("supersededBy").is_none(), "{shown}");
 }
