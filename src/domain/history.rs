@@ -201,7 +201,11 @@ mod tests {
     #[test]
     fn the_request_the_ledger_holds_is_shown_from_the_ledger_without_its_lease() {
         let mut current = request(0, None);
-        current.take_lease("http-1", t(0), Duration::seconds(30));
+        current.take_lease(
+            &crate::domain::LeaseHolder::new(crate::domain::HolderKind::Http),
+            t(0),
+            Duration::seconds(30),
+        );
         let stale = HistoryEntry {
             request: request(0, None),
             superseded_by: None,
