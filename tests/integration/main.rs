@@ -45,7 +45,7 @@ async fn an_offline_request_waits_in_service_bus_and_is_applied_when_the_device_
     app.device("bat-1", false);
     let (status, headers, body) = app.post_soc("bat-1", &minsoc(20)).await;
     assert_eq!(status, 202, "{body}");
-    assert_eq!(headers["location"], "/api/devices/bat-1/soc");
+    location(&headers, &body);
     assert_eq!(body["status"], "pending");
 
     let messages = app.messages();
