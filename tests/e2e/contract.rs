@@ -18,7 +18,7 @@ use std::time::Duration;
 use crate::support::{app_root, Setup};
 
 /// Test cases per operation and phase.
-const MAX_EXAMPLES: &str = "40";
+const MAX_EXAMPLES: &str = "100";
 /// Fixed, so a failure can be reproduced with the same command.
 const SEED: &str = "20261202";
 const FUNCTION_KEY: &str = "e2e-contract-function-key";
