@@ -32,6 +32,7 @@ use tracing::{error, info};
 
 use crate::adapters::BuildError;
 use crate::config::{Config, ConfigError};
+use crate::domain::SettingRequest;
 use crate::functions::set_soc_http::{self, ApiRequest, ApiResponse};
 use crate::functions::soc_queue_trigger::{self, Delivery, Settle};
 use crate::functions::{drain_soc_timer, Policy, Services};
@@ -164,8 +165,9 @@ async fn set_soc_forwarded(
     let body = match to_bytes(body, MAX_FORWARDED_BODY_BYTES).await {
         Ok(b) => b,
         Err(_) => {
-            let mut p = ApiResponse::problem(400, "Invalid request", "body: too large");
-            p.body["field"] = json!("body");
+            let err = SettingRequest::too_large();
+            let mut p = ApiResponse::problem(400, "Invalid request", err.to_string());
+            p.body["field"] = json!(err.field);
             return api_response(p);
         }
     };

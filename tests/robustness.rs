@@ -112,7 +112,7 @@ fn valid_key(raw: &[u8]) -> bool {
 }
 
 /// `Some(minSoc)` when the body is a JSON object with exactly one of `dod`/`minSoc`,
-/// an integer 0..=100, nothing else, at most 1 KiB.
+/// a whole number from 0 to 100, nothing else, at most 1 KiB.
 fn valid_body(raw: &[u8]) -> Option<u8> {
     if raw.len() > 1024 {
         return None;

@@ -129,6 +129,69 @@ async fn latest_wins_when_two_requests_wait_for_an_offline_device() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queues_page_tells_which_message_will_apply_and_which_will_no_op_and_why() {
+    // Re-checks far away, no timer: the messages stay scheduled while the page is read.
+    let app = Setup::new()
+        .set("SOC_RECHECK_INITIAL_SECONDS", "600")
+        .set("SOC_RECHECK_MAX_SECONDS", "1800")
+        .no_timers()
+        .start()
+        .await;
+    app.sim.add_device("bat-1", false);
+    app.sim.add_device("bat-2", false);
+    let a = app.post("bat-1", r#"{"minSoc":20}"#).await;
+    let b = app.post("bat-1", r#"{"minSoc":80}"#).await;
+    let c = app.post("bat-2", r#"{"minSoc":50}"#).await;
+    assert_eq!((a.status, b.status, c.status), (202, 202, 202));
+    app.sim.set_online("bat-2", true);
+    app.fire_timer().await;
+    app.wait_status("bat-2", "applied", None, secs(15)).await;
+
+    let page = reqwest::get(format!("{}/_devhost/queues", app.host().base_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("\n  "), "pretty-printed: {page}");
+    let page: Value = serde_json::from_str(&page).unwrap();
+    let fate_of = |request: &Value| {
+        let id = request["requestId"].as_str().unwrap();
+        let found: Vec<&str> = page[0]["scheduled"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["bodyText"].as_str().unwrap().contains(id))
+            .map(|m| m["fate"].as_str().unwrap())
+            .collect();
+        assert_eq!(found.len(), 1, "one message for {id}: {page:#}");
+        found[0].to_string()
+    };
+    assert_eq!(
+        fate_of(&a.body),
+        format!(
+            "will no-op: superseded by {}",
+            b.body["requestId"].as_str().unwrap()
+        )
+    );
+    assert!(fate_of(&b.body).starts_with("will apply"));
+    assert_eq!(fate_of(&c.body), "will no-op: request already applied");
+
+    // A browser gets the same as a table.
+    let html = app
+        .http
+        .get(format!("{}/_devhost/queues", app.host().base_url()))
+        .header("accept", "text/html,application/xhtml+xml")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("<table>") && html.contains("will no-op: request already applied"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_queued_request_never_overwrites_a_newer_direct_one() {
     // A's re-check is 3 s away: B is applied directly before A's message is delivered.
     let app = Setup::new()
@@ -374,6 +437,33 @@ async fn an_unknown_device_or_a_rejected_value_fails_with_the_reason_without_end
             .count()
             <= 1
     );
+
+    // Refused while online: 422 in our words; the vendor's text only in lastError, without
+    // the URL (and its key) the vendor put in it.
+    app.sim.patch(
+        "bat-picky",
+        &DevicePatch {
+            reject: Some(Some(
+                "minSoc below the vendor floor of 10, see https://vendor.example/doc?key=abc"
+                    .into(),
+            )),
+            ..Default::default()
+        },
+    );
+    let r = app.post("bat-picky", r#"{"minSoc":6}"#).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("refused minSoc 6 for device bat-picky") && !detail.contains("vendor"),
+        "{detail}"
+    );
+    let (_, record) = app.get("bat-picky").await;
+    let last_error = record["lastError"].as_str().unwrap();
+    assert!(
+        last_error.contains("vendor floor of 10") && last_error.contains("<url>"),
+        "{last_error}"
+    );
+    assert!(!last_error.contains("key=abc"), "{last_error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

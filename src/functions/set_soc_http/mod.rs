@@ -37,7 +37,8 @@ use tracing::{info, warn};
 
 use crate::domain::history::HistoryEntry;
 use crate::domain::{
-    DesiredState, DeviceId, HolderKind, IdempotencyKey, LeaseHolder, RequestStatus, SettingRequest,
+    DesiredState, DeviceId, HolderKind, IdempotencyKey, LeaseHolder, MinSoc, RequestStatus,
+    SettingRequest,
 };
 use crate::ports::{DeviceError, StoreError, Versioned};
 
@@ -200,9 +201,11 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
             if !undone {
                 warn!(device = %device, request_id = %ours, "could not undo the ledger write for an unknown device; it stays recorded as failed");
             }
-            return refused(&device, &DeviceError::UnknownDevice);
+            return refused(&device, r.min_soc, &DeviceError::UnknownDevice);
         }
-        ApplyOutcome::Failed(r, e) if r.request_id == ours => return refused(&device, &e),
+        ApplyOutcome::Failed(r, e) if r.request_id == ours => {
+            return refused(&device, r.min_soc, &e)
+        }
         ApplyOutcome::Offline(v) | ApplyOutcome::Busy(v) => (v, None),
         ApplyOutcome::Transient(v, DeviceError::Transient { retry_after, .. }) => (v, retry_after),
         ApplyOutcome::Transient(v, _) => (v, None),
@@ -350,14 +353,25 @@ fn response_for_settled(svc: &Services, ours: &DesiredState, outcome: ApplyOutco
     }
 }
 
-fn refused(device: &DeviceId, error: &DeviceError) -> ApiResponse {
+/// A permanent refusal, in our words. The device cloud's own text is not echoed: it stays in
+/// the record's `lastError` (trimmed and redacted by the device client).
+fn refused(device: &DeviceId, min_soc: MinSoc, error: &DeviceError) -> ApiResponse {
     match error {
         DeviceError::UnknownDevice => ApiResponse::problem(
             404,
             "Unknown device",
             format!("the device cloud does not know device {device}"),
         ),
-        other => ApiResponse::problem(422, "Setting rejected", other.to_string()),
+        _ => ApiResponse::problem(
+            422,
+            "Setting rejected",
+            format!(
+                "the device cloud refused minSoc {} for device {device}; the request is failed, \
+                 and the device cloud's reason is in its lastError (GET {})",
+                min_soc.percent(),
+                render::device_url(device.as_str())
+            ),
+        ),
     }
 }
 
