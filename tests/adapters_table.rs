@@ -1,10 +1,6 @@
-//! The Table Storage ledger against a real Azurite (see `tests/support/azurite.rs`).
+//! The Table Storage ledger against a real Azurite (see `testkit::azurite`).
 //! Tests share one Azurite process while they run and each uses its own table.
 
-#[path = "support/azurite.rs"]
-mod azurite;
-
-use azurite::Azurite;
 use chrono::{DateTime, TimeZone, Utc};
 use futures::StreamExt;
 use soc_settings::adapters::connection_string::StorageConnection;
@@ -17,6 +13,7 @@ use soc_settings::domain::{
 use soc_settings::ports::{ETag, IdempotencyRecord, Ledger, StoreError, StoredResponse};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use testkit::azurite::{self, Azurite};
 
 fn unique_table(prefix: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -497,11 +494,7 @@ async fn two_instances_first_using_the_same_table_at_once_both_succeed() {
 
 #[tokio::test]
 async fn construction_does_no_io_and_unreachable_storage_is_unavailable_without_secrets() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testkit::free_port();
     let key = azurite::ACCOUNT_KEY;
     let conn = StorageConnection::parse(&format!(
         "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1"

@@ -7,13 +7,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
+use soc_settings::app::FUNCTIONS;
 use soc_settings::config::SETTINGS;
 use soc_settings::host::{
     DRAIN_SOC_TIMER_BINDING, SET_SOC_HTTP_OUTPUT_BINDING, SET_SOC_HTTP_TRIGGER_BINDING,
     SOC_QUEUE_TRIGGER_BINDING,
 };
-
-const FUNCTIONS: [&str; 3] = ["DrainSocTimer", "SetSocHttp", "SocQueueTrigger"];
 
 #[derive(Clone, Debug)]
 struct Repo {
@@ -24,7 +23,7 @@ struct Repo {
 }
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    testkit::repo_root()
 }
 
 fn read_json(path: &Path) -> Value {
@@ -34,15 +33,13 @@ fn read_json(path: &Path) -> Value {
 
 /// Every top-level folder holding a function.json is a function (as the host sees it).
 fn load_repo() -> Repo {
-    let mut functions = BTreeMap::new();
-    for entry in std::fs::read_dir(root()).unwrap() {
-        let path = entry.unwrap().path();
-        let config = path.join("function.json");
-        if config.is_file() {
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            functions.insert(name, read_json(&config));
-        }
-    }
+    let functions = testkit::function_folders(&root())
+        .into_iter()
+        .map(|name| {
+            let config = read_json(&root().join(&name).join("function.json"));
+            (name, config)
+        })
+        .collect();
     Repo {
         host: read_json(&root().join("host.json")),
         local: read_json(&root().join("local.settings.json")),
@@ -167,11 +164,13 @@ fn semantic_problems(repo: &Repo) -> Vec<String> {
     let values = &repo.local["Values"];
     let known_setting = |name: &str| SETTINGS.iter().any(|s| s.name == name);
 
-    // Function folders.
+    // Function folders: exactly the functions the handler routes (`app::FUNCTIONS`).
     let names: Vec<&str> = repo.functions.keys().map(String::as_str).collect();
-    if names != FUNCTIONS {
+    let mut routed = FUNCTIONS.to_vec();
+    routed.sort_unstable();
+    if names != routed {
         p.push(format!(
-            "function folders are {names:?}, expected {FUNCTIONS:?}"
+            "function folders are {names:?}, the handler routes {routed:?}"
         ));
     }
 
@@ -330,10 +329,16 @@ fn this_repos_config_files_pass_the_checks_schemas_miss() {
 }
 
 #[test]
-fn the_repo_has_exactly_the_three_functions() {
-    let repo = load_repo();
-    let names: Vec<&str> = repo.functions.keys().map(String::as_str).collect();
-    assert_eq!(names, FUNCTIONS);
+fn every_function_folder_has_a_handler_route_and_every_route_a_folder() {
+    let folders = testkit::function_folders(&root());
+    let mut routed: Vec<String> = FUNCTIONS.iter().map(|f| f.to_string()).collect();
+    routed.sort();
+    assert!(
+        !folders.is_empty(),
+        "no */function.json at {}",
+        root().display()
+    );
+    assert_eq!(folders, routed);
 }
 
 // ------------------------------------------------------------------ the checkers fail on broken files

@@ -11,9 +11,6 @@
 //!    random JSON. No panic (a panic hook counts them, including ones the router's panic
 //!    layer turns into 500s); a 2xx is always a non-empty JSON body.
 
-#[path = "support/fuzz.rs"]
-mod fuzz;
-
 use std::time::Duration;
 
 use axum::body::Body;
@@ -22,6 +19,7 @@ use base64::Engine as _;
 use http_body_util::BodyExt;
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
+use testkit::fuzz;
 use tower::ServiceExt;
 
 use soc_settings::app::{router, AppState};

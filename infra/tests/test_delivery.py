@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-FUNCTIONS = ("SetSocHttp", "DrainSocTimer", "SocQueueTrigger")
+# The functions are the folders holding a function.json (what the Functions host indexes).
+FUNCTIONS = tuple(sorted(p.parent.name for p in ROOT.glob("*/function.json")))
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +79,16 @@ def test_package_check_rejects_a_wrong_zip(tmp_path, change):
     if change == "extra":
         entries["local.settings.json"] = 0o644
     elif change == "missing":
-        del entries["SocQueueTrigger/function.json"]
+        del entries[f"{FUNCTIONS[0]}/function.json"]
     else:
         entries["handler"] = 0o644
     result = _verify(_zip(tmp_path / "bad.zip", entries))
     assert result.returncode != 0
     assert "is wrong" in result.stderr
+
+
+def test_the_function_folders_are_found():
+    assert FUNCTIONS, "no */function.json at the repository root"
 
 
 def test_funcignore_keeps_only_host_json_the_function_folders_and_handler():

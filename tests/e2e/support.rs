@@ -20,9 +20,7 @@ use devtools::devicesim::{DeviceSim, PutRecord};
 use devtools::servicebus::StoredMessage;
 use serde_json::Value;
 
-#[path = "../support/azurite.rs"]
-mod azurite;
-use azurite::Azurite;
+use testkit::azurite::Azurite;
 
 pub const QUEUE: &str = "soc-settings";
 

@@ -559,11 +559,7 @@ async fn a_handler_killed_mid_apply_is_redelivered_and_applied_once_in_effect() 
 async fn the_handler_answers_readiness_at_once_and_fails_invocations_when_misconfigured() {
     let mut app = TestApp::start().await;
     app.kill_handler();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testkit::free_port();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_handler"))
         .env_clear()
         .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())

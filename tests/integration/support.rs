@@ -25,9 +25,8 @@ use devtools::devicesim::{DeviceConfig, DeviceSim, PutRecord};
 use devtools::servicebus::{Broker, BrokerConfig, Delivery, StoredMessage};
 use serde_json::Value;
 
-#[path = "../support/azurite.rs"]
-mod azurite;
-use azurite::Azurite;
+use testkit::azurite::Azurite;
+use testkit::free_port;
 
 pub const QUEUE: &str = "soc-settings";
 const SB_KEY_NAME: &str = "RootManageSharedAccessKey";
@@ -365,14 +364,6 @@ fn spawn_handler(env: &[(String, String)]) -> Child {
         cmd.stdout(Stdio::null());
     }
     cmd.stderr(Stdio::inherit()).spawn().expect("spawn handler")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Serves the broker's REST endpoint; while `down` is set every request gets 503, as

@@ -1,7 +1,8 @@
 //! A real Azurite Table service for tests, on a free loopback port, in memory.
 //!
-//! ```ignore
-//! let azurite = Azurite::start();            // owned: killed when dropped
+//! ```text
+//! let azurite = Azurite::start();            // owned: killed when dropped (panics if it cannot start)
+//! let azurite = Azurite::try_start()?;       // the same, with the failure as an error
 //! let conn = azurite.connection_string();    // TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1
 //! // or, to share one process between tests running at the same time:
 //! let azurite = Azurite::shared();           // Arc<Azurite>: killed when the last user drops it
@@ -12,15 +13,16 @@
 //! (removed on drop) with `--inMemoryPersistence`, so nothing touches the repository.
 //! Azurite cannot report the port it picked for `--tablePort 0`, so a free port is chosen
 //! here and the start is retried on another port if that one was taken in between.
-#![allow(dead_code)]
 
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
+
+use crate::free_port;
 
 /// The development account Azurite serves and its publicly documented key.
 pub const ACCOUNT: &str = "devstoreaccount1";
@@ -42,15 +44,23 @@ impl Azurite {
     /// Starts a fresh instance and waits until it accepts connections. Panics with
     /// Azurite's own output if it cannot be started.
     pub fn start() -> Azurite {
-        let bin = binary();
+        Self::try_start().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts a fresh instance (retrying on another port up to 5 times) and waits until it
+    /// accepts connections; the error holds Azurite's own output.
+    pub fn try_start() -> Result<Azurite, String> {
+        let bin = binary()?;
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
-            match Self::try_start(&bin) {
-                Ok(azurite) => return azurite,
+            match Self::start_once(&bin) {
+                Ok(azurite) => return Ok(azurite),
                 Err(e) => last_error = e,
             }
         }
-        panic!("azurite-table did not start after {START_ATTEMPTS} attempts: {last_error}");
+        Err(format!(
+            "azurite-table did not start after {START_ATTEMPTS} attempts: {last_error}"
+        ))
     }
 
     /// One instance shared by every caller that holds it at the same time. Tests running
@@ -69,6 +79,11 @@ impl Azurite {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The process id (for CPU and memory readings).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// `http://127.0.0.1:{port}/devstoreaccount1`
@@ -113,7 +128,7 @@ impl Azurite {
             .expect("Azurite accepts the entity");
     }
 
-    fn try_start(bin: &PathBuf) -> Result<Azurite, String> {
+    fn start_once(bin: &PathBuf) -> Result<Azurite, String> {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
@@ -169,25 +184,18 @@ impl Drop for Azurite {
     }
 }
 
-fn binary() -> PathBuf {
+fn binary() -> Result<PathBuf, String> {
     if let Some(bin) = std::env::var_os("AZURITE_TABLE_BIN") {
-        return PathBuf::from(bin);
+        return Ok(PathBuf::from(bin));
     }
-    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tools/node/node_modules/.bin/azurite-table");
-    assert!(
-        bin.exists(),
-        "{} is missing: run scripts/setup (installs Azurite from npm) or set AZURITE_TABLE_BIN",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    let bin = crate::repo_root().join("tools/node/node_modules/.bin/azurite-table");
+    if !bin.exists() {
+        return Err(format!(
+            "{} is missing: run scripts/setup (installs Azurite from npm) or set AZURITE_TABLE_BIN",
+            bin.display()
+        ));
+    }
+    Ok(bin)
 }
 
 fn read_log(path: &PathBuf) -> String {
