@@ -6,9 +6,11 @@
 //! - [`servicebus`]: the Service Bus stand-in (REST send, durable store, peek-lock delivery).
 //! - [`devhost`]: the Azure Functions host stand-in (spawns `handler`, HTTP/timer/Service Bus
 //!   triggers) built on the two above.
+//! - [`identity`]: the managed-identity endpoint stand-in (`IDENTITY_ENDPOINT`) and its tokens.
 //! - [`server`]: serving a router with bounded graceful shutdown, and logging setup.
 
 pub mod devhost;
 pub mod devicesim;
+pub mod identity;
 pub mod server;
 pub mod servicebus;

@@ -44,12 +44,15 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use super::connection_string::StorageConnection;
+use super::identity::transport;
 use crate::domain::history::{self, HistoryEntry};
 use crate::domain::ledger::{Lease, LeaseHolder};
 use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus};
 use crate::ports::{
     CorruptRow, ETag, IdempotencyRecord, Ledger, PendingPage, StoreError, StoredResponse, Versioned,
 };
+use azure_core::auth::TokenCredential;
+use std::path::Path;
 
 /// Timeout of one storage request.
 pub const STORAGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,23 +73,68 @@ pub struct TableLedger {
 impl TableLedger {
     /// Builds the client. Does no I/O: the table is created on first use.
     pub fn new(connection: &StorageConnection, table_name: &str) -> Result<Self, StoreError> {
-        let transport = reqwest::Client::builder()
-            .timeout(STORAGE_TIMEOUT)
-            .connect_timeout(STORAGE_TIMEOUT)
-            .build()
-            .map_err(|_| StoreError::Unavailable("HTTP client could not be built".into()))?;
-        let location = CloudLocation::Custom {
-            account: connection.account.clone(),
-            uri: connection
-                .table_endpoint
-                .as_str()
-                .trim_end_matches('/')
-                .to_string(),
-        };
+        Self::with_connection(connection, table_name, None)
+    }
+
+    /// [`TableLedger::new`], trusting the extra CA certificates in `extra_ca_pem` too.
+    pub fn with_connection(
+        connection: &StorageConnection,
+        table_name: &str,
+        extra_ca_pem: Option<&Path>,
+    ) -> Result<Self, StoreError> {
         let credentials = StorageCredentials::access_key(
             connection.account.clone(),
             Secret::new(connection.key.expose().to_string()),
         );
+        Self::build(
+            &connection.account,
+            &connection.table_endpoint,
+            credentials,
+            table_name,
+            extra_ca_pem,
+        )
+    }
+
+    /// Builds the client for the app's managed identity (bearer tokens for
+    /// `https://storage.azure.com`) against a table service URL. Does no I/O.
+    pub fn with_identity(
+        table_endpoint: &url::Url,
+        table_name: &str,
+        credential: Arc<dyn TokenCredential>,
+        extra_ca_pem: Option<&Path>,
+    ) -> Result<Self, StoreError> {
+        // The account name only matters for shared-key signing; take it from the URL
+        // (`acct.table.core.windows.net`, or the path of an emulator URL).
+        let account = match table_endpoint.host_str() {
+            Some(host) if host.contains(".table.") => host.split('.').next().unwrap_or_default(),
+            _ => table_endpoint
+                .path_segments()
+                .and_then(|mut s| s.next())
+                .unwrap_or_default(),
+        }
+        .to_string();
+        Self::build(
+            &account,
+            table_endpoint,
+            StorageCredentials::token_credential(credential),
+            table_name,
+            extra_ca_pem,
+        )
+    }
+
+    fn build(
+        account: &str,
+        table_endpoint: &url::Url,
+        credentials: StorageCredentials,
+        table_name: &str,
+        extra_ca_pem: Option<&Path>,
+    ) -> Result<Self, StoreError> {
+        let transport =
+            transport(STORAGE_TIMEOUT, extra_ca_pem).map_err(StoreError::Unavailable)?;
+        let location = CloudLocation::Custom {
+            account: account.to_string(),
+            uri: table_endpoint.as_str().trim_end_matches('/').to_string(),
+        };
         let service = azure_data_tables::clients::TableServiceClientBuilder::with_location(
             location,
             credentials,
@@ -219,14 +267,18 @@ impl TableLedger {
                 tracing::warn!(error = %reason, "ledger: storage error");
                 Err(StoreError::Unavailable(reason))
             }
-            None => response
-                .operation_responses
-                .first()
-                .and_then(|r| r.etag.as_ref())
-                .map(etag_of)
-                .ok_or_else(|| {
-                    StoreError::Unavailable("table transaction: no ETag for the record".into())
-                }),
+            None => {
+                let etag = response
+                    .operation_responses
+                    .first()
+                    .and_then(|r| r.etag.as_ref())
+                    .map(etag_of)
+                    .ok_or_else(|| {
+                        StoreError::Unavailable("table transaction: no ETag for the record".into())
+                    })?;
+                log_written(state);
+                Ok(etag)
+            }
         }
     }
 
@@ -407,6 +459,29 @@ fn etag_of(etag: &Etag) -> ETag {
 /// Everything that is not a conflict is "unavailable": network, 5xx, auth, throttling.
 /// Built from status, service error code and error kind only, never the SDK's text
 /// (which may carry URLs or response bodies).
+/// One line per ledger write: the device's request and the status the ledger now holds.
+/// The on-call queries and alerts (docs/operations.md) read `device=`, `request_id=`,
+/// `outcome=` and, last on the line, `last_error=`.
+fn log_written(state: &DesiredState) {
+    match &state.last_error {
+        Some(last_error) => tracing::info!(
+            device = %state.device_id,
+            request_id = %state.request_id,
+            outcome = %state.status.as_str(),
+            attempts = state.attempts,
+            last_error = ?last_error,
+            "ledger: request state written"
+        ),
+        None => tracing::info!(
+            device = %state.device_id,
+            request_id = %state.request_id,
+            outcome = %state.status.as_str(),
+            attempts = state.attempts,
+            "ledger: request state written"
+        ),
+    }
+}
+
 fn unavailable(op: &str, err: &azure_core::Error) -> StoreError {
     let reason = match err.as_http_error() {
         Some(http) => format!(
@@ -420,7 +495,9 @@ fn unavailable(op: &str, err: &azure_core::Error) -> StoreError {
             ErrorKind::Io => {
                 format!("table {op}: storage could not be reached (connection failed or timed out)")
             }
-            ErrorKind::Credential => format!("table {op}: storage credentials are invalid"),
+            ErrorKind::Credential => {
+                format!("table {op}: storage credentials are invalid or no token from the managed identity endpoint")
+            }
             kind => format!("table {op}: failed ({kind})"),
         },
     };
@@ -696,6 +773,35 @@ fn pending_page(entities: &[Map<String, Value>]) -> PendingPage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_ledger_write_logs_the_fields_the_on_call_queries_extract() {
+        let mut state = crate::domain::DesiredState::accept(
+            DeviceId::parse("bat-7.x").unwrap(),
+            MinSoc::new(35).unwrap(),
+            Utc::now(),
+            chrono::Duration::hours(1),
+            None,
+        );
+        let pending = crate::telemetry::capture_logs(None, || log_written(&state));
+        let line = pending.trim_end();
+        assert!(line.contains(" INFO "), "{line}");
+        let request = format!(" request_id={} ", state.request_id);
+        for field in [" device=bat-7.x ", request.as_str(), " outcome=pending"] {
+            assert!(line.contains(field), "{field:?} not in {line}");
+        }
+        assert!(!line.contains("last_error="), "{line}");
+
+        state.status = RequestStatus::Failed;
+        state.last_error = Some("device cloud refused: value not allowed".into());
+        let failed = crate::telemetry::capture_logs(None, || log_written(&state));
+        let line = failed.trim_end();
+        assert!(line.contains(" outcome=failed "), "{line}");
+        assert!(
+            line.ends_with(r#" last_error="device cloud refused: value not allowed""#),
+            "last_error must be the last field: {line}"
+        );
+    }
     use chrono::TimeZone;
 
     fn full_state() -> DesiredState {

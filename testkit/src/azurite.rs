@@ -6,6 +6,9 @@
 //! let conn = azurite.connection_string();    // TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1
 //! // or, to share one process between tests running at the same time:
 //! let azurite = Azurite::shared();           // Arc<Azurite>: killed when the last user drops it
+//! // HTTPS with OAuth (`--oauth basic`: bearer tokens' issuer, audience and lifetime are
+//! // checked, not their signature), for the managed-identity path:
+//! let azurite = Azurite::start_oauth(&cert_pem, &key_pem);   // table_endpoint() is https://
 //! ```
 //!
 //! The binary is `tools/node/node_modules/.bin/azurite-table` (installed by `scripts/setup`),
@@ -16,7 +19,7 @@
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -38,6 +41,7 @@ pub struct Azurite {
     child: Child,
     port: u16,
     dir: PathBuf,
+    https: bool,
 }
 
 impl Azurite {
@@ -50,10 +54,20 @@ impl Azurite {
     /// Starts a fresh instance (retrying on another port up to 5 times) and waits until it
     /// accepts connections; the error holds Azurite's own output.
     pub fn try_start() -> Result<Azurite, String> {
+        Self::try_start_with(None)
+    }
+
+    /// Starts an instance serving HTTPS with the certificate `cert_pem` (its key `key_pem`)
+    /// and accepting OAuth bearer tokens (`--oauth basic`). Panics if it cannot start.
+    pub fn start_oauth(cert_pem: &Path, key_pem: &Path) -> Azurite {
+        Self::try_start_with(Some((cert_pem, key_pem))).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_start_with(tls: Option<(&Path, &Path)>) -> Result<Azurite, String> {
         let bin = binary()?;
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
-            match Self::start_once(&bin) {
+            match Self::start_once(&bin, tls) {
                 Ok(azurite) => return Ok(azurite),
                 Err(e) => last_error = e,
             }
@@ -86,9 +100,10 @@ impl Azurite {
         self.child.id()
     }
 
-    /// `http://127.0.0.1:{port}/devstoreaccount1`
+    /// `http://127.0.0.1:{port}/devstoreaccount1` (`https://` for [`Azurite::start_oauth`])
     pub fn table_endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}/{ACCOUNT}", self.port)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/{ACCOUNT}", self.port)
     }
 
     /// An explicit connection string for this instance (the form local.settings.json uses).
@@ -128,7 +143,7 @@ impl Azurite {
             .expect("Azurite accepts the entity");
     }
 
-    fn start_once(bin: &PathBuf) -> Result<Azurite, String> {
+    fn start_once(bin: &PathBuf, tls: Option<(&Path, &Path)>) -> Result<Azurite, String> {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
@@ -139,16 +154,25 @@ impl Azurite {
         std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
         let log = dir.join("azurite.log");
         let log_file = std::fs::File::create(&log).map_err(|e| format!("log file: {e}"))?;
-        let child = Command::new(bin)
-            .args([
-                "--inMemoryPersistence",
-                "--tableHost",
-                "127.0.0.1",
-                "--tablePort",
-                &port.to_string(),
-                "--skipApiVersionCheck",
-                "--disableTelemetry",
-            ])
+        let mut command = Command::new(bin);
+        command.args([
+            "--inMemoryPersistence",
+            "--tableHost",
+            "127.0.0.1",
+            "--tablePort",
+            &port.to_string(),
+            "--skipApiVersionCheck",
+            "--disableTelemetry",
+        ]);
+        if let Some((cert, key)) = tls {
+            command
+                .arg("--cert")
+                .arg(cert)
+                .arg("--key")
+                .arg(key)
+                .args(["--oauth", "basic"]);
+        }
+        let child = command
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
@@ -156,7 +180,12 @@ impl Azurite {
             .spawn()
             .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
         // From here on, Drop cleans up whatever happens.
-        let mut azurite = Azurite { child, port, dir };
+        let mut azurite = Azurite {
+            child,
+            port,
+            dir,
+            https: tls.is_some(),
+        };
         let deadline = Instant::now() + READY_TIMEOUT;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         loop {

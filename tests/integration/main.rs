@@ -1,17 +1,15 @@
 //! Integration tests: the real `handler` binary, real Azurite, loopback stand-ins for
 //! the device cloud and Service Bus, driven through the host protocol (see `support`).
+//! `identity`: the same with the managed identity instead of keys.
 
+mod identity;
 mod support;
 
 use std::time::Duration;
 
 use devtools::devicesim::{DeviceConfig, Fault};
 use serde_json::Value;
-use support::{Options, TestApp};
-
-fn minsoc(v: i64) -> String {
-    format!(r#"{{"minSoc":{v}}}"#)
-}
+use support::{minsoc, Options, TestApp};
 
 #[tokio::test]
 async fn an_online_device_is_set_at_once_and_the_device_sees_exactly_that_value() {

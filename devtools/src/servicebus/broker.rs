@@ -60,6 +60,9 @@ pub struct BrokerConfig {
     pub dead_letter_on_expiration: bool,
     /// Shown as `Client.FullyQualifiedNamespace` in trigger metadata.
     pub namespace: String,
+    /// Accept `Authorization: Bearer` tokens signed with this key (the managed-identity
+    /// stand-in's, [`crate::identity`]) besides SAS; `None`: SAS only.
+    pub bearer_key: Option<Vec<u8>>,
 }
 
 impl BrokerConfig {
@@ -76,6 +79,7 @@ impl BrokerConfig {
             default_ttl: None,
             dead_letter_on_expiration: true,
             namespace: "127.0.0.1".to_string(),
+            bearer_key: None,
         }
     }
 }

@@ -19,9 +19,9 @@ use axum::{Json, Router};
 use chrono::Utc;
 use serde_json::{Map, Value};
 
+use super::auth::authorize;
 use super::broker::{Broker, QueueNotFound, QueueSnapshot};
 use super::message::SendRequest;
-use super::sas::verify_sas;
 use crate::server::ServerHandle;
 
 impl Broker {
@@ -87,15 +87,14 @@ async fn rest_send(
             "MissingToken: the Authorization header is required",
         );
     };
-    if let Err(e) = verify_sas(
+    if let Err(e) = authorize(
         auth,
-        &cfg.key_name,
-        &cfg.key,
+        cfg,
         Utc::now().timestamp(),
         &format!("{queue}/messages"),
     ) {
         tracing::warn!(queue, "servicebus: send rejected -> 401: {e}");
-        return xml_error(StatusCode::UNAUTHORIZED, &format!("InvalidSignature: {e}"));
+        return xml_error(StatusCode::UNAUTHORIZED, &format!("InvalidToken: {e}"));
     }
     let content_type = headers
         .get("content-type")
