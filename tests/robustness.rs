@@ -122,7 +122,12 @@ fn valid_body(raw: &[u8]) -> Option<u8> {
         return None;
     }
     let (k, v) = m.iter().next()?;
-    let n = v.as_u64().filter(|n| *n <= 100)? as u8;
+    // A JSON Schema integer: no fractional part, however written (50, 50.0, 5e1).
+    let n = match v.as_u64() {
+        Some(n) => n as f64,
+        None => v.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0)?,
+    };
+    let n = (n <= 100.0).then_some(n as u8)?;
     match k.as_str() {
         "minSoc" => Some(n),
         "dod" => Some(100 - n),
@@ -644,11 +649,12 @@ fn the_oracle_agrees_with_the_contract_examples() {
     // The oracle must itself be right, or the properties above prove nothing.
     assert_eq!(valid_body(br#"{"dod":80}"#), Some(20));
     assert_eq!(valid_body(br#"{"minSoc":35}"#), Some(35));
+    assert_eq!(valid_body(br#"{"minSoc":35.0}"#), Some(35));
     for bad in [
         &br#"{"dod":80,"minSoc":20}"#[..],
         br#"{}"#,
         br#"{"minSoc":101}"#,
-        br#"{"minSoc":50.0}"#,
+        br#"{"minSoc":50.5}"#,
         br#"{"minSoc":-1}"#,
         br#"{"minSoc":"50"}"#,
         br#"[{"minSoc":50}]"#,

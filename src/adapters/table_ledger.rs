@@ -6,6 +6,16 @@
 //! |--------------|-------------------|-----------------------------------------|
 //! | `{deviceId}` | `desired`         | [`DesiredState`]                        |
 //! | `{deviceId}` | `idem-{hex(key)}` | [`IdempotencyRecord`] for that key      |
+//! | `{deviceId}` | `req-{requestId}` | [`HistoryEntry`]: the record's fields + `SupersededBy` |
+//!
+//! History (see [`crate::domain::history`]): `put` and `accept` write the `desired`
+//! row and the history rows they imply in one entity-group transaction (same
+//! partition: all or nothing, the `desired` row's condition deciding), so an entry
+//! never disagrees with the ledger about the request the ledger holds. After an
+//! accepted request, entries beyond the newest
+//! [`HISTORY_LIMIT`](crate::domain::history::HISTORY_LIMIT) are deleted (best effort,
+//! outside the transaction: a failure leaves old entries for the next request to
+//! prune). `delete` touches only the `desired` row.
 //!
 //! Idempotency keys are hex-encoded because keys may contain `/`, `\`, `#`, `?`,
 //! which RowKey forbids. Timestamps are stored as RFC 3339 strings (nanosecond-exact,
@@ -35,6 +45,7 @@ use tokio::sync::OnceCell;
 
 use super::connection_string::StorageConnection;
 use super::identity::transport;
+use crate::domain::history::{self, HistoryEntry};
 use crate::domain::ledger::{Lease, LeaseHolder};
 use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus};
 use crate::ports::{
@@ -45,6 +56,8 @@ use std::path::Path;
 
 /// Timeout of one storage request.
 pub const STORAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// RowKey prefix of history entries (`req-{requestId}`).
+pub const HISTORY_ROW_PREFIX: &str = "req-";
 /// RowKey of the desired-state record.
 pub const DESIRED_ROW: &str = "desired";
 /// The query `pending()` runs.
@@ -208,6 +221,106 @@ impl TableLedger {
         }
     }
 
+    /// Writes the `desired` row (insert, or replace at `expected`) and `entries` in one
+    /// entity-group transaction. A failed changeset answers with the failing
+    /// operation's status: `409` (inserting over a row), `412` (another writer first)
+    /// or `404` (the row is gone) are a [`StoreError::Conflict`], as for a single write.
+    async fn put_with_history(
+        &self,
+        state: &DesiredState,
+        expected: Option<&ETag>,
+        entries: &[HistoryEntry],
+    ) -> Result<ETag, StoreError> {
+        let table = self.table().await?;
+        let serialise = |e: azure_core::Error| unavailable("serialise", &e);
+        let desired = desired_to_entity(state);
+        let tx = table
+            .partition_key_client(state.device_id.as_str())
+            .transaction();
+        let mut tx = match expected {
+            None => tx.insert(desired),
+            Some(etag) => tx.update(
+                DESIRED_ROW,
+                desired,
+                Some(IfMatchCondition::Etag(Etag::from(etag.0.clone()))),
+            ),
+        }
+        .map_err(serialise)?;
+        for entry in entries {
+            tx = tx
+                .insert_or_replace(
+                    history_row(&entry.request.request_id),
+                    history_to_entity(entry),
+                )
+                .map_err(serialise)?;
+        }
+        let response = tx.await.map_err(|e| unavailable("transaction", &e))?;
+        let statuses: Vec<u16> = response
+            .operation_responses
+            .iter()
+            .map(|r| u16::from(r.status_code))
+            .collect();
+        match statuses.iter().find(|s| **s >= 300) {
+            Some(409 | 412 | 404) => Err(StoreError::Conflict),
+            Some(status) => {
+                let reason = format!("table transaction: HTTP {status}");
+                tracing::warn!(error = %reason, "ledger: storage error");
+                Err(StoreError::Unavailable(reason))
+            }
+            None => {
+                let etag = response
+                    .operation_responses
+                    .first()
+                    .and_then(|r| r.etag.as_ref())
+                    .map(etag_of)
+                    .ok_or_else(|| {
+                        StoreError::Unavailable("table transaction: no ETag for the record".into())
+                    })?;
+                log_written(state);
+                Ok(etag)
+            }
+        }
+    }
+
+    /// Deletes the device's history entries beyond the bound, never `keep`'s. Best
+    /// effort: a failure is logged and left for the next accepted request.
+    async fn prune_history(&self, device: &DeviceId, keep: &RequestId) {
+        let Ok(table) = self.table().await else {
+            return;
+        };
+        // Device ids are [A-Za-z0-9._-]: nothing to escape in the filter.
+        let filter = format!(
+            "PartitionKey eq '{device}' and RowKey ge '{HISTORY_ROW_PREFIX}' and RowKey lt 'req.'"
+        );
+        let mut pages = table
+            .query()
+            .filter(Filter::new(filter))
+            .select(Select::new("RowKey,RequestId,RequestedAt"))
+            .into_stream::<Map<String, Value>>();
+        let mut entries = Vec::new();
+        while let Some(page) = pages.next().await {
+            let Ok(page) = page.map_err(|e| unavailable("query history", &e)) else {
+                return;
+            };
+            for entity in &page.entities {
+                let row = Row { entity };
+                if let (Ok(id), Ok(at)) = (row.str("RequestId"), row.time("RequestedAt")) {
+                    entries.push((RequestId::from_stored(id), at));
+                }
+            }
+        }
+        let partition = table.partition_key_client(device.as_str());
+        for id in history::beyond_limit(entries, keep) {
+            let result = partition.entity_client(history_row(&id)).delete().await;
+            if let Err(e) = result.map_err(|e| status_of(&e).unwrap_or(0)) {
+                if e != 404 {
+                    tracing::warn!(device = %device, status = e, "ledger: could not prune a history entry");
+                    return;
+                }
+            }
+        }
+    }
+
     async fn delete_row(
         &self,
         partition: &str,
@@ -243,16 +356,33 @@ impl Ledger for TableLedger {
     }
 
     async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
-        let etag = self
-            .put_row(
-                state.device_id.as_str(),
-                DESIRED_ROW,
-                desired_to_entity(state),
-                expected,
-            )
-            .await?;
-        log_written(state);
+        self.put_with_history(state, expected, &[HistoryEntry::of(state)])
+            .await
+    }
+
+    async fn accept(
+        &self,
+        state: &DesiredState,
+        replaced: Option<&HistoryEntry>,
+        expected: Option<&ETag>,
+    ) -> Result<ETag, StoreError> {
+        let mut entries = vec![HistoryEntry::of(state)];
+        entries.extend(replaced.cloned());
+        let etag = self.put_with_history(state, expected, &entries).await?;
+        self.prune_history(&state.device_id, &state.request_id)
+            .await;
         Ok(etag)
+    }
+
+    async fn history_entry(
+        &self,
+        device: &DeviceId,
+        request: &RequestId,
+    ) -> Result<Option<HistoryEntry>, StoreError> {
+        match self.get_row(device.as_str(), &history_row(request)).await? {
+            None => Ok(None),
+            Some((entity, _)) => Ok(Some(history_from_entity(&entity)?)),
+        }
     }
 
     async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError> {
@@ -395,6 +525,31 @@ fn put_opt(entity: &mut Map<String, Value>, name: &str, value: Option<Value>) {
     if let Some(v) = value {
         entity.insert(name.to_string(), v);
     }
+}
+
+/// RowKey of a request's history entry.
+pub fn history_row(request: &RequestId) -> String {
+    format!("{HISTORY_ROW_PREFIX}{request}")
+}
+
+fn history_to_entity(e: &HistoryEntry) -> Map<String, Value> {
+    let mut entity = desired_to_entity(&e.request);
+    entity.insert("RowKey".into(), history_row(&e.request.request_id).into());
+    put_opt(
+        &mut entity,
+        "SupersededBy",
+        e.superseded_by.as_ref().map(|id| id.as_str().into()),
+    );
+    entity
+}
+
+fn history_from_entity(entity: &Map<String, Value>) -> Result<HistoryEntry, CorruptRow> {
+    Ok(HistoryEntry {
+        request: desired_from_entity(entity)?,
+        superseded_by: Row { entity }
+            .opt_str("SupersededBy")?
+            .map(RequestId::from_stored),
+    })
 }
 
 fn desired_to_entity(s: &DesiredState) -> Map<String, Value> {

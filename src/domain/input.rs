@@ -166,11 +166,21 @@ impl SettingRequest {
     }
 }
 
-/// A whole number from 0 to 100. `50.0` is not one here: the API is strict so that
-/// a client's rounding bug shows up as a 400 instead of a silently changed value.
+/// A whole number from 0 to 100, as JSON Schema (and so `docs/openapi.yaml`) defines
+/// integers: a number without a fractional part, however written (`50`, `50.0`, `5e1`).
+/// A fraction (`50.5`) is refused, not rounded, so that a client's rounding bug shows
+/// up as a 400 instead of a silently changed value.
 fn percent(field: &'static str, value: &Value) -> Result<u8, InputError> {
-    match value.as_u64() {
-        Some(v) if v <= 100 => Ok(v as u8),
+    let whole = match value {
+        Value::Number(n) => match (n.as_u64(), n.as_f64()) {
+            (Some(v), _) => Some(v as f64),
+            (None, Some(f)) if f.is_finite() && f.fract() == 0.0 => Some(f),
+            _ => None,
+        },
+        _ => None,
+    };
+    match whole {
+        Some(v) if (0.0..=100.0).contains(&v) => Ok(v as u8),
         _ => Err(InputError::new(
             field,
             "must be a whole number from 0 to 100",
@@ -193,6 +203,25 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_whole_number_counts_however_it_is_written_and_a_fraction_never() {
+        for (body, min_soc) in [
+            (&br#"{"minSoc":50.0}"#[..], 50),
+            (br#"{"minSoc":1e2}"#, 100),
+            (br#"{"minSoc":-0.0}"#, 0),
+            (br#"{"dod":97.0}"#, 3),
+        ] {
+            let parsed = SettingRequest::parse(body).unwrap();
+            assert_eq!(
+                parsed.min_soc.percent(),
+                min_soc,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(SettingRequest::parse(br#"{"minSoc":50.5}"#).is_err());
     }
 
     #[test]
@@ -238,10 +267,10 @@ mod tests {
             (br#"{"dod":101}"#, "dod"),
             (br#"{"dod":-1}"#, "dod"),
             (br#"{"minSoc":50.5}"#, "minSoc"),
-            (br#"{"minSoc":50.0}"#, "minSoc"),
             (br#"{"minSoc":"50"}"#, "minSoc"),
             (br#"{"minSoc":null}"#, "minSoc"),
-            (br#"{"minSoc":1e2}"#, "minSoc"),
+            (br#"{"minSoc":1e3}"#, "minSoc"),
+            (br#"{"minSoc":100.000001}"#, "minSoc"),
             (br#"{"minSoc":18446744073709551616}"#, "minSoc"),
             (br#"{"minsoc":50}"#, "body"),
         ];

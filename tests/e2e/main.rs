@@ -3,6 +3,8 @@
 //! timing (short schedules and TTLs through app settings). The test plays the mobile app, the
 //! batteries and the operator; everything else happens on its own. See `support.rs`.
 
+mod contract;
+mod requests;
 mod support;
 mod walkthrough;
 
@@ -58,11 +60,11 @@ async fn an_offline_request_is_pending_and_applied_after_the_device_returns() {
     assert_eq!(r.body["status"], "pending");
     assert_eq!(r.body["minSoc"], 40);
     assert!(r.body["expiresAt"].is_string());
+    let request_id = r.body["requestId"].as_str().unwrap().to_string();
     assert_eq!(
         r.headers.get("location").and_then(|v| v.to_str().ok()),
-        Some("/api/devices/bat-1/soc")
+        Some(format!("/api/devices/bat-1/soc/requests/{request_id}").as_str())
     );
-    let request_id = r.body["requestId"].as_str().unwrap().to_string();
     let (status, rec) = app.get("bat-1").await;
     assert_eq!((status, rec["status"].as_str()), (200, Some("pending")));
     assert!(

@@ -144,8 +144,8 @@ async fn the_walk_through_printed_by_scripts_dev_works_as_written() {
     })
     .await;
 
-    // Step 2's claim about step 1's Location: it needs the key; without it the host answers
-    // 401 with an empty body.
+    // Step 1's Location is that request's own status; like every API call it needs the key:
+    // without it the host answers 401 with an empty body.
     let location = outputs[0]
         .lines()
         .find_map(|l| {
@@ -154,9 +154,9 @@ async fn the_walk_through_printed_by_scripts_dev_works_as_written() {
         })
         .map(|(_, v)| v.trim().to_string())
         .expect("the 202 of step 1 has a Location");
-    assert_eq!(
-        location, "/api/devices/bat-offline/soc",
-        "the URL step 2 reads"
+    assert!(
+        location.starts_with("/api/devices/bat-offline/soc/requests/"),
+        "{location}"
     );
     let url = format!("{}{location}", app.host().base_url());
     let r = app.http.get(&url).send().await.unwrap();
@@ -170,6 +170,12 @@ async fn the_walk_through_printed_by_scripts_dev_works_as_written() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    let request: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (request["minSoc"].as_u64(), request["status"].as_str()),
+        (Some(30), Some("applied")),
+        "step 1's request, applied in step 6"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,6 +189,7 @@ async fn the_walk_through_stays_true_for_a_user_who_pauses_while_re_checks_run()
     let outcomes: Vec<String> = app
         .history("bat-offline")
         .into_iter()
+        .filter(|p| p.min_soc == Some(30))
         .map(|p| p.outcome)
         .collect();
     assert_eq!(

@@ -323,6 +323,18 @@ impl TestApp {
         (status, res.json().await.unwrap_or(Value::Null))
     }
 
+    /// GET of a path the API answered with (a `Location`), as the host forwards it.
+    pub async fn get_path(&self, path: &str) -> (u16, Value) {
+        let res = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("GET");
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
     // -------------------------------------------------------------- Service Bus
 
     pub fn set_broker_down(&self, down: bool) {
