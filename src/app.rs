@@ -362,21 +362,6 @@ mod tests {
         })
     }
 
-    #[test]
-    fn every_function_folder_has_a_route_and_every_route_a_folder() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut folders: Vec<String> = std::fs::read_dir(root)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().join("function.json").is_file())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        folders.sort();
-        let mut routes: Vec<String> = FUNCTIONS.iter().map(|s| s.to_string()).collect();
-        routes.sort();
-        assert_eq!(folders, routes);
-    }
-
     #[tokio::test]
     async fn every_function_route_is_served_at_its_exact_folder_name() {
         let h = Harness::new();

@@ -507,11 +507,11 @@ fn app_copy(tweak: impl FnOnce(&mut Value, &mut Value)) -> PathBuf {
         d.join("local.settings.json"),
     )
     .unwrap();
-    for f in ["SetSocHttp", "SocQueueTrigger", "DrainSocTimer"] {
-        std::fs::create_dir_all(d.join(f)).unwrap();
+    for f in devtools::function_folders(&root).unwrap() {
+        std::fs::create_dir_all(d.join(&f)).unwrap();
         std::fs::copy(
-            root.join(f).join("function.json"),
-            d.join(f).join("function.json"),
+            root.join(&f).join("function.json"),
+            d.join(&f).join("function.json"),
         )
         .unwrap();
     }

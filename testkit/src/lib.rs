@@ -1,5 +1,8 @@
 //! Shared helpers for the tests and the benchmark driver. **Not part of the product**: the root
 //! crate has it as a dev-dependency only, `bench` as a dependency; `handler` never links it.
+//! The free port, the function list and the Azurite process are implemented once, in
+//! `devtools` (devhost needs them too); this crate gives them the tests' shape (panic on
+//! failure, retry on a taken port, in memory, one shared instance).
 //!
 //! - [`free_port`]: a free loopback port.
 //! - [`repo_root`] and [`function_folders`]: the repository and its functions, derived from the
@@ -13,16 +16,12 @@
 pub mod azurite;
 pub mod fuzz;
 
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 
-/// A loopback port that was free a moment ago (bound to port 0, then released). Another process
-/// may take it before the caller binds it; callers that spawn a child on it retry on failure.
+/// A loopback port that was free a moment ago ([`devtools::free_port`]); panics if the machine
+/// has none.
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    devtools::free_port().expect("a free loopback port")
 }
 
 /// The repository root (the function app root: `host.json`, the function folders).
@@ -33,16 +32,9 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The functions of the app at `app_root`: every top-level folder holding a `function.json`
-/// (what the Functions host indexes), sorted by name.
+/// The functions of the app at `app_root` ([`devtools::function_folders`]: every top-level
+/// folder holding a `function.json`, sorted); panics if the folder cannot be read.
 pub fn function_folders(app_root: &Path) -> Vec<String> {
-    let entries = std::fs::read_dir(app_root)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", app_root.display()));
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("function.json").is_file())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
+    devtools::function_folders(app_root)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", app_root.display()))
 }

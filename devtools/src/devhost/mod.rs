@@ -24,6 +24,7 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::azurite::{self, AzuriteTable, Data};
 use crate::servicebus::{Broker, BrokerConfig, ConnectionString, QueueSnapshot, ServerHandle};
 use config::{AppConfig, Trigger};
 use json::J;
@@ -125,7 +126,7 @@ pub struct DevHost {
     sb_server: Option<ServerHandle>,
     front: Option<ServerHandle>,
     tasks: Vec<JoinHandle<()>>,
-    azurite: Option<tokio::process::Child>,
+    azurite: Option<AzuriteTable>,
 }
 
 fn random_key() -> String {
@@ -365,9 +366,9 @@ impl DevHost {
         if let Some(s) = self.sb_server.take() {
             s.shutdown().await;
         }
-        if let Some(mut a) = self.azurite.take() {
-            let _ = a.start_kill();
-            let _ = a.wait().await;
+        if let Some(azurite) = self.azurite.take() {
+            // Dropping kills it (and waits for it): a blocking call.
+            let _ = tokio::task::spawn_blocking(move || drop(azurite)).await;
         }
     }
 }
@@ -378,7 +379,7 @@ async fn provide_azurite(
     opts: &DevHostOptions,
     config: &AppConfig,
     data_dir: &std::path::Path,
-) -> anyhow::Result<Option<tokio::process::Child>> {
+) -> anyhow::Result<Option<AzuriteTable>> {
     if !opts.start_azurite {
         return Ok(None);
     }
@@ -531,49 +532,23 @@ fn start_triggers(inner: &Arc<Inner>, timers: bool) -> anyhow::Result<Vec<JoinHa
     Ok(tasks)
 }
 
+/// Azurite on `127.0.0.1:{port}` with its tables in `{data_dir}/azurite` (kept between runs).
 async fn start_azurite(
     root: &std::path::Path,
     data_dir: &std::path::Path,
     port: u16,
-) -> anyhow::Result<tokio::process::Child> {
-    let bin = root.join("tools/node/node_modules/.bin/azurite-table");
-    if !bin.exists() {
-        anyhow::bail!(
-            "Azurite is needed (AzureWebJobsStorage is local) but {} is missing: run scripts/setup azurite",
-            bin.display()
-        );
-    }
-    let loc = data_dir.join("azurite");
-    std::fs::create_dir_all(&loc)?;
-    let child = tokio::process::Command::new(&bin)
-        .args([
-            "--tableHost",
-            "127.0.0.1",
-            "--tablePort",
-            &port.to_string(),
-            "--location",
-            &loc.to_string_lossy(),
-            "--skipApiVersionCheck",
-            "--silent",
-            // Loopback only: Azurite otherwise sends telemetry to Application Insights.
-            "--disableTelemetry",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    for _ in 0..200 {
-        if port_open(port).await {
-            println!(
-                "devhost: started Azurite table service on 127.0.0.1:{port} (data in {})",
-                loc.display()
-            );
-            return Ok(child);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("Azurite did not listen on 127.0.0.1:{port} within 20 s")
+) -> anyhow::Result<AzuriteTable> {
+    let bin = azurite::binary(root)
+        .map_err(|e| anyhow!("Azurite is needed (AzureWebJobsStorage is local) but {e}"))?;
+    let data = Data::Folder(data_dir.join("azurite"));
+    let table = tokio::task::spawn_blocking(move || AzuriteTable::start(&bin, port, data, None))
+        .await?
+        .map_err(|e| anyhow!("Azurite did not start on 127.0.0.1:{port}: {e}"))?;
+    println!(
+        "devhost: started Azurite table service on 127.0.0.1:{port} (data in {})",
+        table.dir().display()
+    );
+    Ok(table)
 }
 
 /// POST the envelope to `/{FunctionName}` and apply §6. Returns the parsed response body.
