@@ -603,11 +603,7 @@ mod tests {
     #[tokio::test]
     async fn connection_refused_is_transient_and_does_not_leak_the_key() {
         // Bind then drop: the port is (almost certainly) closed afterwards.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = devtools::free_port().unwrap();
         let err = api(&format!("http://127.0.0.1:{port}"))
             .status(&dev("x"))
             .await

@@ -541,11 +541,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_broker_is_an_error() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = devtools::free_port().unwrap();
         let err = queue_for(port).send(&message(false)).await.unwrap_err();
         assert_eq!(err, QueueError::Unreachable);
         assert!(err.is_transient());
