@@ -4,9 +4,10 @@
 //     -p infra/params/<env>.parameters.json -p deviceApiKey=<key>
 // (docs/deploy.md walks through it).
 //
-// Order, encoded by the data flow between modules:
-//   serviceBus -> keyVault (stores the Service Bus connection string) -> functionApp
-// storage and monitoring have no dependency on either and deploy in parallel.
+// Order, encoded by the data flow between modules: serviceBus, keyVault,
+// storage and monitoring deploy in parallel; functionApp takes their outputs
+// (it assigns its identity roles on them), and alerts take the app's outputs.
+// No module passes a key: every Azure connection is identity-based.
 
 targetScope = 'resourceGroup'
 
@@ -73,8 +74,10 @@ param recheckInitialSeconds int = 60
 @description('SOC_RECHECK_MAX_SECONDS')
 param recheckMaxSeconds int = 1800
 
-@description('DRAIN_SOC_SCHEDULE (NCRONTAB with seconds).')
-param drainSchedule string = '0 */5 * * * *'
+@description('Minutes between two DrainSocTimer sweeps (DRAIN_SOC_SCHEDULE); the sweep alert fires after three missed sweeps.')
+@minValue(1)
+@maxValue(30)
+param drainIntervalMinutes int = 5
 
 @description('DRAIN_SOC_CONCURRENCY')
 param drainConcurrency int = 16
@@ -94,6 +97,10 @@ param keyVaultSoftDeleteDays int = 90
 @description('Log Analytics retention in days.')
 param logRetentionDays int = 30
 
+@description('E-mail address the alerts notify; empty: alerts fire without a notification.')
+param alertEmail string = ''
+
+var drainSchedule = '0 */${drainIntervalMinutes} * * * *'
 var suffix = uniqueString(resourceGroup().id, environmentName)
 var compactBase = toLower(baseName)
 var tags = {
@@ -115,14 +122,11 @@ module serviceBus 'modules/servicebus.bicep' = {
   }
 }
 
-// Takes the Service Bus module's outputs, so it is deployed after it.
 module keyVault 'modules/keyvault.bicep' = {
   name: 'keyvault'
   params: {
     location: location
     vaultName: take('kv${compactBase}${environmentName}${suffix}', 24)
-    serviceBusNamespaceName: serviceBus.outputs.namespaceName
-    serviceBusRuleName: serviceBus.outputs.authorizationRuleName
     deviceApiKey: deviceApiKey
     softDeleteRetentionDays: keyVaultSoftDeleteDays
     tags: tags
@@ -152,7 +156,7 @@ module monitoring 'modules/monitoring.bicep' = {
   }
 }
 
-// Takes the Key Vault module's secret URIs, so it is deployed after it.
+// Takes the other modules' outputs, so it is deployed after them.
 module functionApp 'modules/functionapp.bicep' = {
   name: 'functionapp'
   params: {
@@ -164,8 +168,10 @@ module functionApp 'modules/functionapp.bicep' = {
     deploymentContainerName: storage.outputs.deploymentContainerName
     appInsightsName: monitoring.outputs.appInsightsName
     keyVaultName: keyVault.outputs.vaultName
-    serviceBusSecretUri: keyVault.outputs.serviceBusSecretUri
+    deviceApiKeySecretName: keyVault.outputs.deviceApiKeySecretName
     deviceApiKeySecretUri: keyVault.outputs.deviceApiKeySecretUri
+    serviceBusNamespaceName: serviceBus.outputs.namespaceName
+    serviceBusFullyQualifiedNamespace: serviceBus.outputs.fullyQualifiedNamespace
     queueName: serviceBus.outputs.queueName
     ledgerTableName: storage.outputs.ledgerTableName
     deviceApiBaseUrl: deviceApiBaseUrl
@@ -175,6 +181,21 @@ module functionApp 'modules/functionapp.bicep' = {
     recheckMaxSeconds: recheckMaxSeconds
     drainSchedule: drainSchedule
     drainConcurrency: drainConcurrency
+    tags: tags
+  }
+}
+
+// Alerts and the operators' workbook (docs/operations.md).
+module alerts 'modules/alerts.bicep' = {
+  name: 'alerts'
+  params: {
+    location: location
+    namePrefix: '${baseName}-${environmentName}'
+    appInsightsName: functionApp.outputs.appInsightsName
+    serviceBusNamespaceName: serviceBus.outputs.namespaceName
+    queueName: serviceBus.outputs.queueName
+    drainIntervalMinutes: drainIntervalMinutes
+    alertEmail: alertEmail
     tags: tags
   }
 }

@@ -3,7 +3,7 @@
 //! | route                               | who calls it                                     |
 //! |-------------------------------------|--------------------------------------------------|
 //! | `GET /`                             | host readiness probe and health ping (§1.3)      |
-//! | `GET|POST /api/devices/{id}/soc`    | `SetSocHttp`, forwarded (host.json default)      |
+//! | `/api/devices/{id}/soc[/{*rest}]`   | `SetSocHttp`, forwarded (host.json default); any method: the function answers `405`/`404` itself |
 //! | `POST /SetSocHttp`                  | `SetSocHttp`, envelope mode                      |
 //! | `POST /SocQueueTrigger`             | Service Bus trigger invocation                   |
 //! | `POST /DrainSocTimer`               | timer trigger invocation                         |
@@ -24,7 +24,7 @@ use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use futures::FutureExt;
 use serde_json::json;
@@ -32,6 +32,7 @@ use tracing::{error, info};
 
 use crate::adapters::BuildError;
 use crate::config::{Config, ConfigError};
+use crate::domain::SettingRequest;
 use crate::functions::set_soc_http::{self, ApiRequest, ApiResponse};
 use crate::functions::soc_queue_trigger::{self, Delivery, Settle};
 use crate::functions::{drain_soc_timer, Policy, Services};
@@ -98,9 +99,10 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(ready))
+        .route("/api/devices/{device_id}/soc", any(set_soc_forwarded))
         .route(
-            "/api/devices/{device_id}/soc",
-            get(set_soc_forwarded).post(set_soc_forwarded),
+            "/api/devices/{device_id}/soc/{*rest}",
+            any(set_soc_forwarded),
         )
         .route("/SetSocHttp", post(set_soc_envelope))
         .route("/SocQueueTrigger", post(soc_queue_trigger))
@@ -131,11 +133,12 @@ async fn catch_panic(req: Request, next: Next) -> Response {
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
             error!(panic = %what, "invocation panicked");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Json(json!({ "error": "internal error" })),
-            )
-                .into_response()
+            // A problem document, as every other error the API answers (docs/openapi.yaml).
+            api_response(ApiResponse::problem(
+                500,
+                "Internal error",
+                "the request failed unexpectedly; operators have been alerted",
+            ))
         }
     }
 }
@@ -144,30 +147,31 @@ async fn catch_panic(req: Request, next: Next) -> Response {
 
 async fn set_soc_forwarded(
     State(state): State<AppState>,
-    device_id: Result<Path<String>, PathRejection>,
+    params: Result<Path<BTreeMap<String, String>>, PathRejection>,
     req: Request,
 ) -> Response {
     // A path segment that does not percent-decode to UTF-8 is a bad deviceId, answered
     // like any other (axum's own rejection would be a text/plain 400).
-    let Ok(Path(device_id)) = device_id else {
+    let Ok(Path(mut params)) = params else {
         let mut p = ApiResponse::problem(400, "Invalid request", "deviceId: not valid UTF-8");
         p.body["field"] = json!("deviceId");
         return api_response(p);
     };
+    let device_id = params.remove("device_id").unwrap_or_default();
+    // The route's catch-all, named as in function.json (`{*rest}`).
+    let mut route_params = BTreeMap::from([("deviceId".to_string(), device_id)]);
+    route_params.extend(params.remove("rest").map(|r| ("rest".to_string(), r)));
     let (parts, body) = req.into_parts();
     let body = match to_bytes(body, MAX_FORWARDED_BODY_BYTES).await {
         Ok(b) => b,
         Err(_) => {
-            let mut p = ApiResponse::problem(400, "Invalid request", "body: too large");
-            p.body["field"] = json!("body");
+            let err = SettingRequest::too_large();
+            let mut p = ApiResponse::problem(400, "Invalid request", err.to_string());
+            p.body["field"] = json!(err.field);
             return api_response(p);
         }
     };
-    let call = HttpCall::from_forwarded(
-        &parts,
-        BTreeMap::from([("deviceId".to_string(), device_id)]),
-        body,
-    );
+    let call = HttpCall::from_forwarded(&parts, route_params, body);
     let Ok(services) = state.services() else {
         return api_response(misconfigured());
     };
@@ -203,6 +207,7 @@ fn api_request(call: HttpCall) -> ApiRequest {
             .get("idempotency-key")
             .map(|v| v.as_bytes().to_vec()),
         body: call.body.to_vec(),
+        rest: call.params.get("rest").cloned(),
     }
 }
 
@@ -357,21 +362,6 @@ mod tests {
         })
     }
 
-    #[test]
-    fn every_function_folder_has_a_route_and_every_route_a_folder() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut folders: Vec<String> = std::fs::read_dir(root)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().join("function.json").is_file())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        folders.sort();
-        let mut routes: Vec<String> = FUNCTIONS.iter().map(|s| s.to_string()).collect();
-        routes.sort();
-        assert_eq!(folders, routes);
-    }
-
     #[tokio::test]
     async fn every_function_route_is_served_at_its_exact_folder_name() {
         let h = Harness::new();
@@ -461,7 +451,13 @@ mod tests {
             .unwrap();
         let (status, headers, body) = call(app(&h), req).await;
         assert_eq!(status, StatusCode::ACCEPTED);
-        assert_eq!(headers["location"], "/api/devices/bat-7/soc");
+        assert_eq!(
+            headers["location"],
+            format!(
+                "/api/devices/bat-7/soc/requests/{}",
+                body["requestId"].as_str().unwrap()
+            )
+        );
         assert_eq!(body["status"], "pending");
     }
 
@@ -502,9 +498,15 @@ mod tests {
             .starts_with("application/json"));
         let res = &body["Outputs"]["res"];
         assert_eq!(res["statusCode"], 202);
-        assert_eq!(res["headers"]["Location"], "/api/devices/d1/soc");
-        assert_eq!(res["headers"]["Content-Type"], "application/json");
         let inner: Value = serde_json::from_str(res["body"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            res["headers"]["Location"],
+            format!(
+                "/api/devices/d1/soc/requests/{}",
+                inner["requestId"].as_str().unwrap()
+            )
+        );
+        assert_eq!(res["headers"]["Content-Type"], "application/json");
         assert_eq!(inner["minSoc"], 45);
         assert_eq!(
             h.ledger

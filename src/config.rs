@@ -6,9 +6,17 @@
 //!
 //! [`Config::from_env`] reports every problem at once instead of stopping at
 //! the first, so an operator fixes a broken deployment in one pass.
+//!
+//! Storage and Service Bus are each reached one of two ways, chosen by the app
+//! setting the Functions host reads for the same connection:
+//! `AzureWebJobsStorage__credential` / `ServiceBusConnection__credential` set to
+//! `managedidentity` selects the app's managed identity (with the connection's
+//! `__tableServiceUri`/`__accountName` or `__fullyQualifiedNamespace`); absent,
+//! the plain setting is a connection string (local runs against the emulators).
 
 use crate::secret::SecretString;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// One app setting the handler reads.
@@ -43,10 +51,15 @@ const fn setting(
 /// expressions in function.json) reads. Host-provided variables
 /// (`FUNCTIONS_CUSTOMHANDLER_PORT`, ...) are not app settings and are not listed.
 pub const SETTINGS: &[Setting] = &[
-    setting("AzureWebJobsStorage", None, true, true, "Storage connection string; also holds the settings ledger table unless SOC_STATE_STORAGE is set"),
+    setting("AzureWebJobsStorage", None, false, true, "Storage connection string (local runs; required unless AzureWebJobsStorage__credential is managedidentity); also holds the ledger table unless SOC_STATE_STORAGE is set"),
+    setting("AzureWebJobsStorage__credential", None, false, false, "managedidentity: reach storage with the app's managed identity instead of a connection string"),
+    setting("AzureWebJobsStorage__accountName", None, false, false, "Storage account name (identity-based); the table endpoint is https://{name}.table.core.windows.net unless __tableServiceUri is set"),
+    setting("AzureWebJobsStorage__tableServiceUri", None, false, false, "Table service URL of the storage account (identity-based), e.g. https://acct.table.core.windows.net/"),
     setting("SOC_STATE_STORAGE", None, false, true, "Optional separate storage connection string for the ledger table"),
     setting("SOC_STATE_TABLE", Some("socsettings"), false, false, "Table holding the per-device desired-state ledger"),
-    setting("ServiceBusConnection", None, true, true, "Service Bus connection string (Key Vault reference in Azure)"),
+    setting("ServiceBusConnection", None, false, true, "Service Bus connection string (local runs; required unless ServiceBusConnection__credential is managedidentity)"),
+    setting("ServiceBusConnection__credential", None, false, false, "managedidentity: send to Service Bus with the app's managed identity instead of a connection string"),
+    setting("ServiceBusConnection__fullyQualifiedNamespace", None, false, false, "Service Bus namespace host (identity-based), e.g. ns.servicebus.windows.net; a loopback host is a local stand-in reached over HTTP"),
     setting("SOC_QUEUE_NAME", None, true, false, "Queue carrying pending settings; also bound by SocQueueTrigger"),
     setting("DEVICE_API_BASE_URL", None, true, false, "Base URL of the vendor's device cloud API"),
     setting("DEVICE_API_KEY", None, true, true, "x-api-key for the device cloud API"),
@@ -56,15 +69,40 @@ pub const SETTINGS: &[Setting] = &[
     setting("SOC_RECHECK_MAX_SECONDS", Some("1800"), false, false, "Largest re-check delay for an offline device"),
     setting("DRAIN_SOC_SCHEDULE", Some("0 */5 * * * *"), false, false, "NCRONTAB schedule of DrainSocTimer (read by the host)"),
     setting("DRAIN_SOC_CONCURRENCY", Some("16"), false, false, "Device API calls DrainSocTimer makes at once"),
+    setting("SOC_EXTRA_CA_CERTS", None, false, false, "Dev/test only: path to a PEM bundle the Azure clients trust besides the public roots (a local TLS stand-in such as Azurite over HTTPS); empty in Azure"),
+    setting("RUST_LOG", None, false, false, "Log filter (tracing EnvFilter syntax, e.g. debug or info,soc_settings=debug); empty: info"),
 ];
+
+/// The value of `X__credential` that selects the managed identity (case-insensitive, as
+/// the Functions host reads it).
+pub const MANAGED_IDENTITY: &str = "managedidentity";
+
+/// How the ledger's storage account is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageAccess {
+    /// A connection string (`SOC_STATE_STORAGE` or `AzureWebJobsStorage`).
+    ConnectionString(SecretString),
+    /// The app's managed identity, against this table service URL.
+    Identity { table_endpoint: url::Url },
+}
+
+/// How the settings queue's namespace is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceBusAccess {
+    /// A connection string (`ServiceBusConnection`).
+    ConnectionString(SecretString),
+    /// The app's managed identity, to this namespace host (`ns.servicebus.windows.net`, or
+    /// `127.0.0.1:port` for a local stand-in).
+    Identity { namespace: String },
+}
 
 /// Typed settings. Every secret is a [`SecretString`], so `Debug` shows none.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub port: u16,
-    pub storage_connection: SecretString,
+    pub storage: StorageAccess,
     pub table_name: String,
-    pub service_bus_connection: SecretString,
+    pub service_bus: ServiceBusAccess,
     pub queue_name: String,
     pub device_api_base_url: String,
     pub device_api_key: SecretString,
@@ -73,6 +111,8 @@ pub struct Config {
     pub recheck_initial: Duration,
     pub recheck_max: Duration,
     pub drain_concurrency: usize,
+    /// Extra trusted CA certificates (PEM bundle) for the Azure clients; dev/test only.
+    pub extra_ca_certs: Option<PathBuf>,
 }
 
 /// All configuration problems found, one per line.
@@ -119,14 +159,23 @@ impl Config {
                 0
             }
         };
-        let storage_connection = reader
-            .optional("SOC_STATE_STORAGE")
-            .unwrap_or_else(|| reader.string("AzureWebJobsStorage"));
+        let storage = match reader.optional("SOC_STATE_STORAGE") {
+            Some(ledger) => StorageAccess::ConnectionString(SecretString::new(ledger)),
+            None => reader.storage_access(),
+        };
+        let service_bus = reader.service_bus_access();
+        let uses_identity = matches!(storage, StorageAccess::Identity { .. })
+            || matches!(service_bus, ServiceBusAccess::Identity { .. });
+        if uses_identity && !vars.contains_key("IDENTITY_ENDPOINT") {
+            reader.errors.push(
+                "managedidentity needs IDENTITY_ENDPOINT and IDENTITY_HEADER, which the Functions platform sets for an app with a managed identity; locally, use connection strings".into(),
+            );
+        }
         let config = Config {
             port,
-            storage_connection: SecretString::new(storage_connection),
+            storage,
             table_name: reader.string("SOC_STATE_TABLE"),
-            service_bus_connection: SecretString::new(reader.string("ServiceBusConnection")),
+            service_bus,
             queue_name: reader.string("SOC_QUEUE_NAME"),
             device_api_base_url: reader.string("DEVICE_API_BASE_URL"),
             device_api_key: SecretString::new(reader.string("DEVICE_API_KEY")),
@@ -151,6 +200,7 @@ impl Config {
                 7 * 24 * 3600,
             )),
             drain_concurrency: reader.number("DRAIN_SOC_CONCURRENCY", 1, 1024) as usize,
+            extra_ca_certs: reader.optional("SOC_EXTRA_CA_CERTS").map(PathBuf::from),
         };
         if config.recheck_max < config.recheck_initial {
             reader.errors.push(
@@ -217,6 +267,82 @@ impl Reader<'_> {
         }
     }
 
+    /// Whether `{connection}__credential` selects the managed identity; an unknown value is
+    /// an error (the host would not accept it either).
+    fn uses_identity(&mut self, connection: &str) -> bool {
+        let name = format!("{connection}__credential");
+        match self.optional(&name) {
+            None => false,
+            Some(v) if v.eq_ignore_ascii_case(MANAGED_IDENTITY) => true,
+            Some(v) => {
+                self.errors.push(format!(
+                    "{name}: only {MANAGED_IDENTITY} is supported, got {v:?}"
+                ));
+                false
+            }
+        }
+    }
+
+    fn storage_access(&mut self) -> StorageAccess {
+        if !self.uses_identity("AzureWebJobsStorage") {
+            return StorageAccess::ConnectionString(SecretString::new(
+                self.string("AzureWebJobsStorage"),
+            ));
+        }
+        let raw = match (
+            self.optional("AzureWebJobsStorage__tableServiceUri"),
+            self.optional("AzureWebJobsStorage__accountName"),
+        ) {
+            (Some(uri), _) => uri,
+            (None, Some(account)) => format!("https://{account}.table.core.windows.net/"),
+            (None, None) => {
+                self.errors.push(
+                    "AzureWebJobsStorage__credential is managedidentity: set AzureWebJobsStorage__tableServiceUri or AzureWebJobsStorage__accountName".into(),
+                );
+                return StorageAccess::Identity {
+                    table_endpoint: url::Url::parse("https://invalid.invalid/")
+                        .expect("constant URL"),
+                };
+            }
+        };
+        match url::Url::parse(&raw) {
+            Ok(url) if url.scheme() == "https" && url.host_str().is_some() => {
+                StorageAccess::Identity {
+                    table_endpoint: url,
+                }
+            }
+            _ => {
+                self.errors.push(
+                    "AzureWebJobsStorage__tableServiceUri/__accountName: not an https table service URL (bearer tokens are only sent over HTTPS)".into(),
+                );
+                StorageAccess::Identity {
+                    table_endpoint: url::Url::parse("https://invalid.invalid/")
+                        .expect("constant URL"),
+                }
+            }
+        }
+    }
+
+    fn service_bus_access(&mut self) -> ServiceBusAccess {
+        if !self.uses_identity("ServiceBusConnection") {
+            return ServiceBusAccess::ConnectionString(SecretString::new(
+                self.string("ServiceBusConnection"),
+            ));
+        }
+        let namespace = self
+            .optional("ServiceBusConnection__fullyQualifiedNamespace")
+            .unwrap_or_default();
+        let valid = !namespace.is_empty()
+            && !namespace.contains("://")
+            && url::Url::parse(&format!("https://{namespace}/")).is_ok_and(|u| u.path() == "/");
+        if !valid {
+            self.errors.push(
+                "ServiceBusConnection__fullyQualifiedNamespace: required with managedidentity, a host name such as ns.servicebus.windows.net".into(),
+            );
+        }
+        ServiceBusAccess::Identity { namespace }
+    }
+
     fn number(&mut self, name: &str, min: u64, max: u64) -> u64 {
         let raw = self.string(name);
         match raw.parse::<u64>() {
@@ -272,10 +398,109 @@ mod tests {
             "DefaultEndpointsProtocol=https;AccountName=x;AccountKey=eQ==".into(),
         );
         let c = Config::from_vars(&vars).unwrap();
-        assert!(c
-            .storage_connection
-            .expose()
-            .starts_with("DefaultEndpointsProtocol"));
+        let StorageAccess::ConnectionString(ledger) = c.storage else {
+            panic!("expected a connection string");
+        };
+        assert!(ledger.expose().starts_with("DefaultEndpointsProtocol"));
+    }
+
+    fn identity() -> HashMap<String, String> {
+        let mut vars = minimal();
+        vars.remove("AzureWebJobsStorage");
+        vars.remove("ServiceBusConnection");
+        for (k, v) in [
+            ("AzureWebJobsStorage__credential", "managedidentity"),
+            ("AzureWebJobsStorage__accountName", "socstate"),
+            ("ServiceBusConnection__credential", "ManagedIdentity"),
+            (
+                "ServiceBusConnection__fullyQualifiedNamespace",
+                "soc-ns.servicebus.windows.net",
+            ),
+            ("IDENTITY_ENDPOINT", "http://127.0.0.1:41000/msi/token"),
+        ] {
+            vars.insert(k.into(), v.into());
+        }
+        vars
+    }
+
+    #[test]
+    fn managedidentity_credentials_select_the_identity_for_storage_and_service_bus() {
+        let c = Config::from_vars(&identity()).unwrap();
+        assert_eq!(
+            c.storage,
+            StorageAccess::Identity {
+                table_endpoint: url::Url::parse("https://socstate.table.core.windows.net/")
+                    .unwrap()
+            }
+        );
+        assert_eq!(
+            c.service_bus,
+            ServiceBusAccess::Identity {
+                namespace: "soc-ns.servicebus.windows.net".into()
+            }
+        );
+        let mut vars = identity();
+        vars.insert(
+            "AzureWebJobsStorage__tableServiceUri".into(),
+            "https://127.0.0.1:10443/devstoreaccount1".into(),
+        );
+        let c = Config::from_vars(&vars).unwrap();
+        assert_eq!(
+            c.storage,
+            StorageAccess::Identity {
+                table_endpoint: url::Url::parse("https://127.0.0.1:10443/devstoreaccount1")
+                    .unwrap()
+            }
+        );
+    }
+
+    #[test]
+    fn identity_settings_that_cannot_work_are_all_reported() {
+        let mut vars = identity();
+        vars.remove("IDENTITY_ENDPOINT");
+        vars.remove("AzureWebJobsStorage__accountName");
+        vars.remove("ServiceBusConnection__fullyQualifiedNamespace");
+        let err = Config::from_vars(&vars).unwrap_err().to_string();
+        assert!(err.contains("IDENTITY_ENDPOINT"), "{err}");
+        assert!(
+            err.contains(
+                "AzureWebJobsStorage__tableServiceUri or AzureWebJobsStorage__accountName"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("ServiceBusConnection__fullyQualifiedNamespace"),
+            "{err}"
+        );
+
+        let mut vars = identity();
+        vars.insert(
+            "ServiceBusConnection__credential".into(),
+            "clientsecret".into(),
+        );
+        vars.insert(
+            "AzureWebJobsStorage__tableServiceUri".into(),
+            "http://127.0.0.1:10002/devstoreaccount1".into(),
+        );
+        let err = Config::from_vars(&vars).unwrap_err().to_string();
+        assert!(err.contains("only managedidentity is supported"), "{err}");
+        assert!(err.contains("not an https table service URL"), "{err}");
+        // Without __credential the plain connection string is required again.
+        assert!(
+            err.contains("ServiceBusConnection: required app setting is missing"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_separate_ledger_connection_string_wins_over_the_storage_identity() {
+        let mut vars = identity();
+        vars.insert(
+            "SOC_STATE_STORAGE".into(),
+            "UseDevelopmentStorage=true".into(),
+        );
+        let c = Config::from_vars(&vars).unwrap();
+        assert!(matches!(c.storage, StorageAccess::ConnectionString(_)));
     }
 
     #[test]

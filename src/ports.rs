@@ -9,6 +9,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+use crate::domain::history::HistoryEntry;
 use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
 
 // ---------------------------------------------------------------- device API
@@ -204,13 +205,41 @@ pub struct StoredResponse {
 }
 
 /// The desired-state ledger (Azure Table Storage in production).
+///
+/// A ledger may keep the per-request history of [`crate::domain::history`]: then
+/// every [`Ledger::put`] and [`Ledger::accept`] writes the entries it implies in the
+/// same atomic write as the record. The history methods have defaults for a ledger
+/// that keeps none (it then knows only each device's latest request).
 #[async_trait]
 pub trait Ledger: Send + Sync {
     /// The device's record; [`StoreError::Corrupt`] when its row does not read.
     async fn get(&self, device: &DeviceId) -> Result<Option<Versioned<DesiredState>>, StoreError>;
     /// Inserts when `expected` is `None` (Conflict if a record exists), otherwise
     /// replaces only if the stored ETag still equals `expected` (Conflict if not).
+    /// With history: also writes the entry of `state`'s request, in the same write.
     async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError>;
+    /// Writes a newly accepted request like [`Ledger::put`] and, in the same atomic
+    /// write, `replaced`: the entry of the request it takes the place of
+    /// ([`HistoryEntry::replaced`]). With history, it also keeps the device's entries
+    /// within [`crate::domain::history::HISTORY_LIMIT`] afterwards.
+    async fn accept(
+        &self,
+        state: &DesiredState,
+        replaced: Option<&HistoryEntry>,
+        expected: Option<&ETag>,
+    ) -> Result<ETag, StoreError> {
+        let _ = replaced;
+        self.put(state, expected).await
+    }
+    /// The history entry of one of the device's requests, if kept (none by default).
+    async fn history_entry(
+        &self,
+        device: &DeviceId,
+        request: &RequestId,
+    ) -> Result<Option<HistoryEntry>, StoreError> {
+        let _ = (device, request);
+        Ok(None)
+    }
     /// Deletes only if the stored ETag equals `expected` (Conflict if not; Ok if already gone).
     async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError>;
     /// Every record whose status is pending, across all devices, a page at a time, so

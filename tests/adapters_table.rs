@@ -1,14 +1,11 @@
-//! The Table Storage ledger against a real Azurite (see `tests/support/azurite.rs`).
+//! The Table Storage ledger against a real Azurite (see `testkit::azurite`).
 //! Tests share one Azurite process while they run and each uses its own table.
 
-#[path = "support/azurite.rs"]
-mod azurite;
-
-use azurite::Azurite;
 use chrono::{DateTime, TimeZone, Utc};
 use futures::StreamExt;
 use soc_settings::adapters::connection_string::StorageConnection;
 use soc_settings::adapters::table_ledger::TableLedger;
+use soc_settings::domain::history::{HistoryEntry, HISTORY_LIMIT};
 use soc_settings::domain::ledger::{Lease, LeaseHolder};
 use soc_settings::domain::{
     DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus,
@@ -16,6 +13,7 @@ use soc_settings::domain::{
 use soc_settings::ports::{ETag, IdempotencyRecord, Ledger, StoreError, StoredResponse};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use testkit::azurite::{self, Azurite};
 
 fn unique_table(prefix: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -90,6 +88,133 @@ async fn a_desired_state_with_every_field_round_trips_losslessly() {
         ledger.get(&minimal.device_id).await.unwrap().unwrap().value,
         minimal
     );
+}
+
+#[tokio::test]
+async fn every_write_keeps_its_requests_history_entry_in_the_same_transaction() {
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("history"));
+    let dev = device("bat-h");
+    let mut a = pending("bat-h", 10);
+    a.take_lease(
+        &LeaseHolder::from_stored("http-1"),
+        t(0),
+        chrono::Duration::seconds(30),
+    );
+    let a_etag = ledger.put(&a, None).await.unwrap();
+    let entry = ledger
+        .history_entry(&dev, &a.request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry.request.request_id, a.request_id);
+    assert_eq!(
+        entry.request.lease, None,
+        "coordination fields stay out of the history"
+    );
+    assert_eq!(entry.superseded_by, None);
+
+    // B replaces A while it is pending: both entries in the write that stores B.
+    let b = DesiredState::accept(
+        dev.clone(),
+        MinSoc::new(20).unwrap(),
+        t(10),
+        chrono::Duration::days(7),
+        Some(&a),
+    );
+    let replaced = HistoryEntry::replaced(&a, &b.request_id, t(10));
+    let b_etag = ledger
+        .accept(&b, Some(&replaced), Some(&a_etag))
+        .await
+        .unwrap();
+    assert_eq!(ledger.get(&dev).await.unwrap().unwrap().etag, b_etag);
+    let entry = ledger
+        .history_entry(&dev, &a.request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry.superseded_by.as_ref(), Some(&b.request_id));
+    assert_eq!(entry.request.min_soc.percent(), 10);
+    assert!(ledger
+        .history_entry(&dev, &b.request_id)
+        .await
+        .unwrap()
+        .is_some());
+
+    // A write that loses the race (stale ETag) changes nothing, history included.
+    let c = DesiredState::accept(
+        dev.clone(),
+        MinSoc::new(30).unwrap(),
+        t(20),
+        chrono::Duration::days(7),
+        Some(&b),
+    );
+    let replaced = HistoryEntry::replaced(&b, &c.request_id, t(20));
+    assert_eq!(
+        ledger.accept(&c, Some(&replaced), Some(&a_etag)).await,
+        Err(StoreError::Conflict)
+    );
+    assert_eq!(
+        ledger.history_entry(&dev, &c.request_id).await.unwrap(),
+        None
+    );
+    let entry = ledger
+        .history_entry(&dev, &b.request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry.superseded_by, None, "B was not superseded");
+    assert_eq!(
+        ledger.put(&c, None).await,
+        Err(StoreError::Conflict),
+        "an insert over the record"
+    );
+    assert_eq!(
+        ledger.history_entry(&dev, &c.request_id).await.unwrap(),
+        None
+    );
+
+    // Later writes of B (applied) update its entry with the record.
+    let mut applied = b.clone();
+    applied.mark_applied(t(30));
+    ledger.put(&applied, Some(&b_etag)).await.unwrap();
+    let entry = ledger
+        .history_entry(&dev, &b.request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry.request.status, RequestStatus::Applied);
+    assert_eq!(entry.request.applied_at, Some(t(30)));
+}
+
+#[tokio::test]
+async fn a_device_keeps_the_history_of_its_newest_twenty_requests() {
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("bound"));
+    let dev = device("bat-b");
+    let mut previous: Option<(DesiredState, ETag)> = None;
+    let mut ids = Vec::new();
+    for i in 0..(HISTORY_LIMIT as i64 + 5) {
+        let prev = previous.as_ref().map(|(s, _)| s);
+        let next = DesiredState::accept(
+            dev.clone(),
+            MinSoc::new(50).unwrap(),
+            t(i),
+            chrono::Duration::days(7),
+            prev,
+        );
+        let replaced = prev.map(|p| HistoryEntry::replaced(p, &next.request_id, t(i)));
+        let etag = ledger
+            .accept(&next, replaced.as_ref(), previous.as_ref().map(|(_, e)| e))
+            .await
+            .unwrap();
+        ids.push(next.request_id.clone());
+        previous = Some((next, etag));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let kept = ledger.history_entry(&dev, id).await.unwrap().is_some();
+        assert_eq!(kept, i >= 5, "request {i}");
+    }
 }
 
 #[tokio::test]
@@ -369,11 +494,7 @@ async fn two_instances_first_using_the_same_table_at_once_both_succeed() {
 
 #[tokio::test]
 async fn construction_does_no_io_and_unreachable_storage_is_unavailable_without_secrets() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testkit::free_port();
     let key = azurite::ACCOUNT_KEY;
     let conn = StorageConnection::parse(&format!(
         "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1"

@@ -1,6 +1,11 @@
 //! The infra sets every app setting the code reads, and no SOC_/DEVICE_/DRAIN_
 //! setting the code does not know. `config::SETTINGS` is the one list; this
 //! test reads the function app's settings object out of the Bicep source.
+//!
+//! A connection `X` (e.g. `ServiceBusConnection`) is set either as a connection
+//! string (`X`) or identity-based, as the section `X__member` the Functions host
+//! reads (`X__fullyQualifiedNamespace`, `X__credential`, ...). The Bicep uses the
+//! identity form; the plain name then counts as set by its section.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -62,13 +67,20 @@ fn own_keys_anywhere(dir: &Path, found: &mut BTreeSet<(String, String)>) {
     }
 }
 
-/// Settings in `config::SETTINGS` that the Bicep's `socSettings` does not set.
+/// The identity-based section of connection `name` (`name__*` keys) is present.
+fn has_section(keys: &BTreeSet<String>, name: &str) -> bool {
+    let prefix = format!("{name}__");
+    keys.iter().any(|k| k.starts_with(&prefix))
+}
+
+/// Settings in `config::SETTINGS` that the Bicep's `socSettings` does not set (a
+/// connection set by its identity section counts as set).
 fn missing_settings(bicep: &str) -> Vec<&'static str> {
     let keys = object_keys(bicep, "socSettings");
     SETTINGS
         .iter()
         .map(|s| s.name)
-        .filter(|name| !keys.contains(*name))
+        .filter(|name| !keys.contains(*name) && !has_section(&keys, name))
         .collect()
 }
 
@@ -136,25 +148,78 @@ fn a_setting_the_code_does_not_know_is_reported() {
     assert_eq!(unknown_settings(&bicep), ["SOC_RETRY_FOREVER"]);
 }
 
-#[test]
-fn secret_settings_are_key_vault_references_or_computed_at_deploy_time() {
-    let source = read(FUNCTION_APP_BICEP);
-    for s in SETTINGS.iter().filter(|s| s.secret) {
-        let line = source
-            .lines()
-            .find(|l| l.trim_start().starts_with(&format!("{}:", s.name)))
-            .unwrap_or_else(|| panic!("{} not set", s.name));
-        let value = line.split_once(':').unwrap().1.trim();
-        let literal_secret = value.contains("AccountKey=") && !value.contains("listKeys()");
-        assert!(
-            value.starts_with("'@Microsoft.KeyVault(SecretUri=")
-                || value.contains("listKeys()")
-                || value == "''",
-            "{} must come from Key Vault or a deploy-time listKeys(), got {value}",
-            s.name
-        );
-        assert!(!literal_secret, "{} holds a literal key", s.name);
+/// Why a secret setting's Bicep value is unacceptable, if it is.
+fn secret_problem(source: &str, name: &str) -> Option<String> {
+    let keys = object_keys(source, "socSettings");
+    let line = source
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{name}:")));
+    match line {
+        None if keys.contains(&format!("{name}__credential")) => {
+            let credential = source
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{name}__credential:")))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap_or_default();
+            (credential != "'managedidentity'")
+                .then(|| format!("{name}__credential is {credential}, not 'managedidentity'"))
+        }
+        None => Some(format!("{name} is neither set nor identity-based")),
+        Some(line) => {
+            let value = line.split_once(':').unwrap().1.trim();
+            (!(value.starts_with("'@Microsoft.KeyVault(SecretUri=") || value == "''")).then(|| {
+                format!("{name} must be a Key Vault reference or identity-based, got {value}")
+            })
+        }
     }
+}
+
+#[test]
+fn secret_settings_are_key_vault_references_or_identity_based() {
+    let source = read(FUNCTION_APP_BICEP);
+    let problems: Vec<String> = SETTINGS
+        .iter()
+        .filter(|s| s.secret)
+        .filter_map(|s| secret_problem(&source, s.name))
+        .collect();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(
+        !source.contains("listKeys("),
+        "no key is read at deploy time"
+    );
+}
+
+#[test]
+fn a_plain_key_or_a_keyed_connection_is_reported() {
+    let source = read(FUNCTION_APP_BICEP);
+    let plain = source.replacen(
+        "  DEVICE_API_KEY: '@Microsoft.KeyVault(",
+        "  DEVICE_API_KEY: 'key-in-clear' // (",
+        1,
+    );
+    assert_ne!(plain, source, "the fixture line is gone from the Bicep");
+    assert!(secret_problem(&plain, "DEVICE_API_KEY").is_some());
+    let keyed = source.replacen(
+        "  ServiceBusConnection__credential: 'managedidentity'",
+        "  ServiceBusConnection__credential: 'connectionstring'",
+        1,
+    );
+    assert_ne!(keyed, source, "the fixture line is gone from the Bicep");
+    assert!(secret_problem(&keyed, "ServiceBusConnection").is_some());
+}
+
+#[test]
+fn an_identity_section_counts_as_the_connection_it_configures() {
+    let bicep = "var socSettings = {\n  ServiceBusConnection__fullyQualifiedNamespace: ns\n  ServiceBusConnection__credential: 'managedidentity'\n}\n";
+    let keys = object_keys(bicep, "socSettings");
+    assert!(has_section(&keys, "ServiceBusConnection"));
+    assert!(!has_section(&keys, "AzureWebJobsStorage"));
+    assert!(!missing_settings(bicep).contains(&"ServiceBusConnection"));
+    assert!(missing_settings(bicep).contains(&"AzureWebJobsStorage"));
+    assert!(unknown_settings(bicep).is_empty());
+    let stray = "var socSettings = {\n  Unknown__credential: 'managedidentity'\n}\n";
+    assert_eq!(unknown_settings(stray), ["Unknown__credential"]);
 }
 
 #[test]

@@ -1,18 +1,11 @@
-//! Child processes (handler, baseline, Azurite), free ports, /proc readings.
+//! Child processes (handler, baseline) and /proc readings. Free ports and Azurite come from
+//! `testkit`.
 
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-
-pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
 
 /// A child that is killed when dropped.
 pub struct Proc {
@@ -88,66 +81,4 @@ pub fn cpu_time(pid: u32) -> Duration {
     // After ")": state(0) ppid(1) ... utime(11) stime(12)
     let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
     Duration::from_millis(ticks * 10)
-}
-
-/// Azurite's Table service, in memory, on a free loopback port.
-pub struct Azurite {
-    pub proc: Proc,
-    dir: PathBuf,
-}
-
-pub const AZURITE_KEY: &str =
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
-
-impl Azurite {
-    pub fn start(root: &Path, scratch: &Path) -> Result<Azurite> {
-        let bin = std::env::var_os("AZURITE_TABLE_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("tools/node/node_modules/.bin/azurite-table"));
-        if !bin.exists() {
-            bail!("{} missing: run scripts/setup", bin.display());
-        }
-        let port = free_port();
-        let dir = scratch.join(format!("azurite-{port}"));
-        std::fs::create_dir_all(&dir)?;
-        let child = Command::new(&bin)
-            .args([
-                "--inMemoryPersistence",
-                "--tableHost",
-                "127.0.0.1",
-                "--tablePort",
-                &port.to_string(),
-                "--skipApiVersionCheck",
-                "--disableTelemetry",
-            ])
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let proc = Proc { child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("azurite not listening after 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Azurite { proc, dir })
-    }
-
-    pub fn connection_string(&self) -> String {
-        format!(
-            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};TableEndpoint=http://127.0.0.1:{}/devstoreaccount1;",
-            self.proc.port
-        )
-    }
-}
-
-impl Drop for Azurite {
-    fn drop(&mut self) {
-        let _ = self.proc.child.kill();
-        let _ = self.proc.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }

@@ -9,13 +9,22 @@
 //!   fault (`5xx`, `429` + `Retry-After`, hang = timeout), after optional latency.
 //!
 //! Control API: see `devtools/README.md` (`/_control/...`).
+//!
+//! Saved state (optional, [`DeviceSim::start_saved`]; the `devicesim` binary's `--state FILE`):
+//! the devices (online, minSoc, applyCount, behaviour), the applied idempotency keys and the PUT
+//! history are written to one JSON file after every change, atomically (temp file + rename), and
+//! read back at start, so a restarted simulator remembers what its batteries hold, like the
+//! ledger does. Scripted one-shot faults and fleet flapping are not saved (they are in-flight
+//! test behaviour, not device state).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::server::{serve, ServerHandle};
+use anyhow::Context;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -218,8 +227,38 @@ impl Device {
     }
 }
 
+/// The saved-state file format (see the module doc).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Saved {
+    devices: BTreeMap<String, SavedDevice>,
+    idempotency: Vec<SavedKey>,
+    history: Vec<PutRecord>,
+    next_seq: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SavedDevice {
+    online: bool,
+    min_soc: Option<i64>,
+    apply_count: u64,
+    config: DeviceConfig,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SavedKey {
+    device_id: String,
+    key: String,
+    min_soc: i64,
+    status: u16,
+}
+
 struct Inner {
     api_key: Option<String>,
+    /// Where the state is saved after every change (`None`: in memory only).
+    state_file: Option<PathBuf>,
     devices: HashMap<String, Device>,
     history: Vec<PutRecord>,
     /// (deviceId, Idempotency-Key) -> (minSoc, status) of the applied result.
@@ -257,6 +296,69 @@ impl Inner {
             "devicesim PUT"
         );
         self.history.push(rec);
+        self.save();
+    }
+
+    /// Writes the saved state, if this simulator keeps one. A failed write is logged, not fatal:
+    /// the simulator keeps serving from memory.
+    fn save(&self) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let saved = Saved {
+            devices: self
+                .devices
+                .iter()
+                .map(|(id, d)| {
+                    let saved = SavedDevice {
+                        online: d.online,
+                        min_soc: d.min_soc,
+                        apply_count: d.apply_count,
+                        config: d.config.clone(),
+                    };
+                    (id.clone(), saved)
+                })
+                .collect(),
+            idempotency: self
+                .idempotency
+                .iter()
+                .map(|((device_id, key), (min_soc, status))| SavedKey {
+                    device_id: device_id.clone(),
+                    key: key.clone(),
+                    min_soc: *min_soc,
+                    status: *status,
+                })
+                .collect(),
+            history: self.history.clone(),
+            next_seq: self.next_seq,
+        };
+        if let Err(e) = write_atomically(path, &saved) {
+            tracing::warn!("devicesim: could not save its state: {e:#}");
+        }
+    }
+
+    fn restore(&mut self, saved: Saved) {
+        self.devices = saved
+            .devices
+            .into_iter()
+            .map(|(id, d)| {
+                let device = Device {
+                    online: d.online,
+                    min_soc: d.min_soc,
+                    apply_count: d.apply_count,
+                    config: d.config,
+                    scripted: VecDeque::new(),
+                };
+                (id, device)
+            })
+            .collect();
+        self.idempotency = saved
+            .idempotency
+            .into_iter()
+            .map(|k| ((k.device_id, k.key), (k.min_soc, k.status)))
+            .collect();
+        self.history = saved.history;
+        self.next_seq = saved.next_seq;
     }
 
     fn view(&self, id: &str) -> Option<DeviceView> {
@@ -283,6 +385,7 @@ impl SimState {
         SimState {
             inner: Arc::new(Mutex::new(Inner {
                 api_key,
+                state_file: None,
                 devices: HashMap::new(),
                 history: Vec::new(),
                 idempotency: HashMap::new(),
@@ -293,51 +396,86 @@ impl SimState {
         }
     }
 
+    /// A simulator that keeps its state in `state_file` (see the module doc): what the file
+    /// holds is loaded first, when it exists. A file that cannot be read is an error (start
+    /// afresh by removing it).
+    pub fn saved(api_key: Option<String>, seed: u64, state_file: &FsPath) -> anyhow::Result<Self> {
+        let state = Self::new(api_key, seed);
+        {
+            let mut g = state.lock();
+            if state_file.exists() {
+                let text = std::fs::read_to_string(state_file)
+                    .with_context(|| format!("reading {}", state_file.display()))?;
+                let saved: Saved = serde_json::from_str(&text).with_context(|| {
+                    format!(
+                        "{} is not a devicesim state file (remove it to start afresh)",
+                        state_file.display()
+                    )
+                })?;
+                g.restore(saved);
+            }
+            g.state_file = Some(state_file.to_path_buf());
+            g.save();
+        }
+        Ok(state)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs a change of the device state and saves the result.
+    fn change<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let mut g = self.lock();
+        let r = f(&mut g);
+        g.save();
+        r
+    }
+
     /// Create (or replace) a device.
     pub fn add_device(&self, id: &str, online: bool) {
-        self.lock()
-            .devices
-            .insert(id.to_string(), Device::new(online));
+        self.add_device_with(id, online, None);
     }
 
     /// Create (or replace) a device with a current minSoc.
     pub fn add_device_with(&self, id: &str, online: bool, min_soc: Option<i64>) {
         let mut d = Device::new(online);
         d.min_soc = min_soc;
-        self.lock().devices.insert(id.to_string(), d);
+        self.change(|g| g.devices.insert(id.to_string(), d));
     }
 
     pub fn remove_device(&self, id: &str) -> bool {
-        self.lock().devices.remove(id).is_some()
+        self.change(|g| g.devices.remove(id).is_some())
     }
 
     /// Returns false when the device does not exist.
     pub fn set_online(&self, id: &str, online: bool) -> bool {
-        match self.lock().devices.get_mut(id) {
+        self.change(|g| match g.devices.get_mut(id) {
             Some(d) => {
                 d.online = online;
                 tracing::info!(device = id, online, "devicesim device state");
                 true
             }
             None => false,
-        }
+        })
     }
 
     /// Set every device online (or offline) and stop fleet flapping.
     pub fn set_all_online(&self, online: bool) {
         self.stop_fleet();
-        for d in self.lock().devices.values_mut() {
-            d.online = online;
-        }
+        self.change(|g| {
+            for d in g.devices.values_mut() {
+                d.online = online;
+            }
+        });
     }
 
     /// Apply a partial update; false when the device does not exist.
     pub fn patch(&self, id: &str, p: &DevicePatch) -> bool {
-        let mut g = self.lock();
+        self.change(|g| Self::patch_device(g, id, p))
+    }
+
+    fn patch_device(g: &mut Inner, id: &str, p: &DevicePatch) -> bool {
         let Some(d) = g.devices.get_mut(id) else {
             return false;
         };
@@ -383,13 +521,13 @@ impl SimState {
 
     /// Replace a device's behaviour config.
     pub fn configure(&self, id: &str, config: DeviceConfig) -> bool {
-        match self.lock().devices.get_mut(id) {
+        self.change(|g| match g.devices.get_mut(id) {
             Some(d) => {
                 d.config = config;
                 true
             }
             None => false,
-        }
+        })
     }
 
     /// Queue `count` one-shot faults for the next matching requests of a device.
@@ -431,17 +569,18 @@ impl SimState {
     }
 
     pub fn clear_history(&self) {
-        self.lock().history.clear();
+        self.change(|g| g.history.clear());
     }
 
     /// Remove all devices, history, idempotency records; stop the fleet.
     pub fn reset(&self) {
         self.stop_fleet();
-        let mut g = self.lock();
-        g.devices.clear();
-        g.history.clear();
-        g.idempotency.clear();
-        g.next_seq = 0;
+        self.change(|g| {
+            g.devices.clear();
+            g.history.clear();
+            g.idempotency.clear();
+            g.next_seq = 0;
+        });
     }
 
     /// Create the fleet's devices and start flapping them every `interval_ms` (0 = no flapping).
@@ -449,13 +588,12 @@ impl SimState {
         self.stop_fleet();
         let ids = cfg.device_ids();
         let mut rng = StdRng::seed_from_u64(cfg.seed);
-        {
-            let mut g = self.lock();
+        self.change(|g| {
             for id in &ids {
                 let online = rng.gen_bool(cfg.initial_online_ratio.clamp(0.0, 1.0));
                 g.devices.insert(id.clone(), Device::new(online));
             }
-        }
+        });
         if cfg.interval_ms > 0 {
             let state = self.clone();
             let ids2 = ids.clone();
@@ -464,14 +602,15 @@ impl SimState {
                 tick.tick().await;
                 loop {
                     tick.tick().await;
-                    let mut g = state.lock();
-                    for id in &ids2 {
-                        if rng.gen_bool(cfg.flip_probability.clamp(0.0, 1.0)) {
-                            if let Some(d) = g.devices.get_mut(id) {
-                                d.online = !d.online;
+                    state.change(|g| {
+                        for id in &ids2 {
+                            if rng.gen_bool(cfg.flip_probability.clamp(0.0, 1.0)) {
+                                if let Some(d) = g.devices.get_mut(id) {
+                                    d.online = !d.online;
+                                }
                             }
                         }
-                    }
+                    });
                 }
             });
             self.lock().fleet = Some(handle);
@@ -550,6 +689,18 @@ impl SimState {
         };
         (f, c.latency_ms, c.hang_ms)
     }
+}
+
+/// Writes `value` as pretty JSON to a temp file beside `path`, then renames it over `path`, so
+/// a reader (or a crash) never sees half a file.
+fn write_atomically(path: &FsPath, value: &impl Serialize) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
 fn problem(status: StatusCode, detail: &str) -> Response {
@@ -901,7 +1052,21 @@ impl DeviceSim {
         api_key: Option<String>,
         seed: u64,
     ) -> anyhow::Result<DeviceSim> {
-        let state = SimState::new(api_key, seed);
+        Self::start_state(addr, SimState::new(api_key, seed)).await
+    }
+
+    /// Like [`DeviceSim::start_with`], keeping the state in `state_file` across restarts
+    /// ([`SimState::saved`]).
+    pub async fn start_saved(
+        addr: SocketAddr,
+        api_key: Option<String>,
+        seed: u64,
+        state_file: &FsPath,
+    ) -> anyhow::Result<DeviceSim> {
+        Self::start_state(addr, SimState::saved(api_key, seed, state_file)?).await
+    }
+
+    async fn start_state(addr: SocketAddr, state: SimState) -> anyhow::Result<DeviceSim> {
         let server = serve(addr, router(state.clone()), "devicesim").await?;
         Ok(DeviceSim { state, server })
     }

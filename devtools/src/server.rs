@@ -55,9 +55,12 @@ impl ServerHandle {
     }
 }
 
-/// Logging for the platform's binaries: stdout, `RUST_LOG` or `info`.
+/// Logging for the platform's binaries: stdout, `RUST_LOG` or `info`. Colours only when
+/// stdout is a terminal: redirected to a file (scripts/dev's `.devhost/logs/`) lines are plain.
 pub fn init_logging() {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

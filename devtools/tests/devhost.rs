@@ -455,7 +455,8 @@ async fn a_forwarded_http_trigger_needs_a_key_and_reaches_the_handler_with_the_o
             .await
             .unwrap()
             .status(),
-        405
+        201,
+        "SetSocHttp lists no methods: every method reaches the handler"
     );
     assert_eq!(
         c.get(e.host.api_url("nothing/here"))
@@ -467,7 +468,7 @@ async fn a_forwarded_http_trigger_needs_a_key_and_reaches_the_handler_with_the_o
     );
     let l = log_lines(&e.log);
     let fwd = requests_to(&l, "/api/devices/bat-7/soc");
-    assert_eq!(fwd.len(), 2);
+    assert_eq!(fwd.len(), 3);
     let h = &fwd[0]["headers"];
     assert!(h["x-azure-functions-invocationid"].is_string());
     assert_eq!(
@@ -485,27 +486,55 @@ async fn a_forwarded_http_trigger_needs_a_key_and_reaches_the_handler_with_the_o
 
 fn envelope_app() -> PathBuf {
     // The repo's real function configs, with forwarding switched off in host.json.
+    app_copy(|host, _| host["customHandler"]["enableForwardingHttpRequest"] = json!(false))
+}
+
+/// The repo's real app configs in a temporary app root, `tweak`ed (host.json, SetSocHttp's
+/// function.json).
+fn app_copy(tweak: impl FnOnce(&mut Value, &mut Value)) -> PathBuf {
     let d = tmp().join("app");
     std::fs::create_dir_all(&d).unwrap();
     let root = repo_root();
-    let mut host: Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("host.json")).unwrap()).unwrap();
-    host["customHandler"]["enableForwardingHttpRequest"] = json!(false);
+    let read = |p: PathBuf| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let mut host = read(root.join("host.json"));
+    let mut http = read(root.join("SetSocHttp").join("function.json"));
+    tweak(&mut host, &mut http);
     std::fs::write(d.join("host.json"), host.to_string()).unwrap();
     std::fs::copy(
         root.join("local.settings.json"),
         d.join("local.settings.json"),
     )
     .unwrap();
-    for f in ["SetSocHttp", "SocQueueTrigger", "DrainSocTimer"] {
-        std::fs::create_dir_all(d.join(f)).unwrap();
+    for f in devtools::function_folders(&root).unwrap() {
+        std::fs::create_dir_all(d.join(&f)).unwrap();
         std::fs::copy(
-            root.join(f).join("function.json"),
-            d.join(f).join("function.json"),
+            root.join(&f).join("function.json"),
+            d.join(&f).join("function.json"),
         )
         .unwrap();
     }
+    std::fs::write(d.join("SetSocHttp").join("function.json"), http.to_string()).unwrap();
     d
+}
+
+#[tokio::test]
+async fn a_method_the_function_does_not_list_is_405_and_never_reaches_the_handler() {
+    let app = app_copy(|_, http| http["bindings"][0]["methods"] = json!(["get", "post"]));
+    let e = start_in(&app, &[], |_| {}).await;
+    let url = e.host.api_url("devices/bat-7/soc");
+    let r = reqwest::Client::new()
+        .delete(&url)
+        .header("x-functions-key", e.host.function_key())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert!(r.bytes().await.unwrap().is_empty());
+    let l = log_lines(&e.log);
+    assert!(requests_to(&l, "/api/devices/bat-7/soc").is_empty());
+    e.host.shutdown().await;
 }
 
 #[tokio::test]
@@ -558,7 +587,8 @@ async fn an_envelope_http_trigger_sends_data_req_and_metadata_like_the_fixture_a
         .contains("/api/devices/bat-9/soc?tag=a&tag=b"));
     assert_eq!(req["Query"]["tag"], "a,b");
     assert!(req["Headers"]["Content-Type"].is_array());
-    assert_eq!(req["Params"], json!({"deviceId": "bat-9"}));
+    // The route's catch-all without a value is null, as the host sends it (§3.2).
+    assert_eq!(req["Params"], json!({"deviceId": "bat-9", "rest": null}));
     assert_eq!(
         req["Identities"][0]["AuthenticationType"],
         "WebJobsAuthLevel"

@@ -321,3 +321,193 @@ async fn fleet_mode_creates_n_devices_that_flap_and_all_online_stops_the_flappin
     assert!(sim.devices().iter().all(|d| d.online));
     sim.shutdown().await;
 }
+
+fn tmp_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("devtools-sim-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[tokio::test]
+async fn a_simulator_with_a_state_file_remembers_its_devices_and_history_after_a_restart() {
+    let dir = tmp_dir();
+    let file = dir.join("devicesim.json");
+    let addr = "127.0.0.1:0".parse().unwrap();
+    let sim = DeviceSim::start_saved(addr, Some(DEFAULT_API_KEY.into()), 1, &file)
+        .await
+        .unwrap();
+    sim.add_device("bat-1", true);
+    sim.add_device("bat-2", false);
+    assert_eq!(put(&sim, "bat-1", 45, "k1").await.unwrap().status(), 200);
+    sim.shutdown().await;
+
+    let sim = DeviceSim::start_saved(addr, Some(DEFAULT_API_KEY.into()), 1, &file)
+        .await
+        .unwrap();
+    let bat1 = sim.device("bat-1").expect("bat-1 kept");
+    assert_eq!(
+        (bat1.online, bat1.min_soc, bat1.apply_count),
+        (true, Some(45), 1)
+    );
+    assert!(!sim.device("bat-2").expect("bat-2 kept").online);
+    assert_eq!(sim.history_for("bat-1").len(), 1);
+    // The applied key is remembered too: the same PUT again is a replay, not a second apply.
+    assert_eq!(put(&sim, "bat-1", 45, "k1").await.unwrap().status(), 200);
+    assert_eq!(sim.device("bat-1").unwrap().apply_count, 1);
+    assert_eq!(sim.history_for("bat-1")[1].outcome, "replayed");
+    sim.shutdown().await;
+
+    // Without a state file nothing is read.
+    let plain = DeviceSim::start(addr).await.unwrap();
+    assert!(plain.devices().is_empty());
+    plain.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_corrupt_state_file_is_refused_with_a_hint_instead_of_silently_emptied() {
+    let dir = tmp_dir();
+    let file = dir.join("devicesim.json");
+    std::fs::write(&file, "{not json").unwrap();
+    let err = DeviceSim::start_saved("127.0.0.1:0".parse().unwrap(), None, 1, &file)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        format!("{err:#}").contains("remove it to start afresh"),
+        "{err:#}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "{not json");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The `devicesim` binary with stdout redirected to `log` (as scripts/dev runs it), and its
+/// base URL read from what it prints.
+struct SimProcess {
+    child: std::process::Child,
+    base: String,
+}
+
+impl SimProcess {
+    async fn start(args: &[&str], log: &std::path::Path) -> SimProcess {
+        let out = std::fs::File::create(log).unwrap();
+        let mut sim = SimProcess {
+            child: std::process::Command::new(env!("CARGO_BIN_EXE_devicesim"))
+                .args(["--addr", "127.0.0.1:0"])
+                .args(args)
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .unwrap(),
+            base: String::new(),
+        };
+        for _ in 0..400 {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if let Some(base) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("devicesim: device API   "))
+                .and_then(|l| l.strip_suffix("/devices/{id}"))
+            {
+                sim.base = base.to_string();
+                return sim;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "devicesim did not start: {}",
+            std::fs::read_to_string(log).unwrap()
+        );
+    }
+
+    async fn device(&self, id: &str) -> Value {
+        client()
+            .get(format!("{}/_control/devices/{id}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// SIGTERM, as scripts/dev stops it.
+    fn stop(&mut self) {
+        let pid = self.child.id().to_string();
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        assert!(
+            self.child.wait().unwrap().success(),
+            "devicesim exits 0 on SIGTERM"
+        );
+    }
+}
+
+impl Drop for SimProcess {
+    /// A failing test does not leave the process behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_devicesim_binary_keeps_its_devices_across_a_restart_unless_fresh_and_logs_plain_text()
+{
+    let dir = tmp_dir();
+    let state = dir.join("devicesim.json");
+    let state = state.to_str().unwrap();
+    let log = dir.join("devicesim.log");
+    let mut sim = SimProcess::start(&["--state", state, "--device", "bat-1:offline"], &log).await;
+    let r = client()
+        .post(format!("{}/_control/devices/bat-1/online", sim.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client()
+        .put(format!("{}/devices/bat-1/settings/min-soc", sim.base))
+        .header("x-api-key", DEFAULT_API_KEY)
+        .header("Idempotency-Key", "req-1")
+        .json(&json!({"minSoc": 45}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    sim.stop();
+
+    // A log file (stdout is not a terminal): the PUT is logged, without colour escapes.
+    let text = std::fs::read(&log).unwrap();
+    assert!(String::from_utf8_lossy(&text).contains("devicesim PUT"));
+    assert!(
+        !text.contains(&0x1b),
+        "no ANSI escape codes in the log file"
+    );
+
+    // Restarted with the same --device list: the saved battery wins over "offline".
+    let mut sim = SimProcess::start(&["--state", state, "--device", "bat-1:offline"], &log).await;
+    let d = sim.device("bat-1").await;
+    assert_eq!(
+        (d["online"].clone(), d["minSoc"].clone()),
+        (json!(true), json!(45))
+    );
+    sim.stop();
+
+    // --fresh forgets it: the battery is as --device says, with no value yet.
+    let mut sim = SimProcess::start(
+        &["--state", state, "--fresh", "--device", "bat-1:offline"],
+        &log,
+    )
+    .await;
+    let d = sim.device("bat-1").await;
+    assert_eq!(
+        (d["online"].clone(), d["minSoc"].clone()),
+        (json!(false), Value::Null)
+    );
+    sim.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,5 +1,6 @@
 // The function app: Linux, custom handler (the Rust binary `handler`),
-// system-assigned identity, and every app setting the handler reads.
+// system-assigned identity, the least roles that identity needs, and every app
+// setting the handler reads.
 //
 // The app settings the code reads are listed once, in src/config.rs
 // (config::SETTINGS). tests/infra_settings.rs fails when `socSettings` below
@@ -42,11 +43,16 @@ param deploymentContainerName string
 param appInsightsName string
 param keyVaultName string
 
-@description('Key Vault secret URI (unversioned) of the Service Bus connection string.')
-param serviceBusSecretUri string
+@description('Name of the device API key secret in the vault.')
+param deviceApiKeySecretName string
 
 @description('Key Vault secret URI (unversioned) of the device API key.')
 param deviceApiKeySecretUri string
+
+param serviceBusNamespaceName string
+
+@description('Host name of the Service Bus namespace (<ns>.servicebus.windows.net).')
+param serviceBusFullyQualifiedNamespace string
 
 param queueName string
 param ledgerTableName string
@@ -58,26 +64,22 @@ param recheckMaxSeconds int
 param drainSchedule string
 param drainConcurrency int
 
+@description('RUST_LOG: the handler\'s log filter; empty means info. Raise it (e.g. debug) without a rebuild.')
+param logFilter string = ''
+
 param tags object = {}
 
 var isFlex = hostingPlan == 'FlexConsumption'
 
-// Built-in role definition ids.
+// Built-in role definition ids (docs/deploy.md lists who gets which and why).
+var storageBlobDataOwnerRoleId = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
+var storageTableDataContributorRoleId = '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
+var serviceBusDataOwnerRoleId = '090c5cfd-751d-490a-894a-3ce6f1109419'
 var keyVaultSecretsUserRoleId = '4633458b-17de-408a-b874-0445c86b69e6'
-var storageBlobDataContributorRoleId = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
+var monitoringMetricsPublisherRoleId = '3913510d-42f4-4e42-8a64-420c390055eb'
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
-}
-
-resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' existing = {
-  parent: storage
-  name: 'default'
-}
-
-resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
-  parent: blobService
-  name: deploymentContainerName
 }
 
 resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
@@ -86,6 +88,20 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
 
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
   name: keyVaultName
+}
+
+resource deviceApiKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' existing = {
+  parent: vault
+  name: deviceApiKeySecretName
+}
+
+resource serviceBusNamespace 'Microsoft.ServiceBus/namespaces@2024-01-01' existing = {
+  name: serviceBusNamespaceName
+}
+
+resource queue 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' existing = {
+  parent: serviceBusNamespace
+  name: queueName
 }
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
@@ -110,6 +126,10 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
   // checkov:skip=CKV_AZURE_17: client certificates are not part of the API contract; function keys are
   // checkov:skip=CKV_AZURE_212: the plan scales on demand (Flex Consumption); a fixed instance minimum is a cost decision, see docs/deploy.md
   // checkov:skip=CKV_AZURE_213: the Functions host supervises the handler process itself (it probes GET / and restarts it); there is no App Service health check path for a function app
+  // checkov:skip=CKV_AZURE_78: Flex Consumption rejects siteConfig.ftpsState; the Dedicated branch sets it Disabled (infra/tests assert both branches)
+  // checkov:skip=CKV_AZURE_15: checkov cannot evaluate the siteConfig ternary; both branches set minTlsVersion 1.2 (infra/tests assert it)
+  // checkov:skip=CKV_AZURE_18: checkov cannot evaluate the siteConfig ternary; both branches set http20Enabled (infra/tests assert it)
+  // checkov:skip=CKV_AZURE_67: same as CKV_AZURE_18, both siteConfig branches set http20Enabled
   name: appName
   location: location
   tags: tags
@@ -142,21 +162,67 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         instanceMemoryMB: instanceMemoryMB
       }
     } : null
-    siteConfig: {
-      linuxFxVersion: isFlex ? null : ''
-      alwaysOn: isFlex ? null : true
+    // Flex Consumption rejects ftpsState, linuxFxVersion and alwaysOn (the
+    // Flex deprecations in the app settings reference), even as null: its
+    // branch carries none of them. The Dedicated branch needs all three.
+    siteConfig: isFlex ? {
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
+      http20Enabled: true
+    } : {
+      linuxFxVersion: ''
+      alwaysOn: true
       ftpsState: 'Disabled'
+      minTlsVersion: '1.2'
+      scmMinTlsVersion: '1.2'
       http20Enabled: true
     }
   }
 }
 
-// Least privilege for the identity: read secrets of this one vault ...
-resource secretsUser 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(vault.id, site.id, keyVaultSecretsUserRoleId)
-  scope: vault
+// The identity's roles, each on the narrowest scope that works.
+// Host storage (keys, timer and singleton leases, the containers it creates)
+// and, on Flex Consumption, reading the deployed package: Blob Data Owner on
+// the account, as the Functions host-storage guidance requires.
+resource hostStorageRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, site.id, storageBlobDataOwnerRoleId)
+  scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataOwnerRoleId)
+    principalId: site.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// The ledger: entity reads and writes. Account scope because creating the
+// table (the handler does so when it is missing) is an account-level call;
+// the account holds no other table.
+resource ledgerRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, site.id, storageTableDataContributorRoleId)
+  scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageTableDataContributorRoleId)
+    principalId: site.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// The queue: receive (trigger), send (handler) and reading the message count,
+// which target-based scaling needs and only Data Owner grants. One queue only.
+resource queueRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(queue.id, site.id, serviceBusDataOwnerRoleId)
+  scope: queue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', serviceBusDataOwnerRoleId)
+    principalId: site.identity.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// The one secret: the device API key (a Key Vault reference).
+resource secretRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(deviceApiKeySecret.id, site.id, keyVaultSecretsUserRoleId)
+  scope: deviceApiKeySecret
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', keyVaultSecretsUserRoleId)
     principalId: site.identity.principalId
@@ -164,13 +230,12 @@ resource secretsUser 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
-// ... and, on Flex Consumption, read/write the one container the platform
-// fetches the app package from (scoped to that container, not the account).
-resource packageReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (isFlex) {
-  name: guid(deploymentContainer.id, site.id, storageBlobDataContributorRoleId)
-  scope: deploymentContainer
+// Telemetry with Entra ID (Application Insights has local auth off).
+resource telemetryRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(appInsights.id, site.id, monitoringMetricsPublisherRoleId)
+  scope: appInsights
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataContributorRoleId)
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', monitoringMetricsPublisherRoleId)
     principalId: site.identity.principalId
     principalType: 'ServicePrincipal'
   }
@@ -178,25 +243,31 @@ resource packageReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = if
 
 // Host settings. On Flex Consumption the platform owns FUNCTIONS_WORKER_RUNTIME
 // and FUNCTIONS_EXTENSION_VERSION (functionAppConfig.runtime above sets them);
-// on a Dedicated plan they are ordinary app settings.
+// on a Dedicated plan they are ordinary app settings. Telemetry authenticates
+// with the system-assigned identity (a user-assigned one would add ClientId=).
 var platformSettings = isFlex ? {
   APPLICATIONINSIGHTS_CONNECTION_STRING: appInsights.properties.ConnectionString
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD'
 } : {
   APPLICATIONINSIGHTS_CONNECTION_STRING: appInsights.properties.ConnectionString
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD'
   FUNCTIONS_WORKER_RUNTIME: 'custom'
   FUNCTIONS_EXTENSION_VERSION: '~4'
   WEBSITE_RUN_FROM_PACKAGE: '1'
 }
 
 // Every setting in config::SETTINGS, nothing else (tests/infra_settings.rs).
-// AzureWebJobsStorage is a key-based connection string because the handler's
-// Table client (azure_data_tables 0.21) takes a connection string; the host
-// could use an identity, the handler as written cannot.
+// Both connections are identity-based (the `X__` form the host and the handler
+// read): no key or connection string. `__credential: managedidentity` without
+// `__clientId` means the system-assigned identity.
 var socSettings = {
-  AzureWebJobsStorage: 'DefaultEndpointsProtocol=https;AccountName=${storage.name};EndpointSuffix=${environment().suffixes.storage};AccountKey=${storage.listKeys().keys[0].value}'
+  AzureWebJobsStorage__accountName: storage.name
+  AzureWebJobsStorage__tableServiceUri: storage.properties.primaryEndpoints.table
+  AzureWebJobsStorage__credential: 'managedidentity'
   SOC_STATE_STORAGE: ''
   SOC_STATE_TABLE: ledgerTableName
-  ServiceBusConnection: '@Microsoft.KeyVault(SecretUri=${serviceBusSecretUri})'
+  ServiceBusConnection__fullyQualifiedNamespace: serviceBusFullyQualifiedNamespace
+  ServiceBusConnection__credential: 'managedidentity'
   SOC_QUEUE_NAME: queueName
   DEVICE_API_BASE_URL: deviceApiBaseUrl
   DEVICE_API_KEY: '@Microsoft.KeyVault(SecretUri=${deviceApiKeySecretUri})'
@@ -206,10 +277,13 @@ var socSettings = {
   SOC_RECHECK_MAX_SECONDS: string(recheckMaxSeconds)
   DRAIN_SOC_SCHEDULE: drainSchedule
   DRAIN_SOC_CONCURRENCY: string(drainConcurrency)
+  SOC_EXTRA_CA_CERTS: ''
+  RUST_LOG: logFilter
 }
 
-// Applied after the role assignments exist, so the first resolution of the
-// Key Vault references happens with the identity already allowed to read.
+// Applied after the role assignments exist. Role propagation can still lag:
+// scripts/deploy-check keyvault-refs (run after every deployment) checks the
+// reference status and restarts the app until it is resolved.
 resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   // Only the app settings list; checkov reads every sites/config as web config.
   // checkov:skip=CKV_AZURE_13: not web config; callers authenticate with function keys
@@ -223,11 +297,15 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   name: 'appsettings'
   properties: union(platformSettings, socSettings)
   dependsOn: [
-    secretsUser
-    packageReader
+    hostStorageRole
+    ledgerRole
+    queueRole
+    secretRole
+    telemetryRole
   ]
 }
 
 output appName string = site.name
 output defaultHostname string = site.properties.defaultHostName
 output principalId string = site.identity.principalId
+output appInsightsName string = appInsights.name

@@ -1,21 +1,13 @@
-// The device module's Key Vault (RBAC mode). It holds the two secrets the
-// handler needs: the Service Bus connection string, written here by the
-// deployment from the rule the Service Bus module created, and the vendor's
-// device API key, passed in as a secure parameter. It must be deployed after
-// the Service Bus module; main.bicep passes that module's outputs in, which
-// makes Resource Manager order the two.
+// The Key Vault (RBAC mode). It holds the one value that must stay a secret:
+// the vendor's device API key, passed in as a secure parameter. Azure
+// resources (storage, Service Bus, Application Insights) are reached with the
+// function app's managed identity, so no Azure key is stored here.
 
 @description('Azure region.')
 param location string
 
 @description('Key Vault name (3-24 characters).')
 param vaultName string
-
-@description('Service Bus namespace created by the Service Bus module.')
-param serviceBusNamespaceName string
-
-@description('Send/listen authorization rule created by the Service Bus module.')
-param serviceBusRuleName string
 
 @description('x-api-key for the device cloud API.')
 @secure()
@@ -27,15 +19,6 @@ param deviceApiKey string
 param softDeleteRetentionDays int
 
 param tags object = {}
-
-resource serviceBusNamespace 'Microsoft.ServiceBus/namespaces@2022-10-01-preview' existing = {
-  name: serviceBusNamespaceName
-}
-
-resource serviceBusRule 'Microsoft.ServiceBus/namespaces/authorizationRules@2022-10-01-preview' existing = {
-  parent: serviceBusNamespace
-  name: serviceBusRuleName
-}
 
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
   name: vaultName
@@ -66,18 +49,8 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
   }
 }
 
-resource serviceBusSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
-  // checkov:skip=CKV_AZURE_41: the function app reads this secret continuously; an expiry date would stop the service. Rotate by regenerating the Service Bus rule key and redeploying
-  parent: vault
-  name: 'servicebus-connection'
-  properties: {
-    contentType: 'text/plain; Service Bus connection string'
-    value: serviceBusRule.listKeys().primaryConnectionString
-  }
-}
-
 resource deviceApiKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
-  // checkov:skip=CKV_AZURE_41: same as servicebus-connection, the vendor's key has no fixed lifetime; rotate by redeploying with the new key
+  // checkov:skip=CKV_AZURE_41: the function app reads this secret continuously and the vendor's key has no fixed lifetime; an expiry date would stop the service. Rotate by redeploying with the new key
   parent: vault
   name: 'device-api-key'
   properties: {
@@ -87,6 +60,6 @@ resource deviceApiKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
 }
 
 output vaultName string = vault.name
+output deviceApiKeySecretName string = deviceApiKeySecret.name
 // Unversioned URIs: a Key Vault reference without a version follows the latest secret version.
-output serviceBusSecretUri string = serviceBusSecret.properties.secretUri
 output deviceApiKeySecretUri string = deviceApiKeySecret.properties.secretUri

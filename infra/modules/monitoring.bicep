@@ -1,5 +1,8 @@
 // Log Analytics workspace and the workspace-based Application Insights
 // resource the Functions host sends its logs and the handler's stdout to.
+// Local (instrumentation key) authentication is off: the host sends telemetry
+// with the app's managed identity (APPLICATIONINSIGHTS_AUTHENTICATION_STRING,
+// role Monitoring Metrics Publisher, both in functionapp.bicep).
 
 @description('Azure region.')
 param location string
@@ -33,7 +36,9 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
     Application_Type: 'web'
     WorkspaceResourceId: workspace.id
     IngestionMode: 'LogAnalytics'
+    DisableLocalAuth: true
   }
 }
 
 output appInsightsName string = appInsights.name
+output workspaceName string = workspace.name

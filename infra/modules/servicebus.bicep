@@ -1,8 +1,8 @@
 // Service Bus for the SoC settings service: a Standard namespace (duplicate
-// detection and scheduled messages need Standard or Premium), the settings
-// queue and one send/listen rule whose connection string the Key Vault module
-// stores. Deployed first: the Key Vault module reads this module's outputs,
-// which is what makes Azure Resource Manager deploy it afterwards.
+// detection and scheduled messages need Standard or Premium) and the settings
+// queue. Local (SAS) authentication is off: the function app's identity gets
+// an Entra ID data role on the queue (functionapp.bicep), and no shared
+// access rule or connection string exists anywhere.
 
 @description('Azure region.')
 param location string
@@ -28,9 +28,7 @@ param duplicateDetectionWindow string
 
 param tags object = {}
 
-var ruleName = 'soc-handler-send-listen'
-
-resource namespace 'Microsoft.ServiceBus/namespaces@2022-10-01-preview' = {
+resource namespace 'Microsoft.ServiceBus/namespaces@2024-01-01' = {
   name: namespaceName
   location: location
   tags: tags
@@ -40,14 +38,14 @@ resource namespace 'Microsoft.ServiceBus/namespaces@2022-10-01-preview' = {
   }
   properties: {
     minimumTlsVersion: '1.2'
-    // The handler authenticates with a SAS connection string (the REST client
-    // in azure_messaging_servicebus 0.21 signs SAS tokens), so local auth stays on.
-    disableLocalAuth: false
+    // Entra ID only: the trigger and the handler's REST sends use the app's
+    // managed identity, so shared access keys are switched off.
+    disableLocalAuth: true
     publicNetworkAccess: 'Enabled'
   }
 }
 
-resource queue 'Microsoft.ServiceBus/namespaces/queues@2022-10-01-preview' = {
+resource queue 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' = {
   parent: namespace
   name: queueName
   properties: {
@@ -63,20 +61,8 @@ resource queue 'Microsoft.ServiceBus/namespaces/queues@2022-10-01-preview' = {
   }
 }
 
-// Send (HTTP function, drain timer) and Listen (queue trigger); no Manage.
-resource handlerRule 'Microsoft.ServiceBus/namespaces/authorizationRules@2022-10-01-preview' = {
-  parent: namespace
-  name: ruleName
-  properties: {
-    rights: [
-      'Send'
-      'Listen'
-    ]
-  }
-}
-
 output namespaceName string = namespace.name
 output queueName string = queue.name
-// The rule's name, not its keys: the Key Vault module calls listKeys itself so
-// that no secret ever appears in deployment outputs.
-output authorizationRuleName string = handlerRule.name
+// Host name only (`<ns>.servicebus.windows.net`), the form
+// ServiceBusConnection__fullyQualifiedNamespace takes.
+output fullyQualifiedNamespace string = replace(replace(namespace.properties.serviceBusEndpoint, 'https://', ''), ':443/', '')

@@ -1,6 +1,8 @@
 // The function app's storage account: AzureWebJobsStorage (host keys, timer
 // locks), the settings ledger table, and the blob container Flex Consumption
-// deploys the package into.
+// deploys the package into. Shared keys are off: the host, the platform and
+// the handler all reach it with the function app's managed identity (Entra ID
+// roles assigned in functionapp.bicep), so no account key is ever handed out.
 
 @description('Azure region.')
 param location string
@@ -41,7 +43,7 @@ resource account 'Microsoft.Storage/storageAccounts@2023-05-01' = {
     supportsHttpsTrafficOnly: true
     minimumTlsVersion: 'TLS1_2'
     allowBlobPublicAccess: false
-    allowSharedKeyAccess: true
+    allowSharedKeyAccess: false
     defaultToOAuthAuthentication: true
     publicNetworkAccess: 'Enabled'
     networkAcls: {
@@ -81,6 +83,5 @@ resource ledgerTable 'Microsoft.Storage/storageAccounts/tableServices/tables@202
 }
 
 output accountName string = account.name
-output blobEndpoint string = account.properties.primaryEndpoints.blob
 output deploymentContainerName string = deploymentContainer.name
 output ledgerTableName string = ledgerTable.name

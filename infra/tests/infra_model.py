@@ -166,9 +166,11 @@ _KV_REF = re.compile(r"^@Microsoft\.KeyVault\(SecretUri=\$\{[A-Za-z_][A-Za-z0-9_
 def setting_problems(root: Path = INFRA) -> list[str]:
     settings = app_settings(root)
     problems = []
-    for name in ("ServiceBusConnection", "DEVICE_API_KEY"):
-        if not isinstance(settings.get(name), str) or not _KV_REF.match(settings[name]):
-            problems.append(f"{name} is not a Key Vault reference: {settings.get(name)!r}")
+    if not isinstance(settings.get("DEVICE_API_KEY"), str) or not _KV_REF.match(settings["DEVICE_API_KEY"]):
+        problems.append(f"DEVICE_API_KEY is not a Key Vault reference: {settings.get('DEVICE_API_KEY')!r}")
+    for name, value in settings.items():
+        if name != "DEVICE_API_KEY" and isinstance(value, str) and "@Microsoft.KeyVault" in value:
+            problems.append(f"{name} is a Key Vault reference; the vault holds only the device API key")
     dedicated = dedicated_settings(root)
     if dedicated.get("FUNCTIONS_WORKER_RUNTIME") != "custom":
         problems.append("Dedicated plan: FUNCTIONS_WORKER_RUNTIME is not 'custom'")
@@ -176,4 +178,274 @@ def setting_problems(root: Path = INFRA) -> list[str]:
         problems.append("Dedicated plan: FUNCTIONS_EXTENSION_VERSION is not '~4'")
     if flex_runtime(root).get("name") != "custom":
         problems.append("Flex Consumption: functionAppConfig.runtime.name is not 'custom'")
+    return problems
+
+
+# ---------------------------------------------------------------- Flex Consumption
+
+# Flex Consumption refuses these siteConfig properties, even as null (Flex
+# deprecations in the Functions app settings reference).
+FLEX_FORBIDDEN_SITE_CONFIG = ("ftpsState", "linuxFxVersion", "alwaysOn")
+# ... and these app settings (the platform owns them).
+FLEX_FORBIDDEN_APP_SETTINGS = ("FUNCTIONS_WORKER_RUNTIME", "FUNCTIONS_EXTENSION_VERSION",
+                               "WEBSITE_RUN_FROM_PACKAGE", "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING",
+                               "WEBSITE_CONTENTSHARE")
+
+
+def _site(doc: dict) -> dict:
+    sites = resources_of_type(doc, "Microsoft.Web/sites")
+    assert len(sites) == 1, sorted(sites)
+    return next(iter(sites.values()))["config"]
+
+
+def _branches(expr) -> tuple[dict, dict]:
+    """(Flex value, Dedicated value) of an `isFlex ? a : b` expression."""
+    op = expr.get("operator", {}) if isinstance(expr, dict) else {}
+    if op.get("type") != "conditional" or op["operands"]["condition"] != "isFlex":
+        raise AssertionError(f"expected `isFlex ? … : …`, got {expr!r}"[:300])
+    return op["operands"]["true_value"], op["operands"]["false_value"]
+
+
+def site_config_branches(root: Path = INFRA) -> tuple[dict, dict]:
+    doc = parse(root / "modules" / "functionapp.bicep")
+    return _branches(_site(doc)["properties"]["siteConfig"])
+
+
+def platform_settings_branches(root: Path = INFRA) -> tuple[dict, dict]:
+    doc = parse(root / "modules" / "functionapp.bicep")
+    return _branches(doc["variables"]["platformSettings"]["value"])
+
+
+def flex_problems(root: Path = INFRA) -> list[str]:
+    """What Flex Consumption would refuse, or the Dedicated fallback lacks."""
+    problems = []
+    try:
+        flex, dedicated = site_config_branches(root)
+    except AssertionError as e:
+        return [f"siteConfig is not split by plan: {e}"]
+    for name in FLEX_FORBIDDEN_SITE_CONFIG:
+        if name in flex:
+            problems.append(f"Flex siteConfig carries {name} ({flex[name]!r}); Flex rejects it")
+    if dedicated.get("ftpsState") != "Disabled":
+        problems.append("Dedicated siteConfig: ftpsState is not 'Disabled'")
+    if dedicated.get("alwaysOn") is not True:
+        problems.append("Dedicated siteConfig: alwaysOn is not true")
+    for label, branch in (("Flex", flex), ("Dedicated", dedicated)):
+        if branch.get("minTlsVersion") != "1.2":
+            problems.append(f"{label} siteConfig: minTlsVersion is not 1.2")
+        if branch.get("http20Enabled") is not True:
+            problems.append(f"{label} siteConfig: http20Enabled is not true")
+    flex_settings, _ = platform_settings_branches(root)
+    for name in FLEX_FORBIDDEN_APP_SETTINGS:
+        if name in flex_settings:
+            problems.append(f"Flex app settings set {name}; the platform owns it on Flex")
+    return problems
+
+
+def api_version_problems(root: Path = INFRA) -> list[str]:
+    """Every resource (deployed or existing) on a stable API version."""
+    problems = []
+    for path in bicep_files(root):
+        for name, res in parse(path).get("resources", {}).items():
+            version = res.get("api_version", "")
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", version or ""):
+                problems.append(f"{path.name}: {name} uses API version {version!r}, not a stable one")
+    return problems
+
+
+# ---------------------------------------------------------------- identity
+
+# Role definition ids (built-in roles) by the variable name functionapp.bicep uses.
+ROLE_IDS = {
+    "storageBlobDataOwnerRoleId": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",
+    "storageTableDataContributorRoleId": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",
+    "serviceBusDataOwnerRoleId": "090c5cfd-751d-490a-894a-3ce6f1109419",
+    "keyVaultSecretsUserRoleId": "4633458b-17de-408a-b874-0445c86b69e6",
+    "monitoringMetricsPublisherRoleId": "3913510d-42f4-4e42-8a64-420c390055eb",
+}
+# The one identity's roles: role variable -> the symbol of the resource it is scoped to.
+EXPECTED_ROLES = {
+    "storageBlobDataOwnerRoleId": "storage",
+    "storageTableDataContributorRoleId": "storage",
+    "serviceBusDataOwnerRoleId": "queue",
+    "keyVaultSecretsUserRoleId": "deviceApiKeySecret",
+    "monitoringMetricsPublisherRoleId": "appInsights",
+}
+
+
+def role_assignments(root: Path = INFRA) -> dict[str, dict]:
+    """Role variable -> {scope, principal, name} of every role assignment in functionapp.bicep."""
+    doc = parse(root / "modules" / "functionapp.bicep")
+    out = {}
+    for name, res in resources_of_type(doc, "Microsoft.Authorization/roleAssignments").items():
+        config = res["config"].get("config", res["config"])  # `if` resources nest
+        role = config["properties"]["roleDefinitionId"]["function"]["parameters"]["resource_name_1"]
+        out[role] = {"symbol": name, "scope": config.get("scope"),
+                     "principal": json.dumps(config["properties"]["principalId"])}
+    return out
+
+
+def identity_problems(root: Path = INFRA) -> list[str]:
+    """Identity-based connections, least roles, settings applied after the roles."""
+    problems = []
+    doc = parse(root / "modules" / "functionapp.bicep")
+    settings = doc["variables"]["socSettings"]["value"]
+    for connection in ("AzureWebJobsStorage", "ServiceBusConnection"):
+        if connection in settings:
+            problems.append(f"{connection} is set as a connection string; use the identity-based {connection}__ form")
+        if settings.get(f"{connection}__credential") != "managedidentity":
+            problems.append(f"{connection}__credential is not 'managedidentity'")
+    if not settings.get("AzureWebJobsStorage__accountName"):
+        problems.append("AzureWebJobsStorage__accountName is not set")
+    if not settings.get("ServiceBusConnection__fullyQualifiedNamespace"):
+        problems.append("ServiceBusConnection__fullyQualifiedNamespace is not set")
+    _, dedicated = platform_settings_branches(root)
+    flex, _ = platform_settings_branches(root)
+    for label, branch in (("Flex", flex), ("Dedicated", dedicated)):
+        if branch.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING") != "Authorization=AAD":
+            problems.append(f"{label}: APPLICATIONINSIGHTS_AUTHENTICATION_STRING is not 'Authorization=AAD'")
+    site = _site(doc)
+    if site.get("identity", {}).get("type") != "SystemAssigned":
+        problems.append("the site has no system-assigned identity")
+    for var, guid in ROLE_IDS.items():
+        if doc["variables"].get(var, {}).get("value") != guid:
+            problems.append(f"{var} is not the built-in role {guid}")
+    roles = role_assignments(root)
+    for role, scope in EXPECTED_ROLES.items():
+        if role not in roles:
+            problems.append(f"missing role assignment {role} on {scope}")
+        elif roles[role]["scope"] != scope:
+            problems.append(f"{role} is scoped to {roles[role]['scope']!r}, expected {scope!r}")
+        elif "site" not in roles[role]["principal"] or "principalId" not in roles[role]["principal"]:
+            problems.append(f"{role} is not assigned to the site's identity")
+    for role in sorted(set(roles) - set(EXPECTED_ROLES)):
+        problems.append(f"unexpected role assignment {role} (least privilege: docs/deploy.md lists the roles)")
+    app_settings = resources_of_type(doc, "Microsoft.Web/sites/config")
+    depends = set(next(iter(app_settings.values()))["config"].get("dependsOn", []))
+    for role in roles.values():
+        if role["symbol"] not in depends:
+            problems.append(f"app settings do not wait for role assignment {role['symbol']}")
+    return problems
+
+
+def local_auth_problems(root: Path = INFRA) -> list[str]:
+    """Shared keys, SAS and instrumentation-key ingestion are off; no key is read anywhere."""
+    problems = []
+    storage = parse(root / "modules" / "storage.bicep")
+    (account,) = resources_of_type(storage, "Microsoft.Storage/storageAccounts").values()
+    if account["config"]["properties"].get("allowSharedKeyAccess") is not False:
+        problems.append("storage: allowSharedKeyAccess is not false")
+    sb = parse(root / "modules" / "servicebus.bicep")
+    (ns,) = resources_of_type(sb, "Microsoft.ServiceBus/namespaces").values()
+    if ns["config"]["properties"].get("disableLocalAuth") is not True:
+        problems.append("Service Bus: disableLocalAuth is not true")
+    if resources_of_type(sb, "Microsoft.ServiceBus/namespaces/authorizationRules"):
+        problems.append("Service Bus: a shared access rule exists")
+    mon = parse(root / "modules" / "monitoring.bicep")
+    (ai,) = resources_of_type(mon, "Microsoft.Insights/components").values()
+    if ai["config"]["properties"].get("DisableLocalAuth") is not True:
+        problems.append("Application Insights: DisableLocalAuth is not true")
+    for path in bicep_files(root):
+        text = path.read_text()
+        for needle in ("listKeys(", "listConnectionStrings(", "AccountKey=", "SharedAccessKey"):
+            if needle in text:
+                problems.append(f"{path.name} reads or writes a key ({needle})")
+    return problems
+
+
+# ---------------------------------------------------------------- alerts
+
+def _expand(doc: dict, text: str, defaults: bool = False) -> str:
+    """`${var}` in a string replaced by the module's string variables (and, with
+    `defaults`, parameters by their default values); others are left as is."""
+    def sub(m):
+        value = doc["variables"].get(m.group(1), {}).get("value")
+        if isinstance(value, str):
+            return _expand(doc, value, defaults)
+        default = doc["parameters"].get(m.group(1), {}).get("default") if defaults else None
+        return str(default) if isinstance(default, (int, str)) and not isinstance(default, bool) else m.group(0)
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", sub, text)
+
+
+def operator_queries(root: Path = INFRA) -> dict[str, str]:
+    """Every KQL query of the alerts module (alerts and workbook), parameters at their defaults."""
+    doc = parse(root / "modules" / "alerts.bicep")
+    return {name: _expand(doc, var["value"], defaults=True)
+            for name, var in doc["variables"].items()
+            if name.endswith("Query") and isinstance(var["value"], str)}
+
+
+def alert_rules(root: Path = INFRA) -> dict[str, dict]:
+    """Alert symbol -> {type, properties, query (expanded, for log alerts)}."""
+    doc = parse(root / "modules" / "alerts.bicep")
+    out = {}
+    for rtype in ("Microsoft.Insights/metricAlerts", "Microsoft.Insights/scheduledQueryRules"):
+        for name, res in resources_of_type(doc, rtype).items():
+            props = res["config"]["properties"]
+            entry = {"type": rtype, "properties": props}
+            if rtype.endswith("scheduledQueryRules"):
+                (criterion,) = props["criteria"]["allOf"]
+                query = criterion["query"]
+                query = doc["variables"][query]["value"] if query in doc["variables"] else query
+                entry["query"] = _expand(doc, query)
+                entry["criterion"] = criterion
+            out[name] = entry
+    return out
+
+
+def alert_problems(root: Path = INFRA) -> list[str]:
+    """The four alerts exist with the conditions docs/operations.md describes."""
+    problems = []
+    main = parse(root / "main.bicep")
+    try:
+        _, call = module_call(main, "modules/alerts.bicep")
+    except AssertionError as e:
+        return [str(e)]
+    rules = alert_rules(root)
+    doc = parse(root / "modules" / "alerts.bicep")
+
+    dead = [r for r in rules.values() if r["type"].endswith("metricAlerts")
+            and any(c.get("metricName") == "DeadletteredMessages" for c in r["properties"]["criteria"]["allOf"])]
+    if len(dead) != 1:
+        problems.append("no metric alert on DeadletteredMessages")
+    else:
+        (c,) = [c for c in dead[0]["properties"]["criteria"]["allOf"] if c.get("metricName") == "DeadletteredMessages"]
+        if c.get("operator") != "GreaterThan" or c.get("threshold") != 0:
+            problems.append("dead-letter alert does not fire on > 0")
+        dims = {d["name"]: d["values"] for d in c.get("dimensions", [])}
+        if dims.get("EntityName") != ["queueName"]:
+            problems.append("dead-letter alert is not limited to the settings queue (EntityName)")
+
+    logs = {n: r for n, r in rules.items() if "query" in r}
+
+    def find(*needles):
+        return [r for r in logs.values() if all(n in r["query"] for n in needles)]
+
+    for r in logs.values():
+        c = r["criterion"]
+        if (c.get("operator"), c.get("threshold"), c.get("timeAggregation")) != ("GreaterThan", 0, "Count"):
+            problems.append(f"log alert {r['properties'].get('displayName')} does not fire on any result row")
+    rate = find('outcome in ("applied", "failed", "expired")', 'outcome != "applied"', "dcount(requestId)")
+    if len(rate) != 1:
+        problems.append("no log alert on the rate of failed and expired requests")
+    if len(find('contains_cs " ERROR "', "success == false", "resultCode")) != 1:
+        problems.append("no log alert on handler errors (ERROR lines and failed invocations)")
+    sweep = find('name == "DrainSocTimer"', "success == true", "== 0")
+    if len(sweep) != 1:
+        problems.append("no log alert on the sweep not running")
+    else:
+        props = sweep[0]["properties"]
+        window = doc["variables"].get("sweepWindowMinutes", {}).get("value")
+        if props.get("windowSize") != "PT${sweepWindowMinutes}M" or window != {
+                "operator": {"type": "multiply", "operands": {"operand_1": 3, "operand_2": "drainIntervalMinutes"}}}:
+            problems.append("sweep alert window is not three schedules (3 * drainIntervalMinutes)")
+        if props.get("evaluationFrequency") != "PT${drainIntervalMinutes}M":
+            problems.append("sweep alert is not evaluated once per schedule")
+    # The alert and the timer read the same interval.
+    if call.get("drainIntervalMinutes") != "drainIntervalMinutes" or \
+            main["variables"].get("drainSchedule", {}).get("value") != "0 */${drainIntervalMinutes} * * * *":
+        problems.append("DRAIN_SOC_SCHEDULE and the sweep alert do not share drainIntervalMinutes")
+    workbooks = resources_of_type(doc, "Microsoft.Insights/workbooks")
+    if len(workbooks) != 1:
+        problems.append("no operators' workbook")
     return problems

@@ -67,7 +67,7 @@ def test_queue_ttl_shorter_than_the_request_ttl_in_one_environment_fails(infra_c
     assert any(p.startswith("prod: defaultMessageTimeToLive") for p in queue_problems(infra_copy))
 
 
-def test_secrets_come_from_key_vault_and_the_runtime_is_custom():
+def test_the_device_key_comes_from_key_vault_and_the_runtime_is_custom():
     assert setting_problems() == []
 
 
@@ -75,8 +75,12 @@ def test_secrets_come_from_key_vault_and_the_runtime_is_custom():
     "old,new",
     [
         (
-            "  ServiceBusConnection: '@Microsoft.KeyVault(SecretUri=${serviceBusSecretUri})'\n",
-            "  ServiceBusConnection: 'Endpoint=sb://example/'\n",
+            "  DEVICE_API_KEY: '@Microsoft.KeyVault(SecretUri=${deviceApiKeySecretUri})'\n",
+            "  DEVICE_API_KEY: 'plain-text-key'\n",
+        ),
+        (
+            "  SOC_STATE_STORAGE: ''\n",
+            "  SOC_STATE_STORAGE: '@Microsoft.KeyVault(SecretUri=${deviceApiKeySecretUri})'\n",
         ),
         ("  FUNCTIONS_WORKER_RUNTIME: 'custom'\n", "  FUNCTIONS_WORKER_RUNTIME: 'node'\n"),
         ("        name: 'custom'\n", "        name: 'python'\n"),
@@ -104,35 +108,27 @@ def _references(expr) -> set[str]:
     return found
 
 
-def test_key_vault_module_is_fed_by_the_service_bus_module_and_feeds_the_app():
+def test_the_function_app_module_is_fed_by_the_modules_it_assigns_roles_on():
     main = parse(INFRA / "main.bicep")
-    sb, _ = module_call(main, "modules/servicebus.bicep")
-    kv, kv_params = module_call(main, "modules/keyvault.bicep")
     _, app_params = module_call(main, "modules/functionapp.bicep")
-    assert sb in _references(kv_params), "Key Vault module must take Service Bus outputs (deploy order)"
-    assert kv in _references(app_params), "function app must take Key Vault outputs"
+    for path in ("modules/servicebus.bicep", "modules/keyvault.bicep", "modules/storage.bicep",
+                 "modules/monitoring.bicep"):
+        name, _ = module_call(main, path)
+        assert name in _references(app_params), f"function app must take {name} outputs (deploy order)"
 
 
-def test_key_vault_uses_rbac_and_the_app_identity_only_reads_secrets():
+def test_key_vault_uses_rbac():
     kv = parse(INFRA / "modules" / "keyvault.bicep")
     (vault,) = resources_of_type(kv, "Microsoft.KeyVault/vaults").values()
     assert vault["config"]["properties"]["enableRbacAuthorization"] is True
-    app = parse(INFRA / "modules" / "functionapp.bicep")
-    assert app["variables"]["keyVaultSecretsUserRoleId"]["value"] == "4633458b-17de-408a-b874-0445c86b69e6"
-    (site,) = resources_of_type(app, "Microsoft.Web/sites").values()
-    assert site["config"]["identity"]["type"] == "SystemAssigned"
-    roles = resources_of_type(app, "Microsoft.Authorization/roleAssignments")
-    configs = [r["config"].get("config", r["config"]) for r in roles.values()]  # `if` resources nest
-    role_ids = {c["properties"]["roleDefinitionId"]["function"]["parameters"]["resource_name_1"] for c in configs}
-    assert role_ids <= {"keyVaultSecretsUserRoleId", "storageBlobDataContributorRoleId"}, role_ids
+    secrets = resources_of_type(kv, "Microsoft.KeyVault/vaults/secrets")
+    assert [s["config"]["name"] for s in secrets.values()] == ["device-api-key"]
 
 
 def test_service_bus_tier_supports_duplicate_detection_and_scheduling():
     sb = parse(INFRA / "modules" / "servicebus.bicep")
     (ns,) = resources_of_type(sb, "Microsoft.ServiceBus/namespaces").values()
     assert ns["config"]["sku"]["tier"] in ("Standard", "Premium")
-    (rule,) = resources_of_type(sb, "Microsoft.ServiceBus/namespaces/authorizationRules").values()
-    assert sorted(rule["config"]["properties"]["rights"]) == ["Listen", "Send"]
 
 
 def test_parameter_files_hold_no_secret_and_main_declares_the_key_secure():

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-FUNCTIONS = ("SetSocHttp", "DrainSocTimer", "SocQueueTrigger")
+# The functions are the folders holding a function.json (what the Functions host indexes).
+FUNCTIONS = tuple(sorted(p.parent.name for p in ROOT.glob("*/function.json")))
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +26,25 @@ def test_workflow_runs_tests_on_push_and_pull_requests_and_publishes_on_v_tags(w
     assert set(workflow["jobs"]) >= {"test", "publish"}
 
 
-def test_test_job_runs_lint_rust_tests_and_infra_checks(workflow):
-    script = "\n".join(step.get("run", "") for step in workflow["jobs"]["test"]["steps"])
-    for command in ("scripts/setup", "cargo fmt", "cargo clippy --all-targets -- -D warnings",
-                    "cargo test", "pytest infra/tests"):
-        assert command in script, command
+def test_test_job_runs_the_ci_entry_point_and_nothing_else(workflow):
+    runs = [step["run"] for step in workflow["jobs"]["test"]["steps"] if "run" in step]
+    assert runs == ["bash .ci/run"], runs
+    ci = (ROOT / ".ci" / "run").read_text()
+    for command in ("cargo fmt --all -- --check",
+                    "cargo clippy --workspace --all-targets --locked -- -D warnings", "scripts/test"):
+        assert command in ci, command
+    test = (ROOT / "scripts" / "test").read_text()
+    for command in ("scripts/setup", "cargo test --workspace --locked", "pytest infra/tests"):
+        assert command in test, command
+
+
+def test_publish_job_checks_the_runtime_before_and_the_key_vault_references_after_deploying(workflow):
+    script = [s.get("run", "") for s in workflow["jobs"]["publish"]["steps"]]
+    runtime = next(i for i, r in enumerate(script) if "scripts/deploy-check runtime" in r)
+    deploy = next(i for i, r in enumerate(script) if "az deployment group create" in r)
+    publish = next(i for i, r in enumerate(script) if "config-zip" in r)
+    refs = next(i for i, r in enumerate(script) if "scripts/deploy-check keyvault-refs" in r)
+    assert runtime < deploy < publish < refs
 
 
 def test_publish_job_needs_tests_a_tag_and_logs_in_with_oidc(workflow):
@@ -78,12 +93,16 @@ def test_package_check_rejects_a_wrong_zip(tmp_path, change):
     if change == "extra":
         entries["local.settings.json"] = 0o644
     elif change == "missing":
-        del entries["SocQueueTrigger/function.json"]
+        del entries[f"{FUNCTIONS[0]}/function.json"]
     else:
         entries["handler"] = 0o644
     result = _verify(_zip(tmp_path / "bad.zip", entries))
     assert result.returncode != 0
     assert "is wrong" in result.stderr
+
+
+def test_the_function_folders_are_found():
+    assert FUNCTIONS, "no */function.json at the repository root"
 
 
 def test_funcignore_keeps_only_host_json_the_function_folders_and_handler():

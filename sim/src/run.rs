@@ -241,6 +241,7 @@ async fn client(host: Host, index: usize) {
             device_id: device.clone(),
             idempotency_key: post.idempotency_key.as_ref().map(|k| k.as_bytes().to_vec()),
             body: format!(r#"{{"minSoc":{}}}"#, post.min_soc).into_bytes(),
+            rest: None,
         };
         let (inv, handle) = host.invoke(Kind::Post, |svc| async move {
             set_soc_http::handle(&svc, request).await

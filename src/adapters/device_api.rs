@@ -103,9 +103,11 @@ impl HttpDeviceApi {
         }
     }
 
-    /// Vendor text, trimmed, truncated and scrubbed of our key should the vendor echo it.
+    /// Vendor text, trimmed, truncated and scrubbed of our key should the vendor echo it,
+    /// of URLs (they may carry keys or signatures) and of `key=`/`token=`-like values; line
+    /// breaks and runs of blanks become one space.
     fn reason_text(&self, raw: &str, status: StatusCode) -> String {
-        let scrubbed = raw.replace(self.key.expose(), "<redacted>");
+        let scrubbed = redact(&raw.replace(self.key.expose(), "<redacted>"));
         let text = scrubbed.trim();
         let text: String = text.chars().take(MAX_REASON_CHARS).collect();
         if text.is_empty() {
@@ -226,6 +228,31 @@ pub fn retry_after(headers: &HeaderMap, now: DateTime<Utc>) -> Option<Duration> 
     }
     let at = DateTime::parse_from_rfc2822(raw).ok()?.with_timezone(&Utc);
     Some((at - now).to_std().unwrap_or(Duration::ZERO))
+}
+
+/// Words of vendor text that could hold a secret, replaced: URLs by `<url>`, the value of a
+/// `name=value` whose name mentions a key, code, signature, token, secret or password by
+/// `<redacted>`. Whitespace (line breaks included) collapses to single spaces.
+fn redact(text: &str) -> String {
+    const SECRET_NAMES: [&str; 7] = ["key", "code", "sig", "token", "secret", "password", "auth"];
+    text.split_whitespace()
+        .map(|word| {
+            if word.contains("://") {
+                return "<url>".to_string();
+            }
+            match word.split_once('=') {
+                Some((name, _))
+                    if SECRET_NAMES
+                        .iter()
+                        .any(|s| name.to_ascii_lowercase().contains(s)) =>
+                {
+                    format!("{name}=<redacted>")
+                }
+                _ => word.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -512,6 +539,14 @@ mod tests {
         assert!(!err.to_string().contains(KEY));
     }
 
+    #[test]
+    fn vendor_text_loses_urls_and_secret_values_and_keeps_its_words() {
+        assert_eq!(
+            redact("minSoc  below\nfloor; see https://vendor.example/x?sig=abc apiKey=s3cr3t n=5"),
+            "minSoc below floor; see <url> apiKey=<redacted> n=5"
+        );
+    }
+
     #[tokio::test]
     async fn throttling_is_transient_with_retry_after_in_seconds_or_http_date() {
         let (base, _) = stand_in().await;
@@ -572,11 +607,7 @@ mod tests {
     #[tokio::test]
     async fn connection_refused_is_transient_and_does_not_leak_the_key() {
         // Bind then drop: the port is (almost certainly) closed afterwards.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = devtools::free_port().unwrap();
         let err = api(&format!("http://127.0.0.1:{port}"))
             .status(&dev("x"))
             .await

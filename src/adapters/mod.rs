@@ -5,18 +5,24 @@
 //! - [`table_ledger`]: the desired-state ledger in Azure Table Storage (`azure_data_tables`).
 //! - [`connection_string`]: Service Bus and Storage connection strings, parsed without
 //!   ever echoing a secret.
+//! - [`identity`]: the app's managed identity (tokens from the Functions identity endpoint)
+//!   and the HTTP transport of the Azure clients.
 //!
 //! [`build`] makes all three from [`Config`] without any network I/O, so the handler
-//! can answer the host's readiness probe before anything outside is reachable.
+//! can answer the host's readiness probe before anything outside is reachable. Storage
+//! and Service Bus each use a connection string or the managed identity, as the
+//! configuration says ([`crate::config::StorageAccess`], [`crate::config::ServiceBusAccess`]);
+//! both identity-based clients share one credential, so one token cache.
 
 pub mod connection_string;
 pub mod device_api;
+pub mod identity;
 pub mod service_bus;
 pub mod table_ledger;
 
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{Config, ServiceBusAccess, StorageAccess};
 use crate::ports::{DeviceApi, Ledger, SettingsQueue};
 
 pub use connection_string::{ConnectionStringError, ServiceBusConnection, StorageConnection};
@@ -50,23 +56,52 @@ pub fn build(config: &Config) -> Result<Adapters, BuildError> {
     .map_err(|e| errors.push(e.to_string()))
     .ok();
 
-    let queue = ServiceBusConnection::parse(config.service_bus_connection.expose())
-        .map_err(|e| errors.push(e.to_string()))
-        .ok()
-        .and_then(|conn| {
-            ServiceBusQueue::new(&conn, &config.queue_name)
-                .map_err(|e| errors.push(format!("ServiceBusConnection: {e}")))
-                .ok()
-        });
+    let extra_ca = config.extra_ca_certs.as_deref();
+    let uses_identity = matches!(config.storage, StorageAccess::Identity { .. })
+        || matches!(config.service_bus, ServiceBusAccess::Identity { .. });
+    let credential = if uses_identity {
+        identity::managed_identity()
+            .map_err(|e| errors.push(e))
+            .ok()
+    } else {
+        None
+    };
 
-    let ledger = StorageConnection::parse(config.storage_connection.expose())
-        .map_err(|e| errors.push(e.to_string()))
-        .ok()
-        .and_then(|conn| {
-            TableLedger::new(&conn, &config.table_name)
-                .map_err(|e| errors.push(format!("SOC_STATE_TABLE: {e}")))
+    let queue = match &config.service_bus {
+        ServiceBusAccess::ConnectionString(raw) => ServiceBusConnection::parse(raw.expose())
+            .map_err(|e| errors.push(e.to_string()))
+            .ok()
+            .and_then(|conn| {
+                ServiceBusQueue::new(&conn, &config.queue_name, extra_ca)
+                    .map_err(|e| errors.push(format!("ServiceBusConnection: {e}")))
+                    .ok()
+            }),
+        ServiceBusAccess::Identity { namespace } => credential.clone().and_then(|credential| {
+            ServiceBusQueue::with_identity(namespace, &config.queue_name, credential, extra_ca)
+                .map_err(|e| {
+                    errors.push(format!(
+                        "ServiceBusConnection__fullyQualifiedNamespace: {e}"
+                    ))
+                })
                 .ok()
-        });
+        }),
+    };
+
+    let ledger = match &config.storage {
+        StorageAccess::ConnectionString(raw) => StorageConnection::parse(raw.expose())
+            .map_err(|e| errors.push(e.to_string()))
+            .ok()
+            .and_then(|conn| {
+                TableLedger::with_connection(&conn, &config.table_name, extra_ca)
+                    .map_err(|e| errors.push(format!("SOC_STATE_TABLE: {e}")))
+                    .ok()
+            }),
+        StorageAccess::Identity { table_endpoint } => credential.and_then(|credential| {
+            TableLedger::with_identity(table_endpoint, &config.table_name, credential, extra_ca)
+                .map_err(|e| errors.push(format!("AzureWebJobsStorage: {e}")))
+                .ok()
+        }),
+    };
 
     match (device, queue, ledger) {
         (Some(device), Some(queue), Some(ledger)) if errors.is_empty() => Ok(Adapters {
@@ -132,7 +167,7 @@ mod tests {
             "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey={SB_KEY}"
         ))
         .unwrap();
-        let queue = ServiceBusQueue::new(&sb, "q").unwrap();
+        let queue = ServiceBusQueue::new(&sb, "q", None).unwrap();
         assert!(!format!("{queue:?}").contains(SB_KEY));
         // The SDK stores the key base64-encoded once more; that must not show either.
         assert!(!format!("{queue:?}").contains(&azure_core::base64::encode(SB_KEY)));

@@ -6,10 +6,18 @@
 //! HTTP body, its content type as `Content-Type`, and system properties as a JSON
 //! `BrokerProperties` header. The broker answers `201 Created`; any 2xx is accepted here.
 //!
-//! Two things the SDK does not do the way we need, and how they are handled:
-//! - Its host is hard-coded to `*.servicebus.windows.net`. For `UseDevelopmentEmulator=true`
-//!   the [`RedirectingHttpClient`] wrapped around the transport rewrites scheme, host and
-//!   port to the connection string's Endpoint before each request.
+//! Authentication is either the connection string's SAS key or the app's managed identity
+//! (`Authorization: Bearer {Entra token}` for `https://servicebus.azure.net`, which the REST API
+//! accepts in place of a SAS token).
+//!
+//! Three things the SDK does not do the way we need, and how they are handled:
+//! - It only signs SAS tokens. With the managed identity, the [`BearerHttpClient`] wrapped
+//!   around the transport replaces the SDK's `Authorization` header with a bearer token (the
+//!   SDK is given a placeholder key, so its signature is never sent anywhere).
+//! - Its host is hard-coded to `*.servicebus.windows.net`. For `UseDevelopmentEmulator=true`,
+//!   or an identity-based namespace on a loopback host (a local stand-in), the
+//!   [`RedirectingHttpClient`] wrapped around the transport rewrites scheme, host and port
+//!   (plain HTTP) before each request.
 //! - Its `SettableBrokerProperties` writes `ScheduledEnqueueTimeUtc` as RFC 2822 with a
 //!   numeric `+0000` zone (via the `time` crate), while the REST reference shows RFC 1123
 //!   (`Sun, 06 Nov 1994 08:49:37 GMT`). We therefore serialise `BrokerProperties` ourselves
@@ -26,7 +34,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::connection_string::ServiceBusConnection;
+use super::identity::{transport, BearerHttpClient, SERVICE_BUS_SCOPE};
 use crate::ports::{OutgoingMessage, QueueError, SettingsQueue};
+use azure_core::auth::TokenCredential;
+use std::path::Path;
 
 /// Timeout of one send (connect + request + response).
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,31 +65,78 @@ pub struct ServiceBusQueue {
     queue: String,
 }
 
+/// Key name and key the SDK signs with when the bearer transport replaces its signature.
+const UNUSED_SAS_KEY_NAME: &str = "managed-identity";
+const UNUSED_SAS_KEY: &str = "bm90LXVzZWQtdGhlLWJlYXJlci10b2tlbi1pcy1zZW50";
+
 impl ServiceBusQueue {
-    /// Builds the sender. Does no I/O.
-    pub fn new(connection: &ServiceBusConnection, queue: &str) -> Result<Self, QueueError> {
-        let transport = reqwest::Client::builder()
-            .timeout(SEND_TIMEOUT)
-            .connect_timeout(SEND_TIMEOUT)
-            .build()
-            .map_err(|_| QueueError::Local("HTTP client could not be built".into()))?;
-        let mut http: Arc<dyn HttpClient> = Arc::new(transport);
+    /// Builds the sender for a connection string (SAS). Does no I/O.
+    pub fn new(
+        connection: &ServiceBusConnection,
+        queue: &str,
+        extra_ca_pem: Option<&Path>,
+    ) -> Result<Self, QueueError> {
+        let mut http = http(extra_ca_pem)?;
         if let Some(base) = &connection.emulator_base {
             http = Arc::new(RedirectingHttpClient::new(http, base.clone()));
         }
-        let client = QueueClient::new(
+        Self::build(
             http,
-            connection.namespace.clone(),
+            &connection.namespace,
             queue,
-            connection.key_name.clone(),
-            connection.key.expose().to_string(),
+            &connection.key_name,
+            connection.key.expose(),
         )
-        .map_err(|_| QueueError::Local("Service Bus client could not be built".into()))?;
+    }
+
+    /// Builds the sender for the app's managed identity and a namespace host
+    /// (`ns.servicebus.windows.net`; a loopback host is a local stand-in on plain HTTP).
+    /// Does no I/O: the first send fetches the token.
+    pub fn with_identity(
+        namespace_host: &str,
+        queue: &str,
+        credential: Arc<dyn TokenCredential>,
+        extra_ca_pem: Option<&Path>,
+    ) -> Result<Self, QueueError> {
+        let base = url::Url::parse(&format!("https://{namespace_host}/"))
+            .ok()
+            .filter(|u| u.path() == "/" && !namespace_host.contains("://"))
+            .and_then(|u| u.host_str().map(|h| (h.to_string(), u.port())))
+            .ok_or_else(|| QueueError::Local("namespace is not a host name".into()))?;
+        let (host, port) = base;
+        let mut http: Arc<dyn HttpClient> = Arc::new(BearerHttpClient::new(
+            http(extra_ca_pem)?,
+            credential,
+            SERVICE_BUS_SCOPE,
+        ));
+        if matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]") {
+            let local = url::Url::parse(&format!("http://{host}:{}", port.unwrap_or(80)))
+                .map_err(|_| QueueError::Local("namespace is not a host name".into()))?;
+            http = Arc::new(RedirectingHttpClient::new(http, local));
+        }
+        let namespace = host.split('.').next().unwrap_or("local").to_string();
+        Self::build(http, &namespace, queue, UNUSED_SAS_KEY_NAME, UNUSED_SAS_KEY)
+    }
+
+    fn build(
+        http: Arc<dyn HttpClient>,
+        namespace: &str,
+        queue: &str,
+        key_name: &str,
+        key: &str,
+    ) -> Result<Self, QueueError> {
+        let client = QueueClient::new(http, namespace, queue, key_name, key.to_string())
+            .map_err(|_| QueueError::Local("Service Bus client could not be built".into()))?;
         Ok(Self {
             client,
             queue: queue.to_string(),
         })
     }
+}
+
+fn http(extra_ca_pem: Option<&Path>) -> Result<Arc<dyn HttpClient>, QueueError> {
+    let client = transport(SEND_TIMEOUT, extra_ca_pem).map_err(QueueError::Local)?;
+    Ok(Arc::new(client))
 }
 
 #[async_trait]
@@ -141,6 +199,11 @@ fn queue_error(err: &azure_core::Error) -> QueueError {
     }
     match err.kind() {
         ErrorKind::Io => QueueError::Unreachable,
+        // No token from the identity endpoint: as transient as an unreachable broker.
+        ErrorKind::Credential => {
+            tracing::warn!("settings queue: no token from the managed identity endpoint");
+            QueueError::Unreachable
+        }
         kind => QueueError::Local(format!("send to Service Bus failed ({kind})")),
     }
 }
@@ -246,7 +309,94 @@ mod tests {
             "Endpoint=sb://127.0.0.1:{port}/;SharedAccessKeyName=sender;SharedAccessKey={KEY};UseDevelopmentEmulator=true"
         ))
         .unwrap();
-        ServiceBusQueue::new(&conn, "soc-settings").unwrap()
+        ServiceBusQueue::new(&conn, "soc-settings", None).unwrap()
+    }
+
+    /// A credential that hands out `token-{n}` (n counts the calls), or fails.
+    #[derive(Debug, Default)]
+    struct CountingCredential {
+        calls: std::sync::atomic::AtomicUsize,
+        fail: bool,
+    }
+
+    #[async_trait]
+    impl TokenCredential for CountingCredential {
+        async fn get_token(
+            &self,
+            scopes: &[&str],
+        ) -> azure_core::Result<azure_core::auth::AccessToken> {
+            assert_eq!(scopes, [SERVICE_BUS_SCOPE]);
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            if self.fail {
+                return Err(azure_core::Error::message(
+                    ErrorKind::Credential,
+                    "endpoint said no: secret-detail",
+                ));
+            }
+            let expires = azure_core::date::parse_rfc3339(
+                &(Utc::now() + chrono::Duration::hours(1)).to_rfc3339(),
+            )?;
+            Ok(azure_core::auth::AccessToken::new(
+                format!("token-{n}"),
+                expires,
+            ))
+        }
+
+        async fn clear_cache(&self) -> azure_core::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn identity_queue_for(port: u16, credential: Arc<CountingCredential>) -> ServiceBusQueue {
+        ServiceBusQueue::with_identity(
+            &format!("127.0.0.1:{port}"),
+            "soc-settings",
+            credential,
+            None,
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn with_the_managed_identity_every_send_carries_a_bearer_token_and_no_sas() {
+        let broker = broker().await;
+        let credential = Arc::new(CountingCredential::default());
+        let queue = identity_queue_for(broker.port, credential.clone());
+        queue.send(&message(false)).await.unwrap();
+        queue.send(&message(true)).await.unwrap();
+        let requests = broker.requests.lock().unwrap().clone();
+        assert_eq!(requests.len(), 2);
+        for (r, n) in requests.iter().zip(1..) {
+            assert_eq!(r.path, "/soc-settings/messages");
+            assert_eq!(header(r, "authorization"), format!("Bearer token-{n}"));
+            assert!(r.headers.get("brokerproperties").is_some());
+        }
+    }
+
+    #[tokio::test]
+    async fn no_token_is_a_transient_error_that_names_no_detail() {
+        let broker = broker().await;
+        let credential = Arc::new(CountingCredential {
+            fail: true,
+            ..Default::default()
+        });
+        let err = identity_queue_for(broker.port, credential)
+            .send(&message(false))
+            .await
+            .unwrap_err();
+        assert_eq!(err, QueueError::Unreachable);
+        assert!(err.is_transient());
+        assert!(
+            broker.requests.lock().unwrap().is_empty(),
+            "nothing reached the broker"
+        );
+        assert!(!err.to_string().contains("secret-detail"));
+    }
+
+    #[test]
+    fn an_identity_namespace_that_is_not_a_host_is_refused() {
+        let credential = Arc::new(CountingCredential::default());
+        assert!(ServiceBusQueue::with_identity("https://ns/path", "q", credential, None).is_err());
     }
 
     fn message(scheduled: bool) -> OutgoingMessage {
@@ -391,11 +541,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_broker_is_an_error() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = devtools::free_port().unwrap();
         let err = queue_for(port).send(&message(false)).await.unwrap_err();
         assert_eq!(err, QueueError::Unreachable);
         assert!(err.is_transient());

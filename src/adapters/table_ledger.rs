@@ -6,6 +6,16 @@
 //! |--------------|-------------------|-----------------------------------------|
 //! | `{deviceId}` | `desired`         | [`DesiredState`]                        |
 //! | `{deviceId}` | `idem-{hex(key)}` | [`IdempotencyRecord`] for that key      |
+//! | `{deviceId}` | `req-{requestId}` | [`HistoryEntry`]: the record's fields + `SupersededBy` |
+//!
+//! History (see [`crate::domain::history`]): `put` and `accept` write the `desired`
+//! row and the history rows they imply in one entity-group transaction (same
+//! partition: all or nothing, the `desired` row's condition deciding), so an entry
+//! never disagrees with the ledger about the request the ledger holds. After an
+//! accepted request, entries beyond the newest
+//! [`HISTORY_LIMIT`](crate::domain::history::HISTORY_LIMIT) are deleted (best effort,
+//! outside the transaction: a failure leaves old entries for the next request to
+//! prune). `delete` touches only the `desired` row.
 //!
 //! Idempotency keys are hex-encoded because keys may contain `/`, `\`, `#`, `?`,
 //! which RowKey forbids. Timestamps are stored as RFC 3339 strings (nanosecond-exact,
@@ -34,14 +44,20 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use super::connection_string::StorageConnection;
+use super::identity::transport;
+use crate::domain::history::{self, HistoryEntry};
 use crate::domain::ledger::{Lease, LeaseHolder};
 use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus};
 use crate::ports::{
     CorruptRow, ETag, IdempotencyRecord, Ledger, PendingPage, StoreError, StoredResponse, Versioned,
 };
+use azure_core::auth::TokenCredential;
+use std::path::Path;
 
 /// Timeout of one storage request.
 pub const STORAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// RowKey prefix of history entries (`req-{requestId}`).
+pub const HISTORY_ROW_PREFIX: &str = "req-";
 /// RowKey of the desired-state record.
 pub const DESIRED_ROW: &str = "desired";
 /// The query `pending()` runs.
@@ -57,23 +73,68 @@ pub struct TableLedger {
 impl TableLedger {
     /// Builds the client. Does no I/O: the table is created on first use.
     pub fn new(connection: &StorageConnection, table_name: &str) -> Result<Self, StoreError> {
-        let transport = reqwest::Client::builder()
-            .timeout(STORAGE_TIMEOUT)
-            .connect_timeout(STORAGE_TIMEOUT)
-            .build()
-            .map_err(|_| StoreError::Unavailable("HTTP client could not be built".into()))?;
-        let location = CloudLocation::Custom {
-            account: connection.account.clone(),
-            uri: connection
-                .table_endpoint
-                .as_str()
-                .trim_end_matches('/')
-                .to_string(),
-        };
+        Self::with_connection(connection, table_name, None)
+    }
+
+    /// [`TableLedger::new`], trusting the extra CA certificates in `extra_ca_pem` too.
+    pub fn with_connection(
+        connection: &StorageConnection,
+        table_name: &str,
+        extra_ca_pem: Option<&Path>,
+    ) -> Result<Self, StoreError> {
         let credentials = StorageCredentials::access_key(
             connection.account.clone(),
             Secret::new(connection.key.expose().to_string()),
         );
+        Self::build(
+            &connection.account,
+            &connection.table_endpoint,
+            credentials,
+            table_name,
+            extra_ca_pem,
+        )
+    }
+
+    /// Builds the client for the app's managed identity (bearer tokens for
+    /// `https://storage.azure.com`) against a table service URL. Does no I/O.
+    pub fn with_identity(
+        table_endpoint: &url::Url,
+        table_name: &str,
+        credential: Arc<dyn TokenCredential>,
+        extra_ca_pem: Option<&Path>,
+    ) -> Result<Self, StoreError> {
+        // The account name only matters for shared-key signing; take it from the URL
+        // (`acct.table.core.windows.net`, or the path of an emulator URL).
+        let account = match table_endpoint.host_str() {
+            Some(host) if host.contains(".table.") => host.split('.').next().unwrap_or_default(),
+            _ => table_endpoint
+                .path_segments()
+                .and_then(|mut s| s.next())
+                .unwrap_or_default(),
+        }
+        .to_string();
+        Self::build(
+            &account,
+            table_endpoint,
+            StorageCredentials::token_credential(credential),
+            table_name,
+            extra_ca_pem,
+        )
+    }
+
+    fn build(
+        account: &str,
+        table_endpoint: &url::Url,
+        credentials: StorageCredentials,
+        table_name: &str,
+        extra_ca_pem: Option<&Path>,
+    ) -> Result<Self, StoreError> {
+        let transport =
+            transport(STORAGE_TIMEOUT, extra_ca_pem).map_err(StoreError::Unavailable)?;
+        let location = CloudLocation::Custom {
+            account: account.to_string(),
+            uri: table_endpoint.as_str().trim_end_matches('/').to_string(),
+        };
         let service = azure_data_tables::clients::TableServiceClientBuilder::with_location(
             location,
             credentials,
@@ -160,6 +221,106 @@ impl TableLedger {
         }
     }
 
+    /// Writes the `desired` row (insert, or replace at `expected`) and `entries` in one
+    /// entity-group transaction. A failed changeset answers with the failing
+    /// operation's status: `409` (inserting over a row), `412` (another writer first)
+    /// or `404` (the row is gone) are a [`StoreError::Conflict`], as for a single write.
+    async fn put_with_history(
+        &self,
+        state: &DesiredState,
+        expected: Option<&ETag>,
+        entries: &[HistoryEntry],
+    ) -> Result<ETag, StoreError> {
+        let table = self.table().await?;
+        let serialise = |e: azure_core::Error| unavailable("serialise", &e);
+        let desired = desired_to_entity(state);
+        let tx = table
+            .partition_key_client(state.device_id.as_str())
+            .transaction();
+        let mut tx = match expected {
+            None => tx.insert(desired),
+            Some(etag) => tx.update(
+                DESIRED_ROW,
+                desired,
+                Some(IfMatchCondition::Etag(Etag::from(etag.0.clone()))),
+            ),
+        }
+        .map_err(serialise)?;
+        for entry in entries {
+            tx = tx
+                .insert_or_replace(
+                    history_row(&entry.request.request_id),
+                    history_to_entity(entry),
+                )
+                .map_err(serialise)?;
+        }
+        let response = tx.await.map_err(|e| unavailable("transaction", &e))?;
+        let statuses: Vec<u16> = response
+            .operation_responses
+            .iter()
+            .map(|r| u16::from(r.status_code))
+            .collect();
+        match statuses.iter().find(|s| **s >= 300) {
+            Some(409 | 412 | 404) => Err(StoreError::Conflict),
+            Some(status) => {
+                let reason = format!("table transaction: HTTP {status}");
+                tracing::warn!(error = %reason, "ledger: storage error");
+                Err(StoreError::Unavailable(reason))
+            }
+            None => {
+                let etag = response
+                    .operation_responses
+                    .first()
+                    .and_then(|r| r.etag.as_ref())
+                    .map(etag_of)
+                    .ok_or_else(|| {
+                        StoreError::Unavailable("table transaction: no ETag for the record".into())
+                    })?;
+                log_written(state);
+                Ok(etag)
+            }
+        }
+    }
+
+    /// Deletes the device's history entries beyond the bound, never `keep`'s. Best
+    /// effort: a failure is logged and left for the next accepted request.
+    async fn prune_history(&self, device: &DeviceId, keep: &RequestId) {
+        let Ok(table) = self.table().await else {
+            return;
+        };
+        // Device ids are [A-Za-z0-9._-]: nothing to escape in the filter.
+        let filter = format!(
+            "PartitionKey eq '{device}' and RowKey ge '{HISTORY_ROW_PREFIX}' and RowKey lt 'req.'"
+        );
+        let mut pages = table
+            .query()
+            .filter(Filter::new(filter))
+            .select(Select::new("RowKey,RequestId,RequestedAt"))
+            .into_stream::<Map<String, Value>>();
+        let mut entries = Vec::new();
+        while let Some(page) = pages.next().await {
+            let Ok(page) = page.map_err(|e| unavailable("query history", &e)) else {
+                return;
+            };
+            for entity in &page.entities {
+                let row = Row { entity };
+                if let (Ok(id), Ok(at)) = (row.str("RequestId"), row.time("RequestedAt")) {
+                    entries.push((RequestId::from_stored(id), at));
+                }
+            }
+        }
+        let partition = table.partition_key_client(device.as_str());
+        for id in history::beyond_limit(entries, keep) {
+            let result = partition.entity_client(history_row(&id)).delete().await;
+            if let Err(e) = result.map_err(|e| status_of(&e).unwrap_or(0)) {
+                if e != 404 {
+                    tracing::warn!(device = %device, status = e, "ledger: could not prune a history entry");
+                    return;
+                }
+            }
+        }
+    }
+
     async fn delete_row(
         &self,
         partition: &str,
@@ -195,13 +356,33 @@ impl Ledger for TableLedger {
     }
 
     async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
-        self.put_row(
-            state.device_id.as_str(),
-            DESIRED_ROW,
-            desired_to_entity(state),
-            expected,
-        )
-        .await
+        self.put_with_history(state, expected, &[HistoryEntry::of(state)])
+            .await
+    }
+
+    async fn accept(
+        &self,
+        state: &DesiredState,
+        replaced: Option<&HistoryEntry>,
+        expected: Option<&ETag>,
+    ) -> Result<ETag, StoreError> {
+        let mut entries = vec![HistoryEntry::of(state)];
+        entries.extend(replaced.cloned());
+        let etag = self.put_with_history(state, expected, &entries).await?;
+        self.prune_history(&state.device_id, &state.request_id)
+            .await;
+        Ok(etag)
+    }
+
+    async fn history_entry(
+        &self,
+        device: &DeviceId,
+        request: &RequestId,
+    ) -> Result<Option<HistoryEntry>, StoreError> {
+        match self.get_row(device.as_str(), &history_row(request)).await? {
+            None => Ok(None),
+            Some((entity, _)) => Ok(Some(history_from_entity(&entity)?)),
+        }
     }
 
     async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError> {
@@ -278,6 +459,29 @@ fn etag_of(etag: &Etag) -> ETag {
 /// Everything that is not a conflict is "unavailable": network, 5xx, auth, throttling.
 /// Built from status, service error code and error kind only, never the SDK's text
 /// (which may carry URLs or response bodies).
+/// One line per ledger write: the device's request and the status the ledger now holds.
+/// The on-call queries and alerts (docs/operations.md) read `device=`, `request_id=`,
+/// `outcome=` and, last on the line, `last_error=`.
+fn log_written(state: &DesiredState) {
+    match &state.last_error {
+        Some(last_error) => tracing::info!(
+            device = %state.device_id,
+            request_id = %state.request_id,
+            outcome = %state.status.as_str(),
+            attempts = state.attempts,
+            last_error = ?last_error,
+            "ledger: request state written"
+        ),
+        None => tracing::info!(
+            device = %state.device_id,
+            request_id = %state.request_id,
+            outcome = %state.status.as_str(),
+            attempts = state.attempts,
+            "ledger: request state written"
+        ),
+    }
+}
+
 fn unavailable(op: &str, err: &azure_core::Error) -> StoreError {
     let reason = match err.as_http_error() {
         Some(http) => format!(
@@ -291,7 +495,9 @@ fn unavailable(op: &str, err: &azure_core::Error) -> StoreError {
             ErrorKind::Io => {
                 format!("table {op}: storage could not be reached (connection failed or timed out)")
             }
-            ErrorKind::Credential => format!("table {op}: storage credentials are invalid"),
+            ErrorKind::Credential => {
+                format!("table {op}: storage credentials are invalid or no token from the managed identity endpoint")
+            }
             kind => format!("table {op}: failed ({kind})"),
         },
     };
@@ -319,6 +525,31 @@ fn put_opt(entity: &mut Map<String, Value>, name: &str, value: Option<Value>) {
     if let Some(v) = value {
         entity.insert(name.to_string(), v);
     }
+}
+
+/// RowKey of a request's history entry.
+pub fn history_row(request: &RequestId) -> String {
+    format!("{HISTORY_ROW_PREFIX}{request}")
+}
+
+fn history_to_entity(e: &HistoryEntry) -> Map<String, Value> {
+    let mut entity = desired_to_entity(&e.request);
+    entity.insert("RowKey".into(), history_row(&e.request.request_id).into());
+    put_opt(
+        &mut entity,
+        "SupersededBy",
+        e.superseded_by.as_ref().map(|id| id.as_str().into()),
+    );
+    entity
+}
+
+fn history_from_entity(entity: &Map<String, Value>) -> Result<HistoryEntry, CorruptRow> {
+    Ok(HistoryEntry {
+        request: desired_from_entity(entity)?,
+        superseded_by: Row { entity }
+            .opt_str("SupersededBy")?
+            .map(RequestId::from_stored),
+    })
 }
 
 fn desired_to_entity(s: &DesiredState) -> Map<String, Value> {
@@ -542,6 +773,35 @@ fn pending_page(entities: &[Map<String, Value>]) -> PendingPage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_ledger_write_logs_the_fields_the_on_call_queries_extract() {
+        let mut state = crate::domain::DesiredState::accept(
+            DeviceId::parse("bat-7.x").unwrap(),
+            MinSoc::new(35).unwrap(),
+            Utc::now(),
+            chrono::Duration::hours(1),
+            None,
+        );
+        let pending = crate::telemetry::capture_logs(None, || log_written(&state));
+        let line = pending.trim_end();
+        assert!(line.contains(" INFO "), "{line}");
+        let request = format!(" request_id={} ", state.request_id);
+        for field in [" device=bat-7.x ", request.as_str(), " outcome=pending"] {
+            assert!(line.contains(field), "{field:?} not in {line}");
+        }
+        assert!(!line.contains("last_error="), "{line}");
+
+        state.status = RequestStatus::Failed;
+        state.last_error = Some("device cloud refused: value not allowed".into());
+        let failed = crate::telemetry::capture_logs(None, || log_written(&state));
+        let line = failed.trim_end();
+        assert!(line.contains(" outcome=failed "), "{line}");
+        assert!(
+            line.ends_with(r#" last_error="device cloud refused: value not allowed""#),
+            "last_error must be the last field: {line}"
+        );
+    }
     use chrono::TimeZone;
 
     fn full_state() -> DesiredState {

@@ -117,12 +117,18 @@ impl SettingRequest {
     /// Largest body accepted; anything bigger is rejected before parsing.
     pub const MAX_BODY_BYTES: usize = 1024;
 
+    /// The one answer to a body over [`Self::MAX_BODY_BYTES`], wherever it is noticed (here,
+    /// or while the HTTP layer reads a much larger one).
+    pub fn too_large() -> InputError {
+        InputError::new(
+            "body",
+            format!("must be at most {} bytes", Self::MAX_BODY_BYTES),
+        )
+    }
+
     pub fn parse(body: &[u8]) -> Result<Self, InputError> {
         if body.len() > Self::MAX_BODY_BYTES {
-            return Err(InputError::new(
-                "body",
-                format!("larger than {} bytes", Self::MAX_BODY_BYTES),
-            ));
+            return Err(Self::too_large());
         }
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err(InputError::new(
@@ -160,17 +166,25 @@ impl SettingRequest {
     }
 }
 
-/// An integer 0..=100. `50.0` is not an integer here: the API is strict so that
-/// a client's rounding bug shows up as a 400 instead of a silently changed value.
+/// A whole number from 0 to 100, as JSON Schema (and so `docs/openapi.yaml`) defines
+/// integers: a number without a fractional part, however written (`50`, `50.0`, `5e1`).
+/// A fraction (`50.5`) is refused, not rounded, so that a client's rounding bug shows
+/// up as a 400 instead of a silently changed value.
 fn percent(field: &'static str, value: &Value) -> Result<u8, InputError> {
-    let Value::Number(n) = value else {
-        return Err(InputError::new(field, "must be an integer 0..=100"));
+    let whole = match value {
+        Value::Number(n) => match (n.as_u64(), n.as_f64()) {
+            (Some(v), _) => Some(v as f64),
+            (None, Some(f)) if f.is_finite() && f.fract() == 0.0 => Some(f),
+            _ => None,
+        },
+        _ => None,
     };
-    match n.as_u64() {
-        Some(v) if v <= 100 => Ok(v as u8),
-        Some(_) => Err(InputError::new(field, "must be between 0 and 100")),
-        None if n.as_i64().is_some() => Err(InputError::new(field, "must be between 0 and 100")),
-        None => Err(InputError::new(field, "must be an integer 0..=100")),
+    match whole {
+        Some(v) if (0.0..=100.0).contains(&v) => Ok(v as u8),
+        _ => Err(InputError::new(
+            field,
+            "must be a whole number from 0 to 100",
+        )),
     }
 }
 
@@ -189,6 +203,25 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_whole_number_counts_however_it_is_written_and_a_fraction_never() {
+        for (body, min_soc) in [
+            (&br#"{"minSoc":50.0}"#[..], 50),
+            (br#"{"minSoc":1e2}"#, 100),
+            (br#"{"minSoc":-0.0}"#, 0),
+            (br#"{"dod":97.0}"#, 3),
+        ] {
+            let parsed = SettingRequest::parse(body).unwrap();
+            assert_eq!(
+                parsed.min_soc.percent(),
+                min_soc,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(SettingRequest::parse(br#"{"minSoc":50.5}"#).is_err());
     }
 
     #[test]
@@ -234,10 +267,10 @@ mod tests {
             (br#"{"dod":101}"#, "dod"),
             (br#"{"dod":-1}"#, "dod"),
             (br#"{"minSoc":50.5}"#, "minSoc"),
-            (br#"{"minSoc":50.0}"#, "minSoc"),
             (br#"{"minSoc":"50"}"#, "minSoc"),
             (br#"{"minSoc":null}"#, "minSoc"),
-            (br#"{"minSoc":1e2}"#, "minSoc"),
+            (br#"{"minSoc":1e3}"#, "minSoc"),
+            (br#"{"minSoc":100.000001}"#, "minSoc"),
             (br#"{"minSoc":18446744073709551616}"#, "minSoc"),
             (br#"{"minsoc":50}"#, "body"),
         ];
@@ -256,7 +289,26 @@ mod tests {
     fn oversized_bodies_are_rejected_before_parsing() {
         let body = format!(r#"{{"minSoc":50,"pad":"{}"}}"#, " ".repeat(2000));
         let err = SettingRequest::parse(body.as_bytes()).unwrap_err();
-        assert!(err.reason.contains("larger than"));
+        assert_eq!(err, SettingRequest::too_large());
+        assert_eq!(err.to_string(), "body: must be at most 1024 bytes");
+    }
+
+    #[test]
+    fn every_bad_value_gets_the_same_words_for_people() {
+        for body in [
+            &br#"{"dod":101}"#[..],
+            br#"{"minSoc":-1}"#,
+            br#"{"minSoc":50.5}"#,
+            br#"{"minSoc":"50"}"#,
+        ] {
+            let err = SettingRequest::parse(body).unwrap_err();
+            assert_eq!(
+                err.reason,
+                "must be a whole number from 0 to 100",
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]

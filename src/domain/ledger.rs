@@ -13,7 +13,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-use super::input::{DeviceId, MinSoc};
+use super::input::{DeviceId, InputError, MinSoc};
 
 /// Identifies one accepted request (UUID v4, simple form).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -27,6 +27,19 @@ impl RequestId {
 
     pub fn from_stored(raw: impl Into<String>) -> Self {
         Self(raw.into())
+    }
+
+    /// A request id the API received (a path segment): 32 lower-case hex digits, the
+    /// form [`RequestId::new_random`] makes.
+    pub fn parse(raw: &str) -> Result<Self, InputError> {
+        if raw.len() == 32 && raw.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(Self(raw.to_string()))
+        } else {
+            Err(InputError::new(
+                "requestId",
+                "must be 32 lower-case hex digits",
+            ))
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -480,5 +493,25 @@ mod tests {
             assert_eq!(RequestStatus::parse(s.as_str()), Some(s));
         }
         assert_eq!(RequestStatus::parse("done"), None);
+    }
+
+    #[test]
+    fn request_ids_from_the_api_are_what_new_random_makes_and_nothing_else() {
+        let fresh = RequestId::new_random();
+        assert_eq!(RequestId::parse(fresh.as_str()), Ok(fresh));
+        for bad in [
+            "",
+            "abc",
+            &"A".repeat(32),
+            &"g".repeat(32),
+            &"a".repeat(33),
+            "../x",
+        ] {
+            assert_eq!(
+                RequestId::parse(bad).unwrap_err().field,
+                "requestId",
+                "{bad}"
+            );
+        }
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! - [`input`]: parsing what the API receives (device ids, settings, idempotency keys).
 //! - [`ledger`]: the per-device desired-state record and what may happen to it.
+//! - [`history`]: what became of each of a device's recent requests.
 //! - [`schedule`]: re-check back-off and expiry arithmetic.
 
+pub mod history;
 pub mod input;
 pub mod ledger;
 pub mod schedule;

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 
+use crate::domain::history::{self, HistoryEntry};
 use crate::domain::schedule::Backoff;
 use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
 use crate::ports::*;
@@ -197,6 +198,58 @@ struct LedgerState {
     down: bool,
     /// Devices whose `desired` row exists but does not read (`StoreError::Corrupt`).
     corrupt: HashMap<String, CorruptRow>,
+    /// History entries by (device, request id), written with the record as the Table
+    /// ledger does (see `domain::history`).
+    history: HashMap<(String, String), HistoryEntry>,
+}
+
+impl LedgerState {
+    /// One atomic write: the record, its request's entry and the `replaced` entry.
+    fn write(
+        &mut self,
+        state: &DesiredState,
+        replaced: Option<&HistoryEntry>,
+        expected: Option<&ETag>,
+    ) -> Result<ETag, StoreError> {
+        if self.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        if self.corrupt.contains_key(state.device_id.as_str()) {
+            // The unreadable row's ETag was never handed out: no write can match it.
+            return Err(StoreError::Conflict);
+        }
+        check(self.rows.get(state.device_id.as_str()), expected)?;
+        self.next += 1;
+        let n = self.next;
+        self.rows
+            .insert(state.device_id.to_string(), (state.clone(), n));
+        self.keep_entry(HistoryEntry::of(state));
+        if let Some(entry) = replaced {
+            self.keep_entry(entry.clone());
+        }
+        Ok(ETag(n.to_string()))
+    }
+
+    fn keep_entry(&mut self, entry: HistoryEntry) {
+        let key = (
+            entry.request.device_id.to_string(),
+            entry.request.request_id.to_string(),
+        );
+        self.history.insert(key, entry);
+    }
+
+    /// Drops the device's entries beyond the bound, never the request it holds.
+    fn prune(&mut self, device: &DeviceId, keep: &RequestId) {
+        let entries: Vec<_> = self
+            .history
+            .iter()
+            .filter(|((d, _), _)| d == device.as_str())
+            .map(|(_, e)| (e.request.request_id.clone(), e.request.requested_at))
+            .collect();
+        for id in history::beyond_limit(entries, keep) {
+            self.history.remove(&(device.to_string(), id.to_string()));
+        }
+    }
 }
 
 #[derive(Clone, Default)]
@@ -254,20 +307,33 @@ impl Ledger for FakeLedger {
     }
 
     async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
+        self.0.lock().unwrap().write(state, None, expected)
+    }
+
+    async fn accept(
+        &self,
+        state: &DesiredState,
+        replaced: Option<&HistoryEntry>,
+        expected: Option<&ETag>,
+    ) -> Result<ETag, StoreError> {
         let mut s = self.0.lock().unwrap();
+        let etag = s.write(state, replaced, expected)?;
+        s.prune(&state.device_id, &state.request_id);
+        Ok(etag)
+    }
+
+    async fn history_entry(
+        &self,
+        device: &DeviceId,
+        request: &RequestId,
+    ) -> Result<Option<HistoryEntry>, StoreError> {
+        let s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
         }
-        if s.corrupt.contains_key(state.device_id.as_str()) {
-            // The unreadable row's ETag was never handed out: no write can match it.
-            return Err(StoreError::Conflict);
-        }
-        check(s.rows.get(state.device_id.as_str()), expected)?;
-        s.next += 1;
-        let n = s.next;
-        s.rows
-            .insert(state.device_id.to_string(), (state.clone(), n));
-        Ok(ETag(n.to_string()))
+        Ok(s.history
+            .get(&(device.to_string(), request.to_string()))
+            .cloned())
     }
 
     async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError> {
@@ -488,8 +554,8 @@ pub async fn post_min_soc(h: &Harness, device: &str, min_soc: u8) -> serde_json:
     let request = super::set_soc_http::ApiRequest {
         method: "POST".into(),
         device_id: device.into(),
-        idempotency_key: None,
         body: format!(r#"{{"minSoc":{min_soc}}}"#).into_bytes(),
+        ..Default::default()
     };
     super::set_soc_http::handle(&h.svc, request).await.body
 }

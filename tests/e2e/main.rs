@@ -3,6 +3,8 @@
 //! timing (short schedules and TTLs through app settings). The test plays the mobile app, the
 //! batteries and the operator; everything else happens on its own. See `support.rs`.
 
+mod contract;
+mod requests;
 mod support;
 mod walkthrough;
 
@@ -58,11 +60,11 @@ async fn an_offline_request_is_pending_and_applied_after_the_device_returns() {
     assert_eq!(r.body["status"], "pending");
     assert_eq!(r.body["minSoc"], 40);
     assert!(r.body["expiresAt"].is_string());
+    let request_id = r.body["requestId"].as_str().unwrap().to_string();
     assert_eq!(
         r.headers.get("location").and_then(|v| v.to_str().ok()),
-        Some("/api/devices/bat-1/soc")
+        Some(format!("/api/devices/bat-1/soc/requests/{request_id}").as_str())
     );
-    let request_id = r.body["requestId"].as_str().unwrap().to_string();
     let (status, rec) = app.get("bat-1").await;
     assert_eq!((status, rec["status"].as_str()), (200, Some("pending")));
     assert!(
@@ -124,6 +126,69 @@ async fn latest_wins_when_two_requests_wait_for_an_offline_device() {
         "A must never reach the device: {:?}",
         app.history("bat-1")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queues_page_tells_which_message_will_apply_and_which_will_no_op_and_why() {
+    // Re-checks far away, no timer: the messages stay scheduled while the page is read.
+    let app = Setup::new()
+        .set("SOC_RECHECK_INITIAL_SECONDS", "600")
+        .set("SOC_RECHECK_MAX_SECONDS", "1800")
+        .no_timers()
+        .start()
+        .await;
+    app.sim.add_device("bat-1", false);
+    app.sim.add_device("bat-2", false);
+    let a = app.post("bat-1", r#"{"minSoc":20}"#).await;
+    let b = app.post("bat-1", r#"{"minSoc":80}"#).await;
+    let c = app.post("bat-2", r#"{"minSoc":50}"#).await;
+    assert_eq!((a.status, b.status, c.status), (202, 202, 202));
+    app.sim.set_online("bat-2", true);
+    app.fire_timer().await;
+    app.wait_status("bat-2", "applied", None, secs(15)).await;
+
+    let page = reqwest::get(format!("{}/_devhost/queues", app.host().base_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("\n  "), "pretty-printed: {page}");
+    let page: Value = serde_json::from_str(&page).unwrap();
+    let fate_of = |request: &Value| {
+        let id = request["requestId"].as_str().unwrap();
+        let found: Vec<&str> = page[0]["scheduled"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["bodyText"].as_str().unwrap().contains(id))
+            .map(|m| m["fate"].as_str().unwrap())
+            .collect();
+        assert_eq!(found.len(), 1, "one message for {id}: {page:#}");
+        found[0].to_string()
+    };
+    assert_eq!(
+        fate_of(&a.body),
+        format!(
+            "will no-op: superseded by {}",
+            b.body["requestId"].as_str().unwrap()
+        )
+    );
+    assert!(fate_of(&b.body).starts_with("will apply"));
+    assert_eq!(fate_of(&c.body), "will no-op: request already applied");
+
+    // A browser gets the same as a table.
+    let html = app
+        .http
+        .get(format!("{}/_devhost/queues", app.host().base_url()))
+        .header("accept", "text/html,application/xhtml+xml")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("<table>") && html.contains("will no-op: request already applied"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,6 +437,33 @@ async fn an_unknown_device_or_a_rejected_value_fails_with_the_reason_without_end
             .count()
             <= 1
     );
+
+    // Refused while online: 422 in our words; the vendor's text only in lastError, without
+    // the URL (and its key) the vendor put in it.
+    app.sim.patch(
+        "bat-picky",
+        &DevicePatch {
+            reject: Some(Some(
+                "minSoc below the vendor floor of 10, see https://vendor.example/doc?key=abc"
+                    .into(),
+            )),
+            ..Default::default()
+        },
+    );
+    let r = app.post("bat-picky", r#"{"minSoc":6}"#).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("refused minSoc 6 for device bat-picky") && !detail.contains("vendor"),
+        "{detail}"
+    );
+    let (_, record) = app.get("bat-picky").await;
+    let last_error = record["lastError"].as_str().unwrap();
+    assert!(
+        last_error.contains("vendor floor of 10") && last_error.contains("<url>"),
+        "{last_error}"
+    );
+    assert!(!last_error.contains("key=abc"), "{last_error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

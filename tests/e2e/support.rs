@@ -20,9 +20,7 @@ use devtools::devicesim::{DeviceSim, PutRecord};
 use devtools::servicebus::StoredMessage;
 use serde_json::Value;
 
-#[path = "../support/azurite.rs"]
-mod azurite;
-use azurite::Azurite;
+use testkit::azurite::Azurite;
 
 pub const QUEUE: &str = "soc-settings";
 
@@ -226,6 +224,28 @@ impl App {
             .expect("GET through devhost");
         let status = res.status().as_u16();
         (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// GET of a path the API answered with (a `Location`), with the function key.
+    pub async fn get_path(&self, path: &str) -> (u16, Value) {
+        let res = self
+            .http
+            .get(format!("{}{path}", self.host().base_url()))
+            .header("x-functions-key", self.host().function_key())
+            .send()
+            .await
+            .expect("GET through devhost");
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until the request at `path` (a `Location`) shows `status`.
+    pub async fn wait_request_status(&self, path: &str, status: &str, timeout: Duration) -> Value {
+        self.eventually(&format!("{path} to be {status}"), timeout, || async {
+            let (code, body) = self.get_path(path).await;
+            (code == 200 && body["status"] == status).then_some(body)
+        })
+        .await
     }
 
     /// Waits until the device's record has `status` (and, if given, `request_id`).

@@ -48,13 +48,25 @@ async fn run(command: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_walk_through_printed_by_scripts_dev_works_as_written() {
+/// How the person following the walk-through behaves.
+struct Pace {
+    /// SOC_RECHECK_INITIAL_SECONDS (scripts/dev's default is 60).
+    recheck_seconds: u64,
+    /// After this step (1-based), wait until the request has had this many device attempts
+    /// (the POST's own plus one per re-check), as a person who walks away for a while.
+    pause_after_step: Option<(usize, u64)>,
+}
+
+/// Runs the printed walk-through at `pace`; returns the app and each step's output.
+async fn walk(pace: Pace) -> (crate::support::App, Vec<String>) {
     const FUNCTION_KEY: &str = "e2e-walkthrough-function-key";
     const MASTER_KEY: &str = "e2e-walkthrough-master-key";
     // scripts/dev runs with local.settings.json's timings unless told otherwise.
     let app = Setup::new()
-        .set("SOC_RECHECK_INITIAL_SECONDS", "60")
+        .set(
+            "SOC_RECHECK_INITIAL_SECONDS",
+            &pace.recheck_seconds.to_string(),
+        )
         .set("SOC_RECHECK_MAX_SECONDS", "1800")
         .set("DRAIN_SOC_SCHEDULE", "0 */5 * * * *")
         .keys(FUNCTION_KEY, MASTER_KEY)
@@ -81,8 +93,9 @@ async fn the_walk_through_printed_by_scripts_dev_works_as_written() {
     assert!(printed.status.success(), "{printed:?}");
     let text = String::from_utf8(printed.stdout).unwrap();
     let steps = parse(&text);
-    assert!(steps.len() >= 8, "the walk-through has its steps:\n{text}");
+    assert!(steps.len() >= 9, "the walk-through has its steps:\n{text}");
 
+    let mut outputs = Vec::new();
     for (i, step) in steps.iter().enumerate() {
         assert!(
             !step.expect.is_empty(),
@@ -95,6 +108,7 @@ async fn the_walk_through_printed_by_scripts_dev_works_as_written() {
             let out = run(&step.command).await;
             let missing: Vec<&String> = step.expect.iter().filter(|e| !out.contains(*e)).collect();
             if missing.is_empty() {
+                outputs.push(out);
                 break;
             }
             assert!(
@@ -106,7 +120,81 @@ async fn the_walk_through_printed_by_scripts_dev_works_as_written() {
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        if let Some((after, attempts)) = pace.pause_after_step {
+            if after == i + 1 {
+                let wait = Duration::from_secs(pace.recheck_seconds * 8 + 20);
+                app.eventually("the re-checks of a user who walked away", wait, || async {
+                    let (_, body) = app.get("bat-offline").await;
+                    (body["attempts"].as_u64() >= Some(attempts)).then_some(())
+                })
+                .await;
+            }
+        }
     }
     assert_eq!(app.device_value("bat-offline"), Some(30));
     assert_eq!(app.device_value("bat-online"), Some(25));
+    (app, outputs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walk_through_printed_by_scripts_dev_works_as_written() {
+    let (app, outputs) = walk(Pace {
+        recheck_seconds: 60,
+        pause_after_step: None,
+    })
+    .await;
+
+    // Step 1's Location is that request's own status; like every API call it needs the key:
+    // without it the host answers 401 with an empty body.
+    let location = outputs[0]
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(name, _)| name.eq_ignore_ascii_case("location"))
+        })
+        .map(|(_, v)| v.trim().to_string())
+        .expect("the 202 of step 1 has a Location");
+    assert!(
+        location.starts_with("/api/devices/bat-offline/soc/requests/"),
+        "{location}"
+    );
+    let url = format!("{}{location}", app.host().base_url());
+    let r = app.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.bytes().await.unwrap().is_empty());
+    let r = app
+        .http
+        .get(&url)
+        .header("x-functions-key", app.host().function_key())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let request: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (request["minSoc"].as_u64(), request["status"].as_str()),
+        (Some(30), Some("applied")),
+        "step 1's request, applied in step 6"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walk_through_stays_true_for_a_user_who_pauses_while_re_checks_run() {
+    // Re-checks 3 s after the POST, then 6 s later: the user returns after both ran.
+    let (app, _) = walk(Pace {
+        recheck_seconds: 3,
+        pause_after_step: Some((3, 3)),
+    })
+    .await;
+    let outcomes: Vec<String> = app
+        .history("bat-offline")
+        .into_iter()
+        .filter(|p| p.min_soc == Some(30))
+        .map(|p| p.outcome)
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["offline", "offline", "offline", "applied"],
+        "the POST's try, two re-checks, the apply"
+    );
 }

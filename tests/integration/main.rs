@@ -1,17 +1,15 @@
 //! Integration tests: the real `handler` binary, real Azurite, loopback stand-ins for
 //! the device cloud and Service Bus, driven through the host protocol (see `support`).
+//! `identity`: the same with the managed identity instead of keys.
 
+mod identity;
 mod support;
 
 use std::time::Duration;
 
 use devtools::devicesim::{DeviceConfig, Fault};
 use serde_json::Value;
-use support::{Options, TestApp};
-
-fn minsoc(v: i64) -> String {
-    format!(r#"{{"minSoc":{v}}}"#)
-}
+use support::{minsoc, Options, TestApp};
 
 #[tokio::test]
 async fn an_online_device_is_set_at_once_and_the_device_sees_exactly_that_value() {
@@ -45,7 +43,7 @@ async fn an_offline_request_waits_in_service_bus_and_is_applied_when_the_device_
     app.device("bat-1", false);
     let (status, headers, body) = app.post_soc("bat-1", &minsoc(20)).await;
     assert_eq!(status, 202, "{body}");
-    assert_eq!(headers["location"], "/api/devices/bat-1/soc");
+    location(&headers, &body);
     assert_eq!(body["status"], "pending");
 
     let messages = app.messages();
@@ -563,11 +561,7 @@ async fn a_handler_killed_mid_apply_is_redelivered_and_applied_once_in_effect() 
 async fn the_handler_answers_readiness_at_once_and_fails_invocations_when_misconfigured() {
     let mut app = TestApp::start().await;
     app.kill_handler();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testkit::free_port();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_handler"))
         .env_clear()
         .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
@@ -614,4 +608,112 @@ async fn the_handler_answers_readiness_at_once_and_fails_invocations_when_miscon
         "the operator sees what is missing, on stdout: {logs}"
     );
     let _: Value = Value::Null;
+}
+
+/// The `Location` of a `202`: the request's own status.
+fn location(headers: &reqwest::header::HeaderMap, body: &Value) -> String {
+    let location = headers["location"].to_str().unwrap().to_string();
+    assert_eq!(
+        location,
+        format!(
+            "/api/devices/{}/soc/requests/{}",
+            body["deviceId"].as_str().unwrap(),
+            body["requestId"].as_str().unwrap()
+        )
+    );
+    location
+}
+
+#[tokio::test]
+async fn each_request_can_be_followed_until_it_is_applied_superseded_failed_or_expired() {
+    let app = TestApp::start_with(Options {
+        ttl_seconds: 3,
+        recheck_initial_seconds: 1,
+        ..Default::default()
+    })
+    .await;
+    app.device("bat-1", false);
+
+    // A waits for the battery; B replaces it while it waits.
+    let (status, headers, a) = app.post_soc("bat-1", &minsoc(10)).await;
+    assert_eq!(status, 202, "{a}");
+    let a_at = location(&headers, &a);
+    let (status, shown) = app.get_path(&a_at).await;
+    assert_eq!(
+        (status, shown["status"].as_str()),
+        (200, Some("pending")),
+        "{shown}"
+    );
+    assert_eq!(shown["requestId"], a["requestId"]);
+    let (_, headers, b) = app.post_soc("bat-1", &minsoc(20)).await;
+    let b_at = location(&headers, &b);
+    let (_, shown) = app.get_path(&a_at).await;
+    assert_eq!(shown["status"], "superseded", "{shown}");
+    assert_eq!(shown["supersededBy"], b["requestId"]);
+
+    // B is applied when the battery returns; A stays superseded.
+    app.set_online("bat-1", true);
+    app.deliver_all().await;
+    let (_, shown) = app.get_path(&b_at).await;
+    assert_eq!(shown["status"], "applied", "{shown}");
+    assert!(shown["appliedAt"].is_string());
+    assert_eq!(app.get_path(&a_at).await.1["status"], "superseded");
+
+    // C is refused by the device cloud when it is tried.
+    app.set_online("bat-1", false);
+    let (_, headers, c) = app.post_soc("bat-1", &minsoc(30)).await;
+    let c_at = location(&headers, &c);
+    app.set_online("bat-1", true);
+    app.configure(
+        "bat-1",
+        DeviceConfig {
+            reject: Some("minSoc below the vendor floor".into()),
+            ..Default::default()
+        },
+    );
+    app.deliver_all().await;
+    let (_, shown) = app.get_path(&c_at).await;
+    assert_eq!(shown["status"], "failed", "{shown}");
+    assert!(shown["lastError"]
+        .as_str()
+        .unwrap()
+        .contains("vendor floor"));
+
+    // D outlives its TTL while the battery is away.
+    app.configure("bat-1", DeviceConfig::default());
+    app.set_online("bat-1", false);
+    let (_, headers, d) = app.post_soc("bat-1", &minsoc(40)).await;
+    let d_at = location(&headers, &d);
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    assert_eq!(app.fire_timer().await.0, 200);
+    let (_, shown) = app.get_path(&d_at).await;
+    assert_eq!(shown["status"], "expired", "{shown}");
+
+    // Every earlier request still says what became of it; the device's latest is D.
+    assert_eq!(app.get_path(&b_at).await.1["status"], "applied");
+    assert_eq!(app.get_path(&c_at).await.1["status"], "failed");
+    assert_eq!(app.get_soc("bat-1").await.1["requestId"], d["requestId"]);
+    let unknown = format!("/api/devices/bat-1/soc/requests/{}", "0".repeat(32));
+    assert_eq!(app.get_path(&unknown).await.0, 404);
+    assert_eq!(app.applied_values("bat-1"), vec![20]);
+}
+
+#[tokio::test]
+async fn a_post_answered_503_leaves_the_previous_request_pending_and_not_superseded() {
+    let app = TestApp::start().await;
+    app.device("bat-1", false);
+    let (_, headers, a) = app.post_soc("bat-1", &minsoc(10)).await;
+    let a_at = location(&headers, &a);
+    // The battery is still away and B's wake-up cannot be sent: B is taken back (503).
+    app.set_broker_down(true);
+    let (status, _, _) = app.post_soc("bat-1", &minsoc(90)).await;
+    assert_eq!(status, 503);
+    app.set_broker_down(false);
+    let (status, shown) = app.get_path(&a_at).await;
+    assert_eq!(
+        (status, shown["status"].as_str()),
+        (200, Some("pending")),
+        "{shown}"
+    );
+    assert!(shown.get("supersededBy").is_none(), "{shown}");
 }

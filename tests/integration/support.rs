@@ -4,6 +4,12 @@
 //! - the Service Bus REST stand-in on a free loopback port, behind a switch that
 //!   turns it into an outage (503) on demand.
 //!
+//! With [`Access::ManagedIdentity`] the handler gets no key at all: it reaches storage
+//! and Service Bus with tokens from the managed-identity stand-in
+//! (`devtools::identity`, at `IDENTITY_ENDPOINT`), Azurite runs over HTTPS with
+//! `--oauth basic` (a certificate made here, trusted through `SOC_EXTRA_CA_CERTS`), and
+//! the Service Bus stand-in verifies the bearer tokens.
+//!
 //! The test plays the Functions host step by step: it POSTs HTTP requests the way
 //! the host forwards them, takes messages from the broker with peek-lock and POSTs
 //! the exact Service Bus trigger envelope, and fires the timer with the real
@@ -22,12 +28,12 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use devtools::devhost::payloads::{servicebus_envelope, timer_envelope};
 use devtools::devicesim::{DeviceConfig, DeviceSim, PutRecord};
+use devtools::identity::{IdentityConfig, ManagedIdentity};
 use devtools::servicebus::{Broker, BrokerConfig, Delivery, StoredMessage};
 use serde_json::Value;
 
-#[path = "../support/azurite.rs"]
-mod azurite;
-use azurite::Azurite;
+use testkit::azurite::Azurite;
+use testkit::free_port;
 
 pub const QUEUE: &str = "soc-settings";
 const SB_KEY_NAME: &str = "RootManageSharedAccessKey";
@@ -38,6 +44,7 @@ pub struct Options {
     pub ttl_seconds: u64,
     pub recheck_initial_seconds: u64,
     pub device_timeout_ms: u64,
+    pub access: Access,
 }
 
 impl Default for Options {
@@ -46,9 +53,31 @@ impl Default for Options {
             ttl_seconds: 3600,
             recheck_initial_seconds: 60,
             device_timeout_ms: 1500,
+            access: Access::ConnectionStrings,
         }
     }
 }
+
+/// How the handler reaches storage and Service Bus.
+pub enum Access {
+    /// Azurite's and the stand-in's connection strings (shared key, SAS), as locally.
+    ConnectionStrings,
+    /// The app's managed identity, as in Azure: tokens of `token_lifetime` from the
+    /// identity stand-in, which the handler must call with `identity_header`.
+    ManagedIdentity {
+        token_lifetime: Duration,
+        identity_header: &'static str,
+    },
+}
+
+/// A `{"minSoc": v}` request body.
+pub fn minsoc(v: i64) -> String {
+    format!(r#"{{"minSoc":{v}}}"#)
+}
+
+/// The `IDENTITY_HEADER` value the identity stand-in expects.
+pub const IDENTITY_HEADER: &str = "integration-identity-header";
+const IDENTITY_SIGNING_KEY: &[u8] = b"integration-identity-signing-key";
 
 pub struct TestApp {
     pub url: String,
@@ -58,6 +87,8 @@ pub struct TestApp {
     broker_down: Arc<AtomicBool>,
     child: Child,
     azurite: Arc<Azurite>,
+    /// The managed-identity stand-in, with [`Access::ManagedIdentity`].
+    pub identity: Option<ManagedIdentity>,
     dir: PathBuf,
     env: Vec<(String, String)>,
 }
@@ -68,38 +99,90 @@ impl TestApp {
     }
 
     pub async fn start_with(opts: Options) -> TestApp {
-        let azurite = Azurite::shared();
         let sim = DeviceSim::start("127.0.0.1:0".parse().unwrap())
             .await
             .expect("devicesim");
         let dir = std::env::temp_dir().join(format!("soc-it-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("test directory");
         let mut config = BrokerConfig::new(dir.join("servicebus"), SB_KEY_NAME, SB_KEY);
         config.queues = vec![QUEUE.to_string()];
         config.lock_duration = Duration::from_secs(30);
+        if matches!(opts.access, Access::ManagedIdentity { .. }) {
+            config.bearer_key = Some(IDENTITY_SIGNING_KEY.to_vec());
+        }
         let broker = Broker::open(config).expect("broker");
         let broker_down = Arc::new(AtomicBool::new(false));
         let sb_addr = serve_switchable(&broker, broker_down.clone()).await;
 
         let table = format!("it{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let port = free_port();
+        let (azurite, identity, access_env) = match opts.access {
+            Access::ConnectionStrings => {
+                let azurite = Azurite::shared();
+                let env = vec![
+                    ("AzureWebJobsStorage", azurite.connection_string()),
+                    (
+                        "ServiceBusConnection",
+                        format!("Endpoint=sb://{sb_addr};SharedAccessKeyName={SB_KEY_NAME};SharedAccessKey={SB_KEY};UseDevelopmentEmulator=true"),
+                    ),
+                ];
+                (azurite, None, env)
+            }
+            Access::ManagedIdentity {
+                token_lifetime,
+                identity_header,
+            } => {
+                let (cert, key) = self_signed_loopback_certificate(&dir);
+                let azurite = Arc::new(Azurite::start_oauth(&cert, &key));
+                let mut config = IdentityConfig::new(IDENTITY_HEADER, IDENTITY_SIGNING_KEY);
+                config.token_lifetime = token_lifetime;
+                let identity = ManagedIdentity::start("127.0.0.1:0".parse().unwrap(), config)
+                    .await
+                    .expect("managed identity stand-in");
+                let env = vec![
+                    (
+                        "AzureWebJobsStorage__credential",
+                        "managedidentity".to_string(),
+                    ),
+                    (
+                        "AzureWebJobsStorage__tableServiceUri",
+                        azurite.table_endpoint(),
+                    ),
+                    (
+                        "ServiceBusConnection__credential",
+                        "managedidentity".to_string(),
+                    ),
+                    (
+                        "ServiceBusConnection__fullyQualifiedNamespace",
+                        sb_addr.to_string(),
+                    ),
+                    ("IDENTITY_ENDPOINT", identity.endpoint()),
+                    ("IDENTITY_HEADER", identity_header.to_string()),
+                    ("SOC_EXTRA_CA_CERTS", cert.display().to_string()),
+                ];
+                (azurite, Some(identity), env)
+            }
+        };
         let env: Vec<(String, String)> = [
             ("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string()),
-            ("AzureWebJobsStorage", azurite.connection_string()),
-            (
-                "ServiceBusConnection",
-                format!("Endpoint=sb://{sb_addr};SharedAccessKeyName={SB_KEY_NAME};SharedAccessKey={SB_KEY};UseDevelopmentEmulator=true"),
-            ),
             ("SOC_QUEUE_NAME", QUEUE.to_string()),
             ("SOC_STATE_TABLE", table),
             ("DEVICE_API_BASE_URL", sim.base_url()),
             ("DEVICE_API_KEY", DEVICE_KEY.to_string()),
             ("DEVICE_API_TIMEOUT_MS", opts.device_timeout_ms.to_string()),
             ("SOC_REQUEST_TTL_SECONDS", opts.ttl_seconds.to_string()),
-            ("SOC_RECHECK_INITIAL_SECONDS", opts.recheck_initial_seconds.to_string()),
-            ("SOC_RECHECK_MAX_SECONDS", (opts.recheck_initial_seconds * 8).to_string()),
+            (
+                "SOC_RECHECK_INITIAL_SECONDS",
+                opts.recheck_initial_seconds.to_string(),
+            ),
+            (
+                "SOC_RECHECK_MAX_SECONDS",
+                (opts.recheck_initial_seconds * 8).to_string(),
+            ),
             ("DRAIN_SOC_CONCURRENCY", "8".to_string()),
         ]
         .into_iter()
+        .chain(access_env)
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let child = spawn_handler(&env);
@@ -111,6 +194,7 @@ impl TestApp {
             broker_down,
             child,
             azurite,
+            identity,
             dir,
             env,
         };
@@ -239,6 +323,18 @@ impl TestApp {
         (status, res.json().await.unwrap_or(Value::Null))
     }
 
+    /// GET of a path the API answered with (a `Location`), as the host forwards it.
+    pub async fn get_path(&self, path: &str) -> (u16, Value) {
+        let res = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("GET");
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
     // -------------------------------------------------------------- Service Bus
 
     pub fn set_broker_down(&self, down: bool) {
@@ -341,6 +437,17 @@ impl Drop for TestApp {
     }
 }
 
+/// A self-signed certificate for `127.0.0.1` (IP SAN) and its key, as PEM files in `dir`.
+fn self_signed_loopback_certificate(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()])
+        .expect("a self-signed certificate");
+    let cert = dir.join("azurite-cert.pem");
+    let key = dir.join("azurite-key.pem");
+    std::fs::write(&cert, certified.cert.pem()).expect("write certificate");
+    std::fs::write(&key, certified.key_pair.serialize_pem()).expect("write key");
+    (cert, key)
+}
+
 fn spawn_handler(env: &[(String, String)]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_handler"));
     cmd.env_clear()
@@ -353,14 +460,6 @@ fn spawn_handler(env: &[(String, String)]) -> Child {
         cmd.stdout(Stdio::null());
     }
     cmd.stderr(Stdio::inherit()).spawn().expect("spawn handler")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Serves the broker's REST endpoint; while `down` is set every request gets 503, as

@@ -3,16 +3,22 @@
 //! ```text
 //! devicesim [--addr 127.0.0.1:7073] [--api-key KEY | --no-api-key] [--seed N]
 //!           [--device ID[:online|:offline]]... [--fleet N] [--fleet-interval-ms MS]
+//!           [--state FILE [--fresh]]
 //! ```
+//!
+//! `--state FILE` keeps the devices (and the PUT history) in FILE across restarts; a `--device`
+//! already in FILE keeps its saved state. `--fresh` forgets what FILE held.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use devtools::devicesim::{DeviceSim, FleetConfig, DEFAULT_API_KEY};
 
 fn usage() -> ! {
     println!(
         "usage: devicesim [--addr 127.0.0.1:7073] [--api-key KEY | --no-api-key] [--seed N]\n\
-         \x20                [--device ID[:online|:offline]]... [--fleet N] [--fleet-interval-ms MS]"
+         \x20                [--device ID[:online|:offline]]... [--fleet N] [--fleet-interval-ms MS]\n\
+         \x20                [--state FILE [--fresh]]"
     );
     std::process::exit(2)
 }
@@ -26,6 +32,8 @@ async fn main() -> anyhow::Result<()> {
     let mut devices: Vec<(String, bool)> = Vec::new();
     let mut fleet: Option<usize> = None;
     let mut fleet_interval = 2000u64;
+    let mut state_file: Option<PathBuf> = None;
+    let mut fresh = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
@@ -44,13 +52,27 @@ async fn main() -> anyhow::Result<()> {
             }
             "--fleet" => fleet = Some(val().parse()?),
             "--fleet-interval-ms" => fleet_interval = val().parse()?,
+            "--state" => state_file = Some(PathBuf::from(val())),
+            "--fresh" => fresh = true,
             "-h" | "--help" => usage(),
             _ => usage(),
         }
     }
-    let sim = DeviceSim::start_with(addr, api_key.clone(), seed).await?;
+    let sim = match &state_file {
+        Some(file) => {
+            if fresh && file.exists() {
+                std::fs::remove_file(file)?;
+            }
+            DeviceSim::start_saved(addr, api_key.clone(), seed, file).await?
+        }
+        None => DeviceSim::start_with(addr, api_key.clone(), seed).await?,
+    };
+    let restored = sim.devices().len();
     for (id, online) in &devices {
-        sim.add_device(id, *online);
+        // A device the state file already holds keeps its saved state.
+        if sim.device(id).is_none() {
+            sim.add_device(id, *online);
+        }
     }
     if let Some(n) = fleet {
         sim.start_fleet(FleetConfig {
@@ -65,6 +87,12 @@ async fn main() -> anyhow::Result<()> {
         "devicesim: control API  {}/_control/devices",
         sim.base_url()
     );
+    if let Some(file) = &state_file {
+        println!(
+            "devicesim: state        {} ({restored} devices restored; --fresh forgets them)",
+            file.display()
+        );
+    }
     match &api_key {
         Some(k) => println!("devicesim: x-api-key    {k}"),
         None => println!("devicesim: x-api-key    (not checked)"),

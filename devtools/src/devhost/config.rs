@@ -203,19 +203,8 @@ impl AppConfig {
             .and_then(parse_timespan);
 
         let mut functions = Vec::new();
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.join("function.json").is_file())
-            .collect();
-        dirs.sort();
-        for d in dirs {
-            let name = d
-                .file_name()
-                .and_then(|n| n.to_str())
-                .ok_or_else(|| anyhow!("bad function folder {}", d.display()))?
-                .to_string();
-            let fj = read_json(&d.join("function.json"))?;
+        for name in crate::function_folders(&root)? {
+            let fj = read_json(&root.join(&name).join("function.json"))?;
             if fj.get("disabled").and_then(|v| v.as_bool()) == Some(true) {
                 continue;
             }

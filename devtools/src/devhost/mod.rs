@@ -4,9 +4,13 @@
 
 pub mod config;
 pub mod cron;
+mod front;
 pub mod json;
 pub mod payloads;
+pub mod queues;
 pub mod supervisor;
+
+pub use front::match_route;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -15,20 +19,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Router;
 use chrono::Utc;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::azurite::{self, AzuriteTable, Data};
 use crate::servicebus::{Broker, BrokerConfig, ConnectionString, QueueSnapshot, ServerHandle};
 use config::{AppConfig, Trigger};
 use json::J;
-use payloads::{HttpIn, TimerStatus};
+use payloads::TimerStatus;
 use supervisor::{HandlerSpec, HandlerState, OutputSink, Supervisor};
 
 /// The host version devhost claims in headers.
@@ -110,9 +110,13 @@ struct Inner {
     broker: Broker,
     function_key: String,
     master_key: String,
+    /// Invocations (timeout = `functionTimeout`).
     client: reqwest::Client,
+    /// Reads of the app's ledger for the queues page (short timeout).
+    storage_client: reqwest::Client,
+    /// Where the queues page reads the ledger (`None`: no storage setting it understands).
+    ledger: Option<queues::LedgerSource>,
     timers: Mutex<HashMap<String, TimerState>>,
-    front_addr: Mutex<Option<SocketAddr>>,
 }
 
 /// A running devhost.
@@ -122,7 +126,7 @@ pub struct DevHost {
     sb_server: Option<ServerHandle>,
     front: Option<ServerHandle>,
     tasks: Vec<JoinHandle<()>>,
-    azurite: Option<tokio::process::Child>,
+    azurite: Option<AzuriteTable>,
 }
 
 fn random_key() -> String {
@@ -159,6 +163,10 @@ fn azurite_table_port(storage: &str) -> Option<u16> {
 }
 
 impl DevHost {
+    /// Starts devhost, in order: read the app's configuration; Azurite if the storage setting
+    /// is local and nothing listens there; the Service Bus stand-in (which may rewrite the
+    /// connection setting's port); the handler under its supervisor; the HTTP front end; the
+    /// Service Bus consumers and timers.
     pub async fn start(opts: DevHostOptions) -> anyhow::Result<DevHost> {
         let mut config = AppConfig::load(&opts.app_root, &opts.overrides)?;
         let data_dir = opts
@@ -166,86 +174,9 @@ impl DevHost {
             .clone()
             .unwrap_or_else(|| config.root.join(".devhost"));
         std::fs::create_dir_all(&data_dir)?;
-        let mut settings = config.settings.clone();
-
-        // Azurite
-        let mut azurite = None;
-        if opts.start_azurite {
-            if let Some(port) = settings
-                .get("AzureWebJobsStorage")
-                .and_then(|s| azurite_table_port(s))
-            {
-                if !port_open(port).await {
-                    azurite = Some(start_azurite(&config.root, &data_dir, port).await?);
-                } else {
-                    tracing::info!(port, "devhost: Azurite (or something) already listens");
-                }
-            }
-        }
-
-        // Service Bus stand-in: one per connection setting used by triggers (normally one)
-        let sb_setting = config
-            .functions
-            .iter()
-            .find_map(|f| match &f.trigger {
-                Trigger::ServiceBus { connection, .. } => Some(connection.clone()),
-                _ => None,
-            })
-            .unwrap_or_else(|| "ServiceBusConnection".into());
-        let cs = settings
-            .get(&sb_setting)
-            .map(|s| ConnectionString::parse(s))
-            .transpose()
-            .with_context(|| format!("app setting {sb_setting}"))?;
-        let mut sb_server = None;
-        let (key_name, key) = cs
-            .as_ref()
-            .map(|c| (c.key_name.clone(), c.key.clone()))
-            .unwrap_or_else(|| ("RootManageSharedAccessKey".into(), random_key()));
-        let mut bc = BrokerConfig::new(data_dir.join("servicebus"), &key_name, &key);
-        bc.queues = config
-            .functions
-            .iter()
-            .filter_map(|f| match &f.trigger {
-                Trigger::ServiceBus { queue, .. } => Some(queue.clone()),
-                _ => None,
-            })
-            .collect();
-        bc.max_delivery_count = opts.max_delivery_count;
-        bc.lock_duration = opts.lock_duration.unwrap_or(config.max_auto_lock_renewal);
-        let broker = Broker::open(bc)?;
-        if let Some(mut c) = cs.clone() {
-            if c.use_development_emulator {
-                let port = opts.servicebus_port.or(c.port).unwrap_or(5672);
-                let srv = broker
-                    .serve(SocketAddr::from(([127, 0, 0, 1], port)))
-                    .await?;
-                if c.port != Some(srv.addr.port()) {
-                    c.port = Some(srv.addr.port());
-                    settings.insert(sb_setting.clone(), c.render());
-                }
-                sb_server = Some(srv);
-            } else {
-                tracing::warn!("devhost: {sb_setting} does not say UseDevelopmentEmulator=true; the handler will talk to that Service Bus, devhost's stand-in is not served");
-            }
-        }
-        config.settings = settings.clone();
-
-        let output = match &opts.handler_log {
-            Some(p) => OutputSink::file(p).with_context(|| format!("opening {}", p.display()))?,
-            None => OutputSink::stdout(),
-        };
-        let exe = opts.handler.clone().unwrap_or(config.executable.clone());
-        let supervisor = Supervisor::start(HandlerSpec {
-            executable: exe,
-            arguments: config.arguments.clone(),
-            working_dir: config.working_dir.clone(),
-            app_root: config.root.clone(),
-            env: settings.clone(),
-            init_timeout: opts.init_timeout,
-            output: output.clone(),
-        });
-
+        let azurite = provide_azurite(&opts, &config, &data_dir).await?;
+        let servicebus = start_servicebus(&opts, &mut config, &data_dir).await?;
+        let (supervisor, output) = start_handler(&opts, &config)?;
         let inner = Arc::new(Inner {
             function_key: opts.function_key.clone().unwrap_or_else(random_key),
             master_key: opts.master_key.clone().unwrap_or_else(random_key),
@@ -253,67 +184,28 @@ impl DevHost {
                 .redirect(reqwest::redirect::Policy::none())
                 .timeout(config.function_timeout.unwrap_or(Duration::from_secs(1800)))
                 .build()?,
+            storage_client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()?,
+            ledger: queues::LedgerSource::from_settings(&config.settings),
+            settings: config.settings.clone(),
             config,
-            settings,
             supervisor,
             output,
-            broker: broker.clone(),
+            broker: servicebus.broker,
             timers: Mutex::new(HashMap::new()),
-            front_addr: Mutex::new(None),
         });
-
-        // front end
-        let app = Router::new().fallback(front).with_state(inner.clone());
         let front = crate::server::serve(
             SocketAddr::from(([127, 0, 0, 1], opts.port)),
-            app,
+            front::router(inner.clone()),
             "devhost",
         )
         .await?;
-        let front_addr = front.addr;
-        *inner.front_addr.lock().unwrap() = Some(front_addr);
-        let mut tasks = Vec::new();
-
-        // Service Bus triggers
-        for f in &inner.config.functions {
-            if let Trigger::ServiceBus { queue, .. } = &f.trigger {
-                let inner2 = inner.clone();
-                let name = f.name.clone();
-                tasks.push(broker.start_consumer(
-                    queue,
-                    inner.config.max_concurrent_calls,
-                    move |d| {
-                        let inner2 = inner2.clone();
-                        let name = name.clone();
-                        async move { deliver_sb(&inner2, &name, d).await }
-                    },
-                ));
-            }
-        }
-        // Timers
-        for f in &inner.config.functions {
-            if let Trigger::Timer {
-                schedule,
-                run_on_startup,
-                ..
-            } = &f.trigger
-            {
-                let cron = cron::Cron::parse(schedule)
-                    .map_err(|e| anyhow!("{}: schedule {schedule:?}: {e}", f.name))?;
-                if opts.timers {
-                    tasks.push(tokio::spawn(timer_loop(
-                        inner.clone(),
-                        f.name.clone(),
-                        cron,
-                        *run_on_startup,
-                    )));
-                }
-            }
-        }
+        let tasks = start_triggers(&inner, opts.timers)?;
         let host = DevHost {
             inner,
-            front_addr,
-            sb_server,
+            front_addr: front.addr,
+            sb_server: servicebus.server,
             front: Some(front),
             tasks,
             azurite,
@@ -474,56 +366,189 @@ impl DevHost {
         if let Some(s) = self.sb_server.take() {
             s.shutdown().await;
         }
-        if let Some(mut a) = self.azurite.take() {
-            let _ = a.start_kill();
-            let _ = a.wait().await;
+        if let Some(azurite) = self.azurite.take() {
+            // Dropping kills it (and waits for it): a blocking call.
+            let _ = tokio::task::spawn_blocking(move || drop(azurite)).await;
         }
     }
 }
 
+/// Starts Azurite when the storage setting asks for a local table endpoint, nothing listens
+/// there and the options allow it.
+async fn provide_azurite(
+    opts: &DevHostOptions,
+    config: &AppConfig,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Option<AzuriteTable>> {
+    if !opts.start_azurite {
+        return Ok(None);
+    }
+    let Some(port) = config
+        .settings
+        .get("AzureWebJobsStorage")
+        .and_then(|s| azurite_table_port(s))
+    else {
+        return Ok(None);
+    };
+    if port_open(port).await {
+        tracing::info!(port, "devhost: Azurite (or something) already listens");
+        return Ok(None);
+    }
+    Ok(Some(start_azurite(&config.root, data_dir, port).await?))
+}
+
+/// The Service Bus stand-in: the broker (always, for the consumers) and its REST server when
+/// the connection setting says `UseDevelopmentEmulator=true`.
+struct ServiceBus {
+    broker: Broker,
+    server: Option<ServerHandle>,
+}
+
+/// Opens the broker for the queues the triggers listen on and serves it where the connection
+/// setting points (or on `--servicebus-port`; the setting handed to the handler is rewritten
+/// to the port actually bound).
+async fn start_servicebus(
+    opts: &DevHostOptions,
+    config: &mut AppConfig,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<ServiceBus> {
+    let sb_setting = config
+        .functions
+        .iter()
+        .find_map(|f| match &f.trigger {
+            Trigger::ServiceBus { connection, .. } => Some(connection.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "ServiceBusConnection".into());
+    let cs = config
+        .settings
+        .get(&sb_setting)
+        .map(|s| ConnectionString::parse(s))
+        .transpose()
+        .with_context(|| format!("app setting {sb_setting}"))?;
+    let (key_name, key) = cs
+        .as_ref()
+        .map(|c| (c.key_name.clone(), c.key.clone()))
+        .unwrap_or_else(|| ("RootManageSharedAccessKey".into(), random_key()));
+    let mut bc = BrokerConfig::new(data_dir.join("servicebus"), &key_name, &key);
+    bc.queues = config
+        .functions
+        .iter()
+        .filter_map(|f| match &f.trigger {
+            Trigger::ServiceBus { queue, .. } => Some(queue.clone()),
+            _ => None,
+        })
+        .collect();
+    bc.max_delivery_count = opts.max_delivery_count;
+    bc.lock_duration = opts.lock_duration.unwrap_or(config.max_auto_lock_renewal);
+    let broker = Broker::open(bc)?;
+    let Some(mut cs) = cs else {
+        return Ok(ServiceBus {
+            broker,
+            server: None,
+        });
+    };
+    if !cs.use_development_emulator {
+        tracing::warn!("devhost: {sb_setting} does not say UseDevelopmentEmulator=true; the handler will talk to that Service Bus, devhost's stand-in is not served");
+        return Ok(ServiceBus {
+            broker,
+            server: None,
+        });
+    }
+    let port = opts.servicebus_port.or(cs.port).unwrap_or(5672);
+    let server = broker
+        .serve(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await?;
+    if cs.port != Some(server.addr.port()) {
+        cs.port = Some(server.addr.port());
+        config.settings.insert(sb_setting, cs.render());
+    }
+    Ok(ServiceBus {
+        broker,
+        server: Some(server),
+    })
+}
+
+/// Spawns the handler (`defaultExecutablePath`, or the options' override) under its
+/// supervisor, with the final settings as its environment.
+fn start_handler(
+    opts: &DevHostOptions,
+    config: &AppConfig,
+) -> anyhow::Result<(Supervisor, OutputSink)> {
+    let output = match &opts.handler_log {
+        Some(p) => OutputSink::file(p).with_context(|| format!("opening {}", p.display()))?,
+        None => OutputSink::stdout(),
+    };
+    let supervisor = Supervisor::start(HandlerSpec {
+        executable: opts.handler.clone().unwrap_or(config.executable.clone()),
+        arguments: config.arguments.clone(),
+        working_dir: config.working_dir.clone(),
+        app_root: config.root.clone(),
+        env: config.settings.clone(),
+        init_timeout: opts.init_timeout,
+        output: output.clone(),
+    });
+    Ok((supervisor, output))
+}
+
+/// One consumer per Service Bus trigger; one loop per timer trigger (when `timers`). Every
+/// timer schedule is parsed either way, so a bad schedule fails the start.
+fn start_triggers(inner: &Arc<Inner>, timers: bool) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    for f in &inner.config.functions {
+        match &f.trigger {
+            Trigger::ServiceBus { queue, .. } => {
+                let inner2 = inner.clone();
+                let name = f.name.clone();
+                tasks.push(inner.broker.start_consumer(
+                    queue,
+                    inner.config.max_concurrent_calls,
+                    move |d| {
+                        let inner2 = inner2.clone();
+                        let name = name.clone();
+                        async move { deliver_sb(&inner2, &name, d).await }
+                    },
+                ));
+            }
+            Trigger::Timer {
+                schedule,
+                run_on_startup,
+                ..
+            } => {
+                let cron = cron::Cron::parse(schedule)
+                    .map_err(|e| anyhow!("{}: schedule {schedule:?}: {e}", f.name))?;
+                if timers {
+                    tasks.push(tokio::spawn(timer_loop(
+                        inner.clone(),
+                        f.name.clone(),
+                        cron,
+                        *run_on_startup,
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(tasks)
+}
+
+/// Azurite on `127.0.0.1:{port}` with its tables in `{data_dir}/azurite` (kept between runs).
 async fn start_azurite(
     root: &std::path::Path,
     data_dir: &std::path::Path,
     port: u16,
-) -> anyhow::Result<tokio::process::Child> {
-    let bin = root.join("tools/node/node_modules/.bin/azurite-table");
-    if !bin.exists() {
-        anyhow::bail!(
-            "Azurite is needed (AzureWebJobsStorage is local) but {} is missing: run scripts/setup",
-            bin.display()
-        );
-    }
-    let loc = data_dir.join("azurite");
-    std::fs::create_dir_all(&loc)?;
-    let child = tokio::process::Command::new(&bin)
-        .args([
-            "--tableHost",
-            "127.0.0.1",
-            "--tablePort",
-            &port.to_string(),
-            "--location",
-            &loc.to_string_lossy(),
-            "--skipApiVersionCheck",
-            "--silent",
-            // Loopback only: Azurite otherwise sends telemetry to Application Insights.
-            "--disableTelemetry",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    for _ in 0..200 {
-        if port_open(port).await {
-            println!(
-                "devhost: started Azurite table service on 127.0.0.1:{port} (data in {})",
-                loc.display()
-            );
-            return Ok(child);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("Azurite did not listen on 127.0.0.1:{port} within 20 s")
+) -> anyhow::Result<AzuriteTable> {
+    let bin = azurite::binary(root)
+        .map_err(|e| anyhow!("Azurite is needed (AzureWebJobsStorage is local) but {e}"))?;
+    let data = Data::Folder(data_dir.join("azurite"));
+    let table = tokio::task::spawn_blocking(move || AzuriteTable::start(&bin, port, data, None))
+        .await?
+        .map_err(|e| anyhow!("Azurite did not start on 127.0.0.1:{port}: {e}"))?;
+    println!(
+        "devhost: started Azurite table service on 127.0.0.1:{port} (data in {})",
+        table.dir().display()
+    );
+    Ok(table)
 }
 
 /// POST the envelope to `/{FunctionName}` and apply §6. Returns the parsed response body.
@@ -718,332 +743,5 @@ async fn timer_loop(inner: Arc<Inner>, name: String, cron: cron::Cron, run_on_st
         let wait = (next - now).to_std().unwrap_or_default();
         tokio::time::sleep(wait).await;
         let _ = fire_timer(&inner, &name, true).await;
-    }
-}
-
-// ---------------------------------------------------------------- HTTP front end
-
-/// Match a route template (`devices/{deviceId}/soc`, `{*rest}`, `{id?}`, `{id:int}`) against a path.
-pub fn match_route(template: &str, path: &str) -> Option<Vec<(String, String)>> {
-    let t: Vec<&str> = template.split('/').filter(|s| !s.is_empty()).collect();
-    let p: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let mut params = Vec::new();
-    let mut i = 0;
-    for (ti, seg) in t.iter().enumerate() {
-        if let Some(inner) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-            let catch_all = inner.starts_with('*');
-            let inner = inner.trim_start_matches('*');
-            let optional = inner.ends_with('?');
-            let name = inner
-                .trim_end_matches('?')
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .to_string();
-            if catch_all {
-                let rest = p[i.min(p.len())..].join("/");
-                params.push((name, rest));
-                return if ti == t.len() - 1 {
-                    Some(params)
-                } else {
-                    None
-                };
-            }
-            match p.get(i) {
-                Some(v) => {
-                    let v = percent_encoding::percent_decode_str(v)
-                        .decode_utf8_lossy()
-                        .into_owned();
-                    params.push((name, v));
-                    i += 1;
-                }
-                None if optional => {}
-                None => return None,
-            }
-        } else {
-            match p.get(i) {
-                Some(v) if v.eq_ignore_ascii_case(seg) => i += 1,
-                _ => return None,
-            }
-        }
-    }
-    if i == p.len() {
-        Some(params)
-    } else {
-        None
-    }
-}
-
-fn text(status: StatusCode, s: &str) -> Response {
-    (status, s.to_string()).into_response()
-}
-
-fn key_from(req: &Request) -> Option<String> {
-    if let Some(v) = req
-        .headers()
-        .get("x-functions-key")
-        .and_then(|v| v.to_str().ok())
-    {
-        return Some(v.to_string());
-    }
-    req.uri().query().and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "code")
-            .map(|(_, v)| v.into_owned())
-    })
-}
-
-/// Auth level the presented key grants: `Some("Admin")`, `Some("Function")` or `None`.
-fn key_level(inner: &Inner, key: Option<&str>) -> Option<&'static str> {
-    match key {
-        Some(k) if k == inner.master_key => Some("Admin"),
-        Some(k) if k == inner.function_key => Some("Function"),
-        _ => None,
-    }
-}
-
-async fn front(State(inner): State<Arc<Inner>>, req: Request) -> Response {
-    let path = req.uri().path().to_string();
-    let method = req.method().as_str().to_ascii_lowercase();
-    let key = key_from(&req);
-    let level = key_level(&inner, key.as_deref());
-
-    if path == "/_devhost/queues" {
-        inner.broker.sweep();
-        return axum::Json(inner.broker.snapshot()).into_response();
-    }
-    if path == "/_devhost/status" || path == "/admin/host/status" {
-        return axum::Json(json!({
-            "state": format!("{:?}", inner.supervisor.state()),
-            "handlerPid": inner.supervisor.pid(),
-            "handlerRestarts": inner.supervisor.restarts(),
-            "stopped": inner.supervisor.fatal(),
-            "functions": inner.config.functions.iter().map(|f| f.name.clone()).collect::<Vec<_>>(),
-        }))
-        .into_response();
-    }
-    if let Some(name) = path.strip_prefix("/admin/functions/") {
-        if method != "post" {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "POST only");
-        }
-        if level != Some("Admin") {
-            return text(
-                StatusCode::UNAUTHORIZED,
-                "admin endpoints need the master key (x-functions-key or ?code=)",
-            );
-        }
-        let name = name.to_string();
-        if inner.config.function(&name).is_none() {
-            return text(StatusCode::NOT_FOUND, "no such function");
-        }
-        let inner2 = inner.clone();
-        tokio::spawn(async move {
-            let _ = fire_timer(&inner2, &name, false).await;
-        });
-        return StatusCode::ACCEPTED.into_response();
-    }
-    let prefix = if inner.config.route_prefix.is_empty() {
-        String::new()
-    } else {
-        format!("/{}", inner.config.route_prefix)
-    };
-    let Some(rel) = path.strip_prefix(&prefix) else {
-        return text(StatusCode::NOT_FOUND, "not found");
-    };
-    let mut route_matched = false;
-    for f in &inner.config.functions {
-        let Trigger::Http {
-            binding,
-            auth_level,
-            methods,
-            route,
-            forwarded,
-            out_binding,
-        } = &f.trigger
-        else {
-            continue;
-        };
-        let Some(params) = match_route(route, rel) else {
-            continue;
-        };
-        route_matched = true;
-        if !methods.is_empty() && !methods.contains(&method) {
-            continue;
-        }
-        let allowed = match auth_level.as_str() {
-            "anonymous" => true,
-            "admin" => level == Some("Admin"),
-            _ => level.is_some(),
-        };
-        if !allowed {
-            return StatusCode::UNAUTHORIZED.into_response();
-        }
-        return if *forwarded {
-            forward(&inner, req).await
-        } else {
-            envelope_http(
-                &inner,
-                &f.name,
-                binding,
-                out_binding.as_deref().unwrap_or("res"),
-                params,
-                level,
-                req,
-            )
-            .await
-        };
-    }
-    if route_matched {
-        return StatusCode::METHOD_NOT_ALLOWED.into_response();
-    }
-    text(StatusCode::NOT_FOUND, "no function matches this route")
-}
-
-fn has_length(req: &Request) -> bool {
-    req.headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n > 0)
-}
-
-async fn forward(inner: &Arc<Inner>, req: Request) -> Response {
-    let Some(port) = inner.supervisor.wait_ready(Duration::from_secs(120)).await else {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "handler is not running");
-    };
-    let with_len = has_length(&req);
-    let (parts, body) = req.into_parts();
-    let query = payloads::query_joined(parts.uri.query());
-    let qs = if query.is_empty() {
-        String::new()
-    } else {
-        let mut s = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in &query {
-            s.append_pair(k, v);
-        }
-        format!("?{}", s.finish())
-    };
-    let url = format!("http://127.0.0.1:{port}{}{qs}", parts.uri.path());
-    let body = match axum::body::to_bytes(body, 100 * 1024 * 1024).await {
-        Ok(b) => b,
-        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
-    };
-    let mut rb = inner.client.request(parts.method.clone(), &url);
-    let mut ua = None;
-    for (k, v) in parts.headers.iter() {
-        let n = k.as_str();
-        if matches!(n, "content-length" | "transfer-encoding" | "connection") {
-            continue;
-        }
-        if n == "user-agent" {
-            ua = v.to_str().ok().map(str::to_string);
-            continue;
-        }
-        rb = rb.header(k, v);
-    }
-    rb = rb
-        .header(
-            "User-Agent",
-            match ua {
-                Some(u) => format!("{u} Azure-Functions-Host/{HOST_VERSION}"),
-                None => format!("Azure-Functions-Host/{HOST_VERSION}"),
-            },
-        )
-        .header("X-Azure-Functions-HostVersion", HOST_VERSION)
-        .header("X-Azure-Functions-InvocationId", Uuid::new_v4().to_string());
-    if with_len {
-        rb = rb.body(body);
-    }
-    match rb.send().await {
-        Ok(r) => {
-            let status = r.status();
-            let headers = r.headers().clone();
-            let bytes = r.bytes().await.unwrap_or_default();
-            let mut resp = Response::new(Body::from(bytes));
-            *resp.status_mut() = status;
-            for (k, v) in headers.iter() {
-                if matches!(
-                    k.as_str(),
-                    "transfer-encoding" | "connection" | "content-length"
-                ) {
-                    continue;
-                }
-                resp.headers_mut().append(k, v.clone());
-            }
-            resp
-        }
-        Err(e) => {
-            if e.is_timeout() {
-                inner.supervisor.restart();
-            }
-            text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("invocation failed: {e}"),
-            )
-        }
-    }
-}
-
-async fn envelope_http(
-    inner: &Arc<Inner>,
-    function: &str,
-    binding: &str,
-    out_binding: &str,
-    params: Vec<(String, String)>,
-    level: Option<&str>,
-    req: Request,
-) -> Response {
-    let with_len = has_length(&req);
-    let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, 100 * 1024 * 1024).await {
-        Ok(b) => b,
-        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
-    };
-    let headers = parts
-        .headers
-        .iter()
-        .filter_map(|(k, v)| {
-            v.to_str()
-                .ok()
-                .map(|v| (payloads::canonical_header(k.as_str()), v.to_string()))
-        })
-        .collect();
-    let input = HttpIn {
-        method: parts.method.as_str().to_string(),
-        path: parts.uri.path().to_string(),
-        query: parts.uri.query().map(str::to_string),
-        headers,
-        body: body.to_vec(),
-        has_length: with_len,
-        params,
-        key_level: level.map(str::to_string),
-    };
-    let env = payloads::http_envelope(function, binding, &input, Utc::now());
-    let result = match invoke(inner, function, &env).await {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::warn!(function, "devhost: HTTP invocation failed: {e:#}");
-            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-        }
-    };
-    match payloads::interpret_http_output(&result, out_binding) {
-        Ok(out) => {
-            let mut resp = Response::new(Body::from(out.body));
-            *resp.status_mut() =
-                StatusCode::from_u16(out.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            for (k, v) in out.headers {
-                if let (Ok(k), Ok(v)) = (
-                    axum::http::HeaderName::from_bytes(k.as_bytes()),
-                    HeaderValue::from_str(&v),
-                ) {
-                    resp.headers_mut().append(k, v);
-                }
-            }
-            resp
-        }
-        Err(e) => {
-            tracing::warn!(function, "devhost: bad HTTP output: {e}");
-            StatusCode::INTERNAL_SERVER_ERROR.into_response()
-        }
     }
 }

@@ -351,7 +351,8 @@ pub fn http_envelope(function: &str, binding: &str, r: &HttpIn, now: DateTime<Ut
     req.push("Headers", h);
     let mut p = J::obj();
     for (k, v) in &r.params {
-        p.push(k, json!(v));
+        // Only a catch-all can match nothing; the host sends it as null (§3.2).
+        p.push(k, if v.is_empty() { Value::Null } else { json!(v) });
     }
     req.push("Params", p);
     req.push("Identities", json!([identity(r.key_level.as_deref())]));
@@ -383,7 +384,8 @@ pub fn http_envelope(function: &str, binding: &str, r: &HttpIn, now: DateTime<Ut
             md.set(k, enc(v));
         }
     }
-    for (k, v) in &r.params {
+    // A catch-all that matched nothing is null in Data.req.Params; nulls are dropped here (§2.2).
+    for (k, v) in r.params.iter().filter(|(_, v)| !v.is_empty()) {
         md.set(k, enc(v));
     }
     let mut mq = J::obj();

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::{watch, Notify};
 
@@ -73,48 +73,32 @@ pub enum HandlerState {
 
 pub struct Supervisor {
     state_rx: watch::Receiver<HandlerState>,
-    pid: Arc<Mutex<Option<u32>>>,
-    restarts: Arc<AtomicU32>,
-    kill: Arc<Notify>,
-    intentional: Arc<AtomicBool>,
-    shutdown: Arc<Notify>,
-    fatal: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// What the supervisor and its task (`run`) both hold.
+#[derive(Default)]
+struct Shared {
+    /// The running handler's process id.
+    pid: Mutex<Option<u32>>,
+    restarts: AtomicU32,
+    /// Kill the handler for a restart that is not counted as an error (with `intentional`).
+    kill: Notify,
+    intentional: AtomicBool,
+    shutdown: Notify,
+    /// The restart budget is exhausted.
+    fatal: AtomicBool,
 }
 
 impl Supervisor {
     pub fn start(spec: HandlerSpec) -> Supervisor {
         let (tx, rx) = watch::channel(HandlerState::Starting);
-        let pid = Arc::new(Mutex::new(None));
-        let restarts = Arc::new(AtomicU32::new(0));
-        let kill = Arc::new(Notify::new());
-        let intentional = Arc::new(AtomicBool::new(false));
-        let shutdown = Arc::new(Notify::new());
-        let fatal = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(run(
-            spec,
-            tx,
-            pid.clone(),
-            restarts.clone(),
-            kill.clone(),
-            intentional.clone(),
-            shutdown.clone(),
-            fatal.clone(),
-        ));
+        let shared = Arc::new(Shared::default());
+        let task = tokio::spawn(run(spec, tx, shared.clone()));
         Supervisor {
             state_rx: rx,
-            pid,
-            restarts,
-            kill,
-            intentional,
-            shutdown,
-            fatal,
+            shared,
             task: Mutex::new(Some(task)),
         }
     }
@@ -142,27 +126,27 @@ impl Supervisor {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        *self.pid.lock().unwrap_or_else(|p| p.into_inner())
+        *self.shared.pid.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Number of restarts after crashes / forced restarts.
     pub fn restarts(&self) -> u32 {
-        self.restarts.load(Ordering::SeqCst)
+        self.shared.restarts.load(Ordering::SeqCst)
     }
 
     /// True when the restart budget was exhausted (the real host stops the application).
     pub fn fatal(&self) -> bool {
-        self.fatal.load(Ordering::SeqCst)
+        self.shared.fatal.load(Ordering::SeqCst)
     }
 
     /// Kill and restart the handler without counting an error (function timeout path, §1.5).
     pub fn restart(&self) {
-        self.intentional.store(true, Ordering::SeqCst);
-        self.kill.notify_one();
+        self.shared.intentional.store(true, Ordering::SeqCst);
+        self.shared.kill.notify_one();
     }
 
     pub async fn shutdown(&self) {
-        self.shutdown.notify_one();
+        self.shared.shutdown.notify_one();
         let t = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(t) = t {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
@@ -170,21 +154,11 @@ impl Supervisor {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    spec: HandlerSpec,
-    tx: watch::Sender<HandlerState>,
-    pid: Arc<Mutex<Option<u32>>>,
-    restarts: Arc<AtomicU32>,
-    kill: Arc<Notify>,
-    intentional: Arc<AtomicBool>,
-    shutdown: Arc<Notify>,
-    fatal: Arc<AtomicBool>,
-) {
+async fn run(spec: HandlerSpec, tx: watch::Sender<HandlerState>, shared: Arc<Shared>) {
     let mut errors: Vec<Instant> = Vec::new();
     let worker_id = uuid::Uuid::new_v4().to_string();
     loop {
-        let port = match free_port() {
+        let port = match crate::free_port() {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("devhost: no free port: {e}");
@@ -214,32 +188,22 @@ async fn run(
                     spec.executable.display()
                 );
                 let _ = tx.send(HandlerState::Stopped);
-                fatal.store(true, Ordering::SeqCst);
+                shared.fatal.store(true, Ordering::SeqCst);
                 return;
             }
         };
-        *pid.lock().unwrap_or_else(|p| p.into_inner()) = child.id();
+        *shared.pid.lock().unwrap_or_else(|p| p.into_inner()) = child.id();
         tracing::info!(pid = ?child.id(), port, "devhost: handler started");
         if let Some(out) = child.stdout.take() {
-            let sink = spec.output.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    sink.line(&format!("[handler] {l}"));
-                }
-            });
+            forward_lines(out, spec.output.clone(), |_| "[handler]");
         }
         if let Some(err) = child.stderr.take() {
-            let sink = spec.output.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(err).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    let level = if l.to_ascii_lowercase().contains("warn") {
-                        "WARN"
-                    } else {
-                        "ERROR"
-                    };
-                    sink.line(&format!("[handler stderr {level}] {l}"));
+            // The host logs stderr lines as errors (§1.4), unless they say they are warnings.
+            forward_lines(err, spec.output.clone(), |l| {
+                if l.to_ascii_lowercase().contains("warn") {
+                    "[handler stderr WARN]"
+                } else {
+                    "[handler stderr ERROR]"
                 }
             });
         }
@@ -281,11 +245,11 @@ async fn run(
             let _ = tx.send(HandlerState::Ready(port));
             tokio::select! {
                 st = child.wait() => st.ok(),
-                _ = kill.notified() => {
+                _ = shared.kill.notified() => {
                     let _ = child.start_kill();
                     child.wait().await.ok()
                 }
-                _ = shutdown.notified() => {
+                _ = shared.shutdown.notified() => {
                     let _ = tx.send(HandlerState::Stopped);
                     let _ = child.start_kill();
                     let _ = child.wait().await;
@@ -295,11 +259,11 @@ async fn run(
             }
         };
         let _ = tx.send(HandlerState::Starting);
-        *pid.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *shared.pid.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let code = status.and_then(|s| s.code());
-        if intentional.swap(false, Ordering::SeqCst) {
+        if shared.intentional.swap(false, Ordering::SeqCst) {
             tracing::warn!("devhost: handler killed for restart (function timeout or request)");
-            restarts.fetch_add(1, Ordering::SeqCst);
+            shared.restarts.fetch_add(1, Ordering::SeqCst);
             continue;
         }
         match code {
@@ -310,7 +274,7 @@ async fn run(
             }
             Some(200) => {
                 tracing::info!("devhost: handler exited with 200: intentional restart");
-                restarts.fetch_add(1, Ordering::SeqCst);
+                shared.restarts.fetch_add(1, Ordering::SeqCst);
                 continue;
             }
             other => {
@@ -325,12 +289,26 @@ async fn run(
                 tracing::error!(exit_code = ?other, errors = errors.len(), "devhost: handler exited abnormally");
                 if errors.len() >= 3 {
                     tracing::error!("devhost: Exceeded http worker restart retry count. Stopping.");
-                    fatal.store(true, Ordering::SeqCst);
+                    shared.fatal.store(true, Ordering::SeqCst);
                     let _ = tx.send(HandlerState::Stopped);
                     return;
                 }
-                restarts.fetch_add(1, Ordering::SeqCst);
+                shared.restarts.fetch_add(1, Ordering::SeqCst);
             }
         }
     }
+}
+
+/// Copies each line of one of the handler's pipes to the sink, after the label `label` gives it.
+fn forward_lines(
+    pipe: impl AsyncRead + Unpin + Send + 'static,
+    sink: OutputSink,
+    label: fn(&str) -> &'static str,
+) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(pipe).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            sink.line(&format!("{} {line}", label(&line)));
+        }
+    });
 }

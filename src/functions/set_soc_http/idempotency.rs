@@ -11,7 +11,7 @@
 use serde_json::Value;
 use tracing::warn;
 
-use crate::domain::{DeviceId, IdempotencyKey};
+use crate::domain::{DeviceId, IdempotencyKey, RequestId};
 use crate::ports::{ETag, IdempotencyRecord, StoreError, StoredResponse};
 
 use super::render::{location, ApiResponse};
@@ -118,12 +118,21 @@ pub(super) async fn finish(
     }
 }
 
+/// The stored answer again, as first given: a stored `422` is a problem document
+/// (`application/problem+json`), a `202` names the request's own status.
 fn replay(stored: &StoredResponse) -> ApiResponse {
-    let mut response = ApiResponse::json(stored.status, stored.body.clone())
-        .with_header("Idempotent-Replayed", "true");
+    let mut response = if stored.status >= 400 {
+        ApiResponse::problem_body(stored.status, stored.body.clone())
+    } else {
+        ApiResponse::json(stored.status, stored.body.clone())
+    }
+    .with_header("Idempotent-Replayed", "true");
     if stored.status == 202 {
-        if let Some(device) = stored.body.get("deviceId").and_then(Value::as_str) {
-            response = response.with_header("Location", location(device));
+        let device = stored.body.get("deviceId").and_then(Value::as_str);
+        let request = stored.body.get("requestId").and_then(Value::as_str);
+        if let (Some(device), Some(request)) = (device, request) {
+            let request = RequestId::from_stored(request);
+            response = response.with_header("Location", location(device, &request));
         }
     }
     response

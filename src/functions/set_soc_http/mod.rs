@@ -1,4 +1,8 @@
-//! `SetSocHttp`: `GET|POST /api/devices/{deviceId}/soc`.
+//! `SetSocHttp`: `GET|POST /api/devices/{deviceId}/soc` and
+//! `GET /api/devices/{deviceId}/soc/requests/{requestId}` (the function's route is
+//! `devices/{deviceId}/soc/{*rest}`; every method reaches the handler, which answers
+//! `405` with `Allow` itself and `404` for anything else under the route). The
+//! contract is `docs/openapi.yaml`.
 //!
 //! POST validates, then writes the request to the ledger as the device's desired
 //! value, holding the device's lease, in one conditional write, and makes exactly
@@ -21,16 +25,20 @@
 //!
 //! - this module: the accept/undo flow above;
 //! - [`idempotency`]: `Idempotency-Key` reservation, replay and release;
+//! - [`requests`]: one request's status (`GET .../soc/requests/{requestId}`);
 //! - [`render`]: the responses and the JSON views of a request.
 
 mod idempotency;
 mod render;
+mod requests;
 
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
+use crate::domain::history::HistoryEntry;
 use crate::domain::{
-    DesiredState, DeviceId, HolderKind, IdempotencyKey, LeaseHolder, RequestStatus, SettingRequest,
+    DesiredState, DeviceId, HolderKind, IdempotencyKey, LeaseHolder, MinSoc, RequestStatus,
+    SettingRequest,
 };
 use crate::ports::{DeviceError, StoreError, Versioned};
 
@@ -39,7 +47,7 @@ use super::wake::{self, Rescheduled};
 use super::Services;
 use idempotency::{finish, reserve, Reservation};
 use render::{applied_response, pending_response};
-pub use render::{view, ApiResponse};
+pub use render::{entry_view, view, ApiResponse};
 
 /// Bounded retries of a ledger write that lost an optimistic-concurrency race.
 const MAX_WRITE_ROUNDS: usize = 8;
@@ -52,18 +60,64 @@ pub struct ApiRequest {
     /// Raw `Idempotency-Key` header value, if present.
     pub idempotency_key: Option<Vec<u8>>,
     pub body: Vec<u8>,
+    /// The route's catch-all after `soc/` (`requests/{requestId}`); `None` or empty for
+    /// the device's own resource.
+    pub rest: Option<String>,
+}
+
+/// What a path under the function's route names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resource<'a> {
+    /// `/soc`: the device's latest request (GET) and new requests (POST).
+    Device,
+    /// `/soc/requests/{requestId}`: one request (GET).
+    Request(&'a str),
+    /// Anything else under the route.
+    Unknown,
+}
+
+impl<'a> Resource<'a> {
+    fn of(rest: Option<&'a str>) -> Self {
+        match rest.map(|r| r.trim_end_matches('/')) {
+            None | Some("") => Self::Device,
+            Some(r) => match r.strip_prefix("requests/") {
+                Some(id) if !id.is_empty() && !id.contains('/') => Self::Request(id),
+                _ => Self::Unknown,
+            },
+        }
+    }
+
+    fn allow(self) -> &'static str {
+        match self {
+            Self::Device => "GET, POST",
+            Self::Request(_) | Self::Unknown => "GET",
+        }
+    }
 }
 
 pub async fn handle(svc: &Services, req: ApiRequest) -> ApiResponse {
+    let resource = Resource::of(req.rest.as_deref());
+    let method = req.method.to_ascii_uppercase();
+    match (resource, method.as_str()) {
+        (Resource::Unknown, _) => return ApiResponse::problem(404, "Not found", "no such route"),
+        (Resource::Device, "GET" | "POST") | (Resource::Request(_), "GET") => {}
+        _ => {
+            return ApiResponse::problem(
+                405,
+                "Method not allowed",
+                format!("{method} is not allowed here; use {}", resource.allow()),
+            )
+            .with_header("Allow", resource.allow())
+        }
+    }
     let device = match DeviceId::parse(&req.device_id) {
         Ok(d) => d,
         Err(e) => return ApiResponse::invalid(e),
     };
-    match req.method.to_ascii_uppercase().as_str() {
-        "GET" => get(svc, &device).await,
-        "POST" => post(svc, device, req.idempotency_key.as_deref(), &req.body).await,
-        _ => ApiResponse::problem(405, "Method not allowed", "use GET or POST")
-            .with_header("Allow", "GET, POST"),
+    match (resource, method.as_str()) {
+        (Resource::Request(id), _) => requests::get(svc, &device, id).await,
+        (_, "POST") => post(svc, device, req.idempotency_key.as_deref(), &req.body).await,
+        _ => get(svc, &device).await,
     }
 }
 
@@ -164,9 +218,11 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
             if !undone {
                 warn!(device = %device, request_id = %ours, "could not undo the ledger write for an unknown device; it stays recorded as failed");
             }
-            return refused(&device, &DeviceError::UnknownDevice);
+            return refused(&device, r.min_soc, &DeviceError::UnknownDevice);
         }
-        ApplyOutcome::Failed(r, e) if r.request_id == ours => return refused(&device, &e),
+        ApplyOutcome::Failed(r, e) if r.request_id == ours => {
+            return refused(&device, r.min_soc, &e)
+        }
         ApplyOutcome::Offline(v) => (v, None),
         // The holder converges; look again once its lease lapses, in case it died.
         ApplyOutcome::Busy(v) => {
@@ -242,9 +298,17 @@ async fn write_accepted(
         if record.lease_free_for(holder, now) {
             record.record_attempt(holder, now, svc.policy.lease);
         }
+        // What became of the request this one replaces, written in the same write.
+        let replaced = current
+            .as_ref()
+            .map(|v| HistoryEntry::replaced(&v.value, &record.request_id, now));
         match svc
             .ledger
-            .put(&record, current.as_ref().map(|v| &v.etag))
+            .accept(
+                &record,
+                replaced.as_ref(),
+                current.as_ref().map(|v| &v.etag),
+            )
             .await
         {
             Ok(etag) => {
@@ -375,14 +439,25 @@ fn response_for_settled(svc: &Services, ours: &DesiredState, outcome: ApplyOutco
     }
 }
 
-fn refused(device: &DeviceId, error: &DeviceError) -> ApiResponse {
+/// A permanent refusal, in our words. The device cloud's own text is not echoed: it stays in
+/// the record's `lastError` (trimmed and redacted by the device client).
+fn refused(device: &DeviceId, min_soc: MinSoc, error: &DeviceError) -> ApiResponse {
     match error {
         DeviceError::UnknownDevice => ApiResponse::problem(
             404,
             "Unknown device",
             format!("the device cloud does not know device {device}"),
         ),
-        other => ApiResponse::problem(422, "Setting rejected", other.to_string()),
+        _ => ApiResponse::problem(
+            422,
+            "Setting rejected",
+            format!(
+                "the device cloud refused minSoc {} for device {device}; the request is failed, \
+                 and the device cloud's reason is in its lastError (GET {})",
+                min_soc.percent(),
+                render::device_url(device.as_str())
+            ),
+        ),
     }
 }
 
@@ -404,6 +479,7 @@ mod tests {
             device_id: device.into(),
             idempotency_key: key.map(|k| k.as_bytes().to_vec()),
             body: body.as_bytes().to_vec(),
+            ..Default::default()
         }
     }
 
@@ -442,9 +518,13 @@ mod tests {
         let r = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
         assert_eq!(r.status, 202, "{r:?}");
         assert_eq!(r.body["status"], "pending");
-        assert!(r
-            .headers
-            .contains(&("Location", "/api/devices/d1/soc".into())));
+        assert!(r.headers.contains(&(
+            "Location",
+            format!(
+                "/api/devices/d1/soc/requests/{}",
+                r.body["requestId"].as_str().unwrap()
+            )
+        )));
         let sent = h.queue.sent();
         assert_eq!(sent.len(), 1);
         assert_eq!(

@@ -3,12 +3,15 @@
 //!
 //! Invariants: every error is a problem document with `status`, `title`, `detail`
 //! (and `field` for invalid input), never internals; timestamps are RFC 3339 UTC with
-//! milliseconds; a `202` carries `Location` (the `GET` URL of the device's request).
+//! milliseconds; every answer that shows a request shows the same representation
+//! (`SocRequest` in `docs/openapi.yaml`); a `202` carries `Location`, the request's
+//! own status (`/api/devices/{deviceId}/soc/requests/{requestId}`).
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Value};
 
-use crate::domain::{DesiredState, InputError};
+use crate::domain::history::HistoryEntry;
+use crate::domain::{DesiredState, InputError, RequestId};
 
 /// `Retry-After` (seconds) sent with `503`.
 const RETRY_AFTER_SECONDS: u32 = 5;
@@ -37,10 +40,18 @@ impl ApiResponse {
 
     /// An RFC 9457 problem document.
     pub fn problem(status: u16, title: &str, detail: impl Into<String>) -> Self {
+        Self::problem_body(
+            status,
+            json!({ "type": "about:blank", "title": title, "status": status, "detail": detail.into() }),
+        )
+    }
+
+    /// A problem document given whole (e.g. one stored for an idempotent replay).
+    pub(super) fn problem_body(status: u16, body: Value) -> Self {
         Self {
             status,
             headers: vec![("Content-Type", "application/problem+json".into())],
-            body: json!({ "type": "about:blank", "title": title, "status": status, "detail": detail.into() }),
+            body,
         }
     }
 
@@ -68,50 +79,62 @@ fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-pub(super) fn location(device: &str) -> String {
+/// The device's resource: its latest request (`GET`), new requests (`POST`).
+pub(super) fn device_url(device: &str) -> String {
     format!("/api/devices/{device}/soc")
 }
 
-/// The fields every representation of a request shares.
-fn request_json(r: &DesiredState, status: &str) -> Value {
-    json!({
+/// The request's own status: where a `202`'s `Location` points.
+pub(super) fn location(device: &str, request: &RequestId) -> String {
+    format!("/api/devices/{device}/soc/requests/{request}")
+}
+
+/// The one representation of a request, shown with `status`.
+fn representation(r: &DesiredState, status: &str, superseded_by: Option<&RequestId>) -> Value {
+    let mut v = json!({
         "requestId": r.request_id,
         "deviceId": r.device_id.as_str(),
         "minSoc": r.min_soc.percent(),
         "dod": r.min_soc.dod(),
         "status": status,
         "requestedAt": ts(r.requested_at),
-    })
-}
-
-pub(super) fn applied_response(r: &DesiredState) -> ApiResponse {
-    let mut body = request_json(r, "applied");
-    body["appliedAt"] = json!(ts(r.applied_at.unwrap_or(r.updated_at)));
-    ApiResponse::json(200, body)
-}
-
-pub(super) fn pending_response(r: &DesiredState) -> ApiResponse {
-    let mut body = request_json(r, "pending");
-    body["expiresAt"] = json!(ts(r.expires_at));
-    ApiResponse::json(202, body).with_header("Location", location(r.device_id.as_str()))
-}
-
-/// The `GET` view of a record. A pending request past its expiry shows as expired
-/// even before the sweep has written that down.
-pub fn view(r: &DesiredState, now: DateTime<Utc>) -> Value {
-    let status = if r.is_pending() && r.is_expired_at(now) {
-        "expired"
-    } else {
-        r.status.as_str()
-    };
-    let mut v = request_json(r, status);
-    v["expiresAt"] = json!(ts(r.expires_at));
-    v["attempts"] = json!(r.attempts);
+        "expiresAt": ts(r.expires_at),
+        "attempts": r.attempts,
+    });
     if let Some(at) = r.applied_at {
         v["appliedAt"] = json!(ts(at));
     }
     if let Some(err) = &r.last_error {
         v["lastError"] = json!(err);
     }
+    if let Some(by) = superseded_by {
+        v["supersededBy"] = json!(by);
+    }
     v
+}
+
+pub(super) fn applied_response(r: &DesiredState) -> ApiResponse {
+    let mut body = representation(r, "applied", None);
+    body["appliedAt"] = json!(ts(r.applied_at.unwrap_or(r.updated_at)));
+    ApiResponse::json(200, body)
+}
+
+pub(super) fn pending_response(r: &DesiredState) -> ApiResponse {
+    ApiResponse::json(202, representation(r, "pending", None))
+        .with_header("Location", location(r.device_id.as_str(), &r.request_id))
+}
+
+/// The view of a history entry at `now` (`GET .../soc/requests/{requestId}`).
+pub fn entry_view(e: &HistoryEntry, now: DateTime<Utc>) -> Value {
+    representation(
+        &e.request,
+        e.status_at(now).as_str(),
+        e.superseded_by.as_ref(),
+    )
+}
+
+/// The `GET` view of a record. A pending request past its expiry shows as expired
+/// even before the sweep has written that down.
+pub fn view(r: &DesiredState, now: DateTime<Utc>) -> Value {
+    entry_view(&HistoryEntry::of(r), now)
 }

@@ -2,8 +2,7 @@
 //!
 //! Stands in for cargo-fuzz, which needs a nightly toolchain that a fresh machine of this
 //! project does not have. Used twice: a short run inside `cargo test`
-//! (`tests/robustness.rs`) and a long one in the benchmark command (`bench/`, which
-//! includes this file with `#[path]`).
+//! (`tests/robustness.rs`) and a long one in the benchmark command (`bench/`).
 //!
 //! Inputs start from the host payload fixtures (`tests/fixtures/host-payloads/*.json`)
 //! plus request bodies, and are mutated byte-wise (flips, interesting bytes, splices,
@@ -12,7 +11,6 @@
 //! (which parsers accepted it, and with which error) was not seen before joins the pool,
 //! a cheap stand-in for coverage feedback. Every parser call runs under `catch_unwind`;
 //! a panic is a finding. Deterministic for a given seed and execution count.
-#![allow(dead_code)]
 
 use std::collections::HashSet;
 use std::panic::{self, AssertUnwindSafe};

@@ -1,0 +1,63 @@
+//! The environment every measurement shares: the two binaries, Azurite, the Service Bus
+//! stand-in, the device stub, a scratch directory (removed at the end).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use devtools::servicebus::Broker;
+use testkit::azurite::Azurite;
+use testkit::free_port;
+
+use crate::procs::{spawn_ready, Proc};
+use crate::stub::Stub;
+use crate::{QUEUE, SB_KEY, SB_KEY_NAME};
+
+pub struct Env {
+    pub root: PathBuf,
+    pub handler: PathBuf,
+    pub baseline: PathBuf,
+    pub scratch: PathBuf,
+    pub azurite: Azurite,
+    pub broker: Broker,
+    pub stub: Arc<Stub>,
+    pub stub_url: String,
+    pub sb_port: u16,
+}
+
+impl Env {
+    pub fn handler_env(&self, table: &str, concurrency: usize) -> Vec<(String, String)> {
+        [
+            ("AzureWebJobsStorage", self.azurite.connection_string()),
+            (
+                "ServiceBusConnection",
+                format!(
+                    "Endpoint=sb://127.0.0.1:{};SharedAccessKeyName={SB_KEY_NAME};SharedAccessKey={SB_KEY};UseDevelopmentEmulator=true",
+                    self.sb_port
+                ),
+            ),
+            ("SOC_QUEUE_NAME", QUEUE.into()),
+            ("SOC_STATE_TABLE", table.into()),
+            ("DEVICE_API_BASE_URL", self.stub_url.clone()),
+            ("DEVICE_API_KEY", "bench-key".into()),
+            ("DRAIN_SOC_CONCURRENCY", concurrency.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    pub fn start_handler(&self, table: &str, concurrency: usize) -> Result<Proc> {
+        let (p, _) = spawn_ready(
+            &self.handler,
+            &self.handler_env(table, concurrency),
+            free_port(),
+        )?;
+        Ok(p)
+    }
+
+    pub fn start_baseline(&self) -> Result<Proc> {
+        let (p, _) = spawn_ready(&self.baseline, &[], free_port())?;
+        Ok(p)
+    }
+}

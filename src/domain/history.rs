@@ -1,0 +1,263 @@
+//! Per-request history: what became of each of a device's recent requests
+//! (`GET /api/devices/{deviceId}/soc/requests/{requestId}`).
+//!
+//! The ledger record holds only the device's latest request. Beside it the ledger keeps
+//! one [`HistoryEntry`] per request, under these invariants:
+//!
+//! - **Written with the ledger, atomically.** Every ledger write also writes the entry
+//!   of the request it stores (a snapshot of the record), in the same atomic operation
+//!   (Table Storage: one entity-group transaction in the device's partition). So the
+//!   entry of the request the ledger holds never disagrees with the ledger.
+//! - **A replaced request is settled in the same write.** Accepting a request over
+//!   another writes the replaced request's entry as what became of it
+//!   ([`HistoryEntry::replaced`]): `superseded` by the new request if it was still
+//!   pending, `expired` if it was pending past its expiry, else its final state.
+//! - **Undone requests read as absent.** A POST that ends `404`/`503` puts the ledger
+//!   back as it was (that is the apply/undo logic's job, not this module's); its entry
+//!   stays behind as pending, never superseded. [`lookup`] shows such an entry as
+//!   absent: a request the ledger does not hold that is still pending and was not
+//!   superseded was never accepted.
+//! - **Bounded.** At most [`HISTORY_LIMIT`] entries per device: when a request is
+//!   accepted, entries beyond the newest [`HISTORY_LIMIT`] (by `requestedAt`) are
+//!   deleted. There is no time-based retention beyond that; a request's own lifetime
+//!   (the TTL, 7 days by default) ends long before a device makes 20 more requests at
+//!   any realistic rate, and a device without new requests keeps its last 20.
+//!
+//! Reading: [`lookup`] takes the ledger record first and the entry second. Because a
+//! replaced request's entry is settled in the same write that replaces it, an entry
+//! read after a ledger read that no longer holds its request already says what became
+//! of it.
+
+use chrono::{DateTime, Utc};
+
+use super::ledger::{DesiredState, RequestId};
+
+/// Entries kept per device.
+pub const HISTORY_LIMIT: usize = 20;
+
+/// What is known about one request: the last state the ledger held for it, and the
+/// request that replaced it while it was pending, if one did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub request: DesiredState,
+    pub superseded_by: Option<RequestId>,
+}
+
+/// How a request is shown: the ledger's statuses plus `superseded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShownStatus {
+    Pending,
+    Applied,
+    Expired,
+    Failed,
+    Superseded,
+}
+
+impl ShownStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Applied => "applied",
+            Self::Expired => "expired",
+            Self::Failed => "failed",
+            Self::Superseded => "superseded",
+        }
+    }
+}
+
+impl HistoryEntry {
+    /// The entry of the request `state` holds, as the ledger stores it now.
+    pub fn of(state: &DesiredState) -> Self {
+        let mut request = state.clone();
+        // Coordination fields say nothing about the request's fate.
+        request.lease = None;
+        Self {
+            request,
+            superseded_by: None,
+        }
+    }
+
+    /// The entry of `replaced` once `by` takes its place in the ledger at `now`.
+    pub fn replaced(replaced: &DesiredState, by: &RequestId, now: DateTime<Utc>) -> Self {
+        let mut entry = Self::of(replaced);
+        if entry.request.is_pending() {
+            if entry.request.is_expired_at(now) {
+                entry.request.mark_expired(now);
+            } else {
+                entry.superseded_by = Some(by.clone());
+            }
+        }
+        entry
+    }
+
+    /// The status shown at `now`. A pending request past its expiry shows as expired
+    /// even before the sweep has written that down (as the ledger's own view does).
+    pub fn status_at(&self, now: DateTime<Utc>) -> ShownStatus {
+        if self.superseded_by.is_some() {
+            return ShownStatus::Superseded;
+        }
+        use super::ledger::RequestStatus as S;
+        match self.request.status {
+            S::Pending if self.request.is_expired_at(now) => ShownStatus::Expired,
+            S::Pending => ShownStatus::Pending,
+            S::Applied => ShownStatus::Applied,
+            S::Expired => ShownStatus::Expired,
+            S::Failed => ShownStatus::Failed,
+        }
+    }
+}
+
+/// What `GET .../requests/{id}` shows, from the ledger record (read first) and the
+/// request's entry (read after it). `None`: no such request (never accepted, undone,
+/// or older than the bound).
+pub fn lookup(
+    id: &RequestId,
+    current: Option<&DesiredState>,
+    entry: Option<HistoryEntry>,
+) -> Option<HistoryEntry> {
+    if let Some(current) = current.filter(|c| c.request_id == *id) {
+        return Some(HistoryEntry::of(current));
+    }
+    entry.filter(|e| e.superseded_by.is_some() || !e.request.is_pending())
+}
+
+/// Which entries to delete so that at most [`HISTORY_LIMIT`] remain: the oldest by
+/// `requestedAt`, never `keep` (the request the ledger holds).
+pub fn beyond_limit(
+    mut entries: Vec<(RequestId, DateTime<Utc>)>,
+    keep: &RequestId,
+) -> Vec<RequestId> {
+    if entries.len() <= HISTORY_LIMIT {
+        return Vec::new();
+    }
+    // Newest first; ties broken by id so the choice is deterministic.
+    entries.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.as_str().cmp(a.0.as_str())));
+    entries
+        .into_iter()
+        .skip(HISTORY_LIMIT)
+        .map(|(id, _)| id)
+        .filter(|id| id != keep)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{DeviceId, MinSoc};
+    use chrono::{Duration, TimeZone};
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    fn request(at: i64, previous: Option<&DesiredState>) -> DesiredState {
+        DesiredState::accept(
+            DeviceId::parse("bat-1").unwrap(),
+            MinSoc::new(30).unwrap(),
+            t(at),
+            Duration::seconds(100),
+            previous,
+        )
+    }
+
+    #[test]
+    fn a_pending_request_replaced_in_time_is_superseded_by_the_new_one() {
+        let old = request(0, None);
+        let new = request(10, Some(&old));
+        let entry = HistoryEntry::replaced(&old, &new.request_id, t(10));
+        assert_eq!(entry.superseded_by.as_ref(), Some(&new.request_id));
+        assert_eq!(entry.status_at(t(10)), ShownStatus::Superseded);
+        assert_eq!(
+            entry.status_at(t(1000)),
+            ShownStatus::Superseded,
+            "superseded stays superseded after its expiry"
+        );
+    }
+
+    #[test]
+    fn a_pending_request_replaced_after_its_expiry_is_expired_not_superseded() {
+        let old = request(0, None);
+        let new = request(200, Some(&old));
+        let entry = HistoryEntry::replaced(&old, &new.request_id, t(200));
+        assert_eq!(entry.superseded_by, None);
+        assert_eq!(entry.request.status.as_str(), "expired");
+        assert_eq!(entry.status_at(t(200)), ShownStatus::Expired);
+    }
+
+    #[test]
+    fn a_settled_request_keeps_its_final_state_when_replaced() {
+        let mut old = request(0, None);
+        old.mark_applied(t(5));
+        let new = request(10, Some(&old));
+        let entry = HistoryEntry::replaced(&old, &new.request_id, t(10));
+        assert_eq!(entry.superseded_by, None);
+        assert_eq!(entry.status_at(t(10)), ShownStatus::Applied);
+        let mut failed = request(20, None);
+        failed.mark_failed("unknown device", t(21));
+        let entry = HistoryEntry::replaced(&failed, &new.request_id, t(30));
+        assert_eq!(entry.status_at(t(30)), ShownStatus::Failed);
+    }
+
+    #[test]
+    fn the_request_the_ledger_holds_is_shown_from_the_ledger_without_its_lease() {
+        let mut current = request(0, None);
+        current.take_lease(
+            &crate::domain::LeaseHolder::new(crate::domain::HolderKind::Http),
+            t(0),
+            Duration::seconds(30),
+        );
+        let stale = HistoryEntry {
+            request: request(0, None),
+            superseded_by: None,
+        };
+        let shown = lookup(&current.request_id, Some(&current), Some(stale)).unwrap();
+        assert_eq!(shown.request.request_id, current.request_id);
+        assert_eq!(shown.request.lease, None);
+        assert_eq!(shown.status_at(t(1)), ShownStatus::Pending);
+    }
+
+    #[test]
+    fn an_entry_the_ledger_moved_past_while_pending_and_unsuperseded_was_undone() {
+        let kept = request(0, None);
+        let undone = request(5, Some(&kept));
+        let orphan = HistoryEntry::of(&undone);
+        assert_eq!(
+            lookup(&undone.request_id, Some(&kept), Some(orphan.clone())),
+            None
+        );
+        assert_eq!(lookup(&undone.request_id, None, Some(orphan)), None);
+        assert_eq!(lookup(&undone.request_id, Some(&kept), None), None);
+    }
+
+    #[test]
+    fn settled_and_superseded_entries_are_shown_after_the_ledger_moved_on() {
+        let old = request(0, None);
+        let new = request(10, Some(&old));
+        let superseded = HistoryEntry::replaced(&old, &new.request_id, t(10));
+        let shown = lookup(&old.request_id, Some(&new), Some(superseded)).unwrap();
+        assert_eq!(shown.status_at(t(11)), ShownStatus::Superseded);
+        let mut applied = request(20, None);
+        applied.mark_applied(t(21));
+        let entry = HistoryEntry::of(&applied);
+        assert!(lookup(&applied.request_id, Some(&new), Some(entry)).is_some());
+    }
+
+    #[test]
+    fn only_entries_beyond_the_newest_twenty_are_pruned_and_never_the_current_one() {
+        let ids: Vec<RequestId> = (0..25).map(|_| RequestId::new_random()).collect();
+        let entries: Vec<_> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), t(i as i64)))
+            .collect();
+        let mut pruned = beyond_limit(entries.clone(), &ids[24]);
+        pruned.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        let mut oldest: Vec<RequestId> = ids[..5].to_vec();
+        oldest.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        assert_eq!(pruned, oldest);
+        assert!(beyond_limit(entries[..20].to_vec(), &ids[0]).is_empty());
+        let pruned = beyond_limit(entries, &ids[0]);
+        assert_eq!(pruned.len(), 4, "the held request is kept even when old");
+        assert!(!pruned.contains(&ids[0]));
+    }
+}

@@ -1,0 +1,179 @@
+//! `GET /api/devices/{deviceId}/soc/requests/{requestId}`: what became of one request
+//! (the target of a `202`'s `Location`).
+//!
+//! Reads the ledger record first and the request's history entry second, so a request
+//! the ledger no longer holds is read after the write that replaced it, which also
+//! settled its entry (see [`crate::domain::history`]). A request that looks undone may
+//! instead have been put back by an undo between the two reads: the record is read
+//! once more before answering `404`.
+
+use tracing::warn;
+
+use crate::domain::history::{self, HistoryEntry};
+use crate::domain::{DeviceId, RequestId};
+
+use super::render::{entry_view, ApiResponse};
+use super::Services;
+
+pub(super) async fn get(svc: &Services, device: &DeviceId, raw_id: &str) -> ApiResponse {
+    let id = match RequestId::parse(raw_id) {
+        Ok(id) => id,
+        Err(e) => return ApiResponse::invalid(e),
+    };
+    for _ in 0..2 {
+        match lookup(svc, device, &id).await {
+            Ok(Some(entry)) => return ApiResponse::json(200, entry_view(&entry, svc.clock.now())),
+            Ok(None) => continue,
+            Err(e) => {
+                warn!(device = %device, request_id = %id, error = %e, "ledger read failed");
+                return ApiResponse::unavailable("the settings store is unavailable");
+            }
+        }
+    }
+    ApiResponse::problem(
+        404,
+        "Not found",
+        format!("no request {id} for device {device} (the last 20 are kept)"),
+    )
+}
+
+async fn lookup(
+    svc: &Services,
+    device: &DeviceId,
+    id: &RequestId,
+) -> Result<Option<HistoryEntry>, crate::ports::StoreError> {
+    let current = svc.ledger.get(device).await?.map(|v| v.value);
+    if current.as_ref().is_some_and(|c| c.request_id == *id) {
+        return Ok(history::lookup(id, current.as_ref(), None));
+    }
+    let entry = svc.ledger.history_entry(device, id).await?;
+    Ok(history::lookup(id, current.as_ref(), entry))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{handle, ApiRequest};
+    use crate::functions::fakes::Harness;
+
+    fn post(device: &str, min_soc: u8) -> ApiRequest {
+        ApiRequest {
+            method: "POST".into(),
+            device_id: device.into(),
+            body: format!(r#"{{"minSoc":{min_soc}}}"#).into_bytes(),
+            ..Default::default()
+        }
+    }
+
+    fn get(device: &str, rest: &str) -> ApiRequest {
+        ApiRequest {
+            method: "GET".into(),
+            device_id: device.into(),
+            rest: Some(rest.into()),
+            ..Default::default()
+        }
+    }
+
+    fn rest_of(location: &str) -> String {
+        location.split("/soc/").nth(1).unwrap().to_string()
+    }
+
+    fn location(r: &super::ApiResponse) -> String {
+        r.headers
+            .iter()
+            .find(|(k, _)| *k == "Location")
+            .map(|(_, v)| v.clone())
+            .expect("a Location")
+    }
+
+    #[tokio::test]
+    async fn a_202_location_shows_the_request_until_a_newer_one_supersedes_it() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        let a = handle(&h.svc, post("d1", 10)).await;
+        let a_at = rest_of(&location(&a));
+        let shown = handle(&h.svc, get("d1", &a_at)).await;
+        assert_eq!(shown.status, 200);
+        for field in [
+            "requestId",
+            "minSoc",
+            "dod",
+            "status",
+            "requestedAt",
+            "expiresAt",
+        ] {
+            assert_eq!(shown.body[field], a.body[field], "{field} as in the 202");
+        }
+        assert_eq!(
+            shown.body["lastError"], "device offline",
+            "what the POST's try found"
+        );
+        let b = handle(&h.svc, post("d1", 20)).await;
+        let shown = handle(&h.svc, get("d1", &a_at)).await;
+        assert_eq!(shown.body["status"], "superseded");
+        assert_eq!(shown.body["supersededBy"], b.body["requestId"]);
+        assert_eq!(shown.body["minSoc"], 10);
+        let latest = handle(
+            &h.svc,
+            ApiRequest {
+                method: "GET".into(),
+                device_id: "d1".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(
+            latest.body["requestId"], b.body["requestId"],
+            "GET /soc keeps its meaning"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pending_request_replaced_after_its_expiry_shows_expired() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        let a = handle(&h.svc, post("d1", 10)).await;
+        h.clock.advance(h.svc.policy.request_ttl);
+        handle(&h.svc, post("d1", 20)).await;
+        let shown = handle(&h.svc, get("d1", &rest_of(&location(&a)))).await;
+        assert_eq!(shown.body["status"], "expired");
+        assert!(shown.body.get("supersededBy").is_none());
+    }
+
+    #[tokio::test]
+    async fn an_unknown_id_is_404_a_malformed_one_400_and_other_paths_404() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        handle(&h.svc, post("d1", 10)).await;
+        let unknown = handle(&h.svc, get("d1", &format!("requests/{}", "0".repeat(32)))).await;
+        assert_eq!(unknown.status, 404);
+        assert_eq!(unknown.content_type(), "application/problem+json");
+        let bad = handle(&h.svc, get("d1", "requests/NOPE")).await;
+        assert_eq!(
+            (bad.status, bad.body["field"].as_str()),
+            (400, Some("requestId"))
+        );
+        for rest in ["requests", "requests/a/b", "history"] {
+            assert_eq!(handle(&h.svc, get("d1", rest)).await.status, 404, "{rest}");
+        }
+    }
+
+    #[tokio::test]
+    async fn only_get_is_allowed_on_a_request() {
+        let h = Harness::new();
+        let mut req = get("d1", &format!("requests/{}", "a".repeat(32)));
+        req.method = "DELETE".into();
+        let r = handle(&h.svc, req).await;
+        assert_eq!(r.status, 405);
+        assert!(r.headers.contains(&("Allow", "GET".into())));
+        assert_eq!(h.device.calls(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn the_store_down_is_503_with_retry_after() {
+        let h = Harness::new();
+        h.ledger.set_down(true);
+        let r = handle(&h.svc, get("d1", &format!("requests/{}", "a".repeat(32)))).await;
+        assert_eq!(r.status, 503);
+        assert!(r.headers.iter().any(|(k, _)| *k == "Retry-After"));
+    }
+}

@@ -1,0 +1,570 @@
+//! `docs/openapi.yaml` and the handler cannot drift apart.
+//!
+//! The handler's router (with the in-memory ports) is driven through one scenario per
+//! status each public operation can answer; every answer is then held to the document
+//! (status listed, content type, headers, body valid against the documented schema),
+//! and the other way round: every documented status, header and schema property was
+//! produced by some scenario, every documented path routes to the handler, and no
+//! route under the function's template exists that the document does not list. The
+//! one exception is `401`, which the Functions host answers before the handler runs
+//! (`tests/e2e/contract.rs` sees it through devhost). Schemathesis
+//! (`tests/e2e/contract.rs`) does the rest: generated input through the real host path.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use soc_settings::app::{router, AppState, StartupError};
+use soc_settings::config::ConfigError;
+use soc_settings::domain::{DeviceId, IdempotencyKey};
+use soc_settings::functions::fakes::Harness;
+use soc_settings::ports::{Clock as _, IdempotencyRecord, Ledger as _};
+
+fn document() -> Value {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml"))
+        .expect("docs/openapi.yaml");
+    serde_yaml::from_str(&text).expect("docs/openapi.yaml is YAML")
+}
+
+/// Follows a local `$ref` (`#/components/...`) until a non-reference is reached.
+fn deref<'a>(doc: &'a Value, mut v: &'a Value) -> &'a Value {
+    while let Some(r) = v.get("$ref").and_then(Value::as_str) {
+        v = doc
+            .pointer(r.trim_start_matches('#'))
+            .unwrap_or_else(|| panic!("dangling $ref {r}"));
+    }
+    v
+}
+
+/// A validator for `schema` (found at `pointer` in the document), with the whole
+/// document as the root so its `#/components/...` references resolve.
+fn validator(doc: &Value, pointer: &str) -> jsonschema::Validator {
+    let mut root = doc.clone();
+    // As a URI fragment, the pointer's `{`/`}` (path templates) are percent-encoded.
+    let fragment = pointer.replace('{', "%7B").replace('}', "%7D");
+    root["$ref"] = json!(format!("#{fragment}"));
+    jsonschema::draft202012::new(&root).unwrap_or_else(|e| panic!("{pointer}: {e}"))
+}
+
+/// JSON-pointer escaping of one path segment.
+fn escape(segment: &str) -> String {
+    segment.replace('~', "~0").replace('/', "~1")
+}
+
+/// Every operation of the document: (operationId, path template, method).
+fn operations(doc: &Value) -> Vec<(String, String, String)> {
+    let mut ops = Vec::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().unwrap() {
+            if let Some(id) = op.get("operationId").and_then(Value::as_str) {
+                ops.push((id.to_string(), path.clone(), method.clone()));
+            }
+        }
+    }
+    ops
+}
+
+struct Observed {
+    operation: &'static str,
+    scenario: &'static str,
+    status: u16,
+    headers: HeaderMap,
+    body: Option<Value>,
+}
+
+async fn call(
+    app: axum::Router,
+    operation: &'static str,
+    scenario: &'static str,
+    req: Request<Body>,
+) -> Observed {
+    let res = app.oneshot(req).await.unwrap();
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    let body = (!bytes.is_empty()).then(|| {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("{operation}/{scenario}: body is not JSON ({e})"))
+    });
+    Observed {
+        operation,
+        scenario,
+        status,
+        headers,
+        body,
+    }
+}
+
+fn post(device: &str, body: &str, key: Option<&str>) -> Request<Body> {
+    let mut b = Request::post(format!("/api/devices/{device}/soc?code=k"))
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        b = b.header("Idempotency-Key", k);
+    }
+    b.body(Body::from(body.to_string())).unwrap()
+}
+
+fn get(path: &str) -> Request<Body> {
+    Request::get(path).body(Body::empty()).unwrap()
+}
+
+fn app(h: &Harness) -> axum::Router {
+    router(AppState::new(Ok(h.svc.clone())))
+}
+
+/// One scenario per status each operation answers; the tests below hold them to the document.
+async fn scenarios() -> Vec<Observed> {
+    let mut seen = Vec::new();
+    let h = Harness::new();
+    h.device.set_online("on", true);
+    h.device.set_online("off", false);
+    h.device.reject("picky", "value not allowed");
+    h.device.set_online("picky", true);
+
+    // setSoc
+    seen.push(
+        call(
+            app(&h),
+            "setSoc",
+            "online",
+            post("on", r#"{"dod":70}"#, Some("k0")),
+        )
+        .await,
+    );
+    seen.push(
+        call(
+            app(&h),
+            "setSoc",
+            "online replay",
+            post("on", r#"{"dod":70}"#, Some("k0")),
+        )
+        .await,
+    );
+    let first = call(
+        app(&h),
+        "setSoc",
+        "offline",
+        post("off", r#"{"minSoc":30}"#, Some("k1")),
+    )
+    .await;
+    let first_id = first.body.as_ref().unwrap()["requestId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    seen.push(first);
+    seen.push(
+        call(
+            app(&h),
+            "setSoc",
+            "replay",
+            post("off", r#"{"minSoc":30}"#, Some("k1")),
+        )
+        .await,
+    );
+    seen.push(
+        call(
+            app(&h),
+            "setSoc",
+            "key reused",
+            post("off", r#"{"minSoc":31}"#, Some("k1")),
+        )
+        .await,
+    );
+    let in_flight = IdempotencyRecord {
+        device_id: DeviceId::parse("off").unwrap(),
+        key: IdempotencyKey::parse(b"in-flight").unwrap(),
+        fingerprint: "minSoc=30".into(),
+        response: None,
+        created_at: h.clock.now(),
+    };
+    h.ledger.put_idempotency(&in_flight, None).await.unwrap();
+    seen.push(
+        call(
+            app(&h),
+            "setSoc",
+            "key in flight",
+            post("off", r#"{"minSoc":30}"#, Some("in-flight")),
+        )
+        .await,
+    );
+    seen.push(
+        call(
+            app(&h),
+            "setSoc",
+            "bad body",
+            post("off", r#"{"dod":101}"#, None),
+        )
+        .await,
+    );
+    seen.push(
+        call(
+            app(&h),
+            "setSoc",
+            "unknown device",
+            post("ghost", r#"{"dod":1}"#, None),
+        )
+        .await,
+    );
+    seen.push(
+        call(
+            app(&h),
+            "setSoc",
+            "rejected",
+            post("picky", r#"{"dod":1}"#, Some("k2")),
+        )
+        .await,
+    );
+    seen.push(
+        call(
+            app(&h),
+            "setSoc",
+            "rejected replay",
+            post("picky", r#"{"dod":1}"#, Some("k2")),
+        )
+        .await,
+    );
+    let second = call(
+        app(&h),
+        "setSoc",
+        "supersedes",
+        post("off", r#"{"minSoc":40}"#, None),
+    )
+    .await;
+    let second_id = second.body.as_ref().unwrap()["requestId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    seen.push(second);
+
+    // getSoc
+    seen.push(call(app(&h), "getSoc", "latest", get("/api/devices/off/soc")).await);
+    seen.push(call(app(&h), "getSoc", "applied", get("/api/devices/on/soc")).await);
+    seen.push(call(app(&h), "getSoc", "none", get("/api/devices/nobody/soc")).await);
+    seen.push(call(app(&h), "getSoc", "bad id", get("/api/devices/b%20d/soc")).await);
+
+    // getSocRequest
+    let of = |id: &str| format!("/api/devices/off/soc/requests/{id}");
+    seen.push(call(app(&h), "getSocRequest", "superseded", get(&of(&first_id))).await);
+    seen.push(call(app(&h), "getSocRequest", "pending", get(&of(&second_id))).await);
+    seen.push(
+        call(
+            app(&h),
+            "getSocRequest",
+            "unknown",
+            get(&of(&"0".repeat(32))),
+        )
+        .await,
+    );
+    seen.push(call(app(&h), "getSocRequest", "bad id", get(&of("not-an-id"))).await);
+    h.clock.advance(h.svc.policy.request_ttl);
+    seen.push(call(app(&h), "getSocRequest", "expired", get(&of(&second_id))).await);
+    let picky = h.ledger_record("picky").await.request_id;
+    seen.push(
+        call(
+            app(&h),
+            "getSocRequest",
+            "failed",
+            get(&format!("/api/devices/picky/soc/requests/{picky}")),
+        )
+        .await,
+    );
+
+    // The store down: 503 everywhere.
+    h.ledger.set_down(true);
+    seen.push(
+        call(
+            app(&h),
+            "setSoc",
+            "store down",
+            post("off", r#"{"dod":1}"#, None),
+        )
+        .await,
+    );
+    seen.push(call(app(&h), "getSoc", "store down", get("/api/devices/off/soc")).await);
+    seen.push(call(app(&h), "getSocRequest", "store down", get(&of(&second_id))).await);
+    h.ledger.set_down(false);
+
+    // Misconfigured: 500 everywhere.
+    let broken = || {
+        let missing = ConfigError(vec![
+            "SOC_QUEUE_NAME: required app setting is missing".into()
+        ]);
+        router(AppState::new(Err(StartupError::Config(missing))))
+    };
+    seen.push(
+        call(
+            broken(),
+            "setSoc",
+            "misconfigured",
+            post("off", r#"{"dod":1}"#, None),
+        )
+        .await,
+    );
+    seen.push(
+        call(
+            broken(),
+            "getSoc",
+            "misconfigured",
+            get("/api/devices/off/soc"),
+        )
+        .await,
+    );
+    seen.push(
+        call(
+            broken(),
+            "getSocRequest",
+            "misconfigured",
+            get(&of(&second_id)),
+        )
+        .await,
+    );
+    seen
+}
+
+/// The documented response of an operation for a status, if any (`$ref` resolved).
+fn response_doc<'a>(doc: &'a Value, op_pointer: &str, status: u16) -> Option<&'a Value> {
+    doc.pointer(&format!("{op_pointer}/responses/{status}"))?;
+    doc.pointer(&response_pointer(doc, op_pointer, status))
+}
+
+fn pointer_of_operation(doc: &Value, id: &str) -> (String, Value) {
+    for (op_id, path, method) in operations(doc) {
+        if op_id == id {
+            let pointer = format!("/paths/{}/{method}", escape(&path));
+            return (pointer.clone(), doc.pointer(&pointer).unwrap().clone());
+        }
+    }
+    panic!("operation {id} is not in the document")
+}
+
+/// Where a response (status of an operation) is in the document, resolving a `$ref`.
+fn response_pointer(doc: &Value, op_pointer: &str, status: u16) -> String {
+    let at = format!("{op_pointer}/responses/{status}");
+    match doc
+        .pointer(&at)
+        .and_then(|r| r.get("$ref"))
+        .and_then(Value::as_str)
+    {
+        Some(r) => r.trim_start_matches('#').to_string(),
+        None => at,
+    }
+}
+
+#[tokio::test]
+async fn every_answer_of_the_handler_is_described_by_the_document() {
+    let doc = document();
+    for o in scenarios().await {
+        let what = format!("{} [{}] -> {}", o.operation, o.scenario, o.status);
+        let (op_pointer, _) = pointer_of_operation(&doc, o.operation);
+        let response = response_doc(&doc, &op_pointer, o.status)
+            .unwrap_or_else(|| panic!("{what}: status not in the document"));
+        let rp = response_pointer(&doc, &op_pointer, o.status);
+        let content_type = o
+            .headers
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string());
+        match (&o.body, response.get("content")) {
+            (Some(body), Some(content)) => {
+                let ct = content_type.unwrap_or_else(|| panic!("{what}: no content type"));
+                assert!(
+                    content.get(&ct).is_some(),
+                    "{what}: content type {ct} not documented"
+                );
+                let v = validator(&doc, &format!("{rp}/content/{}/schema", escape(&ct)));
+                let errors: Vec<String> = v.iter_errors(body).map(|e| e.to_string()).collect();
+                assert!(
+                    errors.is_empty(),
+                    "{what}: {body} does not match: {errors:?}"
+                );
+            }
+            (None, None) => {}
+            (body, content) => panic!("{what}: body {body:?} vs documented content {content:?}"),
+        }
+        let documented: BTreeSet<String> = response
+            .get("headers")
+            .and_then(Value::as_object)
+            .map(|h| h.keys().map(|k| k.to_ascii_lowercase()).collect())
+            .unwrap_or_default();
+        for name in o.headers.keys() {
+            let name = name.as_str();
+            if matches!(name, "content-type" | "content-length") {
+                continue;
+            }
+            assert!(
+                documented.contains(name),
+                "{what}: header {name} is not documented for this status"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_status_header_and_field_the_document_promises_is_produced() {
+    let doc = document();
+    let seen = scenarios().await;
+    let mut statuses: BTreeMap<&str, BTreeSet<u16>> = BTreeMap::new();
+    let mut headers: BTreeSet<(String, u16, String)> = BTreeSet::new();
+    let mut fields: BTreeSet<String> = BTreeSet::new();
+    for o in &seen {
+        statuses.entry(o.operation).or_default().insert(o.status);
+        for name in o.headers.keys() {
+            headers.insert((o.operation.to_string(), o.status, name.as_str().to_string()));
+        }
+        if let Some(Value::Object(body)) = &o.body {
+            fields.extend(body.keys().cloned());
+        }
+    }
+    for (id, _, _) in operations(&doc) {
+        let (_, op) = pointer_of_operation(&doc, &id);
+        for (status, response) in op["responses"].as_object().unwrap() {
+            let status: u16 = status.parse().unwrap();
+            if status == 401 {
+                // Answered by the Functions host before the handler runs; no body.
+                assert!(deref(&doc, response).get("content").is_none());
+                continue;
+            }
+            assert!(
+                statuses
+                    .get(id.as_str())
+                    .is_some_and(|s| s.contains(&status)),
+                "{id}: documented status {status} is never produced"
+            );
+            for name in deref(&doc, response)
+                .get("headers")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flat_map(|h| h.keys())
+            {
+                assert!(
+                    headers.contains(&(id.clone(), status, name.to_ascii_lowercase())),
+                    "{id}: header {name} documented for {status} is never sent"
+                );
+            }
+        }
+    }
+    for schema in ["SocRequest", "Problem"] {
+        for name in doc["components"]["schemas"][schema]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+        {
+            assert!(fields.contains(name), "{schema}.{name} is never emitted");
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_documented_path_is_routed_to_the_handler_and_nothing_else_under_the_function() {
+    let doc = document();
+    let h = Harness::new();
+    let concrete = |template: &str| {
+        format!(
+            "/api{}",
+            template
+                .replace("{deviceId}", "bat-1")
+                .replace("{requestId}", &"a".repeat(32))
+        )
+    };
+    let mut methods_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (_, path, method) in operations(&doc) {
+        methods_of
+            .entry(path)
+            .or_default()
+            .insert(method.to_uppercase());
+    }
+    for (path, methods) in &methods_of {
+        let url = concrete(path);
+        let o = call(app(&h), "route", "get", get(&url)).await;
+        let body = o.body.unwrap_or(Value::Null);
+        assert_ne!(body["detail"], "no such route", "{url} is not routed");
+        // A method the document does not list: 405 naming exactly the documented ones.
+        let o = call(
+            app(&h),
+            "route",
+            "put",
+            Request::builder()
+                .method(Method::PUT)
+                .uri(&url)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(o.status, 405, "{url}");
+        let allow: BTreeSet<String> = o.headers["allow"]
+            .to_str()
+            .unwrap()
+            .split(',')
+            .map(|m| m.trim().to_string())
+            .collect();
+        assert_eq!(&allow, methods, "{url}: Allow");
+        assert_eq!(o.headers["content-type"], "application/problem+json");
+    }
+    // The function's route is `devices/{deviceId}/soc/{*rest}`: what is not documented is 404.
+    for undocumented in [
+        "/api/devices/bat-1/soc/history",
+        "/api/devices/bat-1/soc/requests",
+        "/api/devices/bat-1/soc/requests/aaaa/more",
+    ] {
+        let o = call(app(&h), "route", "undocumented", get(undocumented)).await;
+        assert_eq!(o.status, 404, "{undocumented}");
+        assert_eq!(o.headers["content-type"], "application/problem+json");
+    }
+    let function: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/SetSocHttp/function.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let route = function["bindings"][0]["route"].as_str().unwrap();
+    for path in methods_of.keys() {
+        let base = route.trim_end_matches("/{*rest}");
+        assert!(
+            path.trim_start_matches('/').starts_with(base),
+            "{path} is served by SetSocHttp's route {route}"
+        );
+    }
+}
+
+#[test]
+fn every_example_in_the_document_matches_its_schema() {
+    let doc = document();
+    let mut checked = 0;
+    for (id, path, method) in operations(&doc) {
+        let op_pointer = format!("/paths/{}/{method}", escape(&path));
+        let op = doc.pointer(&op_pointer).unwrap();
+        let mut media: Vec<String> = Vec::new();
+        if op.get("requestBody").is_some() {
+            for ct in op["requestBody"]["content"].as_object().unwrap().keys() {
+                media.push(format!("{op_pointer}/requestBody/content/{}", escape(ct)));
+            }
+        }
+        for status in op["responses"].as_object().unwrap().keys() {
+            let rp = response_pointer(&doc, &op_pointer, status.parse().unwrap());
+            if let Some(content) = doc.pointer(&rp).unwrap().get("content") {
+                for ct in content.as_object().unwrap().keys() {
+                    media.push(format!("{rp}/content/{}", escape(ct)));
+                }
+            }
+        }
+        for m in media {
+            let node = doc.pointer(&m).unwrap();
+            let v = validator(&doc, &format!("{m}/schema"));
+            let mut examples: Vec<&Value> = node.get("example").into_iter().collect();
+            if let Some(named) = node.get("examples").and_then(Value::as_object) {
+                examples.extend(named.values().map(|e| &e["value"]));
+            }
+            for example in examples {
+                let errors: Vec<String> = v.iter_errors(example).map(|e| e.to_string()).collect();
+                assert!(errors.is_empty(), "{id} {m}: example {example}: {errors:?}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 10, "only {checked} examples checked");
+}
