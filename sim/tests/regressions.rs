@@ -18,6 +18,7 @@ const MUTANT: bool = cfg!(any(
     feature = "mutant-put-on-caller-lease",
     feature = "mutant-sweep-aborts-on-page-error",
     feature = "mutant-no-chain-check",
+    feature = "mutant-undo-forgets-landing",
 ));
 
 /// Runs `seed`: with its own mutation built in it must violate `property`; without
@@ -89,4 +90,15 @@ fn an_accepting_write_of_unknown_outcome_is_read_back_before_answering() {
 #[test]
 fn a_timed_out_put_keeps_the_lease_until_it_can_no_longer_land() {
     judged(87, cfg!(feature = "mutant-transient-releases-lease"), "S1");
+}
+
+/// Found by the long run (seed 823,533 of 1,000,000): post#3 PUT R2 and it landed, but its
+/// bookkeeping write lost to post#5's accepting write of R4, so post#3 converged to R4
+/// (answering `200 applied` for R2); post#5's send failed and its undo put R2 back as it
+/// had read it, *pending*; the device stayed offline and the sweep wrote R2 `expired`
+/// although it was on the device. The converging holder now notes R2 in R4's record
+/// (`landed`), and the undo restores R2 as applied.
+#[test]
+fn an_undo_restores_a_request_that_landed_meanwhile_as_applied() {
+    judged(823_533, cfg!(feature = "mutant-undo-forgets-landing"), "S4");
 }

@@ -101,6 +101,8 @@ pub async fn apply_latest(
             )
         });
         let mut record = current.value.clone();
+        // Whatever this round writes also says what we put on the device for an older request.
+        record.note_landed(&delivered);
 
         // Settled already: only let go of a lease we might still hold (never while a
         // PUT of ours may still land: the lease is what keeps others off the device).

@@ -405,8 +405,7 @@ async fn undo(
         }
         let result = match &previous {
             Some(prev) => {
-                let mut restored = prev.clone();
-                restored.lease = None;
+                let restored = current.value.restore(prev, svc.clock.now());
                 svc.ledger
                     .put(&restored, Some(&current.etag))
                     .await
