@@ -37,6 +37,11 @@ pub enum DeviceError {
     Transient {
         reason: String,
         retry_after: Option<Duration>,
+        /// The request went out and no answer came back (a timeout, a broken
+        /// connection): a PUT may have been applied, and may still land within the
+        /// late-landing bound. `false` when the device cloud answered, or when nothing
+        /// was sent (no connection).
+        unanswered: bool,
     },
 }
 

@@ -66,6 +66,7 @@ fn everything_set(id: &str) -> DesiredState {
             holder: LeaseHolder::from_stored("invocation-17"),
             until: t(45),
         }),
+        landed: Some(RequestId::new_random()),
         updated_at: t(13),
     }
 }

@@ -99,6 +99,7 @@ impl HttpDeviceApi {
         DeviceError::Transient {
             reason,
             retry_after: None,
+            unanswered: !err.is_connect(),
         }
     }
 
@@ -131,6 +132,7 @@ impl HttpDeviceApi {
         DeviceError::Transient {
             reason,
             retry_after: retry_after(headers, Utc::now()),
+            unanswered: false,
         }
     }
 }
@@ -158,11 +160,13 @@ impl DeviceApi for HttpDeviceApi {
                     serde_json::from_slice(&bytes).map_err(|_| DeviceError::Transient {
                         reason: format!("{what}: malformed 200 response body"),
                         retry_after: None,
+                        unanswered: false,
                     })?;
                 if body.min_soc.is_some_and(|v| v > 100) {
                     return Err(DeviceError::Transient {
                         reason: format!("{what}: minSoc out of range in response"),
                         retry_after: None,
+                        unanswered: false,
                     });
                 }
                 Ok(DeviceStatus {

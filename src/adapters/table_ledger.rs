@@ -571,6 +571,11 @@ fn desired_to_entity(s: &DesiredState) -> Map<String, Value> {
         s.wake_message_id.clone().map(Value::from),
     );
     put_opt(&mut e, "WakeDueAt", s.wake_due_at.map(time));
+    put_opt(
+        &mut e,
+        "LandedRequestId",
+        s.landed.as_ref().map(|r| Value::from(r.to_string())),
+    );
     if let Some(lease) = &s.lease {
         e.insert("LeaseHolder".into(), lease.holder.as_str().into());
         e.insert("LeaseUntil".into(), time(lease.until));
@@ -689,6 +694,7 @@ fn desired_from_entity(entity: &Map<String, Value>) -> Result<DesiredState, Corr
         wake_message_id: row.opt_str("WakeMessageId")?,
         wake_due_at: row.opt_time("WakeDueAt")?,
         lease,
+        landed: row.opt_str("LandedRequestId")?.map(RequestId::from_stored),
         updated_at: row.time("UpdatedAt")?,
     })
 }
@@ -822,6 +828,7 @@ mod tests {
                 holder: LeaseHolder::from_stored("invocation-9"),
                 until: t(30),
             }),
+            landed: Some(RequestId::from_stored("abc122")),
             updated_at: t(6),
         }
     }

@@ -16,6 +16,8 @@ use super::Services;
 
 /// How many conflicting ledger writes one apply tolerates before giving up (as transient).
 const MAX_ROUNDS: usize = 12;
+/// Reads of an unknown write's outcome before giving up (see [`read_back`]).
+const READ_BACK_TRIES: u32 = 14;
 
 /// What [`apply_latest`] did.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +32,8 @@ pub enum ApplyOutcome {
     Failed(DesiredState, DeviceError),
     /// The device is offline; the record stays pending (attempt counted, lease released).
     Offline(Versioned<DesiredState>),
-    /// The device cloud had a transient problem; the record stays pending.
+    /// The device cloud had a transient problem; the record stays pending. If the PUT
+    /// got no answer it keeps this call's lease until it lapses (it may still land).
     Transient(Versioned<DesiredState>, DeviceError),
     /// Another invocation holds the device's lease and will converge to the latest value.
     Busy(Versioned<DesiredState>),
@@ -48,6 +51,15 @@ pub struct Applied {
 
 /// Applies the latest desired value of `device`. `start` may carry a record just
 /// read or written by the caller, saving a read. `holder` must be unique per invocation.
+///
+/// Lease rules (the bounds are in [`super::Policy`]):
+/// - before each PUT the lease is taken or renewed with a fresh clock reading, and the
+///   PUT starts only if [`super::Policy::put_window`] of it is left after that write;
+/// - a PUT that got no answer (it timed out and may land late) keeps the lease, which
+///   covers the late landing, and this call PUTs nothing more;
+/// - nothing is settled (expired) over another holder's live lease, and no PUT starts
+///   within one lease of the request's expiry, so no PUT straddles it;
+/// - one call PUTs a request at most once.
 pub async fn apply_latest(
     svc: &Services,
     device: &DeviceId,
@@ -55,6 +67,8 @@ pub async fn apply_latest(
     start: Option<Versioned<DesiredState>>,
 ) -> Result<Applied, StoreError> {
     let mut delivered: Vec<RequestId> = Vec::new();
+    // The requests this call PUT without them landing for sure, and the answers.
+    let mut tried: Vec<(RequestId, DeviceError)> = Vec::new();
     // A start record that already holds our lease was written by the caller together
     // with the attempt it counts (SetSocHttp does that in its accepting write).
     let mut leased_by_caller = start
@@ -64,7 +78,7 @@ pub async fn apply_latest(
     for _ in 0..MAX_ROUNDS {
         let current = match next.take() {
             Some(v) => v,
-            None => match svc.ledger.get(device).await? {
+            None => match read_back(svc, device).await? {
                 Some(v) => v,
                 None => {
                     return Ok(Applied {
@@ -77,11 +91,23 @@ pub async fn apply_latest(
         let now = svc.clock.now();
         // Only the first round can use the caller's lease; later rounds re-read the record.
         let leased_now = std::mem::take(&mut leased_by_caller);
+        let in_doubt = tried.iter().any(|(_, e)| {
+            matches!(
+                e,
+                DeviceError::Transient {
+                    unanswered: true,
+                    ..
+                }
+            )
+        });
         let mut record = current.value.clone();
+        // Whatever this round writes also says what we put on the device for an older request.
+        record.note_landed(&delivered);
 
-        // Settled already: only let go of a lease we might still hold.
+        // Settled already: only let go of a lease we might still hold (never while a
+        // PUT of ours may still land: the lease is what keeps others off the device).
         if !record.is_pending() {
-            if record.holds_lease(holder, now) {
+            if record.holds_lease(holder, now) && !in_doubt {
                 record.release_lease(holder);
                 if let Err(e) = write(svc, &record, &current.etag).await {
                     if e == StoreError::Conflict {
@@ -96,7 +122,83 @@ pub async fn apply_latest(
             });
         }
 
-        if record.is_expired_at(now) {
+        // A request this call already PUT (its write lost a race, or the record came
+        // back to it): never PUT twice; record the same answer on the record read now.
+        if let Some((_, error)) = tried.iter().find(|(id, _)| *id == record.request_id) {
+            let outcome = record_answer(&mut record, holder, Err(error.clone()), now);
+            match write(svc, &record, &current.etag).await {
+                Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
+                Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some((_, error)) = tried.iter().find(|(_, e)| {
+            matches!(
+                e,
+                DeviceError::Transient {
+                    unanswered: true,
+                    ..
+                }
+            )
+        }) {
+            // Another request; our lease is in its record and keeps everyone off the
+            // device until our PUT can no longer land. Whoever comes next applies it.
+            return Ok(Applied {
+                outcome: ApplyOutcome::Transient(current, error.clone()),
+                delivered,
+            });
+        }
+
+        // We already put exactly this request on the device in an earlier round:
+        // only the bookkeeping is left.
+        if delivered.contains(&record.request_id)
+            || (cfg!(feature = "mutant-delivered-ignores-request-id") && !delivered.is_empty())
+        {
+            record.mark_applied(now);
+            record.release_lease(holder);
+            match write(svc, &record, &current.etag).await {
+                Ok(_) => {
+                    return Ok(Applied {
+                        outcome: ApplyOutcome::Applied(record),
+                        delivered,
+                    })
+                }
+                // What landed must be written down (see below): unknown outcomes too.
+                Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+
+        if cfg!(feature = "mutant-expiry-over-lease") && record.is_expired_at(now) {
+            record.mark_expired(now);
+            record.release_lease(holder);
+            match write(svc, &record, &current.etag).await {
+                Ok(_) => {
+                    return Ok(Applied {
+                        outcome: ApplyOutcome::Expired(record),
+                        delivered,
+                    })
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+
+        if !record.lease_free_for(holder, now) && !cfg!(feature = "mutant-no-lease-check") {
+            return Ok(Applied {
+                outcome: ApplyOutcome::Busy(current),
+                delivered,
+            });
+        }
+
+        // Expired, or so close to expiry that a PUT started now could land after it:
+        // mark it expired (nobody else holds a live lease, checked just above).
+        let cut = if cfg!(feature = "mutant-expiry-over-lease") {
+            chrono::Duration::zero()
+        } else {
+            svc.policy.lease
+        };
+        if record.is_expired_at(now + cut) {
             record.mark_expired(now);
             record.release_lease(holder);
             match write(svc, &record, &current.etag).await {
@@ -112,92 +214,139 @@ pub async fn apply_latest(
             }
         }
 
-        // We already put exactly this request on the device in an earlier round:
-        // only the bookkeeping is left.
-        if delivered.contains(&record.request_id) {
-            record.mark_applied(now);
-            record.release_lease(holder);
-            match write(svc, &record, &current.etag).await {
-                Ok(_) => {
-                    return Ok(Applied {
-                        outcome: ApplyOutcome::Applied(record),
-                        delivered,
-                    })
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-
-        if !record.lease_free_for(holder, now) {
-            return Ok(Applied {
-                outcome: ApplyOutcome::Busy(current),
-                delivered,
-            });
-        }
-
-        // Take (or renew) the lease and count the attempt, in one conditional write.
-        let etag = if leased_now {
+        // Take (or renew) the lease with a fresh clock reading, counting the attempt,
+        // in one conditional write; the caller's lease is kept if it still covers a PUT.
+        let caller_lease_covers = record.lease_covers(holder, now, svc.policy.put_window)
+            || cfg!(feature = "mutant-put-on-caller-lease");
+        let etag = if leased_now && caller_lease_covers {
             current.etag.clone()
         } else {
-            record.record_attempt(holder, now, svc.policy.lease);
+            let now = svc.clock.now();
+            if leased_now {
+                record.take_lease(holder, now, svc.policy.lease);
+            } else {
+                record.record_attempt(holder, now, svc.policy.lease);
+            }
             match write(svc, &record, &current.etag).await {
                 Ok(etag) => etag,
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e),
             }
         };
+        // The write may have been slow: PUT only with a whole PUT's worth of lease left.
+        if !record.lease_covers(holder, svc.clock.now(), svc.policy.put_window)
+            && !cfg!(feature = "mutant-put-on-caller-lease")
+        {
+            warn!(device = %device, "lease too short for a PUT after a slow ledger write; renewing");
+            continue;
+        }
 
         let result = svc
             .device
             .apply_min_soc(device, record.min_soc, &record.request_id)
             .await;
         let now = svc.clock.now();
-        record.release_lease(holder);
-        let outcome = match result {
+        match &result {
             Ok(()) => {
                 delivered.push(record.request_id.clone());
-                record.mark_applied(now);
                 info!(device = %device, request_id = %record.request_id, min_soc = record.min_soc.percent(), attempts = record.attempts, "setting applied");
-                None
-            }
-            Err(DeviceError::Offline) => {
-                record.record_offline(now);
-                Some(Err(DeviceError::Offline))
-            }
-            Err(e @ DeviceError::Transient { .. }) => {
-                warn!(device = %device, request_id = %record.request_id, error = %e, "device cloud transient error");
-                record.record_transient(e.to_string(), now);
-                Some(Err(e))
             }
             Err(e) => {
-                warn!(device = %device, request_id = %record.request_id, error = %e, "device cloud refused the setting");
-                record.mark_failed(e.to_string(), now);
-                Some(Ok(e))
+                warn!(device = %device, request_id = %record.request_id, error = %e, "device call failed");
+                tried.push((record.request_id.clone(), e.clone()));
             }
-        };
+        }
+        let outcome = record_answer(&mut record, holder, result, now);
         match write(svc, &record, &etag).await {
-            Ok(etag) => {
-                let stored = Versioned {
-                    value: record.clone(),
-                    etag,
-                };
-                let outcome = match outcome {
-                    None => ApplyOutcome::Applied(record),
-                    Some(Ok(permanent)) => ApplyOutcome::Failed(record, permanent),
-                    Some(Err(DeviceError::Offline)) => ApplyOutcome::Offline(stored),
-                    Some(Err(transient)) => ApplyOutcome::Transient(stored, transient),
-                };
-                return Ok(Applied { outcome, delivered });
-            }
+            Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
             // Someone changed the record while we talked to the device (a newer
-            // request, most likely). Read again and converge; our lease is still in it.
-            Err(StoreError::Conflict) => continue,
+            // request, most likely), or the write's outcome is unknown. Read again
+            // (with retries) and converge; our lease is still in it. What the device
+            // answered must be written down: a landed value left pending could later
+            // be marked expired.
+            Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
             Err(e) => return Err(e),
         }
     }
     warn!(device = %device, "giving up after repeated concurrent ledger updates");
     Err(StoreError::Conflict)
+}
+
+/// Records the device's answer to a PUT of `record`'s request made under `holder`'s
+/// lease, and says what it means. The lease is let go, except when no answer came
+/// back (a timeout): that PUT may still land, and the lease, sized to cover the late
+/// landing, keeps everyone off the device until it lapses.
+fn record_answer(
+    record: &mut DesiredState,
+    holder: &LeaseHolder,
+    result: Result<(), DeviceError>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<Result<DeviceError, DeviceError>> {
+    match result {
+        Ok(()) => {
+            record.release_lease(holder);
+            record.mark_applied(now);
+            None
+        }
+        Err(DeviceError::Offline) => {
+            record.release_lease(holder);
+            record.record_offline(now);
+            Some(Err(DeviceError::Offline))
+        }
+        Err(e @ DeviceError::Transient { unanswered, .. }) => {
+            if !unanswered || cfg!(feature = "mutant-transient-releases-lease") {
+                record.release_lease(holder);
+            }
+            record.record_transient(e.to_string(), now);
+            Some(Err(e))
+        }
+        Err(e) => {
+            record.release_lease(holder);
+            record.mark_failed(e.to_string(), now);
+            Some(Ok(e))
+        }
+    }
+}
+
+/// The outcome of a written answer (see [`record_answer`]).
+fn finish(
+    record: DesiredState,
+    etag: crate::ports::ETag,
+    outcome: Option<Result<DeviceError, DeviceError>>,
+    delivered: Vec<RequestId>,
+) -> Applied {
+    let stored = Versioned {
+        value: record.clone(),
+        etag,
+    };
+    let outcome = match outcome {
+        None => ApplyOutcome::Applied(record),
+        Some(Ok(permanent)) => ApplyOutcome::Failed(record, permanent),
+        Some(Err(DeviceError::Offline)) => ApplyOutcome::Offline(stored),
+        Some(Err(transient)) => ApplyOutcome::Transient(stored, transient),
+    };
+    Applied { outcome, delivered }
+}
+
+/// Reads the device's record, trying again (0.1 s doubling to 5 s, about 50 s in
+/// all) while the storage is unavailable: used wherever the outcome of a write is
+/// unknown and must be known before going on.
+pub(crate) async fn read_back(
+    svc: &Services,
+    device: &DeviceId,
+) -> Result<Option<Versioned<DesiredState>>, StoreError> {
+    let mut wait = std::time::Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        match svc.ledger.get(device).await {
+            Err(StoreError::Unavailable(_)) if tries < READ_BACK_TRIES => {
+                tries += 1;
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn write(
@@ -284,6 +433,71 @@ mod tests {
         assert!(matches!(out.outcome, ApplyOutcome::Expired(_)));
         assert!(h.device.puts("d1").is_empty());
         assert_eq!(h.ledger_record("d1").await.status, RequestStatus::Expired);
+    }
+
+    #[tokio::test]
+    async fn no_put_starts_within_one_lease_of_expiry() {
+        // Issue 8, bug 3: a PUT started then could land after the sweep wrote `expired`.
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        accept_pending(&h, "d1", 40).await;
+        h.clock
+            .advance(h.svc.policy.request_ttl - h.svc.policy.lease / 2);
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
+        assert!(matches!(out.outcome, ApplyOutcome::Expired(_)), "{out:?}");
+        assert!(h.device.puts("d1").is_empty());
+    }
+
+    #[tokio::test]
+    async fn expiry_is_never_written_over_another_holders_live_lease() {
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        accept_pending(&h, "d1", 40).await;
+        let mut held = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+        held.value.take_lease(
+            &holder("other"),
+            h.clock.now(),
+            h.svc.policy.request_ttl * 2,
+        );
+        h.ledger.put(&held.value, Some(&held.etag)).await.unwrap();
+        h.clock.advance(h.svc.policy.request_ttl);
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
+        assert!(matches!(out.outcome, ApplyOutcome::Busy(_)), "{out:?}");
+        assert_eq!(h.ledger_record("d1").await.status, RequestStatus::Pending);
+    }
+
+    #[tokio::test]
+    async fn a_caller_lease_too_short_for_a_put_is_renewed_first() {
+        // Issue 8, bug 2: the caller's lease was taken before slow ledger calls.
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        accept_pending(&h, "d1", 40).await;
+        let mut start = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+        let h1 = holder("h1");
+        start
+            .value
+            .record_attempt(&h1, h.clock.now(), h.svc.policy.put_window);
+        start.etag = h.ledger.put(&start.value, Some(&start.etag)).await.unwrap();
+        h.clock.advance(chrono::Duration::seconds(1));
+        let renewed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let seen = renewed.clone();
+        let h2 = h.clone();
+        h.device.on_next_put("d1", move || {
+            Box::pin(async move {
+                let rec = h2.ledger_record("d1").await;
+                *seen.lock().unwrap() = rec.lease.map(|l| l.until);
+            })
+        });
+        let out = apply_latest(&h.svc, &h.id("d1"), &h1, Some(start))
+            .await
+            .unwrap();
+        assert!(matches!(out.outcome, ApplyOutcome::Applied(_)), "{out:?}");
+        let until = renewed.lock().unwrap().expect("lease held during the PUT");
+        assert_eq!(until, h.clock.now() + h.svc.policy.lease);
     }
 
     #[tokio::test]

@@ -96,14 +96,19 @@ pub async fn run(svc: &Services) -> Result<SweepReport, StoreError> {
         .buffer_unordered(svc.policy.drain_concurrency);
     let mut report = SweepReport::default();
     let mut listed_any = false;
+    let mut page_error = None;
+    // Every outcome is awaited, errors included: returning early would drop applies
+    // that are mid-PUT (lease left behind, attempt counted).
     while let Some(outcome) = outcomes.next().await {
         let step = match outcome {
             Ok(step) => step,
-            // Nothing read at all: the sweep failed. Later pages failing: count and go on.
-            Err(e) if !listed_any => return Err(e),
+            Err(e) if cfg!(feature = "mutant-sweep-aborts-on-page-error") && !listed_any => {
+                return Err(e)
+            }
             Err(e) => {
                 warn!(error = %e, "sweep could not read a page of pending requests");
                 report.errors += 1;
+                page_error.get_or_insert(e);
                 continue;
             }
         };
@@ -122,6 +127,10 @@ pub async fn run(svc: &Services) -> Result<SweepReport, StoreError> {
             Step::Corrupt => &mut report.corrupt,
         };
         *count += 1;
+    }
+    // Nothing read at all: the sweep failed.
+    if let (false, Some(e)) = (listed_any, page_error) {
+        return Err(e);
     }
     info!(%report, "sweep done");
     Ok(report)

@@ -106,6 +106,7 @@ impl DeviceApi for FakeDevice {
             return Err(DeviceError::Transient {
                 reason: "503".into(),
                 retry_after: None,
+                unanswered: false,
             });
         }
         let s = self.0.lock().unwrap();
@@ -139,6 +140,7 @@ impl DeviceApi for FakeDevice {
             return Err(DeviceError::Transient {
                 reason: "503".into(),
                 retry_after: None,
+                unanswered: false,
             });
         }
         let mut s = self.0.lock().unwrap();
@@ -492,8 +494,11 @@ impl Harness {
                 max: Duration::seconds(600),
             },
             lease: Duration::seconds(15),
+            put_window: Duration::seconds(5),
+            max_clock_skew: Duration::zero(),
             wake_grace: Duration::seconds(60),
             drain_concurrency: 4,
+            idempotency_in_flight: Duration::seconds(60),
         };
         let svc = Services {
             device: Arc::new(device.clone()),

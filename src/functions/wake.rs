@@ -73,15 +73,22 @@ pub async fn schedule_recheck(
     let now = svc.clock.now();
     // The first re-check after the first attempt waits `initial`, then it doubles.
     let checks_done = current.value.attempts.saturating_sub(1);
+    // No PUT starts within one lease of expiry (see `apply`), so the last useful
+    // re-check is a lease before it: a re-check never straddles expiry.
+    let last_useful = if cfg!(feature = "mutant-expiry-over-lease") {
+        current.value.expires_at
+    } else {
+        current.value.expires_at - svc.policy.lease
+    };
     let Some(recheck) = svc
         .policy
         .backoff
-        .next_recheck(checks_done, now, current.value.expires_at)
+        .next_recheck(checks_done, now, last_useful)
     else {
         return Ok(Rescheduled::NoTimeLeft);
     };
     let at = match not_before {
-        Some(t) if t > recheck.at && t < current.value.expires_at => t,
+        Some(t) if t > recheck.at && t < last_useful => t,
         _ => recheck.at,
     };
     let Some(message) = message_for(&current.value, Some(at), now) else {

@@ -246,10 +246,19 @@ async fn a_device_timeout_on_the_http_path_stores_the_request() {
         "the device call is bounded by its timeout"
     );
     assert_eq!(app.messages().len(), 1);
-    // The device recovers; the queue applies it.
+    // The device recovers. The timed-out PUT could still land, so its lease keeps every
+    // invocation off the device until it lapses (issue 8); then the queue applies it.
     app.configure("bat-1", DeviceConfig::default());
-    assert_eq!(app.deliver_all().await, vec![200]);
-    assert_eq!(app.device_value("bat-1"), Some(70));
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while app.device_value("bat-1") != Some(70) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not applied after the lease lapsed: {:?}",
+            app.history("bat-1")
+        );
+        app.deliver_all().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 #[tokio::test]
@@ -383,33 +392,28 @@ async fn an_unknown_device_is_404_and_a_rejected_value_fails_with_the_reason() {
 }
 
 #[tokio::test]
-async fn a_request_past_its_ttl_is_never_applied_and_shows_expired() {
+async fn a_request_whose_ttl_ends_within_one_lease_is_never_put_and_shows_expired() {
+    // A PUT started now could land after expiry (issue 8): with a TTL shorter than one
+    // lease the request expires without a device call, and stays expired.
     let app = TestApp::start_with(Options {
         ttl_seconds: 2,
         recheck_initial_seconds: 1,
         ..Default::default()
     })
     .await;
-    app.device("bat-1", false);
+    app.device("bat-1", true);
     let (_, _, body) = app.post_soc("bat-1", &minsoc(40)).await;
-    let m = app.messages().remove(0);
     let expires: chrono::DateTime<chrono::Utc> =
         body["expiresAt"].as_str().unwrap().parse().unwrap();
-    assert!(m.expires_at.unwrap() <= expires);
+    for m in app.messages() {
+        assert!(m.expires_at.unwrap() <= expires);
+    }
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    app.set_online("bat-1", true);
-    let (status, out) = app.fire_timer().await;
+    let (status, _) = app.fire_timer().await;
     assert_eq!(status, 200);
-    assert!(
-        out["Logs"][0].as_str().unwrap().contains("expired=1"),
-        "{out}"
-    );
-    assert_eq!(app.deliver_all().await, vec![200]);
+    app.deliver_all().await;
     assert!(app.applied_values("bat-1").is_empty(), "never applied");
-    assert!(
-        app.history("bat-1").iter().all(|p| p.outcome == "offline"),
-        "only the POST's try, while offline"
-    );
+    assert!(app.history("bat-1").is_empty(), "never PUT");
     let (_, record) = app.get_soc("bat-1").await;
     assert_eq!(record["status"], "expired");
     assert!(record["lastError"].as_str().unwrap().contains("expired"));
@@ -509,9 +513,9 @@ async fn a_handler_killed_mid_apply_is_redelivered_and_applied_once_in_effect() 
         async {}
     );
     app.restart_handler().await;
-    // The lease of the dead invocation lapses (device timeout + 10 s) or the redelivery
-    // finds it busy and schedules a short re-check; keep redelivering like the broker would.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // The lease of the dead invocation lapses (`Policy::lease`, about 35 s here) and the
+    // redelivery finds it busy until then; keep redelivering like the broker would.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
         let pending: Vec<_> = app
             .messages()

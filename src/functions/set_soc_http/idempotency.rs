@@ -3,7 +3,8 @@
 //! Invariants: a key is reserved (record without a response) before the request is
 //! accepted, so two concurrent uses cannot both go ahead; the same key with the same
 //! body replays the first answer (`Idempotent-Replayed: true`), with another body it
-//! is `409`; a reservation older than [`IDEMPOTENCY_IN_FLIGHT`] is taken over (its
+//! is `409`; a reservation older than `Policy::idempotency_in_flight` (longer than
+//! the slowest POST) is taken over (its
 //! invocation is presumed dead). Only answers that settled the request (`200`, `202`,
 //! `422`) are kept; any other answer frees the key for a retry.
 
@@ -15,10 +16,6 @@ use crate::ports::{ETag, IdempotencyRecord, StoreError, StoredResponse};
 
 use super::render::{location, ApiResponse};
 use super::{Services, MAX_WRITE_ROUNDS};
-
-/// How long a first request with an `Idempotency-Key` may stay in flight before a
-/// retry with the same key may take over (its invocation is presumed dead).
-const IDEMPOTENCY_IN_FLIGHT: chrono::Duration = chrono::Duration::seconds(60);
 
 pub(super) enum Reservation {
     /// First use of the key: go ahead; finish with this ETag.
@@ -61,7 +58,7 @@ pub(super) async fn reserve(
                 if let Some(stored) = &existing.value.response {
                     return Ok(Reservation::Answer(replay(stored)));
                 }
-                if now - existing.value.created_at < IDEMPOTENCY_IN_FLIGHT {
+                if now - existing.value.created_at < svc.policy.idempotency_in_flight {
                     return Ok(Reservation::Answer(
                         ApiResponse::problem(
                             409,

@@ -42,7 +42,7 @@ use crate::domain::{
 };
 use crate::ports::{DeviceError, StoreError, Versioned};
 
-use super::apply::{apply_latest, ApplyOutcome};
+use super::apply::{apply_latest, read_back, ApplyOutcome};
 use super::wake::{self, Rescheduled};
 use super::Services;
 use idempotency::{finish, reserve, Reservation};
@@ -169,7 +169,13 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
     let now = svc.clock.now();
     let holder = LeaseHolder::new(HolderKind::Http);
     let (accepted, previous) = match write_accepted(svc, &device, setting, now, &holder).await {
-        Ok(pair) => pair,
+        Ok(Accepted::Written(written)) => *written,
+        Ok(Accepted::Overtaken(ours)) => {
+            // Whether our write landed is unknown, but a newer request is there now:
+            // either way ours is superseded, as if it had been stored first.
+            warn!(device = %device, request_id = %ours.request_id, "accepting write of unknown outcome overtaken by a newer request");
+            return pending_response(&ours);
+        }
         Err(e) => return store_failed(&device, &e.to_string()),
     };
     let ours = accepted.value.request_id.clone();
@@ -191,7 +197,18 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
         }
         return applied_response(&shown);
     }
-    let (current, retry_after) = match applied.outcome {
+    // A PUT of ours that got no answer may have landed: then nothing may be undone.
+    let maybe_landed = matches!(
+        applied.outcome,
+        ApplyOutcome::Transient(
+            _,
+            DeviceError::Transient {
+                unanswered: true,
+                ..
+            }
+        )
+    );
+    let (current, not_before) = match applied.outcome {
         ApplyOutcome::Failed(r, DeviceError::UnknownDevice) if r.request_id == ours => {
             // Not a request we accept: leave nothing behind.
             let undone = undo(svc, &device, &ours, previous, |r| {
@@ -206,8 +223,18 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
         ApplyOutcome::Failed(r, e) if r.request_id == ours => {
             return refused(&device, r.min_soc, &e)
         }
-        ApplyOutcome::Offline(v) | ApplyOutcome::Busy(v) => (v, None),
-        ApplyOutcome::Transient(v, DeviceError::Transient { retry_after, .. }) => (v, retry_after),
+        ApplyOutcome::Offline(v) => (v, None),
+        // The holder converges; look again once its lease lapses, in case it died.
+        ApplyOutcome::Busy(v) => {
+            let lapses = v.value.lease.as_ref().map(|l| l.until);
+            (v, lapses)
+        }
+        ApplyOutcome::Transient(v, DeviceError::Transient { retry_after, .. }) => {
+            let at = retry_after
+                .and_then(|d| chrono::Duration::from_std(d).ok())
+                .map(|d| svc.clock.now() + d);
+            (v, at)
+        }
         ApplyOutcome::Transient(v, _) => (v, None),
         // Superseded by a newer request or settled by someone else meanwhile.
         other => return response_for_settled(svc, &accepted.value, other),
@@ -215,9 +242,6 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
     if current.value.request_id != ours {
         return pending_response(&accepted.value);
     }
-    let not_before = retry_after
-        .and_then(|d| chrono::Duration::from_std(d).ok())
-        .map(|d| svc.clock.now() + d);
     match wake::schedule_recheck(svc, current, None, not_before).await {
         Ok(Rescheduled::Scheduled { .. } | Rescheduled::Superseded | Rescheduled::NoTimeLeft) => {
             info!(device = %device, request_id = %ours, min_soc = setting.min_soc.percent(), "request stored until the device is back");
@@ -231,7 +255,8 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
         }
         Err(wake::WakeError::Queue(e)) => {
             // Nothing may stay behind that would apply this request later.
-            if undo(svc, &device, &ours, previous, DesiredState::is_pending).await {
+            if !maybe_landed && undo(svc, &device, &ours, previous, DesiredState::is_pending).await
+            {
                 store_failed(&device, &e.to_string())
             } else {
                 warn!(device = %device, request_id = %ours, "could not undo the ledger write; the request stays stored and the sweep will re-send it");
@@ -242,15 +267,18 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
 }
 
 /// Writes a new pending request over whatever the ledger holds, taking the device's
-/// lease for `holder` (and counting the attempt) when nobody else holds it. Returns
-/// the written record and the one it replaced.
+/// lease for `holder` (and counting the attempt) when nobody else holds it, with a
+/// clock reading taken right before each write. Returns the written record and the
+/// one it replaced. A write whose outcome is unknown (timed out) is read back: the
+/// error stands only when the record certainly is not ours (it still holds the request
+/// we wrote over).
 async fn write_accepted(
     svc: &Services,
     device: &DeviceId,
     setting: SettingRequest,
     now: DateTime<Utc>,
     holder: &LeaseHolder,
-) -> Result<(Versioned<DesiredState>, Option<DesiredState>), StoreError> {
+) -> Result<Accepted, StoreError> {
     let mut current = svc.ledger.get(device).await?;
     let mut record = DesiredState::accept(
         device.clone(),
@@ -260,6 +288,13 @@ async fn write_accepted(
         current.as_ref().map(|v| &v.value),
     );
     for _ in 0..MAX_WRITE_ROUNDS {
+        let now = svc.clock.now();
+        // The request is accepted by the round whose write lands: it is stamped with
+        // that round's clock reading, taken after it read the record it writes over
+        // (the read-back below relies on it).
+        record.requested_at = now;
+        record.expires_at = now + svc.policy.request_ttl;
+        record.updated_at = now;
         if record.lease_free_for(holder, now) {
             record.record_attempt(holder, now, svc.policy.lease);
         }
@@ -277,17 +312,43 @@ async fn write_accepted(
             .await
         {
             Ok(etag) => {
-                return Ok((
+                return Ok(Accepted::Written(Box::new((
                     Versioned {
                         value: record,
                         etag,
                     },
                     current.map(|v| v.value),
-                ))
+                ))))
             }
             Err(StoreError::Conflict) => {
                 current = svc.ledger.get(device).await?;
                 record = record.rebased_on(current.as_ref().map(|v| &v.value), now);
+            }
+            Err(e @ StoreError::Unavailable(_)) if cfg!(feature = "mutant-no-read-back") => {
+                return Err(e)
+            }
+            Err(e @ StoreError::Unavailable(_)) => {
+                let before = current.as_ref().map(|v| &v.value.request_id);
+                return match read_back(svc, device).await? {
+                    Some(stored) if stored.value.request_id == record.request_id => Ok(
+                        Accepted::Written(Box::new((stored, current.map(|v| v.value)))),
+                    ),
+                    // Gone, or still the request we wrote over: had ours landed, every
+                    // later write would have been over ours (ETags), none puts that one
+                    // back, and only ours would delete ours.
+                    None => Err(e),
+                    Some(stored) if Some(&stored.value.request_id) == before => Err(e),
+                    // Accepted by a round that read the record before ours could have
+                    // landed (or put back by an undo): had ours landed, that write would
+                    // have conflicted.
+                    Some(stored)
+                        if stored.value.requested_at + svc.policy.max_clock_skew * 2 < now =>
+                    {
+                        Err(e)
+                    }
+                    // Written after ours may have landed, over it or not.
+                    _ => Ok(Accepted::Overtaken(Box::new(record))),
+                };
             }
             Err(e) => return Err(e),
         }
@@ -295,8 +356,18 @@ async fn write_accepted(
     Err(StoreError::Conflict)
 }
 
+/// What [`write_accepted`] did.
+enum Accepted {
+    /// The request is stored (with the record it replaced).
+    Written(Box<(Versioned<DesiredState>, Option<DesiredState>)>),
+    /// The write's outcome is unknown and a newer request is stored now.
+    Overtaken(Box<DesiredState>),
+}
+
 /// Puts the ledger back as it was before `ours` was written, if the record still is
-/// `ours` in the state `still`. `true` when nothing of ours is left.
+/// `ours` in the state `still` and no lease on it may be live (a holder may be
+/// PUTting `ours` right now: then it stays, and converges). `true` only when this
+/// call took `ours` out (so nothing can bring it back); an unknown outcome is read back.
 async fn undo(
     svc: &Services,
     device: &DeviceId,
@@ -304,35 +375,49 @@ async fn undo(
     previous: Option<DesiredState>,
     still: impl Fn(&DesiredState) -> bool,
 ) -> bool {
+    let mut restored = false;
     for _ in 0..MAX_WRITE_ROUNDS {
-        let current = match svc.ledger.get(device).await {
+        let current = match read_back(svc, device).await {
             Ok(Some(c)) => c,
+            // Only the request that inserted the record deletes it: ours, here.
             Ok(None) => return true,
             Err(_) => return false,
         };
         if current.value.request_id != *ours {
-            return true;
+            // Our own restore may have landed (its answer was lost); anything else is a
+            // newer request that superseded ours, and an undo of that one would put
+            // ours back: ours was accepted, not "not kept".
+            return restored
+                && previous
+                    .as_ref()
+                    .is_some_and(|p| p.request_id == current.value.request_id);
         }
         if !still(&current.value) {
             // Settled meanwhile (e.g. applied by another invocation): not ours to undo.
             return false;
         }
+        if current
+            .value
+            .lease_may_be_live(svc.clock.now(), svc.policy.max_clock_skew)
+            && !cfg!(feature = "mutant-undo-ignores-lease")
+        {
+            return false;
+        }
         let result = match &previous {
-            Some(prev) => svc
-                .ledger
-                .put(
-                    &prev
-                        .clone()
-                        .with_lease_of(Some(&current.value), svc.clock.now()),
-                    Some(&current.etag),
-                )
-                .await
-                .map(|_| ()),
+            Some(prev) => {
+                let restored = current.value.restore(prev, svc.clock.now());
+                svc.ledger
+                    .put(&restored, Some(&current.etag))
+                    .await
+                    .map(|_| ())
+            }
             None => svc.ledger.delete(device, &current.etag).await,
         };
         match result {
             Ok(()) => return true,
             Err(StoreError::Conflict) => continue,
+            // Unknown: look again.
+            Err(StoreError::Unavailable(_)) => restored = true,
             Err(_) => return false,
         }
     }
@@ -649,6 +734,32 @@ mod tests {
             "queue-delivery",
             "the holder's lease is kept so it converges"
         );
+    }
+
+    #[tokio::test]
+    async fn a_queue_outage_never_rolls_back_a_request_under_another_holders_live_lease() {
+        // Issue 8, bug 1: the holder may be PUTting this very request; rolling it back
+        // would leave the device and the ledger disagreeing after a 503.
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
+        let mut held = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+        held.value.take_lease(
+            &LeaseHolder::from_stored("queue-delivery"),
+            h.clock.now(),
+            chrono::Duration::seconds(30),
+        );
+        h.ledger.put(&held.value, Some(&held.etag)).await.unwrap();
+        h.queue.set_down(true);
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":35}"#, None)).await;
+        assert_eq!(r.status, 202, "{r:?}");
+        let rec = h.ledger_record("d1").await;
+        assert_eq!(
+            rec.min_soc.percent(),
+            35,
+            "the request stays for the holder"
+        );
+        assert_eq!(rec.lease.unwrap().holder.as_str(), "queue-delivery");
     }
 
     #[tokio::test]

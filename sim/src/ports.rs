@@ -1,0 +1,753 @@
+//! The product's ports, simulated: a ledger with real ETag semantics, a device
+//! cloud, a Service Bus queue and per-instance clocks. Each invocation gets its own
+//! set (they know who calls, for the trace, the observations and the crash point).
+//!
+//! Every operation follows one plan drawn from its [`Dice`]: when it takes effect
+//! (a read reads, a write commits, a PUT lands) and when the caller hears back. A
+//! fault changes the plan: an error before any effect, an effect followed by a
+//! timeout (ambiguous), a slow answer within the timeout, a PUT landing after the
+//! caller's timeout (within the late-landing bound).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::stream::{BoxStream, StreamExt};
+use soc_settings::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
+use soc_settings::functions::{Policy, Services};
+use soc_settings::ports::{
+    Clock, DeviceApi, DeviceError, DeviceStatus, ETag, IdempotencyRecord, Ledger, OutgoingMessage,
+    PendingPage, QueueError, SettingsQueue, StoreError, Versioned,
+};
+use tokio::sync::{oneshot, Notify};
+
+use crate::world::{Dice, Inv, Kind, Landing, PutRecord, QueuedMessage, SendRecord, Shared, World};
+
+/// The ports of one invocation.
+pub fn services(world: &Shared, inv: &Arc<Inv>, policy: Policy, notify: &Arc<Notify>) -> Services {
+    let port = Port {
+        world: world.clone(),
+        inv: inv.clone(),
+        notify: notify.clone(),
+    };
+    Services {
+        device: Arc::new(SimDevice(port.clone())),
+        queue: Arc::new(SimQueue(port.clone())),
+        ledger: Arc::new(SimLedger(port.clone())),
+        clock: Arc::new(SimClock(port)),
+        policy,
+    }
+}
+
+#[derive(Clone)]
+struct Port {
+    world: Shared,
+    inv: Arc<Inv>,
+    notify: Arc<Notify>,
+}
+
+/// When an operation takes effect and when its caller hears back (ms from its start).
+struct Plan {
+    effect_at: u64,
+    total: u64,
+    effect: bool,
+    error: Option<String>,
+}
+
+async fn sleep_ms(ms: u64) {
+    if ms > 0 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+}
+
+impl Port {
+    fn begin(&self) -> (u32, Dice, u64) {
+        let seed = self.world.lock().unwrap().sc.seed;
+        let (n, dice) = self.inv.op(seed);
+        (n, dice, seed)
+    }
+
+    fn log(&self, what: impl FnOnce(&mut World) -> String) {
+        let who = self.inv.who();
+        self.world.lock().unwrap().log(&who, what);
+    }
+
+    fn storage_plan(&self, dice: &mut Dice, device: &str) -> Plan {
+        let mut w = self.world.lock().unwrap();
+        let f = w.sc.faults;
+        let timeout = w.sc.bounds.storage_timeout_ms;
+        if !w.faults_on {
+            let total = dice.int(1, 30);
+            return Plan {
+                effect_at: dice.int(0, total),
+                total,
+                effect: true,
+                error: None,
+            };
+        }
+        let who = self.inv.who();
+        if dice.chance(f.store_unavailable) {
+            w.fault(device, &who, "ledger: 503 before any effect");
+            let total = dice.int(1, 50);
+            return Plan {
+                effect_at: total,
+                total,
+                effect: false,
+                error: Some("503 server busy".into()),
+            };
+        }
+        if dice.chance(f.store_ambiguous) {
+            let effect = dice.chance(0.7);
+            w.fault(
+                device,
+                &who,
+                if effect {
+                    "ledger: takes effect, caller sees a timeout"
+                } else {
+                    "ledger: times out without effect"
+                },
+            );
+            return Plan {
+                effect_at: dice.int(1, timeout - 1),
+                total: timeout,
+                effect,
+                error: Some(format!("timed out after {timeout} ms")),
+            };
+        }
+        let total = if dice.chance(f.store_slow) {
+            dice.int(1, timeout - 1)
+        } else {
+            dice.int(1, 40)
+        };
+        Plan {
+            effect_at: dice.int(0, total),
+            total,
+            effect: true,
+            error: None,
+        }
+    }
+
+    /// Runs a ledger operation: `effect` is applied at the plan's effect time.
+    async fn storage<T: Send>(
+        &self,
+        device: &str,
+        effect: impl FnOnce(&mut World, &Inv) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        let (op, mut dice, _) = self.begin();
+        self.inv.crash_point(&self.world, op, false).await;
+        let plan = self.storage_plan(&mut dice, device);
+        sleep_ms(plan.effect_at).await;
+        let result = if plan.effect {
+            let mut w = self.world.lock().unwrap();
+            let commits = w.obs.commits.len();
+            let r = effect(&mut w, &self.inv);
+            if r.is_ok() && plan.error.is_some() && w.obs.commits.len() > commits {
+                // Took effect, the caller will hear a timeout: a POST undoing (writing
+                // a request it did not create, or deleting) cannot know its undo landed.
+                let i = self.inv.index;
+                let own = w.obs.invocations[i].created.clone();
+                let last = w.obs.commits.last().map(|c| c.request.clone());
+                if self.inv.kind == Kind::Post
+                    && last.is_some_and(|r| r.is_none_or(|r| !own.contains(&r)))
+                {
+                    w.obs.invocations[i].undo_unknown = true;
+                }
+            }
+            Some(r)
+        } else {
+            None
+        };
+        sleep_ms(plan.total - plan.effect_at).await;
+        self.inv.crash_point(&self.world, op, true).await;
+        match (plan.error, result) {
+            (Some(e), _) => Err(StoreError::Unavailable(e)),
+            (None, Some(r)) => r,
+            (None, None) => Err(StoreError::Unavailable("no effect".into())),
+        }
+    }
+}
+
+fn etag_matches(slot: Option<u64>, expected: Option<&ETag>) -> bool {
+    match (slot, expected) {
+        (None, None) => true,
+        (Some(v), Some(e)) => v.to_string() == e.0,
+        _ => false,
+    }
+}
+
+fn describe(w: &mut World, s: &DesiredState) -> String {
+    let request = w.names.request(s.request_id.as_str());
+    let lease = match &s.lease {
+        None => String::new(),
+        Some(l) => {
+            let holder = w.names.holder_name(l.holder.as_str());
+            let left = (l.until - w.true_now()).num_milliseconds();
+            format!(" lease={holder}({:+.1}s)", left as f64 / 1000.0)
+        }
+    };
+    format!(
+        "{request}={} {}{lease} attempts={}",
+        s.min_soc.percent(),
+        s.status.as_str(),
+        s.attempts
+    )
+}
+
+fn show<T>(r: &Result<T, StoreError>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(StoreError::Conflict) => "CONFLICT".into(),
+        Err(e) => format!("ERR {e}"),
+    }
+}
+
+// ------------------------------------------------------------------ ledger
+
+struct SimLedger(Port);
+
+#[async_trait]
+impl Ledger for SimLedger {
+    async fn get(&self, device: &DeviceId) -> Result<Option<Versioned<DesiredState>>, StoreError> {
+        let d = device.as_str().to_string();
+        let r = self
+            .0
+            .storage(&d, |w, _| {
+                Ok(w.rows.get(&d).map(|(v, n)| Versioned {
+                    value: v.clone(),
+                    etag: ETag(n.to_string()),
+                }))
+            })
+            .await;
+        self.0.log(|w| match &r {
+            Ok(Some(v)) => format!(
+                "ledger.get {d} -> {} (e{})",
+                describe(w, &v.value),
+                v.etag.0
+            ),
+            Ok(None) => format!("ledger.get {d} -> none"),
+            Err(e) => format!("ledger.get {d} -> ERR {e}"),
+        });
+        r
+    }
+
+    async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
+        let d = state.device_id.as_str().to_string();
+        {
+            let mut w = self.0.world.lock().unwrap();
+            let name = w.names.request(state.request_id.as_str());
+            let t = w.ms();
+            w.obs.first_tried.entry(name).or_insert(t);
+        }
+        let r = self
+            .0
+            .storage(&d, |w, inv| {
+                if !etag_matches(w.rows.get(&d).map(|r| r.1), expected) {
+                    return Err(StoreError::Conflict);
+                }
+                w.next_etag += 1;
+                let n = w.next_etag;
+                w.rows.insert(d.clone(), (state.clone(), n));
+                w.commit(&d, Some(state), inv);
+                Ok(ETag(n.to_string()))
+            })
+            .await;
+        self.0.log(|w| {
+            let exp = expected
+                .map(|e| format!("e{}", e.0))
+                .unwrap_or("insert".into());
+            format!(
+                "ledger.put {d} {} if {exp} -> {}",
+                describe(w, state),
+                show(&r)
+            )
+        });
+        r
+    }
+
+    async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError> {
+        let d = device.as_str().to_string();
+        let r = self
+            .0
+            .storage(&d, |w, inv| match w.rows.get(&d) {
+                None => Ok(()),
+                Some((_, n)) if n.to_string() == expected.0 => {
+                    w.rows.remove(&d);
+                    w.commit(&d, None, inv);
+                    Ok(())
+                }
+                Some(_) => Err(StoreError::Conflict),
+            })
+            .await;
+        self.0
+            .log(|_| format!("ledger.delete {d} if e{} -> {}", expected.0, show(&r)));
+        r
+    }
+
+    fn pending_pages(&self) -> BoxStream<'_, Result<PendingPage, StoreError>> {
+        // (cursor: the last device listed, finished)
+        futures::stream::unfold((None::<String>, false), move |(cursor, done)| async move {
+            if done {
+                return None;
+            }
+            let (op, mut dice, _) = self.0.begin();
+            self.0.inv.crash_point(&self.0.world, op, false).await;
+            let page_error = {
+                let w = self.0.world.lock().unwrap();
+                w.faults_on && dice.chance(w.sc.faults.page_error)
+            };
+            let plan = self.0.storage_plan(&mut dice, "*");
+            let size = dice.int(1, 3) as usize;
+            sleep_ms(plan.effect_at).await;
+            let page: Vec<Versioned<DesiredState>> = {
+                let w = self.0.world.lock().unwrap();
+                w.rows
+                    .iter()
+                    .filter(|(k, (v, _))| cursor.as_ref().is_none_or(|c| *k > c) && v.is_pending())
+                    .take(size)
+                    .map(|(_, (v, n))| Versioned {
+                        value: v.clone(),
+                        etag: ETag(n.to_string()),
+                    })
+                    .collect()
+            };
+            sleep_ms(plan.total - plan.effect_at).await;
+            self.0.inv.crash_point(&self.0.world, op, true).await;
+            if page_error || plan.error.is_some() || !plan.effect {
+                if page_error {
+                    let who = self.0.inv.who();
+                    self.0
+                        .world
+                        .lock()
+                        .unwrap()
+                        .fault("*", &who, "ledger: page of pending fails");
+                }
+                self.0.log(|_| "ledger.pending page -> ERR".into());
+                return Some((
+                    Err(StoreError::Unavailable("page failed".into())),
+                    (None, true),
+                ));
+            }
+            let last = page.last().map(|v| v.value.device_id.as_str().to_string());
+            let finished = page.len() < size;
+            self.0.log(|w| {
+                let items: Vec<String> = page.iter().map(|v| describe(w, &v.value)).collect();
+                format!("ledger.pending page -> [{}]", items.join(", "))
+            });
+            Some((
+                Ok(PendingPage {
+                    records: page,
+                    corrupt: Vec::new(),
+                }),
+                (last.or(cursor), finished),
+            ))
+        })
+        .boxed()
+    }
+
+    async fn get_idempotency(
+        &self,
+        device: &DeviceId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Versioned<IdempotencyRecord>>, StoreError> {
+        let k = (device.as_str().to_string(), key.as_str().to_string());
+        let r = self
+            .0
+            .storage(&k.0, |w, _| {
+                Ok(w.idem.get(&k).map(|(v, n)| Versioned {
+                    value: v.clone(),
+                    etag: ETag(n.to_string()),
+                }))
+            })
+            .await;
+        self.0.log(|_| match &r {
+            Ok(Some(v)) => format!(
+                "idem.get {}/{} -> answer {:?}",
+                k.0,
+                k.1,
+                v.value.response.as_ref().map(|r| r.status)
+            ),
+            other => format!("idem.get {}/{} -> {}", k.0, k.1, show(other)),
+        });
+        r
+    }
+
+    async fn put_idempotency(
+        &self,
+        record: &IdempotencyRecord,
+        expected: Option<&ETag>,
+    ) -> Result<ETag, StoreError> {
+        let k = (
+            record.device_id.as_str().to_string(),
+            record.key.as_str().to_string(),
+        );
+        let r = self
+            .0
+            .storage(&k.0, |w, _| {
+                if !etag_matches(w.idem.get(&k).map(|r| r.1), expected) {
+                    return Err(StoreError::Conflict);
+                }
+                w.next_etag += 1;
+                let n = w.next_etag;
+                w.idem.insert(k.clone(), (record.clone(), n));
+                Ok(ETag(n.to_string()))
+            })
+            .await;
+        self.0.log(|_| {
+            format!(
+                "idem.put {}/{} answer {:?} -> {}",
+                k.0,
+                k.1,
+                record.response.as_ref().map(|r| r.status),
+                show(&r)
+            )
+        });
+        r
+    }
+
+    async fn delete_idempotency(
+        &self,
+        device: &DeviceId,
+        key: &IdempotencyKey,
+        expected: &ETag,
+    ) -> Result<(), StoreError> {
+        let k = (device.as_str().to_string(), key.as_str().to_string());
+        let r = self
+            .0
+            .storage(&k.0, |w, _| match w.idem.get(&k) {
+                None => Ok(()),
+                Some((_, n)) if n.to_string() == expected.0 => {
+                    w.idem.remove(&k);
+                    Ok(())
+                }
+                Some(_) => Err(StoreError::Conflict),
+            })
+            .await;
+        self.0
+            .log(|_| format!("idem.delete {}/{} -> {}", k.0, k.1, show(&r)));
+        r
+    }
+}
+
+// ------------------------------------------------------------------ device cloud
+
+struct SimDevice(Port);
+
+fn land(w: &mut World, index: usize) -> Landing {
+    let t = w.ms();
+    let put = &w.obs.puts[index];
+    let (device, min_soc, request) = (put.device.clone(), put.min_soc, put.request.clone());
+    let landing = match w.devices.get_mut(&device) {
+        None => Landing::Unknown,
+        Some(d) if !d.known => Landing::Unknown,
+        Some(d) if !d.online => Landing::Offline,
+        Some(d) if d.reject_below.is_some_and(|floor| min_soc < floor) => Landing::Rejected,
+        Some(d) => {
+            d.value = Some((min_soc, request.clone()));
+            Landing::Applied
+        }
+    };
+    let put = &mut w.obs.puts[index];
+    put.landing = Some(landing.clone());
+    if landing == Landing::Applied {
+        put.land_t = Some(t);
+    }
+    let inv = put.inv.clone();
+    w.log("device", |_| {
+        format!("PUT {device} {request}={min_soc} (sent by {inv}) lands: {landing:?}")
+    });
+    landing
+}
+
+#[async_trait]
+impl DeviceApi for SimDevice {
+    async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        let d = device.as_str().to_string();
+        let (op, mut dice, _) = self.0.begin();
+        self.0.inv.crash_point(&self.0.world, op, false).await;
+        let (faults, timeout, on) = {
+            let mut w = self.0.world.lock().unwrap();
+            let i = self.0.inv.index;
+            w.obs.invocations[i].status_calls.push(d.clone());
+            (w.sc.faults, w.sc.bounds.device_timeout_ms, w.faults_on)
+        };
+        let fault = |what: &str| {
+            let who = self.0.inv.who();
+            self.0.world.lock().unwrap().fault(&d, &who, what);
+        };
+        let result = if on && dice.chance(faults.device_timeout) {
+            fault("device: status times out");
+            sleep_ms(timeout).await;
+            Err(DeviceError::Transient {
+                reason: "timed out".into(),
+                retry_after: None,
+                unanswered: true,
+            })
+        } else if on && dice.chance(faults.device_transient) {
+            fault("device: status 503");
+            sleep_ms(dice.int(1, 300)).await;
+            Err(DeviceError::Transient {
+                reason: "503".into(),
+                retry_after: dice
+                    .chance(0.5)
+                    .then(|| Duration::from_secs(dice.int(1, 30))),
+                unanswered: false,
+            })
+        } else {
+            let lat = if on && dice.chance(faults.device_slow) {
+                dice.int(1, timeout - 1)
+            } else {
+                dice.int(5, 200)
+            };
+            sleep_ms(lat).await;
+            let w = self.0.world.lock().unwrap();
+            match w.devices.get(&d) {
+                Some(s) if s.known => Ok(DeviceStatus {
+                    online: s.online,
+                    min_soc: s.value.as_ref().map(|v| v.0),
+                }),
+                _ => Err(DeviceError::UnknownDevice),
+            }
+        };
+        self.0.inv.crash_point(&self.0.world, op, true).await;
+        self.0.log(|_| {
+            format!(
+                "device.status {d} -> {:?}",
+                result.as_ref().map(|s| s.online)
+            )
+        });
+        result
+    }
+
+    async fn apply_min_soc(
+        &self,
+        device: &DeviceId,
+        min_soc: MinSoc,
+        request_id: &RequestId,
+    ) -> Result<(), DeviceError> {
+        let d = device.as_str().to_string();
+        let (op, mut dice, _) = self.0.begin();
+        self.0.inv.crash_point(&self.0.world, op, false).await;
+        let (index, faults, bounds, on, request) = {
+            let mut w = self.0.world.lock().unwrap();
+            let request = w.names.request(request_id.as_str());
+            let t = w.ms();
+            let index = w.obs.puts.len();
+            w.obs.puts.push(PutRecord {
+                device: d.clone(),
+                request: request.clone(),
+                min_soc: min_soc.percent(),
+                inv: self.0.inv.label.clone(),
+                sent_t: t,
+                land_t: None,
+                landing: None,
+                answered_ok: false,
+                heard: false,
+            });
+            let i = self.0.inv.index;
+            w.obs.invocations[i].puts.push(request.clone());
+            (index, w.sc.faults, w.sc.bounds, w.faults_on, request)
+        };
+        self.0
+            .log(|_| format!("device.PUT {d} {request}={} sent", min_soc.percent()));
+        let fault = |what: &str| {
+            let who = self.0.inv.who();
+            self.0.world.lock().unwrap().fault(&d, &who, what);
+        };
+        let timeout = bounds.device_timeout_ms;
+        let result = if on && dice.chance(faults.device_transient) {
+            fault("device: PUT 429/503, not applied");
+            sleep_ms(dice.int(1, 300)).await;
+            self.0.world.lock().unwrap().obs.puts[index].landing = Some(Landing::Lost);
+            Err(DeviceError::Transient {
+                reason: "503".into(),
+                retry_after: dice
+                    .chance(0.5)
+                    .then(|| Duration::from_secs(dice.int(1, 30))),
+                unanswered: false,
+            })
+        } else if on && dice.chance(faults.device_timeout) {
+            let lands = dice.chance(faults.late_landing);
+            let at = dice.int(1, timeout + bounds.late_landing_ms);
+            fault(if lands {
+                "device: PUT times out; it still lands (maybe after the timeout)"
+            } else {
+                "device: PUT times out and is lost"
+            });
+            if lands {
+                let world = self.0.world.clone();
+                tokio::spawn(async move {
+                    sleep_ms(at).await;
+                    land(&mut world.lock().unwrap(), index);
+                });
+            } else {
+                self.0.world.lock().unwrap().obs.puts[index].landing = Some(Landing::Lost);
+            }
+            sleep_ms(timeout).await;
+            Err(DeviceError::Transient {
+                reason: format!("timed out after {timeout} ms"),
+                retry_after: None,
+                unanswered: true,
+            })
+        } else {
+            let total = if on && dice.chance(faults.device_slow) {
+                dice.int(2, timeout - 1)
+            } else {
+                dice.int(20, 500)
+            };
+            let at = dice.int(1, total - 1);
+            // The PUT lands whether or not its caller is still there to hear the answer.
+            let (tx, rx) = oneshot::channel();
+            let world = self.0.world.clone();
+            tokio::spawn(async move {
+                sleep_ms(at).await;
+                let _ = tx.send(land(&mut world.lock().unwrap(), index));
+            });
+            let landing = rx.await.unwrap_or(Landing::Lost);
+            sleep_ms(total - at).await;
+            match landing {
+                Landing::Applied => Ok(()),
+                Landing::Offline => Err(DeviceError::Offline),
+                Landing::Unknown => Err(DeviceError::UnknownDevice),
+                Landing::Rejected => Err(DeviceError::Rejected("below the vendor floor".into())),
+                Landing::Lost => Err(DeviceError::Transient {
+                    reason: "lost".into(),
+                    retry_after: None,
+                    unanswered: false,
+                }),
+            }
+        };
+        self.0.inv.crash_point(&self.0.world, op, true).await;
+        {
+            let mut w = self.0.world.lock().unwrap();
+            w.obs.puts[index].heard = true;
+            w.obs.puts[index].answered_ok = result.is_ok();
+        }
+        self.0
+            .log(|_| format!("device.PUT {d} {request} answered {result:?}"));
+        result
+    }
+}
+
+// ------------------------------------------------------------------ Service Bus
+
+struct SimQueue(Port);
+
+#[async_trait]
+impl SettingsQueue for SimQueue {
+    async fn send(&self, message: &OutgoingMessage) -> Result<(), QueueError> {
+        let d = message.body.device_id.clone();
+        let (op, mut dice, _) = self.0.begin();
+        self.0.inv.crash_point(&self.0.world, op, false).await;
+        let (faults, timeout, on) = {
+            let w = self.0.world.lock().unwrap();
+            (w.sc.faults, w.sc.bounds.send_timeout_ms, w.faults_on)
+        };
+        let fault = |what: &str| {
+            let who = self.0.inv.who();
+            self.0.world.lock().unwrap().fault(&d, &who, what);
+        };
+        let (enqueue_at, total, error) = if on && dice.chance(faults.send_fail) {
+            fault("queue: send fails, nothing enqueued");
+            (None, dice.int(1, 200), Some("503 from broker"))
+        } else if on && dice.chance(faults.send_ambiguous) {
+            fault("queue: enqueued, caller sees a timeout");
+            (Some(dice.int(1, timeout - 1)), timeout, Some("timed out"))
+        } else {
+            let total = dice.int(1, 100);
+            (Some(dice.int(0, total)), total, None)
+        };
+        if let Some(at) = enqueue_at {
+            sleep_ms(at).await;
+            let jitter = if on { dice.int(0, 3_000) } else { 0 };
+            self.enqueue(message, jitter);
+        }
+        sleep_ms(total - enqueue_at.unwrap_or(0)).await;
+        self.0.inv.crash_point(&self.0.world, op, true).await;
+        let result = match error {
+            Some(_) => Err(QueueError::Unreachable),
+            None => Ok(()),
+        };
+        self.0.log(|w| {
+            let m = w.names.message(&message.message_id);
+            format!(
+                "queue.send {m} -> {}",
+                if result.is_ok() { "ok" } else { "ERR" }
+            )
+        });
+        result
+    }
+}
+
+impl SimQueue {
+    fn enqueue(&self, message: &OutgoingMessage, jitter: u64) {
+        let mut w = self.0.world.lock().unwrap();
+        let now = w.ms();
+        let name = w.names.message(&message.message_id);
+        let request = w.names.request(message.body.request_id.as_str());
+        let device = message.body.device_id.clone();
+        let enqueued = !w
+            .queue
+            .iter()
+            .any(|m| m.message_id == message.message_id && !m.done);
+        w.obs.sends.push(SendRecord {
+            t: now,
+            request: request.clone(),
+            device: device.clone(),
+            message: name.clone(),
+            inv: self.0.inv.label.clone(),
+            inv_kind: self.0.inv.kind,
+            enqueued,
+        });
+        let i = self.0.inv.index;
+        w.obs.invocations[i].sends.push(request.clone());
+        if !enqueued {
+            w.log("broker", |_| format!("{name}: duplicate send dropped"));
+            return;
+        }
+        // The broker reads the schedule on its own (true) clock.
+        let nominal = message
+            .scheduled_at
+            .map(|at: DateTime<Utc>| w.ms_of(at))
+            .unwrap_or(now)
+            .max(now);
+        let expires_at = nominal + message.ttl.as_millis() as u64;
+        w.next_seq += 1;
+        let seq = w.next_seq;
+        w.queue.push(QueuedMessage {
+            seq,
+            message_id: message.message_id.clone(),
+            name: name.clone(),
+            request: request.clone(),
+            device,
+            body: serde_json::to_vec(&message.body).expect("wake message serialises"),
+            active_at: nominal + jitter,
+            expires_at,
+            delivery_count: 0,
+            locked_until: None,
+            lock_token: 0,
+            done: false,
+        });
+        w.log("broker", |_| {
+            format!(
+                "{name} ({request}) enqueued, active at {:.1}s",
+                (nominal + jitter) as f64 / 1000.0
+            )
+        });
+        drop(w);
+        self.0.notify.notify_one();
+    }
+}
+
+// ------------------------------------------------------------------ clock
+
+/// The instance's wall clock: true time plus the instance's skew.
+struct SimClock(Port);
+
+impl Clock for SimClock {
+    fn now(&self) -> DateTime<Utc> {
+        let w = self.0.world.lock().unwrap();
+        let skew = w.instances[self.0.inv.instance].skew_ms;
+        w.true_now() + chrono::Duration::milliseconds(skew)
+    }
+}

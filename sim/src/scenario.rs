@@ -1,0 +1,266 @@
+//! What one seed simulates: the world (devices, instances, clients, timer) and how
+//! often each fault happens. Everything here is plain data drawn from the seed, so a
+//! scripted schedule is the same data written by hand (see `tests/regressions.rs`).
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The physical bounds of the simulated world. The service's policy must be safe
+/// for every world inside them; the checker judges it only inside them.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// `DEVICE_API_TIMEOUT_MS`: the device client gives up after this.
+    pub device_timeout_ms: u64,
+    /// How long after the client's timeout a PUT may still land on the device.
+    pub late_landing_ms: u64,
+    /// Timeout of one ledger (Table Storage) request.
+    pub storage_timeout_ms: u64,
+    /// Timeout of one Service Bus send.
+    pub send_timeout_ms: u64,
+    /// Largest difference between an instance's clock and true time.
+    pub max_skew_ms: u64,
+    /// Service Bus peek-lock duration and max delivery count.
+    pub lock_ms: u64,
+    pub max_deliveries: u32,
+    /// The host renews a delivery's lock for at most this long (`maxAutoLockRenewalDuration`).
+    pub max_lock_renewal_ms: u64,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self {
+            device_timeout_ms: 5_000,
+            late_landing_ms: 10_000,
+            storage_timeout_ms: 10_000,
+            send_timeout_ms: 10_000,
+            max_skew_ms: 2_000,
+            lock_ms: 60_000,
+            max_deliveries: 10,
+            max_lock_renewal_ms: 300_000,
+        }
+    }
+}
+
+/// Probabilities of each fault, per operation (or per invocation for crashes).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// Ledger: error before anything happened.
+    pub store_unavailable: f64,
+    /// Ledger: the write commits but the caller sees a timeout.
+    pub store_ambiguous: f64,
+    /// Ledger: slow, up to the storage timeout, but answered.
+    pub store_slow: f64,
+    /// Ledger: a page of the pending listing fails.
+    pub page_error: f64,
+    /// Device cloud: 429/5xx.
+    pub device_transient: f64,
+    /// Device cloud: the call times out (a PUT may still land late).
+    pub device_timeout: f64,
+    /// Device cloud: slow, up to the timeout, but answered.
+    pub device_slow: f64,
+    /// Of timed-out PUTs, the share that still lands (within the late-landing bound).
+    pub late_landing: f64,
+    /// Service Bus send: fails (nothing enqueued).
+    pub send_fail: f64,
+    /// Service Bus send: enqueued but the caller sees a timeout.
+    pub send_ambiguous: f64,
+    /// Delivery: the host loses the lock (the message is redelivered while still running).
+    pub lock_loss: f64,
+    /// Delivery: the completion is lost (the message is delivered again after its lock).
+    pub complete_lost: f64,
+    /// Invocation: dropped at one of its await points.
+    pub crash: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    pub name: String,
+    /// `false`: the device cloud answers 404.
+    pub known: bool,
+    /// The device cloud rejects (422) values below this.
+    pub reject_below: Option<u8>,
+    pub online: bool,
+    /// (at ms, online) toggles while faults are on.
+    pub flaps: Vec<(u64, bool)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PostSpec {
+    pub at_ms: u64,
+    pub device: usize,
+    pub min_soc: u8,
+    pub idempotency_key: Option<String>,
+    /// Client retries (same key) after a 503, 409 or no answer.
+    pub retries: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub seed: u64,
+    pub bounds: Bounds,
+    pub faults: Faults,
+    pub devices: Vec<DeviceSpec>,
+    pub posts: Vec<PostSpec>,
+    /// Clock skew of each instance at start (ms, signed); restarts draw a new one.
+    pub skews_ms: Vec<i64>,
+    pub restarts: Vec<(u64, usize)>,
+    pub sweep_every_ms: u64,
+    pub sweep_first_ms: u64,
+    pub ttl_s: u64,
+    pub recheck_initial_s: u64,
+    pub recheck_max_s: u64,
+    pub drain_concurrency: usize,
+    /// Faults, flaps and restarts stop here; every device is online from here on.
+    pub faults_until_ms: u64,
+    /// The run ends (and is judged) here.
+    pub end_ms: u64,
+}
+
+impl Scenario {
+    /// A quiet world: no faults, one instance, nothing scheduled. Scripts fill it in.
+    pub fn quiet(seed: u64) -> Self {
+        Self {
+            seed,
+            bounds: Bounds::default(),
+            faults: Faults::default(),
+            devices: Vec::new(),
+            posts: Vec::new(),
+            skews_ms: vec![0],
+            restarts: Vec::new(),
+            sweep_every_ms: 120_000,
+            sweep_first_ms: 120_000,
+            ttl_s: 3600,
+            recheck_initial_s: 30,
+            recheck_max_s: 300,
+            drain_concurrency: 4,
+            faults_until_ms: 600_000,
+            end_ms: 0,
+        }
+        .settled()
+    }
+
+    /// Sets `end_ms` so that everything accepted can settle after the faults stop:
+    /// the settle bound of property S3.
+    pub fn settled(mut self) -> Self {
+        self.end_ms = self.faults_until_ms + self.settle_bound_ms();
+        self
+    }
+
+    /// How long after the faults stop every accepted request must be settled (S3):
+    /// two sweeps (a lease held by a crashed or timed-out holder lapses in between)
+    /// plus the longest single apply.
+    pub fn settle_bound_ms(&self) -> u64 {
+        let b = &self.bounds;
+        2 * self.sweep_every_ms
+            + 2 * (b.device_timeout_ms + b.late_landing_ms + 3 * b.storage_timeout_ms)
+            + 60_000
+    }
+
+    /// The world of one seed.
+    pub fn generate(seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let bounds = Bounds::default();
+        let level = |rng: &mut ChaCha8Rng, low: f64, high: f64| match rng.gen_range(0..4) {
+            0 => 0.0,
+            1 | 2 => low,
+            _ => high,
+        };
+        let faults = Faults {
+            store_unavailable: level(&mut rng, 0.02, 0.1),
+            store_ambiguous: level(&mut rng, 0.02, 0.08),
+            store_slow: level(&mut rng, 0.05, 0.3),
+            page_error: level(&mut rng, 0.05, 0.3),
+            device_transient: level(&mut rng, 0.05, 0.2),
+            device_timeout: level(&mut rng, 0.05, 0.2),
+            device_slow: level(&mut rng, 0.1, 0.4),
+            late_landing: rng.gen_range(0.0..1.0),
+            send_fail: level(&mut rng, 0.05, 0.3),
+            send_ambiguous: level(&mut rng, 0.02, 0.1),
+            lock_loss: level(&mut rng, 0.05, 0.2),
+            complete_lost: level(&mut rng, 0.05, 0.2),
+            crash: level(&mut rng, 0.03, 0.15),
+        };
+        let active_ms = rng.gen_range(60_000..1_200_000u64);
+        let faults_until_ms = active_ms + rng.gen_range(0..600_000u64);
+        let n_devices = rng.gen_range(1..=3usize);
+        let devices = (0..n_devices)
+            .map(|i| {
+                let mut flaps = Vec::new();
+                let mean = rng.gen_range(5_000..300_000u64);
+                let mut t = 0u64;
+                let mut online = rng.gen_bool(0.5);
+                let start = online;
+                loop {
+                    t += rng.gen_range(1..=2 * mean);
+                    if t >= faults_until_ms {
+                        break;
+                    }
+                    online = !online;
+                    flaps.push((t, online));
+                }
+                DeviceSpec {
+                    name: format!("d{i}"),
+                    known: rng.gen_bool(0.97),
+                    reject_below: rng.gen_bool(0.2).then_some(10),
+                    online: start,
+                    flaps,
+                }
+            })
+            .collect();
+        // Posts come in bursts so that they race each other and the timer.
+        let n_posts = rng.gen_range(1..=7usize);
+        let bursts: Vec<u64> = (0..rng.gen_range(1..=3))
+            .map(|_| rng.gen_range(0..active_ms))
+            .collect();
+        let mut posts: Vec<PostSpec> = (0..n_posts)
+            .map(|i| {
+                let centre = bursts[rng.gen_range(0..bursts.len())];
+                PostSpec {
+                    at_ms: (centre + rng.gen_range(0..15_000)).min(active_ms),
+                    device: rng.gen_range(0..n_devices),
+                    min_soc: rng.gen_range(0..=100),
+                    idempotency_key: rng.gen_bool(0.5).then(|| format!("k{i}")),
+                    retries: rng.gen_range(0..=2),
+                }
+            })
+            .collect();
+        posts.sort_by_key(|p| p.at_ms);
+        let n_instances = rng.gen_range(1..=3usize);
+        let skew = bounds.max_skew_ms as i64;
+        let skews_ms = (0..n_instances)
+            .map(|_| rng.gen_range(-skew..=skew))
+            .collect();
+        let restarts = (0..rng.gen_range(0..=2))
+            .map(|_| {
+                (
+                    rng.gen_range(0..faults_until_ms.max(1)),
+                    rng.gen_range(0..n_instances),
+                )
+            })
+            .collect();
+        let sweep_every_ms = rng.gen_range(30_000..=300_000u64);
+        let ttl_s = if rng.gen_bool(0.3) {
+            rng.gen_range(60..=900)
+        } else {
+            86_400
+        };
+        Self {
+            seed,
+            bounds,
+            faults,
+            devices,
+            posts,
+            skews_ms,
+            restarts,
+            sweep_every_ms,
+            sweep_first_ms: rng.gen_range(0..sweep_every_ms),
+            ttl_s,
+            recheck_initial_s: rng.gen_range(5..=60),
+            recheck_max_s: rng.gen_range(60..=600),
+            drain_concurrency: rng.gen_range(1..=4),
+            faults_until_ms,
+            end_ms: 0,
+        }
+        .settled()
+    }
+}

@@ -1,0 +1,529 @@
+//! The simulated world's state (ledger rows, devices, queue, instances) and what the
+//! checker observes of it (commits, PUT landings, sends, answers). One `World` per
+//! run behind a mutex; the run is single-threaded, so the mutex never contends.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use chrono::{DateTime, TimeZone, Utc};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use soc_settings::domain::{DesiredState, RequestStatus};
+use soc_settings::ports::IdempotencyRecord;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::scenario::Scenario;
+
+pub type Shared = Arc<Mutex<World>>;
+
+/// What kind of invocation of the function app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Post,
+    Delivery,
+    Sweep,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Post => "post",
+            Kind::Delivery => "deliv",
+            Kind::Sweep => "sweep",
+        }
+    }
+}
+
+/// Short, run-stable names for the random ids the product makes (request ids,
+/// message ids, lease holders): named in order of first appearance, so a replayed
+/// seed prints the same trace although the uuids differ.
+#[derive(Default)]
+pub struct Names {
+    map: HashMap<String, String>,
+    requests: usize,
+    messages: usize,
+}
+
+impl Names {
+    pub fn request(&mut self, raw: &str) -> String {
+        if let Some(n) = self.map.get(raw) {
+            return n.clone();
+        }
+        self.requests += 1;
+        let n = format!("R{}", self.requests);
+        self.map.insert(raw.to_string(), n.clone());
+        n
+    }
+    pub fn message(&mut self, raw: &str) -> String {
+        if let Some(n) = self.map.get(raw) {
+            return n.clone();
+        }
+        self.messages += 1;
+        let n = format!("M{}", self.messages);
+        self.map.insert(raw.to_string(), n.clone());
+        n
+    }
+    pub fn holder(&mut self, raw: &str, by: &str) -> String {
+        self.map
+            .entry(raw.to_string())
+            .or_insert_with(|| by.to_string())
+            .clone()
+    }
+    /// `text` with every product id in it (32 hex digits, a uuid's simple form)
+    /// replaced by its short name, so that traces do not depend on the uuids.
+    pub fn replace_ids(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(start) = rest.find(|c: char| c.is_ascii_hexdigit()) {
+            out.push_str(&rest[..start]);
+            rest = &rest[start..];
+            let len = rest
+                .find(|c: char| !c.is_ascii_hexdigit())
+                .unwrap_or(rest.len());
+            let token = &rest[..len];
+            if len == 32 {
+                let short = self
+                    .map
+                    .iter()
+                    .find(|(k, _)| k.ends_with(token))
+                    .map(|(_, v)| v.as_str());
+                out.push_str(short.unwrap_or("<id>"));
+            } else {
+                out.push_str(token);
+            }
+            rest = &rest[len..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    pub fn holder_name(&self, raw: &str) -> String {
+        self.map
+            .get(raw)
+            .cloned()
+            .unwrap_or_else(|| "?".to_string())
+    }
+}
+
+/// One committed ledger change of a desired-state record.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    pub t: u64,
+    pub device: String,
+    /// `None`: the record was deleted.
+    pub request: Option<String>,
+    pub status: Option<RequestStatus>,
+    pub lease: Option<(String, DateTime<Utc>)>,
+    pub inv: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RequestInfo {
+    pub device: String,
+    pub min_soc: u8,
+    /// Order of first commit across the run: the request's age (larger = newer).
+    pub age: usize,
+    pub created_by: String,
+    pub created_t: u64,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Landing {
+    Applied,
+    Offline,
+    Unknown,
+    Rejected,
+    /// Timed out and never reached the device.
+    Lost,
+}
+
+#[derive(Debug, Clone)]
+pub struct PutRecord {
+    pub device: String,
+    pub request: String,
+    pub min_soc: u8,
+    pub inv: String,
+    pub sent_t: u64,
+    pub land_t: Option<u64>,
+    pub landing: Option<Landing>,
+    /// The caller heard `applied` (and so could record it).
+    pub answered_ok: bool,
+    /// The caller heard the answer at all.
+    pub heard: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct SendRecord {
+    pub t: u64,
+    pub request: String,
+    pub device: String,
+    pub message: String,
+    pub inv: String,
+    pub inv_kind: Kind,
+    pub enqueued: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub inv: String,
+    pub t: u64,
+    pub status: u16,
+    pub device: String,
+    /// From the body, or else the request this invocation created.
+    pub request: Option<String>,
+    pub replayed: bool,
+    /// The body says `"status": "applied"`.
+    pub applied: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct InvRecord {
+    pub label: String,
+    pub kind: Kind,
+    pub started: u64,
+    pub ended: Option<u64>,
+    pub crashed: bool,
+    /// Requests this invocation created with a new ledger record.
+    pub created: Vec<String>,
+    pub puts: Vec<String>,
+    pub sends: Vec<String>,
+    pub status_calls: Vec<String>,
+    /// A POST's undo (restore or delete) took effect but answered a timeout.
+    pub undo_unknown: bool,
+}
+
+/// Everything the checker judges.
+#[derive(Default)]
+pub struct Observations {
+    pub commits: Vec<Commit>,
+    pub requests: BTreeMap<String, RequestInfo>,
+    pub puts: Vec<PutRecord>,
+    pub sends: Vec<SendRecord>,
+    pub answers: Vec<Answer>,
+    pub invocations: Vec<InvRecord>,
+    /// (t, device or "*") of every injected fault, for the work bound S5.
+    pub faults: Vec<(u64, String)>,
+    pub sweeps: Vec<u64>,
+    /// When each request was first written (tried), stored or not.
+    pub first_tried: HashMap<String, u64>,
+}
+
+pub struct DeviceState {
+    pub known: bool,
+    pub online: bool,
+    pub reject_below: Option<u8>,
+    /// The value on the device and the request that put it there.
+    pub value: Option<(u8, String)>,
+}
+
+pub struct QueuedMessage {
+    pub seq: u64,
+    pub message_id: String,
+    pub name: String,
+    pub request: String,
+    pub device: String,
+    pub body: Vec<u8>,
+    pub active_at: u64,
+    pub expires_at: u64,
+    pub delivery_count: u32,
+    pub locked_until: Option<u64>,
+    pub lock_token: u64,
+    pub done: bool,
+}
+
+pub struct Instance {
+    pub skew_ms: i64,
+    pub generation: u32,
+    pub running: Vec<Arc<Inv>>,
+}
+
+pub struct World {
+    pub sc: Arc<Scenario>,
+    pub start: Instant,
+    pub epoch: DateTime<Utc>,
+    pub rows: BTreeMap<String, (DesiredState, u64)>,
+    pub idem: BTreeMap<(String, String), (IdempotencyRecord, u64)>,
+    pub next_etag: u64,
+    pub devices: BTreeMap<String, DeviceState>,
+    pub queue: Vec<QueuedMessage>,
+    pub next_seq: u64,
+    pub instances: Vec<Instance>,
+    pub obs: Observations,
+    pub names: Names,
+    pub trace: Option<Vec<String>>,
+    pub next_inv: u64,
+    pub counts: HashMap<Kind, u64>,
+    pub faults_on: bool,
+    pub rng: ChaCha8Rng,
+}
+
+impl World {
+    pub fn new(sc: Arc<Scenario>, trace: bool) -> Self {
+        let devices = sc
+            .devices
+            .iter()
+            .map(|d| {
+                (
+                    d.name.clone(),
+                    DeviceState {
+                        known: d.known,
+                        online: d.online,
+                        reject_below: d.reject_below,
+                        value: None,
+                    },
+                )
+            })
+            .collect();
+        let instances = sc
+            .skews_ms
+            .iter()
+            .map(|&skew_ms| Instance {
+                skew_ms,
+                generation: 0,
+                running: Vec::new(),
+            })
+            .collect();
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(sc.seed ^ 0x5eed_0fc0_ffee),
+            sc,
+            start: Instant::now(),
+            epoch: Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap(),
+            rows: BTreeMap::new(),
+            idem: BTreeMap::new(),
+            next_etag: 0,
+            devices,
+            queue: Vec::new(),
+            next_seq: 0,
+            instances,
+            obs: Observations::default(),
+            names: Names::default(),
+            trace: trace.then(Vec::new),
+            next_inv: 0,
+            counts: HashMap::new(),
+            faults_on: true,
+        }
+    }
+
+    /// Virtual milliseconds since the run started (true time).
+    pub fn ms(&self) -> u64 {
+        (Instant::now() - self.start).as_millis() as u64
+    }
+
+    pub fn true_now(&self) -> DateTime<Utc> {
+        self.epoch + chrono::Duration::milliseconds(self.ms() as i64)
+    }
+
+    /// Converts a wall-clock time (as the broker reads it: true time) to virtual ms.
+    pub fn ms_of(&self, at: DateTime<Utc>) -> u64 {
+        (at - self.epoch).num_milliseconds().max(0) as u64
+    }
+
+    pub fn tracing(&self) -> bool {
+        self.trace.is_some()
+    }
+
+    pub fn log(&mut self, who: &str, what: impl FnOnce(&mut Self) -> String) {
+        if self.trace.is_some() {
+            let line = what(self);
+            let line = self.names.replace_ids(&line);
+            let t = self.ms();
+            if let Some(trace) = self.trace.as_mut() {
+                trace.push(format!(
+                    "{:>5}.{:03}s  {:<10} {}",
+                    t / 1000,
+                    t % 1000,
+                    who,
+                    line
+                ));
+            }
+        }
+    }
+
+    pub fn fault(&mut self, device: &str, who: &str, what: &str) {
+        let t = self.ms();
+        self.obs.faults.push((t, device.to_string()));
+        let what = what.to_string();
+        self.log(who, |_| format!("FAULT {what}"));
+    }
+
+    /// Records a committed desired-state write (or deletion) for the checker.
+    pub fn commit(&mut self, device: &str, state: Option<&DesiredState>, inv: &Inv) {
+        let t = self.ms();
+        let (request, status, lease) = match state {
+            None => (None, None, None),
+            Some(s) => {
+                let raw = s.request_id.as_str().to_string();
+                let name = self.names.request(&raw);
+                if !self.obs.requests.contains_key(&name) {
+                    let age = self.obs.requests.len();
+                    self.obs.requests.insert(
+                        name.clone(),
+                        RequestInfo {
+                            device: device.to_string(),
+                            min_soc: s.min_soc.percent(),
+                            age,
+                            created_by: inv.label.clone(),
+                            created_t: t,
+                            expires_at: s.expires_at,
+                        },
+                    );
+                    if let Some(r) = self.inv_record(inv) {
+                        r.created.push(name.clone());
+                    }
+                }
+                let lease = s
+                    .lease
+                    .as_ref()
+                    .map(|l| (self.names.holder(l.holder.as_str(), &inv.label), l.until));
+                (Some(name), Some(s.status), lease)
+            }
+        };
+        self.obs.commits.push(Commit {
+            t,
+            device: device.to_string(),
+            request,
+            status,
+            lease,
+            inv: inv.label.clone(),
+        });
+    }
+
+    pub fn inv_record(&mut self, inv: &Inv) -> Option<&mut InvRecord> {
+        self.obs.invocations.get_mut(inv.index)
+    }
+
+    /// A random draw for the world itself (not for one operation).
+    pub fn draw(&mut self) -> f64 {
+        self.rng.gen_range(0.0..1.0)
+    }
+}
+
+/// One invocation of a function: its identity, instance, and where it crashes.
+pub struct Inv {
+    pub id: u64,
+    pub index: usize,
+    pub label: String,
+    pub kind: Kind,
+    pub instance: usize,
+    pub generation: u32,
+    /// Crash at this operation number, before (false) or after (true) it takes effect.
+    pub crash_at: Option<(u32, bool)>,
+    pub ops: Mutex<u32>,
+    pub abort: OnceLock<AbortHandle>,
+    pub crashed: Mutex<bool>,
+}
+
+impl Inv {
+    pub fn new(world: &mut World, kind: Kind) -> Arc<Inv> {
+        world.next_inv += 1;
+        let id = world.next_inv;
+        let n = world.counts.entry(kind).or_insert(0);
+        *n += 1;
+        let label = format!("{}#{}", kind.name(), n);
+        let n_instances = world.instances.len();
+        let instance = (world.draw() * n_instances as f64) as usize % n_instances;
+        let mut dice = Dice::new(world.sc.seed, id, 0);
+        let crash_at = (world.faults_on && dice.chance(world.sc.faults.crash))
+            .then(|| (dice.int(1, 14) as u32, dice.chance(0.5)));
+        let index = world.obs.invocations.len();
+        world.obs.invocations.push(InvRecord {
+            label: label.clone(),
+            kind,
+            started: world.ms(),
+            ended: None,
+            crashed: false,
+            created: Vec::new(),
+            puts: Vec::new(),
+            sends: Vec::new(),
+            status_calls: Vec::new(),
+            undo_unknown: false,
+        });
+        let inv = Arc::new(Inv {
+            id,
+            index,
+            label,
+            kind,
+            instance,
+            generation: world.instances[instance].generation,
+            crash_at,
+            ops: Mutex::new(0),
+            abort: OnceLock::new(),
+            crashed: Mutex::new(false),
+        });
+        world.instances[instance].running.push(inv.clone());
+        inv
+    }
+
+    /// The label with the instance it runs on, for the trace.
+    pub fn who(&self) -> String {
+        format!("{}@i{}", self.label, self.instance)
+    }
+
+    /// Starts the next operation: its number and its dice.
+    pub fn op(&self, seed: u64) -> (u32, Dice) {
+        let mut n = self.ops.lock().unwrap();
+        *n += 1;
+        (*n, Dice::new(seed, self.id, *n))
+    }
+
+    /// Drops the invocation here if this is where it is to crash.
+    pub async fn crash_point(&self, world: &Shared, op: u32, after: bool) {
+        if self.crash_at == Some((op, after)) {
+            crash(world, self);
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Drops `inv` (its task is aborted at its next await) and records it.
+pub fn crash(world: &Shared, inv: &Inv) {
+    {
+        let mut crashed = inv.crashed.lock().unwrap();
+        if *crashed {
+            return;
+        }
+        *crashed = true;
+    }
+    let mut w = world.lock().unwrap();
+    let t = w.ms();
+    if let Some(r) = w.inv_record(inv) {
+        r.crashed = true;
+        r.ended = Some(t);
+    }
+    w.obs.faults.push((t, "*".into()));
+    w.log(&inv.who(), |_| "CRASH (invocation dropped)".into());
+    w.instances[inv.instance].running.retain(|i| i.id != inv.id);
+    drop(w);
+    if let Some(h) = inv.abort.get() {
+        h.abort();
+    }
+}
+
+/// Deterministic randomness for one operation: the same (seed, invocation,
+/// operation) always draws the same numbers, whatever else happened in the run.
+pub struct Dice(ChaCha8Rng);
+
+impl Dice {
+    pub fn new(seed: u64, inv: u64, op: u32) -> Self {
+        let mixed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17)
+            ^ inv.wrapping_mul(0xbf58_476d_1ce4_e5b9)
+            ^ (op as u64).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Self(ChaCha8Rng::seed_from_u64(mixed))
+    }
+    pub fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && self.0.gen_range(0.0..1.0) < p
+    }
+    /// Uniform in `lo..=hi`.
+    pub fn int(&mut self, lo: u64, hi: u64) -> u64 {
+        if hi <= lo {
+            lo
+        } else {
+            self.0.gen_range(lo..=hi)
+        }
+    }
+    pub fn frac(&mut self) -> f64 {
+        self.0.gen_range(0.0..1.0)
+    }
+}
