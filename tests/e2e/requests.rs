@@ -23,7 +23,12 @@ fn location_of(r: &Resp) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_follows_its_own_request_to_superseded_applied_failed_and_expired() {
     let app = Setup::new()
-        .set("SOC_REQUEST_TTL_SECONDS", "8")
+        // Longer than one lease (35 s with the suite's 1 s device timeout): a request that
+        // close to its expiry is expired rather than put on the device (README, the bounds).
+        .set("SOC_REQUEST_TTL_SECONDS", "50")
+        // The re-check chain stops one lease before expiry; the sweep writes `expired` once
+        // the request is past it.
+        .set("DRAIN_SOC_SCHEDULE", "*/2 * * * * *")
         .start()
         .await;
     app.sim.add_device("bat-1", false);
@@ -77,7 +82,7 @@ async fn a_client_follows_its_own_request_to_superseded_applied_failed_and_expir
     );
     let d = app.post("bat-1", r#"{"minSoc":40}"#).await;
     let d_at = location_of(&d);
-    let shown: Value = app.wait_request_status(&d_at, "expired", secs(20)).await;
+    let shown: Value = app.wait_request_status(&d_at, "expired", secs(75)).await;
     assert_eq!(shown["requestId"], d.body["requestId"]);
 
     // Each still says what became of it; the device's latest request is D.
