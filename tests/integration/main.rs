@@ -626,8 +626,10 @@ fn location(headers: &reqwest::header::HeaderMap, body: &Value) -> String {
 
 #[tokio::test]
 async fn each_request_can_be_followed_until_it_is_applied_superseded_failed_or_expired() {
+    // A TTL longer than one lease (35.5 s with the suite's 1.5 s device timeout): a request
+    // that close to its expiry is expired at once rather than put on the device.
     let app = TestApp::start_with(Options {
-        ttl_seconds: 3,
+        ttl_seconds: 45,
         recheck_initial_seconds: 1,
         ..Default::default()
     })
@@ -684,7 +686,8 @@ async fn each_request_can_be_followed_until_it_is_applied_superseded_failed_or_e
     app.set_online("bat-1", false);
     let (_, headers, d) = app.post_soc("bat-1", &minsoc(40)).await;
     let d_at = location(&headers, &d);
-    tokio::time::sleep(Duration::from_millis(3100)).await;
+    // The sweep leaves an offline device's request pending until its expiry, then expires it.
+    tokio::time::sleep(Duration::from_millis(45_200)).await;
     assert_eq!(app.fire_timer().await.0, 200);
     let (_, shown) = app.get_path(&d_at).await;
     assert_eq!(shown["status"], "expired", "{shown}");
