@@ -455,13 +455,8 @@ mod tests {
         let h = Harness::new();
         h.device.set_online("d1", true);
         accept_pending(&h, "d1", 40).await;
-        let mut held = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
-        held.value.take_lease(
-            &holder("other"),
-            h.clock.now(),
-            h.svc.policy.request_ttl * 2,
-        );
-        h.ledger.put(&held.value, Some(&held.etag)).await.unwrap();
+        h.hold_lease("d1", "other", h.svc.policy.request_ttl * 2)
+            .await;
         h.clock.advance(h.svc.policy.request_ttl);
         let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
             .await
@@ -533,13 +528,8 @@ mod tests {
         let h = Harness::new();
         h.device.set_online("d1", true);
         let rec = accept_pending(&h, "d1", 10).await;
-        let mut held = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
-        held.value.take_lease(
-            &holder("other"),
-            h.clock.now(),
-            chrono::Duration::seconds(30),
-        );
-        h.ledger.put(&held.value, Some(&held.etag)).await.unwrap();
+        h.hold_lease("d1", "other", chrono::Duration::seconds(30))
+            .await;
         let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
             .await
             .unwrap();
@@ -554,13 +544,8 @@ mod tests {
         let h = Harness::new();
         h.device.set_online("d1", true);
         accept_pending(&h, "d1", 10).await;
-        let mut held = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
-        held.value.take_lease(
-            &holder("crashed"),
-            h.clock.now(),
-            chrono::Duration::seconds(30),
-        );
-        h.ledger.put(&held.value, Some(&held.etag)).await.unwrap();
+        h.hold_lease("d1", "crashed", chrono::Duration::seconds(30))
+            .await;
         h.clock.advance(chrono::Duration::seconds(31));
         let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
             .await

@@ -520,6 +520,26 @@ impl Harness {
         DeviceId::parse(raw).unwrap()
     }
 
+    /// Writes a lease held by `holder` for `for_` into the device's stored record, as another
+    /// invocation's lease-taking write would.
+    pub async fn hold_lease(&self, device: &str, holder: &str, for_: Duration) {
+        let mut held = self
+            .ledger
+            .get(&self.id(device))
+            .await
+            .unwrap()
+            .expect("record");
+        held.value.take_lease(
+            &crate::domain::LeaseHolder::from_stored(holder),
+            self.clock.now(),
+            for_,
+        );
+        self.ledger
+            .put(&held.value, Some(&held.etag))
+            .await
+            .unwrap();
+    }
+
     pub async fn ledger_record(&self, device: &str) -> DesiredState {
         self.ledger
             .get(&self.id(device))

@@ -232,11 +232,7 @@ fn mutate_node(v: &mut Value, rng: &mut Rng, target: &mut usize) -> bool {
             4 => {
                 if let Value::Object(m) = v {
                     if !m.is_empty() {
-                        let k = m
-                            .keys()
-                            .nth(rng.below(m.len()))
-                            .cloned()
-                            .unwrap_or_default();
+                        let k = any_key(m, rng);
                         m.remove(&k);
                     }
                 }
@@ -244,11 +240,7 @@ fn mutate_node(v: &mut Value, rng: &mut Rng, target: &mut usize) -> bool {
             5 => {
                 if let Value::Object(m) = v {
                     if !m.is_empty() {
-                        let k = m
-                            .keys()
-                            .nth(rng.below(m.len()))
-                            .cloned()
-                            .unwrap_or_default();
+                        let k = any_key(m, rng);
                         if let Some(x) = m.remove(&k) {
                             let recased = if rng.chance(2) {
                                 k.to_ascii_lowercase()
@@ -484,4 +476,12 @@ pub fn run(seeds: &[Vec<u8>], seed: u64, budget: Duration, max_execs: u64) -> Re
     report.pool = pool.len();
     report.outcomes = seen.len();
     report
+}
+
+/// One of `m`'s keys, chosen by `rng` (`m` must not be empty).
+fn any_key(m: &Map<String, Value>, rng: &mut Rng) -> String {
+    m.keys()
+        .nth(rng.below(m.len()))
+        .cloned()
+        .unwrap_or_default()
 }

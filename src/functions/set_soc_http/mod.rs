@@ -470,7 +470,6 @@ mod tests {
     use super::*;
     use crate::functions::fakes::Harness;
     use crate::ports::Clock as _;
-    use crate::ports::Ledger as _;
 
     fn post_req(device: &str, body: &str, key: Option<&str>) -> ApiRequest {
         ApiRequest {
@@ -713,13 +712,8 @@ mod tests {
         let h = Harness::new();
         h.device.set_online("d1", false);
         handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
-        let mut held = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
-        held.value.take_lease(
-            &LeaseHolder::from_stored("queue-delivery"),
-            h.clock.now(),
-            chrono::Duration::seconds(30),
-        );
-        h.ledger.put(&held.value, Some(&held.etag)).await.unwrap();
+        h.hold_lease("d1", "queue-delivery", chrono::Duration::seconds(30))
+            .await;
         h.device.set_online("d1", true);
         let r = handle(&h.svc, post_req("d1", r#"{"minSoc":35}"#, None)).await;
         assert_eq!(r.status, 202, "{r:?}");
@@ -743,13 +737,8 @@ mod tests {
         let h = Harness::new();
         h.device.set_online("d1", false);
         handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
-        let mut held = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
-        held.value.take_lease(
-            &LeaseHolder::from_stored("queue-delivery"),
-            h.clock.now(),
-            chrono::Duration::seconds(30),
-        );
-        h.ledger.put(&held.value, Some(&held.etag)).await.unwrap();
+        h.hold_lease("d1", "queue-delivery", chrono::Duration::seconds(30))
+            .await;
         h.queue.set_down(true);
         let r = handle(&h.svc, post_req("d1", r#"{"minSoc":35}"#, None)).await;
         assert_eq!(r.status, 202, "{r:?}");
