@@ -43,6 +43,7 @@ use crate::domain::{
 use crate::ports::{DeviceError, StoreError, Versioned};
 
 use super::apply::{apply_latest, read_back, ApplyOutcome};
+use super::index;
 use super::wake::{self, Rescheduled};
 use super::Services;
 use idempotency::{finish, reserve, Reservation};
@@ -302,6 +303,8 @@ async fn write_accepted(
         let replaced = current
             .as_ref()
             .map(|v| HistoryEntry::replaced(&v.value, &record.request_id, now));
+        // Filed in the due index first: nothing is written yet if this fails.
+        index::file_if_earlier(svc, &record, current.as_ref().map(|v| &v.value)).await?;
         match svc
             .ledger
             .accept(
@@ -406,8 +409,7 @@ async fn undo(
         let result = match &previous {
             Some(prev) => {
                 let restored = current.value.restore(prev, svc.clock.now());
-                svc.ledger
-                    .put(&restored, Some(&current.etag))
+                index::put_record(svc, &restored, Some(&current.value), Some(&current.etag))
                     .await
                     .map(|_| ())
             }
