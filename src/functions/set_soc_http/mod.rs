@@ -289,6 +289,14 @@ async fn write_accepted(
         current.as_ref().map(|v| &v.value),
     );
     for _ in 0..MAX_WRITE_ROUNDS {
+        // Filed in the due index first (nothing is written yet if this fails), as
+        // stamped now: the stamp below is later, so the record is due no earlier than
+        // its entry. The stamp is taken after the filing, right before the write.
+        let mut provisional = record.clone();
+        let filed_at = svc.clock.now();
+        provisional.updated_at = filed_at;
+        provisional.expires_at = filed_at + svc.policy.request_ttl;
+        index::file_if_earlier(svc, &provisional, current.as_ref().map(|v| &v.value)).await?;
         let now = svc.clock.now();
         // The request is accepted by the round whose write lands: it is stamped with
         // that round's clock reading, taken after it read the record it writes over
@@ -303,8 +311,6 @@ async fn write_accepted(
         let replaced = current
             .as_ref()
             .map(|v| HistoryEntry::replaced(&v.value, &record.request_id, now));
-        // Filed in the due index first: nothing is written yet if this fails.
-        index::file_if_earlier(svc, &record, current.as_ref().map(|v| &v.value)).await?;
         match svc
             .ledger
             .accept(
