@@ -82,6 +82,12 @@ param drainIntervalMinutes int = 5
 @description('DRAIN_SOC_CONCURRENCY')
 param drainConcurrency int = 16
 
+@description('DRAIN_SOC_MAX_DUE: due devices one sweep takes from the due index at most.')
+param drainMaxDue int = 20000
+
+@description('DRAIN_SOC_FANOUT_ABOVE: above this many due devices the sweep fans out over Service Bus.')
+param drainFanoutAbove int = 100
+
 @description('Storage redundancy.')
 @allowed([
   'Standard_LRS'
@@ -181,6 +187,8 @@ module functionApp 'modules/functionapp.bicep' = {
     recheckMaxSeconds: recheckMaxSeconds
     drainSchedule: drainSchedule
     drainConcurrency: drainConcurrency
+    drainMaxDue: drainMaxDue
+    drainFanoutAbove: drainFanoutAbove
     tags: tags
   }
 }

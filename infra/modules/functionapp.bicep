@@ -63,6 +63,8 @@ param recheckInitialSeconds int
 param recheckMaxSeconds int
 param drainSchedule string
 param drainConcurrency int
+param drainMaxDue int
+param drainFanoutAbove int
 
 @description('RUST_LOG: the handler\'s log filter; empty means info. Raise it (e.g. debug) without a rebuild.')
 param logFilter string = ''
@@ -277,6 +279,8 @@ var socSettings = {
   SOC_RECHECK_MAX_SECONDS: string(recheckMaxSeconds)
   DRAIN_SOC_SCHEDULE: drainSchedule
   DRAIN_SOC_CONCURRENCY: string(drainConcurrency)
+  DRAIN_SOC_MAX_DUE: string(drainMaxDue)
+  DRAIN_SOC_FANOUT_ABOVE: string(drainFanoutAbove)
   SOC_EXTRA_CA_CERTS: ''
   RUST_LOG: logFilter
 }

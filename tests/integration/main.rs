@@ -85,15 +85,27 @@ async fn an_offline_request_waits_in_service_bus_and_is_applied_when_the_device_
 }
 
 #[tokio::test]
-async fn the_timer_applies_a_returned_device_before_its_backoff_and_the_late_message_is_a_noop() {
-    let app = TestApp::start().await;
+async fn the_timer_applies_a_returned_device_once_its_wake_up_is_overdue_and_the_late_message_is_a_noop(
+) {
+    let app = TestApp::start_with(Options {
+        recheck_initial_seconds: 1,
+        ..Options::default()
+    })
+    .await;
     app.device("bat-1", false);
     app.post_soc("bat-1", &minsoc(44)).await;
     app.set_online("bat-1", true);
+    // Not due yet (its wake-up message is not overdue): the sweep does not touch it.
+    let (status, out) = app.fire_timer().await;
+    assert_eq!(status, 200, "{out}");
+    let logs = out["Logs"][0].as_str().unwrap();
+    assert!(logs.contains("due=0 ") && logs.contains("status_calls=0"), "{out}");
+    // The message (due after 1 s) was never delivered: overdue after the 1 s grace.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let (status, out) = app.fire_timer().await;
     assert_eq!(status, 200, "{out}");
     assert!(
-        out["Logs"][0].as_str().unwrap().contains("applied=1"),
+        out["Logs"][0].as_str().unwrap().contains("due=1 applied=1"),
         "{out}"
     );
     assert_eq!(app.applied_values("bat-1"), vec![44]);
@@ -447,7 +459,11 @@ async fn a_lost_wake_up_message_is_resent_by_the_sweep() {
 
 #[tokio::test]
 async fn a_corrupt_ledger_row_is_skipped_and_reported_by_the_sweep_not_an_outage() {
-    let app = TestApp::start().await;
+    let app = TestApp::start_with(Options {
+        recheck_initial_seconds: 1,
+        ..Options::default()
+    })
+    .await;
     app.device("bat-1", false);
     app.device("bat-2", false);
     app.post_soc("bat-1", &minsoc(40)).await;
@@ -460,13 +476,15 @@ async fn a_corrupt_ledger_row_is_skipped_and_reported_by_the_sweep_not_an_outage
     .await;
     app.set_online("bat-1", true);
     app.set_online("bat-2", true);
+    // Both wake-up messages (due after 1 s, never delivered) overdue.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
 
     let (status, out) = app.fire_timer().await;
 
     assert_eq!(status, 200, "{out}");
     let logs = out["Logs"][0].as_str().unwrap();
     assert!(
-        logs.contains("pending=1") && logs.contains("applied=1") && logs.contains("corrupt=1"),
+        logs.contains("due=2") && logs.contains("applied=1") && logs.contains("corrupt=1"),
         "{out}"
     );
     assert_eq!(app.device_value("bat-1"), Some(40));
