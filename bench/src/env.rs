@@ -48,11 +48,19 @@ impl Env {
     }
 
     pub fn start_handler(&self, table: &str, concurrency: usize) -> Result<Proc> {
-        let (p, _) = spawn_ready(
-            &self.handler,
-            &self.handler_env(table, concurrency),
-            free_port(),
-        )?;
+        self.start_handler_with(table, concurrency, &[])
+    }
+
+    /// A handler with `extra` app settings on top of [`Env::handler_env`].
+    pub fn start_handler_with(
+        &self,
+        table: &str,
+        concurrency: usize,
+        extra: &[(&str, &str)],
+    ) -> Result<Proc> {
+        let mut vars = self.handler_env(table, concurrency);
+        vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let (p, _) = spawn_ready(&self.handler, &vars, free_port())?;
         Ok(p)
     }
 

@@ -7,6 +7,8 @@
 //! - `BENCH_FUZZ_SECS` (60): duration of the bounded fuzz run;
 //! - `BENCH_STARTS` (60): starts per binary for P1;
 //! - `BENCH_SWEEPS` (`1000:16,10000:64`): the P5 sweeps as `N:C` pairs (L is 50 ms);
+//! - `BENCH_SCALE` (`1000,10000,100000`): the pending counts P of S1 (1% of each due);
+//! - `BENCH_ONLY` (all): a comma list of the rows to run, e.g. `S1,S2` or `P5`;
 //! - `CARGO_TARGET_DIR`: where the release binaries are (default `target/`).
 //!
 //! One module per measurement (`p1_start` … `p6_cost`, `r4_load`, `fuzz_run`), each adding rows
@@ -28,6 +30,8 @@ mod p6_cost;
 mod procs;
 mod r4_load;
 mod report;
+mod s1_sweep_scale;
+mod s2_offline_calls;
 mod stub;
 
 use std::path::PathBuf;
@@ -94,6 +98,11 @@ async fn run(root: PathBuf, handler: PathBuf, baseline: PathBuf, scratch: PathBu
             Some((n.trim().parse().ok()?, c.trim().parse().ok()?))
         })
         .collect();
+    let scale_sizes: Vec<usize> = std::env::var("BENCH_SCALE")
+        .unwrap_or_else(|_| "1000,10000,100000".into())
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
 
     eprintln!("bench: starting Azurite, the Service Bus stand-in and the device stub");
     let azurite = Azurite::try_start().map_err(anyhow::Error::msg)?;
@@ -118,16 +127,38 @@ async fn run(root: PathBuf, handler: PathBuf, baseline: PathBuf, scratch: PathBu
         sb_port,
     };
 
+    let only: Option<Vec<String>> = std::env::var("BENCH_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_uppercase()).collect());
+    let wanted = |id: &str| only.as_ref().is_none_or(|o| o.iter().any(|w| w == id));
     let mut rows = Vec::new();
     let mut notes = Vec::new();
-    p1_start::run(&env, starts, &mut rows)?;
-    p4_size::run(&env, &mut rows, &mut notes)?;
-    p2_p3_r4(&env, load_secs, &mut rows, &mut notes).await?;
-    p6_cost::run(&env, &mut rows).await?;
-    for (n, c) in sweeps {
-        p5_sweep::run(&env, n, c, &mut rows, &mut notes).await?;
+    if wanted("P1") {
+        p1_start::run(&env, starts, &mut rows)?;
     }
-    fuzz_run::run(&env, fuzz_secs, &mut rows, &mut notes).await?;
+    if wanted("P4") {
+        p4_size::run(&env, &mut rows, &mut notes)?;
+    }
+    if wanted("P2") || wanted("P3") || wanted("R4") {
+        p2_p3_r4(&env, load_secs, &mut rows, &mut notes).await?;
+    }
+    if wanted("P6") {
+        p6_cost::run(&env, &mut rows).await?;
+    }
+    if wanted("P5") {
+        for (n, c) in sweeps {
+            p5_sweep::run(&env, n, c, &mut rows, &mut notes).await?;
+        }
+    }
+    if wanted("S1") {
+        s1_sweep_scale::run(&env, &scale_sizes, &mut rows, &mut notes).await?;
+    }
+    if wanted("S2") {
+        s2_offline_calls::run(&mut rows, &mut notes).await?;
+    }
+    if wanted("FUZZ") {
+        fuzz_run::run(&env, fuzz_secs, &mut rows, &mut notes).await?;
+    }
 
     sb_server.shutdown().await;
     println!();

@@ -99,7 +99,10 @@ async fn the_timer_applies_a_returned_device_once_its_wake_up_is_overdue_and_the
     let (status, out) = app.fire_timer().await;
     assert_eq!(status, 200, "{out}");
     let logs = out["Logs"][0].as_str().unwrap();
-    assert!(logs.contains("due=0 ") && logs.contains("status_calls=0"), "{out}");
+    assert!(
+        logs.contains("due=0 ") && logs.contains("status_calls=0"),
+        "{out}"
+    );
     // The message (due after 1 s) was never delivered: overdue after the 1 s grace.
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let (status, out) = app.fire_timer().await;
