@@ -64,6 +64,10 @@ param recheckMaxSeconds int
 param drainSchedule string
 param drainConcurrency int
 
+@description('DEVICE_API_MAX_CALLS_PER_SECOND: the vendor\'s ceiling on device calls per second, for all instances together. Each instance gets this divided by DEVICE_API_INSTANCES (README "Device-call budget").')
+@minValue(1)
+param deviceApiMaxCallsPerSecond int
+
 @description('RUST_LOG: the handler\'s log filter; empty means info. Raise it (e.g. debug) without a rebuild.')
 param logFilter string = ''
 
@@ -277,6 +281,11 @@ var socSettings = {
   SOC_RECHECK_MAX_SECONDS: string(recheckMaxSeconds)
   DRAIN_SOC_SCHEDULE: drainSchedule
   DRAIN_SOC_CONCURRENCY: string(drainConcurrency)
+  DEVICE_API_MAX_CALLS_PER_SECOND: string(deviceApiMaxCallsPerSecond)
+  // The most instances that can run at once, which the ceiling is divided by: Flex
+  // scales out to maximumInstanceCount; the Dedicated plan runs its one worker (the
+  // plan's default capacity; raise this with it if the plan is scaled out).
+  DEVICE_API_INSTANCES: string(isFlex ? maximumInstanceCount : 1)
   SOC_EXTRA_CA_CERTS: ''
   RUST_LOG: logFilter
 }

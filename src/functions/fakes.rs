@@ -498,6 +498,8 @@ impl Harness {
             max_clock_skew: Duration::zero(),
             wake_grace: Duration::seconds(60),
             drain_concurrency: 4,
+            device_calls_per_second: 50.0,
+            fleet_device_calls_per_second: 50.0,
             idempotency_in_flight: Duration::seconds(60),
         };
         let svc = Services {

@@ -61,6 +61,14 @@ pub struct Policy {
     pub wake_grace: Duration,
     /// Device API calls the timer sweep makes at once.
     pub drain_concurrency: usize,
+    /// Device calls per second this instance may make (`DEVICE_API_MAX_CALLS_PER_SECOND`
+    /// / `DEVICE_API_INSTANCES`): the rate of its token bucket
+    /// ([`crate::adapters::device_budget`]).
+    pub device_calls_per_second: f64,
+    /// Device calls per second all instances together may make
+    /// (`DEVICE_API_MAX_CALLS_PER_SECOND`): what spreading work over time across the
+    /// fleet (scheduled wake-up messages) should stay under.
+    pub fleet_device_calls_per_second: f64,
     /// How long a first request with an `Idempotency-Key` may stay in flight before a
     /// retry with the same key may take over: longer than the slowest POST can take.
     pub idempotency_in_flight: Duration,
@@ -97,6 +105,8 @@ impl Policy {
             max_clock_skew: MAX_CLOCK_SKEW,
             wake_grace: secs(config.recheck_initial),
             drain_concurrency: config.drain_concurrency.max(1),
+            device_calls_per_second: config.device_budget.per_instance(),
+            fleet_device_calls_per_second: f64::from(config.device_budget.fleet_calls_per_second),
             idempotency_in_flight: SLOWEST_POST + MAX_CLOCK_SKEW * 2,
         }
     }
