@@ -88,6 +88,15 @@ param drainMaxDue int = 20000
 @description('DRAIN_SOC_FANOUT_ABOVE: above this many due devices the sweep fans out over Service Bus.')
 param drainFanoutAbove int = 100
 
+@description('DEVICE_API_MAX_CALLS_PER_SECOND: the vendor\'s ceiling on device calls per second, all instances together; each gets ceiling / maximumInstanceCount (DEVICE_API_INSTANCES). Keep ceiling * 30 >= maximumInstanceCount, or the handler reports its configuration invalid.')
+@minValue(1)
+param deviceApiMaxCallsPerSecond int = 50
+
+@description('Flex Consumption: most instances the app scales out to; also DEVICE_API_INSTANCES, the share of the device-call ceiling each instance gets.')
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 40
+
 @description('Storage redundancy.')
 @allowed([
   'Standard_LRS'
@@ -189,6 +198,8 @@ module functionApp 'modules/functionapp.bicep' = {
     drainConcurrency: drainConcurrency
     drainMaxDue: drainMaxDue
     drainFanoutAbove: drainFanoutAbove
+    deviceApiMaxCallsPerSecond: deviceApiMaxCallsPerSecond
+    maximumInstanceCount: maximumInstanceCount
     tags: tags
   }
 }

@@ -64,6 +64,8 @@ pub const SETTINGS: &[Setting] = &[
     setting("DEVICE_API_BASE_URL", None, true, false, "Base URL of the vendor's device cloud API"),
     setting("DEVICE_API_KEY", None, true, true, "x-api-key for the device cloud API"),
     setting("DEVICE_API_TIMEOUT_MS", Some("5000"), false, false, "Timeout for every device API call"),
+    setting("DEVICE_API_MAX_CALLS_PER_SECOND", Some("50"), false, false, "Fleet-wide ceiling of device API calls per second (status and PUT); each instance gets this divided by DEVICE_API_INSTANCES"),
+    setting("DEVICE_API_INSTANCES", Some("1"), false, false, "Most instances that run at once (Flex maximumInstanceCount; the Bicep sets it): divides the device-call ceiling between them"),
     setting("SOC_REQUEST_TTL_SECONDS", Some("604800"), false, false, "How long a request may wait for its device before it expires"),
     setting("SOC_RECHECK_INITIAL_SECONDS", Some("60"), false, false, "First re-check delay for an offline device"),
     setting("SOC_RECHECK_MAX_SECONDS", Some("1800"), false, false, "Largest re-check delay for an offline device"),
@@ -109,6 +111,8 @@ pub struct Config {
     pub device_api_base_url: String,
     pub device_api_key: SecretString,
     pub device_api_timeout: Duration,
+    /// The device-call budget: fleet ceiling and the instances it is shared by.
+    pub device_budget: DeviceBudget,
     pub request_ttl: Duration,
     pub recheck_initial: Duration,
     pub recheck_max: Duration,
@@ -117,6 +121,31 @@ pub struct Config {
     pub drain_fanout_above: usize,
     /// Extra trusted CA certificates (PEM bundle) for the Azure clients; dev/test only.
     pub extra_ca_certs: Option<PathBuf>,
+}
+
+/// The device-call budget (README "Device-call budget"): `DEVICE_API_MAX_CALLS_PER_SECOND`
+/// for the whole fleet, shared equally by at most `DEVICE_API_INSTANCES` instances. Each
+/// instance enforces its share with a token bucket
+/// ([`crate::adapters::device_budget::BudgetedDeviceApi`]), so all of them together stay
+/// under the ceiling however many run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceBudget {
+    /// Device calls per second, all instances together.
+    pub fleet_calls_per_second: u32,
+    /// Most instances that run at once.
+    pub instances: u32,
+}
+
+impl DeviceBudget {
+    /// Lowest per-instance rate accepted: one call per the budget's longest wait, so a
+    /// call can always get a turn before it gives up.
+    pub const MIN_PER_INSTANCE: f64 =
+        1.0 / crate::adapters::device_budget::MAX_WAIT.as_secs() as f64;
+
+    /// This instance's share: calls per second it may make.
+    pub fn per_instance(&self) -> f64 {
+        f64::from(self.fleet_calls_per_second) / f64::from(self.instances.max(1))
+    }
 }
 
 /// All configuration problems found, one per line.
@@ -188,6 +217,11 @@ impl Config {
                 1,
                 120_000,
             )),
+            device_budget: DeviceBudget {
+                fleet_calls_per_second: reader.number("DEVICE_API_MAX_CALLS_PER_SECOND", 1, 100_000)
+                    as u32,
+                instances: reader.number("DEVICE_API_INSTANCES", 1, 1000) as u32,
+            },
             request_ttl: Duration::from_secs(reader.number(
                 "SOC_REQUEST_TTL_SECONDS",
                 1,
@@ -212,6 +246,14 @@ impl Config {
             reader.errors.push(
                 "SOC_RECHECK_MAX_SECONDS: must not be below SOC_RECHECK_INITIAL_SECONDS".into(),
             );
+        }
+        if config.device_budget.per_instance() < DeviceBudget::MIN_PER_INSTANCE {
+            reader.errors.push(format!(
+                "DEVICE_API_MAX_CALLS_PER_SECOND / DEVICE_API_INSTANCES: {} / {} leaves each instance less than one device call per {} s; raise the ceiling or lower the instance count",
+                config.device_budget.fleet_calls_per_second,
+                config.device_budget.instances,
+                crate::adapters::device_budget::MAX_WAIT.as_secs()
+            ));
         }
         if !config.device_api_base_url.is_empty()
             && url::Url::parse(&config.device_api_base_url).is_err()
@@ -394,6 +436,49 @@ mod tests {
         assert_eq!(c.recheck_initial, Duration::from_secs(60));
         assert_eq!(c.recheck_max, Duration::from_secs(1800));
         assert_eq!(c.drain_concurrency, 16);
+        assert_eq!(
+            c.device_budget,
+            DeviceBudget {
+                fleet_calls_per_second: 50,
+                instances: 1
+            }
+        );
+        assert_eq!(c.device_budget.per_instance(), 50.0);
+    }
+
+    #[test]
+    fn the_device_call_ceiling_is_shared_by_the_instances() {
+        let mut vars = minimal();
+        vars.insert("DEVICE_API_MAX_CALLS_PER_SECOND".into(), "100".into());
+        vars.insert("DEVICE_API_INSTANCES".into(), "40".into());
+        let c = Config::from_vars(&vars).unwrap();
+        assert_eq!(c.device_budget.per_instance(), 2.5);
+    }
+
+    #[test]
+    fn a_budget_that_starves_each_instance_is_reported_with_the_other_problems() {
+        let mut vars = minimal();
+        vars.insert("DEVICE_API_MAX_CALLS_PER_SECOND".into(), "10".into());
+        vars.insert("DEVICE_API_INSTANCES".into(), "1000".into());
+        vars.remove("SOC_QUEUE_NAME");
+        let err = Config::from_vars(&vars).unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+        let text = err.to_string();
+        assert!(text.contains("10 / 1000 leaves each instance"), "{text}");
+        assert!(text.contains("SOC_QUEUE_NAME"), "{text}");
+
+        let mut vars = minimal();
+        vars.insert("DEVICE_API_MAX_CALLS_PER_SECOND".into(), "0".into());
+        vars.insert("DEVICE_API_INSTANCES".into(), "lots".into());
+        let err = Config::from_vars(&vars).unwrap_err().to_string();
+        assert!(
+            err.contains("DEVICE_API_MAX_CALLS_PER_SECOND: expected an integer in 1..=100000"),
+            "{err}"
+        );
+        assert!(
+            err.contains("DEVICE_API_INSTANCES: expected an integer in 1..=1000"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -54,6 +54,14 @@ impl DeviceError {
 /// The vendor's device cloud (contract in `docs/device-api.md`).
 #[async_trait]
 pub trait DeviceApi: Send + Sync {
+    /// Waits for a turn to make one PUT under the device-call budget, and takes it.
+    /// Called before the lease for that PUT is taken ([`crate::functions::apply`]), so
+    /// the wait never eats the lease's PUT window; the PUT that follows then does not
+    /// wait. An error (no turn within the budget's longest wait) means nothing was sent.
+    /// Without a budget there is nothing to wait for.
+    async fn reserve_put(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
     async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError>;
     /// `PUT /devices/{id}/settings/min-soc` with `Idempotency-Key: {request_id}`.
     async fn apply_min_soc(

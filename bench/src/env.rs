@@ -41,6 +41,8 @@ impl Env {
             ("DEVICE_API_BASE_URL", self.stub_url.clone()),
             ("DEVICE_API_KEY", "bench-key".into()),
             ("DRAIN_SOC_CONCURRENCY", concurrency.to_string()),
+            // The rows measure the handler, not the device-call budget (S4b turns it on).
+            ("DEVICE_API_MAX_CALLS_PER_SECOND", "100000".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -61,6 +63,12 @@ impl Env {
         let mut vars = self.handler_env(table, concurrency);
         vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let (p, _) = spawn_ready(&self.handler, &vars, free_port())?;
+        Ok(p)
+    }
+
+    /// Starts `handler` with exactly these app settings.
+    pub fn start_handler_env(&self, vars: &[(String, String)]) -> Result<Proc> {
+        let (p, _) = spawn_ready(&self.handler, vars, free_port())?;
         Ok(p)
     }
 

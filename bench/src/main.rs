@@ -9,9 +9,14 @@
 //! - `BENCH_SWEEPS` (`1000:16,10000:64`): the P5 sweeps as `N:C` pairs (L is 50 ms);
 //! - `BENCH_SCALE` (`1000,10000,100000`): the pending counts P of S1 (1% of each due);
 //! - `BENCH_ONLY` (all): a comma list of the rows to run, e.g. `S1,S2` or `P5`;
+//! - `BENCH_SCALE_DEVICES` (2000): pending requests per S4 run; `0` skips S4;
+//! - `BENCH_SCALE_PROCS` (`1,2,4`): the S4 handler process counts;
+//! - `BENCH_SCALE_LATENCY_MS` (50): device stub latency in S4;
+//! - `BENCH_SCALE_BUDGET` (`100:1000`): S4b's fleet ceiling and requests per run as `C:K`;
+//!   `0` skips S4b;
 //! - `CARGO_TARGET_DIR`: where the release binaries are (default `target/`).
 //!
-//! One module per measurement (`p1_start` … `p6_cost`, `r4_load`, `fuzz_run`), each adding rows
+//! One module per measurement (`p1_start` … `p6_cost`, `r4_load`, `s1_sweep_scale`, `s2_offline_calls`, `s4_queue_scale`, `fuzz_run`), each adding rows
 //! to the [`report`] table; the shared pieces are [`env`] (the processes every measurement
 //! uses), [`latency`] (side-by-side and closed-loop timing), [`envelopes`] (host payloads),
 //! [`http`] (a minimal keep-alive client), [`procs`] and [`stub`] (the device cloud stub).
@@ -32,6 +37,7 @@ mod r4_load;
 mod report;
 mod s1_sweep_scale;
 mod s2_offline_calls;
+mod s4_queue_scale;
 mod stub;
 
 use std::path::PathBuf;
@@ -103,6 +109,23 @@ async fn run(root: PathBuf, handler: PathBuf, baseline: PathBuf, scratch: PathBu
         .split(',')
         .filter_map(|p| p.trim().parse().ok())
         .collect();
+    let list = |name: &str, default: &str| -> Vec<usize> {
+        std::env::var(name)
+            .unwrap_or_else(|_| default.into())
+            .split(',')
+            .filter_map(|p| p.trim().parse().ok())
+            .collect()
+    };
+    let scale = s4_queue_scale::Scale {
+        devices: env_num("BENCH_SCALE_DEVICES", 2000) as usize,
+        latency_ms: env_num("BENCH_SCALE_LATENCY_MS", LATENCY_MS),
+        procs: list("BENCH_SCALE_PROCS", "1,2,4"),
+        budget: std::env::var("BENCH_SCALE_BUDGET")
+            .unwrap_or_else(|_| "100:1000".into())
+            .split_once(':')
+            .and_then(|(c, k)| Some((c.trim().parse().ok()?, k.trim().parse().ok()?)))
+            .filter(|&(c, k): &(u32, usize)| c > 0 && k > 0),
+    };
 
     eprintln!("bench: starting Azurite, the Service Bus stand-in and the device stub");
     let azurite = Azurite::try_start().map_err(anyhow::Error::msg)?;
@@ -155,6 +178,9 @@ async fn run(root: PathBuf, handler: PathBuf, baseline: PathBuf, scratch: PathBu
     }
     if wanted("S2") {
         s2_offline_calls::run(&mut rows, &mut notes).await?;
+    }
+    if wanted("S4") && scale.devices > 0 {
+        s4_queue_scale::run(&env, &scale, &mut rows, &mut notes).await?;
     }
     if wanted("FUZZ") {
         fuzz_run::run(&env, fuzz_secs, &mut rows, &mut notes).await?;

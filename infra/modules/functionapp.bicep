@@ -66,6 +66,10 @@ param drainConcurrency int
 param drainMaxDue int
 param drainFanoutAbove int
 
+@description('DEVICE_API_MAX_CALLS_PER_SECOND: the vendor\'s ceiling on device calls per second, for all instances together. Each instance gets this divided by DEVICE_API_INSTANCES (README "Device-call budget").')
+@minValue(1)
+param deviceApiMaxCallsPerSecond int
+
 @description('RUST_LOG: the handler\'s log filter; empty means info. Raise it (e.g. debug) without a rebuild.')
 param logFilter string = ''
 
@@ -281,6 +285,11 @@ var socSettings = {
   DRAIN_SOC_CONCURRENCY: string(drainConcurrency)
   DRAIN_SOC_MAX_DUE: string(drainMaxDue)
   DRAIN_SOC_FANOUT_ABOVE: string(drainFanoutAbove)
+  DEVICE_API_MAX_CALLS_PER_SECOND: string(deviceApiMaxCallsPerSecond)
+  // The most instances that can run at once, which the ceiling is divided by: Flex
+  // scales out to maximumInstanceCount; the Dedicated plan runs its one worker (the
+  // plan's default capacity; raise this with it if the plan is scaled out).
+  DEVICE_API_INSTANCES: string(isFlex ? maximumInstanceCount : 1)
   SOC_EXTRA_CA_CERTS: ''
   RUST_LOG: logFilter
 }

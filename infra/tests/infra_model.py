@@ -449,3 +449,45 @@ def alert_problems(root: Path = INFRA) -> list[str]:
     if len(workbooks) != 1:
         problems.append("no operators' workbook")
     return problems
+
+
+# The handler's longest wait for a device-call turn (src/adapters/device_budget.rs MAX_WAIT):
+# each instance must get at least one call per this many seconds (src/config.rs).
+DEVICE_BUDGET_MAX_WAIT_SECONDS = 30
+
+
+def budget_problems(root: Path = INFRA) -> list[str]:
+    """The device-call budget's settings (README "Device-call budget"): the instance count the
+    ceiling is divided by is the Flex scale-out limit itself, and in every environment each
+    instance's share is one the handler accepts."""
+    problems = []
+    settings = app_settings(root)
+    doc = parse(root / "modules" / "functionapp.bicep")
+    site = next(iter(resources_of_type(doc, "Microsoft.Web/sites").values()))
+    flex = site["config"]["properties"]["functionAppConfig"]["operator"]["operands"]["true_value"]
+    scale_param = flex["scaleAndConcurrency"]["maximumInstanceCount"]
+    instances = settings.get("DEVICE_API_INSTANCES", {})
+    convert = instances.get("function", {}).get("parameters", {}).get("value_to_convert", {}) \
+        if isinstance(instances, dict) else {}
+    operands = convert.get("operator", {}).get("operands", {}) if isinstance(convert, dict) else {}
+    if operands.get("condition") != "isFlex" or operands.get("true_value") != scale_param:
+        problems.append(
+            f"DEVICE_API_INSTANCES is not the Flex maximumInstanceCount ({scale_param}): {instances!r}")
+    if operands.get("false_value") != 1:
+        problems.append("DEVICE_API_INSTANCES on the Dedicated plan is not its one worker")
+    ceiling = settings.get("DEVICE_API_MAX_CALLS_PER_SECOND", {})
+    ceiling_param = ceiling.get("function", {}).get("parameters", {}).get("value_to_convert") \
+        if isinstance(ceiling, dict) else None
+    main = parse(root / "main.bicep")
+    _, call = module_call(main, "modules/functionapp.bicep")
+    for env in ENVIRONMENTS:
+        params = env_parameters(root, env)
+        rate = _module_value(doc, call, main, ceiling_param, params)
+        most = _module_value(doc, call, main, scale_param, params)
+        if not isinstance(rate, int) or not isinstance(most, int):
+            problems.append(f"{env}: ceiling {rate!r} or maximumInstanceCount {most!r} not a number")
+        elif rate * DEVICE_BUDGET_MAX_WAIT_SECONDS < most:
+            problems.append(
+                f"{env}: DEVICE_API_MAX_CALLS_PER_SECOND {rate} over {most} instances leaves each less "
+                f"than one call per {DEVICE_BUDGET_MAX_WAIT_SECONDS} s")
+    return problems

@@ -1,6 +1,8 @@
 //! Implementations of [`crate::ports`] for Azure and the vendor's device cloud.
 //!
 //! - [`device_api`]: `reqwest` client for the device cloud (`docs/device-api.md`).
+//! - [`device_budget`]: the device-call budget, a per-instance token bucket wrapped
+//!   around the device client (every status call and PUT of the process).
 //! - [`service_bus`]: the settings queue, sent with `azure_messaging_servicebus`.
 //! - [`table_ledger`]: the desired-state ledger in Azure Table Storage (`azure_data_tables`).
 //! - [`connection_string`]: Service Bus and Storage connection strings, parsed without
@@ -16,6 +18,7 @@
 
 pub mod connection_string;
 pub mod device_api;
+pub mod device_budget;
 pub mod identity;
 pub mod service_bus;
 pub mod table_ledger;
@@ -27,6 +30,7 @@ use crate::ports::{DeviceApi, Ledger, SettingsQueue};
 
 pub use connection_string::{ConnectionStringError, ServiceBusConnection, StorageConnection};
 pub use device_api::HttpDeviceApi;
+pub use device_budget::BudgetedDeviceApi;
 pub use service_bus::ServiceBusQueue;
 pub use table_ledger::TableLedger;
 
@@ -43,8 +47,8 @@ pub struct Adapters {
 #[error("adapter configuration is invalid:\n  {}", .0.join("\n  "))]
 pub struct BuildError(pub Vec<String>);
 
-/// Builds the device client, the Service Bus sender and the Table ledger. No I/O:
-/// the ledger table is created on first use.
+/// Builds the device client (inside its call budget), the Service Bus sender and the
+/// Table ledger. No I/O: the ledger table is created on first use.
 pub fn build(config: &Config) -> Result<Adapters, BuildError> {
     let mut errors = Vec::new();
 
@@ -105,7 +109,10 @@ pub fn build(config: &Config) -> Result<Adapters, BuildError> {
 
     match (device, queue, ledger) {
         (Some(device), Some(queue), Some(ledger)) if errors.is_empty() => Ok(Adapters {
-            device: Arc::new(device),
+            device: Arc::new(BudgetedDeviceApi::new(
+                device,
+                config.device_budget.per_instance(),
+            )),
             queue: Arc::new(queue),
             ledger: Arc::new(ledger),
         }),

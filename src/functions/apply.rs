@@ -75,6 +75,10 @@ pub async fn apply_latest(
         .as_ref()
         .is_some_and(|s| s.value.holds_lease(holder, svc.clock.now()));
     let mut next = start;
+    // This call's turn in the device-call budget for its next PUT, taken before the
+    // lease (see below); or why it got none.
+    let mut reserved = false;
+    let mut refused: Option<DeviceError> = None;
     for _ in 0..MAX_ROUNDS {
         let current = match next.take() {
             Some(v) => v,
@@ -191,6 +195,28 @@ pub async fn apply_latest(
             });
         }
 
+        // Wait for the PUT's turn in the device-call budget now, before the lease is taken
+        // or renewed, so the wait cannot eat the lease's PUT window
+        // (`adapters::device_budget`). No turn: a transient answer that sent nothing,
+        // recorded like one (once per call). The wait may have been long: read the clock again.
+        if !reserved {
+            let turn = match &refused {
+                Some(e) => Err(e.clone()),
+                None => svc.device.reserve_put().await,
+            };
+            if let Err(e) = turn {
+                refused = Some(e.clone());
+                let outcome = record_answer(&mut record, holder, Err(e), svc.clock.now());
+                match write(svc, &record, &current.value, &current.etag).await {
+                    Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
+                    Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            reserved = true;
+        }
+        let now = svc.clock.now();
+
         // Expired, or so close to expiry that a PUT started now could land after it:
         // mark it expired (nobody else holds a live lease, checked just above).
         let cut = if cfg!(feature = "mutant-expiry-over-lease") {
@@ -246,6 +272,7 @@ pub async fn apply_latest(
             .device
             .apply_min_soc(device, record.min_soc, &record.request_id)
             .await;
+        reserved = false;
         let now = svc.clock.now();
         match &result {
             Ok(()) => {

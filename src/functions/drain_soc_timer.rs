@@ -12,7 +12,7 @@
 //!   `DRAIN_SOC_CONCURRENCY` at once); online: apply now; offline or unavailable:
 //!   re-send its wake-up message; unknown device: fail the request with the reason;
 //! - more than that: **fan out**: re-send each one's wake-up message, spread at the
-//!   device-call budget (`Policy::device_calls_per_second`) by scheduled delivery, and
+//!   fleet's device-call ceiling (`Policy::fleet_device_calls_per_second`) by scheduled delivery, and
 //!   let `SocQueueTrigger`, which the host scales out, make the device calls.
 //!
 //! Then it tidies the index: an entry whose record is settled or gone is removed; a
@@ -167,7 +167,7 @@ async fn sweep(
     report.due = due.len();
     let fan_out = (due.len() > svc.policy.sweep_fanout_above).then(|| FanOut {
         start: svc.clock.now(),
-        per_second: svc.policy.device_calls_per_second,
+        per_second: svc.policy.fleet_device_calls_per_second,
         next: AtomicUsize::new(0),
     });
     let deadline = started + svc.policy.sweep_budget;
@@ -751,7 +751,7 @@ mod tests {
     async fn above_the_fanout_threshold_the_sweep_sends_spread_wake_ups_and_calls_no_device() {
         let mut h = Harness::new();
         h.svc.policy.sweep_fanout_above = 2;
-        h.svc.policy.device_calls_per_second = 10.0;
+        h.svc.policy.fleet_device_calls_per_second = 10.0;
         for i in 0..5 {
             h.device.set_online(&format!("d{i}"), true);
             h.device.set_online(&format!("d{i}"), false);

@@ -584,11 +584,12 @@ impl Harness {
             max_clock_skew: Duration::zero(),
             wake_grace: Duration::seconds(60),
             drain_concurrency: 4,
+            device_calls_per_second: 50.0,
+            fleet_device_calls_per_second: 50.0,
             idempotency_in_flight: Duration::seconds(60),
             sweep_budget: Duration::seconds(240),
             sweep_max_due: 1000,
             sweep_fanout_above: 100,
-            device_calls_per_second: 10.0,
             reconcile_rows_per_run: 1000,
             reconcile_interval: Duration::hours(24),
         };

@@ -64,6 +64,14 @@ pub struct Policy {
     pub wake_grace: Duration,
     /// Device API calls the timer sweep makes at once.
     pub drain_concurrency: usize,
+    /// Device calls per second this instance may make (`DEVICE_API_MAX_CALLS_PER_SECOND`
+    /// / `DEVICE_API_INSTANCES`): the rate of its token bucket
+    /// ([`crate::adapters::device_budget`]).
+    pub device_calls_per_second: f64,
+    /// Device calls per second all instances together may make
+    /// (`DEVICE_API_MAX_CALLS_PER_SECOND`): what spreading work over time across the
+    /// fleet (scheduled wake-up messages) should stay under.
+    pub fleet_device_calls_per_second: f64,
     /// How long a first request with an `Idempotency-Key` may stay in flight before a
     /// retry with the same key may take over: longer than the slowest POST can take.
     pub idempotency_in_flight: Duration,
@@ -74,11 +82,9 @@ pub struct Policy {
     /// Due devices one sweep run takes from the index at most.
     pub sweep_max_due: usize,
     /// Above this many due devices that need a device call, the sweep fans out:
-    /// it sends their wake-up messages, spread at [`Policy::device_calls_per_second`],
+    /// it sends their wake-up messages, spread at [`Policy::fleet_device_calls_per_second`],
     /// and `SocQueueTrigger` (scaled by the host) makes the calls.
     pub sweep_fanout_above: usize,
-    /// The fleet-wide ceiling on device-cloud calls per second.
-    pub device_calls_per_second: f64,
     /// Pending records the reconciling pass files per sweep run, and how often a pass starts.
     pub reconcile_rows_per_run: usize,
     pub reconcile_interval: Duration,
@@ -115,11 +121,12 @@ impl Policy {
             max_clock_skew: MAX_CLOCK_SKEW,
             wake_grace: secs(config.recheck_initial),
             drain_concurrency: config.drain_concurrency.max(1),
+            device_calls_per_second: config.device_budget.per_instance(),
+            fleet_device_calls_per_second: f64::from(config.device_budget.fleet_calls_per_second),
             idempotency_in_flight: SLOWEST_POST + MAX_CLOCK_SKEW * 2,
             sweep_budget: SWEEP_BUDGET,
             sweep_max_due: config.drain_max_due.max(1),
             sweep_fanout_above: config.drain_fanout_above,
-            device_calls_per_second: DEFAULT_DEVICE_CALLS_PER_SECOND,
             reconcile_rows_per_run: RECONCILE_ROWS_PER_RUN,
             reconcile_interval: RECONCILE_INTERVAL,
         }
@@ -139,8 +146,6 @@ pub const SWEEP_BUDGET: Duration = Duration::seconds(240);
 pub const RECONCILE_ROWS_PER_RUN: usize = 2000;
 /// A reconciling pass starts at most this often.
 pub const RECONCILE_INTERVAL: Duration = Duration::hours(24);
-/// Fleet-wide device-cloud calls per second when nothing else is configured.
-pub const DEFAULT_DEVICE_CALLS_PER_SECOND: f64 = 50.0;
 
 #[cfg(any(test, feature = "test-fakes"))]
 pub mod fakes;
