@@ -130,6 +130,15 @@ impl QueueError {
 #[async_trait]
 pub trait SettingsQueue: Send + Sync {
     async fn send(&self, message: &OutgoingMessage) -> Result<(), QueueError>;
+    /// Sends `messages` in one request where the broker allows it (Service Bus "Send
+    /// Message Batch"). On an error any of them may have been sent: each is only a
+    /// wake-up call that the ledger does not name yet, a no-op when delivered.
+    async fn send_batch(&self, messages: &[OutgoingMessage]) -> Result<(), QueueError> {
+        for message in messages {
+            self.send(message).await?;
+        }
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------- ledger

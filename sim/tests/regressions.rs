@@ -16,7 +16,8 @@ const MUTANT: bool = cfg!(any(
     feature = "mutant-expiry-over-lease",
     feature = "mutant-no-read-back",
     feature = "mutant-put-on-caller-lease",
-    feature = "mutant-sweep-aborts-on-page-error",
+    feature = "mutant-sweep-drops-before-filing",
+    feature = "mutant-index-skips-filing",
     feature = "mutant-no-chain-check",
     feature = "mutant-undo-forgets-landing",
 ));
@@ -60,17 +61,6 @@ fn a_put_never_starts_on_an_almost_spent_lease() {
 #[test]
 fn expiry_is_never_written_over_a_put_that_lands() {
     judged(38_059, cfg!(feature = "mutant-expiry-over-lease"), "S4");
-}
-
-/// Bug 4: a failed page of the pending listing, ready before the first page's applies
-/// finished, made the sweep return and drop them mid-PUT.
-#[test]
-fn one_failed_page_does_not_abort_the_sweeps_applies() {
-    judged(
-        522,
-        cfg!(feature = "mutant-sweep-aborts-on-page-error"),
-        "S3",
-    );
 }
 
 /// The ambiguous write: the accepting write committed but timed out, and the POST answered

@@ -139,16 +139,71 @@ fn http(extra_ca_pem: Option<&Path>) -> Result<Arc<dyn HttpClient>, QueueError> 
     Ok(Arc::new(client))
 }
 
+/// The JSON body and `BrokerProperties` of one message.
+fn parts(message: &OutgoingMessage) -> Result<(String, BrokerProperties<'_>), QueueError> {
+    let body = serde_json::to_string(&message.body)
+        .map_err(|e| QueueError::Local(format!("message body could not be serialised: {e}")))?;
+    let properties = BrokerProperties {
+        message_id: &message.message_id,
+        time_to_live: message.ttl.as_secs(),
+        scheduled_enqueue_time_utc: message.scheduled_at.map(rfc1123),
+    };
+    Ok((body, properties))
+}
+
+/// Content type of a "Send Message Batch" body.
+pub const BATCH_CONTENT_TYPE: &str = "application/vnd.microsoft.servicebus.json";
+
+/// One item of a batch body: `{"Body", "BrokerProperties"}` (the body a string).
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct BatchItem<'a> {
+    body: String,
+    broker_properties: BrokerProperties<'a>,
+}
+
+impl ServiceBusQueue {
+    async fn post(&self, body: &str, options: SendMessageOptions) -> Result<(), QueueError> {
+        let result = self.client.send_message(body, Some(options)).await;
+        result.map_err(|err| {
+            let err = queue_error(&err);
+            tracing::warn!(queue = %self.queue, error = %err, "settings queue: send failed");
+            err
+        })
+    }
+}
+
 #[async_trait]
 impl SettingsQueue for ServiceBusQueue {
-    async fn send(&self, message: &OutgoingMessage) -> Result<(), QueueError> {
-        let body = serde_json::to_string(&message.body)
-            .map_err(|e| QueueError::Local(format!("message body could not be serialised: {e}")))?;
-        let properties = BrokerProperties {
-            message_id: &message.message_id,
-            time_to_live: message.ttl.as_secs(),
-            scheduled_enqueue_time_utc: message.scheduled_at.map(rfc1123),
+    async fn send_batch(&self, messages: &[OutgoingMessage]) -> Result<(), QueueError> {
+        let items = messages
+            .iter()
+            .map(|m| {
+                parts(m).map(|(body, broker_properties)| BatchItem {
+                    body,
+                    broker_properties,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let body = serde_json::to_string(&items)
+            .map_err(|e| QueueError::Local(format!("batch could not be serialised: {e}")))?;
+        let options = SendMessageOptions {
+            content_type: Some(BATCH_CONTENT_TYPE.into()),
+            broker_properties: None,
+            custom_properties: None,
         };
+        self.post(&body, options).await?;
+        tracing::info!(
+            queue = %self.queue,
+            messages = messages.len(),
+            first_message_id = ?messages.first().map(|m| &m.message_id),
+            "settings queue: batch sent"
+        );
+        Ok(())
+    }
+
+    async fn send(&self, message: &OutgoingMessage) -> Result<(), QueueError> {
+        let (body, properties) = parts(message)?;
         let properties = serde_json::to_string(&properties).map_err(|e| {
             QueueError::Local(format!("broker properties could not be serialised: {e}"))
         })?;
@@ -160,31 +215,17 @@ impl SettingsQueue for ServiceBusQueue {
                 properties,
             )])),
         };
-        let result = self.client.send_message(&body, Some(options)).await;
-        match result {
-            Ok(()) => {
-                tracing::info!(
-                    queue = %self.queue,
-                    message_id = %message.message_id,
-                    request_id = %message.body.request_id,
-                    device = %message.body.device_id,
-                    scheduled_at = ?message.scheduled_at,
-                    ttl_secs = message.ttl.as_secs(),
-                    "settings queue: message sent"
-                );
-                Ok(())
-            }
-            Err(err) => {
-                let err = queue_error(&err);
-                tracing::warn!(
-                    queue = %self.queue,
-                    message_id = %message.message_id,
-                    error = %err,
-                    "settings queue: send failed"
-                );
-                Err(err)
-            }
-        }
+        self.post(&body, options).await?;
+        tracing::info!(
+            queue = %self.queue,
+            message_id = %message.message_id,
+            request_id = %message.body.request_id,
+            device = %message.body.device_id,
+            scheduled_at = ?message.scheduled_at,
+            ttl_secs = message.ttl.as_secs(),
+            "settings queue: message sent"
+        );
+        Ok(())
     }
 }
 
@@ -198,6 +239,11 @@ fn queue_error(err: &azure_core::Error) -> QueueError {
         };
     }
     match err.kind() {
+        // The SDK reports a non-2xx answer this way (not always as an HTTP error).
+        ErrorKind::HttpResponse { status, error_code } => QueueError::Status {
+            status: u16::from(*status),
+            code: error_code.clone(),
+        },
         ErrorKind::Io => QueueError::Unreachable,
         // No token from the identity endpoint: as transient as an unreachable broker.
         ErrorKind::Credential => {
@@ -464,6 +510,53 @@ mod tests {
         for field in ["requestId", "deviceId", "expiresAt"] {
             assert!(raw.get(field).is_some(), "body lacks {field}: {raw}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_one_send_message_batch_request_with_each_messages_properties() {
+        let broker = broker().await;
+        let mut second = message(false);
+        second.message_id = "req-2:wake-1".into();
+        queue_for(broker.port)
+            .send_batch(&[message(true), second.clone()])
+            .await
+            .unwrap();
+
+        let requests = broker.requests.lock().unwrap().clone();
+        assert_eq!(requests.len(), 1, "one request for the whole batch");
+        let r = &requests[0];
+        assert_eq!(r.path, "/soc-settings/messages");
+        assert_eq!(header(r, "content-type"), BATCH_CONTENT_TYPE);
+        assert!(r.headers.get("brokerproperties").is_none());
+        let items: Vec<serde_json::Value> = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(items.len(), 2);
+        assert_eq!(
+            items[0]["BrokerProperties"],
+            serde_json::json!({
+                "MessageId": "req-1:wake-3",
+                "TimeToLive": 3600,
+                "ScheduledEnqueueTimeUtc": "Wed, 02 Jan 2030 03:05:35 GMT"
+            })
+        );
+        assert_eq!(items[1]["BrokerProperties"]["MessageId"], "req-2:wake-1");
+        assert!(items[1]["BrokerProperties"]
+            .get("ScheduledEnqueueTimeUtc")
+            .is_none());
+        let body: WakeMessage =
+            serde_json::from_str(items[1]["Body"].as_str().expect("the body is a string")).unwrap();
+        assert_eq!(body, second.body);
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_is_an_error_without_secrets() {
+        let broker = broker().await;
+        broker.status.store(503, Ordering::SeqCst);
+        let err = queue_for(broker.port)
+            .send_batch(&[message(true)])
+            .await
+            .unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        assert!(!err.to_string().contains(KEY));
     }
 
     #[tokio::test]

@@ -50,7 +50,7 @@ impl SweepState {
     /// the last one started at least `interval` ago (or never ran).
     pub fn reconcile_due(&self, now: DateTime<Utc>, interval: Duration) -> bool {
         self.reconcile_started_at.is_some()
-            || self.reconciled_at.is_none_or(|at| at + interval <= now)
+            || self.reconciled_at.map_or(true, |at| at + interval <= now)
     }
 
     /// Records one slice of the pass: it filed every pending record up to `last`;

@@ -43,7 +43,7 @@ use tracing::{info, warn};
 use crate::domain::due_index::{DueEntry, SHARDS};
 use crate::domain::sweep_state::SweepState;
 use crate::domain::{DesiredState, DeviceId, HolderKind, LeaseHolder};
-use crate::ports::{DeviceError, ETag, StoreError, Versioned};
+use crate::ports::{DeviceError, ETag, OutgoingMessage, StoreError, Versioned};
 
 use super::apply::{apply_latest, ApplyOutcome};
 use super::wake::{self, Rescheduled};
@@ -122,6 +122,9 @@ struct Due {
 }
 
 /// Fan-out slots: the `i`-th wake-up message is due `i / rate` seconds after `start`.
+/// `start` is one lease after the sweep looked: a message must not be delivered before
+/// the ledger names it (a delivery the ledger does not expect is a no-op), and naming
+/// it takes a ledger write or a few (each at most the storage timeout).
 struct FanOut {
     start: DateTime<Utc>,
     per_second: f64,
@@ -165,23 +168,28 @@ async fn sweep(
 ) -> Result<(), StoreError> {
     let due = list_due(svc, report).await?;
     report.due = due.len();
-    let fan_out = (due.len() > svc.policy.sweep_fanout_above).then(|| FanOut {
-        start: svc.clock.now(),
-        per_second: svc.policy.fleet_device_calls_per_second,
-        next: AtomicUsize::new(0),
-    });
     let deadline = started + svc.policy.sweep_budget;
-    let fan_out = fan_out.as_ref();
-    let mut outcomes = stream::iter(due)
-        .map(|due| async move {
-            if svc.clock.now() >= deadline {
-                return (Step::Deferred, false);
-            }
-            sweep_device(svc, due, fan_out).await
-        })
-        .buffer_unordered(svc.policy.drain_concurrency);
-    // Every outcome is awaited: returning early would drop applies mid-PUT.
-    while let Some((step, called)) = outcomes.next().await {
+    let steps = if due.len() > svc.policy.sweep_fanout_above {
+        let fan_out = FanOut {
+            start: svc.clock.now() + svc.policy.lease,
+            per_second: svc.policy.fleet_device_calls_per_second,
+            next: AtomicUsize::new(0),
+        };
+        fan_out_all(svc, due, &fan_out, deadline).await
+    } else {
+        stream::iter(due)
+            .map(|due| async move {
+                if svc.clock.now() >= deadline {
+                    return (Step::Deferred, false);
+                }
+                sweep_device(svc, due).await
+            })
+            .buffer_unordered(svc.policy.drain_concurrency)
+            // Every outcome is awaited: returning early would drop applies mid-PUT.
+            .collect::<Vec<_>>()
+            .await
+    };
+    for (step, called) in steps {
         report.status_calls += usize::from(called);
         let count = match step {
             Step::Applied => &mut report.applied,
@@ -249,11 +257,20 @@ async fn list_due(svc: &Services, report: &mut SweepReport) -> Result<Vec<Due>, 
     Ok(due)
 }
 
-/// Looks at one due device, then tidies its index entries. Returns what happened and
-/// whether a status call was made.
-async fn sweep_device(svc: &Services, due: Due, fan_out: Option<&FanOut>) -> (Step, bool) {
-    let device = due.device.clone();
-    let current = match svc.ledger.get(&device).await {
+/// What a look at a due device's record decided.
+enum Look {
+    /// Done with this device: the step, and the record to tidy the index by (`None`:
+    /// read it again; no tidy-up after an error or an unreadable row).
+    Done(Step, Option<Option<DesiredState>>),
+    /// Due and free: a device call is needed (in-process), or its wake-up message (fan-out).
+    Due(Versioned<DesiredState>),
+}
+
+/// Reads a due device's record and settles what needs no device call: gone or
+/// settled (drop its entries), not due yet (file it at its due time), near expiry
+/// (expire it), someone else's live lease (leave it for the next run).
+async fn look(svc: &Services, device: &DeviceId) -> Look {
+    let current = match svc.ledger.get(device).await {
         Ok(c) => c,
         Err(StoreError::Corrupt(row)) => {
             warn!(
@@ -262,65 +279,152 @@ async fn sweep_device(svc: &Services, due: Due, fan_out: Option<&FanOut>) -> (St
                 reason = %row.reason,
                 "sweep skipped an unreadable ledger row"
             );
-            return (Step::Corrupt, false);
+            return Look::Done(Step::Corrupt, None);
         }
-        Err(e) => return (log_error(&device, &e.to_string()), false),
+        Err(e) => return Look::Done(log_error(device, &e.to_string()), None),
     };
     let now = svc.clock.now();
-    let (step, called, read) = match current {
-        Some(c) if c.value.is_pending() => match svc.policy.sweep_due(&c.value) {
-            Some(at) if at > now => (Step::Refiled, false, Some(Some(c.value))),
-            _ => {
-                let (step, called) = handle(svc, c, fan_out).await;
-                (step, called, None)
-            }
-        },
-        other => (Step::Dropped, false, Some(other.map(|c| c.value))),
+    let current = match current {
+        Some(c) if c.value.is_pending() => c,
+        other => return Look::Done(Step::Dropped, Some(other.map(|c| c.value))),
     };
-    if step != Step::Error {
-        // The record as it is now (re-read after handling it), for the tidy-up.
-        let record = match read {
-            Some(r) => Ok(r),
-            None => svc.ledger.get(&device).await.map(|c| c.map(|c| c.value)),
-        };
-        match record {
-            Ok(record) => tidy(svc, &device, due.entries, record.as_ref()).await,
-            Err(e) => {
-                warn!(device = %device, error = %e, "sweep left the device's index entries as they were")
-            }
-        }
+    if svc
+        .policy
+        .sweep_due(&current.value)
+        .is_some_and(|at| at > now)
+    {
+        return Look::Done(Step::Refiled, Some(Some(current.value)));
     }
-    (step, called)
-}
-
-/// What to do with a device that is due: expire it, apply it, or re-send its message.
-async fn handle(
-    svc: &Services,
-    current: Versioned<DesiredState>,
-    fan_out: Option<&FanOut>,
-) -> (Step, bool) {
-    let device = current.value.device_id.clone();
-    let now = svc.clock.now();
     let holder = LeaseHolder::new(HolderKind::Sweep);
     if current.value.is_expired_at(now + svc.policy.lease) {
         // apply_latest marks a record this close to expiry expired without a device call.
-        return match apply_latest(svc, &device, &holder, Some(current)).await {
-            Ok(a) => (step_of(&a.outcome), false),
-            Err(e) => (log_error(&device, &e.to_string()), false),
+        return match apply_latest(svc, device, &holder, Some(current)).await {
+            Ok(a) => Look::Done(step_of(&a.outcome), None),
+            Err(e) => Look::Done(log_error(device, &e.to_string()), None),
         };
     }
     if !current.value.lease_free_for(&holder, now) {
-        return (Step::Busy, false);
+        return Look::Done(Step::Busy, None);
     }
-    let lost = current.value.wake_message_id.clone();
-    if let Some(fan_out) = fan_out {
-        let at = fan_out.next_slot();
-        return match wake::resend(svc, current, lost.as_deref(), at).await {
-            Ok(Rescheduled::Scheduled { .. }) => (Step::FannedOut, false),
-            Ok(Rescheduled::NoTimeLeft) | Ok(Rescheduled::Superseded) => (Step::Busy, false),
-            Err(e) => (log_error(&device, &e.to_string()), false),
+    Look::Due(current)
+}
+
+/// Looks at one due device in-process (one status call if it needs one), then tidies
+/// its index entries. Returns what happened and whether a status call was made.
+async fn sweep_device(svc: &Services, due: Due) -> (Step, bool) {
+    let (step, called, read) = match look(svc, &due.device).await {
+        Look::Done(step, read) => (step, false, read),
+        Look::Due(current) => {
+            let (step, called) = check_device(svc, current).await;
+            (step, called, None)
+        }
+    };
+    tidy_after(svc, due, step, read).await;
+    (step, called)
+}
+
+/// Fan-out: for each batch of due devices, one look at each record, one batch send of
+/// the wake-up messages of those that need a device call (due at the next slots of the
+/// fleet's call rate), then each record made to expect its message.
+async fn fan_out_all(
+    svc: &Services,
+    mut due: Vec<Due>,
+    fan_out: &FanOut,
+    deadline: DateTime<Utc>,
+) -> Vec<(Step, bool)> {
+    let concurrency = svc.policy.drain_concurrency.max(FAN_OUT_BATCH / 4);
+    let mut steps = Vec::new();
+    while !due.is_empty() {
+        if svc.clock.now() >= deadline {
+            steps.extend(due.iter().map(|_| (Step::Deferred, false)));
+            break;
+        }
+        let rest = due.split_off(due.len().min(FAN_OUT_BATCH));
+        let batch = std::mem::replace(&mut due, rest);
+        let looked: Vec<(Due, Look)> = stream::iter(batch)
+            .map(|d| async move {
+                let look = look(svc, &d.device).await;
+                (d, look)
+            })
+            .buffered(concurrency)
+            .collect()
+            .await;
+        let now = svc.clock.now();
+        let mut sends = Vec::new();
+        let mut done = Vec::new();
+        for (d, look) in looked {
+            match look {
+                Look::Done(step, read) => done.push((d, step, read)),
+                Look::Due(current) => {
+                    let at = fan_out.next_slot();
+                    match wake::message_for(&current.value, Some(at), now) {
+                        Some(message) => sends.push((d, current, message, at)),
+                        None => done.push((d, Step::Busy, None)),
+                    }
+                }
+            }
+        }
+        let messages: Vec<OutgoingMessage> = sends.iter().map(|s| s.2.clone()).collect();
+        let sent = if messages.is_empty() {
+            Ok(())
+        } else {
+            svc.queue.send_batch(&messages).await
         };
+        if let Err(e) = &sent {
+            warn!(error = %e, messages = messages.len(), "sweep could not send a batch of wake-up messages");
+        }
+        // One kind of work per device, so that both kinds run in one bounded stream.
+        enum Finish {
+            Sent(Due, Versioned<DesiredState>, OutgoingMessage, DateTime<Utc>),
+            Done(Due, Step, Option<Option<DesiredState>>),
+        }
+        let sent_ok = sent.is_ok();
+        let work = sends
+            .into_iter()
+            .map(|(d, c, m, at)| Finish::Sent(d, c, m, at))
+            .chain(
+                done.into_iter()
+                    .map(|(d, step, read)| Finish::Done(d, step, read)),
+            );
+        let recorded: Vec<(Step, bool)> = stream::iter(work)
+            .map(|work| async move {
+                match work {
+                    // Not sent (or maybe partly): nothing recorded; the entries stay.
+                    Finish::Sent(..) if !sent_ok => (Step::Error, false),
+                    Finish::Sent(d, current, message, at) => {
+                        let lost = current.value.wake_message_id.clone();
+                        let recorded =
+                            wake::record_sent(svc, current, lost.as_deref(), message, at).await;
+                        let step = match recorded {
+                            Ok(Rescheduled::Scheduled { .. }) => Step::FannedOut,
+                            Ok(Rescheduled::NoTimeLeft) | Ok(Rescheduled::Superseded) => Step::Busy,
+                            Err(e) => log_error(&d.device, &e.to_string()),
+                        };
+                        tidy_after(svc, d, step, None).await;
+                        (step, false)
+                    }
+                    Finish::Done(d, step, read) => {
+                        tidy_after(svc, d, step, read).await;
+                        (step, false)
+                    }
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        steps.extend(recorded);
     }
+    steps
+}
+
+/// Due wake-up messages one fan-out batch sends in one request.
+const FAN_OUT_BATCH: usize = 100;
+
+/// A due device with nobody on it: one status call; online, apply now; offline or
+/// unavailable, re-send its overdue wake-up message; unknown, fail the request.
+async fn check_device(svc: &Services, current: Versioned<DesiredState>) -> (Step, bool) {
+    let device = current.value.device_id.clone();
+    let holder = LeaseHolder::new(HolderKind::Sweep);
     let status = svc.device.status(&device).await;
     let current = match status {
         Ok(s) if s.online => match apply_latest(svc, &device, &holder, Some(current)).await {
@@ -332,7 +436,7 @@ async fn handle(
         },
         Err(DeviceError::UnknownDevice) => {
             let mut failed = current.value.clone();
-            failed.mark_failed(DeviceError::UnknownDevice.to_string(), now);
+            failed.mark_failed(DeviceError::UnknownDevice.to_string(), svc.clock.now());
             let written =
                 super::index::put_record(svc, &failed, Some(&current.value), Some(&current.etag));
             return match written.await {
@@ -361,6 +465,29 @@ async fn handle(
     }
 }
 
+/// Tidies a swept device's index entries by `read` (the record as it is now; `None`:
+/// read it again), unless the step leaves them as they are (an error, an unreadable
+/// row, a device not reached).
+async fn tidy_after(svc: &Services, due: Due, step: Step, read: Option<Option<DesiredState>>) {
+    if matches!(step, Step::Error | Step::Corrupt | Step::Deferred) {
+        return;
+    }
+    let record = match read {
+        Some(r) => Ok(r),
+        None => svc
+            .ledger
+            .get(&due.device)
+            .await
+            .map(|c| c.map(|c| c.value)),
+    };
+    match record {
+        Ok(record) => tidy(svc, &due.device, due.entries, record.as_ref()).await,
+        Err(e) => {
+            warn!(device = %due.device, error = %e, "sweep left the device's index entries as they were")
+        }
+    }
+}
+
 /// Leaves the device's index as the invariant needs it, given `record` read after the
 /// entries were listed: settled or gone, no entry; pending and not due yet, an entry
 /// at its due time (filed before the listed ones go); still due, the earliest listed
@@ -381,13 +508,11 @@ async fn tidy(
                 return;
             }
         }
-        Some(_) => {
-            // Still due: keep the earliest entry for the next run.
-            if !entries.is_empty() {
-                entries.remove(0);
-            }
+        // Still due: keep the earliest entry for the next run.
+        Some(_) if !entries.is_empty() => {
+            entries.remove(0);
         }
-        None => {}
+        Some(_) | None => {}
     }
     for entry in entries {
         unfile(svc, &entry.value, &entry.etag).await;
@@ -769,15 +894,56 @@ mod tests {
         assert_eq!(h.device.calls(), calls);
         let mut slots: Vec<_> = h.queue.sent()[sent_before..]
             .iter()
-            .map(|m| m.scheduled_at.unwrap_or(h.clock.now()) - h.clock.now())
+            .map(|m| m.scheduled_at.unwrap() - h.clock.now() - h.svc.policy.lease)
             .map(|d| d.num_milliseconds())
             .collect();
         slots.sort();
-        assert_eq!(slots, [0, 100, 200, 300, 400], "spread at 10 calls/s");
+        assert_eq!(
+            slots,
+            [0, 100, 200, 300, 400],
+            "spread at 10 calls/s, a lease from now"
+        );
+        assert_eq!(h.queue.batches(), [5], "one batch send");
         for i in 0..5 {
             let rec = h.ledger_record(&format!("d{i}")).await;
             assert!(rec.wake_message_id.is_some() && rec.is_pending());
         }
+    }
+
+    #[tokio::test]
+    async fn a_fan_out_batch_that_cannot_be_sent_records_nothing_and_leaves_the_devices_due() {
+        let mut h = Harness::new();
+        h.svc.policy.sweep_fanout_above = 1;
+        h.svc.policy.reconcile_rows_per_run = 0;
+        for i in 0..3 {
+            h.device.set_online(&format!("d{i}"), false);
+            post(&h, &format!("d{i}"), 50).await;
+        }
+        h.clock.advance(overdue(&h));
+        let mut expected = Vec::new();
+        for i in 0..3 {
+            expected.push(h.ledger_record(&format!("d{i}")).await.wake_message_id);
+        }
+        h.queue.set_down(true);
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(
+            (report.due, report.errors, report.fanned_out),
+            (3, 3, 0),
+            "{report}"
+        );
+        for (i, before) in expected.iter().enumerate() {
+            assert_eq!(
+                &h.ledger_record(&format!("d{i}")).await.wake_message_id,
+                before
+            );
+        }
+        h.queue.set_down(false);
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(
+            (report.due, report.fanned_out),
+            (3, 3),
+            "the next run sends them: {report}"
+        );
     }
 
     #[tokio::test]

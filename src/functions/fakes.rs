@@ -166,12 +166,17 @@ impl DeviceApi for FakeDevice {
 #[derive(Clone, Default)]
 pub struct FakeQueue {
     sent: Arc<Mutex<Vec<OutgoingMessage>>>,
+    batches: Arc<Mutex<Vec<usize>>>,
     down: Arc<Mutex<bool>>,
 }
 
 impl FakeQueue {
     pub fn sent(&self) -> Vec<OutgoingMessage> {
         self.sent.lock().unwrap().clone()
+    }
+    /// The size of each batch sent with `send_batch`, in order.
+    pub fn batches(&self) -> Vec<usize> {
+        self.batches.lock().unwrap().clone()
     }
     pub fn set_down(&self, down: bool) {
         *self.down.lock().unwrap() = down;
@@ -188,6 +193,18 @@ impl SettingsQueue for FakeQueue {
             });
         }
         self.sent.lock().unwrap().push(message.clone());
+        Ok(())
+    }
+
+    async fn send_batch(&self, messages: &[OutgoingMessage]) -> Result<(), QueueError> {
+        if *self.down.lock().unwrap() {
+            return Err(QueueError::Status {
+                status: 503,
+                code: None,
+            });
+        }
+        self.batches.lock().unwrap().push(messages.len());
+        self.sent.lock().unwrap().extend(messages.iter().cloned());
         Ok(())
     }
 }

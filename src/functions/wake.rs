@@ -94,27 +94,11 @@ pub async fn schedule_recheck(
     send_and_record(svc, current, chain, at).await
 }
 
-/// Re-sends the wake-up message of a pending request whose message is overdue, due at
-/// `at` (the sweep's fan-out spreads these over time), and records it. `lost` is the
-/// message id the ledger expected.
-pub async fn resend(
-    svc: &Services,
-    current: Versioned<DesiredState>,
-    lost: Option<&str>,
-    at: DateTime<Utc>,
-) -> Result<Rescheduled, WakeError> {
-    let last_useful = current.value.expires_at - svc.policy.lease;
-    if at >= last_useful {
-        return Ok(Rescheduled::NoTimeLeft);
-    }
-    send_and_record(svc, current, lost, at).await
-}
-
 /// Sends the next message of `current`'s chain, due at `at`, then makes the ledger
 /// expect it (unless another invocation continued the chain meanwhile).
 async fn send_and_record(
     svc: &Services,
-    mut current: Versioned<DesiredState>,
+    current: Versioned<DesiredState>,
     chain: Option<&str>,
     at: DateTime<Utc>,
 ) -> Result<Rescheduled, WakeError> {
@@ -122,8 +106,21 @@ async fn send_and_record(
     let Some(message) = message_for(&current.value, Some(at), now) else {
         return Ok(Rescheduled::NoTimeLeft);
     };
-    let request_id = current.value.request_id.clone();
     svc.queue.send(&message).await?;
+    record_sent(svc, current, chain, message, at).await
+}
+
+/// Makes the ledger expect `message` (already sent, due at `at`) as `current`'s next
+/// wake-up, unless another invocation continued the chain meanwhile.
+pub async fn record_sent(
+    svc: &Services,
+    mut current: Versioned<DesiredState>,
+    chain: Option<&str>,
+    message: OutgoingMessage,
+    at: DateTime<Utc>,
+) -> Result<Rescheduled, WakeError> {
+    let now = svc.clock.now();
+    let request_id = current.value.request_id.clone();
     loop {
         let mut record = current.value.clone();
         record.expect_wake(message.message_id.clone(), at, now);
