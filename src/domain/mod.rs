@@ -1,10 +1,12 @@
 //! Pure domain: types and decisions, no I/O and no clock reads (time is passed in).
 //!
 //! - [`input`]: parsing what the API receives (device ids, settings, idempotency keys).
+//! - [`device_event`]: parsing the vendor's device connection events (CloudEvents).
 //! - [`ledger`]: the per-device desired-state record and what may happen to it.
 //! - [`history`]: what became of each of a device's recent requests.
 //! - [`schedule`]: re-check back-off and expiry arithmetic.
 
+pub mod device_event;
 pub mod history;
 pub mod input;
 pub mod ledger;

@@ -5,11 +5,14 @@
 //! | `SetSocHttp`      | [`set_soc_http`]      | HTTP `devices/{deviceId}/soc`  |
 //! | `SocQueueTrigger` | [`soc_queue_trigger`] | Service Bus `%SOC_QUEUE_NAME%` |
 //! | `DrainSocTimer`   | [`drain_soc_timer`]   | timer `%DRAIN_SOC_SCHEDULE%`   |
+//! | `DeviceEventsHttp`| [`device_events_http`]| HTTP `device-events` (CloudEvents) |
 //!
 //! [`apply`] is the one procedure that talks to a device; [`wake`] sends wake-up
-//! messages and records them in the ledger. Both are shared by all three functions.
+//! messages and records them in the ledger. `apply` is shared by all four functions,
+//! `wake` by the first three (a device event never sends a wake-up message).
 
 pub mod apply;
+pub mod device_events_http;
 pub mod drain_soc_timer;
 pub mod set_soc_http;
 pub mod soc_queue_trigger;
