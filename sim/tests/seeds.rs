@@ -53,7 +53,11 @@ fn the_vendors_connection_events_reach_the_devices_in_the_generated_worlds() {
     for seed in 0..300 {
         let report = soc_sim::run_seed(seed, false);
         let obs = &report.observations;
-        for i in obs.invocations.iter().filter(|i| i.label.starts_with("event#")) {
+        for i in obs
+            .invocations
+            .iter()
+            .filter(|i| i.label.starts_with("event#"))
+        {
             invocations += 1;
             crashed += usize::from(i.crashed);
         }
