@@ -768,7 +768,7 @@ mod tests {
             body["Logs"][0]
                 .as_str()
                 .unwrap()
-                .starts_with("sweep: pending=0"),
+                .starts_with("sweep: due=0"),
             "{body}"
         );
     }

@@ -69,6 +69,8 @@ pub const SETTINGS: &[Setting] = &[
     setting("SOC_RECHECK_MAX_SECONDS", Some("1800"), false, false, "Largest re-check delay for an offline device"),
     setting("DRAIN_SOC_SCHEDULE", Some("0 */5 * * * *"), false, false, "NCRONTAB schedule of DrainSocTimer (read by the host)"),
     setting("DRAIN_SOC_CONCURRENCY", Some("16"), false, false, "Device API calls DrainSocTimer makes at once"),
+    setting("DRAIN_SOC_MAX_DUE", Some("20000"), false, false, "Due devices one DrainSocTimer run takes from the due index at most; the rest wait for the next run"),
+    setting("DRAIN_SOC_FANOUT_ABOVE", Some("100"), false, false, "Above this many due devices DrainSocTimer sends wake-up messages (SocQueueTrigger makes the device calls) instead of calling devices itself"),
     setting("SOC_EXTRA_CA_CERTS", None, false, false, "Dev/test only: path to a PEM bundle the Azure clients trust besides the public roots (a local TLS stand-in such as Azurite over HTTPS); empty in Azure"),
     setting("RUST_LOG", None, false, false, "Log filter (tracing EnvFilter syntax, e.g. debug or info,soc_settings=debug); empty: info"),
 ];
@@ -111,6 +113,8 @@ pub struct Config {
     pub recheck_initial: Duration,
     pub recheck_max: Duration,
     pub drain_concurrency: usize,
+    pub drain_max_due: usize,
+    pub drain_fanout_above: usize,
     /// Extra trusted CA certificates (PEM bundle) for the Azure clients; dev/test only.
     pub extra_ca_certs: Option<PathBuf>,
 }
@@ -200,6 +204,8 @@ impl Config {
                 7 * 24 * 3600,
             )),
             drain_concurrency: reader.number("DRAIN_SOC_CONCURRENCY", 1, 1024) as usize,
+            drain_max_due: reader.number("DRAIN_SOC_MAX_DUE", 1, 1_000_000) as usize,
+            drain_fanout_above: reader.number("DRAIN_SOC_FANOUT_ABOVE", 0, 1_000_000) as usize,
             extra_ca_certs: reader.optional("SOC_EXTRA_CA_CERTS").map(PathBuf::from),
         };
         if config.recheck_max < config.recheck_initial {

@@ -4,12 +4,12 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures::stream::BoxStream;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+use crate::domain::due_index::DueEntry;
 use crate::domain::history::HistoryEntry;
+use crate::domain::sweep_state::SweepState;
 use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
 
 // ---------------------------------------------------------------- device API
@@ -242,20 +242,53 @@ pub trait Ledger: Send + Sync {
     }
     /// Deletes only if the stored ETag equals `expected` (Conflict if not; Ok if already gone).
     async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError>;
-    /// Every record whose status is pending, across all devices, a page at a time, so
-    /// that work on the first page can start before the listing ends. An unreadable
-    /// row is listed in its page's `corrupt`, not as an error of the page.
-    fn pending_pages(&self) -> BoxStream<'_, Result<PendingPage, StoreError>>;
+    /// Up to `limit` pending records of the devices after `after` (all devices if
+    /// `None`), in device-id order, and the device to continue after (`None` when the
+    /// listing reached the last device). The reconciling pass reads the ledger this
+    /// way, a slice per sweep. An unreadable row is listed in the page's `corrupt`.
+    async fn pending_after(
+        &self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<(PendingPage, Option<DeviceId>), StoreError>;
 
     /// Every record whose status is pending, across all devices, as one page.
     async fn pending(&self) -> Result<PendingPage, StoreError> {
-        let mut pages = self.pending_pages();
         let mut all = PendingPage::default();
-        while let Some(page) = pages.next().await {
-            all.extend(page?);
+        let mut after: Option<DeviceId> = None;
+        loop {
+            let (page, next) = self.pending_after(after.as_ref(), 1000).await?;
+            all.extend(page);
+            match next {
+                Some(next) => after = Some(next),
+                None => return Ok(all),
+            }
         }
-        Ok(all)
     }
+
+    // ------------------------------------------------ the due index (domain::due_index)
+
+    /// Files `entry` (an upsert: filing the same entry twice leaves one).
+    async fn file_due(&self, entry: &DueEntry) -> Result<(), StoreError>;
+    /// Up to `limit` entries of `shard` due at or before `until`, oldest first.
+    async fn due_entries(
+        &self,
+        shard: u8,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Versioned<DueEntry>>, StoreError>;
+    /// Removes `entry` only if unchanged since it was listed with `etag` (Ok if gone).
+    async fn unfile_due(&self, entry: &DueEntry, etag: &ETag) -> Result<(), StoreError>;
+
+    // ------------------------------------------------ the sweep's own record
+
+    async fn sweep_state(&self) -> Result<Option<Versioned<SweepState>>, StoreError>;
+    /// Same insert/replace semantics as [`Ledger::put`].
+    async fn put_sweep_state(
+        &self,
+        state: &SweepState,
+        expected: Option<&ETag>,
+    ) -> Result<ETag, StoreError>;
 
     async fn get_idempotency(
         &self,

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures::stream::{BoxStream, StreamExt};
+use soc_settings::domain::due_index::DueEntry;
+use soc_settings::domain::sweep_state::SweepState;
 use soc_settings::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
 use soc_settings::functions::{Policy, Services};
 use soc_settings::ports::{
@@ -284,65 +285,190 @@ impl Ledger for SimLedger {
         r
     }
 
-    fn pending_pages(&self) -> BoxStream<'_, Result<PendingPage, StoreError>> {
-        // (cursor: the last device listed, finished)
-        futures::stream::unfold((None::<String>, false), move |(cursor, done)| async move {
-            if done {
-                return None;
-            }
-            let (op, mut dice, _) = self.0.begin();
-            self.0.inv.crash_point(&self.0.world, op, false).await;
-            let page_error = {
-                let w = self.0.world.lock().unwrap();
-                w.faults_on && dice.chance(w.sc.faults.page_error)
-            };
-            let plan = self.0.storage_plan(&mut dice, "*");
-            let size = dice.int(1, 3) as usize;
-            sleep_ms(plan.effect_at).await;
-            let page: Vec<Versioned<DesiredState>> = {
-                let w = self.0.world.lock().unwrap();
-                w.rows
+    async fn pending_after(
+        &self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<(PendingPage, Option<DeviceId>), StoreError> {
+        let after = after.map(|d| d.as_str().to_string());
+        let page_error = {
+            let (_, mut dice, _) = self.0.begin();
+            let w = self.0.world.lock().unwrap();
+            w.faults_on && dice.chance(w.sc.faults.page_error)
+        };
+        let r = self
+            .0
+            .storage("*", |w, inv| {
+                if page_error {
+                    let who = inv.who();
+                    w.fault("*", &who, "ledger: listing of pending fails");
+                    return Err(StoreError::Unavailable("listing failed".into()));
+                }
+                let mut listed: Vec<Versioned<DesiredState>> = w
+                    .rows
                     .iter()
-                    .filter(|(k, (v, _))| cursor.as_ref().is_none_or(|c| *k > c) && v.is_pending())
-                    .take(size)
+                    .filter(|(k, (v, _))| after.as_ref().is_none_or(|a| *k > a) && v.is_pending())
+                    .take(limit + 1)
                     .map(|(_, (v, n))| Versioned {
                         value: v.clone(),
                         etag: ETag(n.to_string()),
                     })
-                    .collect()
-            };
-            sleep_ms(plan.total - plan.effect_at).await;
-            self.0.inv.crash_point(&self.0.world, op, true).await;
-            if page_error || plan.error.is_some() || !plan.effect {
-                if page_error {
-                    let who = self.0.inv.who();
-                    self.0
-                        .world
-                        .lock()
-                        .unwrap()
-                        .fault("*", &who, "ledger: page of pending fails");
-                }
-                self.0.log(|_| "ledger.pending page -> ERR".into());
-                return Some((
-                    Err(StoreError::Unavailable("page failed".into())),
-                    (None, true),
-                ));
+                    .collect();
+                let more = listed.len() > limit;
+                listed.truncate(limit);
+                let next = more
+                    .then(|| listed.last().map(|v| v.value.device_id.clone()))
+                    .flatten();
+                Ok((
+                    PendingPage {
+                        records: listed,
+                        corrupt: Vec::new(),
+                    },
+                    next,
+                ))
+            })
+            .await;
+        self.0.log(|w| match &r {
+            Ok((page, next)) => {
+                let items: Vec<String> =
+                    page.records.iter().map(|v| describe(w, &v.value)).collect();
+                format!(
+                    "ledger.pending_after {after:?} -> [{}] next {:?}",
+                    items.join(", "),
+                    next.as_ref().map(|d| d.as_str())
+                )
             }
-            let last = page.last().map(|v| v.value.device_id.as_str().to_string());
-            let finished = page.len() < size;
-            self.0.log(|w| {
-                let items: Vec<String> = page.iter().map(|v| describe(w, &v.value)).collect();
-                format!("ledger.pending page -> [{}]", items.join(", "))
+            Err(e) => format!("ledger.pending_after {after:?} -> ERR {e}"),
+        });
+        r
+    }
+
+    async fn file_due(&self, entry: &DueEntry) -> Result<(), StoreError> {
+        let d = entry.device_id.as_str().to_string();
+        let r = self
+            .0
+            .storage(&d, |w, _| {
+                w.next_etag += 1;
+                let n = w.next_etag;
+                let key = entry.row_key();
+                w.due.retain(|(e, _)| e.row_key() != key);
+                w.due.push((entry.clone(), n));
+                Ok(())
+            })
+            .await;
+        self.0.log(|w| {
+            let at = (entry.due_at - w.epoch).num_milliseconds() as f64 / 1000.0;
+            format!("index.file {d} at {at:.1}s -> {}", show(&r))
+        });
+        r
+    }
+
+    async fn due_entries(
+        &self,
+        shard: u8,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Versioned<DueEntry>>, StoreError> {
+        let r = self
+            .0
+            .storage("*", |w, _| {
+                let mut listed: Vec<&(DueEntry, u64)> = w
+                    .due
+                    .iter()
+                    .filter(|(e, _)| e.shard() == shard && e.due_at <= until)
+                    .collect();
+                listed.sort_by(|a, b| {
+                    (a.0.due_at, a.0.device_id.as_str(), a.1).cmp(&(
+                        b.0.due_at,
+                        b.0.device_id.as_str(),
+                        b.1,
+                    ))
+                });
+                Ok(listed
+                    .into_iter()
+                    .take(limit)
+                    .map(|(e, n)| Versioned {
+                        value: e.clone(),
+                        etag: ETag(n.to_string()),
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await;
+        if r.as_ref().map_or(true, |v| !v.is_empty()) {
+            self.0.log(|_| match &r {
+                Ok(v) => {
+                    let items: Vec<&str> = v.iter().map(|e| e.value.device_id.as_str()).collect();
+                    format!("index.due shard {shard} -> [{}]", items.join(", "))
+                }
+                Err(e) => format!("index.due shard {shard} -> ERR {e}"),
             });
-            Some((
-                Ok(PendingPage {
-                    records: page,
-                    corrupt: Vec::new(),
-                }),
-                (last.or(cursor), finished),
-            ))
-        })
-        .boxed()
+        }
+        r
+    }
+
+    async fn unfile_due(&self, entry: &DueEntry, etag: &ETag) -> Result<(), StoreError> {
+        let d = entry.device_id.as_str().to_string();
+        let key = entry.row_key();
+        let r = self
+            .0
+            .storage(&d, |w, _| {
+                match w.due.iter().position(|(e, _)| e.row_key() == key) {
+                    None => Ok(()),
+                    Some(i) if w.due[i].1.to_string() == etag.0 => {
+                        w.due.remove(i);
+                        Ok(())
+                    }
+                    Some(_) => Err(StoreError::Conflict),
+                }
+            })
+            .await;
+        self.0.log(|w| {
+            let at = (entry.due_at - w.epoch).num_milliseconds() as f64 / 1000.0;
+            format!("index.unfile {d} at {at:.1}s -> {}", show(&r))
+        });
+        r
+    }
+
+    async fn sweep_state(&self) -> Result<Option<Versioned<SweepState>>, StoreError> {
+        let r = self
+            .0
+            .storage("*", |w, _| {
+                Ok(w.sweep_state.as_ref().map(|(v, n)| Versioned {
+                    value: v.clone(),
+                    etag: ETag(n.to_string()),
+                }))
+            })
+            .await;
+        self.0.log(|_| format!("sweep_state.get -> {}", show(&r)));
+        r
+    }
+
+    async fn put_sweep_state(
+        &self,
+        state: &SweepState,
+        expected: Option<&ETag>,
+    ) -> Result<ETag, StoreError> {
+        let r = self
+            .0
+            .storage("*", |w, _| {
+                if !etag_matches(w.sweep_state.as_ref().map(|s| s.1), expected) {
+                    return Err(StoreError::Conflict);
+                }
+                w.next_etag += 1;
+                let n = w.next_etag;
+                w.sweep_state = Some((state.clone(), n));
+                Ok(ETag(n.to_string()))
+            })
+            .await;
+        self.0.log(|w| {
+            let holder = state
+                .holder
+                .as_ref()
+                .map(|h| w.names.holder_name(h.as_str()))
+                .unwrap_or_else(|| "none".into());
+            format!("sweep_state.put holder={holder} -> {}", show(&r))
+        });
+        r
     }
 
     async fn get_idempotency(

@@ -53,12 +53,17 @@ pub fn policy_for(sc: &Scenario) -> Policy {
         ("SOC_RECHECK_INITIAL_SECONDS", sc.recheck_initial_s.to_string()),
         ("SOC_RECHECK_MAX_SECONDS", sc.recheck_max_s.max(sc.recheck_initial_s).to_string()),
         ("DRAIN_SOC_CONCURRENCY", sc.drain_concurrency.to_string()),
+        ("DRAIN_SOC_MAX_DUE", sc.sweep_max_due.to_string()),
+        ("DRAIN_SOC_FANOUT_ABOVE", sc.fanout_above.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let config = Config::from_vars(&vars).expect("simulated app settings are valid");
-    Policy::from_config(&config)
+    let mut policy = Policy::from_config(&config);
+    policy.sweep_budget = chrono::Duration::seconds(sc.sweep_budget_s as i64);
+    policy.reconcile_rows_per_run = sc.reconcile_rows;
+    policy
 }
 
 /// Runs the world of `seed`.

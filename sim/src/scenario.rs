@@ -130,6 +130,14 @@ pub struct Scenario {
     pub drain_concurrency: usize,
     /// The vendor's connection events.
     pub events: Events,
+    /// `DRAIN_SOC_MAX_DUE` and `DRAIN_SOC_FANOUT_ABOVE`: small, so that runs that
+    /// stop early and fan out happen with a handful of devices.
+    pub sweep_max_due: usize,
+    pub fanout_above: usize,
+    /// The sweep's time budget (its lease is this plus one device lease).
+    pub sweep_budget_s: u64,
+    /// Pending records the reconciling pass files per sweep (0: the pass is off).
+    pub reconcile_rows: usize,
     /// Faults, flaps and restarts stop here; every device is online from here on.
     pub faults_until_ms: u64,
     /// The run ends (and is judged) here.
@@ -154,6 +162,10 @@ impl Scenario {
             recheck_max_s: 300,
             drain_concurrency: 4,
             events: Events::default(),
+            sweep_max_due: 1000,
+            fanout_above: 1000,
+            sweep_budget_s: 60,
+            reconcile_rows: 1000,
             faults_until_ms: 600_000,
             end_ms: 0,
         }
@@ -167,12 +179,25 @@ impl Scenario {
         self
     }
 
-    /// How long after the faults stop every accepted request must be settled (S3):
-    /// two sweeps (a lease held by a crashed or timed-out holder lapses in between)
-    /// plus the longest single apply.
+    /// How long after the faults stop every accepted request must be settled (S3).
+    /// A device that comes back is found by its next re-check (at most the longest
+    /// back-off away) or by the sweep once that message is overdue (plus the grace);
+    /// a crashed sweep's lease lapses first (its budget plus a device lease); the
+    /// sweep may need a run per device when it takes fewer than all; two more sweeps
+    /// (a lease held by a crashed or timed-out holder lapses in between) plus the
+    /// longest single apply.
     pub fn settle_bound_ms(&self) -> u64 {
         let b = &self.bounds;
-        2 * self.sweep_every_ms
+        let device_lease = b.device_timeout_ms
+            + b.late_landing_ms
+            + b.storage_timeout_ms
+            + 4 * b.max_skew_ms
+            + 10_000;
+        let runs = self.devices.len().div_ceil(self.sweep_max_due.max(1)) as u64;
+        (2 + runs) * self.sweep_every_ms
+            + (self.recheck_max_s.max(self.recheck_initial_s) + self.recheck_initial_s) * 1000
+            + self.sweep_budget_s * 1000
+            + device_lease
             + 2 * (b.device_timeout_ms + b.late_landing_ms + 3 * b.storage_timeout_ms)
             + 60_000
     }
@@ -301,6 +326,10 @@ impl Scenario {
             recheck_max_s: rng.gen_range(60..=600),
             drain_concurrency: rng.gen_range(1..=4),
             events,
+            sweep_max_due: rng.gen_range(1..=4),
+            fanout_above: rng.gen_range(0..=3),
+            sweep_budget_s: rng.gen_range(20..=120),
+            reconcile_rows: rng.gen_range(0..=2),
             faults_until_ms,
             end_ms: 0,
         }

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use chrono::{DateTime, TimeZone, Utc};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use soc_settings::domain::due_index::DueEntry;
+use soc_settings::domain::sweep_state::SweepState;
 use soc_settings::domain::{DesiredState, RequestStatus};
 use soc_settings::ports::IdempotencyRecord;
 use tokio::task::AbortHandle;
@@ -248,6 +250,9 @@ pub struct World {
     pub epoch: DateTime<Utc>,
     pub rows: BTreeMap<String, (DesiredState, u64)>,
     pub idem: BTreeMap<(String, String), (IdempotencyRecord, u64)>,
+    /// The due index: entries in filing order, each with its ETag.
+    pub due: Vec<(DueEntry, u64)>,
+    pub sweep_state: Option<(SweepState, u64)>,
     pub next_etag: u64,
     pub devices: BTreeMap<String, DeviceState>,
     pub queue: Vec<QueuedMessage>,
@@ -300,6 +305,8 @@ impl World {
             epoch: Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap(),
             rows: BTreeMap::new(),
             idem: BTreeMap::new(),
+            due: Vec::new(),
+            sweep_state: None,
             next_etag: 0,
             devices,
             queue: Vec::new(),

@@ -7,6 +7,8 @@
 //! | `{deviceId}` | `desired`         | [`DesiredState`]                        |
 //! | `{deviceId}` | `idem-{hex(key)}` | [`IdempotencyRecord`] for that key      |
 //! | `{deviceId}` | `req-{requestId}` | [`HistoryEntry`]: the record's fields + `SupersededBy` |
+//! | `!due-{00..15}` | `{dueAt}~{deviceId}~{nonce}` | a due-index entry (keys only, [`crate::domain::due_index`]) |
+//! | `!sweep`     | `state`           | [`SweepState`]: the sweep lease and the reconciling pass's progress |
 //!
 //! History (see [`crate::domain::history`]): `put` and `accept` write the `desired`
 //! row and the history rows they imply in one entity-group transaction (same
@@ -36,7 +38,6 @@ use azure_core::{auth::Secret, error::ErrorKind, Etag, RetryOptions, TransportOp
 use azure_data_tables::prelude::*;
 use azure_storage::{CloudLocation, StorageCredentials};
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -45,8 +46,10 @@ use tokio::sync::OnceCell;
 
 use super::connection_string::StorageConnection;
 use super::identity::transport;
+use crate::domain::due_index::{self, DueEntry};
 use crate::domain::history::{self, HistoryEntry};
 use crate::domain::ledger::{Lease, LeaseHolder};
+use crate::domain::sweep_state::SweepState;
 use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus};
 use crate::ports::{
     CorruptRow, ETag, IdempotencyRecord, Ledger, PendingPage, StoreError, StoredResponse, Versioned,
@@ -62,6 +65,9 @@ pub const HISTORY_ROW_PREFIX: &str = "req-";
 pub const DESIRED_ROW: &str = "desired";
 /// The query `pending()` runs.
 pub const PENDING_FILTER: &str = "RowKey eq 'desired' and Status eq 'pending'";
+/// Where the sweep's own record lives (`!` cannot start a device id).
+pub const SWEEP_PARTITION: &str = "!sweep";
+pub const SWEEP_ROW: &str = "state";
 
 /// The Table Storage ledger.
 #[derive(Debug)]
@@ -390,21 +396,127 @@ impl Ledger for TableLedger {
             .await
     }
 
-    fn pending_pages(&self) -> BoxStream<'_, Result<PendingPage, StoreError>> {
-        futures::stream::once(self.table())
-            .flat_map(|table| match table {
-                Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
-                Ok(table) => table
-                    .query()
-                    .filter(Filter::new(PENDING_FILTER))
-                    .into_stream::<Map<String, Value>>()
-                    .map(|page| {
-                        let page = page.map_err(|e| unavailable("query pending", &e))?;
-                        Ok(pending_page(&page.entities))
-                    })
-                    .boxed(),
-            })
-            .boxed()
+    async fn pending_after(
+        &self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<(PendingPage, Option<DeviceId>), StoreError> {
+        let table = self.table().await?;
+        // Device ids are [A-Za-z0-9._-]: nothing to escape in the filter.
+        let filter = match after {
+            Some(d) => format!("PartitionKey gt '{d}' and {PENDING_FILTER}"),
+            None => PENDING_FILTER.to_string(),
+        };
+        let mut pages = table
+            .query()
+            .filter(Filter::new(filter))
+            .top(Top::new(limit.min(1000) as u32))
+            .into_stream::<Map<String, Value>>();
+        let mut entities = Vec::new();
+        let mut ended = true;
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| unavailable("query pending", &e))?;
+            entities.extend(page.entities);
+            if entities.len() >= limit {
+                ended = false;
+                break;
+            }
+        }
+        entities.truncate(limit);
+        let next = if ended {
+            None
+        } else {
+            entities
+                .last()
+                .and_then(|e| e.get("PartitionKey"))
+                .and_then(Value::as_str)
+                .and_then(|d| DeviceId::parse(d).ok())
+        };
+        Ok((pending_page(&entities), next))
+    }
+
+    async fn file_due(&self, entry: &DueEntry) -> Result<(), StoreError> {
+        let table = self.table().await?;
+        let mut entity = Map::new();
+        entity.insert("PartitionKey".into(), entry.partition_key().into());
+        entity.insert("RowKey".into(), entry.row_key().into());
+        let upsert = table
+            .partition_key_client(entry.partition_key())
+            .entity_client(entry.row_key())
+            .insert_or_replace(entity)
+            .map_err(|e| unavailable("serialise", &e))?;
+        upsert
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable("file due", &e))
+    }
+
+    async fn due_entries(
+        &self,
+        shard: u8,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Versioned<DueEntry>>, StoreError> {
+        let table = self.table().await?;
+        let filter = format!(
+            "PartitionKey eq '{}' and RowKey lt '{}'",
+            due_index::partition_key(shard),
+            due_index::row_key_bound(until)
+        );
+        let mut pages = table
+            .query()
+            .filter(Filter::new(filter))
+            .select(Select::new("RowKey"))
+            .top(Top::new(limit.min(1000) as u32))
+            .into_stream::<Map<String, Value>>();
+        let mut entries = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| unavailable("query due", &e))?;
+            for entity in &page.entities {
+                let row = entity.get("RowKey").and_then(Value::as_str).unwrap_or("");
+                let etag = entity.get("odata.etag").and_then(Value::as_str);
+                match (DueEntry::from_row_key(row), etag) {
+                    (Some(value), Some(etag)) => entries.push(Versioned {
+                        value,
+                        etag: ETag(etag.to_string()),
+                    }),
+                    _ => tracing::warn!(
+                        shard,
+                        row,
+                        "ledger: skipped an index row that does not read"
+                    ),
+                }
+            }
+            if entries.len() >= limit {
+                break;
+            }
+        }
+        entries.truncate(limit);
+        Ok(entries)
+    }
+
+    async fn unfile_due(&self, entry: &DueEntry, etag: &ETag) -> Result<(), StoreError> {
+        self.delete_row(&entry.partition_key(), &entry.row_key(), etag)
+            .await
+    }
+
+    async fn sweep_state(&self) -> Result<Option<Versioned<SweepState>>, StoreError> {
+        match self.get_row(SWEEP_PARTITION, SWEEP_ROW).await? {
+            None => Ok(None),
+            Some((entity, etag)) => Ok(Some(Versioned {
+                value: sweep_from_entity(&entity)?,
+                etag,
+            })),
+        }
+    }
+
+    async fn put_sweep_state(
+        &self,
+        state: &SweepState,
+        expected: Option<&ETag>,
+    ) -> Result<ETag, StoreError> {
+        self.put_row(SWEEP_PARTITION, SWEEP_ROW, sweep_to_entity(state), expected)
+            .await
     }
 
     async fn get_idempotency(
@@ -696,6 +808,46 @@ fn desired_from_entity(entity: &Map<String, Value>) -> Result<DesiredState, Corr
         lease,
         landed: row.opt_str("LandedRequestId")?.map(RequestId::from_stored),
         updated_at: row.time("UpdatedAt")?,
+    })
+}
+
+fn sweep_to_entity(s: &SweepState) -> Map<String, Value> {
+    let mut e = Map::new();
+    e.insert("PartitionKey".into(), SWEEP_PARTITION.into());
+    e.insert("RowKey".into(), SWEEP_ROW.into());
+    put_opt(
+        &mut e,
+        "Holder",
+        s.holder.as_ref().map(|h| h.as_str().into()),
+    );
+    put_opt(&mut e, "Until", s.until.map(time));
+    put_opt(
+        &mut e,
+        "ReconcileAfter",
+        s.reconcile_after.as_ref().map(|d| d.as_str().into()),
+    );
+    put_opt(
+        &mut e,
+        "ReconcileStartedAt",
+        s.reconcile_started_at.map(time),
+    );
+    put_opt(&mut e, "ReconciledAt", s.reconciled_at.map(time));
+    e
+}
+
+fn sweep_from_entity(entity: &Map<String, Value>) -> Result<SweepState, CorruptRow> {
+    let row = Row { entity };
+    Ok(SweepState {
+        holder: row.opt_str("Holder")?.map(LeaseHolder::from_stored),
+        until: row.opt_time("Until")?,
+        reconcile_after: row
+            .opt_str("ReconcileAfter")?
+            .map(|d| {
+                DeviceId::parse(&d).map_err(|_| row.bad("ReconcileAfter", "is not a device id"))
+            })
+            .transpose()?,
+        reconcile_started_at: row.opt_time("ReconcileStartedAt")?,
+        reconciled_at: row.opt_time("ReconciledAt")?,
     })
 }
 

@@ -351,6 +351,17 @@ impl DesiredState {
         self.wake_due_at = None;
     }
 
+    /// When the timer sweep must look at this record (the due index files it there,
+    /// [`super::due_index`]): once its wake-up message is overdue by `grace` (lost,
+    /// dead-lettered, never sent), or one `lease` before expiry, whichever is first.
+    /// `None` once it is settled.
+    pub fn sweep_due_at(&self, grace: Duration, lease: Duration) -> Option<DateTime<Utc>> {
+        self.is_pending().then(|| {
+            let overdue = self.wake_due_at.unwrap_or(self.updated_at) + grace;
+            overdue.min(self.expires_at - lease)
+        })
+    }
+
     /// A pending request whose wake-up message should have arrived by now (plus `grace`)
     /// but the record shows no delivery: the message is lost (or was never sent).
     pub fn wake_overdue(&self, now: DateTime<Utc>, grace: Duration) -> bool {

@@ -5,12 +5,16 @@
 //! - [`ledger`]: the per-device desired-state record and what may happen to it.
 //! - [`history`]: what became of each of a device's recent requests.
 //! - [`schedule`]: re-check back-off and expiry arithmetic.
+//! - [`due_index`]: where the timer sweep finds the records that are due.
+//! - [`sweep_state`]: the sweep's own lease and the reconciling pass's progress.
 
 pub mod device_event;
+pub mod due_index;
 pub mod history;
 pub mod input;
 pub mod ledger;
 pub mod schedule;
+pub mod sweep_state;
 
 pub use input::{DeviceId, IdempotencyKey, InputError, MinSoc, SettingRequest};
 pub use ledger::{DesiredState, HolderKind, LeaseHolder, RequestId, RequestStatus};

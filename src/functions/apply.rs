@@ -109,7 +109,7 @@ pub async fn apply_latest(
         if !record.is_pending() {
             if record.holds_lease(holder, now) && !in_doubt {
                 record.release_lease(holder);
-                if let Err(e) = write(svc, &record, &current.etag).await {
+                if let Err(e) = write(svc, &record, &current.value, &current.etag).await {
                     if e == StoreError::Conflict {
                         continue;
                     }
@@ -126,7 +126,7 @@ pub async fn apply_latest(
         // back to it): never PUT twice; record the same answer on the record read now.
         if let Some((_, error)) = tried.iter().find(|(id, _)| *id == record.request_id) {
             let outcome = record_answer(&mut record, holder, Err(error.clone()), now);
-            match write(svc, &record, &current.etag).await {
+            match write(svc, &record, &current.value, &current.etag).await {
                 Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
                 Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
                 Err(e) => return Err(e),
@@ -156,7 +156,7 @@ pub async fn apply_latest(
         {
             record.mark_applied(now);
             record.release_lease(holder);
-            match write(svc, &record, &current.etag).await {
+            match write(svc, &record, &current.value, &current.etag).await {
                 Ok(_) => {
                     return Ok(Applied {
                         outcome: ApplyOutcome::Applied(record),
@@ -172,7 +172,7 @@ pub async fn apply_latest(
         if cfg!(feature = "mutant-expiry-over-lease") && record.is_expired_at(now) {
             record.mark_expired(now);
             record.release_lease(holder);
-            match write(svc, &record, &current.etag).await {
+            match write(svc, &record, &current.value, &current.etag).await {
                 Ok(_) => {
                     return Ok(Applied {
                         outcome: ApplyOutcome::Expired(record),
@@ -201,7 +201,7 @@ pub async fn apply_latest(
         if record.is_expired_at(now + cut) {
             record.mark_expired(now);
             record.release_lease(holder);
-            match write(svc, &record, &current.etag).await {
+            match write(svc, &record, &current.value, &current.etag).await {
                 Ok(_) => {
                     info!(device = %device, request_id = %record.request_id, "request expired before its device came online");
                     return Ok(Applied {
@@ -218,8 +218,9 @@ pub async fn apply_latest(
         // in one conditional write; the caller's lease is kept if it still covers a PUT.
         let caller_lease_covers = record.lease_covers(holder, now, svc.policy.put_window)
             || cfg!(feature = "mutant-put-on-caller-lease");
-        let etag = if leased_now && caller_lease_covers {
-            current.etag.clone()
+        // The record as stored when the PUT starts, and its ETag.
+        let (stored, etag) = if leased_now && caller_lease_covers {
+            (current.value.clone(), current.etag.clone())
         } else {
             let now = svc.clock.now();
             if leased_now {
@@ -227,8 +228,8 @@ pub async fn apply_latest(
             } else {
                 record.record_attempt(holder, now, svc.policy.lease);
             }
-            match write(svc, &record, &current.etag).await {
-                Ok(etag) => etag,
+            match write(svc, &record, &current.value, &current.etag).await {
+                Ok(etag) => (record.clone(), etag),
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e),
             }
@@ -257,7 +258,7 @@ pub async fn apply_latest(
             }
         }
         let outcome = record_answer(&mut record, holder, result, now);
-        match write(svc, &record, &etag).await {
+        match write(svc, &record, &stored, &etag).await {
             Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
             // Someone changed the record while we talked to the device (a newer
             // request, most likely), or the write's outcome is unknown. Read again
@@ -349,12 +350,14 @@ pub(crate) async fn read_back(
     }
 }
 
+/// Writes `record` over `stored` (read or written with `etag`), keeping the due index in step.
 async fn write(
     svc: &Services,
     record: &DesiredState,
+    stored: &DesiredState,
     etag: &crate::ports::ETag,
 ) -> Result<crate::ports::ETag, StoreError> {
-    svc.ledger.put(record, Some(etag)).await
+    super::index::put_record(svc, record, Some(stored), Some(etag)).await
 }
 
 #[cfg(test)]

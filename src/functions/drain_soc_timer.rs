@@ -1,23 +1,49 @@
 //! `DrainSocTimer`: the sweep that keeps nothing pending forever.
 //!
-//! For every pending request (one per device, the ledger holds only the latest):
-//! - past expiry: mark it expired;
-//! - otherwise one status call to the device cloud (never more per device per run,
-//!   at most `DRAIN_SOC_CONCURRENCY` at once);
-//! - online: apply now instead of waiting for the back-off;
-//! - offline, or status unavailable, with its wake-up message overdue (lost,
-//!   dead-lettered, or never sent): re-send it;
-//! - unknown device: fail the request with the reason.
+//! The sweep reads only what is due: the entries of the due index
+//! ([`crate::domain::due_index`]) at or before now, oldest first, at most
+//! `DRAIN_SOC_MAX_DUE` devices per run. Its cost follows the due devices `D`, not the
+//! pending records `P` (README "The sweep at fleet scale"). A pending record is due
+//! when its wake-up message is overdue (lost, dead-lettered, never sent) or when it
+//! is one lease from expiry. For each due device:
+//! - near or past expiry: mark it expired (no device call);
+//! - another invocation holds its lease: leave it for the next run;
+//! - up to `DRAIN_SOC_FANOUT_ABOVE` due devices: one status call each (at most
+//!   `DRAIN_SOC_CONCURRENCY` at once); online: apply now; offline or unavailable:
+//!   re-send its wake-up message; unknown device: fail the request with the reason;
+//! - more than that: **fan out**: re-send each one's wake-up message, spread at the
+//!   device-call budget (`Policy::device_calls_per_second`) by scheduled delivery, and
+//!   let `SocQueueTrigger`, which the host scales out, make the device calls.
 //!
-//! A row that does not read as a record ([`CorruptRow`]) is skipped, counted in
-//! `corrupt` and logged with its device id, row key and reason; it never fails its
-//! page or the sweep. The sweep fails only when the ledger cannot be listed at all.
+//! Then it tidies the index: an entry whose record is settled or gone is removed; a
+//! record not yet due (its chain moved on) is filed at its due time before its old
+//! entries go; duplicates of a device go.
+//!
+//! **One run at a time.** A run first takes the sweep lease ([`SweepState`]); a run
+//! that finds another's live lease does nothing. A run stops starting devices after
+//! `Policy::sweep_budget`; what it did not reach stays in the index, so the next run
+//! resumes with the oldest due entries, never from the top.
+//!
+//! **Reconciling pass.** Each run also files a slice of the pending records
+//! (`Policy::reconcile_rows_per_run`, in device order, resuming after the last device
+//! the previous slice reached) in the index, once per `Policy::reconcile_interval`:
+//! it repairs any drift and indexes records written before the index existed.
+//!
+//! A row that does not read as a record ([`StoreError::Corrupt`]) is skipped, counted
+//! in `corrupt` and logged with its device id, row key and reason; its entry stays,
+//! so every run reports it until it is repaired.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt};
 use tracing::{info, warn};
 
-use crate::domain::{DesiredState, HolderKind, LeaseHolder};
-use crate::ports::{CorruptRow, DeviceError, StoreError, Versioned};
+use crate::domain::due_index::{DueEntry, SHARDS};
+use crate::domain::sweep_state::SweepState;
+use crate::domain::{DesiredState, DeviceId, HolderKind, LeaseHolder};
+use crate::ports::{DeviceError, ETag, StoreError, Versioned};
 
 use super::apply::{apply_latest, ApplyOutcome};
 use super::wake::{self, Rescheduled};
@@ -26,24 +52,45 @@ use super::Services;
 /// Counts of what one sweep did (logged, and returned to the host in `Logs`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepReport {
-    pub pending: usize,
+    /// Due devices taken from the index.
+    pub due: usize,
     pub applied: usize,
     pub expired: usize,
     pub failed: usize,
+    /// Overdue wake-up messages re-sent after a status call found the device offline.
     pub resent: usize,
+    /// Wake-up messages sent instead of calling the device (fan-out).
+    pub fanned_out: usize,
     pub still_offline: usize,
     pub busy: usize,
     pub errors: usize,
-    /// Pending rows that could not be read (not counted in `pending`).
+    /// Due rows that could not be read (not counted in `due`'s other columns).
     pub corrupt: usize,
+    /// Not due yet (their chain moved on): filed again at their due time.
+    pub refiled: usize,
+    /// Index entries whose record is settled or gone, and duplicates, removed.
+    pub dropped: usize,
+    /// Due devices left for the next run (the run's time budget ran out).
+    pub deferred: usize,
+    /// Pending records the reconciling pass filed in this run.
+    pub reconciled: usize,
+    /// Device-cloud status calls made.
+    pub status_calls: usize,
+    /// Another run held the sweep lease; this one did nothing.
+    pub skipped: bool,
 }
 
 impl std::fmt::Display for SweepReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.skipped {
+            return f.write_str("skipped=another sweep holds the lease");
+        }
         write!(
             f,
-            "pending={} applied={} expired={} failed={} resent={} still_offline={} busy={} errors={} corrupt={}",
-            self.pending, self.applied, self.expired, self.failed, self.resent, self.still_offline, self.busy, self.errors, self.corrupt
+            "due={} applied={} expired={} failed={} resent={} fanned_out={} still_offline={} busy={} errors={} corrupt={} refiled={} dropped={} deferred={} reconciled={} status_calls={}",
+            self.due, self.applied, self.expired, self.failed, self.resent, self.fanned_out,
+            self.still_offline, self.busy, self.errors, self.corrupt, self.refiled, self.dropped,
+            self.deferred, self.reconciled, self.status_calls
         )
     }
 }
@@ -54,119 +101,245 @@ enum Step {
     Expired,
     Failed,
     Resent,
+    FannedOut,
     StillOffline,
     Busy,
     Error,
     /// The row did not read; skipped.
     Corrupt,
+    /// Not due yet: filed again at its due time.
+    Refiled,
+    /// Settled or gone: its entries removed.
+    Dropped,
+    /// Not reached before the run's budget ran out.
+    Deferred,
 }
 
-/// One row of the pending listing.
-enum Listed {
-    Record(Versioned<DesiredState>),
-    Corrupt(CorruptRow),
+/// One due device: its index entries (earliest first) and whether it made a status call.
+struct Due {
+    device: DeviceId,
+    entries: Vec<Versioned<DueEntry>>,
 }
 
-/// Runs one sweep. Device calls start as soon as the first page of pending
-/// requests is read. Fails only when the ledger cannot be listed at all.
+/// Fan-out slots: the `i`-th wake-up message is due `i / rate` seconds after `start`.
+struct FanOut {
+    start: DateTime<Utc>,
+    per_second: f64,
+    next: AtomicUsize,
+}
+
+impl FanOut {
+    fn next_slot(&self) -> DateTime<Utc> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as f64;
+        let ms = (i / self.per_second.max(0.001) * 1000.0) as i64;
+        self.start + chrono::Duration::milliseconds(ms)
+    }
+}
+
+/// Runs one sweep. Fails only when the sweep lease cannot be read or no shard of the
+/// index can be listed.
 pub async fn run(svc: &Services) -> Result<SweepReport, StoreError> {
-    let rows = svc.ledger.pending_pages().flat_map(|page| match page {
-        Ok(page) => {
-            let records = page.records.into_iter().map(Listed::Record);
-            let corrupt = page.corrupt.into_iter().map(Listed::Corrupt);
-            stream::iter(records.chain(corrupt).map(Ok).collect::<Vec<_>>())
-        }
-        Err(e) => stream::iter(vec![Err(e)]),
+    let started = svc.clock.now();
+    let holder = LeaseHolder::new(HolderKind::Sweep);
+    let mut report = SweepReport::default();
+    let Some(lease) = take_lease(svc, &holder, started).await? else {
+        report.skipped = true;
+        info!(%report, "sweep skipped");
+        return Ok(report);
+    };
+    let result = sweep(svc, started, &mut report).await;
+    let lease = match result {
+        Ok(()) => reconcile(svc, lease, &mut report).await,
+        Err(_) => lease,
+    };
+    release_lease(svc, &holder, lease).await;
+    result?;
+    info!(%report, "sweep done");
+    Ok(report)
+}
+
+async fn sweep(
+    svc: &Services,
+    started: DateTime<Utc>,
+    report: &mut SweepReport,
+) -> Result<(), StoreError> {
+    let due = list_due(svc, report).await?;
+    report.due = due.len();
+    let fan_out = (due.len() > svc.policy.sweep_fanout_above).then(|| FanOut {
+        start: svc.clock.now(),
+        per_second: svc.policy.device_calls_per_second,
+        next: AtomicUsize::new(0),
     });
-    let mut outcomes = rows
-        .map(|row| async move {
-            match row? {
-                Listed::Record(record) => Ok(sweep_one(svc, record).await),
-                Listed::Corrupt(row) => {
-                    warn!(
-                        device = %row.partition_key,
-                        row = %row.row_key,
-                        reason = %row.reason,
-                        "sweep skipped an unreadable ledger row"
-                    );
-                    Ok(Step::Corrupt)
-                }
+    let deadline = started + svc.policy.sweep_budget;
+    let fan_out = fan_out.as_ref();
+    let mut outcomes = stream::iter(due)
+        .map(|due| async move {
+            if svc.clock.now() >= deadline {
+                return (Step::Deferred, false);
             }
+            sweep_device(svc, due, fan_out).await
         })
         .buffer_unordered(svc.policy.drain_concurrency);
-    let mut report = SweepReport::default();
-    let mut listed_any = false;
-    let mut page_error = None;
-    // Every outcome is awaited, errors included: returning early would drop applies
-    // that are mid-PUT (lease left behind, attempt counted).
-    while let Some(outcome) = outcomes.next().await {
-        let step = match outcome {
-            Ok(step) => step,
-            Err(e) if cfg!(feature = "mutant-sweep-aborts-on-page-error") && !listed_any => {
-                return Err(e)
-            }
-            Err(e) => {
-                warn!(error = %e, "sweep could not read a page of pending requests");
-                report.errors += 1;
-                page_error.get_or_insert(e);
-                continue;
-            }
-        };
-        listed_any = true;
-        if step != Step::Corrupt {
-            report.pending += 1;
-        }
+    // Every outcome is awaited: returning early would drop applies mid-PUT.
+    while let Some((step, called)) = outcomes.next().await {
+        report.status_calls += usize::from(called);
         let count = match step {
             Step::Applied => &mut report.applied,
             Step::Expired => &mut report.expired,
             Step::Failed => &mut report.failed,
             Step::Resent => &mut report.resent,
+            Step::FannedOut => &mut report.fanned_out,
             Step::StillOffline => &mut report.still_offline,
             Step::Busy => &mut report.busy,
             Step::Error => &mut report.errors,
             Step::Corrupt => &mut report.corrupt,
+            Step::Refiled => &mut report.refiled,
+            Step::Dropped => &mut report.dropped,
+            Step::Deferred => &mut report.deferred,
         };
         *count += 1;
     }
-    // Nothing read at all: the sweep failed.
-    if let (false, Some(e)) = (listed_any, page_error) {
-        return Err(e);
-    }
-    info!(%report, "sweep done");
-    Ok(report)
+    Ok(())
 }
 
-async fn sweep_one(svc: &Services, current: Versioned<DesiredState>) -> Step {
+/// The due devices of every shard, each once, earliest due first. A shard that cannot
+/// be listed is counted as an error; the sweep fails only if none can.
+async fn list_due(svc: &Services, report: &mut SweepReport) -> Result<Vec<Due>, StoreError> {
+    let now = svc.clock.now();
+    let per_shard = svc
+        .policy
+        .sweep_max_due
+        .div_ceil(usize::from(SHARDS))
+        .max(1);
+    let mut entries = Vec::new();
+    let mut failure = None;
+    for shard in 0..SHARDS {
+        match svc.ledger.due_entries(shard, now, per_shard).await {
+            Ok(listed) => entries.extend(listed),
+            Err(e) => {
+                warn!(shard, error = %e, "sweep could not read a shard of the due index");
+                report.errors += 1;
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = failure.filter(|_| usize::from(SHARDS) == report.errors) {
+        return Err(e);
+    }
+    entries.sort_by(|a, b| {
+        (a.value.due_at, a.value.device_id.as_str())
+            .cmp(&(b.value.due_at, b.value.device_id.as_str()))
+    });
+    let mut due: Vec<Due> = Vec::new();
+    let mut at: HashMap<DeviceId, usize> = HashMap::new();
+    for entry in entries {
+        let device = entry.value.device_id.clone();
+        match at.get(&device) {
+            Some(&i) => due[i].entries.push(entry),
+            None => {
+                at.insert(device.clone(), due.len());
+                due.push(Due {
+                    device,
+                    entries: vec![entry],
+                });
+            }
+        }
+    }
+    due.truncate(svc.policy.sweep_max_due);
+    Ok(due)
+}
+
+/// Looks at one due device, then tidies its index entries. Returns what happened and
+/// whether a status call was made.
+async fn sweep_device(svc: &Services, due: Due, fan_out: Option<&FanOut>) -> (Step, bool) {
+    let device = due.device.clone();
+    let current = match svc.ledger.get(&device).await {
+        Ok(c) => c,
+        Err(StoreError::Corrupt(row)) => {
+            warn!(
+                device = %row.partition_key,
+                row = %row.row_key,
+                reason = %row.reason,
+                "sweep skipped an unreadable ledger row"
+            );
+            return (Step::Corrupt, false);
+        }
+        Err(e) => return (log_error(&device, &e.to_string()), false),
+    };
+    let now = svc.clock.now();
+    let (step, called, read) = match current {
+        Some(c) if c.value.is_pending() => match svc.policy.sweep_due(&c.value) {
+            Some(at) if at > now => (Step::Refiled, false, Some(Some(c.value))),
+            _ => {
+                let (step, called) = handle(svc, c, fan_out).await;
+                (step, called, None)
+            }
+        },
+        other => (Step::Dropped, false, Some(other.map(|c| c.value))),
+    };
+    if step != Step::Error {
+        // The record as it is now (re-read after handling it), for the tidy-up.
+        let record = match read {
+            Some(r) => Ok(r),
+            None => svc.ledger.get(&device).await.map(|c| c.map(|c| c.value)),
+        };
+        match record {
+            Ok(record) => tidy(svc, &device, due.entries, record.as_ref()).await,
+            Err(e) => {
+                warn!(device = %device, error = %e, "sweep left the device's index entries as they were")
+            }
+        }
+    }
+    (step, called)
+}
+
+/// What to do with a device that is due: expire it, apply it, or re-send its message.
+async fn handle(
+    svc: &Services,
+    current: Versioned<DesiredState>,
+    fan_out: Option<&FanOut>,
+) -> (Step, bool) {
     let device = current.value.device_id.clone();
     let now = svc.clock.now();
     let holder = LeaseHolder::new(HolderKind::Sweep);
-    if current.value.is_expired_at(now) {
-        // apply_latest marks an expired record without calling the device.
+    if current.value.is_expired_at(now + svc.policy.lease) {
+        // apply_latest marks a record this close to expiry expired without a device call.
         return match apply_latest(svc, &device, &holder, Some(current)).await {
-            Ok(a) => step_of(&a.outcome),
-            Err(e) => log_error(&device, &e.to_string()),
+            Ok(a) => (step_of(&a.outcome), false),
+            Err(e) => (log_error(&device, &e.to_string()), false),
         };
     }
     if !current.value.lease_free_for(&holder, now) {
-        return Step::Busy;
+        return (Step::Busy, false);
+    }
+    let lost = current.value.wake_message_id.clone();
+    if let Some(fan_out) = fan_out {
+        let at = fan_out.next_slot();
+        return match wake::resend(svc, current, lost.as_deref(), at).await {
+            Ok(Rescheduled::Scheduled { .. }) => (Step::FannedOut, false),
+            Ok(Rescheduled::NoTimeLeft) | Ok(Rescheduled::Superseded) => (Step::Busy, false),
+            Err(e) => (log_error(&device, &e.to_string()), false),
+        };
     }
     let status = svc.device.status(&device).await;
     let current = match status {
         Ok(s) if s.online => match apply_latest(svc, &device, &holder, Some(current)).await {
             Ok(a) => match a.outcome {
                 ApplyOutcome::Offline(v) | ApplyOutcome::Transient(v, _) => v,
-                other => return step_of(&other),
+                other => return (step_of(&other), true),
             },
-            Err(e) => return log_error(&device, &e.to_string()),
+            Err(e) => return (log_error(&device, &e.to_string()), true),
         },
         Err(DeviceError::UnknownDevice) => {
             let mut failed = current.value.clone();
             failed.mark_failed(DeviceError::UnknownDevice.to_string(), now);
-            return match svc.ledger.put(&failed, Some(&current.etag)).await {
-                Ok(_) => Step::Failed,
+            let written =
+                super::index::put_record(svc, &failed, Some(&current.value), Some(&current.etag));
+            return match written.await {
+                Ok(_) => (Step::Failed, true),
                 // Changed meanwhile; the next run looks again.
-                Err(StoreError::Conflict) => Step::Busy,
-                Err(e) => log_error(&device, &e.to_string()),
+                Err(StoreError::Conflict) => (Step::Busy, true),
+                Err(e) => (log_error(&device, &e.to_string()), true),
             };
         }
         Ok(_) | Err(_) => current,
@@ -175,16 +348,149 @@ async fn sweep_one(svc: &Services, current: Versioned<DesiredState>) -> Step {
         .value
         .wake_overdue(svc.clock.now(), svc.policy.wake_grace)
     {
-        return Step::StillOffline;
+        return (Step::StillOffline, true);
     }
     let lost = current.value.wake_message_id.clone();
     match wake::schedule_recheck(svc, current, lost.as_deref(), None).await {
         Ok(Rescheduled::Scheduled { message_id, .. }) => {
             info!(device = %device, lost = ?lost, message_id = %message_id, "overdue wake-up message re-sent");
-            Step::Resent
+            (Step::Resent, true)
         }
-        Ok(Rescheduled::NoTimeLeft) | Ok(Rescheduled::Superseded) => Step::StillOffline,
-        Err(e) => log_error(&device, &e.to_string()),
+        Ok(Rescheduled::NoTimeLeft) | Ok(Rescheduled::Superseded) => (Step::StillOffline, true),
+        Err(e) => (log_error(&device, &e.to_string()), true),
+    }
+}
+
+/// Leaves the device's index as the invariant needs it, given `record` read after the
+/// entries were listed: settled or gone, no entry; pending and not due yet, an entry
+/// at its due time (filed before the listed ones go); still due, the earliest listed
+/// entry. Failures leave entries behind, which is harmless (the next run looks again).
+async fn tidy(
+    svc: &Services,
+    device: &DeviceId,
+    mut entries: Vec<Versioned<DueEntry>>,
+    record: Option<&DesiredState>,
+) {
+    let now = svc.clock.now();
+    match record.and_then(|r| svc.policy.sweep_due(r)) {
+        Some(_) if cfg!(feature = "mutant-sweep-drops-before-filing") => {}
+        Some(at) if at > now => {
+            let entry = DueEntry::new(device.clone(), at);
+            if let Err(e) = svc.ledger.file_due(&entry).await {
+                warn!(device = %device, error = %e, "sweep could not file the device at its due time");
+                return;
+            }
+        }
+        Some(_) => {
+            // Still due: keep the earliest entry for the next run.
+            if !entries.is_empty() {
+                entries.remove(0);
+            }
+        }
+        None => {}
+    }
+    for entry in entries {
+        unfile(svc, &entry.value, &entry.etag).await;
+    }
+}
+
+async fn unfile(svc: &Services, entry: &DueEntry, etag: &ETag) {
+    match svc.ledger.unfile_due(entry, etag).await {
+        Ok(()) | Err(StoreError::Conflict) => {}
+        Err(e) => {
+            warn!(device = %entry.device_id, error = %e, "sweep could not remove an index entry")
+        }
+    }
+}
+
+/// Files the next slice of pending records in the index if a reconciling pass is due,
+/// and records how far it got in the sweep state (still under this run's lease).
+async fn reconcile(
+    svc: &Services,
+    mut lease: Versioned<SweepState>,
+    report: &mut SweepReport,
+) -> Versioned<SweepState> {
+    let now = svc.clock.now();
+    if svc.policy.reconcile_rows_per_run == 0
+        || !lease
+            .value
+            .reconcile_due(now, svc.policy.reconcile_interval)
+    {
+        return lease;
+    }
+    let after = lease.value.reconcile_after.clone();
+    let (page, next) = match svc
+        .ledger
+        .pending_after(after.as_ref(), svc.policy.reconcile_rows_per_run)
+        .await
+    {
+        Ok(listed) => listed,
+        Err(e) => {
+            warn!(error = %e, "reconciling pass could not list pending records");
+            return lease;
+        }
+    };
+    for record in &page.records {
+        if let Some(at) = svc.policy.sweep_due(&record.value) {
+            let entry = DueEntry::new(record.value.device_id.clone(), at);
+            match svc.ledger.file_due(&entry).await {
+                Ok(()) => report.reconciled += 1,
+                Err(e) => {
+                    warn!(error = %e, "reconciling pass stopped: could not file a record");
+                    return lease;
+                }
+            }
+        }
+    }
+    let done = next.is_none();
+    lease.value.reconciled_slice(next, done, now);
+    match svc
+        .ledger
+        .put_sweep_state(&lease.value, Some(&lease.etag))
+        .await
+    {
+        Ok(etag) => lease.etag = etag,
+        Err(e) => warn!(error = %e, "reconciling pass could not record its progress"),
+    }
+    if done {
+        info!(reconciled = report.reconciled, "reconciling pass finished");
+    }
+    lease
+}
+
+/// Takes the sweep lease for this run, or `None` if another run holds it.
+async fn take_lease(
+    svc: &Services,
+    holder: &LeaseHolder,
+    now: DateTime<Utc>,
+) -> Result<Option<Versioned<SweepState>>, StoreError> {
+    let stored = svc.ledger.sweep_state().await?;
+    let mut state = stored.as_ref().map(|s| s.value.clone()).unwrap_or_default();
+    if state.held_by_other(holder, now) {
+        return Ok(None);
+    }
+    state.take(holder, now, svc.policy.sweep_budget + svc.policy.lease);
+    match svc
+        .ledger
+        .put_sweep_state(&state, stored.as_ref().map(|s| &s.etag))
+        .await
+    {
+        Ok(etag) => Ok(Some(Versioned { value: state, etag })),
+        // Another run took it first.
+        Err(StoreError::Conflict) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+async fn release_lease(svc: &Services, holder: &LeaseHolder, mut lease: Versioned<SweepState>) {
+    lease.value.release(holder);
+    if let Err(e) = svc
+        .ledger
+        .put_sweep_state(&lease.value, Some(&lease.etag))
+        .await
+    {
+        // It lapses by itself.
+        warn!(error = %e, "sweep could not release its lease");
     }
 }
 
@@ -199,7 +505,7 @@ fn step_of(outcome: &ApplyOutcome) -> Step {
     }
 }
 
-fn log_error(device: &crate::domain::DeviceId, error: &str) -> Step {
+fn log_error(device: &DeviceId, error: &str) -> Step {
     warn!(device = %device, error, "sweep could not handle device");
     Step::Error
 }
@@ -209,9 +515,31 @@ mod tests {
     use super::*;
     use crate::domain::RequestStatus;
     use crate::functions::fakes::{post_min_soc as post, Harness};
+    use crate::ports::{Clock as _, Ledger as _};
+
+    /// Past the first wake-up message's due time plus the grace: a lost message is overdue.
+    fn overdue(h: &Harness) -> chrono::Duration {
+        h.svc.policy.backoff.initial + h.svc.policy.wake_grace + chrono::Duration::seconds(1)
+    }
+
+    async fn index_entries(h: &Harness) -> Vec<DueEntry> {
+        let far = h.clock.now() + chrono::Duration::days(3650);
+        let mut all = Vec::new();
+        for shard in 0..SHARDS {
+            all.extend(
+                h.ledger
+                    .due_entries(shard, far, 10_000)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|e| e.value),
+            );
+        }
+        all
+    }
 
     #[tokio::test]
-    async fn devices_back_online_are_applied_without_waiting_for_their_backoff() {
+    async fn due_devices_back_online_are_applied_and_the_others_resent() {
         let h = Harness::new();
         for d in ["a", "b", "c"] {
             h.device.set_online(d, false);
@@ -219,10 +547,16 @@ mod tests {
         }
         h.device.set_online("a", true);
         h.device.set_online("c", true);
+        h.clock.advance(overdue(&h));
         let report = run(&h.svc).await.unwrap();
         assert_eq!(
-            (report.pending, report.applied, report.still_offline),
-            (3, 2, 1),
+            (
+                report.due,
+                report.applied,
+                report.resent,
+                report.status_calls
+            ),
+            (3, 2, 1, 3),
             "{report}"
         );
         assert_eq!(h.ledger_record("a").await.status, RequestStatus::Applied);
@@ -230,20 +564,61 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn each_device_gets_at_most_one_status_call_per_run() {
+    async fn a_run_reads_and_calls_only_the_devices_that_are_due() {
         let h = Harness::new();
-        for d in ["a", "b", "c", "d"] {
-            h.device.set_online(d, false);
-            post(&h, d, 50).await;
+        for i in 0..20 {
+            h.device.set_online(&format!("old-{i}"), false);
+            post(&h, &format!("old-{i}"), 50).await;
         }
+        h.clock.advance(chrono::Duration::seconds(100));
+        for i in 0..200 {
+            h.device.set_online(&format!("new-{i}"), false);
+            post(&h, &format!("new-{i}"), 50).await;
+        }
+        h.clock
+            .advance(overdue(&h) - chrono::Duration::seconds(100));
         let (status_before, _) = h.device.calls();
-        run(&h.svc).await.unwrap();
+        let report = run(&h.svc).await.unwrap();
         let (status_after, _) = h.device.calls();
-        assert_eq!(status_after - status_before, 4);
+        assert_eq!((report.due, report.resent), (20, 20), "{report}");
+        assert_eq!(
+            status_after - status_before,
+            20,
+            "one status call per due device, none for the 200 others"
+        );
     }
 
     #[tokio::test]
-    async fn requests_past_expiry_are_marked_expired_without_a_device_call() {
+    async fn a_device_filed_twice_gets_one_status_call_and_keeps_one_entry() {
+        let mut h = Harness::new();
+        h.svc.policy.reconcile_rows_per_run = 0;
+        h.device.set_online("a", false);
+        post(&h, "a", 50).await;
+        let rec = h.ledger_record("a").await;
+        let due = h.svc.policy.sweep_due(&rec).unwrap();
+        // A second entry for the same device (a reconciling pass, a crash after filing).
+        h.ledger
+            .file_due(&DueEntry::new(
+                rec.device_id.clone(),
+                due - chrono::Duration::seconds(5),
+            ))
+            .await
+            .unwrap();
+        h.clock.advance(overdue(&h));
+        let (before, _) = h.device.calls();
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!((report.due, report.resent), (1, 1), "{report}");
+        assert_eq!(h.device.calls().0 - before, 1);
+        let left = index_entries(&h).await;
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(
+            Some(left[0].due_at),
+            h.svc.policy.sweep_due(&h.ledger_record("a").await)
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_near_expiry_are_marked_expired_without_a_device_call() {
         let h = Harness::new();
         h.device.set_online("a", false);
         post(&h, "a", 50).await;
@@ -252,11 +627,15 @@ mod tests {
         h.device.set_online("a", true);
         let calls = h.device.calls();
         let report = run(&h.svc).await.unwrap();
-        assert_eq!(report.expired, 1);
+        assert_eq!(report.expired, 1, "{report}");
         assert_eq!(h.device.calls(), calls);
         let rec = h.ledger_record("a").await;
         assert_eq!(rec.status, RequestStatus::Expired);
         assert!(rec.last_error.unwrap().contains("expired"));
+        assert!(
+            index_entries(&h).await.is_empty(),
+            "a settled record leaves the index"
+        );
     }
 
     #[tokio::test]
@@ -264,9 +643,9 @@ mod tests {
         let h = Harness::new();
         h.device.set_online("a", false);
         post(&h, "a", 50).await;
-        assert_eq!(run(&h.svc).await.unwrap().resent, 0, "not overdue yet");
-        // The message was due after 60 s; grace is 60 s.
-        h.clock.advance(chrono::Duration::seconds(121));
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!((report.due, report.resent), (0, 0), "not due yet: {report}");
+        h.clock.advance(overdue(&h));
         let report = run(&h.svc).await.unwrap();
         assert_eq!(report.resent, 1, "{report}");
         let sent = h.queue.sent();
@@ -275,10 +654,11 @@ mod tests {
             h.ledger_record("a").await.wake_message_id.as_deref(),
             Some(sent[1].message_id.as_str())
         );
+        let report = run(&h.svc).await.unwrap();
         assert_eq!(
-            run(&h.svc).await.unwrap().resent,
-            0,
-            "the new message is not overdue"
+            (report.due, report.resent),
+            (0, 0),
+            "the new message is not overdue: {report}"
         );
     }
 
@@ -288,6 +668,7 @@ mod tests {
         h.device.set_online("a", false);
         post(&h, "a", 50).await;
         h.device.forget("a");
+        h.clock.advance(overdue(&h));
         assert_eq!(run(&h.svc).await.unwrap().failed, 1);
         assert_eq!(h.ledger_record("a").await.status, RequestStatus::Failed);
     }
@@ -302,19 +683,20 @@ mod tests {
         h.ledger.corrupt("b", "MinSoc is out of range");
         h.device.set_online("a", true);
         h.device.set_online("c", true);
+        h.clock.advance(overdue(&h));
         let report = run(&h.svc).await.unwrap();
         assert_eq!(
-            (
-                report.pending,
-                report.applied,
-                report.corrupt,
-                report.errors
-            ),
-            (2, 2, 1, 0),
+            (report.due, report.applied, report.corrupt, report.errors),
+            (3, 2, 1, 0),
             "{report}"
         );
         assert!(report.to_string().contains("corrupt=1"), "{report}");
         assert_eq!(h.ledger_record("a").await.status, RequestStatus::Applied);
+        assert_eq!(
+            run(&h.svc).await.unwrap().corrupt,
+            1,
+            "reported every run until repaired"
+        );
     }
 
     #[tokio::test]
@@ -322,5 +704,150 @@ mod tests {
         let h = Harness::new();
         h.ledger.set_down(true);
         assert!(run(&h.svc).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn entries_of_settled_records_are_dropped_without_a_device_call() {
+        let h = Harness::new();
+        h.device.set_online("a", false);
+        post(&h, "a", 50).await;
+        h.device.set_online("a", true);
+        post(&h, "a", 60).await; // applied at once; the first request's entry is stale
+        h.clock.advance(overdue(&h));
+        let calls = h.device.calls();
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!((report.due, report.dropped), (1, 1), "{report}");
+        assert_eq!(h.device.calls(), calls);
+        assert!(index_entries(&h).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_record_whose_chain_moved_on_is_filed_again_at_its_new_due_time() {
+        let mut h = Harness::new();
+        h.svc.policy.reconcile_rows_per_run = 0;
+        h.device.set_online("a", false);
+        post(&h, "a", 50).await;
+        // The chain's first re-check ran (offline) and scheduled the next one later.
+        h.clock.advance(h.svc.policy.backoff.initial);
+        let current = h.ledger.get(&h.id("a")).await.unwrap().unwrap();
+        wake::schedule_recheck(&h.svc, current, None, None)
+            .await
+            .unwrap();
+        h.clock
+            .advance(h.svc.policy.wake_grace + chrono::Duration::seconds(1));
+        let calls = h.device.calls();
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!((report.due, report.refiled), (1, 1), "{report}");
+        assert_eq!(h.device.calls(), calls, "not due: no device call");
+        let left = index_entries(&h).await;
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(
+            Some(left[0].due_at),
+            h.svc.policy.sweep_due(&h.ledger_record("a").await)
+        );
+    }
+
+    #[tokio::test]
+    async fn above_the_fanout_threshold_the_sweep_sends_spread_wake_ups_and_calls_no_device() {
+        let mut h = Harness::new();
+        h.svc.policy.sweep_fanout_above = 2;
+        h.svc.policy.device_calls_per_second = 10.0;
+        for i in 0..5 {
+            h.device.set_online(&format!("d{i}"), true);
+            h.device.set_online(&format!("d{i}"), false);
+            post(&h, &format!("d{i}"), 50).await;
+        }
+        h.clock.advance(overdue(&h));
+        let sent_before = h.queue.sent().len();
+        let calls = h.device.calls();
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(
+            (report.due, report.fanned_out, report.status_calls),
+            (5, 5, 0),
+            "{report}"
+        );
+        assert_eq!(h.device.calls(), calls);
+        let mut slots: Vec<_> = h.queue.sent()[sent_before..]
+            .iter()
+            .map(|m| m.scheduled_at.unwrap_or(h.clock.now()) - h.clock.now())
+            .map(|d| d.num_milliseconds())
+            .collect();
+        slots.sort();
+        assert_eq!(slots, [0, 100, 200, 300, 400], "spread at 10 calls/s");
+        for i in 0..5 {
+            let rec = h.ledger_record(&format!("d{i}")).await;
+            assert!(rec.wake_message_id.is_some() && rec.is_pending());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_run_takes_at_most_its_share_and_the_next_resumes_with_the_rest() {
+        let mut h = Harness::new();
+        h.svc.policy.sweep_max_due = 3;
+        h.svc.policy.reconcile_rows_per_run = 0;
+        for i in 0..7 {
+            h.device.set_online(&format!("d{i}"), false);
+            post(&h, &format!("d{i}"), 50).await;
+        }
+        h.clock.advance(overdue(&h));
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(run(&h.svc).await.unwrap().resent);
+        }
+        assert_eq!(seen, [3, 3, 1]);
+        assert_eq!(run(&h.svc).await.unwrap().due, 0);
+    }
+
+    #[tokio::test]
+    async fn a_run_that_finds_another_runs_live_lease_does_nothing() {
+        let h = Harness::new();
+        h.device.set_online("a", false);
+        post(&h, "a", 50).await;
+        h.clock.advance(overdue(&h));
+        let mut other = SweepState::default();
+        other.take(
+            &LeaseHolder::new(HolderKind::Sweep),
+            h.clock.now(),
+            chrono::Duration::seconds(60),
+        );
+        h.ledger.put_sweep_state(&other, None).await.unwrap();
+        let calls = h.device.calls();
+        let report = run(&h.svc).await.unwrap();
+        assert!(report.skipped, "{report}");
+        assert_eq!(h.device.calls(), calls);
+        h.clock.advance(chrono::Duration::seconds(61));
+        assert_eq!(run(&h.svc).await.unwrap().resent, 1, "the lease lapsed");
+    }
+
+    #[tokio::test]
+    async fn the_reconciling_pass_indexes_records_the_index_does_not_know_a_slice_per_run() {
+        let mut h = Harness::new();
+        h.svc.policy.reconcile_rows_per_run = 2;
+        // Five pending records written without the index (as before it existed).
+        for i in 0..5 {
+            h.device.set_online(&format!("d{i}"), false);
+            let rec = crate::domain::DesiredState::accept(
+                h.id(&format!("d{i}")),
+                crate::domain::MinSoc::new(40).unwrap(),
+                h.clock.now(),
+                h.svc.policy.request_ttl,
+                None,
+            );
+            h.ledger.put(&rec, None).await.unwrap();
+        }
+        assert!(index_entries(&h).await.is_empty());
+        let filed: Vec<_> = [(); 4].iter().map(|_| 0).collect::<Vec<_>>();
+        let mut counts = Vec::new();
+        for _ in filed {
+            counts.push(run(&h.svc).await.unwrap().reconciled);
+        }
+        assert_eq!(
+            counts,
+            [2, 2, 1, 0],
+            "resumes after the last device; then waits an interval"
+        );
+        h.clock.advance(overdue(&h));
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!((report.due, report.resent), (5, 5), "{report}");
     }
 }

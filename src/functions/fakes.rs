@@ -9,8 +9,10 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 
+use crate::domain::due_index::{self, DueEntry};
 use crate::domain::history::{self, HistoryEntry};
 use crate::domain::schedule::Backoff;
+use crate::domain::sweep_state::SweepState;
 use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
 use crate::ports::*;
 
@@ -201,6 +203,9 @@ struct LedgerState {
     /// History entries by (device, request id), written with the record as the Table
     /// ledger does (see `domain::history`).
     history: HashMap<(String, String), HistoryEntry>,
+    /// The due index by (partition key, row key), as the Table ledger keeps it.
+    due: std::collections::BTreeMap<(String, String), (DueEntry, u64)>,
+    sweep: Option<(SweepState, u64)>,
 }
 
 impl LedgerState {
@@ -351,46 +356,127 @@ impl Ledger for FakeLedger {
         }
     }
 
-    fn pending_pages(&self) -> futures::stream::BoxStream<'_, Result<PendingPage, StoreError>> {
-        let page = (|| {
-            let s = self.0.lock().unwrap();
-            if s.down {
-                return Err(StoreError::Unavailable("down".into()));
-            }
-            let mut all: Vec<_> = s
-                .rows
-                .values()
-                .filter(|(v, _)| v.is_pending())
-                .map(|(v, n)| Versioned {
+    async fn pending_after(
+        &self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<(PendingPage, Option<DeviceId>), StoreError> {
+        let s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        let after = after.map(|d| d.as_str()).unwrap_or("");
+        // Device order, readable and unreadable rows together, as the Table lists them.
+        let mut rows: Vec<(String, Result<Versioned<DesiredState>, CorruptRow>)> = s
+            .rows
+            .iter()
+            .filter(|(d, (v, _))| d.as_str() > after && v.is_pending())
+            .map(|(d, (v, n))| {
+                let v = Versioned {
                     value: v.clone(),
                     etag: ETag(n.to_string()),
-                })
-                .collect();
-            all.sort_by(|a, b| a.value.device_id.cmp(&b.value.device_id));
-            let mut corrupt: Vec<_> = s.corrupt.values().cloned().collect();
-            corrupt.sort_by(|a, b| a.partition_key.cmp(&b.partition_key));
-            Ok((all, corrupt))
-        })();
-        // Two pages when there is more than one record, so the paging path is exercised;
-        // unreadable rows sit in the first page, among readable ones.
-        let pages = match page {
-            Ok((mut all, corrupt)) if all.len() > 1 => {
-                let second = all.split_off(all.len() / 2);
-                vec![
-                    Ok(PendingPage {
-                        records: all,
-                        corrupt,
-                    }),
-                    Ok(PendingPage {
-                        records: second,
-                        corrupt: Vec::new(),
-                    }),
-                ]
+                };
+                (d.clone(), Ok(v))
+            })
+            .chain(
+                s.corrupt
+                    .iter()
+                    .filter(|(d, _)| d.as_str() > after)
+                    .map(|(d, c)| (d.clone(), Err(c.clone()))),
+            )
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next = more
+            .then(|| rows.last().and_then(|(d, _)| DeviceId::parse(d).ok()))
+            .flatten();
+        let mut page = PendingPage::default();
+        for (_, row) in rows {
+            match row {
+                Ok(v) => page.records.push(v),
+                Err(c) => page.corrupt.push(c),
             }
-            Ok((records, corrupt)) => vec![Ok(PendingPage { records, corrupt })],
-            Err(e) => vec![Err(e)],
-        };
-        Box::pin(futures::stream::iter(pages))
+        }
+        Ok((page, next))
+    }
+
+    async fn file_due(&self, entry: &DueEntry) -> Result<(), StoreError> {
+        let mut s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        s.next += 1;
+        let n = s.next;
+        s.due
+            .insert((entry.partition_key(), entry.row_key()), (entry.clone(), n));
+        Ok(())
+    }
+
+    async fn due_entries(
+        &self,
+        shard: u8,
+        until: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<Vec<Versioned<DueEntry>>, StoreError> {
+        let s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        let partition = due_index::partition_key(shard);
+        let bound = due_index::row_key_bound(until);
+        Ok(s.due
+            .iter()
+            .filter(|((p, r), _)| *p == partition && *r < bound)
+            .take(limit)
+            .map(|(_, (e, n))| Versioned {
+                value: e.clone(),
+                etag: ETag(n.to_string()),
+            })
+            .collect())
+    }
+
+    async fn unfile_due(&self, entry: &DueEntry, etag: &ETag) -> Result<(), StoreError> {
+        let mut s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        let key = (entry.partition_key(), entry.row_key());
+        match s.due.get(&key) {
+            None => Ok(()),
+            Some((_, n)) if n.to_string() == etag.0 => {
+                s.due.remove(&key);
+                Ok(())
+            }
+            Some(_) => Err(StoreError::Conflict),
+        }
+    }
+
+    async fn sweep_state(&self) -> Result<Option<Versioned<SweepState>>, StoreError> {
+        let s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        Ok(s.sweep.as_ref().map(|(v, n)| Versioned {
+            value: v.clone(),
+            etag: ETag(n.to_string()),
+        }))
+    }
+
+    async fn put_sweep_state(
+        &self,
+        state: &SweepState,
+        expected: Option<&ETag>,
+    ) -> Result<ETag, StoreError> {
+        let mut s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        check(s.sweep.as_ref(), expected)?;
+        s.next += 1;
+        let n = s.next;
+        s.sweep = Some((state.clone(), n));
+        Ok(ETag(n.to_string()))
     }
 
     async fn get_idempotency(
@@ -499,6 +585,12 @@ impl Harness {
             wake_grace: Duration::seconds(60),
             drain_concurrency: 4,
             idempotency_in_flight: Duration::seconds(60),
+            sweep_budget: Duration::seconds(240),
+            sweep_max_due: 1000,
+            sweep_fanout_above: 100,
+            device_calls_per_second: 10.0,
+            reconcile_rows_per_run: 1000,
+            reconcile_interval: Duration::hours(24),
         };
         let svc = Services {
             device: Arc::new(device.clone()),
@@ -561,7 +653,10 @@ pub async fn accept_pending(h: &Harness, device: &str, min_soc: u8) -> DesiredSt
             h.svc.policy.request_ttl,
             current.as_ref().map(|v| &v.value),
         );
-        match h.ledger.put(&rec, current.as_ref().map(|v| &v.etag)).await {
+        let stored = current.as_ref().map(|v| &v.value);
+        let written =
+            super::index::put_record(&h.svc, &rec, stored, current.as_ref().map(|v| &v.etag));
+        match written.await {
             Ok(_) => return rec,
             Err(StoreError::Conflict) => continue,
             Err(e) => panic!("{e}"),

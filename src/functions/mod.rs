@@ -8,12 +8,14 @@
 //! | `DeviceEventsHttp`| [`device_events_http`]| HTTP `device-events` (CloudEvents) |
 //!
 //! [`apply`] is the one procedure that talks to a device; [`wake`] sends wake-up
-//! messages and records them in the ledger. `apply` is shared by all four functions,
-//! `wake` by the first three (a device event never sends a wake-up message).
+//! messages and records them in the ledger; [`index`] keeps the due index in step
+//! with record writes. They are shared by the functions (a device event never sends a
+//! wake-up message: it only applies).
 
 pub mod apply;
 pub mod device_events_http;
 pub mod drain_soc_timer;
+pub mod index;
 pub mod set_soc_http;
 pub mod soc_queue_trigger;
 pub mod wake;
@@ -25,6 +27,7 @@ use chrono::Duration;
 use crate::adapters::table_ledger::STORAGE_TIMEOUT;
 use crate::config::Config;
 use crate::domain::schedule::Backoff;
+use crate::domain::DesiredState;
 use crate::ports::{Clock, DeviceApi, Ledger, SettingsQueue};
 
 /// Everything a function needs: the ports and the policy.
@@ -67,6 +70,21 @@ pub struct Policy {
     /// How long a first request with an `Idempotency-Key` may stay in flight before a
     /// retry with the same key may take over: longer than the slowest POST can take.
     pub idempotency_in_flight: Duration,
+    /// How long one sweep run works before it stops starting new devices (what is
+    /// left stays in the due index for the next run); its lease is this plus one
+    /// [`Policy::lease`].
+    pub sweep_budget: Duration,
+    /// Due devices one sweep run takes from the index at most.
+    pub sweep_max_due: usize,
+    /// Above this many due devices that need a device call, the sweep fans out:
+    /// it sends their wake-up messages, spread at [`Policy::device_calls_per_second`],
+    /// and `SocQueueTrigger` (scaled by the host) makes the calls.
+    pub sweep_fanout_above: usize,
+    /// The fleet-wide ceiling on device-cloud calls per second.
+    pub device_calls_per_second: f64,
+    /// Pending records the reconciling pass files per sweep run, and how often a pass starts.
+    pub reconcile_rows_per_run: usize,
+    pub reconcile_interval: Duration,
 }
 
 /// How long after the device client's timeout a PUT may still land on the device (the
@@ -101,9 +119,31 @@ impl Policy {
             wake_grace: secs(config.recheck_initial),
             drain_concurrency: config.drain_concurrency.max(1),
             idempotency_in_flight: SLOWEST_POST + MAX_CLOCK_SKEW * 2,
+            sweep_budget: SWEEP_BUDGET,
+            sweep_max_due: config.drain_max_due.max(1),
+            sweep_fanout_above: config.drain_fanout_above,
+            device_calls_per_second: DEFAULT_DEVICE_CALLS_PER_SECOND,
+            reconcile_rows_per_run: RECONCILE_ROWS_PER_RUN,
+            reconcile_interval: RECONCILE_INTERVAL,
         }
     }
+
+    /// When the sweep must look at `record` ([`DesiredState::sweep_due_at`] with this policy).
+    pub fn sweep_due(&self, record: &DesiredState) -> Option<chrono::DateTime<chrono::Utc>> {
+        record.sweep_due_at(self.wake_grace, self.lease)
+    }
 }
+
+/// A sweep run's working time: inside the host's 5 min `functionTimeout` with a
+/// lease to spare for the applies it awaits after it stops starting new ones.
+pub const SWEEP_BUDGET: Duration = Duration::seconds(240);
+/// Pending records the reconciling pass files per sweep run: with the 5-minute
+/// schedule, a pass over a million pending records takes about 1.7 days.
+pub const RECONCILE_ROWS_PER_RUN: usize = 2000;
+/// A reconciling pass starts at most this often.
+pub const RECONCILE_INTERVAL: Duration = Duration::hours(24);
+/// Fleet-wide device-cloud calls per second when nothing else is configured.
+pub const DEFAULT_DEVICE_CALLS_PER_SECOND: f64 = 50.0;
 
 #[cfg(any(test, feature = "test-fakes"))]
 pub mod fakes;

@@ -66,7 +66,7 @@ pub enum Rescheduled {
 /// used to tell whether another invocation has already continued the chain.
 pub async fn schedule_recheck(
     svc: &Services,
-    mut current: Versioned<DesiredState>,
+    current: Versioned<DesiredState>,
     chain: Option<&str>,
     not_before: Option<DateTime<Utc>>,
 ) -> Result<Rescheduled, WakeError> {
@@ -91,6 +91,34 @@ pub async fn schedule_recheck(
         Some(t) if t > recheck.at && t < last_useful => t,
         _ => recheck.at,
     };
+    send_and_record(svc, current, chain, at).await
+}
+
+/// Re-sends the wake-up message of a pending request whose message is overdue, due at
+/// `at` (the sweep's fan-out spreads these over time), and records it. `lost` is the
+/// message id the ledger expected.
+pub async fn resend(
+    svc: &Services,
+    current: Versioned<DesiredState>,
+    lost: Option<&str>,
+    at: DateTime<Utc>,
+) -> Result<Rescheduled, WakeError> {
+    let last_useful = current.value.expires_at - svc.policy.lease;
+    if at >= last_useful {
+        return Ok(Rescheduled::NoTimeLeft);
+    }
+    send_and_record(svc, current, lost, at).await
+}
+
+/// Sends the next message of `current`'s chain, due at `at`, then makes the ledger
+/// expect it (unless another invocation continued the chain meanwhile).
+async fn send_and_record(
+    svc: &Services,
+    mut current: Versioned<DesiredState>,
+    chain: Option<&str>,
+    at: DateTime<Utc>,
+) -> Result<Rescheduled, WakeError> {
+    let now = svc.clock.now();
     let Some(message) = message_for(&current.value, Some(at), now) else {
         return Ok(Rescheduled::NoTimeLeft);
     };
@@ -99,7 +127,9 @@ pub async fn schedule_recheck(
     loop {
         let mut record = current.value.clone();
         record.expect_wake(message.message_id.clone(), at, now);
-        match svc.ledger.put(&record, Some(&current.etag)).await {
+        let written =
+            super::index::put_record(svc, &record, Some(&current.value), Some(&current.etag));
+        match written.await {
             Ok(_) => {
                 info!(device = %record.device_id, request_id = %request_id, message_id = %message.message_id, at = %at, "re-check scheduled");
                 return Ok(Rescheduled::Scheduled {

@@ -43,6 +43,7 @@ use crate::domain::{
 use crate::ports::{DeviceError, StoreError, Versioned};
 
 use super::apply::{apply_latest, read_back, ApplyOutcome};
+use super::index;
 use super::wake::{self, Rescheduled};
 use super::Services;
 use idempotency::{finish, reserve, Reservation};
@@ -288,6 +289,14 @@ async fn write_accepted(
         current.as_ref().map(|v| &v.value),
     );
     for _ in 0..MAX_WRITE_ROUNDS {
+        // Filed in the due index first (nothing is written yet if this fails), as
+        // stamped now: the stamp below is later, so the record is due no earlier than
+        // its entry. The stamp is taken after the filing, right before the write.
+        let mut provisional = record.clone();
+        let filed_at = svc.clock.now();
+        provisional.updated_at = filed_at;
+        provisional.expires_at = filed_at + svc.policy.request_ttl;
+        index::file_if_earlier(svc, &provisional, current.as_ref().map(|v| &v.value)).await?;
         let now = svc.clock.now();
         // The request is accepted by the round whose write lands: it is stamped with
         // that round's clock reading, taken after it read the record it writes over
@@ -406,8 +415,7 @@ async fn undo(
         let result = match &previous {
             Some(prev) => {
                 let restored = current.value.restore(prev, svc.clock.now());
-                svc.ledger
-                    .put(&restored, Some(&current.etag))
+                index::put_record(svc, &restored, Some(&current.value), Some(&current.etag))
                     .await
                     .map(|_| ())
             }

@@ -1,0 +1,173 @@
+//! The due index: how the timer sweep finds the pending records that need it
+//! without reading every pending record.
+//!
+//! A pending record needs the sweep at its **sweep-due time**
+//! ([`DesiredState::sweep_due_at`]): when its wake-up message is overdue (due plus a
+//! grace: lost, dead-lettered or never sent) or when it is one lease from expiry
+//! (time to expire it). Before that, the Service Bus chain looks after it.
+//!
+//! Each index entry says "look at device `d` at `due_at`". Entries live in
+//! [`SHARDS`] partitions chosen by a hash of the device id, sorted by time within a
+//! partition, so the sweep reads each shard from its oldest entry up to now with
+//! one range query. The record stays the truth; an entry is only a reminder.
+//!
+//! **The invariant.** Every pending record has at least one entry at or before its
+//! sweep-due time. It is kept without a cross-partition transaction:
+//! - a writer that makes a record's sweep-due time *earlier* than the stored
+//!   record's (a new request, an undo, a pending record replacing a settled one)
+//!   files an entry at the new time *before* the conditional record write; a writer
+//!   that moves it later relies on the entry that covers the stored record;
+//! - the sweep removes an entry only after it has read the record and, if the record
+//!   is pending, filed an entry at the record's sweep-due time first;
+//! - every entry's row key carries a nonce, so an entry the sweep removes is never
+//!   one a writer has just filed.
+//!
+//! Extra entries (a crash after filing, an entry a later write made early) are
+//! harmless: the sweep meets them, reads the record and moves or drops them. A
+//! reconciling pass ([`crate::functions::drain_soc_timer`]) files an entry for every
+//! pending record once per interval, which repairs any drift and indexes records
+//! written before the index existed.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use super::input::DeviceId;
+
+/// Number of index partitions. A fixed part of the storage layout: changing it
+/// strands the entries of the old shards until the reconciling pass re-files them.
+pub const SHARDS: u8 = 16;
+
+/// Partition key prefix of index entries. `!` cannot start a device id, so an
+/// index partition never mixes with a device's partition.
+pub const PARTITION_PREFIX: &str = "!due-";
+
+/// "Look at `device_id` at `due_at`".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueEntry {
+    pub device_id: DeviceId,
+    pub due_at: DateTime<Utc>,
+    /// Makes the row key unique to one filing (see the module docs).
+    pub nonce: String,
+}
+
+impl DueEntry {
+    /// A new entry with a fresh nonce.
+    pub fn new(device_id: DeviceId, due_at: DateTime<Utc>) -> Self {
+        Self {
+            device_id,
+            due_at,
+            nonce: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+        }
+    }
+
+    pub fn shard(&self) -> u8 {
+        shard_of(&self.device_id)
+    }
+
+    pub fn partition_key(&self) -> String {
+        partition_key(self.shard())
+    }
+
+    /// `{due_at, RFC 3339 to the millisecond}~{device}~{nonce}`: sorts by time.
+    pub fn row_key(&self) -> String {
+        format!(
+            "{}~{}~{}",
+            time_key(self.due_at),
+            self.device_id.as_str(),
+            self.nonce
+        )
+    }
+
+    /// The entry a row key names (`None` if it is not one of ours).
+    pub fn from_row_key(row_key: &str) -> Option<Self> {
+        let mut parts = row_key.splitn(3, '~');
+        let due_at = DateTime::parse_from_rfc3339(parts.next()?).ok()?;
+        let device_id = DeviceId::parse(parts.next()?).ok()?;
+        let nonce = parts.next()?.to_string();
+        Some(Self {
+            device_id,
+            due_at: due_at.with_timezone(&Utc),
+            nonce,
+        })
+    }
+}
+
+/// The partition key of shard `shard`.
+pub fn partition_key(shard: u8) -> String {
+    format!("{PARTITION_PREFIX}{shard:02}")
+}
+
+/// The row key bound that lists a shard's entries due at or before `until`
+/// (`RowKey lt bound`): `~` sorts after every character of a time key.
+pub fn row_key_bound(until: DateTime<Utc>) -> String {
+    format!("{}~~", time_key(until))
+}
+
+/// Fixed-width, so that string order is time order (years 0000-9999).
+fn time_key(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// The shard of a device: FNV-1a over its id (stable across builds and platforms).
+pub fn shard_of(device: &DeviceId) -> u8 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in device.as_str().bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    (hash % u32::from(SHARDS)) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Duration, TimeZone};
+
+    fn t(ms: i64) -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(1_800_000_000_000 + ms).unwrap()
+    }
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_row_key_reads_back_as_the_entry_it_names() {
+        let e = DueEntry::new(id("bat-1.a_b"), t(123));
+        assert_eq!(DueEntry::from_row_key(&e.row_key()), Some(e.clone()));
+        assert_eq!(e.partition_key(), partition_key(shard_of(&id("bat-1.a_b"))));
+        assert!(e.partition_key().starts_with("!due-"));
+        assert_eq!(DueEntry::from_row_key("desired"), None);
+    }
+
+    #[test]
+    fn row_keys_sort_by_time_and_the_bound_includes_exactly_what_is_due() {
+        let early = DueEntry::new(id("zzz"), t(0));
+        let later = DueEntry::new(id("aaa"), t(1));
+        let much_later = DueEntry::new(id("aaa"), t(0) + Duration::days(400));
+        assert!(early.row_key() < later.row_key());
+        assert!(later.row_key() < much_later.row_key());
+        let bound = row_key_bound(t(1));
+        assert!(early.row_key() < bound && later.row_key() < bound);
+        assert!(DueEntry::new(id("a"), t(2)).row_key() > bound);
+    }
+
+    #[test]
+    fn filings_of_the_same_device_and_time_never_share_a_row_key() {
+        let a = DueEntry::new(id("d"), t(5));
+        let b = DueEntry::new(id("d"), t(5));
+        assert_ne!(a.row_key(), b.row_key());
+    }
+
+    #[test]
+    fn devices_spread_over_every_shard() {
+        let mut counts = [0u32; SHARDS as usize];
+        for i in 0..16_000 {
+            counts[shard_of(&id(&format!("bat-{i}"))) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
+        assert_eq!(shard_of(&id("bat-42")), shard_of(&id("bat-42")));
+    }
+}
