@@ -5,6 +5,8 @@
 //! | `GET /`                             | host readiness probe and health ping (§1.3)      |
 //! | `/api/devices/{id}/soc[/{*rest}]`   | `SetSocHttp`, forwarded (host.json default); any method: the function answers `405`/`404` itself |
 //! | `POST /SetSocHttp`                  | `SetSocHttp`, envelope mode                      |
+//! | `/api/device-events`                | `DeviceEventsHttp`, forwarded; any method: `POST`, `OPTIONS`, else `405` |
+//! | `POST /DeviceEventsHttp`            | `DeviceEventsHttp`, envelope mode                |
 //! | `POST /SocQueueTrigger`             | Service Bus trigger invocation                   |
 //! | `POST /DrainSocTimer`               | timer trigger invocation                         |
 //!
@@ -32,14 +34,17 @@ use tracing::{error, info};
 
 use crate::adapters::BuildError;
 use crate::config::{Config, ConfigError};
+use crate::domain::device_event::{self, EventError};
 use crate::domain::SettingRequest;
+use crate::functions::device_events_http::{self, EventsRequest};
 use crate::functions::set_soc_http::{self, ApiRequest, ApiResponse};
 use crate::functions::soc_queue_trigger::{self, Delivery, Settle};
 use crate::functions::{drain_soc_timer, Policy, Services};
 use crate::host::{
     HostError, HttpCall, HttpResponseOut, HttpTriggerRequest, InvocationFailure, InvocationRequest,
-    InvocationResponse, ServiceBusDelivery, TimerInfo, DRAIN_SOC_TIMER_BINDING,
-    SET_SOC_HTTP_OUTPUT_BINDING, SET_SOC_HTTP_TRIGGER_BINDING, SOC_QUEUE_TRIGGER_BINDING,
+    InvocationResponse, ServiceBusDelivery, TimerInfo, DEVICE_EVENTS_HTTP_OUTPUT_BINDING,
+    DEVICE_EVENTS_HTTP_TRIGGER_BINDING, DRAIN_SOC_TIMER_BINDING, SET_SOC_HTTP_OUTPUT_BINDING,
+    SET_SOC_HTTP_TRIGGER_BINDING, SOC_QUEUE_TRIGGER_BINDING,
 };
 use crate::ports::SystemClock;
 
@@ -71,7 +76,12 @@ pub fn services_from_config(config: &Config) -> Result<Services, StartupError> {
 }
 
 /// The function folders this handler serves; each has a `POST /{name}` route.
-pub const FUNCTIONS: [&str; 3] = ["SetSocHttp", "SocQueueTrigger", "DrainSocTimer"];
+pub const FUNCTIONS: [&str; 4] = [
+    "SetSocHttp",
+    "SocQueueTrigger",
+    "DrainSocTimer",
+    "DeviceEventsHttp",
+];
 
 /// Largest invocation envelope read (the HTTP body inside is limited much lower by the domain).
 const MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
@@ -105,6 +115,8 @@ pub fn router(state: AppState) -> Router {
             any(set_soc_forwarded),
         )
         .route("/SetSocHttp", post(set_soc_envelope))
+        .route("/api/device-events", any(device_events_forwarded))
+        .route("/DeviceEventsHttp", post(device_events_envelope))
         .route("/SocQueueTrigger", post(soc_queue_trigger))
         .route("/DrainSocTimer", post(drain_soc_timer))
         .fallback(not_found)
@@ -187,15 +199,24 @@ async fn set_soc_envelope(
         Ok(services) => set_soc_http::handle(services, api_request(call)).await,
         Err(_) => misconfigured(),
     };
+    InvocationResponse::ok()
+        .with_http(SET_SOC_HTTP_OUTPUT_BINDING, &http_output(&response))
+        .into_response()
+}
+
+/// An answer as the envelope's HTTP output (§3.5): its headers, and its body unless it
+/// has none.
+fn http_output(response: &ApiResponse) -> HttpResponseOut {
     let mut out = HttpResponseOut::json(response.status, &response.body);
     out.headers
         .retain(|(k, _)| !k.eq_ignore_ascii_case("content-type"));
+    if response.body.is_null() {
+        out.body.clear();
+    }
     for (name, value) in &response.headers {
         out = out.with_header(*name, value.clone());
     }
-    InvocationResponse::ok()
-        .with_http(SET_SOC_HTTP_OUTPUT_BINDING, &out)
-        .into_response()
+    out
 }
 
 fn api_request(call: HttpCall) -> ApiRequest {
@@ -211,6 +232,55 @@ fn api_request(call: HttpCall) -> ApiRequest {
     }
 }
 
+// ------------------------------------------------------------------ DeviceEventsHttp
+
+async fn device_events_forwarded(State(state): State<AppState>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = match to_bytes(body, device_event::MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            let err = EventError::too_large();
+            let mut p = ApiResponse::problem(400, "Invalid request", err.to_string());
+            p.body["field"] = json!(err.error.field);
+            return api_response(p);
+        }
+    };
+    let call = HttpCall::from_forwarded(&parts, BTreeMap::new(), body);
+    api_response(device_events(&state, call).await)
+}
+
+async fn device_events_envelope(
+    State(state): State<AppState>,
+    body: Body,
+) -> Result<Response, InvocationFailure> {
+    let inv = read_envelope(body).await?;
+    let req = HttpTriggerRequest::from_invocation(&inv, DEVICE_EVENTS_HTTP_TRIGGER_BINDING)?;
+    let response = device_events(&state, req.into_call()).await;
+    Ok(InvocationResponse::ok()
+        .with_http(DEVICE_EVENTS_HTTP_OUTPUT_BINDING, &http_output(&response))
+        .into_response())
+}
+
+/// `DeviceEventsHttp`; the handshake (`OPTIONS`) needs no services.
+async fn device_events(state: &AppState, call: HttpCall) -> ApiResponse {
+    let req = EventsRequest {
+        method: call.method.as_str().to_string(),
+        content_type: call.content_type().map(str::to_string),
+        webhook_request_origin: call
+            .headers
+            .get("webhook-request-origin")
+            .map(|v| v.as_bytes().to_vec()),
+        body: call.body.to_vec(),
+    };
+    if req.method.eq_ignore_ascii_case("OPTIONS") {
+        return device_events_http::handshake(req.webhook_request_origin.as_deref());
+    }
+    match state.services() {
+        Ok(services) => device_events_http::handle(services, req).await,
+        Err(_) => misconfigured(),
+    }
+}
+
 fn misconfigured() -> ApiResponse {
     ApiResponse::problem(
         500,
@@ -221,7 +291,13 @@ fn misconfigured() -> ApiResponse {
 
 fn api_response(r: ApiResponse) -> Response {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = (status, r.body.to_string()).into_response();
+    // No body: no Content-Type either (a String body would be text/plain).
+    let body = if r.body.is_null() {
+        Body::empty()
+    } else {
+        Body::from(r.body.to_string())
+    };
+    let mut response = (status, body).into_response();
     for (name, value) in r.headers {
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(name.as_bytes()),
@@ -529,6 +605,96 @@ mod tests {
             "Metadata": {}
         });
         let (status, _, body) = call(app(&h), post_json("/SetSocHttp", envelope)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["Outputs"]["res"]["statusCode"], 400);
+        assert_eq!(
+            body["Outputs"]["res"]["headers"]["Content-Type"],
+            "application/problem+json"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_reconnect_event_applies_the_pending_request() {
+        let h = Harness::new();
+        h.device.set_online("bat-7", false);
+        let (_, _, accepted) = call(
+            app(&h),
+            post_json("/api/devices/bat-7/soc", json!({"minSoc": 35})),
+        )
+        .await;
+        h.device.set_online("bat-7", true);
+        let event = json!({"specversion": "1.0", "id": "e-1", "source": "/vendor",
+            "type": crate::domain::device_event::CONNECTED, "subject": "bat-7"});
+        let req = HttpRequest::post("/api/device-events?code=k")
+            .header(
+                "content-type",
+                "application/cloudevents+json; charset=utf-8",
+            )
+            .body(Body::from(event.to_string()))
+            .unwrap();
+        let (status, headers, body) = call(app(&h), req).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(body["events"][0]["result"], "applied");
+        assert_eq!(body["events"][0]["requestId"], accepted["requestId"]);
+    }
+
+    #[tokio::test]
+    async fn the_webhook_handshake_is_answered_even_when_misconfigured() {
+        let broken = router(AppState::new(Err(StartupError::Config(
+            crate::config::ConfigError(vec!["SOC_QUEUE_NAME: missing".into()]),
+        ))));
+        let req = HttpRequest::options("/api/device-events")
+            .header("WebHook-Request-Origin", "eventgrid.azure.net")
+            .body(Body::empty())
+            .unwrap();
+        let res = broken.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(
+            res.headers()["webhook-allowed-origin"],
+            "eventgrid.azure.net"
+        );
+        assert_eq!(res.headers()["webhook-allowed-rate"], "*");
+        assert!(res.headers().get("content-type").is_none());
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        assert!(bytes.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_events_body_is_a_400_problem() {
+        let h = Harness::new();
+        let big = "x".repeat(crate::domain::device_event::MAX_BODY_BYTES + 1);
+        let req = HttpRequest::post("/api/device-events")
+            .header("content-type", "application/json")
+            .body(Body::from(big))
+            .unwrap();
+        let (status, headers, body) = call(app(&h), req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(headers["content-type"], "application/problem+json");
+        assert_eq!(body["field"], "body");
+    }
+
+    #[tokio::test]
+    async fn an_envelope_events_invocation_answers_inside_a_2xx() {
+        let h = Harness::new();
+        let handshake = json!({
+            "Data": { "req": { "Method": "OPTIONS", "Headers": { "WebHook-Request-Origin": ["eventgrid.azure.net"] }, "Params": {} } },
+            "Metadata": { "sys": { "MethodName": "DeviceEventsHttp" } }
+        });
+        let (status, _, body) = call(app(&h), post_json("/DeviceEventsHttp", handshake)).await;
+        assert_eq!(status, StatusCode::OK);
+        let res = &body["Outputs"]["res"];
+        assert_eq!(res["statusCode"], 200);
+        assert_eq!(
+            res["headers"]["WebHook-Allowed-Origin"],
+            "eventgrid.azure.net"
+        );
+        assert_eq!(res["body"], "");
+        let bad = json!({
+            "Data": { "req": { "Method": "POST", "Headers": { "Content-Type": ["application/cloudevents+json"] }, "Params": {}, "Body": "{\"specversion\":\"1.0\"}" } },
+            "Metadata": {}
+        });
+        let (status, _, body) = call(app(&h), post_json("/DeviceEventsHttp", bad)).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["Outputs"]["res"]["statusCode"], 400);
         assert_eq!(

@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 use soc_settings::app::FUNCTIONS;
 use soc_settings::config::SETTINGS;
 use soc_settings::host::{
-    DRAIN_SOC_TIMER_BINDING, SET_SOC_HTTP_OUTPUT_BINDING, SET_SOC_HTTP_TRIGGER_BINDING,
-    SOC_QUEUE_TRIGGER_BINDING,
+    DEVICE_EVENTS_HTTP_OUTPUT_BINDING, DEVICE_EVENTS_HTTP_TRIGGER_BINDING, DRAIN_SOC_TIMER_BINDING,
+    SET_SOC_HTTP_OUTPUT_BINDING, SET_SOC_HTTP_TRIGGER_BINDING, SOC_QUEUE_TRIGGER_BINDING,
 };
 
 #[derive(Clone, Debug)]
@@ -179,6 +179,7 @@ fn semantic_problems(repo: &Repo) -> Vec<String> {
         ("SetSocHttp", vec!["httpTrigger", "http"]),
         ("SocQueueTrigger", vec!["serviceBusTrigger"]),
         ("DrainSocTimer", vec!["timerTrigger"]),
+        ("DeviceEventsHttp", vec!["httpTrigger", "http"]),
     ]);
     for (name, config) in &repo.functions {
         let types: Vec<&str> = bindings(config)
@@ -212,31 +213,46 @@ fn semantic_problems(repo: &Repo) -> Vec<String> {
         }
     }
 
-    // SetSocHttp.
+    // The HTTP functions: SetSocHttp serves the device's resource and its requests
+    // (docs/openapi.yaml), DeviceEventsHttp the vendor's connection events.
     let empty = json!({});
-    let http = repo.functions.get("SetSocHttp").unwrap_or(&empty);
-    let trigger = binding(http, "httpTrigger").unwrap_or(&Value::Null);
-    // One function serves the device's resource and its requests (docs/openapi.yaml).
-    if trigger["route"] != "devices/{deviceId}/soc/{*rest}" {
-        p.push(format!("SetSocHttp: route {}", trigger["route"]));
-    }
-    // Every method reaches the handler, which answers 405 with Allow itself (the
-    // Azure host would answer an empty 404 for a method the function does not list).
-    if trigger.get("methods").is_some() {
-        p.push(format!(
-            "SetSocHttp: methods {} (leave it out: the handler answers 405)",
-            trigger["methods"]
-        ));
-    }
-    if trigger["authLevel"] != "function" {
-        p.push(format!("SetSocHttp: authLevel {}", trigger["authLevel"]));
-    }
-    if trigger["name"] != SET_SOC_HTTP_TRIGGER_BINDING {
-        p.push(format!("SetSocHttp: trigger name {}", trigger["name"]));
-    }
-    let out = binding(http, "http").unwrap_or(&Value::Null);
-    if out["name"] != SET_SOC_HTTP_OUTPUT_BINDING || out["direction"] != "out" {
-        p.push(format!("SetSocHttp: http output {out}"));
+    for (name, route, trigger_name, output_name) in [
+        (
+            "SetSocHttp",
+            "devices/{deviceId}/soc/{*rest}",
+            SET_SOC_HTTP_TRIGGER_BINDING,
+            SET_SOC_HTTP_OUTPUT_BINDING,
+        ),
+        (
+            "DeviceEventsHttp",
+            "device-events",
+            DEVICE_EVENTS_HTTP_TRIGGER_BINDING,
+            DEVICE_EVENTS_HTTP_OUTPUT_BINDING,
+        ),
+    ] {
+        let http = repo.functions.get(name).unwrap_or(&empty);
+        let trigger = binding(http, "httpTrigger").unwrap_or(&Value::Null);
+        if trigger["route"] != route {
+            p.push(format!("{name}: route {}", trigger["route"]));
+        }
+        // Every method reaches the handler, which answers 405 with Allow itself (the
+        // Azure host would answer an empty 404 for a method the function does not list).
+        if trigger.get("methods").is_some() {
+            p.push(format!(
+                "{name}: methods {} (leave it out: the handler answers 405)",
+                trigger["methods"]
+            ));
+        }
+        if trigger["authLevel"] != "function" {
+            p.push(format!("{name}: authLevel {}", trigger["authLevel"]));
+        }
+        if trigger["name"] != trigger_name {
+            p.push(format!("{name}: trigger name {}", trigger["name"]));
+        }
+        let out = binding(http, "http").unwrap_or(&Value::Null);
+        if out["name"] != output_name || out["direction"] != "out" {
+            p.push(format!("{name}: http output {out}"));
+        }
     }
 
     // SocQueueTrigger.
@@ -433,6 +449,22 @@ fn the_checks_reject_each_kind_of_broken_config() {
         (
             "trigger name",
             Box::new(|r| func(r, "SetSocHttp")["bindings"][0]["name"] = json!("request")),
+        ),
+        (
+            "DeviceEventsHttp: route",
+            Box::new(|r| func(r, "DeviceEventsHttp")["bindings"][0]["route"] = json!("events")),
+        ),
+        (
+            "DeviceEventsHttp: methods",
+            Box::new(|r| {
+                func(r, "DeviceEventsHttp")["bindings"][0]["methods"] = json!(["post", "options"])
+            }),
+        ),
+        (
+            "DeviceEventsHttp: authLevel",
+            Box::new(|r| {
+                func(r, "DeviceEventsHttp")["bindings"][0]["authLevel"] = json!("anonymous")
+            }),
         ),
         (
             "queueName",

@@ -112,6 +112,27 @@ fn get(path: &str) -> Request<Body> {
     Request::get(path).body(Body::empty()).unwrap()
 }
 
+fn events(content_type: &str, body: &Value) -> Request<Body> {
+    Request::post("/api/device-events?code=k")
+        .header("content-type", content_type)
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+fn options(origin: Option<&str>) -> Request<Body> {
+    let mut b = Request::builder()
+        .method(Method::OPTIONS)
+        .uri("/api/device-events?code=k");
+    if let Some(o) = origin {
+        b = b.header("WebHook-Request-Origin", o);
+    }
+    b.body(Body::empty()).unwrap()
+}
+
+fn cloud_event(id: &str, ty: &str, device: &str) -> Value {
+    json!({"specversion": "1.0", "id": id, "source": "/vendor", "type": ty, "subject": device})
+}
+
 fn app(h: &Harness) -> axum::Router {
     router(AppState::new(Ok(h.svc.clone())))
 }
@@ -273,6 +294,80 @@ async fn scenarios() -> Vec<Observed> {
         .await,
     );
 
+    // receiveDeviceEvents: "off" has a pending request (above); it comes back online.
+    const CONNECTED: &str = "com.vendor.device.connected";
+    h.device.set_online("off", true);
+    seen.push(
+        call(
+            app(&h),
+            "receiveDeviceEvents",
+            "reconnect after the request expired",
+            events(
+                "application/cloudevents+json",
+                &cloud_event("e1", CONNECTED, "off"),
+            ),
+        )
+        .await,
+    );
+    h.device.set_online("off", false);
+    seen.push(
+        call(
+            app(&h),
+            "receiveDeviceEvents",
+            "batch: duplicate, other type, disconnect, nothing pending",
+            events(
+                "application/cloudevents-batch+json",
+                &json!([
+                    cloud_event("e1", CONNECTED, "off"),
+                    cloud_event("e1", CONNECTED, "off"),
+                    cloud_event("e2", "com.vendor.firmware.updated", "x"),
+                    cloud_event("e3", "com.vendor.device.disconnected", "on"),
+                ]),
+            ),
+        )
+        .await,
+    );
+    seen.push(
+        call(
+            app(&h),
+            "receiveDeviceEvents",
+            "bad event in a batch",
+            events(
+                "application/json",
+                &json!([cloud_event("e1", CONNECTED, "off"), {"specversion": "1.0"}]),
+            ),
+        )
+        .await,
+    );
+    seen.push(
+        call(
+            app(&h),
+            "receiveDeviceEvents",
+            "binary mode",
+            events("text/plain", &json!("online")),
+        )
+        .await,
+    );
+    seen.push(
+        call(
+            app(&h),
+            "validateEventsWebhook",
+            "handshake",
+            options(Some("eventgrid.azure.net")),
+        )
+        .await,
+    );
+    seen.push(call(app(&h), "validateEventsWebhook", "plain", options(None)).await);
+    seen.push(
+        call(
+            app(&h),
+            "validateEventsWebhook",
+            "bad origin",
+            options(Some(&"o".repeat(256))),
+        )
+        .await,
+    );
+
     // The store down: 503 everywhere.
     h.ledger.set_down(true);
     seen.push(
@@ -286,6 +381,18 @@ async fn scenarios() -> Vec<Observed> {
     );
     seen.push(call(app(&h), "getSoc", "store down", get("/api/devices/off/soc")).await);
     seen.push(call(app(&h), "getSocRequest", "store down", get(&of(&second_id))).await);
+    seen.push(
+        call(
+            app(&h),
+            "receiveDeviceEvents",
+            "store down",
+            events(
+                "application/cloudevents+json",
+                &cloud_event("e9", "com.vendor.device.connected", "off"),
+            ),
+        )
+        .await,
+    );
     h.ledger.set_down(false);
 
     // Misconfigured: 500 everywhere.
@@ -319,6 +426,18 @@ async fn scenarios() -> Vec<Observed> {
             "getSocRequest",
             "misconfigured",
             get(&of(&second_id)),
+        )
+        .await,
+    );
+    seen.push(
+        call(
+            broken(),
+            "receiveDeviceEvents",
+            "misconfigured",
+            events(
+                "application/cloudevents+json",
+                &cloud_event("e9", "com.vendor.device.connected", "off"),
+            ),
         )
         .await,
     );
@@ -416,6 +535,20 @@ async fn every_status_header_and_field_the_document_promises_is_produced() {
         }
         if let Some(Value::Object(body)) = &o.body {
             fields.extend(body.keys().cloned());
+            // A device events summary: the fields of each event's entry too.
+            for entry in body
+                .get("events")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                fields.extend(
+                    entry
+                        .as_object()
+                        .into_iter()
+                        .flat_map(|e| e.keys().cloned()),
+                );
+            }
         }
     }
     for (id, _, _) in operations(&doc) {
@@ -446,7 +579,12 @@ async fn every_status_header_and_field_the_document_promises_is_produced() {
             }
         }
     }
-    for schema in ["SocRequest", "Problem"] {
+    for schema in [
+        "SocRequest",
+        "Problem",
+        "DeviceEventsSummary",
+        "DeviceEventResult",
+    ] {
         for name in doc["components"]["schemas"][schema]["properties"]
             .as_object()
             .unwrap()
@@ -513,20 +651,34 @@ async fn every_documented_path_is_routed_to_the_handler_and_nothing_else_under_t
         assert_eq!(o.status, 404, "{undocumented}");
         assert_eq!(o.headers["content-type"], "application/problem+json");
     }
-    let function: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/SetSocHttp/function.json"
-        ))
-        .unwrap(),
+    // The event route is exact: anything below it is not routed.
+    let o = call(
+        app(&h),
+        "route",
+        "undocumented",
+        get("/api/device-events/x"),
     )
-    .unwrap();
-    let route = function["bindings"][0]["route"].as_str().unwrap();
+    .await;
+    assert_eq!(o.status, 404);
+    let route_of = |function: &str| -> String {
+        let config: Value = serde_json::from_str(
+            &std::fs::read_to_string(format!(
+                "{}/{function}/function.json",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        config["bindings"][0]["route"].as_str().unwrap().to_string()
+    };
+    let routes = [route_of("SetSocHttp"), route_of("DeviceEventsHttp")];
     for path in methods_of.keys() {
-        let base = route.trim_end_matches("/{*rest}");
         assert!(
-            path.trim_start_matches('/').starts_with(base),
-            "{path} is served by SetSocHttp's route {route}"
+            routes.iter().any(|route| {
+                let base = route.trim_end_matches("/{*rest}");
+                path.trim_start_matches('/').starts_with(base)
+            }),
+            "{path} is served by an HTTP function's route ({routes:?})"
         );
     }
 }

@@ -596,7 +596,12 @@ proptest! {
 
     #[test]
     fn random_json_and_bytes_on_every_function_route_never_panic(
-        route in prop_oneof![Just("/SocQueueTrigger"), Just("/DrainSocTimer"), Just("/SetSocHttp")],
+        route in prop_oneof![
+            Just("/SocQueueTrigger"),
+            Just("/DrainSocTimer"),
+            Just("/SetSocHttp"),
+            Just("/DeviceEventsHttp"),
+        ],
         body in prop_oneof![
             any_json().prop_map(|v| v.to_string().into_bytes()),
             any_json().prop_map(|v| json!({"Data": v.clone(), "Metadata": v}).to_string().into_bytes()),
@@ -607,6 +612,76 @@ proptest! {
         let world = World::new();
         let (answer, panics) = invoke(&rt, &world, route, body);
         check_invocation_answer(&answer, panics)?;
+    }
+}
+
+// ------------------------------------------------------------------ device events
+
+/// A CloudEvent, often valid, often with one attribute changed to any JSON or removed.
+fn cloud_event() -> impl Strategy<Value = Value> {
+    let attribute = prop_oneof![
+        Just("specversion"),
+        Just("id"),
+        Just("source"),
+        Just("type"),
+        Just("subject"),
+        Just("time"),
+    ];
+    (
+        prop_oneof![
+            Just("com.vendor.device.connected"),
+            Just("com.vendor.device.disconnected"),
+            Just("com.vendor.other"),
+        ],
+        device_id(),
+        prop::option::of((attribute, prop::option::of(any_json()))),
+    )
+        .prop_map(|(ty, device, change)| {
+            let mut e = json!({"specversion": "1.0", "id": "e1", "source": "/vendor", "type": ty,
+                "subject": String::from_utf8_lossy(&device)});
+            if let Some((name, value)) = change {
+                match value {
+                    Some(v) => e[name] = v,
+                    None => drop(e.as_object_mut().unwrap().remove(name)),
+                }
+            }
+            e
+        })
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// With no request stored, no event can change anything: whatever arrives is `200`,
+    /// or a `400`/`415` problem document, and nothing is stored, sent or PUT.
+    #[test]
+    fn device_events_never_panic_and_change_nothing_without_a_pending_request(
+        content_type in prop_oneof![
+            Just("application/cloudevents+json"),
+            Just("application/cloudevents-batch+json"),
+            Just("application/json"),
+            Just("text/plain"),
+        ],
+        body in prop_oneof![
+            cloud_event().prop_map(|e| e.to_string().into_bytes()),
+            prop::collection::vec(cloud_event(), 0..4).prop_map(|v| json!(v).to_string().into_bytes()),
+            any_json().prop_map(|v| v.to_string().into_bytes()),
+            prop::collection::vec(any::<u8>(), 0..64),
+        ],
+    ) {
+        let rt = runtime();
+        let world = World::new();
+        let req = Request::post("/api/device-events")
+            .header("content-type", content_type)
+            .body(Body::from(body))
+            .unwrap();
+        let (answer, panics) = send(&rt, &world.app, req);
+        prop_assert_eq!(panics, 0);
+        let status = answer.status.as_u16();
+        prop_assert!(matches!(status, 200 | 400 | 415), "{}", status);
+        let expected = if status == 200 { "application/json" } else { "application/problem+json" };
+        prop_assert_eq!(answer.content_type.as_str(), expected);
+        prop_assert!(world.nothing_stored_or_sent());
     }
 }
 

@@ -10,6 +10,15 @@
 //!
 //! Control API: see `devtools/README.md` (`/_control/...`).
 //!
+//! Connection events (optional, [`SimState::emit_events_to`]; the binary's `--events-url`):
+//! when a device goes online or offline through the control API (or the in-process
+//! `set_online`, `set_all_online`, `patch`), the simulator POSTs a CloudEvent
+//! (`com.vendor.device.connected` / `...disconnected`, the device id as `subject`, the
+//! contract in `docs/device-api.md`) to the URL, one at a time in order, retrying a `5xx`,
+//! `429` or connection error a few times like Event Grid. `?events=false` on the control
+//! API's online/offline changes the state without an event (a lost event). Fleet flapping
+//! emits nothing. `GET /_control/events` lists what was sent and how it was answered.
+//!
 //! Saved state (optional, [`DeviceSim::start_saved`]; the `devicesim` binary's `--state FILE`):
 //! the devices (online, minSoc, applyCount, behaviour), the applied idempotency keys and the PUT
 //! history are written to one JSON file after every change, atomically (temp file + rename), and
@@ -39,6 +48,27 @@ use tokio::task::JoinHandle;
 
 /// Default API key (matches `DEVICE_API_KEY` in local.settings.json).
 pub const DEFAULT_API_KEY: &str = "local-dev-key";
+/// The event types of `docs/device-api.md` ("Connection events").
+pub const CONNECTED_EVENT: &str = "com.vendor.device.connected";
+pub const DISCONNECTED_EVENT: &str = "com.vendor.device.disconnected";
+/// Deliveries of one event before giving up (the first try and the retries).
+const EVENT_TRIES: u32 = 5;
+
+/// One connection event the simulator sent, and how it was answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EmittedEvent {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub device_id: String,
+    pub at: DateTime<Utc>,
+    /// The receiver's last HTTP status; `None` while in flight or after connection errors.
+    pub status: Option<u16>,
+    pub tries: u32,
+    /// The receiver's answer (its JSON, or its text), or the last connection error.
+    pub answer: Option<serde_json::Value>,
+}
 
 /// Which device endpoints the random/scripted faults apply to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,9 +296,50 @@ struct Inner {
     rng: StdRng,
     fleet: Option<JoinHandle<()>>,
     next_seq: u64,
+    /// Where connection events go (`None`: not sent).
+    events: Option<tokio::sync::mpsc::UnboundedSender<EmittedEvent>>,
+    emitted: Vec<EmittedEvent>,
 }
 
 impl Inner {
+    /// Queues a connection event for the device's new state, if events are on.
+    fn emit(&mut self, device_id: &str, online: bool) {
+        let Some(tx) = &self.events else {
+            return;
+        };
+        let event = EmittedEvent {
+            id: uuid::Uuid::new_v4().to_string(),
+            event_type: if online {
+                CONNECTED_EVENT
+            } else {
+                DISCONNECTED_EVENT
+            }
+            .to_string(),
+            device_id: device_id.to_string(),
+            at: Utc::now(),
+            status: None,
+            tries: 0,
+            answer: None,
+        };
+        if tx.send(event.clone()).is_ok() {
+            self.emitted.push(event);
+        }
+    }
+
+    /// Sets a device's state; an event when it changed and `emit` is set.
+    fn set_online(&mut self, id: &str, online: bool, emit: bool) -> bool {
+        let Some(d) = self.devices.get_mut(id) else {
+            return false;
+        };
+        let changed = d.online != online;
+        d.online = online;
+        tracing::info!(device = id, online, "devicesim device state");
+        if changed && emit {
+            self.emit(id, online);
+        }
+        true
+    }
+
     fn record(
         &mut self,
         device_id: &str,
@@ -392,6 +463,8 @@ impl SimState {
                 rng: StdRng::seed_from_u64(seed),
                 fleet: None,
                 next_seq: 0,
+                events: None,
+                emitted: Vec::new(),
             })),
         }
     }
@@ -448,26 +521,40 @@ impl SimState {
         self.change(|g| g.devices.remove(id).is_some())
     }
 
-    /// Returns false when the device does not exist.
+    /// Returns false when the device does not exist. A change of state sends a connection
+    /// event when events are on ([`SimState::emit_events_to`]).
     pub fn set_online(&self, id: &str, online: bool) -> bool {
-        self.change(|g| match g.devices.get_mut(id) {
-            Some(d) => {
-                d.online = online;
-                tracing::info!(device = id, online, "devicesim device state");
-                true
-            }
-            None => false,
-        })
+        self.change(|g| g.set_online(id, online, true))
+    }
+
+    /// Like [`SimState::set_online`] but never sends an event (as if the vendor's were lost).
+    pub fn set_online_quietly(&self, id: &str, online: bool) -> bool {
+        self.change(|g| g.set_online(id, online, false))
     }
 
     /// Set every device online (or offline) and stop fleet flapping.
     pub fn set_all_online(&self, online: bool) {
         self.stop_fleet();
         self.change(|g| {
-            for d in g.devices.values_mut() {
-                d.online = online;
+            let ids: Vec<String> = g.devices.keys().cloned().collect();
+            for id in ids {
+                g.set_online(&id, online, true);
             }
         });
+    }
+
+    /// From now on, POST a CloudEvent to `url` (header `x-functions-key: key` when given)
+    /// whenever a device's state changes through the control API (see the module doc).
+    /// Needs a tokio runtime (the sender is a task of it).
+    pub fn emit_events_to(&self, url: &str, key: Option<String>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(send_events(self.clone(), url.to_string(), key, rx));
+        self.lock().events = Some(tx);
+    }
+
+    /// Every connection event sent, oldest first, with its answer.
+    pub fn events(&self) -> Vec<EmittedEvent> {
+        self.lock().emitted.clone()
     }
 
     /// Apply a partial update; false when the device does not exist.
@@ -476,12 +563,15 @@ impl SimState {
     }
 
     fn patch_device(g: &mut Inner, id: &str, p: &DevicePatch) -> bool {
+        if !g.devices.contains_key(id) {
+            return false;
+        }
+        if let Some(v) = p.online {
+            g.set_online(id, v, true);
+        }
         let Some(d) = g.devices.get_mut(id) else {
             return false;
         };
-        if let Some(v) = p.online {
-            d.online = v;
-        }
         if let Some(v) = p.min_soc {
             d.min_soc = v;
         }
@@ -925,16 +1015,106 @@ async fn ctl_delete(State(s): State<SimState>, Path(id): Path<String>) -> Respon
     }
 }
 
-async fn ctl_online(State(s): State<SimState>, Path(id): Path<String>) -> Response {
-    set_online_resp(&s, &id, true)
+#[derive(Deserialize)]
+struct EventsQuery {
+    /// `false`: change the state without a connection event.
+    #[serde(default = "yes")]
+    events: bool,
 }
 
-async fn ctl_offline(State(s): State<SimState>, Path(id): Path<String>) -> Response {
-    set_online_resp(&s, &id, false)
+fn yes() -> bool {
+    true
 }
 
-fn set_online_resp(s: &SimState, id: &str, online: bool) -> Response {
-    if s.set_online(id, online) {
+async fn ctl_online(
+    State(s): State<SimState>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Response {
+    set_online_resp(&s, &id, true, q.events)
+}
+
+async fn ctl_offline(
+    State(s): State<SimState>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Response {
+    set_online_resp(&s, &id, false, q.events)
+}
+
+async fn ctl_events(State(s): State<SimState>) -> Json<Vec<EmittedEvent>> {
+    Json(s.events())
+}
+
+/// Sends the queued connection events one at a time, in order (see the module doc).
+async fn send_events(
+    sim: SimState,
+    url: String,
+    key: Option<String>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<EmittedEvent>,
+) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client");
+    while let Some(event) = rx.recv().await {
+        let body = json!({
+            "specversion": "1.0",
+            "id": event.id,
+            "source": "/devicesim",
+            "type": event.event_type,
+            "subject": event.device_id,
+            "time": event.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "datacontenttype": "application/json",
+            "data": {"deviceId": event.device_id, "online": event.event_type == CONNECTED_EVENT},
+        });
+        let mut wait = Duration::from_millis(500);
+        for tries in 1..=EVENT_TRIES {
+            let mut req = http
+                .post(&url)
+                .header("content-type", "application/cloudevents+json")
+                .body(body.to_string());
+            if let Some(k) = &key {
+                req = req.header("x-functions-key", k);
+            }
+            let (status, answer) = match req.send().await {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let text = r.text().await.unwrap_or_default();
+                    let answer = serde_json::from_str(&text).unwrap_or(json!(text));
+                    (Some(status), answer)
+                }
+                Err(e) => (None, json!(e.to_string())),
+            };
+            tracing::info!(device = %event.device_id, event_id = %event.id, event_type = %event.event_type, status = ?status, tries, "devicesim connection event sent");
+            {
+                let mut g = sim.lock();
+                if let Some(e) = g.emitted.iter_mut().find(|e| e.id == event.id) {
+                    e.status = status;
+                    e.tries = tries;
+                    e.answer = Some(answer);
+                }
+            }
+            let retry = match status {
+                None => true,
+                Some(s) => s == 429 || s >= 500,
+            };
+            if !retry {
+                break;
+            }
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+        }
+    }
+}
+
+fn set_online_resp(s: &SimState, id: &str, online: bool, events: bool) -> Response {
+    let changed = if events {
+        s.set_online(id, online)
+    } else {
+        s.set_online_quietly(id, online)
+    };
+    if changed {
         Json(s.device(id)).into_response()
     } else {
         problem(StatusCode::NOT_FOUND, "unknown device")
@@ -1026,6 +1206,7 @@ pub fn router(state: SimState) -> Router {
         .route("/_control/devices/{id}/offline", post(ctl_offline))
         .route("/_control/devices/{id}/faults", post(ctl_faults))
         .route("/_control/all-online", post(ctl_all_online))
+        .route("/_control/events", get(ctl_events))
         .route("/_control/fleet", post(ctl_fleet).delete(ctl_fleet_stop))
         .route(
             "/_control/history",

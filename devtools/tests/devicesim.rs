@@ -511,3 +511,150 @@ async fn the_devicesim_binary_keeps_its_devices_across_a_restart_unless_fresh_an
     sim.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A loopback receiver of connection events: answers each POST with the next status of
+/// `statuses` (then 200) and keeps what it got (headers of interest, body).
+async fn receiver(
+    statuses: Vec<u16>,
+) -> (
+    devtools::server::ServerHandle,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String, Value)>>>,
+) {
+    use axum::http::{HeaderMap, StatusCode};
+    use std::sync::{Arc, Mutex};
+    let got: Arc<Mutex<Vec<(String, String, Value)>>> = Arc::default();
+    let answers = Arc::new(Mutex::new(std::collections::VecDeque::from(statuses)));
+    let (seen, answers2) = (got.clone(), answers.clone());
+    let app = axum::Router::new().route(
+        "/api/device-events",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let (seen, answers) = (seen.clone(), answers2.clone());
+            async move {
+                let header = |n: &str| {
+                    headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                seen.lock().unwrap().push((
+                    header("content-type"),
+                    header("x-functions-key"),
+                    serde_json::from_str(&body).unwrap_or(Value::Null),
+                ));
+                let status = answers.lock().unwrap().pop_front().unwrap_or(200);
+                (
+                    StatusCode::from_u16(status).unwrap(),
+                    axum::Json(json!({"received": 1})),
+                )
+            }
+        }),
+    );
+    let server = devtools::server::serve("127.0.0.1:0".parse().unwrap(), app, "receiver")
+        .await
+        .unwrap();
+    (server, got)
+}
+
+async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..200 {
+        if let Some(v) = f() {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn a_device_going_online_or_offline_sends_one_cloudevent_in_order() {
+    let (server, got) = receiver(vec![]).await;
+    let sim = sim().await;
+    sim.add_device("bat-1", false);
+    sim.emit_events_to(
+        &format!("http://{}/api/device-events", server.addr),
+        Some("fk".into()),
+    );
+    let base = sim.base_url();
+    let c = client();
+    c.post(format!("{base}/_control/devices/bat-1/online"))
+        .send()
+        .await
+        .unwrap();
+    // Already online: no change, no event.
+    c.post(format!("{base}/_control/devices/bat-1/online"))
+        .send()
+        .await
+        .unwrap();
+    c.post(format!("{base}/_control/devices/bat-1/offline"))
+        .send()
+        .await
+        .unwrap();
+    // A lost event: the state changes, nothing is sent.
+    c.post(format!("{base}/_control/devices/bat-1/online?events=false"))
+        .send()
+        .await
+        .unwrap();
+    let events = until("two events answered", || {
+        let e = sim.events();
+        (e.len() == 2 && e.iter().all(|e| e.status == Some(200))).then_some(e)
+    })
+    .await;
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len(), 2);
+    let types: Vec<&str> = got.iter().map(|g| g.2["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "com.vendor.device.connected",
+            "com.vendor.device.disconnected"
+        ]
+    );
+    for (i, (content_type, key, body)) in got.iter().enumerate() {
+        assert_eq!(content_type, "application/cloudevents+json");
+        assert_eq!(key, "fk");
+        assert_eq!(body["specversion"], "1.0");
+        assert_eq!(body["subject"], "bat-1");
+        assert_eq!(body["id"], events[i].id.as_str());
+        assert!(body["source"].as_str().is_some_and(|s| !s.is_empty()));
+    }
+    assert_eq!(events[0].answer, Some(json!({"received": 1})));
+    assert!(sim.device("bat-1").unwrap().online);
+    let listed: Value = c
+        .get(format!("{base}/_control/events"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    sim.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_event_answered_5xx_is_sent_again_and_a_400_is_not() {
+    let (server, got) = receiver(vec![503, 503, 400]).await;
+    let sim = sim().await;
+    sim.add_device("bat-1", false);
+    sim.emit_events_to(&format!("http://{}/api/device-events", server.addr), None);
+    sim.set_online("bat-1", true);
+    let first = until("the retried event answered 400", || {
+        sim.events()
+            .first()
+            .filter(|e| e.status == Some(400))
+            .cloned()
+    })
+    .await;
+    assert_eq!(first.tries, 3);
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len(), 3, "two retries after 503, none after 400");
+    assert!(
+        got.iter().all(|g| g.2["id"] == first.id.as_str()),
+        "the same event"
+    );
+    assert_eq!(got[0].1, "", "no key configured");
+    sim.shutdown().await;
+    server.shutdown().await;
+}

@@ -55,7 +55,7 @@ var socFields = 'extend deviceId = extract(" device=([^ ]+)", 1, message), reque
 
 var failedOrExpiredQuery = 'traces | where message contains " outcome=" | ${socFields} | where outcome in ("applied", "failed", "expired") | summarize settled = dcount(requestId), failedOrExpired = dcountif(requestId, outcome != "applied") | where settled >= ${minimumSettledRequests} and failedOrExpired * 100 > settled * ${failedOrExpiredPercent}'
 
-var handlerErrorsQuery = 'union (traces | where message contains_cs " ERROR " | extend kind = "errorLine"), (requests | where name in ("SetSocHttp", "SocQueueTrigger", "DrainSocTimer") | where (name == "SetSocHttp" and toint(resultCode) >= 500) or (name != "SetSocHttp" and success == false) | extend kind = "failedInvocation") | summarize errorLines = countif(kind == "errorLine"), failedInvocations = countif(kind == "failedInvocation") | where errorLines > 0 or failedInvocations > ${failedInvocationThreshold}'
+var handlerErrorsQuery = 'union (traces | where message contains_cs " ERROR " | extend kind = "errorLine"), (requests | where name in ("SetSocHttp", "SocQueueTrigger", "DrainSocTimer", "DeviceEventsHttp") | where (name in ("SetSocHttp", "DeviceEventsHttp") and toint(resultCode) >= 500) or (name !in ("SetSocHttp", "DeviceEventsHttp") and success == false) | extend kind = "failedInvocation") | summarize errorLines = countif(kind == "errorLine"), failedInvocations = countif(kind == "failedInvocation") | where errorLines > 0 or failedInvocations > ${failedInvocationThreshold}'
 
 var sweepMissingQuery = 'requests | where name == "DrainSocTimer" and success == true | summarize sweeps = count() | where sweeps == 0'
 

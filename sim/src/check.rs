@@ -26,7 +26,8 @@
 //!   confirmed to a live invocation (a PUT that timed out, or whose caller crashed,
 //!   can land unbeknown to anyone: residual risk R2 in the README).
 //! - **S5 bounded work**: one invocation PUTs a request at most once, sends at most
-//!   one wake-up message for it, and makes at most one status call per device; over
+//!   one wake-up message for it (a connection event's invocation sends none: it only
+//!   applies), and the sweep makes at most one status call per device; over
 //!   its life a request gets at most `2 + rechecks + sweep re-sends + faults` wake-up
 //!   messages, where `rechecks` is how many back-off delays fit in its pending life
 //!   and `faults` counts the faults injected on its device (or everywhere) meanwhile:
@@ -307,6 +308,16 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
             if let Some((r, k)) = n.into_iter().find(|(_, k)| *k > 1) {
                 v("S5", format!("{} made {k} {what} for {r}", i.label));
             }
+        }
+        if i.kind == Kind::Event && !i.sends.is_empty() {
+            v(
+                "S5",
+                format!(
+                    "{} (a connection event) sent {} wake-up messages",
+                    i.label,
+                    i.sends.len()
+                ),
+            );
         }
         if i.kind == Kind::Sweep {
             let mut n: HashMap<&str, usize> = HashMap::new();

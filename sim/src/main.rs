@@ -4,6 +4,8 @@
 //! soc-sim --seeds N [--from S] [--jobs J] [--keep-going]   run seeds S..S+N
 //! soc-sim --seed S                                          replay one seed with its trace
 //! ```
+//! `--no-events` (with either): the worlds without the vendor's connection events, as
+//! the seeds were before `DeviceEventsHttp` (the regression seeds of issue 8 replay so).
 //! Exit status 1 when any seed violates a property. Without `--keep-going` the run
 //! stops at the lowest violating seed and prints it.
 
@@ -12,12 +14,31 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 fn usage() -> ! {
-    eprintln!("usage: soc-sim --seeds N [--from S] [--jobs J] [--keep-going] | --seed S");
+    eprintln!(
+        "usage: soc-sim --seeds N [--from S] [--jobs J] [--keep-going] | --seed S  [--no-events]"
+    );
     std::process::exit(2)
 }
 
+/// Set by `--no-events`.
+static NO_EVENTS: AtomicBool = AtomicBool::new(false);
+
+/// The report of `seed`, with or without the connection events.
+fn run_one(seed: u64, trace: bool) -> soc_sim::Report {
+    let scenario = soc_sim::Scenario::generate(seed);
+    if NO_EVENTS.load(Ordering::SeqCst) {
+        soc_sim::run(scenario.without_events(), trace)
+    } else {
+        soc_sim::run(scenario, trace)
+    }
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(at) = args.iter().position(|a| a == "--no-events") {
+        args.remove(at);
+        NO_EVENTS.store(true, Ordering::SeqCst);
+    }
     let mut seeds: Option<u64> = None;
     let mut one: Option<u64> = None;
     let mut from = 0u64;
@@ -54,7 +75,7 @@ fn main() {
 }
 
 fn replay(seed: u64) {
-    let report = soc_sim::run_seed(seed, true);
+    let report = run_one(seed, true);
     println!("seed {seed}\n{:#?}\n", report.scenario);
     for line in report.trace.unwrap_or_default() {
         println!("{line}");
@@ -91,7 +112,7 @@ fn many(from: u64, n: u64, jobs: usize, keep_going: bool) {
                 if seed >= from + n {
                     return;
                 }
-                let report = soc_sim::run_seed(seed, false);
+                let report = run_one(seed, false);
                 let k = done.fetch_add(1, Ordering::SeqCst) + 1;
                 if k % 100_000 == 0 {
                     eprintln!("{k} seeds, {:.0} s", started.elapsed().as_secs_f64());

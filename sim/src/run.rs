@@ -1,8 +1,10 @@
 //! Runs one scenario: the real function code (`set_soc_http`, `soc_queue_trigger`,
-//! `drain_soc_timer`, and through them `apply` and `wake`) on a single-threaded
+//! `drain_soc_timer`, `device_events_http`, and through them `apply` and `wake`) on a
+//! single-threaded
 //! tokio runtime with paused (virtual) time, over the simulated ports. The host's
 //! parts (HTTP clients and their retries, the Service Bus dispatcher with peek-lock,
-//! the timer, instance restarts, device flapping) are tasks of the same runtime.
+//! the timer, instance restarts, device flapping, the vendor's connection events) are
+//! tasks of the same runtime.
 //!
 //! Determinism: one thread, virtual time (tokio auto-advances when every task waits),
 //! every random draw from the seed. The product's random ids (uuid v4) are only
@@ -15,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use soc_settings::config::Config;
+use soc_settings::domain::device_event::CONNECTED;
+use soc_settings::functions::device_events_http::{self, EventsRequest};
 use soc_settings::functions::set_soc_http::{self, ApiRequest};
 use soc_settings::functions::soc_queue_trigger::{self, Delivery, Settle};
 use soc_settings::functions::{drain_soc_timer, Policy, Services};
@@ -129,10 +133,14 @@ async fn simulate(sc: Arc<Scenario>, trace: bool) -> Report {
         for &(at, online) in &d.flaps {
             let world = world.clone();
             let name = d.name.clone();
+            let host = host.clone();
             tokio::spawn(async move {
                 sleep_until_ms(&world, at).await;
-                let mut w = world.lock().unwrap();
-                if w.faults_on {
+                let copies = {
+                    let mut w = world.lock().unwrap();
+                    if !w.faults_on {
+                        return;
+                    }
                     w.devices.get_mut(&name).unwrap().online = online;
                     w.fault(
                         &name,
@@ -143,6 +151,14 @@ async fn simulate(sc: Arc<Scenario>, trace: bool) -> Report {
                             "device offline"
                         },
                     );
+                    if online {
+                        announce(&mut w, &name)
+                    } else {
+                        Vec::new()
+                    }
+                };
+                for (id, delay) in copies {
+                    tokio::spawn(vendor_event(host.clone(), name.clone(), id, delay));
                 }
             });
         }
@@ -303,6 +319,80 @@ async fn client(host: Host, index: usize) {
         let wait = {
             let mut w = host.world.lock().unwrap();
             1_000 + (w.draw() * 30_000.0) as u64
+        };
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
+}
+
+/// Whether the vendor announces that `device` came online, and how: the copies of its
+/// `connected` event (id, delay); none when it is not announced or the event is lost.
+fn announce(w: &mut World, device: &str) -> Vec<(String, u64)> {
+    let ev = w.sc.events;
+    if ev.emit <= 0.0 || w.event_draw() >= ev.emit {
+        return Vec::new();
+    }
+    w.next_event += 1;
+    let id = format!("ev-{}", w.next_event);
+    if w.event_draw() < ev.lost {
+        w.log("vendor", |_| format!("{id} ({device} connected) is lost"));
+        return Vec::new();
+    }
+    let copies = if w.event_draw() < ev.duplicate { 2 } else { 1 };
+    (0..copies)
+        .map(|_| {
+            let delay = (w.event_draw() * ev.max_delay_ms as f64) as u64;
+            (id.clone(), delay)
+        })
+        .collect()
+}
+
+/// The vendor's device cloud sends one copy of a `connected` event to
+/// `DeviceEventsHttp` after `delay_ms`, and again after a `503` or no answer.
+async fn vendor_event(host: Host, device: String, id: String, delay_ms: u64) {
+    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    let retries = host.world.lock().unwrap().sc.events.retries;
+    let body = serde_json::json!({
+        "specversion": "1.0", "id": id, "source": "/vendor", "type": CONNECTED, "subject": device,
+    })
+    .to_string()
+    .into_bytes();
+    for attempt in 0..=retries {
+        let request = EventsRequest {
+            method: "POST".into(),
+            content_type: Some("application/cloudevents+json".into()),
+            webhook_request_origin: None,
+            body: body.clone(),
+        };
+        let (inv, handle) = host.invoke(Kind::Event, |svc| async move {
+            device_events_http::handle(&svc, request).await
+        });
+        host.world
+            .lock()
+            .unwrap()
+            .log(&inv.who(), |_| format!("{id}: {device} connected"));
+        let answered = handle.await.ok();
+        let again = {
+            let mut w = host.world.lock().unwrap();
+            let retry = match &answered {
+                Some(r) => {
+                    let result = r.body["events"][0]["result"].clone();
+                    let status = r.status;
+                    w.log(&inv.who(), |_| format!("ANSWER {status} {result}"));
+                    r.status == 503
+                }
+                None => {
+                    w.log(&inv.who(), |_| "no answer (invocation dropped)".into());
+                    true
+                }
+            };
+            retry && attempt < retries && w.faults_on
+        };
+        if !again {
+            return;
+        }
+        let wait = {
+            let mut w = host.world.lock().unwrap();
+            1_000 + (w.event_draw() * 30_000.0) as u64
         };
         tokio::time::sleep(Duration::from_millis(wait)).await;
     }

@@ -72,6 +72,24 @@ pub struct Faults {
     pub crash: f64,
 }
 
+/// The vendor's connection events: when a device comes online (while faults are on),
+/// the device cloud may send a `connected` CloudEvent to `DeviceEventsHttp`, late,
+/// duplicated (each copy with its own delay, so copies and other events reorder) or not
+/// at all; the sender delivers again after a `503` or no answer (Event Grid's retries).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Events {
+    /// Chance that a device coming online is announced (0: the world has no events).
+    pub emit: f64,
+    /// Of announced reconnects, the share whose event is lost.
+    pub lost: f64,
+    /// Of sent events, the share delivered twice.
+    pub duplicate: f64,
+    /// Each copy arrives up to this long after the device came online.
+    pub max_delay_ms: u64,
+    /// Deliveries after the first, after a `503` or no answer.
+    pub retries: u32,
+}
+
 #[derive(Debug, Clone)]
 pub struct DeviceSpec {
     pub name: String,
@@ -110,6 +128,8 @@ pub struct Scenario {
     pub recheck_initial_s: u64,
     pub recheck_max_s: u64,
     pub drain_concurrency: usize,
+    /// The vendor's connection events.
+    pub events: Events,
     /// `DRAIN_SOC_MAX_DUE` and `DRAIN_SOC_FANOUT_ABOVE`: small, so that runs that
     /// stop early and fan out happen with a handful of devices.
     pub sweep_max_due: usize,
@@ -141,6 +161,7 @@ impl Scenario {
             recheck_initial_s: 30,
             recheck_max_s: 300,
             drain_concurrency: 4,
+            events: Events::default(),
             sweep_max_due: 1000,
             fanout_above: 1000,
             sweep_budget_s: 60,
@@ -179,6 +200,13 @@ impl Scenario {
             + device_lease
             + 2 * (b.device_timeout_ms + b.late_landing_ms + 3 * b.storage_timeout_ms)
             + 60_000
+    }
+
+    /// The same world without connection events (the regression seeds of issue 8 were
+    /// found before the events existed, and replay so).
+    pub fn without_events(mut self) -> Self {
+        self.events = Events::default();
+        self
     }
 
     /// The world of one seed.
@@ -269,6 +297,20 @@ impl Scenario {
         } else {
             86_400
         };
+        // Drawn from a stream of their own, so the rest of the world is what it was
+        // before events existed.
+        let mut ev = ChaCha8Rng::seed_from_u64(seed ^ 0x0e7e_47e5_c0de_cafe);
+        let events = if ev.gen_bool(0.25) {
+            Events::default()
+        } else {
+            Events {
+                emit: ev.gen_range(0.3..=1.0),
+                lost: level(&mut ev, 0.1, 0.4),
+                duplicate: level(&mut ev, 0.1, 0.5),
+                max_delay_ms: ev.gen_range(0..=60_000),
+                retries: ev.gen_range(0..=3),
+            }
+        };
         Self {
             seed,
             bounds,
@@ -283,6 +325,7 @@ impl Scenario {
             recheck_initial_s: rng.gen_range(5..=60),
             recheck_max_s: rng.gen_range(60..=600),
             drain_concurrency: rng.gen_range(1..=4),
+            events,
             sweep_max_due: rng.gen_range(1..=4),
             fanout_above: rng.gen_range(0..=3),
             sweep_budget_s: rng.gen_range(20..=120),

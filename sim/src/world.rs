@@ -25,6 +25,8 @@ pub enum Kind {
     Post,
     Delivery,
     Sweep,
+    /// `DeviceEventsHttp`: the vendor's connection event.
+    Event,
 }
 
 impl Kind {
@@ -33,6 +35,7 @@ impl Kind {
             Kind::Post => "post",
             Kind::Delivery => "deliv",
             Kind::Sweep => "sweep",
+            Kind::Event => "event",
         }
     }
 }
@@ -262,6 +265,9 @@ pub struct World {
     pub counts: HashMap<Kind, u64>,
     pub faults_on: bool,
     pub rng: ChaCha8Rng,
+    /// The vendor's connection events draw here, so a world without events draws as before.
+    pub event_rng: ChaCha8Rng,
+    pub next_event: u64,
 }
 
 impl World {
@@ -292,6 +298,8 @@ impl World {
             .collect();
         Self {
             rng: ChaCha8Rng::seed_from_u64(sc.seed ^ 0x5eed_0fc0_ffee),
+            event_rng: ChaCha8Rng::seed_from_u64(sc.seed ^ 0x0e7e_47d1_ce00),
+            next_event: 0,
             sc,
             start: Instant::now(),
             epoch: Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap(),
@@ -404,6 +412,11 @@ impl World {
     /// A random draw for the world itself (not for one operation).
     pub fn draw(&mut self) -> f64 {
         self.rng.gen_range(0.0..1.0)
+    }
+
+    /// A random draw for the vendor's connection events.
+    pub fn event_draw(&mut self) -> f64 {
+        self.event_rng.gen_range(0.0..1.0)
     }
 }
 

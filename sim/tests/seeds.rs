@@ -44,3 +44,32 @@ fn a_seed_replays_to_the_same_trace() {
     assert!(a.len() > 10, "{a:?}");
     assert_eq!(a, b);
 }
+
+#[test]
+fn the_vendors_connection_events_reach_the_devices_in_the_generated_worlds() {
+    // The event path is exercised, not only generated: among the first seeds, event
+    // invocations run, crash, and put requests on devices.
+    let (mut invocations, mut crashed, mut landed) = (0, 0, 0);
+    for seed in 0..300 {
+        let report = soc_sim::run_seed(seed, false);
+        let obs = &report.observations;
+        for i in obs
+            .invocations
+            .iter()
+            .filter(|i| i.label.starts_with("event#"))
+        {
+            invocations += 1;
+            crashed += usize::from(i.crashed);
+        }
+        landed += obs
+            .puts
+            .iter()
+            .filter(|p| p.inv.starts_with("event#"))
+            .filter(|p| p.landing == Some(soc_sim::world::Landing::Applied))
+            .count();
+    }
+    assert!(invocations > 100, "{invocations} event invocations");
+    assert!(crashed > 0, "no event invocation crashed");
+    assert!(landed > 10, "{landed} PUTs by event invocations landed");
+    println!("{invocations} event invocations, {crashed} crashed, {landed} PUTs landed");
+}

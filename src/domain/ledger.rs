@@ -96,6 +96,8 @@ pub enum HolderKind {
     Queue,
     /// `DrainSocTimer` (`sweep-…`).
     Sweep,
+    /// `DeviceEventsHttp` (`ev-…`).
+    Event,
 }
 
 /// Names the one invocation that may talk to a device while its lease lasts.
@@ -111,6 +113,7 @@ impl LeaseHolder {
             HolderKind::Http => "http",
             HolderKind::Queue => "sb",
             HolderKind::Sweep => "sweep",
+            HolderKind::Event => "ev",
         };
         Self(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()))
     }
@@ -392,6 +395,9 @@ mod tests {
         assert!(LeaseHolder::new(HolderKind::Sweep)
             .as_str()
             .starts_with("sweep-"));
+        assert!(LeaseHolder::new(HolderKind::Event)
+            .as_str()
+            .starts_with("ev-"));
     }
 
     #[test]

@@ -5,12 +5,15 @@
 //! | `SetSocHttp`      | [`set_soc_http`]      | HTTP `devices/{deviceId}/soc`  |
 //! | `SocQueueTrigger` | [`soc_queue_trigger`] | Service Bus `%SOC_QUEUE_NAME%` |
 //! | `DrainSocTimer`   | [`drain_soc_timer`]   | timer `%DRAIN_SOC_SCHEDULE%`   |
+//! | `DeviceEventsHttp`| [`device_events_http`]| HTTP `device-events` (CloudEvents) |
 //!
 //! [`apply`] is the one procedure that talks to a device; [`wake`] sends wake-up
 //! messages and records them in the ledger; [`index`] keeps the due index in step
-//! with record writes. They are shared by the functions.
+//! with record writes. They are shared by the functions (a device event never sends a
+//! wake-up message: it only applies).
 
 pub mod apply;
+pub mod device_events_http;
 pub mod drain_soc_timer;
 pub mod index;
 pub mod set_soc_http;

@@ -1,7 +1,7 @@
 //! HTTP trigger, both ways the host can deliver it (protocol §3):
 //! - envelope mode (§3.2): `Data.req` inside the invocation JSON -> [`HttpTriggerRequest`];
 //! - forwarded mode (§3.3, what our host.json enables): a plain HTTP request
-//!   to `/api/devices/{id}/soc` -> [`HttpCall::from_forwarded`].
+//!   to `/api/devices/{id}/soc` or `/api/device-events` -> [`HttpCall::from_forwarded`].
 //!
 //! Both meet in [`HttpCall`], the one request type the function code sees.
 //! The response side for envelope mode is [`HttpResponseOut`], rendered by
@@ -21,6 +21,10 @@ use super::HostError;
 pub const SET_SOC_HTTP_TRIGGER_BINDING: &str = "req";
 /// Output binding name of `SetSocHttp/function.json` (tests/config_files.rs checks it).
 pub const SET_SOC_HTTP_OUTPUT_BINDING: &str = "res";
+/// Trigger binding name of `DeviceEventsHttp/function.json`.
+pub const DEVICE_EVENTS_HTTP_TRIGGER_BINDING: &str = "req";
+/// Output binding name of `DeviceEventsHttp/function.json`.
+pub const DEVICE_EVENTS_HTTP_OUTPUT_BINDING: &str = "res";
 /// The query parameter carrying the function key. Kept out of [`HttpCall`]
 /// so it can never reach a log line.
 const FUNCTION_KEY_PARAM: &str = "code";

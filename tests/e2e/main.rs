@@ -4,6 +4,7 @@
 //! batteries and the operator; everything else happens on its own. See `support.rs`.
 
 mod contract;
+mod events;
 mod requests;
 mod support;
 mod walkthrough;

@@ -36,6 +36,7 @@ pub struct Setup {
     lock_duration: Duration,
     function_key: Option<String>,
     master_key: Option<String>,
+    events: bool,
 }
 
 impl Setup {
@@ -58,7 +59,15 @@ impl Setup {
             lock_duration: Duration::from_secs(10),
             function_key: None,
             master_key: None,
+            events: false,
         }
+    }
+
+    /// devicesim sends its connection events to devhost's `DeviceEventsHttp` (with the
+    /// function key), as `scripts/dev` runs it.
+    pub fn events(mut self) -> Setup {
+        self.events = true;
+        self
     }
 
     /// An app setting (wins over local.settings.json and the defaults above).
@@ -114,6 +123,7 @@ impl Setup {
                 .unwrap(),
             opts,
             dir,
+            events: self.events,
             _azurite: azurite,
         };
         app.start_devhost().await;
@@ -133,6 +143,8 @@ pub struct App {
     pub http: reqwest::Client,
     opts: DevHostOptions,
     dir: PathBuf,
+    /// devicesim sends connection events to devhost (see [`Setup::events`]).
+    events: bool,
     _azurite: Arc<Azurite>,
 }
 
@@ -148,6 +160,12 @@ impl App {
         host.wait_handler_ready(Duration::from_secs(30))
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", self.handler_log_tail()));
+        if self.events {
+            self.sim.emit_events_to(
+                &host.api_url("device-events"),
+                Some(host.function_key().to_string()),
+            );
+        }
         self.host = Some(host);
     }
 

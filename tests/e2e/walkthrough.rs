@@ -2,7 +2,8 @@
 //! ports and keys (`--print-walkthrough`), and every `curl` line is executed with bash; each
 //! `#    expect: TEXT` line below a command must appear in that command's output. Commands that
 //! only read (no `-X POST`) are repeated until they match, as a person would; a POST runs once.
-//! devicesim gets the demo batteries scripts/dev creates (bat-online, bat-offline).
+//! devicesim gets the demo batteries scripts/dev creates (bat-online, bat-offline) and sends
+//! its connection events to DeviceEventsHttp, as scripts/dev runs it.
 
 use std::time::{Duration, Instant};
 
@@ -70,6 +71,7 @@ async fn walk(pace: Pace) -> (crate::support::App, Vec<String>) {
         .set("SOC_RECHECK_MAX_SECONDS", "1800")
         .set("DRAIN_SOC_SCHEDULE", "0 */5 * * * *")
         .keys(FUNCTION_KEY, MASTER_KEY)
+        .events()
         .start()
         .await;
     app.sim.add_device("bat-online", true);
@@ -131,7 +133,8 @@ async fn walk(pace: Pace) -> (crate::support::App, Vec<String>) {
             }
         }
     }
-    assert_eq!(app.device_value("bat-offline"), Some(30));
+    // 30 applied by the reconnect event, then 45 (its event lost) by the sweep.
+    assert_eq!(app.device_value("bat-offline"), Some(45));
     assert_eq!(app.device_value("bat-online"), Some(25));
     (app, outputs)
 }
@@ -174,7 +177,21 @@ async fn the_walk_through_printed_by_scripts_dev_works_as_written() {
     assert_eq!(
         (request["minSoc"].as_u64(), request["status"].as_str()),
         (Some(30), Some("applied")),
-        "step 1's request, applied in step 6"
+        "step 1's request, applied in step 5 by the reconnect event"
+    );
+    // Applied by the event (step 4), not by a re-check or the sweep: the event says so.
+    let events = app.sim.events();
+    let first = events
+        .iter()
+        .find(|e| e.event_type == "com.vendor.device.connected")
+        .expect("devicesim sent the reconnect event");
+    let answer = first.answer.clone().unwrap();
+    assert_eq!(answer["events"][0]["result"], "applied", "{answer}");
+    assert_eq!(answer["events"][0]["requestId"], request["requestId"]);
+    assert_eq!(
+        events.len(),
+        2,
+        "connected (step 4), disconnected (step 10); none for step 12: {events:?}"
     );
 }
 

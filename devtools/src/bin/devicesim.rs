@@ -3,8 +3,12 @@
 //! ```text
 //! devicesim [--addr 127.0.0.1:7073] [--api-key KEY | --no-api-key] [--seed N]
 //!           [--device ID[:online|:offline]]... [--fleet N] [--fleet-interval-ms MS]
-//!           [--state FILE [--fresh]]
+//!           [--state FILE [--fresh]] [--events-url URL [--events-key KEY]]
 //! ```
+//!
+//! `--events-url URL` sends a CloudEvent to URL whenever a device goes online or offline
+//! through the control API (`docs/device-api.md`, "Connection events"), with
+//! `x-functions-key: KEY` when `--events-key` is given (scripts/dev: DeviceEventsHttp).
 //!
 //! `--state FILE` keeps the devices (and the PUT history) in FILE across restarts; a `--device`
 //! already in FILE keeps its saved state. `--fresh` forgets what FILE held.
@@ -18,7 +22,7 @@ fn usage() -> ! {
     println!(
         "usage: devicesim [--addr 127.0.0.1:7073] [--api-key KEY | --no-api-key] [--seed N]\n\
          \x20                [--device ID[:online|:offline]]... [--fleet N] [--fleet-interval-ms MS]\n\
-         \x20                [--state FILE [--fresh]]"
+         \x20                [--state FILE [--fresh]] [--events-url URL [--events-key KEY]]"
     );
     std::process::exit(2)
 }
@@ -34,6 +38,8 @@ async fn main() -> anyhow::Result<()> {
     let mut fleet_interval = 2000u64;
     let mut state_file: Option<PathBuf> = None;
     let mut fresh = false;
+    let mut events_url: Option<String> = None;
+    let mut events_key: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
@@ -54,6 +60,8 @@ async fn main() -> anyhow::Result<()> {
             "--fleet-interval-ms" => fleet_interval = val().parse()?,
             "--state" => state_file = Some(PathBuf::from(val())),
             "--fresh" => fresh = true,
+            "--events-url" => events_url = Some(val()),
+            "--events-key" => events_key = Some(val()),
             "-h" | "--help" => usage(),
             _ => usage(),
         }
@@ -68,6 +76,9 @@ async fn main() -> anyhow::Result<()> {
         None => DeviceSim::start_with(addr, api_key.clone(), seed).await?,
     };
     let restored = sim.devices().len();
+    if let Some(url) = &events_url {
+        sim.emit_events_to(url, events_key.clone());
+    }
     for (id, online) in &devices {
         // A device the state file already holds keeps its saved state.
         if sim.device(id).is_none() {
@@ -92,6 +103,9 @@ async fn main() -> anyhow::Result<()> {
             "devicesim: state        {} ({restored} devices restored; --fresh forgets them)",
             file.display()
         );
+    }
+    if let Some(url) = &events_url {
+        println!("devicesim: events to    {url} (connection events; GET /_control/events)");
     }
     match &api_key {
         Some(k) => println!("devicesim: x-api-key    {k}"),

@@ -25,7 +25,7 @@ pub struct ApiResponse {
 }
 
 impl ApiResponse {
-    pub(super) fn json(status: u16, body: Value) -> Self {
+    pub(crate) fn json(status: u16, body: Value) -> Self {
         Self {
             status,
             headers: vec![("Content-Type", "application/json".into())],
@@ -33,9 +33,18 @@ impl ApiResponse {
         }
     }
 
-    pub(super) fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+    pub(crate) fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
         self.headers.push((name, value.into()));
         self
+    }
+
+    /// No body and no `Content-Type` (rendered as an empty body).
+    pub(crate) fn empty(status: u16) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: Value::Null,
+        }
     }
 
     /// An RFC 9457 problem document.
@@ -55,13 +64,13 @@ impl ApiResponse {
         }
     }
 
-    pub(super) fn invalid(err: InputError) -> Self {
+    pub(crate) fn invalid(err: InputError) -> Self {
         let mut p = Self::problem(400, "Invalid request", err.to_string());
         p.body["field"] = json!(err.field);
         p
     }
 
-    pub(super) fn unavailable(detail: &str) -> Self {
+    pub(crate) fn unavailable(detail: &str) -> Self {
         Self::problem(503, "Service unavailable", detail)
             .with_header("Retry-After", RETRY_AFTER_SECONDS.to_string())
     }
