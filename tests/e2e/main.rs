@@ -132,10 +132,12 @@ async fn latest_wins_when_two_requests_wait_for_an_offline_device() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queues_page_tells_which_message_will_apply_and_which_will_no_op_and_why() {
     // Re-checks far away, no timer: the messages stay scheduled while the page is read.
+    // bat-2 is applied by its reconnect event.
     let app = Setup::new()
         .set("SOC_RECHECK_INITIAL_SECONDS", "600")
         .set("SOC_RECHECK_MAX_SECONDS", "1800")
         .no_timers()
+        .events()
         .start()
         .await;
     app.sim.add_device("bat-1", false);
@@ -145,7 +147,6 @@ async fn the_queues_page_tells_which_message_will_apply_and_which_will_no_op_and
     let c = app.post("bat-2", r#"{"minSoc":50}"#).await;
     assert_eq!((a.status, b.status, c.status), (202, 202, 202));
     app.sim.set_online("bat-2", true);
-    app.fire_timer().await;
     app.wait_status("bat-2", "applied", None, secs(15)).await;
 
     let page = reqwest::get(format!("{}/_devhost/queues", app.host().base_url()))
