@@ -8,6 +8,7 @@
 //! - `BENCH_STARTS` (60): starts per binary for P1;
 //! - `BENCH_SWEEPS` (`1000:16,10000:64`): the P5 sweeps as `N:C` pairs (L is 50 ms);
 //! - `BENCH_SCALE` (`1000,10000,100000`): the pending counts P of S1 (1% of each due);
+//! - `BENCH_EVENTS` (1000): reconnect events of S3;
 //! - `BENCH_ONLY` (all): a comma list of the rows to run, e.g. `S1,S2` or `P5`;
 //! - `BENCH_SCALE_DEVICES` (2000): pending requests per S4 run; `0` skips S4;
 //! - `BENCH_SCALE_PROCS` (`1,2,4`): the S4 handler process counts;
@@ -16,7 +17,7 @@
 //!   `0` skips S4b;
 //! - `CARGO_TARGET_DIR`: where the release binaries are (default `target/`).
 //!
-//! One module per measurement (`p1_start` … `p6_cost`, `r4_load`, `s1_sweep_scale`, `s2_offline_calls`, `s4_queue_scale`, `fuzz_run`), each adding rows
+//! One module per measurement (`p1_start` … `p6_cost`, `r4_load`, `s1_sweep_scale`, `s2_offline_calls`, `s3_reconnect`, `s4_queue_scale`, `fuzz_run`), each adding rows
 //! to the [`report`] table; the shared pieces are [`env`] (the processes every measurement
 //! uses), [`latency`] (side-by-side and closed-loop timing), [`envelopes`] (host payloads),
 //! [`http`] (a minimal keep-alive client), [`procs`] and [`stub`] (the device cloud stub).
@@ -37,6 +38,7 @@ mod r4_load;
 mod report;
 mod s1_sweep_scale;
 mod s2_offline_calls;
+mod s3_reconnect;
 mod s4_queue_scale;
 mod stub;
 
@@ -104,6 +106,7 @@ async fn run(root: PathBuf, handler: PathBuf, baseline: PathBuf, scratch: PathBu
             Some((n.trim().parse().ok()?, c.trim().parse().ok()?))
         })
         .collect();
+    let events = env_num("BENCH_EVENTS", 1000) as usize;
     let scale_sizes: Vec<usize> = std::env::var("BENCH_SCALE")
         .unwrap_or_else(|_| "1000,10000,100000".into())
         .split(',')
@@ -178,6 +181,9 @@ async fn run(root: PathBuf, handler: PathBuf, baseline: PathBuf, scratch: PathBu
     }
     if wanted("S2") {
         s2_offline_calls::run(&mut rows, &mut notes).await?;
+    }
+    if wanted("S3") {
+        s3_reconnect::run(&env, events, &mut rows, &mut notes).await?;
     }
     if wanted("S4") && scale.devices > 0 {
         s4_queue_scale::run(&env, &scale, &mut rows, &mut notes).await?;
