@@ -32,6 +32,9 @@
 //!   messages, where `rechecks` is how many back-off delays fit in its pending life
 //!   and `faults` counts the faults injected on its device (or everywhere) meanwhile:
 //!   duplicates alone never multiply messages.
+//! - **S6 index coverage**: at every instant (checked after every ledger effect), every
+//!   pending record has a due-index entry at or before its sweep-due time, so the sweep
+//!   finds every record whose wake-up message is lost, and every record near expiry.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -88,7 +91,7 @@ impl Finale {
     }
 }
 
-/// Judges one run against S1-S5.
+/// Judges one run against S1-S6.
 pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -> Vec<Violation> {
     let mut out = Vec::new();
     let mut v = |property: &'static str, detail: String| out.push(Violation { property, detail });
@@ -383,6 +386,13 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
                 ),
             );
         }
+    }
+    // S6: the due index covers every pending record at every instant.
+    for (t, device, detail) in &obs.index_gaps {
+        v(
+            "S6",
+            format!("{device} at {:.3}s: {detail}", *t as f64 / 1000.0),
+        );
     }
     out
 }

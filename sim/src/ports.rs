@@ -31,6 +31,7 @@ pub fn services(world: &Shared, inv: &Arc<Inv>, policy: Policy, notify: &Arc<Not
         world: world.clone(),
         inv: inv.clone(),
         notify: notify.clone(),
+        policy,
     };
     Services {
         device: Arc::new(SimDevice(port.clone())),
@@ -46,6 +47,8 @@ struct Port {
     world: Shared,
     inv: Arc<Inv>,
     notify: Arc<Notify>,
+    /// For the index check (S6) after every ledger effect.
+    policy: Policy,
 }
 
 /// When an operation takes effect and when its caller hears back (ms from its start).
@@ -143,6 +146,7 @@ impl Port {
             let mut w = self.world.lock().unwrap();
             let commits = w.obs.commits.len();
             let r = effect(&mut w, &self.inv);
+            w.check_index(&self.policy);
             if r.is_ok() && plan.error.is_some() && w.obs.commits.len() > commits {
                 // Took effect, the caller will hear a timeout: a POST undoing (writing
                 // a request it did not create, or deleting) cannot know its undo landed.

@@ -213,6 +213,8 @@ pub struct Observations {
     pub sweeps: Vec<u64>,
     /// When each request was first written (tried), stored or not.
     pub first_tried: HashMap<String, u64>,
+    /// Moments the due index did not cover a pending record (S6): (t, device, detail).
+    pub index_gaps: Vec<(u64, String, String)>,
 }
 
 pub struct DeviceState {
@@ -271,6 +273,31 @@ pub struct World {
 }
 
 impl World {
+    /// S6 at this instant: every pending record has a due-index entry at or before its
+    /// sweep-due time. Checked after every ledger effect; the first gap per device is kept.
+    pub fn check_index(&mut self, policy: &soc_settings::functions::Policy) {
+        let t = self.ms();
+        let mut gaps = Vec::new();
+        for (device, (record, _)) in &self.rows {
+            let Some(due) = policy.sweep_due(record) else {
+                continue;
+            };
+            let covered = self
+                .due
+                .iter()
+                .any(|(e, _)| e.device_id.as_str() == device && e.due_at <= due);
+            if !covered && !self.obs.index_gaps.iter().any(|g| &g.1 == device) {
+                let request = self.names.request(record.request_id.as_str());
+                gaps.push((
+                    t,
+                    device.clone(),
+                    format!("pending {request} has no index entry at or before its sweep-due time"),
+                ));
+            }
+        }
+        self.obs.index_gaps.extend(gaps);
+    }
+
     pub fn new(sc: Arc<Scenario>, trace: bool) -> Self {
         let devices = sc
             .devices
