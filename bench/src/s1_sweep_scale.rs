@@ -38,7 +38,7 @@ pub struct Ops {
 }
 
 impl Ops {
-    fn snapshot(&self) -> (u64, u64, u64, u64) {
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
         (
             self.reads.load(Ordering::Relaxed),
             self.writes.load(Ordering::Relaxed),
