@@ -554,3 +554,129 @@ fn the_azurite_helper_stops_the_process_and_removes_its_directory_on_drop() {
         "azurite still listening after drop"
     );
 }
+
+#[tokio::test]
+async fn the_due_index_lists_a_shards_entries_due_by_then_oldest_first_and_removes_them_by_etag() {
+    use soc_settings::domain::due_index::{shard_of, DueEntry};
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("dueindex"));
+    // Devices of one shard, and one of another.
+    let shard = shard_of(&device("bat-0"));
+    let same: Vec<DeviceId> = (0..200)
+        .map(|i| device(&format!("bat-{i}")))
+        .filter(|d| shard_of(d) == shard)
+        .take(3)
+        .collect();
+    let other = (0..200)
+        .map(|i| device(&format!("bat-{i}")))
+        .find(|d| shard_of(d) != shard)
+        .unwrap();
+    let late = DueEntry::new(same[0].clone(), t(300));
+    let early = DueEntry::new(same[1].clone(), t(100));
+    let middle = DueEntry::new(same[2].clone(), t(200));
+    for e in [&late, &early, &middle, &DueEntry::new(other.clone(), t(50))] {
+        ledger.file_due(e).await.unwrap();
+    }
+    // A record in the same table is no index entry.
+    ledger.put(&pending("bat-0", 10), None).await.unwrap();
+
+    let due = ledger.due_entries(shard, t(250), 100).await.unwrap();
+    let got: Vec<_> = due.iter().map(|e| e.value.clone()).collect();
+    assert_eq!(
+        got,
+        vec![early.clone(), middle.clone()],
+        "due by t(250), oldest first"
+    );
+    assert_eq!(ledger.due_entries(shard, t(250), 1).await.unwrap().len(), 1);
+    assert_eq!(
+        ledger.due_entries(shard, t(1000), 100).await.unwrap().len(),
+        3
+    );
+
+    // Filing the same entry again replaces it: the ETag listed before no longer removes it.
+    ledger.file_due(&early).await.unwrap();
+    assert_eq!(
+        ledger.unfile_due(&early, &due[0].etag).await,
+        Err(StoreError::Conflict)
+    );
+    let fresh = ledger.due_entries(shard, t(100), 100).await.unwrap();
+    ledger.unfile_due(&early, &fresh[0].etag).await.unwrap();
+    ledger.unfile_due(&early, &fresh[0].etag).await.unwrap(); // already gone: Ok
+    let left: Vec<_> = ledger
+        .due_entries(shard, t(1000), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.value)
+        .collect();
+    assert_eq!(left, vec![middle, late]);
+}
+
+#[tokio::test]
+async fn the_sweep_state_round_trips_and_is_written_only_over_the_etag_read() {
+    use soc_settings::domain::sweep_state::SweepState;
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("sweepstate"));
+    assert_eq!(ledger.sweep_state().await.unwrap(), None);
+    let mut state = SweepState::default();
+    state.take(
+        &LeaseHolder::from_stored("sweep-1"),
+        t(0),
+        chrono::Duration::seconds(279),
+    );
+    state.reconciled_slice(Some(device("bat-9")), false, t(3));
+    let etag = ledger.put_sweep_state(&state, None).await.unwrap();
+    assert_eq!(
+        ledger.put_sweep_state(&state, None).await,
+        Err(StoreError::Conflict),
+        "a second run cannot insert over the first"
+    );
+    let read = ledger.sweep_state().await.unwrap().unwrap();
+    assert_eq!(read.value, state);
+    assert_eq!(read.etag, etag);
+    let mut released = state.clone();
+    released.release(&LeaseHolder::from_stored("sweep-1"));
+    let newer = ledger
+        .put_sweep_state(&released, Some(&etag))
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger.put_sweep_state(&state, Some(&etag)).await,
+        Err(StoreError::Conflict)
+    );
+    assert_eq!(ledger.sweep_state().await.unwrap().unwrap().etag, newer);
+}
+
+#[tokio::test]
+async fn pending_after_resumes_after_a_device_and_says_when_the_listing_ended() {
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("pendingafter"));
+    for i in 0..5 {
+        ledger
+            .put(&pending(&format!("dev-{i}"), 20), None)
+            .await
+            .unwrap();
+    }
+    let mut done = pending("dev-2a", 20);
+    done.mark_applied(t(1));
+    ledger.put(&done, None).await.unwrap();
+
+    let (page, next) = ledger.pending_after(None, 2).await.unwrap();
+    let ids = |p: &soc_settings::ports::PendingPage| -> Vec<String> {
+        p.records
+            .iter()
+            .map(|r| r.value.device_id.to_string())
+            .collect()
+    };
+    assert_eq!(ids(&page), ["dev-0", "dev-1"]);
+    assert_eq!(next, Some(device("dev-1")));
+    let (page, next) = ledger.pending_after(next.as_ref(), 2).await.unwrap();
+    assert_eq!(
+        ids(&page),
+        ["dev-2", "dev-3"],
+        "the applied dev-2a is not pending"
+    );
+    let (page, next) = ledger.pending_after(next.as_ref(), 2).await.unwrap();
+    assert_eq!(ids(&page), ["dev-4"]);
+    assert_eq!(next, None, "the listing ended");
+}

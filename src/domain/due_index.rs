@@ -50,8 +50,10 @@ pub struct DueEntry {
 }
 
 impl DueEntry {
-    /// A new entry with a fresh nonce.
+    /// A new entry with a fresh nonce, due at `due_at` rounded down to the millisecond
+    /// (what its row key holds: never later than asked, so it still covers the record).
     pub fn new(device_id: DeviceId, due_at: DateTime<Utc>) -> Self {
+        let due_at = DateTime::from_timestamp_millis(due_at.timestamp_millis()).unwrap_or(due_at);
         Self {
             device_id,
             due_at,
@@ -149,6 +151,17 @@ mod tests {
         let bound = row_key_bound(t(1));
         assert!(early.row_key() < bound && later.row_key() < bound);
         assert!(DueEntry::new(id("a"), t(2)).row_key() > bound);
+    }
+
+    #[test]
+    fn an_entry_is_due_at_its_time_rounded_down_to_what_its_row_key_holds() {
+        let at = Utc.timestamp_opt(1_800_000_000, 987_654_321).unwrap();
+        let e = DueEntry::new(id("d"), at);
+        assert!(e.due_at <= at && at - e.due_at < Duration::milliseconds(1));
+        assert_eq!(
+            DueEntry::from_row_key(&e.row_key()).unwrap().due_at,
+            e.due_at
+        );
     }
 
     #[test]
