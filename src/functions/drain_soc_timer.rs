@@ -214,11 +214,11 @@ async fn sweep(
 /// be listed is counted as an error; the sweep fails only if none can.
 async fn list_due(svc: &Services, report: &mut SweepReport) -> Result<Vec<Due>, StoreError> {
     let now = svc.clock.now();
-    let per_shard = svc
-        .policy
-        .sweep_max_due
-        .div_ceil(usize::from(SHARDS))
-        .max(1);
+    // Devices hash evenly over the shards, but not exactly: up to twice a shard's even
+    // share (and at least 16) from each, so a run takes its whole quota when that many
+    // are due, and never more than the quota.
+    let max = svc.policy.sweep_max_due.max(1);
+    let per_shard = max.min(2 * max.div_ceil(usize::from(SHARDS)) + 16);
     let mut entries = Vec::new();
     let mut failure = None;
     for shard in 0..SHARDS {
