@@ -11,9 +11,11 @@
 //! - up to `DRAIN_SOC_FANOUT_ABOVE` due devices: one status call each (at most
 //!   `DRAIN_SOC_CONCURRENCY` at once); online: apply now; offline or unavailable:
 //!   re-send its wake-up message; unknown device: fail the request with the reason;
-//! - more than that: **fan out**: re-send each one's wake-up message, spread at the
-//!   fleet's device-call ceiling (`Policy::fleet_device_calls_per_second`) by scheduled delivery, and
-//!   let `SocQueueTrigger`, which the host scales out, make the device calls.
+//! - more than that: **fan out**: re-send their wake-up messages in batches of
+//!   [`FAN_OUT_BATCH`] (one Service Bus request each), due from one lease after now and
+//!   spread at the fleet's device-call ceiling (`Policy::fleet_device_calls_per_second`)
+//!   by scheduled delivery, and let `SocQueueTrigger`, which the host scales out, make
+//!   the device calls.
 //!
 //! Then it tidies the index: an entry whose record is settled or gone is removed; a
 //! record not yet due (its chain moved on) is filed at its due time before its old
