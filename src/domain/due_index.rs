@@ -2,7 +2,7 @@
 //! without reading every pending record.
 //!
 //! A pending record needs the sweep at its **sweep-due time**
-//! ([`DesiredState::sweep_due_at`]): when its wake-up message is overdue (due plus a
+//! ([`DesiredState::sweep_due_at`](super::ledger::DesiredState::sweep_due_at)): when its wake-up message is overdue (due plus a
 //! grace: lost, dead-lettered or never sent) or when it is one lease from expiry
 //! (time to expire it). Before that, the Service Bus chain looks after it.
 //!

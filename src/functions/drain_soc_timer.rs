@@ -12,7 +12,7 @@
 //!   `DRAIN_SOC_CONCURRENCY` at once); online: apply now; offline or unavailable:
 //!   re-send its wake-up message; unknown device: fail the request with the reason;
 //! - more than that: **fan out**: re-send their wake-up messages in batches of
-//!   [`FAN_OUT_BATCH`] (one Service Bus request each), due from one lease after now and
+//!   `FAN_OUT_BATCH` (100: one Service Bus request each), due from one lease after now and
 //!   spread at the fleet's device-call ceiling (`Policy::fleet_device_calls_per_second`)
 //!   by scheduled delivery, and let `SocQueueTrigger`, which the host scales out, make
 //!   the device calls.
