@@ -159,39 +159,45 @@ async fn run(root: PathBuf, handler: PathBuf, baseline: PathBuf, scratch: PathBu
     let wanted = |id: &str| only.as_ref().is_none_or(|o| o.iter().any(|w| w == id));
     let mut rows = Vec::new();
     let mut notes = Vec::new();
-    if wanted("P1") {
-        p1_start::run(&env, starts, &mut rows)?;
-    }
-    if wanted("P4") {
-        p4_size::run(&env, &mut rows, &mut notes)?;
-    }
-    if wanted("P2") || wanted("P3") || wanted("R4") {
-        p2_p3_r4(&env, load_secs, &mut rows, &mut notes).await?;
-    }
-    if wanted("P6") {
-        p6_cost::run(&env, &mut rows).await?;
-    }
-    if wanted("P5") {
-        for (n, c) in sweeps {
-            p5_sweep::run(&env, n, c, &mut rows, &mut notes).await?;
+    // A failing row still prints the rows measured before it.
+    let outcome: Result<()> = async {
+        if wanted("P1") {
+            p1_start::run(&env, starts, &mut rows)?;
         }
-    }
-    if wanted("S1") {
-        s1_sweep_scale::run(&env, &scale_sizes, &mut rows, &mut notes).await?;
-    }
-    if wanted("S2") {
-        s2_offline_calls::run(&mut rows, &mut notes).await?;
-    }
-    if wanted("S3") {
-        s3_reconnect::run(&env, events, &mut rows, &mut notes).await?;
-    }
-    if wanted("S4") && scale.devices > 0 {
-        s4_queue_scale::run(&env, &scale, &mut rows, &mut notes).await?;
-    }
-    if wanted("FUZZ") {
-        fuzz_run::run(&env, fuzz_secs, &mut rows, &mut notes).await?;
-    }
+        if wanted("P4") {
+            p4_size::run(&env, &mut rows, &mut notes)?;
+        }
+        if wanted("P2") || wanted("P3") || wanted("R4") {
+            p2_p3_r4(&env, load_secs, &mut rows, &mut notes).await?;
+        }
+        if wanted("P6") {
+            p6_cost::run(&env, &mut rows).await?;
+        }
+        if wanted("P5") {
+            for (n, c) in sweeps {
+                p5_sweep::run(&env, n, c, &mut rows, &mut notes).await?;
+            }
+        }
+        if wanted("S2") {
+            s2_offline_calls::run(&mut rows, &mut notes).await?;
+        }
+        if wanted("S3") {
+            s3_reconnect::run(&env, events, &mut rows, &mut notes).await?;
+        }
+        if wanted("S4") && scale.devices > 0 {
+            s4_queue_scale::run(&env, &scale, &mut rows, &mut notes).await?;
+        }
+        if wanted("FUZZ") {
+            fuzz_run::run(&env, fuzz_secs, &mut rows, &mut notes).await?;
+        }
+        // S1 last: its 100,000-row tables make the in-memory Azurite slow for what runs after.
+        if wanted("S1") {
+            s1_sweep_scale::run(&env, &scale_sizes, &mut rows, &mut notes).await?;
+        }
 
+        Ok(())
+    }
+    .await;
     sb_server.shutdown().await;
     println!();
     println!(
@@ -206,7 +212,11 @@ async fn run(root: PathBuf, handler: PathBuf, baseline: PathBuf, scratch: PathBu
     for n in notes {
         println!("- {n}");
     }
-    Ok(())
+    if let Err(e) = &outcome {
+        println!();
+        println!("- STOPPED: {e:#}");
+    }
+    outcome
 }
 
 /// P2, P3 and R4 share one `handler` and one baseline process: P3 reads their memory idle,

@@ -254,7 +254,15 @@ async fn seed(port: u16, prefix: &str, k: usize) -> Result<()> {
                     &[("Content-Type", "application/json")],
                     br#"{"minSoc":35}"#,
                 );
-                let r = conn.send(&req).await?;
+                // 503 means "not kept, try again" (the API contract): the seeding retries it.
+                let mut r = conn.send(&req).await?;
+                for _ in 0..5 {
+                    if r.status != 503 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    r = conn.send(&req).await?;
+                }
                 ensure!(r.status == 202, "seed {i}: {}", r.status);
             }
         }));
