@@ -1,13 +1,18 @@
-//! The interleavings of issue 8, as named regression seeds. Each was found by the
-//! simulator with the old logic brought back (the `mutant-*` feature named with it,
-//! see `scripts/sim-mutants`): built with that feature its test fails, as the old
-//! code did; built normally it passes.
+//! The interleavings of issue 8 and of the due index, as named regression seeds. Each
+//! was found by the simulator with the old logic brought back (the `mutant-*` feature
+//! named with it, see `scripts/sim-mutants`): built with that feature its test checks
+//! that the seed still violates the property, as the old code did (so a seed that
+//! stops catching its mutant fails); built normally it checks that the seed keeps every
+//! property.
 //!
-//! The seeds were found before the vendor's connection events existed and replay without
-//! them (`Scenario::without_events`); `scripts/sim --seed S --no-events` replays a seed
-//! with its trace;
+//! The seeds replay in worlds without the vendor's connection events
+//! (`Scenario::without_events`), so that a change to the events does not move them; each
+//! is the lowest violating seed from 0 in those worlds, re-found on the
+//! code with the due index and the sweep rewrite
+//! (`SIM_FEATURES=<mutant> scripts/sim --no-events --seeds N`).
+//! `scripts/sim --seed S --no-events` replays a seed with its trace;
 //! `cargo test -p soc-sim --features mutant-undo-ignores-lease --test regressions`
-//! shows the old logic failing.
+//! checks that the old logic still fails those seeds.
 
 /// Whether any mutation is built in: then only the tests of that mutation judge.
 const MUTANT: bool = cfg!(any(
@@ -41,52 +46,77 @@ fn judged(seed: u64, old_logic: bool, property: &str) {
 
 /// Bug 1: a `503` rollback wrote the previous request back over another holder's live
 /// lease while that holder was putting the newer request on the device. With the undo's
-/// lease check removed, seed 408 lets the restored older request R2 land after the newer
-/// R4 had landed (S2). The seeds were re-found with `scripts/sim-mutants` on the final
-/// code (the generator changed since the first ones); `scripts/sim --seed 408` with
-/// `SIM_FEATURES=mutant-undo-ignores-lease` shows the interleaving.
+/// lease check removed, on seed 1,625 post#6 accepts R5 under post#7's lease and its
+/// send fails; post#7 puts R5 on the device and it lands, then post#6's undo writes R4
+/// back over post#7's lease and answers `503` for R5, which is on the device (S4; the
+/// ledger ends saying R4 applied while the device holds R5, S1).
+/// `scripts/sim --seed 1625 --no-events` with `SIM_FEATURES=mutant-undo-ignores-lease`
+/// shows the interleaving.
 #[test]
 fn a_503_rollback_never_writes_over_another_holders_live_lease() {
-    judged(408, cfg!(feature = "mutant-undo-ignores-lease"), "S2");
+    judged(1_625, cfg!(feature = "mutant-undo-ignores-lease"), "S4");
 }
 
 /// Bug 2: the POST PUT on the lease its accepting write took (the old lease: device
 /// timeout + 10 s, from a clock reading before slow ledger calls) without renewing it:
-/// the PUT outlived the lease and R1 landed after the newer R2 (seed 2,715, S2).
+/// post#3 PUT R3 with 5.7 s of that lease left, the PUT timed out, and R3 landed after
+/// the newer R4 had landed (seed 41,219, S2).
 #[test]
 fn a_put_never_starts_on_an_almost_spent_lease() {
-    judged(2_715, cfg!(feature = "mutant-put-on-caller-lease"), "S2");
+    judged(41_219, cfg!(feature = "mutant-put-on-caller-lease"), "S2");
 }
 
 /// Bug 3: expiry was written over a live lease, and the last re-check straddled expiry:
-/// the sweep wrote R4 expired while its PUT landed (seed 38,059, S4).
+/// the sweep wrote R4 expired while deliv#6 held the lease and its PUT of R4 landed a
+/// second later (seed 738, S4).
 #[test]
 fn expiry_is_never_written_over_a_put_that_lands() {
-    judged(38_059, cfg!(feature = "mutant-expiry-over-lease"), "S4");
+    judged(738, cfg!(feature = "mutant-expiry-over-lease"), "S4");
 }
 
-/// The ambiguous write: the accepting write committed but timed out, and the POST answered
-/// `503` ("nothing was kept") while the ledger held the request (seed 118, S4).
+/// The ambiguous write: the accepting write of R5 committed but timed out, and the POST
+/// answered `503` ("nothing was kept") while the ledger held the request; the sweep later
+/// found it (seed 79, S4).
 #[test]
 fn an_accepting_write_of_unknown_outcome_is_read_back_before_answering() {
-    judged(118, cfg!(feature = "mutant-no-read-back"), "S4");
+    judged(79, cfg!(feature = "mutant-no-read-back"), "S4");
 }
 
-/// A PUT that timed out released the lease at once although it could still land: it
-/// landed after a later PUT, and the ledger says R4 applied while the device holds R3
-/// (seed 330, S1).
+/// A PUT that timed out released the lease at once although it could still land: R3 was
+/// put and recorded applied meanwhile, then post#2's PUT of R2 landed late, and the ledger
+/// says R3 applied while the device holds R2 (seed 205, S1).
 #[test]
 fn a_timed_out_put_keeps_the_lease_until_it_can_no_longer_land() {
-    judged(330, cfg!(feature = "mutant-transient-releases-lease"), "S1");
+    judged(205, cfg!(feature = "mutant-transient-releases-lease"), "S1");
 }
 
-/// Found by the long run (seed 823,533 of 1,000,000): post#3 PUT R2 and it landed, but its
-/// bookkeeping write lost to post#5's accepting write of R4, so post#3 converged to R4
-/// (answering `200 applied` for R2); post#5's send failed and its undo put R2 back as it
-/// had read it, *pending*; the device stayed offline and the sweep wrote R2 `expired`
-/// although it was on the device. The converging holder now notes R2 in R4's record
-/// (`landed`), and the undo restores R2 as applied.
+/// First found by the long run (seed 823,533 of 1,000,000, before the connection events
+/// and the due index); in today's worlds seed 112,805: post#5 PUT R5 and it landed, but
+/// its bookkeeping write timed out while post#6 accepted R6 over it; post#5 converged to
+/// R6 (answering `200 applied` for R5); post#6's send failed and its undo put R5 back as
+/// it had read it, *pending*; the device stayed offline and a delivery wrote R5 `expired`
+/// although it was on the device. The converging holder now notes R5 in R6's record
+/// (`landed`), and the undo restores R5 as applied.
 #[test]
 fn an_undo_restores_a_request_that_landed_meanwhile_as_applied() {
-    judged(823_533, cfg!(feature = "mutant-undo-forgets-landing"), "S4");
+    judged(112_805, cfg!(feature = "mutant-undo-forgets-landing"), "S4");
+}
+
+/// The sweep rewrite: a listed device whose record is pending but not due yet (another
+/// holder's lease) must be filed at its due time before its listed entries go. With the
+/// filing skipped, on seed 76 sweep#13 lists d1 while post#4 holds the lease on R5 (its
+/// PUT timed out), removes d1's only entry and files none; no wake-up message is left
+/// for R5 and the index no longer names d1, so R5 stays pending for good (S3).
+#[test]
+fn the_sweep_files_a_device_not_yet_due_before_dropping_its_entries() {
+    judged(76, cfg!(feature = "mutant-sweep-drops-before-filing"), "S3");
+}
+
+/// The due index: a write that makes a record due earlier files an index entry first.
+/// With the filing skipped, on seed 29 post#1 inserts R1 pending without an entry, finds
+/// the device offline and crashes before sending its wake-up message; nothing names d0
+/// to the sweep, so R1 stays pending for good (S3).
+#[test]
+fn a_write_that_makes_a_record_due_earlier_files_it_in_the_index_first() {
+    judged(29, cfg!(feature = "mutant-index-skips-filing"), "S3");
 }
