@@ -7,7 +7,7 @@
 //! | `{deviceId}` | `desired`         | [`DesiredState`]                        |
 //! | `{deviceId}` | `idem-{hex(key)}` | [`IdempotencyRecord`] for that key      |
 //! | `{deviceId}` | `req-{requestId}` | [`HistoryEntry`]: the record's fields + `SupersededBy` |
-//! | `!due-{00..15}` | `{dueAt}~{deviceId}~{nonce}` | a due-index entry (keys only, [`crate::domain::due_index`]) |
+//! | `!due-{00..15}` | `{dueAt}~{deviceId}~{nonce}` | a due-index entry ([`crate::domain::due_index`]): `FiledAt` only |
 //! | `!sweep`     | `state`           | [`SweepState`]: the sweep lease and the reconciling pass's progress |
 //!
 //! History (see [`crate::domain::history`]): `put` and `accept` write the `desired`
@@ -440,6 +440,7 @@ impl Ledger for TableLedger {
         let mut entity = Map::new();
         entity.insert("PartitionKey".into(), entry.partition_key().into());
         entity.insert("RowKey".into(), entry.row_key().into());
+        put_opt(&mut entity, "FiledAt", entry.filed_at.map(time));
         let upsert = table
             .partition_key_client(entry.partition_key())
             .entity_client(entry.row_key())
@@ -466,7 +467,7 @@ impl Ledger for TableLedger {
         let mut pages = table
             .query()
             .filter(Filter::new(filter))
-            .select(Select::new("RowKey"))
+            .select(Select::new("RowKey,FiledAt"))
             .top(Top::new(limit.min(1000) as u32))
             .into_stream::<Map<String, Value>>();
         let mut entries = Vec::new();
@@ -475,11 +476,15 @@ impl Ledger for TableLedger {
             for entity in &page.entities {
                 let row = entity.get("RowKey").and_then(Value::as_str).unwrap_or("");
                 let etag = entity.get("odata.etag").and_then(Value::as_str);
+                let filed_at = Row { entity }.opt_time("FiledAt").ok().flatten();
                 match (DueEntry::from_row_key(row), etag) {
-                    (Some(value), Some(etag)) => entries.push(Versioned {
-                        value,
-                        etag: ETag(etag.to_string()),
-                    }),
+                    (Some(mut value), Some(etag)) => {
+                        value.filed_at = filed_at;
+                        entries.push(Versioned {
+                            value,
+                            etag: ETag(etag.to_string()),
+                        })
+                    }
                     _ => tracing::warn!(
                         shard,
                         row,

@@ -20,7 +20,10 @@
 //! - the sweep removes an entry only after it has read the record and, if the record
 //!   is pending, filed an entry at the record's sweep-due time first;
 //! - every entry's row key carries a nonce, so an entry the sweep removes is never
-//!   one a writer has just filed.
+//!   one a writer files after the sweep listed the index;
+//! - the sweep never removes an entry filed less than one lease ago: its writer may
+//!   still be on its way to the record (it files, then writes within one storage
+//!   timeout), and the record the sweep read may be the one that write replaces.
 //!
 //! Extra entries (a crash after filing, an entry a later write made early) are
 //! harmless: the sweep meets them, reads the record and moves or drops them. A
@@ -47,6 +50,9 @@ pub struct DueEntry {
     pub due_at: DateTime<Utc>,
     /// Makes the row key unique to one filing (see the module docs).
     pub nonce: String,
+    /// When it was filed, by the filer's clock (`None`: unknown, treated as long ago).
+    /// The sweep never removes an entry younger than one lease (see the module docs).
+    pub filed_at: Option<DateTime<Utc>>,
 }
 
 impl DueEntry {
@@ -58,7 +64,20 @@ impl DueEntry {
             device_id,
             due_at,
             nonce: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+            filed_at: None,
         }
+    }
+
+    /// The same entry, filed at `at`.
+    pub fn filed(mut self, at: DateTime<Utc>) -> Self {
+        self.filed_at = Some(at);
+        self
+    }
+
+    /// Whether a write that filed this entry may still be on its way to the record:
+    /// filed less than `window` before `now`.
+    pub fn is_young(&self, now: DateTime<Utc>, window: chrono::Duration) -> bool {
+        self.filed_at.is_some_and(|at| at + window > now)
     }
 
     pub fn shard(&self) -> u8 {
@@ -89,6 +108,7 @@ impl DueEntry {
             device_id,
             due_at: due_at.with_timezone(&Utc),
             nonce,
+            filed_at: None,
         })
     }
 }

@@ -30,7 +30,7 @@ pub async fn file_if_earlier(
         return Ok(());
     }
     svc.ledger
-        .file_due(&DueEntry::new(record.device_id.clone(), due))
+        .file_due(&DueEntry::new(record.device_id.clone(), due).filed(svc.clock.now()))
         .await
 }
 
