@@ -40,6 +40,7 @@ mod s1_sweep_scale;
 mod s2_offline_calls;
 mod s3_reconnect;
 mod s4_queue_scale;
+mod seed;
 mod stub;
 
 use std::path::PathBuf;

@@ -5,7 +5,6 @@
 //! set above N: P5 measures the sweep's own device calls; S1 measures the index).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
@@ -16,7 +15,8 @@ use serde_json::Value;
 use crate::env::Env;
 use crate::http::{request, Conn};
 use crate::report::{row, Row};
-use crate::{LATENCY_MS, LOAD_CONNECTIONS};
+use crate::seed;
+use crate::LATENCY_MS;
 
 pub async fn run(
     env: &Env,
@@ -41,33 +41,8 @@ pub async fn run(
     env.stub.online.store(false, Ordering::SeqCst);
     env.stub.latency_ms.store(0, Ordering::SeqCst);
     // Seed: N offline POSTs through the real HTTP path (ledger in Azurite + wake-up message).
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..LOAD_CONNECTIONS {
-        let next = next.clone();
-        let port = h.port;
-        tasks.push(tokio::spawn(async move {
-            let mut conn = Conn::connect(port).await?;
-            loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= n {
-                    return anyhow::Ok(());
-                }
-                let req = request(
-                    "POST",
-                    &format!("/api/devices/sweep-{i:05}/soc"),
-                    &[("Content-Type", "application/json")],
-                    br#"{"dod":70}"#,
-                );
-                let r = conn.send(&req).await?;
-                ensure!(r.status == 202, "seed {i}: {}", r.status);
-            }
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
+    seed::offline_posts(h.port, "sweep-", n, br#"{"dod":70}"#).await?;
     let seed_time = t0.elapsed();
 
     let timer = payloads::timer_envelope("DrainSocTimer", "timer", None, false, Utc::now())

@@ -7,7 +7,6 @@
 //! device PUT landed and the ledger says applied.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
@@ -16,39 +15,15 @@ use serde_json::Value;
 use crate::env::Env;
 use crate::http::{request, Conn};
 use crate::report::{ms, percentile, row, Row};
-use crate::{LATENCY_MS, LOAD_CONNECTIONS};
+use crate::seed;
+use crate::LATENCY_MS;
 
 pub async fn run(env: &Env, n: usize, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Result<()> {
     eprintln!("bench: S3 reconnect events: seeding {n} pending requests");
     let h = env.start_handler("benchevents", 16)?;
     env.stub.online.store(false, Ordering::SeqCst);
     env.stub.latency_ms.store(0, Ordering::SeqCst);
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..LOAD_CONNECTIONS {
-        let next = next.clone();
-        let port = h.port;
-        tasks.push(tokio::spawn(async move {
-            let mut conn = Conn::connect(port).await?;
-            loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= n {
-                    return anyhow::Ok(());
-                }
-                let req = request(
-                    "POST",
-                    &format!("/api/devices/ev-{i:05}/soc"),
-                    &[("Content-Type", "application/json")],
-                    br#"{"minSoc":35}"#,
-                );
-                let r = conn.send(&req).await?;
-                ensure!(r.status == 202, "seed {i}: {}", r.status);
-            }
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
+    seed::offline_posts(h.port, "ev-", n, br#"{"minSoc":35}"#).await?;
 
     eprintln!("bench: S3 reconnect events: {n} connected events, device latency {LATENCY_MS} ms");
     env.stub.online.store(true, Ordering::SeqCst);

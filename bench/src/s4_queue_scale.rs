@@ -23,7 +23,8 @@ use crate::envelopes::sb_envelope;
 use crate::http::{request, Conn};
 use crate::procs::{cpu_time, Proc};
 use crate::report::{row, Row};
-use crate::{LOAD_CONNECTIONS, QUEUE};
+use crate::seed;
+use crate::QUEUE;
 
 /// Deliveries in flight per process: `host.json` `extensions.serviceBus.maxConcurrentCalls`.
 pub const MAX_CONCURRENT_CALLS: usize = 16;
@@ -132,7 +133,7 @@ async fn measure(
     env.stub.online.store(false, Ordering::SeqCst);
     env.stub.latency_ms.store(0, Ordering::SeqCst);
     let prefix = format!("{tag}-");
-    seed(procs[0].port, &prefix, k).await?;
+    seed::offline_posts(procs[0].port, &prefix, k, br#"{"minSoc":35}"#).await?;
 
     // The latest wake-up message of each device, as the host would deliver it.
     let mut latest: std::collections::BTreeMap<String, devtools::servicebus::StoredMessage> =
@@ -232,43 +233,4 @@ async fn measure(
         handler_cpu: cpu1.0 - cpu0.0,
         azurite_cpu: cpu1.1 - cpu0.1,
     })
-}
-
-/// `k` offline POSTs through the real HTTP path (ledger record + wake-up message each).
-async fn seed(port: u16, prefix: &str, k: usize) -> Result<()> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..LOAD_CONNECTIONS {
-        let next = next.clone();
-        let prefix = prefix.to_string();
-        tasks.push(tokio::spawn(async move {
-            let mut conn = Conn::connect(port).await?;
-            loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= k {
-                    return anyhow::Ok(());
-                }
-                let req = request(
-                    "POST",
-                    &format!("/api/devices/{prefix}{i:05}/soc"),
-                    &[("Content-Type", "application/json")],
-                    br#"{"minSoc":35}"#,
-                );
-                // 503 means "not kept, try again" (the API contract): the seeding retries it.
-                let mut r = conn.send(&req).await?;
-                for _ in 0..5 {
-                    if r.status != 503 {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    r = conn.send(&req).await?;
-                }
-                ensure!(r.status == 202, "seed {i}: {}", r.status);
-            }
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(())
 }
