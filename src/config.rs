@@ -268,6 +268,11 @@ impl Config {
                 .push("SOC_STATE_TABLE: 3-63 letters or digits, starting with a letter".into());
         }
         if reader.errors.is_empty() {
+            reader
+                .errors
+                .extend(crate::functions::Policy::from_config(&config).design_problems());
+        }
+        if reader.errors.is_empty() {
             Ok(config)
         } else {
             Err(ConfigError(reader.errors))
@@ -592,6 +597,28 @@ mod tests {
         );
         let c = Config::from_vars(&vars).unwrap();
         assert!(matches!(c.storage, StorageAccess::ConnectionString(_)));
+    }
+
+    #[test]
+    fn settings_that_defeat_the_design_are_refused_naming_them() {
+        for (name, value, says) in [
+            ("DEVICE_API_TIMEOUT_MS", "31000", "over 30 s"),
+            ("DEVICE_API_TIMEOUT_MS", "25000", "functionTimeout"),
+            (
+                "SOC_REQUEST_TTL_SECONDS",
+                "600",
+                "shorter than one device lease",
+            ),
+        ] {
+            let mut vars = minimal();
+            vars.insert(name.into(), value.into());
+            let err = Config::from_vars(&vars).unwrap_err().to_string();
+            assert!(
+                err.contains(name) && err.contains(says),
+                "{name}={value}: {err}"
+            );
+        }
+        assert!(Config::from_vars(&minimal()).is_ok(), "the defaults hold");
     }
 
     #[test]

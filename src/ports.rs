@@ -37,10 +37,11 @@ pub enum DeviceError {
     Transient {
         reason: String,
         retry_after: Option<Duration>,
-        /// The request went out and no answer came back (a timeout, a broken
-        /// connection): a PUT may have been applied, and may still land within the
-        /// late-landing bound. `false` when the device cloud answered, or when nothing
-        /// was sent (no connection).
+        /// The request went out and its outcome is unknown: no answer came back (a
+        /// timeout, a broken connection) or the answer does not say (`408`, `500`,
+        /// `502`, `503`, `504`). A PUT may have been applied, and may still land within
+        /// the late-landing bound. `false` when the device cloud answered with a final
+        /// status, or when nothing was sent (no connection, no budget turn).
         unanswered: bool,
     },
 }
@@ -203,62 +204,83 @@ impl PendingPage {
     }
 }
 
-/// What an `Idempotency-Key` was first used for, and the answer given.
+/// What an `Idempotency-Key` was first used for: the request it created. Written in
+/// the same atomic write as that request ([`Ledger::accept`]), so a key names a
+/// request exactly when the request is stored, and a retry answers from the request's
+/// current state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyRecord {
     pub device_id: DeviceId,
     pub key: IdempotencyKey,
     /// Canonical form of the request the key was first used with (e.g. `minSoc=35`).
     pub fingerprint: String,
-    /// `None` while the first request is still in flight.
-    pub response: Option<StoredResponse>,
+    /// The request the key created.
+    pub request_id: RequestId,
     pub created_at: DateTime<Utc>,
 }
 
+/// The key row an accepted request writes with it: inserted, or replacing an expired
+/// row of the same key read with `replaces`.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyWrite<'a> {
+    pub record: &'a IdempotencyRecord,
+    pub replaces: Option<&'a ETag>,
+}
+
+/// What a request write is conditional on, and so what [`Ledger::fence`] consumes: the
+/// device's record at an ETag, or, for a device's first request, its anchor row (a
+/// row that exists before any request, [`Ledger::anchor`]). Every request write is
+/// thus conditional on an ETag, and a write whose outcome is unknown can be fenced.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredResponse {
-    pub status: u16,
-    pub body: serde_json::Value,
+pub enum Precondition {
+    Record(ETag),
+    Anchor(ETag),
 }
 
 /// The desired-state ledger (Azure Table Storage in production).
 ///
-/// A ledger may keep the per-request history of [`crate::domain::history`]: then
-/// every [`Ledger::put`] and [`Ledger::accept`] writes the entries it implies in the
-/// same atomic write as the record. The history methods have defaults for a ledger
-/// that keeps none (it then knows only each device's latest request).
+/// It keeps the per-request history of [`crate::domain::history`]: every
+/// [`Ledger::put`] and [`Ledger::accept`] writes the entries it implies in the same
+/// atomic write as the record, so a request's entry exists exactly when the request
+/// was stored (what decides a fenced write's outcome, `set_soc_http`).
 #[async_trait]
 pub trait Ledger: Send + Sync {
     /// The device's record; [`StoreError::Corrupt`] when its row does not read.
     async fn get(&self, device: &DeviceId) -> Result<Option<Versioned<DesiredState>>, StoreError>;
     /// Inserts when `expected` is `None` (Conflict if a record exists), otherwise
     /// replaces only if the stored ETag still equals `expected` (Conflict if not).
-    /// With history: also writes the entry of `state`'s request, in the same write.
+    /// Also writes the entry of `state`'s request, in the same write.
     async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError>;
-    /// Writes a newly accepted request like [`Ledger::put`] and, in the same atomic
-    /// write, `replaced`: the entry of the request it takes the place of
-    /// ([`HistoryEntry::replaced`]). With history, it also keeps the device's entries
-    /// within [`crate::domain::history::HISTORY_LIMIT`] afterwards.
+    /// The device's anchor row, created if missing, and its ETag: what a device's
+    /// first request is written conditionally on ([`Precondition::Anchor`]).
+    async fn anchor(&self, device: &DeviceId) -> Result<ETag, StoreError>;
+    /// Writes a newly accepted request in ONE atomic write (an entity-group transaction
+    /// in the device's partition), all or nothing, only if `on` still holds: the record
+    /// (replacing the one at `on`'s ETag, or inserted when `on` is the anchor, whose
+    /// ETag then changes too), the history entry of the request and `replaced` (the
+    /// entry of the request it takes the place of, [`HistoryEntry::replaced`]), and
+    /// the `key` row if any. `Conflict` when `on` no longer holds or the key row is
+    /// there already. Afterwards (best effort, outside the write) the device's history
+    /// is kept within [`crate::domain::history::HISTORY_LIMIT`] and key rows older
+    /// than [`crate::domain::IDEMPOTENCY_KEY_RETENTION`] are deleted.
     async fn accept(
         &self,
         state: &DesiredState,
         replaced: Option<&HistoryEntry>,
-        expected: Option<&ETag>,
-    ) -> Result<ETag, StoreError> {
-        let _ = replaced;
-        self.put(state, expected).await
-    }
-    /// The history entry of one of the device's requests, if kept (none by default).
+        key: Option<KeyWrite<'_>>,
+        on: &Precondition,
+    ) -> Result<ETag, StoreError>;
+    /// Consumes `on`: changes the ETag of the row it names (nothing else) only if it
+    /// still holds. `Ok` means no write conditional on `on` can commit any more (one
+    /// whose outcome was unknown never did, and never will); `Conflict` means a write
+    /// consumed `on` first (which one, [`Ledger::history_entry`] tells).
+    async fn fence(&self, device: &DeviceId, on: &Precondition) -> Result<(), StoreError>;
+    /// The history entry of one of the device's requests (written with the request).
     async fn history_entry(
         &self,
         device: &DeviceId,
         request: &RequestId,
-    ) -> Result<Option<HistoryEntry>, StoreError> {
-        let _ = (device, request);
-        Ok(None)
-    }
-    /// Deletes only if the stored ETag equals `expected` (Conflict if not; Ok if already gone).
-    async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError>;
+    ) -> Result<Option<HistoryEntry>, StoreError>;
     /// Up to `limit` pending records of the devices after `after` (all devices if
     /// `None`), in device-id order, and the device to continue after (`None` when the
     /// listing reached the last device). The reconciling pass reads the ledger this
@@ -312,18 +334,6 @@ pub trait Ledger: Send + Sync {
         device: &DeviceId,
         key: &IdempotencyKey,
     ) -> Result<Option<Versioned<IdempotencyRecord>>, StoreError>;
-    /// Same insert/replace semantics as [`Ledger::put`].
-    async fn put_idempotency(
-        &self,
-        record: &IdempotencyRecord,
-        expected: Option<&ETag>,
-    ) -> Result<ETag, StoreError>;
-    async fn delete_idempotency(
-        &self,
-        device: &DeviceId,
-        key: &IdempotencyKey,
-        expected: &ETag,
-    ) -> Result<(), StoreError>;
 }
 
 // ---------------------------------------------------------------- clock

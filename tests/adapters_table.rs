@@ -9,8 +9,9 @@ use soc_settings::domain::history::{HistoryEntry, HISTORY_LIMIT};
 use soc_settings::domain::ledger::{Lease, LeaseHolder};
 use soc_settings::domain::{
     DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus,
+    IDEMPOTENCY_KEY_RETENTION,
 };
-use soc_settings::ports::{ETag, IdempotencyRecord, Ledger, StoreError, StoredResponse};
+use soc_settings::ports::{ETag, IdempotencyRecord, KeyWrite, Ledger, Precondition, StoreError};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use testkit::azurite::{self, Azurite};
@@ -66,7 +67,6 @@ fn everything_set(id: &str) -> DesiredState {
             holder: LeaseHolder::from_stored("invocation-17"),
             until: t(45),
         }),
-        landed: Some(RequestId::new_random()),
         updated_at: t(13),
     }
 }
@@ -125,7 +125,12 @@ async fn every_write_keeps_its_requests_history_entry_in_the_same_transaction() 
     );
     let replaced = HistoryEntry::replaced(&a, &b.request_id, t(10));
     let b_etag = ledger
-        .accept(&b, Some(&replaced), Some(&a_etag))
+        .accept(
+            &b,
+            Some(&replaced),
+            None,
+            &Precondition::Record(a_etag.clone()),
+        )
         .await
         .unwrap();
     assert_eq!(ledger.get(&dev).await.unwrap().unwrap().etag, b_etag);
@@ -152,7 +157,14 @@ async fn every_write_keeps_its_requests_history_entry_in_the_same_transaction() 
     );
     let replaced = HistoryEntry::replaced(&b, &c.request_id, t(20));
     assert_eq!(
-        ledger.accept(&c, Some(&replaced), Some(&a_etag)).await,
+        ledger
+            .accept(
+                &c,
+                Some(&replaced),
+                None,
+                &Precondition::Record(a_etag.clone())
+            )
+            .await,
         Err(StoreError::Conflict)
     );
     assert_eq!(
@@ -205,8 +217,12 @@ async fn a_device_keeps_the_history_of_its_newest_twenty_requests() {
             prev,
         );
         let replaced = prev.map(|p| HistoryEntry::replaced(p, &next.request_id, t(i)));
+        let on = match &previous {
+            Some((_, e)) => Precondition::Record(e.clone()),
+            None => Precondition::Anchor(ledger.anchor(&dev).await.unwrap()),
+        };
         let etag = ledger
-            .accept(&next, replaced.as_ref(), previous.as_ref().map(|(_, e)| e))
+            .accept(&next, replaced.as_ref(), None, &on)
             .await
             .unwrap();
         ids.push(next.request_id.clone());
@@ -267,40 +283,202 @@ async fn a_replace_with_a_stale_etag_is_a_conflict_and_the_first_writer_wins() {
 }
 
 #[tokio::test]
-async fn a_replace_of_a_deleted_record_is_a_conflict() {
+async fn a_fence_consumes_the_etag_so_a_write_conditional_on_it_never_commits() {
+    // Issue 17, case 1: an accepting write delayed in the network must not commit
+    // after the POST answered 503.
     let azurite = Azurite::shared();
-    let ledger = ledger_on(&azurite, &unique_table("repdel"));
-    let state = pending("bat-gone", 30);
-    let etag = ledger.put(&state, None).await.unwrap();
-    ledger.delete(&state.device_id, &etag).await.unwrap();
+    let ledger = ledger_on(&azurite, &unique_table("fence"));
+    let dev = device("bat-fence");
+    // A device's first request is conditional on its anchor row.
+    let anchor = Precondition::Anchor(ledger.anchor(&dev).await.unwrap());
     assert_eq!(
-        ledger.put(&state, Some(&etag)).await,
+        Precondition::Anchor(ledger.anchor(&dev).await.unwrap()),
+        anchor,
+        "the anchor is created once"
+    );
+    let a = pending("bat-fence", 10);
+    ledger.fence(&dev, &anchor).await.unwrap();
+    assert_eq!(
+        ledger.accept(&a, None, None, &anchor).await,
+        Err(StoreError::Conflict),
+        "the fenced first write"
+    );
+    assert_eq!(ledger.get(&dev).await.unwrap(), None);
+    assert_eq!(
+        ledger.history_entry(&dev, &a.request_id).await.unwrap(),
+        None
+    );
+    assert_eq!(ledger.fence(&dev, &anchor).await, Err(StoreError::Conflict));
+
+    let anchor = Precondition::Anchor(ledger.anchor(&dev).await.unwrap());
+    let a_etag = ledger.accept(&a, None, None, &anchor).await.unwrap();
+    assert_eq!(
+        ledger.fence(&dev, &anchor).await,
+        Err(StoreError::Conflict),
+        "the accepted write consumed the anchor"
+    );
+    assert!(ledger
+        .history_entry(&dev, &a.request_id)
+        .await
+        .unwrap()
+        .is_some());
+    let on_a = Precondition::Record(a_etag.clone());
+    ledger.fence(&dev, &on_a).await.unwrap();
+    let stored = ledger.get(&dev).await.unwrap().unwrap();
+    assert_eq!(stored.value, a, "a fence changes nothing but the ETag");
+    assert_ne!(stored.etag, a_etag);
+    let b = DesiredState::accept(
+        dev.clone(),
+        MinSoc::new(20).unwrap(),
+        t(10),
+        chrono::Duration::days(7),
+        Some(&a),
+    );
+    assert_eq!(
+        ledger.accept(&b, None, None, &on_a).await,
+        Err(StoreError::Conflict),
+        "the fenced replace"
+    );
+    assert_eq!(
+        ledger.history_entry(&dev, &b.request_id).await.unwrap(),
+        None
+    );
+    ledger
+        .accept(&b, None, None, &Precondition::Record(stored.etag))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_key_row_is_written_with_its_request_and_a_second_first_use_stores_nothing() {
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("keytx"));
+    let dev = device("bat-key");
+    let a = pending("bat-key", 10);
+    let key = IdempotencyKey::parse(b"k/1#?").unwrap();
+    let row = |request: &DesiredState, at| IdempotencyRecord {
+        device_id: dev.clone(),
+        key: key.clone(),
+        fingerprint: "minSoc=10".into(),
+        request_id: request.request_id.clone(),
+        created_at: at,
+    };
+    let anchor = Precondition::Anchor(ledger.anchor(&dev).await.unwrap());
+    let a_key = row(&a, t(0));
+    let a_etag = ledger
+        .accept(
+            &a,
+            None,
+            Some(KeyWrite {
+                record: &a_key,
+                replaces: None,
+            }),
+            &anchor,
+        )
+        .await
+        .unwrap();
+    let read = ledger.get_idempotency(&dev, &key).await.unwrap().unwrap();
+    assert_eq!(read.value, a_key);
+    // A concurrent first use of the same key: its request is not stored either.
+    let b = DesiredState::accept(
+        dev.clone(),
+        MinSoc::new(10).unwrap(),
+        t(1),
+        chrono::Duration::days(7),
+        Some(&a),
+    );
+    let b_key = row(&b, t(1));
+    assert_eq!(
+        ledger
+            .accept(
+                &b,
+                None,
+                Some(KeyWrite {
+                    record: &b_key,
+                    replaces: None
+                }),
+                &Precondition::Record(a_etag.clone())
+            )
+            .await,
         Err(StoreError::Conflict)
+    );
+    assert_eq!(ledger.get(&dev).await.unwrap().unwrap().value, a);
+    assert_eq!(
+        ledger.history_entry(&dev, &b.request_id).await.unwrap(),
+        None
+    );
+    // An expired row is replaced at its ETag, in the same write.
+    ledger
+        .accept(
+            &b,
+            None,
+            Some(KeyWrite {
+                record: &b_key,
+                replaces: Some(&read.etag),
+            }),
+            &Precondition::Record(a_etag),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger
+            .get_idempotency(&dev, &key)
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+        b_key
     );
 }
 
 #[tokio::test]
-async fn delete_needs_the_current_etag_and_is_ok_when_already_gone() {
+async fn key_rows_past_their_retention_are_deleted_after_a_later_request() {
     let azurite = Azurite::shared();
-    let ledger = ledger_on(&azurite, &unique_table("delete"));
-    let state = pending("bat-del", 30);
-    let etag0 = ledger.put(&state, None).await.unwrap();
-    let etag1 = ledger.put(&state, Some(&etag0)).await.unwrap();
-
-    assert_eq!(
-        ledger.delete(&state.device_id, &etag0).await,
-        Err(StoreError::Conflict)
-    );
-    assert!(ledger.get(&state.device_id).await.unwrap().is_some());
-
-    ledger.delete(&state.device_id, &etag1).await.unwrap();
-    assert_eq!(ledger.get(&state.device_id).await.unwrap(), None);
-    // Already gone: Ok, whatever the ETag.
-    ledger.delete(&state.device_id, &etag1).await.unwrap();
-    ledger
-        .delete(&device("never-existed"), &ETag("W/\"x\"".into()))
+    let ledger = ledger_on(&azurite, &unique_table("keyage"));
+    let dev = device("bat-age");
+    let old_key = IdempotencyKey::parse(b"old").unwrap();
+    let a = pending("bat-age", 10);
+    let a_key = IdempotencyRecord {
+        device_id: dev.clone(),
+        key: old_key.clone(),
+        fingerprint: "minSoc=10".into(),
+        request_id: a.request_id.clone(),
+        created_at: a.requested_at,
+    };
+    let anchor = Precondition::Anchor(ledger.anchor(&dev).await.unwrap());
+    let etag = ledger
+        .accept(
+            &a,
+            None,
+            Some(KeyWrite {
+                record: &a_key,
+                replaces: None,
+            }),
+            &anchor,
+        )
         .await
         .unwrap();
+    let later = a.requested_at + IDEMPOTENCY_KEY_RETENTION + chrono::Duration::seconds(1);
+    let b = DesiredState::accept(
+        dev.clone(),
+        MinSoc::new(20).unwrap(),
+        later,
+        chrono::Duration::days(7),
+        Some(&a),
+    );
+    ledger
+        .accept(&b, None, None, &Precondition::Record(etag))
+        .await
+        .unwrap();
+    assert_eq!(ledger.get_idempotency(&dev, &old_key).await.unwrap(), None);
+    assert!(
+        ledger
+            .history_entry(&dev, &a.request_id)
+            .await
+            .unwrap()
+            .is_some(),
+        "history stays"
+    );
 }
 
 #[tokio::test]
@@ -327,17 +505,13 @@ async fn pending_lists_every_pending_record_across_1200_devices_following_contin
     .collect::<Vec<_>>()
     .await;
     for i in 0..5 {
+        // Anchor rows in the same partitions: only the records count.
         ledger
-            .put_idempotency(
-                &IdempotencyRecord {
-                    device_id: device(&format!("dev-{i:05}")),
-                    key: IdempotencyKey::parse(b"k").unwrap(),
-                    fingerprint: "minSoc=1".into(),
-                    response: None,
-                    created_at: t(0),
-                },
-                None,
-            )
+            .anchor(&device(&format!("dev-{i:05}")))
+            .await
+            .unwrap();
+        ledger
+            .anchor(&device(&format!("new-{i:05}")))
             .await
             .unwrap();
     }
@@ -415,69 +589,6 @@ async fn an_unreadable_row_is_reported_as_corrupt_and_does_not_hide_the_rest_of_
         "{err:?}"
     );
     assert!(!err.is_transient());
-}
-
-#[tokio::test]
-async fn idempotency_records_with_awkward_keys_round_trip_and_are_conditional() {
-    let azurite = Azurite::shared();
-    let ledger = ledger_on(&azurite, &unique_table("idem"));
-    let dev = device("bat-idem");
-    let keys: [&[u8]; 6] = [
-        b"a/b",
-        b"#frag",
-        b"what?now",
-        br"back\slash",
-        b"it's'quoted'",
-        &[b'~'; 128],
-    ];
-    for raw in keys {
-        let key = IdempotencyKey::parse(raw).unwrap();
-        let mut record = IdempotencyRecord {
-            device_id: dev.clone(),
-            key: key.clone(),
-            fingerprint: "minSoc=35".into(),
-            response: None,
-            created_at: t(1),
-        };
-        let etag = ledger.put_idempotency(&record, None).await.unwrap();
-        assert_eq!(
-            ledger.put_idempotency(&record, None).await,
-            Err(StoreError::Conflict),
-            "{key:?}"
-        );
-        let read = ledger.get_idempotency(&dev, &key).await.unwrap().unwrap();
-        assert_eq!(read.value, record);
-        assert_eq!(read.etag, etag);
-
-        record.response = Some(StoredResponse {
-            status: 202,
-            body: serde_json::json!({"requestId": "r1", "status": "pending", "nested": {"n": [1, 2]}}),
-        });
-        let etag2 = ledger.put_idempotency(&record, Some(&etag)).await.unwrap();
-        assert_eq!(
-            ledger.put_idempotency(&record, Some(&etag)).await,
-            Err(StoreError::Conflict)
-        );
-        assert_eq!(
-            ledger
-                .get_idempotency(&dev, &key)
-                .await
-                .unwrap()
-                .unwrap()
-                .value,
-            record
-        );
-
-        assert_eq!(
-            ledger.delete_idempotency(&dev, &key, &etag).await,
-            Err(StoreError::Conflict)
-        );
-        ledger.delete_idempotency(&dev, &key, &etag2).await.unwrap();
-        assert_eq!(ledger.get_idempotency(&dev, &key).await.unwrap(), None);
-        ledger.delete_idempotency(&dev, &key, &etag2).await.unwrap();
-    }
-    // Idempotency rows never show up as a device's desired state.
-    assert_eq!(ledger.get(&dev).await.unwrap(), None);
 }
 
 #[tokio::test]

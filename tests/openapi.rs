@@ -20,9 +20,7 @@ use tower::ServiceExt;
 
 use soc_settings::app::{router, AppState, StartupError};
 use soc_settings::config::ConfigError;
-use soc_settings::domain::{DeviceId, IdempotencyKey};
 use soc_settings::functions::fakes::Harness;
-use soc_settings::ports::{Clock as _, IdempotencyRecord, Ledger as _};
 
 fn document() -> Value {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml"))
@@ -195,23 +193,20 @@ async fn scenarios() -> Vec<Observed> {
         )
         .await,
     );
-    let in_flight = IdempotencyRecord {
-        device_id: DeviceId::parse("off").unwrap(),
-        key: IdempotencyKey::parse(b"in-flight").unwrap(),
-        fingerprint: "minSoc=30".into(),
-        response: None,
-        created_at: h.clock.now(),
-    };
-    h.ledger.put_idempotency(&in_flight, None).await.unwrap();
+    // The accepting write times out and the store stays down through the fence.
+    h.ledger.defer_next_accept_and_go_down();
+    tokio::time::pause();
     seen.push(
         call(
             app(&h),
             "setSoc",
-            "key in flight",
-            post("off", r#"{"minSoc":30}"#, Some("in-flight")),
+            "outcome unknown",
+            post("off", r#"{"minSoc":33}"#, None),
         )
         .await,
     );
+    tokio::time::resume();
+    h.ledger.set_down(false);
     seen.push(
         call(
             app(&h),

@@ -68,18 +68,31 @@ impl<L: Ledger> Ledger for Counting<L> {
         inc(&self.ops.writes);
         self.inner.put(state, expected).await
     }
+    async fn anchor(&self, device: &DeviceId) -> Result<ETag, StoreError> {
+        inc(&self.ops.reads);
+        self.inner.anchor(device).await
+    }
     async fn accept(
         &self,
         state: &DesiredState,
         replaced: Option<&HistoryEntry>,
-        expected: Option<&ETag>,
+        key: Option<KeyWrite<'_>>,
+        on: &Precondition,
     ) -> Result<ETag, StoreError> {
         inc(&self.ops.writes);
-        self.inner.accept(state, replaced, expected).await
+        self.inner.accept(state, replaced, key, on).await
     }
-    async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError> {
+    async fn fence(&self, device: &DeviceId, on: &Precondition) -> Result<(), StoreError> {
         inc(&self.ops.writes);
-        self.inner.delete(device, expected).await
+        self.inner.fence(device, on).await
+    }
+    async fn history_entry(
+        &self,
+        device: &DeviceId,
+        request: &RequestId,
+    ) -> Result<Option<HistoryEntry>, StoreError> {
+        inc(&self.ops.reads);
+        self.inner.history_entry(device, request).await
     }
     async fn pending_after(
         &self,
@@ -132,23 +145,6 @@ impl<L: Ledger> Ledger for Counting<L> {
     ) -> Result<Option<Versioned<IdempotencyRecord>>, StoreError> {
         inc(&self.ops.reads);
         self.inner.get_idempotency(device, key).await
-    }
-    async fn put_idempotency(
-        &self,
-        record: &IdempotencyRecord,
-        expected: Option<&ETag>,
-    ) -> Result<ETag, StoreError> {
-        inc(&self.ops.writes);
-        self.inner.put_idempotency(record, expected).await
-    }
-    async fn delete_idempotency(
-        &self,
-        device: &DeviceId,
-        key: &IdempotencyKey,
-        expected: &ETag,
-    ) -> Result<(), StoreError> {
-        inc(&self.ops.writes);
-        self.inner.delete_idempotency(device, key, expected).await
     }
 }
 

@@ -14,12 +14,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use soc_settings::domain::due_index::DueEntry;
+use soc_settings::domain::history::HistoryEntry;
 use soc_settings::domain::sweep_state::SweepState;
 use soc_settings::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
 use soc_settings::functions::{Policy, Services};
 use soc_settings::ports::{
-    Clock, DeviceApi, DeviceError, DeviceStatus, ETag, IdempotencyRecord, Ledger, OutgoingMessage,
-    PendingPage, QueueError, SettingsQueue, StoreError, Versioned,
+    Clock, DeviceApi, DeviceError, DeviceStatus, ETag, IdempotencyRecord, KeyWrite, Ledger,
+    OutgoingMessage, PendingPage, Precondition, QueueError, SettingsQueue, StoreError, Versioned,
 };
 use tokio::sync::{oneshot, Notify};
 
@@ -173,6 +174,17 @@ impl Port {
     }
 }
 
+/// Whether `on` still holds: the record at that ETag, or no record and the anchor at it.
+fn holds(w: &World, device: &str, on: &Precondition) -> bool {
+    match on {
+        Precondition::Record(e) => w.rows.get(device).is_some_and(|r| r.1.to_string() == e.0),
+        Precondition::Anchor(e) => {
+            !w.rows.contains_key(device)
+                && w.anchors.get(device).is_some_and(|n| n.to_string() == e.0)
+        }
+    }
+}
+
 fn etag_matches(slot: Option<u64>, expected: Option<&ETag>) -> bool {
     match (slot, expected) {
         (None, None) => true,
@@ -253,6 +265,7 @@ impl Ledger for SimLedger {
                 w.next_etag += 1;
                 let n = w.next_etag;
                 w.rows.insert(d.clone(), (state.clone(), n));
+                w.keep_entry(HistoryEntry::of(state));
                 w.commit(&d, Some(state), inv);
                 Ok(ETag(n.to_string()))
             })
@@ -270,22 +283,140 @@ impl Ledger for SimLedger {
         r
     }
 
-    async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError> {
+    async fn anchor(&self, device: &DeviceId) -> Result<ETag, StoreError> {
         let d = device.as_str().to_string();
         let r = self
             .0
-            .storage(&d, |w, inv| match w.rows.get(&d) {
-                None => Ok(()),
-                Some((_, n)) if n.to_string() == expected.0 => {
-                    w.rows.remove(&d);
-                    w.commit(&d, None, inv);
-                    Ok(())
-                }
-                Some(_) => Err(StoreError::Conflict),
+            .storage(&d, |w, _| {
+                let n = match w.anchors.get(&d) {
+                    Some(n) => *n,
+                    None => {
+                        w.next_etag += 1;
+                        let n = w.next_etag;
+                        w.anchors.insert(d.clone(), n);
+                        n
+                    }
+                };
+                Ok(ETag(n.to_string()))
             })
             .await;
-        self.0
-            .log(|_| format!("ledger.delete {d} if e{} -> {}", expected.0, show(&r)));
+        self.0.log(|_| format!("ledger.anchor {d} -> {}", show(&r)));
+        r
+    }
+
+    async fn accept(
+        &self,
+        state: &DesiredState,
+        replaced: Option<&HistoryEntry>,
+        key: Option<KeyWrite<'_>>,
+        on: &Precondition,
+    ) -> Result<ETag, StoreError> {
+        let d = state.device_id.as_str().to_string();
+        {
+            let mut w = self.0.world.lock().unwrap();
+            let name = w.names.request(state.request_id.as_str());
+            let t = w.ms();
+            w.obs.first_tried.entry(name).or_insert(t);
+        }
+        let key = key.map(|k| (k.record.clone(), k.replaces.cloned()));
+        let r = self
+            .0
+            .storage(&d, |w, inv| {
+                // One entity-group transaction: every condition first, then every write.
+                if !holds(w, &d, on) {
+                    return Err(StoreError::Conflict);
+                }
+                if let Some((record, replaces)) = &key {
+                    let k = (d.clone(), record.key.as_str().to_string());
+                    if !etag_matches(w.idem.get(&k).map(|r| r.1), replaces.as_ref()) {
+                        return Err(StoreError::Conflict);
+                    }
+                    w.next_etag += 1;
+                    let n = w.next_etag;
+                    w.idem.insert(k, (record.clone(), n));
+                }
+                if let Precondition::Anchor(_) = on {
+                    w.next_etag += 1;
+                    let n = w.next_etag;
+                    w.anchors.insert(d.clone(), n);
+                }
+                w.next_etag += 1;
+                let n = w.next_etag;
+                w.rows.insert(d.clone(), (state.clone(), n));
+                w.keep_entry(HistoryEntry::of(state));
+                if let Some(entry) = replaced {
+                    w.keep_entry(entry.clone());
+                }
+                w.commit(&d, Some(state), inv);
+                Ok(ETag(n.to_string()))
+            })
+            .await;
+        self.0.log(|w| {
+            let on = match on {
+                Precondition::Record(e) => format!("e{}", e.0),
+                Precondition::Anchor(e) => format!("anchor e{}", e.0),
+            };
+            let keyed = key
+                .as_ref()
+                .map(|(k, _)| format!(" key {}", k.key.as_str()))
+                .unwrap_or_default();
+            format!(
+                "ledger.accept {d} {}{keyed} if {on} -> {}",
+                describe(w, state),
+                show(&r)
+            )
+        });
+        r
+    }
+
+    async fn fence(&self, device: &DeviceId, on: &Precondition) -> Result<(), StoreError> {
+        let d = device.as_str().to_string();
+        let r = self
+            .0
+            .storage(&d, |w, _| {
+                if !holds(w, &d, on) {
+                    return Err(StoreError::Conflict);
+                }
+                w.next_etag += 1;
+                let n = w.next_etag;
+                match on {
+                    Precondition::Record(_) => {
+                        if let Some(row) = w.rows.get_mut(&d) {
+                            row.1 = n;
+                        }
+                    }
+                    Precondition::Anchor(_) => {
+                        w.anchors.insert(d.clone(), n);
+                    }
+                }
+                Ok(())
+            })
+            .await;
+        self.0.log(|_| format!("ledger.fence {d} -> {}", show(&r)));
+        r
+    }
+
+    async fn history_entry(
+        &self,
+        device: &DeviceId,
+        request: &RequestId,
+    ) -> Result<Option<HistoryEntry>, StoreError> {
+        let k = (device.as_str().to_string(), request.as_str().to_string());
+        let r = self
+            .0
+            .storage(&k.0, |w, _| Ok(w.history.get(&k).cloned()))
+            .await;
+        self.0.log(|w| {
+            let name = w.names.request(&k.1);
+            match &r {
+                Ok(Some(e)) => format!(
+                    "ledger.history {} {name} -> {}",
+                    k.0,
+                    e.request.status.as_str()
+                ),
+                other => format!("ledger.history {} {name} -> {}", k.0, show(other)),
+            }
+        });
         r
     }
 
@@ -491,70 +622,12 @@ impl Ledger for SimLedger {
             })
             .await;
         self.0.log(|_| match &r {
-            Ok(Some(v)) => format!(
-                "idem.get {}/{} -> answer {:?}",
-                k.0,
-                k.1,
-                v.value.response.as_ref().map(|r| r.status)
-            ),
+            Ok(Some(v)) => {
+                let request = v.value.request_id.as_str().to_string();
+                format!("idem.get {}/{} -> {request}", k.0, k.1)
+            }
             other => format!("idem.get {}/{} -> {}", k.0, k.1, show(other)),
         });
-        r
-    }
-
-    async fn put_idempotency(
-        &self,
-        record: &IdempotencyRecord,
-        expected: Option<&ETag>,
-    ) -> Result<ETag, StoreError> {
-        let k = (
-            record.device_id.as_str().to_string(),
-            record.key.as_str().to_string(),
-        );
-        let r = self
-            .0
-            .storage(&k.0, |w, _| {
-                if !etag_matches(w.idem.get(&k).map(|r| r.1), expected) {
-                    return Err(StoreError::Conflict);
-                }
-                w.next_etag += 1;
-                let n = w.next_etag;
-                w.idem.insert(k.clone(), (record.clone(), n));
-                Ok(ETag(n.to_string()))
-            })
-            .await;
-        self.0.log(|_| {
-            format!(
-                "idem.put {}/{} answer {:?} -> {}",
-                k.0,
-                k.1,
-                record.response.as_ref().map(|r| r.status),
-                show(&r)
-            )
-        });
-        r
-    }
-
-    async fn delete_idempotency(
-        &self,
-        device: &DeviceId,
-        key: &IdempotencyKey,
-        expected: &ETag,
-    ) -> Result<(), StoreError> {
-        let k = (device.as_str().to_string(), key.as_str().to_string());
-        let r = self
-            .0
-            .storage(&k.0, |w, _| match w.idem.get(&k) {
-                None => Ok(()),
-                Some((_, n)) if n.to_string() == expected.0 => {
-                    w.idem.remove(&k);
-                    Ok(())
-                }
-                Some(_) => Err(StoreError::Conflict),
-            })
-            .await;
-        self.0
-            .log(|_| format!("idem.delete {}/{} -> {}", k.0, k.1, show(&r)));
         r
     }
 }

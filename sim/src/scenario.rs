@@ -333,6 +333,16 @@ impl Scenario {
             faults_until_ms,
             end_ms: 0,
         }
+        .valid()
         .settled()
+    }
+
+    /// The settings the service would refuse at start (`Policy::design_problems`)
+    /// made valid: a request lives at least one lease (under a minute here) plus the
+    /// longest re-check delay.
+    fn valid(mut self) -> Self {
+        let longest = self.recheck_max_s.max(self.recheck_initial_s);
+        self.ttl_s = self.ttl_s.max(longest + 60);
+        self
     }
 }

@@ -9,6 +9,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use soc_settings::domain::due_index::DueEntry;
+use soc_settings::domain::history::HistoryEntry;
 use soc_settings::domain::sweep_state::SweepState;
 use soc_settings::domain::{DesiredState, RequestStatus};
 use soc_settings::ports::IdempotencyRecord;
@@ -252,6 +253,10 @@ pub struct World {
     pub epoch: DateTime<Utc>,
     pub rows: BTreeMap<String, (DesiredState, u64)>,
     pub idem: BTreeMap<(String, String), (IdempotencyRecord, u64)>,
+    /// Each device's anchor row ETag (`Ledger::anchor`).
+    pub anchors: BTreeMap<String, u64>,
+    /// History entries by (device, request id), written with the record.
+    pub history: BTreeMap<(String, String), HistoryEntry>,
     /// The due index: entries in filing order, each with its ETag.
     pub due: Vec<(DueEntry, u64)>,
     pub sweep_state: Option<(SweepState, u64)>,
@@ -332,6 +337,8 @@ impl World {
             epoch: Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap(),
             rows: BTreeMap::new(),
             idem: BTreeMap::new(),
+            anchors: BTreeMap::new(),
+            history: BTreeMap::new(),
             due: Vec::new(),
             sweep_state: None,
             next_etag: 0,
@@ -430,6 +437,15 @@ impl World {
             lease,
             inv: inv.label.clone(),
         });
+    }
+
+    /// Keeps a history entry, as the ledger writes it with the record.
+    pub fn keep_entry(&mut self, entry: HistoryEntry) {
+        let key = (
+            entry.request.device_id.as_str().to_string(),
+            entry.request.request_id.as_str().to_string(),
+        );
+        self.history.insert(key, entry);
     }
 
     pub fn inv_record(&mut self, inv: &Inv) -> Option<&mut InvRecord> {

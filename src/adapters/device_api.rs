@@ -132,9 +132,17 @@ impl HttpDeviceApi {
         DeviceError::Transient {
             reason,
             retry_after: retry_after(headers, Utc::now()),
-            unanswered: false,
+            // A gateway's 408/500/502/503/504 does not say the backend never got the
+            // PUT: it may still land within `Lt` (docs/device-api.md).
+            unanswered: outcome_unknown(status),
         }
     }
+}
+
+/// Whether an answer with `status` leaves a PUT's outcome unknown (it may land within
+/// the late-landing bound), as a timeout does: `408`, `500`, `502`, `503`, `504`.
+pub fn outcome_unknown(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 500 | 502 | 503 | 504)
 }
 
 #[async_trait]
@@ -569,7 +577,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn server_errors_are_transient() {
+    async fn a_gateway_error_is_transient_with_an_unknown_outcome_and_a_throttle_is_not() {
+        // Issue 17, case 4: a 502 may still land within Lt, so the lease must be kept.
         let (base, _) = stand_in().await;
         let err = api(&base)
             .apply_min_soc(&dev("broken"), soc(5), &rid())
@@ -579,10 +588,41 @@ mod tests {
             err,
             DeviceError::Transient {
                 retry_after: None,
+                unanswered: true,
                 ..
             }
         ));
         assert!(err.to_string().contains("502"), "{err}");
+        let err = api(&base)
+            .apply_min_soc(&dev("throttled"), soc(5), &rid())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DeviceError::Transient {
+                    unanswered: false,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        for (status, unknown) in [
+            (408, true),
+            (500, true),
+            (502, true),
+            (503, true),
+            (504, true),
+            (501, false),
+            (429, false),
+            (401, false),
+        ] {
+            assert_eq!(
+                outcome_unknown(StatusCode::from_u16(status).unwrap()),
+                unknown,
+                "{status}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -50,9 +50,13 @@ use crate::domain::due_index::{self, DueEntry};
 use crate::domain::history::{self, HistoryEntry};
 use crate::domain::ledger::{Lease, LeaseHolder};
 use crate::domain::sweep_state::SweepState;
-use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus};
+use crate::domain::{
+    DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus,
+    IDEMPOTENCY_KEY_RETENTION,
+};
 use crate::ports::{
-    CorruptRow, ETag, IdempotencyRecord, Ledger, PendingPage, StoreError, StoredResponse, Versioned,
+    CorruptRow, ETag, IdempotencyRecord, KeyWrite, Ledger, PendingPage, Precondition, StoreError,
+    Versioned,
 };
 use azure_core::auth::TokenCredential;
 use std::path::Path;
@@ -66,6 +70,11 @@ pub const DESIRED_ROW: &str = "desired";
 /// The query `pending()` runs.
 pub const PENDING_FILTER: &str = "RowKey eq 'desired' and Status eq 'pending'";
 /// Where the sweep's own record lives (`!` cannot start a device id).
+/// The device's anchor row: exists before its first request, so that request's write
+/// is conditional on an ETag too (`Ledger::anchor`, `Ledger::fence`).
+pub const ANCHOR_ROW: &str = "anchor";
+/// Row keys of `Idempotency-Key` rows start with this.
+pub const IDEMPOTENCY_ROW_PREFIX: &str = "idem-";
 pub const SWEEP_PARTITION: &str = "!sweep";
 pub const SWEEP_ROW: &str = "state";
 
@@ -237,21 +246,48 @@ impl TableLedger {
         expected: Option<&ETag>,
         entries: &[HistoryEntry],
     ) -> Result<ETag, StoreError> {
+        let on = expected.map(|e| Precondition::Record(e.clone()));
+        self.transaction(state, on.as_ref(), entries, None).await
+    }
+
+    /// One entity-group transaction in the device's partition: the `desired` row
+    /// (inserted when `on` is `None` or the anchor, else replaced at the record's ETag),
+    /// the anchor row touched at its ETag when `on` is the anchor, the history
+    /// `entries`, and the `key` row (inserted, or replacing an expired one at its ETag).
+    async fn transaction(
+        &self,
+        state: &DesiredState,
+        on: Option<&Precondition>,
+        entries: &[HistoryEntry],
+        key: Option<KeyWrite<'_>>,
+    ) -> Result<ETag, StoreError> {
         let table = self.table().await?;
         let serialise = |e: azure_core::Error| unavailable("serialise", &e);
+        let if_match = |e: &ETag| Some(IfMatchCondition::Etag(Etag::from(e.0.clone())));
         let desired = desired_to_entity(state);
         let tx = table
             .partition_key_client(state.device_id.as_str())
             .transaction();
-        let mut tx = match expected {
+        let mut tx = match on {
             None => tx.insert(desired),
-            Some(etag) => tx.update(
-                DESIRED_ROW,
-                desired,
-                Some(IfMatchCondition::Etag(Etag::from(etag.0.clone()))),
-            ),
+            Some(Precondition::Anchor(anchor)) => tx.insert(desired).and_then(|tx| {
+                tx.merge(
+                    ANCHOR_ROW,
+                    anchor_entity(state.device_id.as_str()),
+                    if_match(anchor),
+                )
+            }),
+            Some(Precondition::Record(etag)) => tx.update(DESIRED_ROW, desired, if_match(etag)),
         }
         .map_err(serialise)?;
+        if let Some(key) = key {
+            let row = idempotency_to_entity(key.record);
+            tx = match key.replaces {
+                None => tx.insert(row),
+                Some(etag) => tx.update(idempotency_row(&key.record.key), row, if_match(etag)),
+            }
+            .map_err(serialise)?;
+        }
         for entry in entries {
             tx = tx
                 .insert_or_replace(
@@ -288,39 +324,50 @@ impl TableLedger {
         }
     }
 
-    /// Deletes the device's history entries beyond the bound, never `keep`'s. Best
-    /// effort: a failure is logged and left for the next accepted request.
-    async fn prune_history(&self, device: &DeviceId, keep: &RequestId) {
+    /// Deletes the device's history entries beyond the bound (never `keep`'s) and its
+    /// key rows first used before `keys_before`, in one range query (`idem-…` and
+    /// `req-…` rows sort together). Best effort: a failure is logged and left for the
+    /// next accepted request.
+    async fn prune(&self, device: &DeviceId, keep: &RequestId, keys_before: DateTime<Utc>) {
         let Ok(table) = self.table().await else {
             return;
         };
         // Device ids are [A-Za-z0-9._-]: nothing to escape in the filter.
         let filter = format!(
-            "PartitionKey eq '{device}' and RowKey ge '{HISTORY_ROW_PREFIX}' and RowKey lt 'req.'"
+            "PartitionKey eq '{device}' and RowKey ge '{IDEMPOTENCY_ROW_PREFIX}' and RowKey lt 'req.'"
         );
         let mut pages = table
             .query()
             .filter(Filter::new(filter))
-            .select(Select::new("RowKey,RequestId,RequestedAt"))
+            .select(Select::new("RowKey,RequestId,RequestedAt,CreatedAt"))
             .into_stream::<Map<String, Value>>();
         let mut entries = Vec::new();
+        let mut doomed = Vec::new();
         while let Some(page) = pages.next().await {
             let Ok(page) = page.map_err(|e| unavailable("query history", &e)) else {
                 return;
             };
             for entity in &page.entities {
                 let row = Row { entity };
-                if let (Ok(id), Ok(at)) = (row.str("RequestId"), row.time("RequestedAt")) {
+                let Ok(row_key) = row.str("RowKey") else {
+                    continue;
+                };
+                if row_key.starts_with(IDEMPOTENCY_ROW_PREFIX) {
+                    if row.time("CreatedAt").is_ok_and(|at| at < keys_before) {
+                        doomed.push(row_key);
+                    }
+                } else if let (Ok(id), Ok(at)) = (row.str("RequestId"), row.time("RequestedAt")) {
                     entries.push((RequestId::from_stored(id), at));
                 }
             }
         }
+        doomed.extend(history::beyond_limit(entries, keep).iter().map(history_row));
         let partition = table.partition_key_client(device.as_str());
-        for id in history::beyond_limit(entries, keep) {
-            let result = partition.entity_client(history_row(&id)).delete().await;
+        for row in doomed {
+            let result = partition.entity_client(row).delete().await;
             if let Err(e) = result.map_err(|e| status_of(&e).unwrap_or(0)) {
                 if e != 404 {
-                    tracing::warn!(device = %device, status = e, "ledger: could not prune a history entry");
+                    tracing::warn!(device = %device, status = e, "ledger: could not prune a history entry or key row");
                     return;
                 }
             }
@@ -366,18 +413,68 @@ impl Ledger for TableLedger {
             .await
     }
 
+    async fn anchor(&self, device: &DeviceId) -> Result<ETag, StoreError> {
+        for _ in 0..2 {
+            if let Some((_, etag)) = self.get_row(device.as_str(), ANCHOR_ROW).await? {
+                return Ok(etag);
+            }
+            match self
+                .put_row(
+                    device.as_str(),
+                    ANCHOR_ROW,
+                    anchor_entity(device.as_str()),
+                    None,
+                )
+                .await
+            {
+                Ok(etag) => return Ok(etag),
+                // Another writer created it first: read it.
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+
     async fn accept(
         &self,
         state: &DesiredState,
         replaced: Option<&HistoryEntry>,
-        expected: Option<&ETag>,
+        key: Option<KeyWrite<'_>>,
+        on: &Precondition,
     ) -> Result<ETag, StoreError> {
         let mut entries = vec![HistoryEntry::of(state)];
         entries.extend(replaced.cloned());
-        let etag = self.put_with_history(state, expected, &entries).await?;
-        self.prune_history(&state.device_id, &state.request_id)
-            .await;
+        let etag = self.transaction(state, Some(on), &entries, key).await?;
+        self.prune(
+            &state.device_id,
+            &state.request_id,
+            state.requested_at - IDEMPOTENCY_KEY_RETENTION,
+        )
+        .await;
         Ok(etag)
+    }
+
+    async fn fence(&self, device: &DeviceId, on: &Precondition) -> Result<(), StoreError> {
+        let table = self.table().await?;
+        let (row, etag) = match on {
+            Precondition::Record(etag) => (DESIRED_ROW, etag),
+            Precondition::Anchor(etag) => (ANCHOR_ROW, etag),
+        };
+        // A merge of the keys alone changes nothing but the row's ETag.
+        let mut keys = Map::new();
+        keys.insert("PartitionKey".into(), device.as_str().into());
+        keys.insert("RowKey".into(), row.into());
+        let merge = table
+            .partition_key_client(device.as_str())
+            .entity_client(row)
+            .merge(keys, IfMatchCondition::Etag(Etag::from(etag.0.clone())))
+            .map_err(|e| unavailable("serialise", &e))?;
+        match merge.await {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(status_of(&e), Some(412 | 404)) => Err(StoreError::Conflict),
+            Err(e) => Err(unavailable("fence", &e)),
+        }
     }
 
     async fn history_entry(
@@ -389,11 +486,6 @@ impl Ledger for TableLedger {
             None => Ok(None),
             Some((entity, _)) => Ok(Some(history_from_entity(&entity)?)),
         }
-    }
-
-    async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError> {
-        self.delete_row(device.as_str(), DESIRED_ROW, expected)
-            .await
     }
 
     async fn pending_after(
@@ -537,30 +629,6 @@ impl Ledger for TableLedger {
             })),
         }
     }
-
-    async fn put_idempotency(
-        &self,
-        record: &IdempotencyRecord,
-        expected: Option<&ETag>,
-    ) -> Result<ETag, StoreError> {
-        self.put_row(
-            record.device_id.as_str(),
-            &idempotency_row(&record.key),
-            idempotency_to_entity(record),
-            expected,
-        )
-        .await
-    }
-
-    async fn delete_idempotency(
-        &self,
-        device: &DeviceId,
-        key: &IdempotencyKey,
-        expected: &ETag,
-    ) -> Result<(), StoreError> {
-        self.delete_row(device.as_str(), &idempotency_row(key), expected)
-            .await
-    }
 }
 
 // ---------------------------------------------------------------- errors
@@ -627,7 +695,7 @@ fn unavailable(op: &str, err: &azure_core::Error) -> StoreError {
 /// RowKey of an idempotency record: `idem-` and the key's bytes in lower-case hex.
 pub fn idempotency_row(key: &IdempotencyKey) -> String {
     let mut row = String::with_capacity(5 + key.as_str().len() * 2);
-    row.push_str("idem-");
+    row.push_str(IDEMPOTENCY_ROW_PREFIX);
     for b in key.as_str().bytes() {
         row.push_str(&format!("{b:02x}"));
     }
@@ -688,11 +756,6 @@ fn desired_to_entity(s: &DesiredState) -> Map<String, Value> {
         s.wake_message_id.clone().map(Value::from),
     );
     put_opt(&mut e, "WakeDueAt", s.wake_due_at.map(time));
-    put_opt(
-        &mut e,
-        "LandedRequestId",
-        s.landed.as_ref().map(|r| Value::from(r.to_string())),
-    );
     if let Some(lease) = &s.lease {
         e.insert("LeaseHolder".into(), lease.holder.as_str().into());
         e.insert("LeaseUntil".into(), time(lease.until));
@@ -811,7 +874,6 @@ fn desired_from_entity(entity: &Map<String, Value>) -> Result<DesiredState, Corr
         wake_message_id: row.opt_str("WakeMessageId")?,
         wake_due_at: row.opt_time("WakeDueAt")?,
         lease,
-        landed: row.opt_str("LandedRequestId")?.map(RequestId::from_stored),
         updated_at: row.time("UpdatedAt")?,
     })
 }
@@ -856,16 +918,20 @@ fn sweep_from_entity(entity: &Map<String, Value>) -> Result<SweepState, CorruptR
     })
 }
 
+fn anchor_entity(device: &str) -> Map<String, Value> {
+    let mut e = Map::new();
+    e.insert("PartitionKey".into(), device.into());
+    e.insert("RowKey".into(), ANCHOR_ROW.into());
+    e
+}
+
 fn idempotency_to_entity(r: &IdempotencyRecord) -> Map<String, Value> {
     let mut e = Map::new();
     e.insert("PartitionKey".into(), r.device_id.as_str().into());
     e.insert("RowKey".into(), idempotency_row(&r.key).into());
     e.insert("Key".into(), r.key.as_str().into());
     e.insert("Fingerprint".into(), r.fingerprint.clone().into());
-    if let Some(response) = &r.response {
-        e.insert("ResponseStatus".into(), response.status.into());
-        e.insert("ResponseBody".into(), response.body.to_string().into());
-    }
+    e.insert("RequestId".into(), r.request_id.as_str().into());
     e.insert("CreatedAt".into(), time(r.created_at));
     e
 }
@@ -876,26 +942,11 @@ fn idempotency_from_entity(entity: &Map<String, Value>) -> Result<IdempotencyRec
         .map_err(|_| row.bad("PartitionKey", "is not a device id"))?;
     let key = IdempotencyKey::parse(row.str("Key")?.as_bytes())
         .map_err(|_| row.bad("Key", "is not an idempotency key"))?;
-    let response = match (row.opt_int("ResponseStatus")?, row.opt_str("ResponseBody")?) {
-        (Some(status), Some(body)) => Some(StoredResponse {
-            status: u16::try_from(status)
-                .map_err(|_| row.bad("ResponseStatus", "is out of range"))?,
-            body: serde_json::from_str(&body)
-                .map_err(|_| row.bad("ResponseBody", "is not JSON"))?,
-        }),
-        (None, None) => None,
-        _ => {
-            return Err(row.bad(
-                "ResponseStatus/ResponseBody",
-                "must be both present or both absent",
-            ))
-        }
-    };
     Ok(IdempotencyRecord {
         device_id,
         key,
         fingerprint: row.str("Fingerprint")?,
-        response,
+        request_id: RequestId::from_stored(row.str("RequestId")?),
         created_at: row.time("CreatedAt")?,
     })
 }
@@ -985,7 +1036,6 @@ mod tests {
                 holder: LeaseHolder::from_stored("invocation-9"),
                 until: t(30),
             }),
-            landed: Some(RequestId::from_stored("abc122")),
             updated_at: t(6),
         }
     }

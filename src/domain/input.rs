@@ -78,6 +78,11 @@ impl MinSoc {
     }
 }
 
+/// How long an `Idempotency-Key` names the request it created: a retry within this
+/// time answers from that request; after it the key is free again and its row is
+/// deleted (README "The API", `docs/openapi.yaml`).
+pub const IDEMPOTENCY_KEY_RETENTION: chrono::Duration = chrono::Duration::hours(24);
+
 /// An `Idempotency-Key` header value: 1-128 visible ASCII characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct IdempotencyKey(String);

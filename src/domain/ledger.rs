@@ -160,10 +160,6 @@ pub struct DesiredState {
     /// When that message becomes due. Pending past this (plus a grace) means the message was lost.
     pub wake_due_at: Option<DateTime<Utc>>,
     pub lease: Option<Lease>,
-    /// An older request that a holder saw land on the device after this record had
-    /// replaced it (the holder converged here). Only an undo reads it: restoring that
-    /// older request, it restores it as applied, not pending (it is on the device).
-    pub landed: Option<RequestId>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -192,33 +188,8 @@ impl DesiredState {
             lease: previous
                 .and_then(|p| p.lease.clone())
                 .filter(|l| l.until > now),
-            landed: previous.and_then(|p| p.landed.clone()),
             updated_at: now,
         }
-    }
-
-    /// Notes that `delivered` (the requests one apply put on the device, oldest first)
-    /// includes an older request than this record's: see [`DesiredState::landed`].
-    pub fn note_landed(&mut self, delivered: &[RequestId]) {
-        if let Some(last) = delivered.last() {
-            if *last != self.request_id {
-                self.landed = Some(last.clone());
-            }
-        }
-    }
-
-    /// `previous`, as an undo of this record puts it back: without a lease, and applied if
-    /// a holder saw it land meanwhile (the ledger then still says pending).
-    pub fn restore(&self, previous: &DesiredState, now: DateTime<Utc>) -> DesiredState {
-        let mut restored = previous.clone();
-        restored.lease = None;
-        if restored.is_pending()
-            && self.landed.as_ref() == Some(&previous.request_id)
-            && !cfg!(feature = "mutant-undo-forgets-landing")
-        {
-            restored.mark_applied(now);
-        }
-        restored
     }
 
     /// Keeps this request's identity but carries the lease of the record now stored.
@@ -398,27 +369,6 @@ mod tests {
         assert!(LeaseHolder::new(HolderKind::Event)
             .as_str()
             .starts_with("ev-"));
-    }
-
-    #[test]
-    fn an_undo_restores_a_request_a_converging_holder_saw_land_as_applied() {
-        let soc = |v| MinSoc::new(v).unwrap();
-        let mut a = DesiredState::accept(device(), soc(46), t(0), Duration::days(7), None);
-        a.record_attempt(&holder("h"), t(1), Duration::seconds(30));
-        let mut b = DesiredState::accept(device(), soc(74), t(2), Duration::days(7), Some(&a));
-        // The holder put A on the device, then found B and converged to it.
-        b.note_landed(std::slice::from_ref(&a.request_id));
-        assert_eq!(b.landed.as_ref(), Some(&a.request_id));
-        let restored = b.restore(&a, t(5));
-        assert_eq!(restored.status, RequestStatus::Applied);
-        assert!(restored.lease.is_none());
-        // Without that note A comes back as it was: pending.
-        let c = DesiredState::accept(device(), soc(10), t(2), Duration::days(7), Some(&a));
-        assert_eq!(c.restore(&a, t(5)).status, RequestStatus::Pending);
-        // A holder's own request is never its own "older landed" one.
-        let mut d = a.clone();
-        d.note_landed(std::slice::from_ref(&a.request_id));
-        assert!(d.landed.is_none());
     }
 
     #[test]

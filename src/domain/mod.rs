@@ -16,5 +16,7 @@ pub mod ledger;
 pub mod schedule;
 pub mod sweep_state;
 
-pub use input::{DeviceId, IdempotencyKey, InputError, MinSoc, SettingRequest};
+pub use input::{
+    DeviceId, IdempotencyKey, InputError, MinSoc, SettingRequest, IDEMPOTENCY_KEY_RETENTION,
+};
 pub use ledger::{DesiredState, HolderKind, LeaseHolder, RequestId, RequestStatus};

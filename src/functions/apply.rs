@@ -9,7 +9,7 @@
 
 use tracing::{info, warn};
 
-use crate::domain::{DesiredState, DeviceId, LeaseHolder, RequestId};
+use crate::domain::{DesiredState, DeviceId, LeaseHolder, RequestId, RequestStatus};
 use crate::ports::{DeviceError, StoreError, Versioned};
 
 use super::Services;
@@ -105,8 +105,32 @@ pub async fn apply_latest(
             )
         });
         let mut record = current.value.clone();
-        // Whatever this round writes also says what we put on the device for an older request.
-        record.note_landed(&delivered);
+
+        // We already put exactly this request on the device in an earlier round:
+        // only the bookkeeping is left. The device's truth wins over bookkeeping: that
+        // includes an `expired` the sweep wrote while our result write was failing.
+        let ours_landed = delivered.contains(&record.request_id)
+            || (cfg!(feature = "mutant-delivered-ignores-request-id") && !delivered.is_empty());
+        if ours_landed
+            && matches!(
+                record.status,
+                RequestStatus::Pending | RequestStatus::Expired
+            )
+        {
+            record.mark_applied(now);
+            record.release_lease(holder);
+            match write(svc, &record, &current.value, &current.etag).await {
+                Ok(_) => {
+                    return Ok(Applied {
+                        outcome: ApplyOutcome::Applied(record),
+                        delivered,
+                    })
+                }
+                // What landed must be written down (see below): unknown outcomes too.
+                Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
 
         // Settled already: only let go of a lease we might still hold (never while a
         // PUT of ours may still land: the lease is what keeps others off the device).
@@ -153,26 +177,6 @@ pub async fn apply_latest(
             });
         }
 
-        // We already put exactly this request on the device in an earlier round:
-        // only the bookkeeping is left.
-        if delivered.contains(&record.request_id)
-            || (cfg!(feature = "mutant-delivered-ignores-request-id") && !delivered.is_empty())
-        {
-            record.mark_applied(now);
-            record.release_lease(holder);
-            match write(svc, &record, &current.value, &current.etag).await {
-                Ok(_) => {
-                    return Ok(Applied {
-                        outcome: ApplyOutcome::Applied(record),
-                        delivered,
-                    })
-                }
-                // What landed must be written down (see below): unknown outcomes too.
-                Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-
         if cfg!(feature = "mutant-expiry-over-lease") && record.is_expired_at(now) {
             record.mark_expired(now);
             record.release_lease(holder);
@@ -195,11 +199,21 @@ pub async fn apply_latest(
             });
         }
 
+        // Expired, or so close to expiry that a PUT started now could land after it:
+        // decided before a turn in the device-call budget is taken (a request that will
+        // not be PUT must not wait for one), and again after the wait below.
+        let cut = if cfg!(feature = "mutant-expiry-over-lease") {
+            chrono::Duration::zero()
+        } else {
+            svc.policy.lease
+        };
+        let mut too_late = record.is_expired_at(now + cut);
+
         // Wait for the PUT's turn in the device-call budget now, before the lease is taken
         // or renewed, so the wait cannot eat the lease's PUT window
         // (`adapters::device_budget`). No turn: a transient answer that sent nothing,
         // recorded like one (once per call). The wait may have been long: read the clock again.
-        if !reserved {
+        if !reserved && !too_late {
             let turn = match &refused {
                 Some(e) => Err(e.clone()),
                 None => svc.device.reserve_put().await,
@@ -217,14 +231,9 @@ pub async fn apply_latest(
         }
         let now = svc.clock.now();
 
-        // Expired, or so close to expiry that a PUT started now could land after it:
-        // mark it expired (nobody else holds a live lease, checked just above).
-        let cut = if cfg!(feature = "mutant-expiry-over-lease") {
-            chrono::Duration::zero()
-        } else {
-            svc.policy.lease
-        };
-        if record.is_expired_at(now + cut) {
+        // Mark it expired (nobody else holds a live lease, checked just above).
+        too_late = too_late || record.is_expired_at(now + cut);
+        if too_late {
             record.mark_expired(now);
             record.release_lease(holder);
             match write(svc, &record, &current.value, &current.etag).await {
@@ -551,6 +560,55 @@ mod tests {
             "the device must end at the newest value"
         );
         assert!(matches!(out.outcome, ApplyOutcome::Applied(ref r) if r.min_soc.percent() == 90));
+    }
+
+    #[tokio::test]
+    async fn a_confirmed_landing_is_written_applied_even_over_an_expired_written_meanwhile() {
+        // Issue 17, case 5: the sweep wrote `expired` while the holder's result write
+        // was failing; the device holds the value, so the ledger must say applied.
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        let rec = accept_pending(&h, "d1", 40).await;
+        let h2 = h.clone();
+        h.device.on_next_put("d1", move || {
+            Box::pin(async move {
+                let mut stored = h2.ledger.get(&h2.id("d1")).await.unwrap().unwrap();
+                let now = h2.clock.now();
+                stored.value.mark_expired(now);
+                stored.value.lease = None;
+                h2.ledger
+                    .put(&stored.value, Some(&stored.etag))
+                    .await
+                    .unwrap();
+            })
+        });
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
+        assert!(matches!(out.outcome, ApplyOutcome::Applied(_)), "{out:?}");
+        let stored = h.ledger_record("d1").await;
+        assert_eq!(stored.request_id, rec.request_id);
+        assert_eq!(stored.status, RequestStatus::Applied);
+    }
+
+    #[tokio::test]
+    async fn a_put_whose_outcome_is_unknown_keeps_the_lease() {
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        accept_pending(&h, "d1", 40).await;
+        h.device.fail_next_put_unknown("d1");
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
+        assert!(
+            matches!(out.outcome, ApplyOutcome::Transient(..)),
+            "{out:?}"
+        );
+        let stored = h.ledger_record("d1").await;
+        assert!(
+            stored.holds_lease(&holder("h1"), h.clock.now()),
+            "{stored:?}"
+        );
     }
 
     #[tokio::test]

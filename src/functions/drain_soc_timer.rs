@@ -50,6 +50,7 @@ use crate::ports::{DeviceError, ETag, OutgoingMessage, StoreError, Versioned};
 use super::apply::{apply_latest, ApplyOutcome};
 use super::wake::{self, Rescheduled};
 use super::Services;
+use super::LEASE_MARGIN;
 
 /// Counts of what one sweep did (logged, and returned to the host in `Logs`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -563,7 +564,14 @@ async fn reconcile(
             return lease;
         }
     };
-    for record in &page.records {
+    let deadline = now + svc.policy.reconcile_budget;
+    let mut next = next;
+    for (i, record) in page.records.iter().enumerate() {
+        if i > 0 && svc.clock.now() >= deadline {
+            // Out of time: the next run resumes after the last record filed.
+            next = Some(page.records[i - 1].value.device_id.clone());
+            break;
+        }
         if let Some(at) = svc.policy.sweep_due(&record.value) {
             let entry = DueEntry::new(record.value.device_id.clone(), at).filed(now);
             match svc.ledger.file_due(&entry).await {
@@ -602,7 +610,7 @@ async fn take_lease(
     if state.held_by_other(holder, now) {
         return Ok(None);
     }
-    state.take(holder, now, svc.policy.sweep_budget + svc.policy.lease);
+    state.take(holder, now, svc.policy.sweep_run_bound() + LEASE_MARGIN);
     match svc
         .ledger
         .put_sweep_state(&state, stored.as_ref().map(|s| &s.etag))

@@ -32,6 +32,8 @@ struct DeviceState {
     put_calls: usize,
     hooks: HashMap<String, Hook>,
     latency: std::time::Duration,
+    /// Devices whose next PUT lands and is answered `502` (outcome unknown to the caller).
+    unknown_next: std::collections::HashSet<String>,
 }
 
 #[derive(Clone, Default)]
@@ -58,6 +60,11 @@ impl FakeDevice {
     /// The next `n` calls for `id` fail with a transient error.
     pub fn fail_transiently(&self, id: &str, n: u32) {
         self.0.lock().unwrap().transient.insert(id.into(), n);
+    }
+    /// The next PUT for `id` lands, but its answer is a gateway's `502`: to the caller
+    /// its outcome is unknown.
+    pub fn fail_next_put_unknown(&self, id: &str) {
+        self.0.lock().unwrap().unknown_next.insert(id.into());
     }
     pub fn set_latency(&self, latency: std::time::Duration) {
         self.0.lock().unwrap().latency = latency;
@@ -157,6 +164,13 @@ impl DeviceApi for FakeDevice {
                     .entry(device.to_string())
                     .or_default()
                     .push((min_soc.percent(), request_id.to_string()));
+                if s.unknown_next.remove(device.as_str()) {
+                    return Err(DeviceError::Transient {
+                        reason: "device API error (HTTP 502)".into(),
+                        retry_after: None,
+                        unanswered: true,
+                    });
+                }
                 Ok(())
             }
         }
@@ -223,9 +237,75 @@ struct LedgerState {
     /// The due index by (partition key, row key), as the Table ledger keeps it.
     due: std::collections::BTreeMap<(String, String), (DueEntry, u64)>,
     sweep: Option<(SweepState, u64)>,
+    /// Each device's anchor row ETag (`Ledger::anchor`).
+    anchors: HashMap<String, u64>,
+    /// Set by [`FakeLedger::defer_next_accept`]: the next accept times out and its
+    /// write is kept here, to commit (or not) when the test says.
+    defer_next_accept: bool,
+    deferred: Option<DeferredAccept>,
+    /// Set by [`FakeLedger::commit_next_accept_then_time_out`].
+    commit_then_time_out: bool,
+    /// Set by [`FakeLedger::defer_next_accept_and_go_down`].
+    down_after_accept: bool,
+}
+
+/// An accepting write that timed out at its caller and is still in flight.
+#[derive(Clone)]
+struct DeferredAccept {
+    state: DesiredState,
+    replaced: Option<HistoryEntry>,
+    key: Option<(IdempotencyRecord, Option<ETag>)>,
+    on: Precondition,
 }
 
 impl LedgerState {
+    /// Whether `on` still holds.
+    fn holds(&self, device: &str, on: &Precondition) -> bool {
+        match on {
+            Precondition::Record(e) => self
+                .rows
+                .get(device)
+                .is_some_and(|(_, n)| n.to_string() == e.0),
+            Precondition::Anchor(e) => {
+                !self.rows.contains_key(device)
+                    && self
+                        .anchors
+                        .get(device)
+                        .is_some_and(|n| n.to_string() == e.0)
+            }
+        }
+    }
+
+    /// The accepting transaction: all or nothing.
+    fn accept(&mut self, a: &DeferredAccept) -> Result<ETag, StoreError> {
+        let device = a.state.device_id.to_string();
+        if self.corrupt.contains_key(&device) || !self.holds(&device, &a.on) {
+            return Err(StoreError::Conflict);
+        }
+        if let Some((record, replaces)) = &a.key {
+            let k = (device.clone(), record.key.as_str().to_string());
+            check(self.idem.get(&k), replaces.as_ref())?;
+            self.next += 1;
+            let n = self.next;
+            self.idem.insert(k, (record.clone(), n));
+        }
+        if let Precondition::Anchor(_) = a.on {
+            self.next += 1;
+            let n = self.next;
+            self.anchors.insert(device.clone(), n);
+        }
+        let expected = match &a.on {
+            Precondition::Record(e) => Some(e),
+            Precondition::Anchor(_) => None,
+        };
+        let etag = self.write(&a.state, a.replaced.as_ref(), expected)?;
+        self.prune(&a.state.device_id, &a.state.request_id);
+        let cutoff = a.state.requested_at - crate::domain::IDEMPOTENCY_KEY_RETENTION;
+        self.idem
+            .retain(|(d, _), (r, _)| *d != device || r.created_at >= cutoff);
+        Ok(etag)
+    }
+
     /// One atomic write: the record, its request's entry and the `replaced` entry.
     fn write(
         &mut self,
@@ -297,6 +377,28 @@ impl FakeLedger {
             },
         );
     }
+    /// The next `accept` answers a timeout; its write stays in flight until
+    /// [`FakeLedger::land_deferred`] commits it (if its precondition still holds).
+    pub fn defer_next_accept(&self) {
+        self.0.lock().unwrap().defer_next_accept = true;
+    }
+    /// Like [`FakeLedger::defer_next_accept`], and the storage is down from then on.
+    pub fn defer_next_accept_and_go_down(&self) {
+        let mut s = self.0.lock().unwrap();
+        s.defer_next_accept = true;
+        s.down_after_accept = true;
+    }
+    /// The next `accept` commits, and its caller hears a timeout.
+    pub fn commit_next_accept_then_time_out(&self) {
+        self.0.lock().unwrap().commit_then_time_out = true;
+    }
+    /// Commits the accepting write kept by [`FakeLedger::defer_next_accept`] now, as a
+    /// write delayed in the network would: only if its precondition still holds.
+    pub fn land_deferred(&self) -> Result<ETag, StoreError> {
+        let mut s = self.0.lock().unwrap();
+        let a = s.deferred.take().expect("no accepting write in flight");
+        s.accept(&a)
+    }
     /// No desired-state record and no idempotency record.
     pub fn is_empty(&self) -> bool {
         let s = self.0.lock().unwrap();
@@ -332,16 +434,73 @@ impl Ledger for FakeLedger {
         self.0.lock().unwrap().write(state, None, expected)
     }
 
+    async fn anchor(&self, device: &DeviceId) -> Result<ETag, StoreError> {
+        let mut s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        let n = match s.anchors.get(device.as_str()) {
+            Some(n) => *n,
+            None => {
+                s.next += 1;
+                let n = s.next;
+                s.anchors.insert(device.to_string(), n);
+                n
+            }
+        };
+        Ok(ETag(n.to_string()))
+    }
+
     async fn accept(
         &self,
         state: &DesiredState,
         replaced: Option<&HistoryEntry>,
-        expected: Option<&ETag>,
+        key: Option<KeyWrite<'_>>,
+        on: &Precondition,
     ) -> Result<ETag, StoreError> {
         let mut s = self.0.lock().unwrap();
-        let etag = s.write(state, replaced, expected)?;
-        s.prune(&state.device_id, &state.request_id);
-        Ok(etag)
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        let write = DeferredAccept {
+            state: state.clone(),
+            replaced: replaced.cloned(),
+            key: key.map(|k| (k.record.clone(), k.replaces.cloned())),
+            on: on.clone(),
+        };
+        if std::mem::take(&mut s.commit_then_time_out) {
+            s.accept(&write)?;
+            return Err(StoreError::Unavailable("timed out".into()));
+        }
+        if std::mem::take(&mut s.defer_next_accept) {
+            s.deferred = Some(write);
+            s.down = std::mem::take(&mut s.down_after_accept);
+            return Err(StoreError::Unavailable("timed out".into()));
+        }
+        s.accept(&write)
+    }
+
+    async fn fence(&self, device: &DeviceId, on: &Precondition) -> Result<(), StoreError> {
+        let mut s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        if !s.holds(device.as_str(), on) {
+            return Err(StoreError::Conflict);
+        }
+        s.next += 1;
+        let n = s.next;
+        match on {
+            Precondition::Record(_) => {
+                if let Some(row) = s.rows.get_mut(device.as_str()) {
+                    row.1 = n;
+                }
+            }
+            Precondition::Anchor(_) => {
+                s.anchors.insert(device.to_string(), n);
+            }
+        }
+        Ok(())
     }
 
     async fn history_entry(
@@ -356,21 +515,6 @@ impl Ledger for FakeLedger {
         Ok(s.history
             .get(&(device.to_string(), request.to_string()))
             .cloned())
-    }
-
-    async fn delete(&self, device: &DeviceId, expected: &ETag) -> Result<(), StoreError> {
-        let mut s = self.0.lock().unwrap();
-        if s.down {
-            return Err(StoreError::Unavailable("down".into()));
-        }
-        match s.rows.get(device.as_str()) {
-            None => Ok(()),
-            Some((_, v)) if v.to_string() == expected.0 => {
-                s.rows.remove(device.as_str());
-                Ok(())
-            }
-            Some(_) => Err(StoreError::Conflict),
-        }
     }
 
     async fn pending_after(
@@ -511,44 +655,6 @@ impl Ledger for FakeLedger {
             etag: ETag(n.to_string()),
         }))
     }
-
-    async fn put_idempotency(
-        &self,
-        record: &IdempotencyRecord,
-        expected: Option<&ETag>,
-    ) -> Result<ETag, StoreError> {
-        let mut s = self.0.lock().unwrap();
-        if s.down {
-            return Err(StoreError::Unavailable("down".into()));
-        }
-        let k = (
-            record.device_id.to_string(),
-            record.key.as_str().to_string(),
-        );
-        check(s.idem.get(&k), expected)?;
-        s.next += 1;
-        let n = s.next;
-        s.idem.insert(k, (record.clone(), n));
-        Ok(ETag(n.to_string()))
-    }
-
-    async fn delete_idempotency(
-        &self,
-        device: &DeviceId,
-        key: &IdempotencyKey,
-        expected: &ETag,
-    ) -> Result<(), StoreError> {
-        let mut s = self.0.lock().unwrap();
-        let k = (device.to_string(), key.as_str().to_string());
-        match s.idem.get(&k) {
-            None => Ok(()),
-            Some((_, v)) if v.to_string() == expected.0 => {
-                s.idem.remove(&k);
-                Ok(())
-            }
-            Some(_) => Err(StoreError::Conflict),
-        }
-    }
 }
 
 #[derive(Clone)]
@@ -598,16 +704,17 @@ impl Harness {
             },
             lease: Duration::seconds(15),
             put_window: Duration::seconds(5),
+            device_timeout: Duration::seconds(1),
             max_clock_skew: Duration::zero(),
             wake_grace: Duration::seconds(60),
             drain_concurrency: 4,
             device_calls_per_second: 50.0,
             fleet_device_calls_per_second: 50.0,
-            idempotency_in_flight: Duration::seconds(60),
             sweep_budget: Duration::seconds(240),
             sweep_max_due: 1000,
             sweep_fanout_above: 100,
             reconcile_rows_per_run: 1000,
+            reconcile_budget: Duration::seconds(30),
             reconcile_interval: Duration::hours(24),
         };
         let svc = Services {

@@ -1,139 +1,90 @@
-//! `Idempotency-Key` for `POST`: one record per device and key in the ledger.
+//! `Idempotency-Key` for `POST`: one key row per device and key, written in the same
+//! atomic write as the request it creates ([`crate::ports::Ledger::accept`]).
 //!
-//! Invariants: a key is reserved (record without a response) before the request is
-//! accepted, so two concurrent uses cannot both go ahead; the same key with the same
-//! body replays the first answer (`Idempotent-Replayed: true`), with another body it
-//! is `409`; a reservation older than `Policy::idempotency_in_flight` (longer than
-//! the slowest POST) is taken over (its
-//! invocation is presumed dead). Only answers that settled the request (`200`, `202`,
-//! `422`) are kept; any other answer frees the key for a retry.
+//! Invariants: a key names a request exactly when that request is stored (same
+//! transaction), so there is no in-flight state to wait for or take over; two
+//! concurrent first uses are settled by the transaction's insert conflict on the key
+//! row; a retry with the same body answers from the request's *current* state
+//! (`Idempotent-Replayed: true`, the status code that state has, [`super::requests`]),
+//! so a replay never creates, re-applies or re-sends anything; the same key with
+//! another body is `409`. A key expires
+//! [`IDEMPOTENCY_KEY_RETENTION`](crate::domain::IDEMPOTENCY_KEY_RETENTION) after its
+//! first use: then it is free again (its row is replaced, or deleted by the ledger
+//! after a later request of the device).
 
-use serde_json::Value;
 use tracing::warn;
 
-use crate::domain::{DeviceId, IdempotencyKey, RequestId};
-use crate::ports::{ETag, IdempotencyRecord, StoreError, StoredResponse};
+use crate::domain::{DeviceId, IdempotencyKey, IDEMPOTENCY_KEY_RETENTION};
+use crate::ports::{ETag, IdempotencyRecord, StoreError, Versioned};
 
-use super::render::{location, ApiResponse};
-use super::{Services, MAX_WRITE_ROUNDS};
+use super::render::ApiResponse;
+use super::{requests, Services};
 
-pub(super) enum Reservation {
-    /// First use of the key: go ahead; finish with this ETag.
-    Fresh(ETag),
-    /// Answer without doing anything (replay, different body, or still in flight).
+/// What a key means for a new `POST`.
+pub(super) enum KeyUse {
+    /// First use (or the earlier use has expired: its row, read with this ETag, is
+    /// replaced in the accepting write).
+    First(Option<ETag>),
+    /// Answer without doing anything: a replay, or the key reused with another body.
     Answer(ApiResponse),
 }
 
-pub(super) async fn reserve(
+/// Looks the key up before a request is created.
+pub(super) async fn look_up(
     svc: &Services,
     device: &DeviceId,
     key: &IdempotencyKey,
     fingerprint: &str,
-) -> Result<Reservation, StoreError> {
-    for _ in 0..MAX_WRITE_ROUNDS {
-        let now = svc.clock.now();
-        match svc.ledger.get_idempotency(device, key).await? {
-            None => {
-                let record = IdempotencyRecord {
-                    device_id: device.clone(),
-                    key: key.clone(),
-                    fingerprint: fingerprint.to_string(),
-                    response: None,
-                    created_at: now,
-                };
-                match svc.ledger.put_idempotency(&record, None).await {
-                    Ok(etag) => return Ok(Reservation::Fresh(etag)),
-                    Err(StoreError::Conflict) => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            Some(existing) if existing.value.fingerprint != fingerprint => {
-                return Ok(Reservation::Answer(ApiResponse::problem(
-                    409,
-                    "Idempotency-Key reused",
-                    "this Idempotency-Key was already used with a different request body",
-                )));
-            }
-            Some(existing) => {
-                if let Some(stored) = &existing.value.response {
-                    return Ok(Reservation::Answer(replay(stored)));
-                }
-                if now - existing.value.created_at < svc.policy.idempotency_in_flight {
-                    return Ok(Reservation::Answer(
-                        ApiResponse::problem(
-                            409,
-                            "Request in progress",
-                            "a request with this Idempotency-Key is still being processed",
-                        )
-                        .with_header("Retry-After", "1"),
-                    ));
-                }
-                // The first attempt died mid-way: take the key over.
-                let mut record = existing.value.clone();
-                record.created_at = now;
-                match svc
-                    .ledger
-                    .put_idempotency(&record, Some(&existing.etag))
-                    .await
-                {
-                    Ok(etag) => return Ok(Reservation::Fresh(etag)),
-                    Err(StoreError::Conflict) => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-        }
+) -> Result<KeyUse, StoreError> {
+    match svc.ledger.get_idempotency(device, key).await? {
+        None => Ok(KeyUse::First(None)),
+        Some(row) if !is_live(svc, &row) => Ok(KeyUse::First(Some(row.etag))),
+        Some(row) => Ok(KeyUse::Answer(
+            answer(svc, device, &row.value, fingerprint).await,
+        )),
     }
-    Err(StoreError::Conflict)
 }
 
-/// Keeps the answer for accepted (and permanently refused) requests; frees the key otherwise.
-pub(super) async fn finish(
+/// The key's row if it is live: after a write conflict, whether a concurrent first
+/// use of the key won (then answer from its request).
+pub(super) async fn live_row(
     svc: &Services,
     device: &DeviceId,
     key: &IdempotencyKey,
-    fingerprint: &str,
-    etag: ETag,
-    response: &ApiResponse,
-) {
-    let result = if matches!(response.status, 200 | 202 | 422) {
-        let record = IdempotencyRecord {
-            device_id: device.clone(),
-            key: key.clone(),
-            fingerprint: fingerprint.to_string(),
-            response: Some(StoredResponse {
-                status: response.status,
-                body: response.body.clone(),
-            }),
-            created_at: svc.clock.now(),
-        };
-        svc.ledger
-            .put_idempotency(&record, Some(&etag))
-            .await
-            .map(|_| ())
-    } else {
-        svc.ledger.delete_idempotency(device, key, &etag).await
-    };
-    if let Err(e) = result {
-        warn!(device = %device, error = %e, "could not record the idempotent response");
-    }
+) -> Result<Option<IdempotencyRecord>, StoreError> {
+    Ok(svc
+        .ledger
+        .get_idempotency(device, key)
+        .await?
+        .filter(|row| is_live(svc, row))
+        .map(|row| row.value))
 }
 
-/// The stored answer again, as first given: a stored `422` is a problem document
-/// (`application/problem+json`), a `202` names the request's own status.
-fn replay(stored: &StoredResponse) -> ApiResponse {
-    let mut response = if stored.status >= 400 {
-        ApiResponse::problem_body(stored.status, stored.body.clone())
-    } else {
-        ApiResponse::json(stored.status, stored.body.clone())
+fn is_live(svc: &Services, row: &Versioned<IdempotencyRecord>) -> bool {
+    svc.clock.now() - row.value.created_at < IDEMPOTENCY_KEY_RETENTION
+}
+
+/// The answer to a `POST` whose key was already used: `409` for another body, else the
+/// current state of the request the key created, replayed.
+pub(super) async fn answer(
+    svc: &Services,
+    device: &DeviceId,
+    row: &IdempotencyRecord,
+    fingerprint: &str,
+) -> ApiResponse {
+    if row.fingerprint != fingerprint {
+        return ApiResponse::problem(
+            409,
+            "Idempotency-Key reused",
+            "this Idempotency-Key was already used with a different request body",
+        );
     }
-    .with_header("Idempotent-Replayed", "true");
-    if stored.status == 202 {
-        let device = stored.body.get("deviceId").and_then(Value::as_str);
-        let request = stored.body.get("requestId").and_then(Value::as_str);
-        if let (Some(device), Some(request)) = (device, request) {
-            let request = RequestId::from_stored(request);
-            response = response.with_header("Location", location(device, &request));
+    match requests::answer_for(svc, device, &row.request_id).await {
+        Ok(answer) => answer.with_header("Idempotent-Replayed", "true"),
+        // This retry created nothing; the request the key names stands.
+        Err(e) => {
+            warn!(device = %device, request_id = %row.request_id, error = %e, "ledger read failed");
+            ApiResponse::unavailable("the settings store is unavailable; nothing new was kept")
         }
     }
-    response
 }

@@ -4,17 +4,22 @@
 //! `405` with `Allow` itself and `404` for anything else under the route). The
 //! contract is `docs/openapi.yaml`.
 //!
-//! POST validates, then writes the request to the ledger as the device's desired
-//! value, holding the device's lease, in one conditional write, and makes exactly
-//! one device call (a PUT; there is no separate status check):
+//! POST validates, then commits the request: ONE atomic, conditional ledger write
+//! (the record as the device's desired value holding the device's lease, its history
+//! entry, the entry of the request it replaces, its `Idempotency-Key` row). That
+//! write is the commit point: once it is known to have committed, the answer is the
+//! request's own state, never `503`. Then exactly one device call (a PUT):
 //! - applied: `200`;
 //! - offline (`409`) or the device cloud unavailable: a wake-up message is sent and
-//!   the ledger names it: `202`. If the message cannot be sent, the ledger is put
-//!   back as it was before the request (`503`, nothing left that would apply it);
-//!   only if even that fails does the request stay stored, and then it is a `202`,
-//!   because the timer sweep re-sends a pending request that has no message:
-//!   a `202` is never a lie;
-//! - unknown device: the ledger write is undone: `404`; value rejected: `422`.
+//!   the ledger names it: `202`. If the message cannot be sent it is still `202`: the
+//!   request's due-index entry (filed before the write) brings the timer sweep;
+//! - unknown device (`404`) or value rejected (`422`): the request is recorded as
+//!   failed, and the answer names it.
+//!
+//! A write whose outcome is unknown (timed out) is fenced: the precondition it was
+//! conditional on is consumed, so it can never commit later, and only then is `503`
+//! certain; if another write consumed it first, the request's history entry says
+//! whether ours committed. Storage unreachable throughout: `500` "outcome unknown".
 //!
 //! Writing the ledger before the device call is what keeps the newest setting
 //! winning: an older message delivered meanwhile reads the newer value, and device
@@ -23,30 +28,30 @@
 //! The function works on [`ApiRequest`]/[`ApiResponse`]; the router converts the
 //! forwarded HTTP request and the host's envelope into them.
 //!
-//! - this module: the accept/undo flow above;
-//! - [`idempotency`]: `Idempotency-Key` reservation, replay and release;
-//! - [`requests`]: one request's status (`GET .../soc/requests/{requestId}`);
+//! - this module: the commit and the device call above;
+//! - [`idempotency`]: `Idempotency-Key` look-up and replay;
+//! - [`requests`]: one request's status (`GET .../soc/requests/{requestId}`), also as a replayed answer;
 //! - [`render`]: the responses and the JSON views of a request.
 
 mod idempotency;
 mod render;
 mod requests;
 
-use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 
 use crate::domain::history::HistoryEntry;
 use crate::domain::{
-    DesiredState, DeviceId, HolderKind, IdempotencyKey, LeaseHolder, MinSoc, RequestStatus,
-    SettingRequest,
+    DesiredState, DeviceId, HolderKind, IdempotencyKey, LeaseHolder, RequestId, SettingRequest,
 };
-use crate::ports::{DeviceError, StoreError, Versioned};
+use crate::ports::{
+    DeviceError, ETag, IdempotencyRecord, KeyWrite, Precondition, StoreError, Versioned,
+};
 
 use super::apply::{apply_latest, read_back, ApplyOutcome};
 use super::index;
-use super::wake::{self, Rescheduled};
+use super::wake;
 use super::Services;
-use idempotency::{finish, reserve, Reservation};
+use idempotency::KeyUse;
 use render::{applied_response, pending_response};
 pub use render::{entry_view, view, ApiResponse};
 
@@ -146,83 +151,66 @@ async fn post(svc: &Services, device: DeviceId, key: Option<&[u8]>, body: &[u8])
         Ok(s) => s,
         Err(e) => return ApiResponse::invalid(e),
     };
-    let Some(key) = key else {
-        return accept(svc, device, setting).await;
-    };
     let fingerprint = format!("minSoc={}", setting.min_soc.percent());
-    let reservation = match reserve(svc, &device, &key, &fingerprint).await {
-        Ok(Reservation::Fresh(etag)) => etag,
-        Ok(Reservation::Answer(response)) => return response,
-        Err(e) => {
-            warn!(device = %device, error = %e, "idempotency record unavailable");
-            return ApiResponse::unavailable("the settings store is unavailable");
-        }
+    let key = match key {
+        None => None,
+        Some(key) => match idempotency::look_up(svc, &device, &key, &fingerprint).await {
+            Ok(KeyUse::First(replaces)) => Some(KeyToWrite {
+                key,
+                fingerprint,
+                replaces,
+            }),
+            Ok(KeyUse::Answer(response)) => return response,
+            Err(e) => return store_failed(&device, &e.to_string()),
+        },
     };
-    let response = accept(svc, device.clone(), setting).await;
-    finish(svc, &device, &key, &fingerprint, reservation, &response).await;
-    response
+    accept(svc, device, setting, key).await
 }
 
-/// Writes the request to the ledger holding the device's lease, then makes one
-/// device call: applied (`200`); offline or unavailable (wake-up message, `202`);
-/// unknown device (ledger write undone, `404`); value rejected (`422`).
-async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> ApiResponse {
-    let now = svc.clock.now();
+/// The `Idempotency-Key` a new request writes with it.
+struct KeyToWrite {
+    key: IdempotencyKey,
+    fingerprint: String,
+    /// The key's expired row, replaced by the accepting write.
+    replaces: Option<ETag>,
+}
+
+/// Commits the request (the one commit point), then makes one device call: applied
+/// (`200`); offline or unavailable (wake-up message, `202`); refused (`404`/`422`, the
+/// request stays recorded as failed).
+async fn accept(
+    svc: &Services,
+    device: DeviceId,
+    setting: SettingRequest,
+    key: Option<KeyToWrite>,
+) -> ApiResponse {
     let holder = LeaseHolder::new(HolderKind::Http);
-    let (accepted, previous) = match write_accepted(svc, &device, setting, now, &holder).await {
-        Ok(Accepted::Written(written)) => *written,
-        Ok(Accepted::Overtaken(ours)) => {
-            // Whether our write landed is unknown, but a newer request is there now:
-            // either way ours is superseded, as if it had been stored first.
-            warn!(device = %device, request_id = %ours.request_id, "accepting write of unknown outcome overtaken by a newer request");
-            return pending_response(&ours);
-        }
-        Err(e) => return store_failed(&device, &e.to_string()),
+    let accepted = match commit(svc, &device, setting, &holder, key.as_ref()).await {
+        Committed::Current(v) => v,
+        Committed::Answer(response) => return response,
     };
     let ours = accepted.value.request_id.clone();
     let applied = match apply_latest(svc, &device, &holder, Some(accepted.clone())).await {
         Ok(a) => a,
         Err(e) => {
-            // The request is in the ledger; the sweep finds it (no wake message yet) and re-sends.
+            // Committed: the due index entry filed before the write brings the sweep.
             warn!(device = %device, request_id = %ours, error = %e, "ledger failed during apply; the sweep will pick the request up");
             return pending_response(&accepted.value);
         }
     };
     if applied.delivered.contains(&ours) {
-        let mut shown = accepted.value.clone();
-        shown.mark_applied(svc.clock.now());
-        if let ApplyOutcome::Applied(r) = &applied.outcome {
-            if r.request_id == ours {
-                shown = r.clone();
+        return match &applied.outcome {
+            ApplyOutcome::Applied(r) if r.request_id == ours => applied_response(r),
+            _ => {
+                let mut shown = accepted.value.clone();
+                shown.mark_applied(svc.clock.now());
+                applied_response(&shown)
             }
-        }
-        return applied_response(&shown);
+        };
     }
-    // A PUT of ours that got no answer may have landed: then nothing may be undone.
-    let maybe_landed = matches!(
-        applied.outcome,
-        ApplyOutcome::Transient(
-            _,
-            DeviceError::Transient {
-                unanswered: true,
-                ..
-            }
-        )
-    );
     let (current, not_before) = match applied.outcome {
-        ApplyOutcome::Failed(r, DeviceError::UnknownDevice) if r.request_id == ours => {
-            // Not a request we accept: leave nothing behind.
-            let undone = undo(svc, &device, &ours, previous, |r| {
-                r.status == RequestStatus::Failed
-            })
-            .await;
-            if !undone {
-                warn!(device = %device, request_id = %ours, "could not undo the ledger write for an unknown device; it stays recorded as failed");
-            }
-            return refused(&device, r.min_soc, &DeviceError::UnknownDevice);
-        }
-        ApplyOutcome::Failed(r, e) if r.request_id == ours => {
-            return refused(&device, r.min_soc, &e)
+        ApplyOutcome::Failed(r, _) if r.request_id == ours => {
+            return requests::refused(&HistoryEntry::of(&r))
         }
         ApplyOutcome::Offline(v) => (v, None),
         // The holder converges; look again once its lease lapses, in case it died.
@@ -238,57 +226,81 @@ async fn accept(svc: &Services, device: DeviceId, setting: SettingRequest) -> Ap
         }
         ApplyOutcome::Transient(v, _) => (v, None),
         // Superseded by a newer request or settled by someone else meanwhile.
-        other => return response_for_settled(svc, &accepted.value, other),
+        _ => return settled_answer(svc, &accepted.value).await,
     };
     if current.value.request_id != ours {
-        return pending_response(&accepted.value);
+        return settled_answer(svc, &accepted.value).await;
     }
     match wake::schedule_recheck(svc, current, None, not_before).await {
-        Ok(Rescheduled::Scheduled { .. } | Rescheduled::Superseded | Rescheduled::NoTimeLeft) => {
+        Ok(_) => {
             info!(device = %device, request_id = %ours, min_soc = setting.min_soc.percent(), "request stored until the device is back");
-            pending_response(&accepted.value)
         }
-        Err(wake::WakeError::Store(e)) => {
-            // The message is out; the ledger holds the request without naming it, so the
-            // delivery treats it as the chain (and the sweep would re-send otherwise).
-            warn!(device = %device, request_id = %ours, error = %e, "could not record the wake-up message");
-            pending_response(&accepted.value)
+        Err(e) => {
+            // Committed all the same: the request's due-index entry, filed before the
+            // accepting write, brings the sweep within one wake grace plus one sweep
+            // interval (README "How it stays correct").
+            warn!(device = %device, request_id = %ours, error = %e, "no wake-up message for the request; the sweep will re-send it");
         }
-        Err(wake::WakeError::Queue(e)) => {
-            // Nothing may stay behind that would apply this request later.
-            if !maybe_landed && undo(svc, &device, &ours, previous, DesiredState::is_pending).await
-            {
-                store_failed(&device, &e.to_string())
-            } else {
-                warn!(device = %device, request_id = %ours, "could not undo the ledger write; the request stays stored and the sweep will re-send it");
-                pending_response(&accepted.value)
-            }
+    }
+    pending_response(&accepted.value)
+}
+
+/// The answer for a committed request another invocation has moved on meanwhile: its
+/// state now, or, if that cannot be read, `202` as accepted (it is stored either way).
+async fn settled_answer(svc: &Services, ours: &DesiredState) -> ApiResponse {
+    match requests::answer_for(svc, &ours.device_id, &ours.request_id).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            warn!(device = %ours.device_id, request_id = %ours.request_id, error = %e, "ledger read failed after the request was stored");
+            pending_response(ours)
         }
     }
 }
 
-/// Writes a new pending request over whatever the ledger holds, taking the device's
-/// lease for `holder` (and counting the attempt) when nobody else holds it, with a
-/// clock reading taken right before each write. Returns the written record and the
-/// one it replaced. A write whose outcome is unknown (timed out) is read back: the
-/// error stands only when the record certainly is not ours (it still holds the request
-/// we wrote over).
-async fn write_accepted(
+/// What [`commit`] decided.
+enum Committed {
+    /// The request is stored and is the device's current request.
+    Current(Versioned<DesiredState>),
+    /// The answer is known without a device call: `503` (certainly not kept), `500`
+    /// (outcome unknown), a stored request's state (superseded meanwhile), or the
+    /// answer to a concurrent first use of the same key.
+    Answer(ApiResponse),
+}
+
+/// The one commit point: writes a new pending request (with its history entry, the
+/// entry of the request it replaces and its key row, in one atomic write) over
+/// whatever the ledger holds, conditional on the record's ETag, or on the device's
+/// anchor row for its first request. The device's lease is taken for `holder` (the
+/// attempt counted) when nobody else holds it, with a clock reading taken right
+/// before the write. A write whose outcome is unknown is fenced ([`fence`]), never
+/// judged from timestamps.
+async fn commit(
     svc: &Services,
     device: &DeviceId,
     setting: SettingRequest,
-    now: DateTime<Utc>,
     holder: &LeaseHolder,
-) -> Result<Accepted, StoreError> {
-    let mut current = svc.ledger.get(device).await?;
+    key: Option<&KeyToWrite>,
+) -> Committed {
+    let not_kept = |e: StoreError| Committed::Answer(store_failed(device, &e.to_string()));
+    let mut current = match svc.ledger.get(device).await {
+        Ok(c) => c,
+        Err(e) => return not_kept(e),
+    };
     let mut record = DesiredState::accept(
         device.clone(),
         setting.min_soc,
-        now,
+        svc.clock.now(),
         svc.policy.request_ttl,
         current.as_ref().map(|v| &v.value),
     );
     for _ in 0..MAX_WRITE_ROUNDS {
+        let on = match &current {
+            Some(v) => Precondition::Record(v.etag.clone()),
+            None => match svc.ledger.anchor(device).await {
+                Ok(etag) => Precondition::Anchor(etag),
+                Err(e) => return not_kept(e),
+            },
+        };
         // Filed in the due index first (nothing is written yet if this fails), as
         // stamped now: the stamp below is later, so the record is due no earlier than
         // its entry. The stamp is taken after the filing, right before the write.
@@ -296,11 +308,12 @@ async fn write_accepted(
         let filed_at = svc.clock.now();
         provisional.updated_at = filed_at;
         provisional.expires_at = filed_at + svc.policy.request_ttl;
-        index::file_if_earlier(svc, &provisional, current.as_ref().map(|v| &v.value)).await?;
+        if let Err(e) =
+            index::file_if_earlier(svc, &provisional, current.as_ref().map(|v| &v.value)).await
+        {
+            return not_kept(e);
+        }
         let now = svc.clock.now();
-        // The request is accepted by the round whose write lands: it is stamped with
-        // that round's clock reading, taken after it read the record it writes over
-        // (the read-back below relies on it).
         record.requested_at = now;
         record.expires_at = now + svc.policy.request_ttl;
         record.updated_at = now;
@@ -311,161 +324,102 @@ async fn write_accepted(
         let replaced = current
             .as_ref()
             .map(|v| HistoryEntry::replaced(&v.value, &record.request_id, now));
+        let key_row = key.map(|k| IdempotencyRecord {
+            device_id: device.clone(),
+            key: k.key.clone(),
+            fingerprint: k.fingerprint.clone(),
+            request_id: record.request_id.clone(),
+            created_at: now,
+        });
+        let key_write = key.zip(key_row.as_ref()).map(|(k, record)| KeyWrite {
+            record,
+            replaces: k.replaces.as_ref(),
+        });
         match svc
             .ledger
-            .accept(
-                &record,
-                replaced.as_ref(),
-                current.as_ref().map(|v| &v.etag),
-            )
+            .accept(&record, replaced.as_ref(), key_write, &on)
             .await
         {
             Ok(etag) => {
-                return Ok(Accepted::Written(Box::new((
-                    Versioned {
-                        value: record,
-                        etag,
-                    },
-                    current.map(|v| v.value),
-                ))))
+                return Committed::Current(Versioned {
+                    value: record,
+                    etag,
+                })
             }
             Err(StoreError::Conflict) => {
-                current = svc.ledger.get(device).await?;
+                if let Some(k) = key {
+                    // A concurrent first use of the key may have won: answer from it.
+                    match idempotency::live_row(svc, device, &k.key).await {
+                        Ok(Some(row)) => {
+                            return Committed::Answer(
+                                idempotency::answer(svc, device, &row, &k.fingerprint).await,
+                            )
+                        }
+                        Ok(None) => {}
+                        Err(e) => return not_kept(e),
+                    }
+                }
+                current = match svc.ledger.get(device).await {
+                    Ok(c) => c,
+                    Err(e) => return not_kept(e),
+                };
                 record = record.rebased_on(current.as_ref().map(|v| &v.value), now);
             }
-            Err(e @ StoreError::Unavailable(_)) if cfg!(feature = "mutant-no-read-back") => {
-                return Err(e)
-            }
             Err(e @ StoreError::Unavailable(_)) => {
-                let before = current.as_ref().map(|v| &v.value.request_id);
-                return match read_back(svc, device).await? {
-                    Some(stored) if stored.value.request_id == record.request_id => Ok(
-                        Accepted::Written(Box::new((stored, current.map(|v| v.value)))),
-                    ),
-                    // Gone, or still the request we wrote over: had ours landed, every
-                    // later write would have been over ours (ETags), none puts that one
-                    // back, and only ours would delete ours.
-                    None => Err(e),
-                    Some(stored) if Some(&stored.value.request_id) == before => Err(e),
-                    // Accepted by a round that read the record before ours could have
-                    // landed (or put back by an undo): had ours landed, that write would
-                    // have conflicted.
-                    Some(stored)
-                        if stored.value.requested_at + svc.policy.max_clock_skew * 2 < now =>
-                    {
-                        Err(e)
-                    }
-                    // Written after ours may have landed, over it or not.
-                    _ => Ok(Accepted::Overtaken(Box::new(record))),
+                return match fence(svc, device, &on, &record.request_id).await {
+                    Fenced::NotCommitted => not_kept(e),
+                    Fenced::Committed => match read_back(svc, device).await {
+                        Ok(Some(stored)) if stored.value.request_id == record.request_id => {
+                            Committed::Current(stored)
+                        }
+                        // Stored, and already replaced or settled by someone else.
+                        _ => Committed::Answer(settled_answer(svc, &record).await),
+                    },
+                    Fenced::Unknown => Committed::Answer(outcome_unknown(device, &record)),
                 };
             }
-            Err(e) => return Err(e),
+            Err(e) => return not_kept(e),
         }
     }
-    Err(StoreError::Conflict)
+    not_kept(StoreError::Conflict)
 }
 
-/// What [`write_accepted`] did.
-enum Accepted {
-    /// The request is stored (with the record it replaced).
-    Written(Box<(Versioned<DesiredState>, Option<DesiredState>)>),
-    /// The write's outcome is unknown and a newer request is stored now.
-    Overtaken(Box<DesiredState>),
+/// Tries to fence an accepting write of unknown outcome, about as long as a read-back.
+const FENCE_TRIES: u32 = 14;
+
+/// What became of an accepting write whose outcome was unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fenced {
+    /// It never committed and never will (the precondition it needed is consumed).
+    NotCommitted,
+    /// It committed (its request's history entry, written with it, is there).
+    Committed,
+    /// The storage stayed unreachable: nobody can tell yet.
+    Unknown,
 }
 
-/// Puts the ledger back as it was before `ours` was written, if the record still is
-/// `ours` in the state `still` and no lease on it may be live (a holder may be
-/// PUTting `ours` right now: then it stays, and converges). `true` only when this
-/// call took `ours` out (so nothing can bring it back); an unknown outcome is read back.
-async fn undo(
-    svc: &Services,
-    device: &DeviceId,
-    ours: &crate::domain::RequestId,
-    previous: Option<DesiredState>,
-    still: impl Fn(&DesiredState) -> bool,
-) -> bool {
-    let mut restored = false;
-    for _ in 0..MAX_WRITE_ROUNDS {
-        let current = match read_back(svc, device).await {
-            Ok(Some(c)) => c,
-            // Only the request that inserted the record deletes it: ours, here.
-            Ok(None) => return true,
-            Err(_) => return false,
-        };
-        if current.value.request_id != *ours {
-            // Our own restore may have landed (its answer was lost); anything else is a
-            // newer request that superseded ours, and an undo of that one would put
-            // ours back: ours was accepted, not "not kept".
-            return restored
-                && previous
-                    .as_ref()
-                    .is_some_and(|p| p.request_id == current.value.request_id);
+/// Settles an accepting write conditional on `on` whose outcome is unknown: consumes
+/// `on` so that the write, if still in flight, can never commit; if a write consumed
+/// it first, ours committed exactly when its history entry exists (same transaction).
+/// Retries while the storage is unavailable (0.1 s doubling to 5 s, about 50 s).
+async fn fence(svc: &Services, device: &DeviceId, on: &Precondition, ours: &RequestId) -> Fenced {
+    let mut wait = std::time::Duration::from_millis(100);
+    for _ in 0..FENCE_TRIES {
+        match svc.ledger.fence(device, on).await {
+            Ok(()) => return Fenced::NotCommitted,
+            Err(StoreError::Conflict) => match svc.ledger.history_entry(device, ours).await {
+                Ok(Some(_)) => return Fenced::Committed,
+                Ok(None) => return Fenced::NotCommitted,
+                Err(StoreError::Unavailable(_)) => {}
+                Err(_) => return Fenced::Unknown,
+            },
+            Err(StoreError::Unavailable(_)) => {}
+            Err(_) => return Fenced::Unknown,
         }
-        if !still(&current.value) {
-            // Settled meanwhile (e.g. applied by another invocation): not ours to undo.
-            return false;
-        }
-        if current
-            .value
-            .lease_may_be_live(svc.clock.now(), svc.policy.max_clock_skew)
-            && !cfg!(feature = "mutant-undo-ignores-lease")
-        {
-            return false;
-        }
-        let result = match &previous {
-            Some(prev) => {
-                let restored = current.value.restore(prev, svc.clock.now());
-                index::put_record(svc, &restored, Some(&current.value), Some(&current.etag))
-                    .await
-                    .map(|_| ())
-            }
-            None => svc.ledger.delete(device, &current.etag).await,
-        };
-        match result {
-            Ok(()) => return true,
-            Err(StoreError::Conflict) => continue,
-            // Unknown: look again.
-            Err(StoreError::Unavailable(_)) => restored = true,
-            Err(_) => return false,
-        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(std::time::Duration::from_secs(5));
     }
-    false
-}
-
-fn response_for_settled(svc: &Services, ours: &DesiredState, outcome: ApplyOutcome) -> ApiResponse {
-    match outcome {
-        ApplyOutcome::Applied(r) | ApplyOutcome::AlreadyFinal(r)
-            if r.request_id == ours.request_id =>
-        {
-            match r.status {
-                RequestStatus::Applied => applied_response(&r),
-                _ => ApiResponse::json(200, view(&r, svc.clock.now())),
-            }
-        }
-        _ => pending_response(ours),
-    }
-}
-
-/// A permanent refusal, in our words. The device cloud's own text is not echoed: it stays in
-/// the record's `lastError` (trimmed and redacted by the device client).
-fn refused(device: &DeviceId, min_soc: MinSoc, error: &DeviceError) -> ApiResponse {
-    match error {
-        DeviceError::UnknownDevice => ApiResponse::problem(
-            404,
-            "Unknown device",
-            format!("the device cloud does not know device {device}"),
-        ),
-        _ => ApiResponse::problem(
-            422,
-            "Setting rejected",
-            format!(
-                "the device cloud refused minSoc {} for device {device}; the request is failed, \
-                 and the device cloud's reason is in its lastError (GET {})",
-                min_soc.percent(),
-                render::device_url(device.as_str())
-            ),
-        ),
-    }
+    Fenced::Unknown
 }
 
 fn store_failed(device: &DeviceId, why: &str) -> ApiResponse {
@@ -473,11 +427,32 @@ fn store_failed(device: &DeviceId, why: &str) -> ApiResponse {
     ApiResponse::unavailable("the request could not be stored; nothing was changed, retry later")
 }
 
+/// The storage stayed unreachable after an accepting write timed out: the request may
+/// or may not be stored, and no answer can be honest but this one. If it is stored,
+/// the sweep applies it like any other; a retry with the same `Idempotency-Key`
+/// answers from it once the storage is back (or creates it if it never was).
+fn outcome_unknown(device: &DeviceId, record: &DesiredState) -> ApiResponse {
+    warn!(device = %device, request_id = %record.request_id, "accepting write of unknown outcome: the storage stayed unreachable");
+    let mut problem = ApiResponse::problem(
+        500,
+        "Outcome unknown",
+        format!(
+            "the settings store stopped answering while request {} was being written: it may \
+             or may not be stored; retry with the same Idempotency-Key, or read the device's \
+             latest request, once the store is back",
+            record.request_id
+        ),
+    );
+    problem.body["requestId"] = serde_json::json!(record.request_id);
+    problem.with_header("Retry-After", "30")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::RequestStatus;
     use crate::functions::fakes::Harness;
-    use crate::ports::Clock as _;
+    use crate::ports::{Clock as _, Ledger as _};
 
     fn post_req(device: &str, body: &str, key: Option<&str>) -> ApiRequest {
         ApiRequest {
@@ -560,13 +535,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unknown_device_is_404_and_nothing_is_stored() {
+    async fn an_unknown_device_is_404_naming_the_request_which_stays_failed() {
         let h = Harness::new();
         let r = handle(&h.svc, post_req("ghost", r#"{"minSoc":25}"#, None)).await;
         assert_eq!(r.status, 404);
         assert_eq!(r.content_type(), "application/problem+json");
-        assert_eq!(h.ledger.len(), 0);
+        let id = r.body["requestId"]
+            .as_str()
+            .expect("the 404 names the request");
+        let location = r.headers.iter().find(|(k, _)| *k == "Location").unwrap();
+        assert_eq!(location.1, format!("/api/devices/ghost/soc/requests/{id}"));
+        let rec = h.ledger_record("ghost").await;
+        assert_eq!(rec.request_id.as_str(), id);
+        assert_eq!(rec.status, RequestStatus::Failed);
         assert!(h.queue.sent().is_empty());
+        assert!(h.device.puts("ghost").is_empty());
     }
 
     #[tokio::test]
@@ -591,38 +574,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_queue_outage_for_an_offline_device_is_503_with_nothing_stored() {
+    async fn a_queue_outage_for_an_offline_device_is_202_and_leaves_the_request_to_the_sweep() {
+        // One commit point: once the request is stored, no failure after it is a 503.
         let h = Harness::new();
         h.device.set_online("d1", false);
         h.queue.set_down(true);
         let r = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
-        assert_eq!(r.status, 503);
-        assert!(r.headers.iter().any(|(k, _)| *k == "Retry-After"));
-        assert_eq!(h.ledger.len(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_queue_outage_after_a_failed_apply_restores_the_previous_request() {
-        let h = Harness::new();
-        h.device.set_online("d1", false);
-        let a = handle(&h.svc, post_req("d1", r#"{"minSoc":10}"#, None)).await;
-        assert_eq!(a.status, 202);
-        // The device reports online but the PUT finds it offline (it flapped); the queue is down.
-        h.device.set_online("d1", true);
-        h.device.on_next_put("d1", {
-            let d = h.device.clone();
-            move || Box::pin(async move { d.set_online("d1", false) })
-        });
-        h.queue.set_down(true);
-        let b = handle(&h.svc, post_req("d1", r#"{"minSoc":90}"#, None)).await;
-        assert_eq!(b.status, 503, "{b:?}");
+        assert_eq!(r.status, 202, "{r:?}");
         let rec = h.ledger_record("d1").await;
         assert_eq!(
             rec.request_id.as_str(),
-            a.body["requestId"].as_str().unwrap(),
-            "A is desired again"
+            r.body["requestId"].as_str().unwrap()
         );
-        assert_eq!(rec.min_soc.percent(), 10);
+        assert_eq!(rec.status, RequestStatus::Pending);
+        assert!(rec.wake_message_id.is_none(), "no message was sent");
+        // Its due-index entry (filed before the write) brings the sweep once overdue.
+        let due = h.svc.policy.sweep_due(&rec).unwrap();
+        assert!(due <= h.clock.now() + h.svc.policy.wake_grace, "{due}");
     }
 
     #[tokio::test]
@@ -659,23 +627,136 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_key_whose_first_use_failed_can_be_retried() {
+    async fn a_key_whose_first_use_was_not_kept_can_be_retried() {
         let h = Harness::new();
         h.device.set_online("d1", false);
-        h.queue.set_down(true);
+        h.ledger.set_down(true);
         assert_eq!(
             handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, Some("k-1")))
                 .await
                 .status,
             503
         );
-        h.queue.set_down(false);
+        h.ledger.set_down(false);
         assert_eq!(
             handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, Some("k-1")))
                 .await
                 .status,
             202
         );
+    }
+
+    #[tokio::test]
+    async fn a_retry_answers_from_the_requests_current_state_and_never_creates_another() {
+        // Issue 17, case 3: the first invocation applied {30} and died before it could
+        // answer; the user then set 50. The retry of the first POST must not put 30 back.
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        let first = handle(&h.svc, post_req("d1", r#"{"minSoc":30}"#, Some("k-1"))).await;
+        assert_eq!(first.status, 200);
+        let newer = handle(&h.svc, post_req("d1", r#"{"minSoc":50}"#, None)).await;
+        assert_eq!(newer.status, 200);
+        h.clock.advance(chrono::Duration::hours(2));
+        let retry = handle(&h.svc, post_req("d1", r#"{"minSoc":30}"#, Some("k-1"))).await;
+        assert_eq!(retry.status, 200, "{retry:?}");
+        assert_eq!(retry.body["requestId"], first.body["requestId"]);
+        // It was applied before the newer one replaced it: its history says so.
+        assert_eq!(retry.body["status"], "applied");
+        assert!(retry
+            .headers
+            .contains(&("Idempotent-Replayed", "true".to_string())));
+        let puts: Vec<u8> = h.device.puts("d1").into_iter().map(|p| p.0).collect();
+        assert_eq!(puts, vec![30, 50], "the retry PUT nothing");
+        assert_eq!(h.ledger_record("d1").await.min_soc.percent(), 50);
+    }
+
+    #[tokio::test]
+    async fn a_replay_shows_the_state_now_and_a_key_is_free_again_after_its_retention() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        let first = handle(&h.svc, post_req("d1", r#"{"minSoc":30}"#, Some("k-1"))).await;
+        assert_eq!(first.status, 202);
+        h.device.set_online("d1", true);
+        h.clock.advance(chrono::Duration::seconds(61));
+        crate::functions::apply::apply_latest(
+            &h.svc,
+            &h.id("d1"),
+            &LeaseHolder::from_stored("q"),
+            None,
+        )
+        .await
+        .unwrap();
+        let replay = handle(&h.svc, post_req("d1", r#"{"minSoc":30}"#, Some("k-1"))).await;
+        assert_eq!(replay.status, 200, "applied now: {replay:?}");
+        assert_eq!(replay.body["status"], "applied");
+        h.clock.advance(crate::domain::IDEMPOTENCY_KEY_RETENTION);
+        let fresh = handle(&h.svc, post_req("d1", r#"{"minSoc":30}"#, Some("k-1"))).await;
+        assert_eq!(fresh.status, 200);
+        assert_ne!(fresh.body["requestId"], first.body["requestId"]);
+        assert!(!fresh
+            .headers
+            .iter()
+            .any(|(k, _)| *k == "Idempotent-Replayed"));
+    }
+
+    #[tokio::test]
+    async fn a_write_that_times_out_is_fenced_so_a_503_is_never_stored_later() {
+        // Issue 17, case 1: the accepting write reaches the storage after the caller
+        // gave up. The fence consumes the ETag it was conditional on, so it cannot commit.
+        for earlier in [false, true] {
+            let h = Harness::new();
+            h.device.set_online("d1", false);
+            if earlier {
+                handle(&h.svc, post_req("d1", r#"{"minSoc":20}"#, None)).await;
+            }
+            h.ledger.defer_next_accept();
+            let r = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, Some("k-1"))).await;
+            assert_eq!(r.status, 503, "{r:?}");
+            assert_eq!(
+                h.ledger.land_deferred(),
+                Err(StoreError::Conflict),
+                "the late write must fail"
+            );
+            let kept = h.ledger.get(&h.id("d1")).await.unwrap();
+            assert!(
+                kept.is_none_or(|k| k.value.min_soc.percent() == 20),
+                "earlier={earlier}"
+            );
+            // The key is free: the retry creates the request now.
+            let retry = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, Some("k-1"))).await;
+            assert_eq!(retry.status, 202, "{retry:?}");
+            assert!(!retry
+                .headers
+                .iter()
+                .any(|(k, _)| *k == "Idempotent-Replayed"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_that_committed_but_timed_out_is_answered_as_stored() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        h.ledger.commit_next_accept_then_time_out();
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
+        assert_eq!(r.status, 202, "{r:?}");
+        let rec = h.ledger_record("d1").await;
+        assert_eq!(
+            rec.request_id.as_str(),
+            r.body["requestId"].as_str().unwrap()
+        );
+        assert_eq!(h.queue.sent().len(), 1, "its wake-up chain started");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_whose_outcome_stays_unknown_is_a_500_naming_the_request() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        h.ledger.defer_next_accept_and_go_down();
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
+        assert_eq!(r.status, 500, "{r:?}");
+        assert_eq!(r.content_type(), "application/problem+json");
+        assert!(r.body["requestId"].is_string());
+        assert!(r.headers.iter().any(|(k, _)| *k == "Retry-After"));
     }
 
     #[tokio::test]
@@ -700,7 +781,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unknown_device_leaves_the_previous_request_in_place() {
+    async fn an_unknown_device_supersedes_the_previous_request_and_fails_the_new_one() {
         let h = Harness::new();
         h.device.set_online("d1", false);
         let a = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
@@ -710,9 +791,17 @@ mod tests {
         let rec = h.ledger_record("d1").await;
         assert_eq!(
             rec.request_id.as_str(),
-            a.body["requestId"].as_str().unwrap()
+            r.body["requestId"].as_str().unwrap()
         );
-        assert_eq!(rec.status, RequestStatus::Pending);
+        assert_eq!(rec.status, RequestStatus::Failed);
+        let old = requests::answer_for(
+            &h.svc,
+            &h.id("d1"),
+            &RequestId::from_stored(a.body["requestId"].as_str().unwrap()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(old.body["status"], "superseded");
     }
 
     #[tokio::test]

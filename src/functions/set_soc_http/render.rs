@@ -88,11 +88,6 @@ fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// The device's resource: its latest request (`GET`), new requests (`POST`).
-pub(super) fn device_url(device: &str) -> String {
-    format!("/api/devices/{device}/soc")
-}
-
 /// The request's own status: where a `202`'s `Location` points.
 pub(super) fn location(device: &str, request: &RequestId) -> String {
     format!("/api/devices/{device}/soc/requests/{request}")

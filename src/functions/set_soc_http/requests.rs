@@ -1,18 +1,19 @@
 //! `GET /api/devices/{deviceId}/soc/requests/{requestId}`: what became of one request
-//! (the target of a `202`'s `Location`).
+//! (the target of a `202`'s `Location`), and the same state as the answer to a `POST`
+//! replayed by its `Idempotency-Key` ([`answer_for`]).
 //!
 //! Reads the ledger record first and the request's history entry second, so a request
 //! the ledger no longer holds is read after the write that replaced it, which also
-//! settled its entry (see [`crate::domain::history`]). A request that looks undone may
-//! instead have been put back by an undo between the two reads: the record is read
-//! once more before answering `404`.
+//! settled its entry (see [`crate::domain::history`]). A request's entry is written in
+//! the same write that stores it, so a request without one was never stored.
 
 use tracing::warn;
 
-use crate::domain::history::{self, HistoryEntry};
+use crate::domain::history::{self, HistoryEntry, ShownStatus, HISTORY_LIMIT};
 use crate::domain::{DeviceId, RequestId};
+use crate::ports::DeviceError;
 
-use super::render::{entry_view, ApiResponse};
+use super::render::{entry_view, location, ApiResponse};
 use super::Services;
 
 pub(super) async fn get(svc: &Services, device: &DeviceId, raw_id: &str) -> ApiResponse {
@@ -20,21 +21,79 @@ pub(super) async fn get(svc: &Services, device: &DeviceId, raw_id: &str) -> ApiR
         Ok(id) => id,
         Err(e) => return ApiResponse::invalid(e),
     };
-    for _ in 0..2 {
-        match lookup(svc, device, &id).await {
-            Ok(Some(entry)) => return ApiResponse::json(200, entry_view(&entry, svc.clock.now())),
-            Ok(None) => continue,
-            Err(e) => {
-                warn!(device = %device, request_id = %id, error = %e, "ledger read failed");
-                return ApiResponse::unavailable("the settings store is unavailable");
-            }
+    match lookup(svc, device, &id).await {
+        Ok(Some(entry)) => ApiResponse::json(200, entry_view(&entry, svc.clock.now())),
+        Ok(None) => ApiResponse::problem(
+            404,
+            "Not found",
+            format!("no request {id} for device {device} (the last {HISTORY_LIMIT} are kept)"),
+        ),
+        Err(e) => {
+            warn!(device = %device, request_id = %id, error = %e, "ledger read failed");
+            ApiResponse::unavailable("the settings store is unavailable")
         }
     }
-    ApiResponse::problem(
-        404,
-        "Not found",
-        format!("no request {id} for device {device} (the last 20 are kept)"),
-    )
+}
+
+/// A stored request's current state as the answer to the `POST` that created it: `202`
+/// while pending (with `Location`), `200` once applied, superseded or expired, the
+/// refusal (`404` unknown device, `422` rejected value, naming the request) once
+/// failed; `410` if it is older than the history kept (it was superseded then). A
+/// read failure is the caller's to answer: the request is stored either way.
+pub(super) async fn answer_for(
+    svc: &Services,
+    device: &DeviceId,
+    id: &RequestId,
+) -> Result<ApiResponse, crate::ports::StoreError> {
+    let Some(entry) = lookup(svc, device, id).await? else {
+        return Ok(ApiResponse::problem(
+            410,
+            "Request no longer kept",
+            format!(
+                "request {id} was superseded and is older than the last {HISTORY_LIMIT} \
+                 requests kept for device {device}"
+            ),
+        ));
+    };
+    let now = svc.clock.now();
+    Ok(match entry.status_at(now) {
+        ShownStatus::Pending => ApiResponse::json(202, entry_view(&entry, now))
+            .with_header("Location", location(device.as_str(), id)),
+        ShownStatus::Failed => refused(&entry),
+        _ => ApiResponse::json(200, entry_view(&entry, now)),
+    })
+}
+
+/// A request the device cloud refused permanently, in our words (its own text stays
+/// in the request's `lastError`): `404` for an unknown device, `422` otherwise; both
+/// name the request and where to read it.
+pub(super) fn refused(entry: &HistoryEntry) -> ApiResponse {
+    let r = &entry.request;
+    let device = r.device_id.as_str();
+    let unknown = r.last_error.as_deref() == Some(&DeviceError::UnknownDevice.to_string());
+    let mut problem = if unknown {
+        ApiResponse::problem(
+            404,
+            "Unknown device",
+            format!(
+                "the device cloud does not know device {device}; request {} is failed",
+                r.request_id
+            ),
+        )
+    } else {
+        ApiResponse::problem(
+            422,
+            "Setting rejected",
+            format!(
+                "the device cloud refused minSoc {} for device {device}; request {} is failed, \
+                 and the device cloud's reason is in its lastError",
+                r.min_soc.percent(),
+                r.request_id
+            ),
+        )
+    };
+    problem.body["requestId"] = serde_json::json!(r.request_id);
+    problem.with_header("Location", location(device, &r.request_id))
 }
 
 async fn lookup(
