@@ -193,6 +193,29 @@ async fn scenarios() -> Vec<Observed> {
         )
         .await,
     );
+    // A replay of a request older than the history kept for its device.
+    h.device.set_online("busy", false);
+    call(
+        app(&h),
+        "setSoc",
+        "oldest",
+        post("busy", r#"{"minSoc":1}"#, Some("old")),
+    )
+    .await;
+    for i in 0..soc_settings::domain::history::HISTORY_LIMIT {
+        let body = format!(r#"{{"minSoc":{}}}"#, 2 + i);
+        h.clock.advance(chrono::Duration::seconds(1));
+        call(app(&h), "setSoc", "newer", post("busy", &body, None)).await;
+    }
+    seen.push(
+        call(
+            app(&h),
+            "setSoc",
+            "replay no longer kept",
+            post("busy", r#"{"minSoc":1}"#, Some("old")),
+        )
+        .await,
+    );
     // The accepting write times out and the store stays down through the fence.
     h.ledger.defer_next_accept_and_go_down();
     tokio::time::pause();

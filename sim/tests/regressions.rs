@@ -11,7 +11,7 @@
 //! code with the due index and the sweep rewrite
 //! (`SIM_FEATURES=<mutant> scripts/sim --no-events --seeds N`).
 //! `scripts/sim --seed S --no-events` replays a seed with its trace;
-//! `cargo test -p soc-sim --features mutant-undo-ignores-lease --test regressions`
+//! `cargo test -p soc-sim --features mutant-no-lease-check --test regressions`
 //! checks that the old logic still fails those seeds.
 
 /// Whether any mutation is built in: then only the tests of that mutation judge.
@@ -19,14 +19,11 @@ const MUTANT: bool = cfg!(any(
     feature = "mutant-no-lease-check",
     feature = "mutant-delivered-ignores-request-id",
     feature = "mutant-transient-releases-lease",
-    feature = "mutant-undo-ignores-lease",
     feature = "mutant-expiry-over-lease",
-    feature = "mutant-no-read-back",
     feature = "mutant-put-on-caller-lease",
     feature = "mutant-sweep-drops-before-filing",
     feature = "mutant-index-skips-filing",
     feature = "mutant-no-chain-check",
-    feature = "mutant-undo-forgets-landing",
 ));
 
 /// Runs `seed`: with its own mutation built in it must violate `property`; without
@@ -54,7 +51,8 @@ fn judged(seed: u64, old_logic: bool, property: &str) {
 /// shows the interleaving.
 #[test]
 fn a_503_rollback_never_writes_over_another_holders_live_lease() {
-    judged(1_625, cfg!(feature = "mutant-undo-ignores-lease"), "S4");
+    // Issue 17 removed the undo (one commit point): the seed stays as a plain regression.
+    judged(1_625, false, "S4");
 }
 
 /// Bug 2: the POST PUT on the lease its accepting write took (the old lease: device
@@ -79,7 +77,8 @@ fn expiry_is_never_written_over_a_put_that_lands() {
 /// found it (seed 79, S4).
 #[test]
 fn an_accepting_write_of_unknown_outcome_is_read_back_before_answering() {
-    judged(79, cfg!(feature = "mutant-no-read-back"), "S4");
+    // Issue 17 replaced the read-back by a fence: the seed stays as a plain regression.
+    judged(79, false, "S4");
 }
 
 /// A PUT that timed out released the lease at once although it could still land: R3 was
@@ -99,7 +98,8 @@ fn a_timed_out_put_keeps_the_lease_until_it_can_no_longer_land() {
 /// (`landed`), and the undo restores R5 as applied.
 #[test]
 fn an_undo_restores_a_request_that_landed_meanwhile_as_applied() {
-    judged(112_805, cfg!(feature = "mutant-undo-forgets-landing"), "S4");
+    // Issue 17 removed the undo (one commit point): the seed stays as a plain regression.
+    judged(112_805, false, "S4");
 }
 
 /// The sweep rewrite: a listed device whose record is pending but not due yet (another

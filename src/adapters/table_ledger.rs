@@ -5,19 +5,21 @@
 //! | PartitionKey | RowKey            | holds                                   |
 //! |--------------|-------------------|-----------------------------------------|
 //! | `{deviceId}` | `desired`         | [`DesiredState`]                        |
-//! | `{deviceId}` | `idem-{hex(key)}` | [`IdempotencyRecord`] for that key      |
+//! | `{deviceId}` | `anchor`          | nothing: exists before the device's first request, so that request's write is conditional too (`Ledger::anchor`, `Ledger::fence`) |
+//! | `{deviceId}` | `idem-{hex(key)}` | [`IdempotencyRecord`]: the request the key created, written with it |
 //! | `{deviceId}` | `req-{requestId}` | [`HistoryEntry`]: the record's fields + `SupersededBy` |
 //! | `!due-{00..15}` | `{dueAt}~{deviceId}~{nonce}` | a due-index entry ([`crate::domain::due_index`]): `FiledAt` only |
 //! | `!sweep`     | `state`           | [`SweepState`]: the sweep lease and the reconciling pass's progress |
 //!
 //! History (see [`crate::domain::history`]): `put` and `accept` write the `desired`
 //! row and the history rows they imply in one entity-group transaction (same
-//! partition: all or nothing, the `desired` row's condition deciding), so an entry
-//! never disagrees with the ledger about the request the ledger holds. After an
-//! accepted request, entries beyond the newest
-//! [`HISTORY_LIMIT`](crate::domain::history::HISTORY_LIMIT) are deleted (best effort,
-//! outside the transaction: a failure leaves old entries for the next request to
-//! prune). `delete` touches only the `desired` row.
+//! partition: all or nothing, the `desired` row's or the anchor's condition deciding),
+//! so an entry never disagrees with the ledger about the request the ledger holds;
+//! `accept` also inserts the request's key row in it. After an accepted request,
+//! entries beyond the newest [`HISTORY_LIMIT`](crate::domain::history::HISTORY_LIMIT)
+//! and key rows older than the retention are deleted (best effort, outside the
+//! transaction: a failure leaves them for the next request to prune). `fence` merges
+//! nothing into a row at an ETag: only the ETag changes.
 //!
 //! Idempotency keys are hex-encoded because keys may contain `/`, `\`, `#`, `?`,
 //! which RowKey forbids. Timestamps are stored as RFC 3339 strings (nanosecond-exact,
