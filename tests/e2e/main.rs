@@ -253,8 +253,11 @@ async fn an_old_queued_request_never_overwrites_a_newer_direct_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_device_stays_offline_expires_and_is_never_applied() {
+    // The shortest TTL the service accepts: one device lease (39 s) plus the longest
+    // re-check delay (Policy::design_problems).
     let app = Setup::new()
-        .set("SOC_REQUEST_TTL_SECONDS", "4")
+        .set("SOC_REQUEST_TTL_SECONDS", "42")
+        .set("SOC_RECHECK_INITIAL_SECONDS", "2")
         .set("SOC_RECHECK_MAX_SECONDS", "2")
         .set("DRAIN_SOC_SCHEDULE", "*/2 * * * * *")
         .start()
@@ -268,10 +271,10 @@ async fn a_request_whose_device_stays_offline_expires_and_is_never_applied() {
         chrono::DateTime::parse_from_rfc3339(r.body["requestedAt"].as_str().unwrap()).unwrap();
     let expires =
         chrono::DateTime::parse_from_rfc3339(r.body["expiresAt"].as_str().unwrap()).unwrap();
-    assert_eq!((expires - requested).num_seconds(), 4);
+    assert_eq!((expires - requested).num_seconds(), 42);
 
     let rec = app
-        .wait_status("bat-1", "expired", Some(&request_id), secs(20))
+        .wait_status("bat-1", "expired", Some(&request_id), secs(60))
         .await;
     assert!(rec.get("appliedAt").map_or(true, Value::is_null));
 
@@ -314,13 +317,15 @@ async fn device_errors_and_timeouts_are_retried_with_back_off_until_the_setting_
             ..Default::default()
         },
     );
+    // 501 and 429 say the PUT was not applied; a timeout may still land, so its lease
+    // is kept until it lapses (as for a gateway's 500/502/503/504, docs/device-api.md).
     for fault in [
-        Fault::Status { status: 503 },
+        Fault::Status { status: 501 },
         Fault::TooMany {
             retry_after_seconds: 2,
         },
         Fault::Timeout,
-        Fault::Status { status: 500 },
+        Fault::Status { status: 501 },
     ] {
         app.sim.script_faults("bat-1", fault, 1);
     }
@@ -365,14 +370,17 @@ async fn an_unknown_device_or_a_rejected_value_fails_with_the_reason_without_end
         .start()
         .await;
 
-    // Unknown at once: 404, nothing stored or queued.
+    // Unknown at once: 404 naming the request, recorded failed, nothing queued.
     let r = app.post("no-such-bat", r#"{"minSoc":30}"#).await;
     assert_eq!(r.status, 404, "{}", r.body);
     assert_eq!(
         r.headers.get("content-type").and_then(|v| v.to_str().ok()),
         Some("application/problem+json")
     );
-    assert_eq!(app.get("no-such-bat").await.0, 404);
+    let (status, latest) = app.get("no-such-bat").await;
+    assert_eq!(status, 200);
+    assert_eq!(latest["requestId"], r.body["requestId"]);
+    assert_eq!(latest["status"], "failed");
     assert!(app.messages().is_empty());
 
     // Known and offline when asked; later gone, or refusing the value.

@@ -38,7 +38,7 @@ pub(super) async fn get(svc: &Services, device: &DeviceId, raw_id: &str) -> ApiR
 /// A stored request's current state as the answer to the `POST` that created it: `202`
 /// while pending (with `Location`), `200` once applied, superseded or expired, the
 /// refusal (`404` unknown device, `422` rejected value, naming the request) once
-/// failed; `410` if it is older than the history kept (it was superseded then). A
+/// failed; `409` if it is older than the history kept (it was superseded then). A
 /// read failure is the caller's to answer: the request is stored either way.
 pub(super) async fn answer_for(
     svc: &Services,
@@ -47,7 +47,7 @@ pub(super) async fn answer_for(
 ) -> Result<ApiResponse, crate::ports::StoreError> {
     let Some(entry) = lookup(svc, device, id).await? else {
         return Ok(ApiResponse::problem(
-            410,
+            409,
             "Request no longer kept",
             format!(
                 "request {id} was superseded and is older than the last {HISTORY_LIMIT} \
