@@ -735,6 +735,102 @@ mod tests {
         );
     }
 
+    /// The problem document of a `400`, forwarded (the body itself) or in an envelope.
+    fn problem_field(status: StatusCode, body: &Value) -> (u16, Value) {
+        match body.get("Outputs") {
+            Some(outputs) => {
+                let res = &outputs["res"];
+                let inner: Value =
+                    serde_json::from_str(res["body"].as_str().unwrap_or("null")).unwrap();
+                (
+                    res["statusCode"].as_u64().unwrap() as u16,
+                    inner["field"].clone(),
+                )
+            }
+            None => (status.as_u16(), body["field"].clone()),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_all_dots_device_id_is_a_400_through_every_entry_point_and_touches_nothing() {
+        let h = Harness::new();
+        h.device.set_default_online(true);
+        for dots in [".", "..", "..."] {
+            let encoded = dots.replace('.', "%2E");
+            // The route, forwarded: raw and percent-encoded, every method and sub-path.
+            let mut answers = Vec::new();
+            for id in [dots.to_string(), encoded] {
+                let post = post_json(&format!("/api/devices/{id}/soc"), json!({"minSoc": 5}));
+                answers.push(call(app(&h), post).await);
+                for path in [
+                    format!("/api/devices/{id}/soc"),
+                    format!("/api/devices/{id}/soc/requests/{}", "0".repeat(32)),
+                ] {
+                    let get = HttpRequest::get(path).body(Body::empty()).unwrap();
+                    answers.push(call(app(&h), get).await);
+                }
+            }
+            // The route, in an envelope.
+            let envelope = json!({
+                "Data": { "req": { "Method": "POST", "Headers": {}, "Params": { "deviceId": dots },
+                                   "Body": "{\"minSoc\":5}" } },
+                "Metadata": {}
+            });
+            answers.push(call(app(&h), post_json("/SetSocHttp", envelope)).await);
+            for (status, _, body) in &answers {
+                assert_eq!(
+                    problem_field(*status, body),
+                    (400, json!("deviceId")),
+                    "{dots:?}: {body}"
+                );
+            }
+            // A connection event's subject, forwarded and in an envelope.
+            let event = json!({"specversion": "1.0", "id": "e-1", "source": "/vendor",
+                "type": crate::domain::device_event::CONNECTED, "subject": dots});
+            let req = HttpRequest::post("/api/device-events")
+                .header("content-type", "application/cloudevents+json")
+                .body(Body::from(event.to_string()))
+                .unwrap();
+            let (status, _, body) = call(app(&h), req).await;
+            assert_eq!(
+                problem_field(status, &body),
+                (400, json!("subject")),
+                "{body}"
+            );
+            let envelope = json!({
+                "Data": { "req": { "Method": "POST",
+                                   "Headers": { "Content-Type": ["application/cloudevents+json"] },
+                                   "Params": {}, "Body": event.to_string() } },
+                "Metadata": {}
+            });
+            let (status, _, body) = call(app(&h), post_json("/DeviceEventsHttp", envelope)).await;
+            assert_eq!(
+                problem_field(status, &body),
+                (400, json!("subject")),
+                "{body}"
+            );
+            // A wake-up message naming one: completed, never applied.
+            let message = json!({"requestId": "0".repeat(32), "deviceId": dots, "minSoc": 5,
+                "requestedAt": "2026-01-01T00:00:00Z", "expiresAt": "2099-01-01T00:00:00Z"});
+            let (status, _, out) = call(
+                app(&h),
+                post_json("/SocQueueTrigger", sb_envelope(&message, "m-1")),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{out}");
+            assert!(
+                out["Logs"][0]
+                    .as_str()
+                    .unwrap()
+                    .contains("invalid device id"),
+                "{out}"
+            );
+        }
+        assert_eq!(h.device.calls(), (0, 0), "no device call");
+        assert!(h.ledger.is_empty(), "nothing stored");
+        assert!(h.queue.sent().is_empty(), "nothing sent");
+    }
+
     #[tokio::test]
     async fn a_queue_delivery_that_must_be_retried_fails_the_invocation() {
         let h = Harness::new();
