@@ -58,6 +58,18 @@ pub enum StartupError {
     Adapters(#[from] BuildError),
 }
 
+impl StartupError {
+    /// Every problem on one line (a log line is one `traces` row): `invalid configuration:
+    /// A: ...; B: ...`.
+    pub fn one_line(&self) -> String {
+        let (what, problems) = match self {
+            Self::Config(e) => ("invalid configuration", &e.0),
+            Self::Adapters(e) => ("adapter configuration is invalid", &e.0),
+        };
+        format!("{what}: {}", problems.join("; "))
+    }
+}
+
 /// Builds the services from app settings. Does no I/O: clients connect on first use.
 pub fn services_from_env() -> Result<Services, StartupError> {
     let config = Config::from_env()?;
@@ -97,7 +109,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(services: Result<Services, StartupError>) -> Self {
         Self {
-            services: services.map_err(|e| Arc::from(e.to_string())),
+            services: services.map_err(|e| Arc::from(e.one_line())),
         }
     }
 
@@ -184,8 +196,9 @@ async fn set_soc_forwarded(
         }
     };
     let call = HttpCall::from_forwarded(&parts, route_params, body);
-    let Ok(services) = state.services() else {
-        return api_response(misconfigured());
+    let services = match state.services() {
+        Ok(services) => services,
+        Err(reason) => return api_response(misconfigured("SetSocHttp", reason)),
     };
     api_response(set_soc_http::handle(services, api_request(call)).await)
 }
@@ -197,7 +210,7 @@ async fn set_soc_envelope(
     let call = req.into_call();
     let response = match state.services() {
         Ok(services) => set_soc_http::handle(services, api_request(call)).await,
-        Err(_) => misconfigured(),
+        Err(reason) => misconfigured("SetSocHttp", reason),
     };
     InvocationResponse::ok()
         .with_http(SET_SOC_HTTP_OUTPUT_BINDING, &http_output(&response))
@@ -277,11 +290,15 @@ async fn device_events(state: &AppState, call: HttpCall) -> ApiResponse {
     }
     match state.services() {
         Ok(services) => device_events_http::handle(services, req).await,
-        Err(_) => misconfigured(),
+        Err(reason) => misconfigured("DeviceEventsHttp", reason),
     }
 }
 
-fn misconfigured() -> ApiResponse {
+/// An HTTP invocation on a handler without a usable configuration: one ERROR line naming
+/// every broken setting (so the handler-errors alert fires on the first call), and a `500`
+/// that tells the caller nothing internal.
+fn misconfigured(function: &str, reason: &str) -> ApiResponse {
+    error!(function, "invocation failed: {reason}");
     ApiResponse::problem(
         500,
         "Service misconfigured",
@@ -321,7 +338,7 @@ async fn soc_queue_trigger(
         delivery_count: delivery.delivery_count,
     };
     Ok(
-        match soc_queue_trigger::handle(configured(&state)?, delivery).await {
+        match soc_queue_trigger::handle(configured(&state, "SocQueueTrigger")?, delivery).await {
             Settle::Complete(log) => InvocationResponse::ok().with_log(log).into_response(),
             Settle::Retry(reason) => InvocationFailure::unavailable(reason).into_response(),
         },
@@ -335,7 +352,7 @@ async fn drain_soc_timer(
     if timer.is_past_due {
         info!("DrainSocTimer is running late (past due)");
     }
-    let report = drain_soc_timer::run(configured(&state)?)
+    let report = drain_soc_timer::run(configured(&state, "DrainSocTimer")?)
         .await
         .map_err(|e| {
             InvocationFailure::unavailable(format!("sweep could not list pending requests: {e}"))
@@ -345,11 +362,13 @@ async fn drain_soc_timer(
         .into_response())
 }
 
-/// The services, or a failed invocation naming the configuration problem.
-fn configured(state: &AppState) -> Result<&Services, InvocationFailure> {
-    state
-        .services()
-        .map_err(|reason| InvocationFailure::internal(format!("configuration: {reason}")))
+/// The services, or a failed invocation naming the configuration problem (logged as one
+/// ERROR line, like [`misconfigured`]).
+fn configured<'a>(state: &'a AppState, function: &str) -> Result<&'a Services, InvocationFailure> {
+    state.services().map_err(|reason| {
+        error!(function, "invocation failed: {reason}");
+        InvocationFailure::internal(format!("configuration: {reason}"))
+    })
 }
 
 /// A trigger value decoded from the host's invocation envelope (extractor). A body

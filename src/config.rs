@@ -185,6 +185,7 @@ impl Config {
             vars,
             errors: Vec::new(),
         };
+        reader.errors.extend(unresolved_references(vars));
         let port = match port_from(vars) {
             Ok(p) => p,
             Err(e) => {
@@ -273,6 +274,34 @@ impl Config {
             Err(ConfigError(reader.errors))
         }
     }
+}
+
+/// How App Service writes a Key Vault reference in an app setting. When the platform cannot
+/// resolve one (the identity lacks its role, the role has not propagated, the secret is gone),
+/// it hands the process the reference text itself instead of the secret.
+pub const KEY_VAULT_REFERENCE_PREFIX: &str = "@Microsoft.KeyVault(";
+
+/// One problem per listed setting that still holds an unresolved Key Vault reference. Such a
+/// value would otherwise be used as if it were the secret (sent as the vendor's API key, read
+/// as a 401 and retried for days); naming it once makes a broken deployment obvious. The
+/// reference text itself is not repeated.
+fn unresolved_references(vars: &HashMap<String, String>) -> Vec<String> {
+    SETTINGS
+        .iter()
+        .filter(|s| {
+            vars.get(s.name).is_some_and(|v| {
+                v.trim_start()
+                    .get(..KEY_VAULT_REFERENCE_PREFIX.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(KEY_VAULT_REFERENCE_PREFIX))
+            })
+        })
+        .map(|s| {
+            format!(
+                "{}: holds an unresolved Key Vault reference ({KEY_VAULT_REFERENCE_PREFIX}...): the platform could not read the secret; check the identity's Key Vault Secrets User role and keyVaultReferenceIdentity, then run scripts/deploy-check keyvault-refs (docs/deploy.md)",
+                s.name
+            )
+        })
+        .collect()
 }
 
 fn valid_table_name(name: &str) -> bool {
@@ -605,6 +634,41 @@ mod tests {
         assert!(err.to_string().contains("DEVICE_API_KEY"));
         assert!(err.to_string().contains("SOC_QUEUE_NAME"));
         assert!(err.to_string().contains("SOC_RECHECK_INITIAL_SECONDS"));
+    }
+
+    #[test]
+    fn an_unresolved_key_vault_reference_is_refused_naming_the_setting_and_not_its_value() {
+        let reference =
+            "@Microsoft.KeyVault(SecretUri=https://kv-x.vault.azure.net/secrets/device-api-key)";
+        for value in [
+            reference,
+            " @microsoft.keyvault(VaultName=kv-x;SecretName=k)",
+        ] {
+            let mut vars = minimal();
+            vars.insert("DEVICE_API_KEY".into(), value.into());
+            let err = Config::from_vars(&vars).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{err}");
+            assert!(
+                err.0[0].starts_with("DEVICE_API_KEY: holds an unresolved Key Vault reference"),
+                "{err}"
+            );
+            assert!(
+                !err.to_string().contains("kv-x"),
+                "the reference is not repeated"
+            );
+        }
+        // Any listed setting, each named; a value that merely mentions it is not one.
+        let mut vars = minimal();
+        vars.insert("DEVICE_API_KEY".into(), reference.into());
+        vars.insert("SOC_QUEUE_NAME".into(), reference.into());
+        vars.insert(
+            "DEVICE_API_BASE_URL".into(),
+            "http://x/@Microsoft.KeyVault(".into(),
+        );
+        let err = Config::from_vars(&vars).unwrap_err().to_string();
+        assert!(err.contains("DEVICE_API_KEY: holds an unresolved"), "{err}");
+        assert!(err.contains("SOC_QUEUE_NAME: holds an unresolved"), "{err}");
+        assert!(!err.contains("DEVICE_API_BASE_URL"), "{err}");
     }
 
     #[test]
