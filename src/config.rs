@@ -53,12 +53,14 @@ const fn setting(
 pub const SETTINGS: &[Setting] = &[
     setting("AzureWebJobsStorage", None, false, true, "Storage connection string (local runs; required unless AzureWebJobsStorage__credential is managedidentity); also holds the ledger table unless SOC_STATE_STORAGE is set"),
     setting("AzureWebJobsStorage__credential", None, false, false, "managedidentity: reach storage with the app's managed identity instead of a connection string"),
+    setting("AzureWebJobsStorage__clientId", None, false, false, "Client id of the user-assigned identity storage is reached with (host and handler); absent: the system-assigned identity"),
     setting("AzureWebJobsStorage__accountName", None, false, false, "Storage account name (identity-based); the table endpoint is https://{name}.table.core.windows.net unless __tableServiceUri is set"),
     setting("AzureWebJobsStorage__tableServiceUri", None, false, false, "Table service URL of the storage account (identity-based), e.g. https://acct.table.core.windows.net/"),
     setting("SOC_STATE_STORAGE", None, false, true, "Optional separate storage connection string for the ledger table"),
     setting("SOC_STATE_TABLE", Some("socsettings"), false, false, "Table holding the per-device desired-state ledger"),
     setting("ServiceBusConnection", None, false, true, "Service Bus connection string (local runs; required unless ServiceBusConnection__credential is managedidentity)"),
     setting("ServiceBusConnection__credential", None, false, false, "managedidentity: send to Service Bus with the app's managed identity instead of a connection string"),
+    setting("ServiceBusConnection__clientId", None, false, false, "Client id of the user-assigned identity Service Bus is reached with (trigger and handler); absent: the system-assigned identity"),
     setting("ServiceBusConnection__fullyQualifiedNamespace", None, false, false, "Service Bus namespace host (identity-based), e.g. ns.servicebus.windows.net; a loopback host is a local stand-in reached over HTTP"),
     setting("SOC_QUEUE_NAME", None, true, false, "Queue carrying pending settings; also bound by SocQueueTrigger"),
     setting("DEVICE_API_BASE_URL", None, true, false, "Base URL of the vendor's device cloud API"),
@@ -86,8 +88,12 @@ pub const MANAGED_IDENTITY: &str = "managedidentity";
 pub enum StorageAccess {
     /// A connection string (`SOC_STATE_STORAGE` or `AzureWebJobsStorage`).
     ConnectionString(SecretString),
-    /// The app's managed identity, against this table service URL.
-    Identity { table_endpoint: url::Url },
+    /// The app's managed identity, against this table service URL: the user-assigned one
+    /// `client_id` names (`AzureWebJobsStorage__clientId`), else the system-assigned one.
+    Identity {
+        table_endpoint: url::Url,
+        client_id: Option<String>,
+    },
 }
 
 /// How the settings queue's namespace is reached.
@@ -96,8 +102,12 @@ pub enum ServiceBusAccess {
     /// A connection string (`ServiceBusConnection`).
     ConnectionString(SecretString),
     /// The app's managed identity, to this namespace host (`ns.servicebus.windows.net`, or
-    /// `127.0.0.1:port` for a local stand-in).
-    Identity { namespace: String },
+    /// `127.0.0.1:port` for a local stand-in), as the user-assigned identity `client_id` names
+    /// (`ServiceBusConnection__clientId`), else the system-assigned one.
+    Identity {
+        namespace: String,
+        client_id: Option<String>,
+    },
 }
 
 /// Typed settings. Every secret is a [`SecretString`], so `Debug` shows none.
@@ -366,6 +376,7 @@ impl Reader<'_> {
                 self.string("AzureWebJobsStorage"),
             ));
         }
+        let client_id = self.client_id("AzureWebJobsStorage");
         let raw = match (
             self.optional("AzureWebJobsStorage__tableServiceUri"),
             self.optional("AzureWebJobsStorage__accountName"),
@@ -379,6 +390,7 @@ impl Reader<'_> {
                 return StorageAccess::Identity {
                     table_endpoint: url::Url::parse("https://invalid.invalid/")
                         .expect("constant URL"),
+                    client_id,
                 };
             }
         };
@@ -386,6 +398,7 @@ impl Reader<'_> {
             Ok(url) if url.scheme() == "https" && url.host_str().is_some() => {
                 StorageAccess::Identity {
                     table_endpoint: url,
+                    client_id,
                 }
             }
             _ => {
@@ -395,6 +408,7 @@ impl Reader<'_> {
                 StorageAccess::Identity {
                     table_endpoint: url::Url::parse("https://invalid.invalid/")
                         .expect("constant URL"),
+                    client_id,
                 }
             }
         }
@@ -417,7 +431,30 @@ impl Reader<'_> {
                 "ServiceBusConnection__fullyQualifiedNamespace: required with managedidentity, a host name such as ns.servicebus.windows.net".into(),
             );
         }
-        ServiceBusAccess::Identity { namespace }
+        ServiceBusAccess::Identity {
+            namespace,
+            client_id: self.client_id("ServiceBusConnection"),
+        }
+    }
+
+    /// `{connection}__clientId`: the user-assigned identity's client id, a GUID.
+    fn client_id(&mut self, connection: &str) -> Option<String> {
+        let name = format!("{connection}__clientId");
+        let id = self.optional(&name)?;
+        let guid = id.len() == 36
+            && id.char_indices().all(|(i, c)| {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    c == '-'
+                } else {
+                    c.is_ascii_hexdigit()
+                }
+            });
+        if !guid {
+            self.errors.push(format!(
+                "{name}: not a client id (a GUID such as 00000000-0000-0000-0000-000000000000)"
+            ));
+        }
+        Some(id)
     }
 
     fn number(&mut self, name: &str, min: u64, max: u64) -> u64 {
@@ -550,13 +587,15 @@ mod tests {
             c.storage,
             StorageAccess::Identity {
                 table_endpoint: url::Url::parse("https://socstate.table.core.windows.net/")
-                    .unwrap()
+                    .unwrap(),
+                client_id: None,
             }
         );
         assert_eq!(
             c.service_bus,
             ServiceBusAccess::Identity {
-                namespace: "soc-ns.servicebus.windows.net".into()
+                namespace: "soc-ns.servicebus.windows.net".into(),
+                client_id: None,
             }
         );
         let mut vars = identity();
@@ -569,8 +608,39 @@ mod tests {
             c.storage,
             StorageAccess::Identity {
                 table_endpoint: url::Url::parse("https://127.0.0.1:10443/devstoreaccount1")
-                    .unwrap()
+                    .unwrap(),
+                client_id: None,
             }
+        );
+    }
+
+    #[test]
+    fn each_connection_takes_the_user_assigned_identity_its_client_id_names() {
+        const CLIENT: &str = "7d1c2f3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
+        let mut vars = identity();
+        vars.insert("AzureWebJobsStorage__clientId".into(), CLIENT.into());
+        vars.insert("ServiceBusConnection__clientId".into(), CLIENT.into());
+        let c = Config::from_vars(&vars).unwrap();
+        assert!(
+            matches!(&c.storage, StorageAccess::Identity { client_id: Some(id), .. } if id == CLIENT)
+        );
+        assert!(
+            matches!(&c.service_bus, ServiceBusAccess::Identity { client_id: Some(id), .. } if id == CLIENT)
+        );
+
+        vars.insert("AzureWebJobsStorage__clientId".into(), "my-identity".into());
+        vars.insert(
+            "ServiceBusConnection__clientId".into(),
+            format!("{CLIENT}x"),
+        );
+        let err = Config::from_vars(&vars).unwrap_err().to_string();
+        assert!(
+            err.contains("AzureWebJobsStorage__clientId: not a client id"),
+            "{err}"
+        );
+        assert!(
+            err.contains("ServiceBusConnection__clientId: not a client id"),
+            "{err}"
         );
     }
 
