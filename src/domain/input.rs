@@ -24,7 +24,7 @@ impl InputError {
 /// A device id: 1-64 characters of `[A-Za-z0-9._-]`, not only dots.
 ///
 /// `.`, `..` and every other all-dots id are refused: in a URL path they are the dot
-/// segments that mean "this folder" and "the parent" (RFC 3986 §5.2.4), so such an id would
+/// segments that mean "this folder" and "the parent" (RFC 3986, "Remove Dot Segments"), so such an id would
 /// name another resource than the device. Every way an id enters (the HTTP route, a
 /// connection event's `subject`, a wake-up message, a ledger row) goes through [`DeviceId::parse`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
