@@ -37,7 +37,7 @@ use sha2::Sha256;
 
 use crate::server::{serve, ServerHandle};
 
-/// The API version the Functions platform (and `azure_identity`'s App Service credential) uses.
+/// The API version the Functions platform (and the handler's managed-identity credential) uses.
 pub const API_VERSION: &str = "2019-08-01";
 /// Path the stand-in serves; `IDENTITY_ENDPOINT` points at it.
 pub const TOKEN_PATH: &str = "/msi/token";
