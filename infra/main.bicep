@@ -5,9 +5,11 @@
 // (docs/deploy.md walks through it).
 //
 // Order, encoded by the data flow between modules: serviceBus, keyVault,
-// storage and monitoring deploy in parallel; functionApp takes their outputs
-// (it assigns its identity roles on them), and alerts take the app's outputs.
-// No module passes a key: every Azure connection is identity-based.
+// storage and monitoring deploy in parallel; identity takes their outputs (it
+// creates the app's user-assigned identity and grants its roles on them);
+// functionApp takes the identity's outputs, so the site is created only once
+// its identity holds every role; alerts take the app's outputs. No module
+// passes a key: every Azure connection is identity-based.
 
 targetScope = 'resourceGroup'
 
@@ -171,7 +173,24 @@ module monitoring 'modules/monitoring.bicep' = {
   }
 }
 
-// Takes the other modules' outputs, so it is deployed after them.
+// The app's identity and its roles, before the app exists (docs/deploy.md).
+module identity 'modules/identity.bicep' = {
+  name: 'identity'
+  params: {
+    location: location
+    identityName: 'id-${baseName}-${environmentName}-${suffix}'
+    storageAccountName: storage.outputs.accountName
+    serviceBusNamespaceName: serviceBus.outputs.namespaceName
+    queueName: serviceBus.outputs.queueName
+    keyVaultName: keyVault.outputs.vaultName
+    deviceApiKeySecretName: keyVault.outputs.deviceApiKeySecretName
+    appInsightsName: monitoring.outputs.appInsightsName
+    tags: tags
+  }
+}
+
+// Takes the other modules' outputs, the identity's included, so it is
+// deployed after them: after every role assignment exists.
 module functionApp 'modules/functionapp.bicep' = {
   name: 'functionapp'
   params: {
@@ -182,10 +201,9 @@ module functionApp 'modules/functionapp.bicep' = {
     storageAccountName: storage.outputs.accountName
     deploymentContainerName: storage.outputs.deploymentContainerName
     appInsightsName: monitoring.outputs.appInsightsName
-    keyVaultName: keyVault.outputs.vaultName
-    deviceApiKeySecretName: keyVault.outputs.deviceApiKeySecretName
+    identityId: identity.outputs.id
+    identityClientId: identity.outputs.clientId
     deviceApiKeySecretUri: keyVault.outputs.deviceApiKeySecretUri
-    serviceBusNamespaceName: serviceBus.outputs.namespaceName
     serviceBusFullyQualifiedNamespace: serviceBus.outputs.fullyQualifiedNamespace
     queueName: serviceBus.outputs.queueName
     ledgerTableName: storage.outputs.ledgerTableName
@@ -224,3 +242,6 @@ output defaultHostname string = functionApp.outputs.defaultHostname
 output queueName string = serviceBus.outputs.queueName
 output keyVaultName string = keyVault.outputs.vaultName
 output serviceBusNamespace string = serviceBus.outputs.namespaceName
+// CI and docs/deploy.md read these instead of computing names.
+output identityPrincipalId string = identity.outputs.principalId
+output identityClientId string = identity.outputs.clientId

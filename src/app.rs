@@ -58,6 +58,18 @@ pub enum StartupError {
     Adapters(#[from] BuildError),
 }
 
+impl StartupError {
+    /// Every problem on one line (a log line is one `traces` row): `invalid configuration:
+    /// A: ...; B: ...`.
+    pub fn one_line(&self) -> String {
+        let (what, problems) = match self {
+            Self::Config(e) => ("invalid configuration", &e.0),
+            Self::Adapters(e) => ("adapter configuration is invalid", &e.0),
+        };
+        format!("{what}: {}", problems.join("; "))
+    }
+}
+
 /// Builds the services from app settings. Does no I/O: clients connect on first use.
 pub fn services_from_env() -> Result<Services, StartupError> {
     let config = Config::from_env()?;
@@ -97,7 +109,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(services: Result<Services, StartupError>) -> Self {
         Self {
-            services: services.map_err(|e| Arc::from(e.to_string())),
+            services: services.map_err(|e| Arc::from(e.one_line())),
         }
     }
 
@@ -184,8 +196,9 @@ async fn set_soc_forwarded(
         }
     };
     let call = HttpCall::from_forwarded(&parts, route_params, body);
-    let Ok(services) = state.services() else {
-        return api_response(misconfigured());
+    let services = match state.services() {
+        Ok(services) => services,
+        Err(reason) => return api_response(misconfigured("SetSocHttp", reason)),
     };
     api_response(set_soc_http::handle(services, api_request(call)).await)
 }
@@ -197,7 +210,7 @@ async fn set_soc_envelope(
     let call = req.into_call();
     let response = match state.services() {
         Ok(services) => set_soc_http::handle(services, api_request(call)).await,
-        Err(_) => misconfigured(),
+        Err(reason) => misconfigured("SetSocHttp", reason),
     };
     InvocationResponse::ok()
         .with_http(SET_SOC_HTTP_OUTPUT_BINDING, &http_output(&response))
@@ -277,11 +290,15 @@ async fn device_events(state: &AppState, call: HttpCall) -> ApiResponse {
     }
     match state.services() {
         Ok(services) => device_events_http::handle(services, req).await,
-        Err(_) => misconfigured(),
+        Err(reason) => misconfigured("DeviceEventsHttp", reason),
     }
 }
 
-fn misconfigured() -> ApiResponse {
+/// An HTTP invocation on a handler without a usable configuration: one ERROR line naming
+/// every broken setting (so the handler-errors alert fires on the first call), and a `500`
+/// that tells the caller nothing internal.
+fn misconfigured(function: &str, reason: &str) -> ApiResponse {
+    error!(function, "invocation failed: {reason}");
     ApiResponse::problem(
         500,
         "Service misconfigured",
@@ -321,7 +338,7 @@ async fn soc_queue_trigger(
         delivery_count: delivery.delivery_count,
     };
     Ok(
-        match soc_queue_trigger::handle(configured(&state)?, delivery).await {
+        match soc_queue_trigger::handle(configured(&state, "SocQueueTrigger")?, delivery).await {
             Settle::Complete(log) => InvocationResponse::ok().with_log(log).into_response(),
             Settle::Retry(reason) => InvocationFailure::unavailable(reason).into_response(),
         },
@@ -335,7 +352,7 @@ async fn drain_soc_timer(
     if timer.is_past_due {
         info!("DrainSocTimer is running late (past due)");
     }
-    let report = drain_soc_timer::run(configured(&state)?)
+    let report = drain_soc_timer::run(configured(&state, "DrainSocTimer")?)
         .await
         .map_err(|e| {
             InvocationFailure::unavailable(format!("sweep could not list pending requests: {e}"))
@@ -345,11 +362,13 @@ async fn drain_soc_timer(
         .into_response())
 }
 
-/// The services, or a failed invocation naming the configuration problem.
-fn configured(state: &AppState) -> Result<&Services, InvocationFailure> {
-    state
-        .services()
-        .map_err(|reason| InvocationFailure::internal(format!("configuration: {reason}")))
+/// The services, or a failed invocation naming the configuration problem (logged as one
+/// ERROR line, like [`misconfigured`]).
+fn configured<'a>(state: &'a AppState, function: &str) -> Result<&'a Services, InvocationFailure> {
+    state.services().map_err(|reason| {
+        error!(function, "invocation failed: {reason}");
+        InvocationFailure::internal(format!("configuration: {reason}"))
+    })
 }
 
 /// A trigger value decoded from the host's invocation envelope (extractor). A body
@@ -733,6 +752,102 @@ mod tests {
             h.device.puts("d1")[0].1,
             accepted["requestId"].as_str().unwrap()
         );
+    }
+
+    /// The problem document of a `400`, forwarded (the body itself) or in an envelope.
+    fn problem_field(status: StatusCode, body: &Value) -> (u16, Value) {
+        match body.get("Outputs") {
+            Some(outputs) => {
+                let res = &outputs["res"];
+                let inner: Value =
+                    serde_json::from_str(res["body"].as_str().unwrap_or("null")).unwrap();
+                (
+                    res["statusCode"].as_u64().unwrap() as u16,
+                    inner["field"].clone(),
+                )
+            }
+            None => (status.as_u16(), body["field"].clone()),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_all_dots_device_id_is_a_400_through_every_entry_point_and_touches_nothing() {
+        let h = Harness::new();
+        h.device.set_default_online(true);
+        for dots in [".", "..", "..."] {
+            let encoded = dots.replace('.', "%2E");
+            // The route, forwarded: raw and percent-encoded, every method and sub-path.
+            let mut answers = Vec::new();
+            for id in [dots.to_string(), encoded] {
+                let post = post_json(&format!("/api/devices/{id}/soc"), json!({"minSoc": 5}));
+                answers.push(call(app(&h), post).await);
+                for path in [
+                    format!("/api/devices/{id}/soc"),
+                    format!("/api/devices/{id}/soc/requests/{}", "0".repeat(32)),
+                ] {
+                    let get = HttpRequest::get(path).body(Body::empty()).unwrap();
+                    answers.push(call(app(&h), get).await);
+                }
+            }
+            // The route, in an envelope.
+            let envelope = json!({
+                "Data": { "req": { "Method": "POST", "Headers": {}, "Params": { "deviceId": dots },
+                                   "Body": "{\"minSoc\":5}" } },
+                "Metadata": {}
+            });
+            answers.push(call(app(&h), post_json("/SetSocHttp", envelope)).await);
+            for (status, _, body) in &answers {
+                assert_eq!(
+                    problem_field(*status, body),
+                    (400, json!("deviceId")),
+                    "{dots:?}: {body}"
+                );
+            }
+            // A connection event's subject, forwarded and in an envelope.
+            let event = json!({"specversion": "1.0", "id": "e-1", "source": "/vendor",
+                "type": crate::domain::device_event::CONNECTED, "subject": dots});
+            let req = HttpRequest::post("/api/device-events")
+                .header("content-type", "application/cloudevents+json")
+                .body(Body::from(event.to_string()))
+                .unwrap();
+            let (status, _, body) = call(app(&h), req).await;
+            assert_eq!(
+                problem_field(status, &body),
+                (400, json!("subject")),
+                "{body}"
+            );
+            let envelope = json!({
+                "Data": { "req": { "Method": "POST",
+                                   "Headers": { "Content-Type": ["application/cloudevents+json"] },
+                                   "Params": {}, "Body": event.to_string() } },
+                "Metadata": {}
+            });
+            let (status, _, body) = call(app(&h), post_json("/DeviceEventsHttp", envelope)).await;
+            assert_eq!(
+                problem_field(status, &body),
+                (400, json!("subject")),
+                "{body}"
+            );
+            // A wake-up message naming one: completed, never applied.
+            let message = json!({"requestId": "0".repeat(32), "deviceId": dots, "minSoc": 5,
+                "requestedAt": "2026-01-01T00:00:00Z", "expiresAt": "2099-01-01T00:00:00Z"});
+            let (status, _, out) = call(
+                app(&h),
+                post_json("/SocQueueTrigger", sb_envelope(&message, "m-1")),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{out}");
+            assert!(
+                out["Logs"][0]
+                    .as_str()
+                    .unwrap()
+                    .contains("invalid device id"),
+                "{out}"
+            );
+        }
+        assert_eq!(h.device.calls(), (0, 0), "no device call");
+        assert!(h.ledger.is_empty(), "nothing stored");
+        assert!(h.queue.sent().is_empty(), "nothing sent");
     }
 
     #[tokio::test]

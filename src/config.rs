@@ -53,12 +53,14 @@ const fn setting(
 pub const SETTINGS: &[Setting] = &[
     setting("AzureWebJobsStorage", None, false, true, "Storage connection string (local runs; required unless AzureWebJobsStorage__credential is managedidentity); also holds the ledger table unless SOC_STATE_STORAGE is set"),
     setting("AzureWebJobsStorage__credential", None, false, false, "managedidentity: reach storage with the app's managed identity instead of a connection string"),
+    setting("AzureWebJobsStorage__clientId", None, false, false, "Client id of the user-assigned identity storage is reached with (host and handler); absent: the system-assigned identity"),
     setting("AzureWebJobsStorage__accountName", None, false, false, "Storage account name (identity-based); the table endpoint is https://{name}.table.core.windows.net unless __tableServiceUri is set"),
     setting("AzureWebJobsStorage__tableServiceUri", None, false, false, "Table service URL of the storage account (identity-based), e.g. https://acct.table.core.windows.net/"),
     setting("SOC_STATE_STORAGE", None, false, true, "Optional separate storage connection string for the ledger table"),
     setting("SOC_STATE_TABLE", Some("socsettings"), false, false, "Table holding the per-device desired-state ledger"),
     setting("ServiceBusConnection", None, false, true, "Service Bus connection string (local runs; required unless ServiceBusConnection__credential is managedidentity)"),
     setting("ServiceBusConnection__credential", None, false, false, "managedidentity: send to Service Bus with the app's managed identity instead of a connection string"),
+    setting("ServiceBusConnection__clientId", None, false, false, "Client id of the user-assigned identity Service Bus is reached with (trigger and handler); absent: the system-assigned identity"),
     setting("ServiceBusConnection__fullyQualifiedNamespace", None, false, false, "Service Bus namespace host (identity-based), e.g. ns.servicebus.windows.net; a loopback host is a local stand-in reached over HTTP"),
     setting("SOC_QUEUE_NAME", None, true, false, "Queue carrying pending settings; also bound by SocQueueTrigger"),
     setting("DEVICE_API_BASE_URL", None, true, false, "Base URL of the vendor's device cloud API"),
@@ -86,8 +88,12 @@ pub const MANAGED_IDENTITY: &str = "managedidentity";
 pub enum StorageAccess {
     /// A connection string (`SOC_STATE_STORAGE` or `AzureWebJobsStorage`).
     ConnectionString(SecretString),
-    /// The app's managed identity, against this table service URL.
-    Identity { table_endpoint: url::Url },
+    /// The app's managed identity, against this table service URL: the user-assigned one
+    /// `client_id` names (`AzureWebJobsStorage__clientId`), else the system-assigned one.
+    Identity {
+        table_endpoint: url::Url,
+        client_id: Option<String>,
+    },
 }
 
 /// How the settings queue's namespace is reached.
@@ -96,8 +102,12 @@ pub enum ServiceBusAccess {
     /// A connection string (`ServiceBusConnection`).
     ConnectionString(SecretString),
     /// The app's managed identity, to this namespace host (`ns.servicebus.windows.net`, or
-    /// `127.0.0.1:port` for a local stand-in).
-    Identity { namespace: String },
+    /// `127.0.0.1:port` for a local stand-in), as the user-assigned identity `client_id` names
+    /// (`ServiceBusConnection__clientId`), else the system-assigned one.
+    Identity {
+        namespace: String,
+        client_id: Option<String>,
+    },
 }
 
 /// Typed settings. Every secret is a [`SecretString`], so `Debug` shows none.
@@ -185,6 +195,7 @@ impl Config {
             vars,
             errors: Vec::new(),
         };
+        reader.errors.extend(unresolved_references(vars));
         let port = match port_from(vars) {
             Ok(p) => p,
             Err(e) => {
@@ -280,6 +291,34 @@ impl Config {
     }
 }
 
+/// How App Service writes a Key Vault reference in an app setting. When the platform cannot
+/// resolve one (the identity lacks its role, the role has not propagated, the secret is gone),
+/// it hands the process the reference text itself instead of the secret.
+pub const KEY_VAULT_REFERENCE_PREFIX: &str = "@Microsoft.KeyVault(";
+
+/// One problem per listed setting that still holds an unresolved Key Vault reference. Such a
+/// value would otherwise be used as if it were the secret (sent as the vendor's API key, read
+/// as a 401 and retried for days); naming it once makes a broken deployment obvious. The
+/// reference text itself is not repeated.
+fn unresolved_references(vars: &HashMap<String, String>) -> Vec<String> {
+    SETTINGS
+        .iter()
+        .filter(|s| {
+            vars.get(s.name).is_some_and(|v| {
+                v.trim_start()
+                    .get(..KEY_VAULT_REFERENCE_PREFIX.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(KEY_VAULT_REFERENCE_PREFIX))
+            })
+        })
+        .map(|s| {
+            format!(
+                "{}: holds an unresolved Key Vault reference ({KEY_VAULT_REFERENCE_PREFIX}...): the platform could not read the secret; check the identity's Key Vault Secrets User role and keyVaultReferenceIdentity, then run scripts/deploy-check keyvault-refs (docs/deploy.md)",
+                s.name
+            )
+        })
+        .collect()
+}
+
 fn valid_table_name(name: &str) -> bool {
     (3..=63).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphabetic())
@@ -342,6 +381,7 @@ impl Reader<'_> {
                 self.string("AzureWebJobsStorage"),
             ));
         }
+        let client_id = self.client_id("AzureWebJobsStorage");
         let raw = match (
             self.optional("AzureWebJobsStorage__tableServiceUri"),
             self.optional("AzureWebJobsStorage__accountName"),
@@ -355,6 +395,7 @@ impl Reader<'_> {
                 return StorageAccess::Identity {
                     table_endpoint: url::Url::parse("https://invalid.invalid/")
                         .expect("constant URL"),
+                    client_id,
                 };
             }
         };
@@ -362,6 +403,7 @@ impl Reader<'_> {
             Ok(url) if url.scheme() == "https" && url.host_str().is_some() => {
                 StorageAccess::Identity {
                     table_endpoint: url,
+                    client_id,
                 }
             }
             _ => {
@@ -371,6 +413,7 @@ impl Reader<'_> {
                 StorageAccess::Identity {
                     table_endpoint: url::Url::parse("https://invalid.invalid/")
                         .expect("constant URL"),
+                    client_id,
                 }
             }
         }
@@ -393,7 +436,30 @@ impl Reader<'_> {
                 "ServiceBusConnection__fullyQualifiedNamespace: required with managedidentity, a host name such as ns.servicebus.windows.net".into(),
             );
         }
-        ServiceBusAccess::Identity { namespace }
+        ServiceBusAccess::Identity {
+            namespace,
+            client_id: self.client_id("ServiceBusConnection"),
+        }
+    }
+
+    /// `{connection}__clientId`: the user-assigned identity's client id, a GUID.
+    fn client_id(&mut self, connection: &str) -> Option<String> {
+        let name = format!("{connection}__clientId");
+        let id = self.optional(&name)?;
+        let guid = id.len() == 36
+            && id.char_indices().all(|(i, c)| {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    c == '-'
+                } else {
+                    c.is_ascii_hexdigit()
+                }
+            });
+        if !guid {
+            self.errors.push(format!(
+                "{name}: not a client id (a GUID such as 00000000-0000-0000-0000-000000000000)"
+            ));
+        }
+        Some(id)
     }
 
     fn number(&mut self, name: &str, min: u64, max: u64) -> u64 {
@@ -526,13 +592,15 @@ mod tests {
             c.storage,
             StorageAccess::Identity {
                 table_endpoint: url::Url::parse("https://socstate.table.core.windows.net/")
-                    .unwrap()
+                    .unwrap(),
+                client_id: None,
             }
         );
         assert_eq!(
             c.service_bus,
             ServiceBusAccess::Identity {
-                namespace: "soc-ns.servicebus.windows.net".into()
+                namespace: "soc-ns.servicebus.windows.net".into(),
+                client_id: None,
             }
         );
         let mut vars = identity();
@@ -545,8 +613,39 @@ mod tests {
             c.storage,
             StorageAccess::Identity {
                 table_endpoint: url::Url::parse("https://127.0.0.1:10443/devstoreaccount1")
-                    .unwrap()
+                    .unwrap(),
+                client_id: None,
             }
+        );
+    }
+
+    #[test]
+    fn each_connection_takes_the_user_assigned_identity_its_client_id_names() {
+        const CLIENT: &str = "7d1c2f3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
+        let mut vars = identity();
+        vars.insert("AzureWebJobsStorage__clientId".into(), CLIENT.into());
+        vars.insert("ServiceBusConnection__clientId".into(), CLIENT.into());
+        let c = Config::from_vars(&vars).unwrap();
+        assert!(
+            matches!(&c.storage, StorageAccess::Identity { client_id: Some(id), .. } if id == CLIENT)
+        );
+        assert!(
+            matches!(&c.service_bus, ServiceBusAccess::Identity { client_id: Some(id), .. } if id == CLIENT)
+        );
+
+        vars.insert("AzureWebJobsStorage__clientId".into(), "my-identity".into());
+        vars.insert(
+            "ServiceBusConnection__clientId".into(),
+            format!("{CLIENT}x"),
+        );
+        let err = Config::from_vars(&vars).unwrap_err().to_string();
+        assert!(
+            err.contains("AzureWebJobsStorage__clientId: not a client id"),
+            "{err}"
+        );
+        assert!(
+            err.contains("ServiceBusConnection__clientId: not a client id"),
+            "{err}"
         );
     }
 
@@ -632,6 +731,41 @@ mod tests {
         assert!(err.to_string().contains("DEVICE_API_KEY"));
         assert!(err.to_string().contains("SOC_QUEUE_NAME"));
         assert!(err.to_string().contains("SOC_RECHECK_INITIAL_SECONDS"));
+    }
+
+    #[test]
+    fn an_unresolved_key_vault_reference_is_refused_naming_the_setting_and_not_its_value() {
+        let reference =
+            "@Microsoft.KeyVault(SecretUri=https://kv-x.vault.azure.net/secrets/device-api-key)";
+        for value in [
+            reference,
+            " @microsoft.keyvault(VaultName=kv-x;SecretName=k)",
+        ] {
+            let mut vars = minimal();
+            vars.insert("DEVICE_API_KEY".into(), value.into());
+            let err = Config::from_vars(&vars).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{err}");
+            assert!(
+                err.0[0].starts_with("DEVICE_API_KEY: holds an unresolved Key Vault reference"),
+                "{err}"
+            );
+            assert!(
+                !err.to_string().contains("kv-x"),
+                "the reference is not repeated"
+            );
+        }
+        // Any listed setting, each named; a value that merely mentions it is not one.
+        let mut vars = minimal();
+        vars.insert("DEVICE_API_KEY".into(), reference.into());
+        vars.insert("SOC_QUEUE_NAME".into(), reference.into());
+        vars.insert(
+            "DEVICE_API_BASE_URL".into(),
+            "http://x/@Microsoft.KeyVault(".into(),
+        );
+        let err = Config::from_vars(&vars).unwrap_err().to_string();
+        assert!(err.contains("DEVICE_API_KEY: holds an unresolved"), "{err}");
+        assert!(err.contains("SOC_QUEUE_NAME: holds an unresolved"), "{err}");
+        assert!(!err.contains("DEVICE_API_BASE_URL"), "{err}");
     }
 
     #[test]

@@ -30,7 +30,8 @@ async fn main() -> ExitCode {
         Ok(_) => info!(port, "handler ready"),
         Err(e) => error!(
             port,
-            "handler started without a usable configuration; every invocation will fail: {e}"
+            "handler started without a usable configuration; every invocation will fail: {}",
+            e.one_line()
         ),
     }
     let served = axum::serve(listener, app::router(app::AppState::new(services)))

@@ -103,6 +103,7 @@ fn valid_device_id(raw: &[u8]) -> bool {
         && raw
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !raw.iter().all(|b| *b == b'.')
 }
 
 fn valid_key(raw: &[u8]) -> bool {
@@ -140,6 +141,7 @@ fn valid_body(raw: &[u8]) -> Option<u8> {
 fn device_id() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         4 => "[A-Za-z0-9._-]{1,64}".prop_map(String::into_bytes),
+        1 => "[.]{1,3}".prop_map(String::into_bytes),
         1 => "[A-Za-z0-9._-]{65,70}".prop_map(String::into_bytes),
         2 => "[A-Za-z0-9._/ %~:@!$&'()*+,;=-]{1,12}".prop_map(String::into_bytes),
         1 => "\\PC{1,8}".prop_map(String::into_bytes),

@@ -2,11 +2,17 @@
 //! `IDENTITY_ENDPOINT` for the app's identity, on loopback, plus the tokens it issues.
 //!
 //! Protocol (App Service / Functions managed identity, REST, api-version `2019-08-01`):
-//! `GET {IDENTITY_ENDPOINT}?api-version=2019-08-01&resource={resource}` with header
-//! `X-IDENTITY-HEADER: {IDENTITY_HEADER}` answers `200` and
+//! `GET {IDENTITY_ENDPOINT}?api-version=2019-08-01&resource={resource}[&client_id={id}]` with
+//! header `X-IDENTITY-HEADER: {IDENTITY_HEADER}` answers `200` and
 //! `{"access_token","expires_on","resource","token_type":"Bearer","client_id"}`, where
-//! `expires_on` is a **string** of Unix seconds. A wrong or missing header is `401`, a missing
-//! `resource` or an unknown api-version `400`.
+//! `expires_on` is a **string** of Unix seconds (or, with
+//! [`IdentityConfig::expires_on_as_number`], a number, as other token endpoints send it). A
+//! wrong or missing header is `401`, a missing `resource` or an unknown api-version `400`.
+//!
+//! Which identities the app has: [`IdentityConfig::client_id`] `None` models the
+//! system-assigned identity only (a request naming a `client_id` is `400`, "identity not
+//! assigned"); `Some(id)` models one user-assigned identity and no system-assigned one, as the
+//! Bicep deploys it: a request must name exactly that `client_id`, else `400`.
 //!
 //! Tokens are JWTs shaped like Entra ID access tokens (`aud` = the resource, `iss` =
 //! `https://sts.windows.net/{tenant}/`, `iat`/`nbf`/`exp`, `oid`, `tid`), signed HS256 with the
@@ -31,7 +37,7 @@ use sha2::Sha256;
 
 use crate::server::{serve, ServerHandle};
 
-/// The API version the Functions platform (and `azure_identity`'s App Service credential) uses.
+/// The API version the Functions platform (and the handler's managed-identity credential) uses.
 pub const API_VERSION: &str = "2019-08-01";
 /// Path the stand-in serves; `IDENTITY_ENDPOINT` points at it.
 pub const TOKEN_PATH: &str = "/msi/token";
@@ -49,6 +55,10 @@ pub struct IdentityConfig {
     pub signing_key: Vec<u8>,
     /// Lifetime of an issued token.
     pub token_lifetime: Duration,
+    /// The client id of the app's one user-assigned identity; `None`: system-assigned only.
+    pub client_id: Option<String>,
+    /// Send `expires_on` as a JSON number instead of App Service's string.
+    pub expires_on_as_number: bool,
 }
 
 impl IdentityConfig {
@@ -57,6 +67,8 @@ impl IdentityConfig {
             header_secret: header_secret.into(),
             signing_key: signing_key.into(),
             token_lifetime: Duration::from_secs(3600),
+            client_id: None,
+            expires_on_as_number: false,
         }
     }
 }
@@ -148,9 +160,21 @@ async fn token(
     let Some(resource) = query.get("resource").filter(|r| !r.is_empty()) else {
         return refuse(StatusCode::BAD_REQUEST, "resource is required");
     };
+    if query.get("client_id") != shared.config.client_id.as_ref() {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "the requested identity has not been assigned to this resource",
+        );
+    }
+    let client_id = shared.config.client_id.as_deref().unwrap_or(OBJECT_ID);
     let now = chrono::Utc::now().timestamp();
     let expires_on = now + shared.config.token_lifetime.as_secs() as i64;
     let access_token = mint(&shared.config.signing_key, resource, now, expires_on);
+    let expires_on_value = if shared.config.expires_on_as_number {
+        json!(expires_on)
+    } else {
+        json!(expires_on.to_string())
+    };
     *shared
         .issued
         .lock()
@@ -161,10 +185,10 @@ async fn token(
     tracing::info!(%resource, expires_on, "managed identity: token issued");
     Json(json!({
         "access_token": access_token,
-        "expires_on": expires_on.to_string(),
+        "expires_on": expires_on_value,
         "resource": resource,
         "token_type": "Bearer",
-        "client_id": OBJECT_ID,
+        "client_id": client_id,
     }))
     .into_response()
 }

@@ -84,3 +84,51 @@ async fn a_request_without_the_header_or_resource_or_with_another_api_version_is
     assert_eq!(mi.issued_for("https://storage.azure.com/"), 0);
     mi.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_app_with_one_user_assigned_identity_answers_only_for_its_client_id() {
+    const CLIENT: &str = "7d1c2f3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
+    let mut config = IdentityConfig::new(SECRET, KEY);
+    config.client_id = Some(CLIENT.into());
+    config.expires_on_as_number = true;
+    let mi = ManagedIdentity::start("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let resource = "https://servicebus.azure.net";
+    let ask = |client_id: Option<&'static str>| {
+        let mut query = vec![("api-version", API_VERSION), ("resource", resource)];
+        query.extend(client_id.map(|c| ("client_id", c)));
+        http.get(mi.endpoint())
+            .query(&query)
+            .header("X-IDENTITY-HEADER", SECRET)
+            .send()
+    };
+    let response = ask(Some(CLIENT)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["client_id"], CLIENT);
+    assert!(body["expires_on"].is_i64(), "{body}");
+    // The system-assigned identity does not exist; another client id is not assigned.
+    assert_eq!(ask(None).await.unwrap().status(), 400);
+    let other = "00000000-0000-4000-8000-000000000000";
+    assert_eq!(ask(Some(other)).await.unwrap().status(), 400);
+    assert_eq!((mi.issued_for(resource), mi.refused()), (1, 2));
+
+    // An app with only the system-assigned identity refuses any client id.
+    let plain = start().await;
+    let response = http
+        .get(plain.endpoint())
+        .query(&[
+            ("api-version", API_VERSION),
+            ("resource", resource),
+            ("client_id", CLIENT),
+        ])
+        .header("X-IDENTITY-HEADER", SECRET)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    mi.shutdown().await;
+    plain.shutdown().await;
+}

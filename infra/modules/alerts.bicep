@@ -7,6 +7,14 @@
 // the message (` device=`, ` request_id=`, ` outcome=`, ` last_error=` last on
 // the line) and the level as a word (` ERROR `). infra/tests check that the
 // handler's log fields and these queries agree.
+//
+// Sampling: host.json excludes Request, Exception and Trace items from
+// Application Insights sampling, so every `requests` and `traces` row is kept
+// (the pending view's latest state per device and the distinct counts rely on
+// it). Counts still add `itemCount` (the number of items a kept row stands
+// for; 1 when unsampled), never count rows, so they stay right if sampling
+// ever reaches these tables. infra/tests hold host.json, these queries and
+// docs/operations.md together.
 
 @description('Azure region of the log alerts and the workbook.')
 param location string
@@ -55,9 +63,9 @@ var socFields = 'extend deviceId = extract(" device=([^ ]+)", 1, message), reque
 
 var failedOrExpiredQuery = 'traces | where message contains " outcome=" | ${socFields} | where outcome in ("applied", "failed", "expired") | summarize settled = dcount(requestId), failedOrExpired = dcountif(requestId, outcome != "applied") | where settled >= ${minimumSettledRequests} and failedOrExpired * 100 > settled * ${failedOrExpiredPercent}'
 
-var handlerErrorsQuery = 'union (traces | where message contains_cs " ERROR " | extend kind = "errorLine"), (requests | where name in ("SetSocHttp", "SocQueueTrigger", "DrainSocTimer", "DeviceEventsHttp") | where (name in ("SetSocHttp", "DeviceEventsHttp") and toint(resultCode) >= 500) or (name !in ("SetSocHttp", "DeviceEventsHttp") and success == false) | extend kind = "failedInvocation") | summarize errorLines = countif(kind == "errorLine"), failedInvocations = countif(kind == "failedInvocation") | where errorLines > 0 or failedInvocations > ${failedInvocationThreshold}'
+var handlerErrorsQuery = 'union (traces | where message contains_cs " ERROR " | extend kind = "errorLine"), (requests | where name in ("SetSocHttp", "SocQueueTrigger", "DrainSocTimer", "DeviceEventsHttp") | where (name in ("SetSocHttp", "DeviceEventsHttp") and toint(resultCode) >= 500) or (name !in ("SetSocHttp", "DeviceEventsHttp") and success == false) | extend kind = "failedInvocation") | summarize errorLines = sumif(itemCount, kind == "errorLine"), failedInvocations = sumif(itemCount, kind == "failedInvocation") | where errorLines > 0 or failedInvocations > ${failedInvocationThreshold}'
 
-var sweepMissingQuery = 'requests | where name == "DrainSocTimer" and success == true | summarize sweeps = count() | where sweeps == 0'
+var sweepMissingQuery = 'requests | where name == "DrainSocTimer" and success == true | summarize sweeps = sum(itemCount) | where sweeps == 0'
 
 resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (!empty(alertEmail)) {
   name: '${namePrefix}-oncall'
@@ -140,6 +148,9 @@ resource failedOrExpiredAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01
     scopes: [
       appInsights.id
     ]
+    // The component may be minutes old on a first deployment; without this
+    // the rule's creation can fail validating its query against it.
+    skipQueryValidation: true
     evaluationFrequency: 'PT15M'
     windowSize: 'PT1H'
     autoMitigate: true
@@ -178,6 +189,9 @@ resource handlerErrorsAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' 
     scopes: [
       appInsights.id
     ]
+    // The component may be minutes old on a first deployment; without this
+    // the rule's creation can fail validating its query against it.
+    skipQueryValidation: true
     evaluationFrequency: 'PT5M'
     windowSize: 'PT15M'
     autoMitigate: true
@@ -216,6 +230,9 @@ resource sweepMissingAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' =
     scopes: [
       appInsights.id
     ]
+    // The component may be minutes old on a first deployment; without this
+    // the rule's creation can fail validating its query against it.
+    skipQueryValidation: true
     evaluationFrequency: 'PT${drainIntervalMinutes}M'
     windowSize: 'PT${sweepWindowMinutes}M'
     autoMitigate: true

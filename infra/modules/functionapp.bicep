@@ -1,6 +1,6 @@
-// The function app: Linux, custom handler (the Rust binary `handler`),
-// system-assigned identity, the least roles that identity needs, and every app
-// setting the handler reads.
+// The function app: Linux, custom handler (the Rust binary `handler`), run
+// as the user-assigned identity of identity.bicep (created and granted its
+// roles before this module runs), and every app setting the handler reads.
 //
 // The app settings the code reads are listed once, in src/config.rs
 // (config::SETTINGS). tests/infra_settings.rs fails when `socSettings` below
@@ -41,15 +41,15 @@ param customRuntimeVersion string = '1.0'
 param storageAccountName string
 param deploymentContainerName string
 param appInsightsName string
-param keyVaultName string
 
-@description('Name of the device API key secret in the vault.')
-param deviceApiKeySecretName string
+@description('Resource id of the user-assigned identity the app runs as (identity.bicep).')
+param identityId string
+
+@description('Client id of that identity: the __clientId settings and the telemetry authentication.')
+param identityClientId string
 
 @description('Key Vault secret URI (unversioned) of the device API key.')
 param deviceApiKeySecretUri string
-
-param serviceBusNamespaceName string
 
 @description('Host name of the Service Bus namespace (<ns>.servicebus.windows.net).')
 param serviceBusFullyQualifiedNamespace string
@@ -77,37 +77,12 @@ param tags object = {}
 
 var isFlex = hostingPlan == 'FlexConsumption'
 
-// Built-in role definition ids (docs/deploy.md lists who gets which and why).
-var storageBlobDataOwnerRoleId = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
-var storageTableDataContributorRoleId = '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
-var serviceBusDataOwnerRoleId = '090c5cfd-751d-490a-894a-3ce6f1109419'
-var keyVaultSecretsUserRoleId = '4633458b-17de-408a-b874-0445c86b69e6'
-var monitoringMetricsPublisherRoleId = '3913510d-42f4-4e42-8a64-420c390055eb'
-
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
 }
 
 resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: appInsightsName
-}
-
-resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
-  name: keyVaultName
-}
-
-resource deviceApiKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' existing = {
-  parent: vault
-  name: deviceApiKeySecretName
-}
-
-resource serviceBusNamespace 'Microsoft.ServiceBus/namespaces@2024-01-01' existing = {
-  name: serviceBusNamespaceName
-}
-
-resource queue 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' existing = {
-  parent: serviceBusNamespace
-  name: queueName
 }
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
@@ -141,12 +116,18 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
   tags: tags
   kind: 'functionapp,linux'
   identity: {
-    type: 'SystemAssigned'
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
   }
   properties: {
     serverFarmId: plan.id
     httpsOnly: true
     publicNetworkAccess: 'Enabled'
+    // The Key Vault reference is resolved with the user-assigned identity
+    // (the platform default would be a system-assigned one, which the app has not).
+    keyVaultReferenceIdentity: identityId
     // Flex Consumption declares the runtime here instead of in app settings:
     // the custom stack is what runs host.json's customHandler executable.
     functionAppConfig: isFlex ? {
@@ -159,7 +140,8 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
           type: 'blobContainer'
           value: '${storage.properties.primaryEndpoints.blob}${deploymentContainerName}'
           authentication: {
-            type: 'SystemAssignedIdentity'
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
           }
         }
       }
@@ -186,77 +168,16 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
   }
 }
 
-// The identity's roles, each on the narrowest scope that works.
-// Host storage (keys, timer and singleton leases, the containers it creates)
-// and, on Flex Consumption, reading the deployed package: Blob Data Owner on
-// the account, as the Functions host-storage guidance requires.
-resource hostStorageRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(storage.id, site.id, storageBlobDataOwnerRoleId)
-  scope: storage
-  properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataOwnerRoleId)
-    principalId: site.identity.principalId
-    principalType: 'ServicePrincipal'
-  }
-}
-
-// The ledger: entity reads and writes. Account scope because creating the
-// table (the handler does so when it is missing) is an account-level call;
-// the account holds no other table.
-resource ledgerRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(storage.id, site.id, storageTableDataContributorRoleId)
-  scope: storage
-  properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageTableDataContributorRoleId)
-    principalId: site.identity.principalId
-    principalType: 'ServicePrincipal'
-  }
-}
-
-// The queue: receive (trigger), send (handler) and reading the message count,
-// which target-based scaling needs and only Data Owner grants. One queue only.
-resource queueRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(queue.id, site.id, serviceBusDataOwnerRoleId)
-  scope: queue
-  properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', serviceBusDataOwnerRoleId)
-    principalId: site.identity.principalId
-    principalType: 'ServicePrincipal'
-  }
-}
-
-// The one secret: the device API key (a Key Vault reference).
-resource secretRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(deviceApiKeySecret.id, site.id, keyVaultSecretsUserRoleId)
-  scope: deviceApiKeySecret
-  properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', keyVaultSecretsUserRoleId)
-    principalId: site.identity.principalId
-    principalType: 'ServicePrincipal'
-  }
-}
-
-// Telemetry with Entra ID (Application Insights has local auth off).
-resource telemetryRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(appInsights.id, site.id, monitoringMetricsPublisherRoleId)
-  scope: appInsights
-  properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', monitoringMetricsPublisherRoleId)
-    principalId: site.identity.principalId
-    principalType: 'ServicePrincipal'
-  }
-}
-
 // Host settings. On Flex Consumption the platform owns FUNCTIONS_WORKER_RUNTIME
 // and FUNCTIONS_EXTENSION_VERSION (functionAppConfig.runtime above sets them);
 // on a Dedicated plan they are ordinary app settings. Telemetry authenticates
-// with the system-assigned identity (a user-assigned one would add ClientId=).
+// with the user-assigned identity (ClientId=).
 var platformSettings = isFlex ? {
   APPLICATIONINSIGHTS_CONNECTION_STRING: appInsights.properties.ConnectionString
-  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD'
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
 } : {
   APPLICATIONINSIGHTS_CONNECTION_STRING: appInsights.properties.ConnectionString
-  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD'
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
   FUNCTIONS_WORKER_RUNTIME: 'custom'
   FUNCTIONS_EXTENSION_VERSION: '~4'
   WEBSITE_RUN_FROM_PACKAGE: '1'
@@ -264,16 +185,18 @@ var platformSettings = isFlex ? {
 
 // Every setting in config::SETTINGS, nothing else (tests/infra_settings.rs).
 // Both connections are identity-based (the `X__` form the host and the handler
-// read): no key or connection string. `__credential: managedidentity` without
-// `__clientId` means the system-assigned identity.
+// read): no key or connection string. `__clientId` names the user-assigned
+// identity; host and handler both ask for its tokens.
 var socSettings = {
   AzureWebJobsStorage__accountName: storage.name
   AzureWebJobsStorage__tableServiceUri: storage.properties.primaryEndpoints.table
   AzureWebJobsStorage__credential: 'managedidentity'
+  AzureWebJobsStorage__clientId: identityClientId
   SOC_STATE_STORAGE: ''
   SOC_STATE_TABLE: ledgerTableName
   ServiceBusConnection__fullyQualifiedNamespace: serviceBusFullyQualifiedNamespace
   ServiceBusConnection__credential: 'managedidentity'
+  ServiceBusConnection__clientId: identityClientId
   SOC_QUEUE_NAME: queueName
   DEVICE_API_BASE_URL: deviceApiBaseUrl
   DEVICE_API_KEY: '@Microsoft.KeyVault(SecretUri=${deviceApiKeySecretUri})'
@@ -294,9 +217,11 @@ var socSettings = {
   RUST_LOG: logFilter
 }
 
-// Applied after the role assignments exist. Role propagation can still lag:
-// scripts/deploy-check keyvault-refs (run after every deployment) checks the
-// reference status and restarts the app until it is resolved.
+// The identity's roles exist before the site does (identity.bicep). Role
+// propagation can still lag behind an assignment (up to 10 minutes):
+// scripts/deploy-check roles waits that out on a first deployment, and
+// scripts/deploy-check keyvault-refs (after every deployment) refreshes the
+// reference until it resolves.
 resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   // Only the app settings list; checkov reads every sites/config as web config.
   // checkov:skip=CKV_AZURE_13: not web config; callers authenticate with function keys
@@ -309,16 +234,8 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   parent: site
   name: 'appsettings'
   properties: union(platformSettings, socSettings)
-  dependsOn: [
-    hostStorageRole
-    ledgerRole
-    queueRole
-    secretRole
-    telemetryRole
-  ]
 }
 
 output appName string = site.name
 output defaultHostname string = site.properties.defaultHostName
-output principalId string = site.identity.principalId
 output appInsightsName string = appInsights.name

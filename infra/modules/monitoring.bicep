@@ -2,7 +2,8 @@
 // resource the Functions host sends its logs and the handler's stdout to.
 // Local (instrumentation key) authentication is off: the host sends telemetry
 // with the app's managed identity (APPLICATIONINSIGHTS_AUTHENTICATION_STRING,
-// role Monitoring Metrics Publisher, both in functionapp.bicep).
+// set in functionapp.bicep; role Monitoring Metrics Publisher in
+// identity-roles.bicep).
 
 @description('Azure region.')
 param location string

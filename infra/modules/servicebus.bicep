@@ -1,7 +1,7 @@
 // Service Bus for the SoC settings service: a Standard namespace (duplicate
 // detection and scheduled messages need Standard or Premium) and the settings
 // queue. Local (SAS) authentication is off: the function app's identity gets
-// an Entra ID data role on the queue (functionapp.bicep), and no shared
+// an Entra ID data role on the queue (identity-roles.bicep), and no shared
 // access rule or connection string exists anywhere.
 
 @description('Azure region.')

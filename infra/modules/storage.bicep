@@ -2,7 +2,7 @@
 // locks), the settings ledger table, and the blob container Flex Consumption
 // deploys the package into. Shared keys are off: the host, the platform and
 // the handler all reach it with the function app's managed identity (Entra ID
-// roles assigned in functionapp.bicep), so no account key is ever handed out.
+// roles assigned in identity-roles.bicep), so no account key is ever handed out.
 
 @description('Azure region.')
 param location string

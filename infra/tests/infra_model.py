@@ -255,7 +255,7 @@ def api_version_problems(root: Path = INFRA) -> list[str]:
 
 # ---------------------------------------------------------------- identity
 
-# Role definition ids (built-in roles) by the variable name functionapp.bicep uses.
+# Role definition ids (built-in roles) by the variable name identity-roles.bicep uses.
 ROLE_IDS = {
     "storageBlobDataOwnerRoleId": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",
     "storageTableDataContributorRoleId": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",
@@ -271,22 +271,56 @@ EXPECTED_ROLES = {
     "keyVaultSecretsUserRoleId": "deviceApiKeySecret",
     "monitoringMetricsPublisherRoleId": "appInsights",
 }
+ROLES_FILE = ("modules", "identity-roles.bicep")
+
+
+def _role_configs(doc: dict) -> dict[str, dict]:
+    """Symbol -> config of every role assignment in a parsed file (`if` resources nest)."""
+    return {name: res["config"].get("config", res["config"])
+            for name, res in resources_of_type(doc, "Microsoft.Authorization/roleAssignments").items()}
 
 
 def role_assignments(root: Path = INFRA) -> dict[str, dict]:
-    """Role variable -> {scope, principal, name} of every role assignment in functionapp.bicep."""
-    doc = parse(root / "modules" / "functionapp.bicep")
+    """Role variable -> {symbol, scope, principal, name} of every role assignment of the identity."""
+    doc = parse(root.joinpath(*ROLES_FILE))
     out = {}
-    for name, res in resources_of_type(doc, "Microsoft.Authorization/roleAssignments").items():
-        config = res["config"].get("config", res["config"])  # `if` resources nest
+    for name, config in _role_configs(doc).items():
         role = config["properties"]["roleDefinitionId"]["function"]["parameters"]["resource_name_1"]
         out[role] = {"symbol": name, "scope": config.get("scope"),
-                     "principal": json.dumps(config["properties"]["principalId"])}
+                     "principal": config["properties"].get("principalId"),
+                     "principalType": config["properties"].get("principalType"),
+                     "name": config.get("name")}
     return out
 
 
+def _accessor(expr) -> tuple | None:
+    """`a.b` or `a.b.c` (pycep nests either way) as a tuple of names, else None."""
+    if isinstance(expr, str):
+        return (expr,)
+    if not isinstance(expr, dict) or expr.get("operator", {}).get("type") != "property_accessor":
+        return None
+    ops = expr["operator"]["operands"]
+    first, second = _accessor(ops["operand_1"]), _accessor(ops["operand_2"])
+    return first + second if first and second else None
+
+
+def role_name_problems(role: str, entry: dict) -> list[str]:
+    """A role assignment is named guid(<its scope>.id, principalId, <its role variable>)."""
+    fn = (entry.get("name") or {}).get("function", {}) if isinstance(entry.get("name"), dict) else {}
+    params = fn.get("parameters", {})
+    base = params.get("base_string")
+    parts = (_accessor(base) if isinstance(base, dict) else base, params.get("extra_string_1"),
+             params.get("extra_string_2"), params.get("extra_string_3"))
+    want = ((entry["scope"], "id"), "principalId", role, None)
+    if fn.get("type") != "guid" or parts != want:
+        return [f"{role} is not named from scope, principal id and role id "
+                f"(guid({entry['scope']}.id, principalId, {role}))"]
+    return []
+
+
 def identity_problems(root: Path = INFRA) -> list[str]:
-    """Identity-based connections, least roles, settings applied after the roles."""
+    """One user-assigned identity, created and granted its least roles before the app exists,
+    used for every connection, the Key Vault reference, deployment storage and telemetry."""
     problems = []
     doc = parse(root / "modules" / "functionapp.bicep")
     settings = doc["variables"]["socSettings"]["value"]
@@ -295,36 +329,81 @@ def identity_problems(root: Path = INFRA) -> list[str]:
             problems.append(f"{connection} is set as a connection string; use the identity-based {connection}__ form")
         if settings.get(f"{connection}__credential") != "managedidentity":
             problems.append(f"{connection}__credential is not 'managedidentity'")
+        if settings.get(f"{connection}__clientId") != "identityClientId":
+            problems.append(f"{connection}__clientId is not the user-assigned identity's client id")
     if not settings.get("AzureWebJobsStorage__accountName"):
         problems.append("AzureWebJobsStorage__accountName is not set")
     if not settings.get("ServiceBusConnection__fullyQualifiedNamespace"):
         problems.append("ServiceBusConnection__fullyQualifiedNamespace is not set")
-    _, dedicated = platform_settings_branches(root)
-    flex, _ = platform_settings_branches(root)
+    flex, dedicated = platform_settings_branches(root)
     for label, branch in (("Flex", flex), ("Dedicated", dedicated)):
-        if branch.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING") != "Authorization=AAD":
-            problems.append(f"{label}: APPLICATIONINSIGHTS_AUTHENTICATION_STRING is not 'Authorization=AAD'")
+        if branch.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING") != "ClientId=${identityClientId};Authorization=AAD":
+            problems.append(f"{label}: APPLICATIONINSIGHTS_AUTHENTICATION_STRING is not "
+                            "'ClientId=${identityClientId};Authorization=AAD'")
     site = _site(doc)
-    if site.get("identity", {}).get("type") != "SystemAssigned":
-        problems.append("the site has no system-assigned identity")
+    identity = site.get("identity", {})
+    if identity.get("type") != "UserAssigned" or list(identity.get("userAssignedIdentities", {})) != ["'${identityId}'"]:
+        problems.append(f"the site does not run as exactly the user-assigned identity identityId: {identity!r}")
+    if site["properties"].get("keyVaultReferenceIdentity") != "identityId":
+        problems.append("keyVaultReferenceIdentity is not the user-assigned identity")
+    try:
+        fac, _ = _branches(site["properties"]["functionAppConfig"])
+        auth = fac["deployment"]["storage"]["authentication"]
+    except (AssertionError, KeyError, TypeError):
+        auth = {}
+    if auth != {"type": "UserAssignedIdentity", "userAssignedIdentityResourceId": "identityId"}:
+        problems.append(f"Flex deployment storage does not authenticate as the user-assigned identity: {auth!r}")
+    if _role_configs(doc):
+        problems.append("functionapp.bicep assigns roles; the identity module grants them before the app exists")
+
+    # main.bicep: the identity module runs after the resources it grants roles on, the app after it.
+    main = parse(root / "main.bicep")
+    try:
+        identity_name, identity_call = module_call(main, "modules/identity.bicep")
+        _, app_call = module_call(main, "modules/functionapp.bicep")
+    except AssertionError as e:
+        return problems + [str(e)]
+    for param, output in (("identityId", "id"), ("identityClientId", "clientId")):
+        if _accessor(app_call.get(param)) != (identity_name, "outputs", output):
+            problems.append(f"functionApp's {param} is not {identity_name}.outputs.{output} "
+                            "(the app must be created after its identity and roles)")
+    for path in ("modules/storage.bicep", "modules/servicebus.bicep", "modules/keyvault.bicep",
+                 "modules/monitoring.bicep"):
+        name, _ = module_call(main, path)
+        if not any(isinstance(v, dict) and (_accessor(v) or ())[:2] == (name, "outputs")
+                   for v in identity_call.values()):
+            problems.append(f"the identity module does not take {name}'s outputs (it grants roles on them)")
+
+    # identity.bicep: a user-assigned identity, its roles granted in the same module run.
+    ident = parse(root / "modules" / "identity.bicep")
+    if len(resources_of_type(ident, "Microsoft.ManagedIdentity/userAssignedIdentities")) != 1:
+        problems.append("identity.bicep does not create one user-assigned identity")
+    roles_modules = [m for m in ident.get("modules", {}).values() if m["detail"]["path"] == "identity-roles.bicep"]
+    if len(roles_modules) != 1 or _accessor(roles_modules[0]["config"]["params"].get("principalId")) != \
+            ("identity", "properties", "principalId"):
+        problems.append("identity.bicep does not grant the roles (identity-roles.bicep) to its identity's principalId")
+
+    roles_doc = parse(root.joinpath(*ROLES_FILE))
     for var, guid in ROLE_IDS.items():
-        if doc["variables"].get(var, {}).get("value") != guid:
+        if roles_doc["variables"].get(var, {}).get("value") != guid:
             problems.append(f"{var} is not the built-in role {guid}")
     roles = role_assignments(root)
     for role, scope in EXPECTED_ROLES.items():
         if role not in roles:
             problems.append(f"missing role assignment {role} on {scope}")
-        elif roles[role]["scope"] != scope:
-            problems.append(f"{role} is scoped to {roles[role]['scope']!r}, expected {scope!r}")
-        elif "site" not in roles[role]["principal"] or "principalId" not in roles[role]["principal"]:
-            problems.append(f"{role} is not assigned to the site's identity")
+            continue
+        entry = roles[role]
+        if entry["scope"] != scope:
+            problems.append(f"{role} is scoped to {entry['scope']!r}, expected {scope!r}")
+            continue
+        if entry["principal"] != "principalId" or entry["principalType"] != "ServicePrincipal":
+            problems.append(f"{role} is not assigned to the identity's principalId")
+        problems += role_name_problems(role, entry)
     for role in sorted(set(roles) - set(EXPECTED_ROLES)):
         problems.append(f"unexpected role assignment {role} (least privilege: docs/deploy.md lists the roles)")
-    app_settings = resources_of_type(doc, "Microsoft.Web/sites/config")
-    depends = set(next(iter(app_settings.values()))["config"].get("dependsOn", []))
-    for role in roles.values():
-        if role["symbol"] not in depends:
-            problems.append(f"app settings do not wait for role assignment {role['symbol']}")
+    for path in bicep_files(root):
+        if path.name != ROLES_FILE[-1] and _role_configs(parse(path)):
+            problems.append(f"{path.name} assigns roles; only identity-roles.bicep does")
     return problems
 
 
@@ -422,6 +501,9 @@ def alert_problems(root: Path = INFRA) -> list[str]:
         return [r for r in logs.values() if all(n in r["query"] for n in needles)]
 
     for r in logs.values():
+        if r["properties"].get("skipQueryValidation") is not True:
+            problems.append(f"log alert {r['properties'].get('displayName')} does not set skipQueryValidation: "
+                            "true (its first creation can fail against a new component)")
         c = r["criterion"]
         if (c.get("operator"), c.get("threshold"), c.get("timeAggregation")) != ("GreaterThan", 0, "Count"):
             problems.append(f"log alert {r['properties'].get('displayName')} does not fire on any result row")
@@ -448,6 +530,50 @@ def alert_problems(root: Path = INFRA) -> list[str]:
     workbooks = resources_of_type(doc, "Microsoft.Insights/workbooks")
     if len(workbooks) != 1:
         problems.append("no operators' workbook")
+    return problems
+
+
+# ---------------------------------------------------------------- sampling
+
+# Item types Application Insights must never sample: the alerts and the on-call views read them.
+UNSAMPLED_TYPES = {"Request", "Exception", "Trace"}
+# A row count (`count()`, `countif(`) rather than a sum of itemCount; `dcount` is not one.
+_ROW_COUNT = re.compile(r"(?<![A-Za-z_])count(?:if)?\s*\(")
+
+
+def sampled_types(host_json: dict) -> set[str] | None:
+    """Item types host.json lets Application Insights sample (None: every type)."""
+    settings = host_json.get("logging", {}).get("applicationInsights", {}).get("samplingSettings", {})
+    if settings.get("isEnabled") is False:
+        return set()
+    every = {"Dependency", "Event", "Exception", "PageView", "Request", "Trace"}
+    excluded = {t.strip() for t in settings.get("excludedTypes", "").split(";") if t.strip()}
+    included = {t.strip() for t in settings.get("includedTypes", "").split(";") if t.strip()}
+    return (included or every) - excluded
+
+
+def sampling_problems(root: Path = INFRA, host_json: Path | None = None, guide: Path | None = None) -> list[str]:
+    """host.json keeps every Request, Exception and Trace item; every query of the alerts
+    module and of docs/operations.md counts with itemCount; the guide states the setting."""
+    host_json = host_json or root.parent / "host.json"
+    guide = guide or root.parent / "docs" / "operations.md"
+    problems = []
+    host = json.loads(host_json.read_text())
+    sampled = sampled_types(host) & UNSAMPLED_TYPES
+    if sampled:
+        problems.append(f"host.json lets Application Insights sample {sorted(sampled)}: "
+                        "ERROR lines, invocations and ledger states could be dropped")
+    for name, query in operator_queries(root).items():
+        if _ROW_COUNT.search(query):
+            problems.append(f"alerts.bicep {name} counts rows; use sum(itemCount) / sumif(itemCount, ...)")
+    text = guide.read_text()
+    for i, block in enumerate(re.findall(r"```kusto\n(.*?)```", text, re.S)):
+        if _ROW_COUNT.search(block):
+            problems.append(f"{guide.name} query {i + 1} counts rows; use sum(itemCount) / sumif(itemCount, ...)")
+    settings = host.get("logging", {}).get("applicationInsights", {}).get("samplingSettings", {})
+    stated = json.dumps({"samplingSettings": settings})[1:-1]
+    if stated not in text:
+        problems.append(f"{guide.name} does not state host.json's sampling settings ({stated})")
     return problems
 
 

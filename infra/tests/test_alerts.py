@@ -6,7 +6,9 @@ import pytest
 from conftest import replace_once
 import re
 
-from infra_model import INFRA, alert_problems, alert_rules, operator_queries
+import json
+
+from infra_model import INFRA, alert_problems, alert_rules, operator_queries, sampling_problems
 
 ALERTS = ("modules", "alerts.bicep")
 
@@ -36,6 +38,76 @@ def test_alert_check_fails_on_a_broken_alert(infra_copy, old, new, expected):
     replace_once(infra_copy.joinpath(*ALERTS), old, new)
     problems = alert_problems(infra_copy)
     assert any(expected in p for p in problems), problems
+
+
+def test_every_log_alert_skips_query_validation():
+    logs = [r for r in alert_rules().values() if "query" in r]
+    assert len(logs) == 3
+    assert all(r["properties"]["skipQueryValidation"] is True for r in logs)
+
+
+def test_a_log_alert_without_skip_query_validation_is_reported(infra_copy):
+    target = infra_copy.joinpath(*ALERTS)
+    text = target.read_text()
+    start = text.index("resource sweepMissingAlert")
+    at = text.index("    skipQueryValidation: true\n", start)
+    target.write_text(text[:at] + text[at + len("    skipQueryValidation: true\n"):])
+    problems = alert_problems(infra_copy)
+    assert [p for p in problems if "skipQueryValidation" in p] == [
+        "log alert ${namePrefix}: DrainSocTimer has not run does not set skipQueryValidation: true "
+        "(its first creation can fail against a new component)"], problems
+
+
+# ---- sampling: host.json, the alert queries and docs/operations.md together
+
+ROOT = INFRA.parent
+
+
+def test_no_request_exception_or_trace_is_sampled_and_every_count_sums_item_count():
+    assert sampling_problems() == []
+    host = json.loads((ROOT / "host.json").read_text())
+    excluded = host["logging"]["applicationInsights"]["samplingSettings"]["excludedTypes"].split(";")
+    assert {"Request", "Exception", "Trace"} <= set(excluded)
+    queries = operator_queries()
+    assert "sum(itemCount)" in queries["sweepMissingQuery"]
+    assert "sumif(itemCount," in queries["handlerErrorsQuery"]
+
+
+@pytest.mark.parametrize(
+    "excluded,sampled",
+    [("Request;Exception", "Trace"), ("Trace", "Exception"), ("", "Request")],
+)
+def test_host_json_that_samples_an_alerted_type_is_reported(tmp_path, excluded, sampled):
+    host = json.loads((ROOT / "host.json").read_text())
+    settings = host["logging"]["applicationInsights"]["samplingSettings"]
+    settings["excludedTypes"] = excluded
+    path = tmp_path / "host.json"
+    path.write_text(json.dumps(host))
+    problems = sampling_problems(host_json=path)
+    assert any("lets Application Insights sample" in p and sampled in p for p in problems), problems
+
+
+def test_sampling_switched_off_entirely_is_accepted(tmp_path):
+    host = json.loads((ROOT / "host.json").read_text())
+    host["logging"]["applicationInsights"]["samplingSettings"] = {"isEnabled": False}
+    path = tmp_path / "host.json"
+    path.write_text(json.dumps(host))
+    problems = sampling_problems(host_json=path)
+    # Only the guide, which states the deployed setting, now disagrees.
+    assert problems == ['operations.md does not state host.json\'s sampling settings '
+                        '("samplingSettings": {"isEnabled": false})'], problems
+
+
+def test_a_row_count_in_an_alert_or_the_guide_is_reported(infra_copy, tmp_path):
+    replace_once(infra_copy.joinpath(*ALERTS), "summarize sweeps = sum(itemCount)", "summarize sweeps = count()")
+    problems = sampling_problems(infra_copy, host_json=ROOT / "host.json", guide=ROOT / "docs" / "operations.md")
+    assert any("sweepMissingQuery counts rows" in p for p in problems), problems
+    guide = tmp_path / "operations.md"
+    guide.write_text((ROOT / "docs" / "operations.md").read_text().replace(
+        'pauses = sumif(itemCount, message has "device API throttled")',
+        'pauses = countif(message has "device API throttled")'))
+    problems = sampling_problems(guide=guide)
+    assert any("operations.md query" in p and "counts rows" in p for p in problems), problems
 
 
 def test_a_sweep_alert_on_its_own_interval_is_reported(infra_copy):

@@ -1,5 +1,6 @@
 """The CI workflow, the package check and .funcignore."""
 
+import json
 import os
 import stat
 import subprocess
@@ -38,13 +39,65 @@ def test_test_job_runs_the_ci_entry_point_and_nothing_else(workflow):
         assert command in test, command
 
 
-def test_publish_job_checks_the_runtime_before_and_the_key_vault_references_after_deploying(workflow):
+def test_publish_job_checks_the_runtime_before_and_the_roles_and_key_vault_references_after_deploying(workflow):
     script = [s.get("run", "") for s in workflow["jobs"]["publish"]["steps"]]
     runtime = next(i for i, r in enumerate(script) if "scripts/deploy-check runtime" in r)
     deploy = next(i for i, r in enumerate(script) if "az deployment group create" in r)
+    roles = next(i for i, r in enumerate(script) if "scripts/deploy-check roles" in r)
     publish = next(i for i, r in enumerate(script) if "config-zip" in r)
     refs = next(i for i, r in enumerate(script) if "scripts/deploy-check keyvault-refs" in r)
-    assert runtime < deploy < publish < refs
+    assert runtime < deploy < roles < publish < refs
+
+
+def outputs_problems(workflow: dict) -> list[str]:
+    """The app name and the identity come from the deployment's outputs, not repository variables."""
+    problems = []
+    steps = workflow["jobs"]["publish"]["steps"]
+    deploy = next((s for s in steps if "az deployment group create" in s.get("run", "")), {})
+    if deploy.get("id") != "deploy":
+        problems.append("the deployment step has no id 'deploy'")
+    run = deploy.get("run", "")
+    for output, name in (("functionAppName", "app_name"), ("identityPrincipalId", "identity_principal_id")):
+        if f'echo "{name}=$(jq -r .{output}.value <<<"$outputs")" >> "$GITHUB_OUTPUT"' not in run:
+            problems.append(f"the deployment step does not publish output {output} as {name}")
+    if "--query properties.outputs -o json)" not in run:
+        problems.append("the deployment step does not read the deployment's outputs")
+    for step in steps:
+        text = step.get("run", "")
+        if "config-zip" in text or "keyvault-refs" in text:
+            if '--name "${{ steps.deploy.outputs.app_name }}"' not in text:
+                problems.append(f"{step.get('name')}: the app name is not the deployment's output")
+        if "deploy-check roles" in text and "steps.deploy.outputs.identity_principal_id" not in text:
+            problems.append("the roles check does not take the identity from the deployment's output")
+    if "AZURE_FUNCTIONAPP_NAME" in json.dumps(workflow):
+        problems.append("the workflow still reads vars.AZURE_FUNCTIONAPP_NAME")
+    return problems
+
+
+def test_the_app_name_and_identity_come_from_the_deployment_outputs(workflow):
+    assert outputs_problems(workflow) == []
+    main = (ROOT / "infra" / "main.bicep").read_text()
+    assert "output functionAppName string = functionApp.outputs.appName" in main
+    assert "output identityPrincipalId string = identity.outputs.principalId" in main
+
+
+@pytest.mark.parametrize(
+    "old,new,expected",
+    [
+        ('--name "${{ steps.deploy.outputs.app_name }}" \\\n            --src', '--name "${{ vars.AZURE_FUNCTIONAPP_NAME }}" \\\n            --src',
+         "app name is not the deployment's output"),
+        ("        id: deploy\n", "", "no id 'deploy'"),
+        ('          echo "app_name=$(jq -r .functionAppName.value <<<"$outputs")" >> "$GITHUB_OUTPUT"\n', "",
+         "does not publish output functionAppName"),
+        ('--principal-id "${{ steps.deploy.outputs.identity_principal_id }}"', '--principal-id "${{ vars.PRINCIPAL }}"',
+         "roles check does not take the identity"),
+    ],
+)
+def test_a_workflow_not_wired_to_the_outputs_is_reported(old, new, expected):
+    text = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
+    assert text.count(old) == 1, old
+    problems = outputs_problems(yaml.safe_load(text.replace(old, new)))
+    assert any(expected in p for p in problems), problems
 
 
 def test_publish_job_needs_tests_a_tag_and_logs_in_with_oidc(workflow):

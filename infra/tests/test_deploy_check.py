@@ -1,11 +1,16 @@
-"""scripts/deploy-check against a fake `az` on PATH: the per-region runtime
-check before a deployment and the Key Vault reference check (with restarts)
-after it."""
+"""scripts/deploy-check against a fake `az` on PATH (and, for the confirmation
+through the app, a loopback stand-in of the app): the per-region runtime check
+before a deployment, the wait for the identity's roles, and the Key Vault
+reference check (refresh endpoint, never a restart) after it."""
 
+import datetime
+import http.server
 import json
 import os
 import stat
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +33,12 @@ if args[:2] == ["functionapp", "list-flexconsumption-runtimes"]:
     print(json.dumps(scenario["runtimes"]))
 elif args[:2] == ["functionapp", "show"]:
     print("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Web/sites/app")
+elif args[:3] == ["functionapp", "function", "keys"]:
+    print(scenario.get("function_key", "fk-0123456789"))
+elif args[:3] == ["role", "assignment", "list"]:
+    print(json.dumps(scenario["roles"]))
+elif args[:3] == ["rest", "--method", "post"]:
+    pass
 elif args[:1] == ["rest"]:
     answers = scenario["references"]
     print(json.dumps(answers[0]))
@@ -92,13 +103,17 @@ def test_resolved_references_pass_without_a_restart(az):
     assert "DEVICE_API_KEY: Resolved" in result.stdout
 
 
-def test_an_unresolved_reference_restarts_the_app_until_it_resolves(az):
+REFRESH = ("rest --method post --url https://management.azure.com/subscriptions/s/resourceGroups/rg/providers/"
+           "Microsoft.Web/sites/app/config/configreferences/appsettings/refresh?api-version=2022-03-01 -o none")
+
+
+def test_an_unresolved_reference_is_refreshed_not_restarted_until_it_resolves(az):
     scenario = {"references": [{"value": [ref("AccessToKeyVaultDenied", "role not yet propagated")]},
                                {"value": [ref("AccessToKeyVaultDenied")]}, {"value": [ref("Resolved")]}]}
     result, calls = az(scenario, "keyvault-refs", "-g", "rg", "-n", "app", "--wait", "0")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert [c for c in calls if c.startswith("functionapp restart")] == \
-        ["functionapp restart --resource-group rg --name app -o none"] * 2
+    assert [c for c in calls if c.startswith("rest --method post")] == [REFRESH] * 2
+    assert not any("restart" in c for c in calls), calls
 
 
 def test_references_that_never_resolve_fail_after_the_attempts(az):
@@ -106,8 +121,9 @@ def test_references_that_never_resolve_fail_after_the_attempts(az):
                        "keyvault-refs", "-g", "rg", "-n", "app", "--attempts", "3", "--wait", "0")
     assert result.returncode == 1
     assert "still unresolved after 3 checks" in result.stderr
-    assert len([c for c in calls if c.startswith("rest ")]) == 3
-    assert len([c for c in calls if c.startswith("functionapp restart")]) == 2
+    assert len([c for c in calls if c.startswith("rest --method get")]) == 3
+    assert [c for c in calls if c.startswith("rest --method post")] == [REFRESH] * 2
+    assert not any("restart" in c for c in calls), calls
     assert "secrets/device-api-key" not in result.stdout, "the reference itself is not printed"
 
 
@@ -120,3 +136,104 @@ def test_an_app_without_key_vault_references_fails(az):
 def test_missing_arguments_are_a_usage_error(az):
     result, calls = az({}, "keyvault-refs", "-g", "rg")
     assert result.returncode == 2 and calls == []
+
+
+# ---- a status that says nothing: confirmed through the app
+
+
+class _App(http.server.BaseHTTPRequestHandler):
+    """The function app's HTTP front: answers every GET with the scenario's status."""
+    answers: list = []
+    seen: list = []
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        type(self).seen.append((self.path, self.headers.get("x-functions-key")))
+        status, ctype = type(self).answers.pop(0) if len(type(self).answers) > 1 else type(self).answers[0]
+        body = b'{"type":"about:blank","title":"Not found","status":404}' if status == 404 else b"{}"
+        self.send_response(status)
+        if ctype:
+            self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def app():
+    class App(_App):
+        answers = []
+        seen = []
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), App)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield App, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("status", [None, "Initialized", "OtherReasons", "SomethingNew"])
+def test_an_unknown_status_is_confirmed_through_the_app_not_failed(az, app, status):
+    handler, url = app
+    handler.answers = [(404, "application/problem+json")]
+    reference = ref(status) if status else {"name": "DEVICE_API_KEY", "properties": {}}
+    result, calls = az({"references": [{"value": [reference]}], "function_key": "fk-secret-77"},
+                       "keyvault-refs", "-g", "rg", "-n", "app", "--wait", "0", "--app-url", url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "confirmed through the app" in result.stdout
+    assert handler.seen == [("/api/devices/deploy-check/soc", "fk-secret-77")], handler.seen
+    assert "fk-secret-77" not in result.stdout + result.stderr, "the function key is never printed"
+    assert not any(c.startswith("rest --method post") for c in calls), "nothing to refresh"
+
+
+def test_an_app_that_refuses_its_configuration_is_refreshed_then_fails(az, app):
+    handler, url = app
+    handler.answers = [(500, "application/problem+json")]
+    result, calls = az({"references": [{"value": [ref("Initialized")]}]},
+                       "keyvault-refs", "-g", "rg", "-n", "app", "--wait", "0", "--attempts", "2", "--app-url", url)
+    assert result.returncode == 1
+    assert "refuses its configuration" in result.stdout
+    assert len(handler.seen) == 2
+    assert [c for c in calls if c.startswith("rest --method post")] == [REFRESH]
+
+
+def test_an_answer_not_from_the_handler_does_not_confirm(az, app):
+    # The Functions host answers an empty 404 for a function it does not know yet.
+    handler, url = app
+    handler.answers = [(404, None), (404, "application/problem+json")]
+    result, calls = az({"references": [{"value": [ref("Initialized")]}]},
+                       "keyvault-refs", "-g", "rg", "-n", "app", "--wait", "0", "--app-url", url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "not from the handler" in result.stdout
+    assert len(handler.seen) == 2
+    assert [c for c in calls if c.startswith("rest --method post")] == [REFRESH]
+
+
+# ---- the identity's roles settle before the first publish
+
+
+def _ago(seconds: float) -> str:
+    return (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds)).isoformat()
+
+
+def test_old_roles_need_no_wait(az):
+    started = time.monotonic()
+    result, calls = az({"roles": [_ago(3600)] * 5}, "roles", "--principal-id", "p-1")
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 5
+    assert calls == ['role assignment list --assignee p-1 --all --query [].createdOn -o json']
+
+
+def test_fresh_roles_are_waited_for_until_they_are_settle_seconds_old(az):
+    started = time.monotonic()
+    result, _ = az({"roles": [_ago(3600)] * 4 + [_ago(1)]}, "roles", "--principal-id", "p-1", "--settle", "4")
+    assert result.returncode == 0, result.stderr
+    assert "waiting" in result.stdout
+    assert 2 <= time.monotonic() - started < 10
+
+
+def test_an_identity_without_its_roles_fails(az):
+    result, _ = az({"roles": [_ago(3600)] * 2}, "roles", "--principal-id", "p-1")
+    assert result.returncode == 1
+    assert "holds 2 role assignment(s), expected at least 5" in result.stderr

@@ -31,8 +31,9 @@ FLEX_BRANCH = """    siteConfig: isFlex ? {
         ("      alwaysOn: true\n", "", "Dedicated siteConfig: alwaysOn"),
         ("    siteConfig: isFlex ? {\n", "    siteConfig: true ? {\n", "not split by plan"),
         (
-            "  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD'\n} : {",
-            "  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'Authorization=AAD'\n  WEBSITE_RUN_FROM_PACKAGE: '1'\n} : {",
+            "  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'\n} : {",
+            "  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'\n"
+            "  WEBSITE_RUN_FROM_PACKAGE: '1'\n} : {",
             "Flex app settings set WEBSITE_RUN_FROM_PACKAGE",
         ),
     ],

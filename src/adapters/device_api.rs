@@ -4,6 +4,10 @@
 //! tell permanent outcomes (unknown device, value rejected) from transient ones
 //! (throttling, 5xx, timeouts, connection errors). The API key is sent as a
 //! header and never appears in a log line or an error message.
+//!
+//! URLs are built by path segments ([`url::Url::path_segments_mut`]), never by formatting a
+//! string: a device id is always exactly one segment under `/devices/`, so no id can make a
+//! call (which carries the service's API key) reach another path of the device cloud.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -33,8 +37,8 @@ pub enum DeviceApiConfigError {
 #[derive(Debug, Clone)]
 pub struct HttpDeviceApi {
     http: reqwest::Client,
-    /// Base URL without a trailing slash; may carry a path prefix (`https://host/v1`).
-    base: String,
+    /// Base URL without a trailing empty segment; may carry a path prefix (`https://host/v1`).
+    base: url::Url,
     key: SecretString,
     timeout: Duration,
 }
@@ -54,10 +58,15 @@ impl HttpDeviceApi {
         api_key: &str,
         timeout: Duration,
     ) -> Result<Self, DeviceApiConfigError> {
-        let parsed = url::Url::parse(base_url).map_err(|_| DeviceApiConfigError::BaseUrl)?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        let mut base = url::Url::parse(base_url).map_err(|_| DeviceApiConfigError::BaseUrl)?;
+        if !matches!(base.scheme(), "http" | "https") || base.host_str().is_none() {
             return Err(DeviceApiConfigError::BaseUrl);
         }
+        base.path_segments_mut()
+            .map_err(|()| DeviceApiConfigError::BaseUrl)?
+            .pop_if_empty();
+        base.set_query(None);
+        base.set_fragment(None);
         if api_key.is_empty() || !api_key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
             return Err(DeviceApiConfigError::Key);
         }
@@ -69,19 +78,44 @@ impl HttpDeviceApi {
             .map_err(|e| DeviceApiConfigError::Client(e.to_string()))?;
         Ok(Self {
             http,
-            base: base_url.trim_end_matches('/').to_string(),
+            base,
             key: SecretString::new(api_key),
             timeout,
         })
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    /// The base URL followed by `segments`, each exactly one path segment: `url` percent-encodes
+    /// `/`, `\`, `?`, `#`, `%` and blanks inside a segment. A segment that is empty or only
+    /// dots (`url` drops `.` and `..`, a server would resolve them) is refused, and the result
+    /// is checked to hold one more segment per segment given.
+    pub fn url(&self, segments: &[&str]) -> Result<url::Url, DeviceError> {
+        let refused =
+            || DeviceError::Rejected("device id cannot be used as one URL path segment".into());
+        if segments
+            .iter()
+            .any(|s| s.is_empty() || s.bytes().all(|b| b == b'.'))
+        {
+            return Err(refused());
+        }
+        let count = |url: &url::Url| {
+            url.path_segments()
+                .map_or(0, |s| s.filter(|s| !s.is_empty()).count())
+        };
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|()| refused())?
+            .extend(segments);
+        if count(&url) != count(&self.base) + segments.len() {
+            return Err(refused());
+        }
+        Ok(url)
+    }
+
+    fn request(&self, method: reqwest::Method, url: url::Url) -> reqwest::RequestBuilder {
         let mut key = reqwest::header::HeaderValue::from_str(self.key.expose())
             .expect("key validated as visible ASCII in new()");
         key.set_sensitive(true);
-        self.http
-            .request(method, format!("{}{path}", self.base))
-            .header("x-api-key", key)
+        self.http.request(method, url).header("x-api-key", key)
     }
 
     /// A transient error for a failed send. Built from the error's *kind* only:
@@ -149,9 +183,9 @@ pub fn outcome_unknown(status: StatusCode) -> bool {
 impl DeviceApi for HttpDeviceApi {
     async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
         let what = "GET device status";
-        let path = format!("/devices/{}", device.as_str());
+        let url = self.url(&["devices", device.as_str()])?;
         let response = self
-            .request(reqwest::Method::GET, &path)
+            .request(reqwest::Method::GET, url)
             .header("accept", "application/json")
             .send()
             .await
@@ -194,9 +228,9 @@ impl DeviceApi for HttpDeviceApi {
         request_id: &RequestId,
     ) -> Result<(), DeviceError> {
         let what = "PUT min-soc";
-        let path = format!("/devices/{}/settings/min-soc", device.as_str());
+        let url = self.url(&["devices", device.as_str(), "settings", "min-soc"])?;
         let response = self
-            .request(reqwest::Method::PUT, &path)
+            .request(reqwest::Method::PUT, url)
             .header("Idempotency-Key", request_id.as_str())
             .json(&serde_json::json!({ "minSoc": min_soc.percent() }))
             .send()
@@ -665,6 +699,138 @@ mod tests {
             matches!(&err, DeviceError::Transient { reason, .. } if reason.contains("401")),
             "{err:?}"
         );
+    }
+
+    /// `%XX` sequences of a path segment decoded (what a server's router does).
+    fn percent_decode(segment: &str) -> String {
+        let bytes = segment.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Ids no [`DeviceId`] can hold, and odd ones it can: each is refused or ends up as
+    /// exactly one segment under `/devices/`, decoding back to itself.
+    const HOSTILE: [&str; 16] = [
+        ".",
+        "..",
+        "...",
+        "",
+        "../x",
+        "..%2F",
+        "%2e%2e",
+        "a/b",
+        "a\\b",
+        "?x=1",
+        "#top",
+        "a b",
+        "..;",
+        "x/../../admin",
+        ".a",
+        "a..b",
+    ];
+
+    #[test]
+    fn no_string_can_make_a_device_url_leave_its_one_segment() {
+        let api = api("https://vendor.example/v1/");
+        for id in HOSTILE {
+            for suffix in [&[][..], &["settings", "min-soc"][..]] {
+                let mut segments = vec!["devices", id];
+                segments.extend_from_slice(suffix);
+                let Ok(url) = api.url(&segments) else {
+                    assert!(
+                        id.is_empty() || id.bytes().all(|b| b == b'.'),
+                        "{id:?} refused"
+                    );
+                    continue;
+                };
+                let got: Vec<&str> = url.path_segments().unwrap().collect();
+                let mut want = vec!["v1", "devices", "<id>"];
+                want.extend_from_slice(suffix);
+                assert_eq!(got.len(), want.len(), "{id:?} -> {url}");
+                assert_eq!(got[..2], ["v1", "devices"], "{id:?} -> {url}");
+                assert_eq!(percent_decode(got[2]), id, "{id:?} -> {url}");
+                assert_eq!(got[3..], *suffix, "{id:?} -> {url}");
+                assert_eq!(url.query(), None, "{id:?} -> {url}");
+                assert_eq!(url.fragment(), None, "{id:?} -> {url}");
+            }
+        }
+        // Every DeviceId that parses is accepted as its own segment.
+        for id in [".a", "a.", "..a", "a..b", "-", "_", "bat-7.x"] {
+            let url = api.url(&["devices", dev(id).as_str()]).unwrap();
+            assert_eq!(url.path(), format!("/v1/devices/{id}"));
+        }
+    }
+
+    /// A device cloud that records the raw path of every request it gets, whatever the path.
+    async fn path_recorder() -> (String, Arc<Mutex<Vec<String>>>) {
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let recorded = seen.clone();
+        let app = Router::new().fallback(move |req: axum::extract::Request| {
+            let recorded = recorded.clone();
+            async move {
+                recorded.lock().unwrap().push(req.uri().path().to_string());
+                AxumStatus::NOT_FOUND
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/v1"), seen)
+    }
+
+    #[tokio::test]
+    async fn no_device_id_reaches_another_path_of_the_device_cloud() {
+        let (base, seen) = path_recorder().await;
+        let api = api(&base);
+        // Through the port: every id a DeviceId can hold, dots included.
+        for id in [".a", "a.", "..a", "a..b", "-", "_", "bat-7.x"] {
+            let _ = api.status(&dev(id)).await;
+            let _ = api.apply_min_soc(&dev(id), soc(30), &rid()).await;
+        }
+        // Below the port: any string at all, sent as the client would send it.
+        let mut hostile_sent = Vec::new();
+        for id in HOSTILE {
+            if let Ok(url) = api.url(&["devices", id, "settings", "min-soc"]) {
+                api.request(reqwest::Method::PUT, url).send().await.unwrap();
+                hostile_sent.push(id);
+            }
+        }
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 7 * 2 + hostile_sent.len(), "{seen:?}");
+        for path in &seen {
+            let rest = path
+                .strip_prefix("/v1/devices/")
+                .unwrap_or_else(|| panic!("a call left /v1/devices/: {path}"));
+            let segments: Vec<&str> = rest.split('/').collect();
+            assert!(
+                segments == [segments[0]] || segments[1..] == ["settings", "min-soc"],
+                "{path}"
+            );
+            assert!(
+                !segments[0].is_empty() && !segments[0].bytes().all(|b| b == b'.'),
+                "{path}"
+            );
+        }
+        for id in hostile_sent {
+            assert!(
+                seen.iter().any(|p| {
+                    let seg = p["/v1/devices/".len()..].split('/').next().unwrap();
+                    percent_decode(seg) == id
+                }),
+                "{id:?} did not arrive as its own segment: {seen:?}"
+            );
+        }
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! can answer the host's readiness probe before anything outside is reachable. Storage
 //! and Service Bus each use a connection string or the managed identity, as the
 //! configuration says ([`crate::config::StorageAccess`], [`crate::config::ServiceBusAccess`]);
-//! both identity-based clients share one credential, so one token cache.
+//! identity-based clients of the same identity (`__clientId`) share one credential, so one
+//! token cache.
 
 pub mod connection_string;
 pub mod device_api;
@@ -24,6 +25,8 @@ pub mod service_bus;
 pub mod table_ledger;
 
 use std::sync::Arc;
+
+use azure_core::auth::TokenCredential;
 
 use crate::config::{Config, ServiceBusAccess, StorageAccess};
 use crate::ports::{DeviceApi, Ledger, SettingsQueue};
@@ -61,14 +64,17 @@ pub fn build(config: &Config) -> Result<Adapters, BuildError> {
     .ok();
 
     let extra_ca = config.extra_ca_certs.as_deref();
-    let uses_identity = matches!(config.storage, StorageAccess::Identity { .. })
-        || matches!(config.service_bus, ServiceBusAccess::Identity { .. });
-    let credential = if uses_identity {
-        identity::managed_identity()
+    // One credential (one token cache) per identity: both connections normally name the same.
+    let mut credentials: Vec<(Option<String>, Arc<dyn TokenCredential>)> = Vec::new();
+    let mut credential = |client_id: &Option<String>, errors: &mut Vec<String>| {
+        if let Some((_, c)) = credentials.iter().find(|(id, _)| id == client_id) {
+            return Some(c.clone());
+        }
+        let c = identity::managed_identity(client_id.as_deref())
             .map_err(|e| errors.push(e))
-            .ok()
-    } else {
-        None
+            .ok()?;
+        credentials.push((client_id.clone(), c.clone()));
+        Some(c)
     };
 
     let queue = match &config.service_bus {
@@ -80,7 +86,10 @@ pub fn build(config: &Config) -> Result<Adapters, BuildError> {
                     .map_err(|e| errors.push(format!("ServiceBusConnection: {e}")))
                     .ok()
             }),
-        ServiceBusAccess::Identity { namespace } => credential.clone().and_then(|credential| {
+        ServiceBusAccess::Identity {
+            namespace,
+            client_id,
+        } => credential(client_id, &mut errors).and_then(|credential| {
             ServiceBusQueue::with_identity(namespace, &config.queue_name, credential, extra_ca)
                 .map_err(|e| {
                     errors.push(format!(
@@ -100,7 +109,10 @@ pub fn build(config: &Config) -> Result<Adapters, BuildError> {
                     .map_err(|e| errors.push(format!("SOC_STATE_TABLE: {e}")))
                     .ok()
             }),
-        StorageAccess::Identity { table_endpoint } => credential.and_then(|credential| {
+        StorageAccess::Identity {
+            table_endpoint,
+            client_id,
+        } => credential(client_id, &mut errors).and_then(|credential| {
             TableLedger::with_identity(table_endpoint, &config.table_name, credential, extra_ca)
                 .map_err(|e| errors.push(format!("AzureWebJobsStorage: {e}")))
                 .ok()

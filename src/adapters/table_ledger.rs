@@ -1043,6 +1043,21 @@ mod tests {
     }
 
     #[test]
+    fn a_row_filed_under_an_all_dots_partition_is_unreadable_not_a_device() {
+        for key in [".", "..", "..."] {
+            let mut entity = desired_to_entity(&full_state());
+            entity.insert("PartitionKey".into(), key.into());
+            entity.insert("odata.etag".into(), "W/\"1\"".into());
+            let corrupt = desired_from_entity(&entity).unwrap_err();
+            assert_eq!(corrupt.partition_key, key);
+            assert_eq!(corrupt.reason, "PartitionKey is not a device id");
+            let page = pending_page(&[entity]);
+            assert!(page.records.is_empty(), "{key:?}");
+            assert_eq!(page.corrupt, vec![corrupt]);
+        }
+    }
+
+    #[test]
     fn a_desired_state_maps_to_an_entity_and_back_without_loss() {
         let s = full_state();
         let e = desired_to_entity(&s);

@@ -162,6 +162,16 @@ mod tests {
     }
 
     #[test]
+    fn an_index_row_naming_an_all_dots_device_is_not_an_entry() {
+        let key = DueEntry::new(id("bat-1"), t(123)).row_key();
+        for dots in [".", ".."] {
+            let forged = key.replacen("~bat-1~", &format!("~{dots}~"), 1);
+            assert_ne!(forged, key);
+            assert_eq!(DueEntry::from_row_key(&forged), None, "{forged}");
+        }
+    }
+
+    #[test]
     fn row_keys_sort_by_time_and_the_bound_includes_exactly_what_is_due() {
         let early = DueEntry::new(id("zzz"), t(0));
         let later = DueEntry::new(id("aaa"), t(1));

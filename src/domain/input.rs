@@ -21,7 +21,12 @@ impl InputError {
     }
 }
 
-/// A device id: 1-64 characters of `[A-Za-z0-9._-]`.
+/// A device id: 1-64 characters of `[A-Za-z0-9._-]`, not only dots.
+///
+/// `.`, `..` and every other all-dots id are refused: in a URL path they are the dot
+/// segments that mean "this folder" and "the parent" (RFC 3986, "Remove Dot Segments"), so such an id would
+/// name another resource than the device. Every way an id enters (the HTTP route, a
+/// connection event's `subject`, a wake-up message, a ledger row) goes through [`DeviceId::parse`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(String);
 
@@ -39,6 +44,12 @@ impl DeviceId {
             return Err(InputError::new(
                 "deviceId",
                 "may contain only A-Z, a-z, 0-9, '.', '_' and '-'",
+            ));
+        }
+        if raw.bytes().all(|b| b == b'.') {
+            return Err(InputError::new(
+                "deviceId",
+                "must not be only dots ('.' and '..' are path segments, not ids)",
             ));
         }
         Ok(Self(raw.to_string()))
@@ -201,12 +212,35 @@ mod tests {
     fn device_ids_accept_the_documented_alphabet_only() {
         assert!(DeviceId::parse("bat-01.A_z").is_ok());
         assert!(DeviceId::parse(&"a".repeat(64)).is_ok());
-        for bad in ["", &"a".repeat(65), "a b", "a/b", "ä", "a%2F", "a\n"] {
+        for bad in [
+            "",
+            &"a".repeat(65),
+            "a b",
+            "a/b",
+            "ä",
+            "a%2F",
+            "a\n",
+            ".",
+            "..",
+            "...",
+        ] {
             assert_eq!(
                 DeviceId::parse(bad).unwrap_err().field,
                 "deviceId",
                 "{bad:?}"
             );
+        }
+    }
+
+    #[test]
+    fn ids_of_only_dots_are_refused_and_ids_with_dots_and_more_are_not() {
+        for bad in [".", "..", "...", &".".repeat(64)] {
+            let err = DeviceId::parse(bad).unwrap_err();
+            assert_eq!(err.field, "deviceId", "{bad:?}");
+            assert!(err.reason.contains("only dots"), "{bad:?}: {err}");
+        }
+        for good in [".a", "a.", "..a", "a..b", "._", "-.", ".-."] {
+            assert!(DeviceId::parse(good).is_ok(), "{good:?}");
         }
     }
 

@@ -1,8 +1,10 @@
 //! Integration tests: the real `handler` binary, real Azurite, loopback stand-ins for
 //! the device cloud and Service Bus, driven through the host protocol (see `support`).
-//! `identity`: the same with the managed identity instead of keys.
+//! `identity`: the same with the managed identity instead of keys. `keyvault_ref`: a
+//! handler given an unresolved Key Vault reference.
 
 mod identity;
+mod keyvault_ref;
 mod support;
 
 use std::time::Duration;

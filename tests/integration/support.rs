@@ -63,10 +63,16 @@ pub enum Access {
     /// Azurite's and the stand-in's connection strings (shared key, SAS), as locally.
     ConnectionStrings,
     /// The app's managed identity, as in Azure: tokens of `token_lifetime` from the
-    /// identity stand-in, which the handler must call with `identity_header`.
+    /// identity stand-in, which the handler must call with `identity_header`. With
+    /// `client_id` the app has only that user-assigned identity (as the Bicep deploys it) and
+    /// the handler is given it as `AzureWebJobsStorage__clientId`/`ServiceBusConnection__clientId`;
+    /// without, only the system-assigned one. `expires_on_as_number`: the stand-in sends
+    /// `expires_on` as a number.
     ManagedIdentity {
         token_lifetime: Duration,
         identity_header: &'static str,
+        client_id: Option<&'static str>,
+        expires_on_as_number: bool,
     },
 }
 
@@ -131,15 +137,19 @@ impl TestApp {
             Access::ManagedIdentity {
                 token_lifetime,
                 identity_header,
+                client_id,
+                expires_on_as_number,
             } => {
                 let (cert, key) = self_signed_loopback_certificate(&dir);
                 let azurite = Arc::new(Azurite::start_oauth(&cert, &key));
                 let mut config = IdentityConfig::new(IDENTITY_HEADER, IDENTITY_SIGNING_KEY);
                 config.token_lifetime = token_lifetime;
+                config.client_id = client_id.map(str::to_string);
+                config.expires_on_as_number = expires_on_as_number;
                 let identity = ManagedIdentity::start("127.0.0.1:0".parse().unwrap(), config)
                     .await
                     .expect("managed identity stand-in");
-                let env = vec![
+                let mut env = vec![
                     (
                         "AzureWebJobsStorage__credential",
                         "managedidentity".to_string(),
@@ -160,6 +170,10 @@ impl TestApp {
                     ("IDENTITY_HEADER", identity_header.to_string()),
                     ("SOC_EXTRA_CA_CERTS", cert.display().to_string()),
                 ];
+                if let Some(id) = client_id {
+                    env.push(("AzureWebJobsStorage__clientId", id.to_string()));
+                    env.push(("ServiceBusConnection__clientId", id.to_string()));
+                }
                 (azurite, Some(identity), env)
             }
         };
