@@ -1,30 +1,37 @@
 //! THE properties. Every run is judged against these, and only these; the README's
-//! "How it stays correct" states the same five in plain words.
+//! "The properties" states the same eight in plain words. There are no exceptions for
+//! unknown outcomes: an answer the service gives is judged as given.
 //!
 //! Words: a request's *age* is the order of its first ledger commit (newer = larger).
 //! A request *lands* when the device cloud applies its PUT (the device's PUT history,
-//! late landings included). *Answered 2xx* = `200` or `202`, replays included.
+//! late landings included). *Answered 2xx* = `200` or `202`, replays included. A
+//! request's *fate* is what the ledger and its history say became of it (the record
+//! while it holds the request; after that the entry written when it was replaced).
 //! *Settle bound*: the run ends [`Scenario::settle_bound_ms`] after the faults stop
 //! (no new requests, every device online, no faults); S1 and S3 are judged then.
+//! *Confirmed landing*: its PUT was answered `2xx` to an invocation that finished
+//! (was not dropped). *Last useful moment*: `expiresAt` minus one lease, minus the
+//! clock skew `S`.
 //!
 //! - **S1 convergence**: at the end, each device's ledger record is not older than
 //!   its latest request answered 2xx, is not pending, and if it says `applied` the
 //!   device holds exactly that request's value.
 //! - **S2 no regression**: once a request has landed on a device, no older request
 //!   lands on that device afterwards.
-//! - **S3 nothing lost**: every request answered 2xx ends applied, superseded by a
-//!   newer request, expired, or failed with a reason, within the settle bound (a
-//!   request whose accepting write's outcome was unknown and that a newer request
-//!   overtook while in flight counts as superseded, stored or not; a POST whose own
-//!   undo took effect unbeknown to it is residual risk R6 and not judged here); and
-//!   no invocation that finishes (rather than crashes) has walked away from a PUT
-//!   it started (dropping work in flight leaves its lease and attempt behind).
-//! - **S4 honest answers**: a request answered `503` or `4xx` never lands, is never
-//!   marked applied, and after a `503` nothing of it is kept (it is not in the ledger
-//!   at the end); a request answered `200 applied` had landed before the answer;
-//!   `expired` is never written for a request whose landing the device cloud
-//!   confirmed to a live invocation (a PUT that timed out, or whose caller crashed,
-//!   can land unbeknown to anyone: residual risk R2 in the README).
+//! - **S3 nothing lost**: EVERY request answered 2xx was stored and ends applied,
+//!   superseded by a newer request, expired, or failed with a reason, within the
+//!   settle bound (never still pending, never undone); and no invocation that
+//!   finishes (rather than crashes) has walked away from a PUT it started.
+//! - **S4 honest answers and end states**: a request answered `503`, or `4xx` without
+//!   a `requestId` (`400`, `409`, `415`), is never visible in any ledger commit or read
+//!   and never lands, at any instant (before or after the answer); a request answered
+//!   `404`/`422` with a `requestId` never lands and is never marked applied; a request
+//!   answered `200 applied` had landed before the answer; `failed` is written only
+//!   after a permanent device answer (unknown device, rejected value) for that request
+//!   (or an unknown-device status answer for its device); `expired` is written only at
+//!   or after the request's last useful moment; and a request whose landing was
+//!   confirmed never ends expired. (`500` "outcome unknown" promises nothing either
+//!   way and is not judged; the run counts them.)
 //! - **S5 bounded work**: one invocation PUTs a request at most once, sends at most
 //!   one wake-up message for it (a connection event's invocation sends none: it only
 //!   applies), and the sweep makes at most one status call per device; over
@@ -35,6 +42,15 @@
 //! - **S6 index coverage**: at every instant (checked after every ledger effect), every
 //!   pending record has a due-index entry at or before its sweep-due time, so the sweep
 //!   finds every record whose wake-up message is lost, and every record near expiry.
+//! - **S7 reads never contradict**: a read (`GET …/soc`, `GET …/soc/requests/{id}`)
+//!   shows only a request that was stored before it ended; per request, once a read
+//!   has shown a final status, no read that starts after it shows pending or another
+//!   final status (except `expired` then `applied` for a request that landed: the
+//!   device's truth wins over bookkeeping); a read shows `applied` only after the
+//!   request landed; `GET …/soc` never shows a request older than the newest request
+//!   answered 2xx before the read started (nor `404` after one).
+//! - **S8 one key, one request**: all the POSTs with one `Idempotency-Key` (per device)
+//!   together create at most one request, ever.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -42,7 +58,7 @@ use soc_settings::domain::RequestStatus;
 use soc_settings::functions::Policy;
 
 use crate::scenario::Scenario;
-use crate::world::{Kind, Landing, Observations, World};
+use crate::world::{Fate, Kind, Landing, Observations, ReadKind, World};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -91,7 +107,7 @@ impl Finale {
     }
 }
 
-/// Judges one run against S1-S6.
+/// Judges one run against S1-S8.
 pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -> Vec<Violation> {
     let mut out = Vec::new();
     let mut v = |property: &'static str, detail: String| out.push(Violation { property, detail });
@@ -108,47 +124,60 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
             .filter_map(|p| p.land_t)
             .min()
     };
-
-    // S1 + S3: the end state of every device.
-    let mut latest_2xx: HashMap<&str, (usize, &str)> = HashMap::new();
-    // Residual risk R6 (README): a POST whose undo took effect but answered a timeout
-    // cannot tell its own undo from a newer request; its answer is not judged by S1/S3.
-    let undo_unknown = |inv: &str| {
-        obs.invocations
+    let dropped = |inv: &str| obs.invocations.iter().any(|i| i.label == inv && i.crashed);
+    // A landing the device cloud confirmed to an invocation that lived on to record it.
+    let confirmed = |r: &str| {
+        landings
             .iter()
-            .any(|i| i.label == inv && i.undo_unknown)
+            .filter(|p| p.request == r && p.answered_ok && !dropped(&p.inv))
+            .filter_map(|p| p.land_t)
+            .min()
     };
-    for a in obs
-        .answers
-        .iter()
-        .filter(|a| matches!(a.status, 200 | 202) && !undo_unknown(&a.inv))
-    {
+
+    // S1 + S3: every request answered 2xx, and the end state of every device.
+    let mut latest_2xx: HashMap<&str, (usize, &str)> = HashMap::new();
+    let mut judged: Vec<&str> = Vec::new();
+    for a in obs.answers.iter().filter(|a| matches!(a.status, 200 | 202)) {
         let Some(r) = a.request.as_deref() else {
+            v(
+                "S3",
+                format!("{} answered {} without a request", a.inv, a.status),
+            );
             continue;
         };
         let Some(ra) = age(r) else {
-            // Never stored: acceptable only as superseded, i.e. when a newer request
-            // for the device was stored while it was in flight (its accepting write's
-            // outcome was unknown and a newer request overtook it).
-            // From its first write attempt, less four clock skews: the service compares
-            // its clock with the other writer's (each up to the skew off), allowing
-            // twice the skew, so it tells "written after" only that closely.
-            let started = obs
-                .first_tried
-                .get(r)
-                .map_or(a.t, |t| t.saturating_sub(4 * sc.bounds.max_skew_ms));
-            let overtaken = obs
-                .requests
-                .values()
-                .any(|q| q.device == a.device && q.created_t >= started && q.created_t <= a.t);
-            if !overtaken {
-                v("S3", format!("{r} answered {} but never stored", a.status));
-            }
+            v(
+                "S3",
+                format!("{r} answered {} by {} but never stored", a.status, a.inv),
+            );
             continue;
         };
         let e = latest_2xx.entry(a.device.as_str()).or_insert((ra, r));
         if ra > e.0 {
             *e = (ra, r);
+        }
+        if judged.contains(&r) {
+            continue;
+        }
+        judged.push(r);
+        match obs.fates.get(r) {
+            Some(Fate::Status(RequestStatus::Pending)) => v(
+                "S3",
+                format!(
+                    "{r} (answered {} by {}) still pending {} ms after the faults stopped",
+                    a.status,
+                    a.inv,
+                    sc.settle_bound_ms()
+                ),
+            ),
+            Some(Fate::Undone) | None => v(
+                "S3",
+                format!(
+                    "{r} answered {} by {} but the ledger no longer holds it (undone)",
+                    a.status, a.inv
+                ),
+            ),
+            _ => {}
         }
     }
     for (device, (ra, r)) in &latest_2xx {
@@ -168,7 +197,7 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
         let held = end.devices.get(device).cloned().flatten();
         match status {
             RequestStatus::Pending => v(
-                "S3",
+                "S1",
                 format!(
                     "{device}: {f} still pending {} ms after the faults stopped",
                     sc.settle_bound_ms()
@@ -227,13 +256,34 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
         }
     }
 
-    // S4: answers are honest.
+    // S4: answers are honest, at every instant.
     for a in &obs.answers {
         let Some(r) = a.request.as_deref() else {
             continue;
         };
+        let not_kept = a.status == 503 || ((400..500).contains(&a.status) && !a.carries_id);
+        if not_kept {
+            if let Some(c) = obs.commits.iter().find(|c| c.request.as_deref() == Some(r)) {
+                v(
+                    "S4",
+                    format!(
+                        "{r} answered {} at {} ms (not kept) but the ledger held it at {} ms ({})",
+                        a.status, a.t, c.t, c.inv
+                    ),
+                );
+            }
+            if let Some(read) = obs.reads.iter().find(|x| x.request.as_deref() == Some(r)) {
+                v(
+                    "S4",
+                    format!(
+                        "{r} answered {} at {} ms (not kept) but a read at {} ms showed it",
+                        a.status, a.t, read.start
+                    ),
+                );
+            }
+        }
         match a.status {
-            503 | 404 | 422 => {
+            _ if not_kept || matches!(a.status, 404 | 422) => {
                 if let Some(t) = first_landing(r) {
                     v(
                         "S4",
@@ -251,12 +301,6 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
                         format!("{r} answered {} but the ledger marked it applied", a.status),
                     );
                 }
-                if a.status == 503 && end.records.get(&a.device).is_some_and(|(f, _, _)| f == r) {
-                    v(
-                        "S4",
-                        format!("{r} answered 503 (nothing kept) but the ledger still holds it"),
-                    );
-                }
             }
             200 if a.applied => match first_landing(r) {
                 Some(t) if t <= a.t => {}
@@ -269,35 +313,61 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
             _ => {}
         }
     }
-    // A landing the service was told of: its PUT was answered `applied` to an
-    // invocation that lived on to record it. (A PUT that timed out or whose caller
-    // crashed may land unbeknown to the service: residual risk R2 in the README.)
-    let confirmed = |r: &str| {
-        landings
-            .iter()
-            .filter(|p| p.request == r && p.answered_ok)
-            .filter(|p| {
-                !obs.invocations
-                    .iter()
-                    .any(|i| i.label == p.inv && i.crashed)
-            })
-            .filter_map(|p| p.land_t)
-            .min()
-    };
-    for c in obs
-        .commits
-        .iter()
-        .filter(|c| c.status == Some(RequestStatus::Expired))
-    {
-        let r = c.request.as_deref().unwrap_or_default();
-        if let Some(t) = confirmed(r) {
-            v(
-                "S4",
-                format!(
-                    "{r} written expired by {} at {} ms but it landed at {t} ms",
-                    c.inv, c.t
-                ),
-            );
+    let lease_ms = policy.lease.num_milliseconds();
+    let skew_ms = sc.bounds.max_skew_ms as i64;
+    let mut seen_failed: Vec<&str> = Vec::new();
+    let mut seen_expired: Vec<&str> = Vec::new();
+    for c in &obs.commits {
+        let (Some(r), Some(info)) = (
+            c.request.as_deref(),
+            c.request.as_deref().and_then(|r| obs.requests.get(r)),
+        ) else {
+            continue;
+        };
+        match c.status {
+            Some(RequestStatus::Failed) if !seen_failed.contains(&r) => {
+                seen_failed.push(r);
+                let permanent = obs.permanent.iter().any(|(t, d, q)| {
+                    *t <= c.t && *d == c.device && q.as_deref().is_none_or(|q| q == r)
+                });
+                if !permanent {
+                    v(
+                        "S4",
+                        format!(
+                            "{r} written failed by {} at {} ms without a permanent device answer for it",
+                            c.inv, c.t
+                        ),
+                    );
+                }
+            }
+            Some(RequestStatus::Expired) if !seen_expired.contains(&r) => {
+                seen_expired.push(r);
+                let useful_until =
+                    info.expires_at - chrono::Duration::milliseconds(lease_ms + skew_ms);
+                let at = sc_time(c.t);
+                if at < useful_until {
+                    v(
+                        "S4",
+                        format!(
+                            "{r} written expired by {} at {} ms, {} s before its last useful moment",
+                            c.inv,
+                            c.t,
+                            (useful_until - at).num_seconds()
+                        ),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    for (r, fate) in &obs.fates {
+        if *fate == Fate::Status(RequestStatus::Expired) {
+            if let Some(t) = confirmed(r) {
+                v(
+                    "S4",
+                    format!("{r} ends expired although its landing at {t} ms was confirmed"),
+                );
+            }
         }
     }
 
@@ -394,5 +464,121 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
             format!("{device} at {:.3}s: {detail}", *t as f64 / 1000.0),
         );
     }
+
+    // S7: reads never contradict.
+    let mut reads: Vec<_> = obs.reads.iter().filter(|x| x.status == 200).collect();
+    reads.sort_by_key(|x| (x.start, x.end));
+    let mut final_shown: HashMap<&str, (&str, u64)> = HashMap::new();
+    for x in &reads {
+        let Some(r) = x.request.as_deref() else {
+            continue;
+        };
+        let shown = x.shown.as_deref().unwrap_or_default();
+        match obs.requests.get(r) {
+            Some(i) if i.created_t <= x.end => {}
+            _ => v(
+                "S7",
+                format!(
+                    "a read at {} ms showed {r} ({shown}), never stored by then",
+                    x.start
+                ),
+            ),
+        }
+        if let ReadKind::Request(q) = &x.kind {
+            if q != r {
+                v("S7", format!("a read of {q} at {} ms showed {r}", x.start));
+            }
+        }
+        if shown == "applied" && first_landing(r).is_none_or(|t| t > x.end) {
+            v(
+                "S7",
+                format!(
+                    "a read at {} ms showed {r} applied before it landed",
+                    x.start
+                ),
+            );
+        }
+        if let Some((before, ended)) = final_shown.get(r) {
+            let device_wins =
+                *before == "expired" && shown == "applied" && first_landing(r).is_some();
+            if x.start > *ended && shown != *before && !device_wins {
+                v(
+                    "S7",
+                    format!(
+                        "{r}: a read at {} ms showed {shown} after a read ending at {ended} ms showed {before}",
+                        x.start
+                    ),
+                );
+            }
+        }
+        if shown != "pending" {
+            let e = final_shown.entry(r).or_insert((shown, x.end));
+            if e.0 != shown && x.start > e.1 {
+                *e = (shown, x.end);
+            }
+            e.1 = e.1.min(x.end);
+        }
+    }
+    for x in obs.reads.iter().filter(|x| x.kind == ReadKind::Latest) {
+        let newest = obs
+            .answers
+            .iter()
+            .filter(|a| a.device == x.device && matches!(a.status, 200 | 202) && a.t < x.start)
+            .filter_map(|a| a.request.as_deref().and_then(|r| Some((age(r)?, r))))
+            .max();
+        let Some((na, nr)) = newest else {
+            continue;
+        };
+        match (x.status, x.request.as_deref()) {
+            (200, Some(r)) if age(r).is_some_and(|a| a >= na) => {}
+            (200, Some(r)) => v(
+                "S7",
+                format!(
+                    "GET {} at {} ms showed {r}, older than {nr} answered 2xx before",
+                    x.device, x.start
+                ),
+            ),
+            (404, _) => v(
+                "S7",
+                format!(
+                    "GET {} at {} ms: 404 after {nr} was answered 2xx",
+                    x.device, x.start
+                ),
+            ),
+            _ => {}
+        }
+    }
+
+    // S8: one Idempotency-Key, one request.
+    let mut by_key: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+    for i in obs.invocations.iter().filter(|i| i.kind == Kind::Post) {
+        let Some(key) = i.key.as_deref() else {
+            continue;
+        };
+        for r in &i.created {
+            let device = obs.requests.get(r).map_or("?", |x| x.device.as_str());
+            let list = by_key.entry((device, key)).or_default();
+            if !list.contains(&r.as_str()) {
+                list.push(r);
+            }
+        }
+    }
+    for ((device, key), requests) in by_key {
+        if requests.len() > 1 {
+            v(
+                "S8",
+                format!(
+                    "Idempotency-Key {key} on {device} created {} requests: {}",
+                    requests.len(),
+                    requests.join(", ")
+                ),
+            );
+        }
+    }
     out
+}
+
+/// The true wall-clock time of virtual millisecond `t`.
+fn sc_time(t: u64) -> chrono::DateTime<chrono::Utc> {
+    crate::world::epoch() + chrono::Duration::milliseconds(t as i64)
 }

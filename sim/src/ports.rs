@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use soc_settings::adapters::device_budget::BudgetedDeviceApi;
 use soc_settings::domain::due_index::DueEntry;
 use soc_settings::domain::history::HistoryEntry;
 use soc_settings::domain::sweep_state::SweepState;
@@ -24,22 +25,138 @@ use soc_settings::ports::{
 };
 use tokio::sync::{oneshot, Notify};
 
+use crate::scenario::{Dependency, Forced};
 use crate::world::{Dice, Inv, Kind, Landing, PutRecord, QueuedMessage, SendRecord, Shared, World};
 
-/// The ports of one invocation.
-pub fn services(world: &Shared, inv: &Arc<Inv>, policy: Policy, notify: &Arc<Notify>) -> Services {
+/// The ports of one invocation, and the scope its code must run in ([`Caller::scope`]).
+pub fn services(
+    world: &Shared,
+    inv: &Arc<Inv>,
+    policy: Policy,
+    notify: &Arc<Notify>,
+) -> (Services, Caller) {
     let port = Port {
         world: world.clone(),
         inv: inv.clone(),
         notify: notify.clone(),
         policy,
     };
-    Services {
-        device: Arc::new(SimDevice(port.clone())),
+    let budget = {
+        let mut w = world.lock().unwrap();
+        let rate = w.sc.device_rate;
+        rate.map(|rate| {
+            w.instances[inv.instance]
+                .budget
+                .get_or_insert_with(|| Arc::new(BudgetedDeviceApi::new(ScopedDevice, rate)))
+                .clone()
+        })
+    };
+    let device: Arc<dyn DeviceApi> = match budget {
+        Some(inner) => Arc::new(Observed {
+            port: port.clone(),
+            inner,
+        }),
+        None => Arc::new(SimDevice(port.clone())),
+    };
+    let services = Services {
+        device,
         queue: Arc::new(SimQueue(port.clone())),
         ledger: Arc::new(SimLedger(port.clone())),
-        clock: Arc::new(SimClock(port)),
+        clock: Arc::new(SimClock(port.clone())),
         policy,
+    };
+    (services, Caller(port))
+}
+
+tokio::task_local! {
+    /// The invocation whose code is running: the instance's device-call budget (shared
+    /// by its invocations, as in one process) calls the device cloud on its behalf.
+    static CALLER: Port;
+}
+
+/// The invocation a future runs as.
+pub struct Caller(Port);
+
+impl Caller {
+    /// Runs `fut` as this invocation's code.
+    pub fn scope<F: std::future::Future>(
+        self,
+        fut: F,
+    ) -> impl std::future::Future<Output = F::Output> {
+        CALLER.scope(self.0, fut)
+    }
+}
+
+/// The device cloud as the instance's budget sees it: whichever invocation calls.
+struct ScopedDevice;
+
+#[async_trait]
+impl DeviceApi for ScopedDevice {
+    async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        SimDevice(CALLER.with(Port::clone)).status(device).await
+    }
+    async fn apply_min_soc(
+        &self,
+        device: &DeviceId,
+        min_soc: MinSoc,
+        request_id: &RequestId,
+    ) -> Result<(), DeviceError> {
+        SimDevice(CALLER.with(Port::clone))
+            .apply_min_soc(device, min_soc, request_id)
+            .await
+    }
+}
+
+/// The product's device-call budget ([`BudgetedDeviceApi`], one per instance process)
+/// around the simulated device cloud, with its waits, refusals and `Retry-After`
+/// pauses counted as fault shapes.
+struct Observed {
+    port: Port,
+    inner: Arc<dyn DeviceApi>,
+}
+
+impl Observed {
+    fn count(&self, what: &'static str) {
+        self.port.world.lock().unwrap().shape(what);
+        self.port.log(|_| format!("BUDGET {what}"));
+    }
+}
+
+#[async_trait]
+impl DeviceApi for Observed {
+    async fn reserve_put(&self) -> Result<(), DeviceError> {
+        let started = tokio::time::Instant::now();
+        let r = self.inner.reserve_put().await;
+        if r.is_err() {
+            self.count("budget: PUT refused (no turn)");
+        } else if started.elapsed() >= Duration::from_millis(1) {
+            self.count("budget: PUT waited for its turn");
+        }
+        r
+    }
+    async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        let started = tokio::time::Instant::now();
+        let r = self.inner.status(device).await;
+        if started.elapsed() >= Duration::from_millis(1) {
+            let waited = matches!(&r, Err(DeviceError::Transient { reason, .. }) if reason.contains("budget"));
+            if waited {
+                self.count("budget: status call refused (no turn)");
+            }
+        }
+        r
+    }
+    async fn apply_min_soc(
+        &self,
+        device: &DeviceId,
+        min_soc: MinSoc,
+        request_id: &RequestId,
+    ) -> Result<(), DeviceError> {
+        let r = self.inner.apply_min_soc(device, min_soc, request_id).await;
+        if matches!(&r, Err(DeviceError::Transient { reason, .. }) if reason.contains("Retry-After"))
+        {
+            self.count("budget: PUT refused during a Retry-After pause");
+        }
+        r
     }
 }
 
@@ -53,6 +170,7 @@ struct Port {
 }
 
 /// When an operation takes effect and when its caller hears back (ms from its start).
+/// `effect_at > total`: a late commit, after the caller's timeout.
 struct Plan {
     effect_at: u64,
     total: u64,
@@ -78,10 +196,36 @@ impl Port {
         self.world.lock().unwrap().log(&who, what);
     }
 
-    fn storage_plan(&self, dice: &mut Dice, device: &str) -> Plan {
+    /// The plan of ledger operation `op`: a scripted fault, an outage, a drawn fault, or
+    /// a plain answer. Only a `write` can take effect after its caller's timeout.
+    fn storage_plan(&self, op: u32, dice: &mut Dice, device: &str, write: bool) -> Plan {
         let mut w = self.world.lock().unwrap();
         let f = w.sc.faults;
         let timeout = w.sc.bounds.storage_timeout_ms;
+        let late = w.sc.bounds.late_commit_ms;
+        let who = self.inv.who();
+        match w.forced(&self.inv.label, op) {
+            Some(Forced::Fails) => {
+                w.fault(device, &who, "ledger: fails (scripted)");
+                return Plan {
+                    effect_at: 1,
+                    total: 1,
+                    effect: false,
+                    error: Some("503 server busy".into()),
+                };
+            }
+            Some(Forced::CommitsLate(after)) if write => {
+                w.fault(device, &who, "ledger: times out, commits late (scripted)");
+                w.shape("ledger write commits after the caller's timeout");
+                return Plan {
+                    effect_at: timeout + after,
+                    total: timeout,
+                    effect: true,
+                    error: Some(format!("timed out after {timeout} ms")),
+                };
+            }
+            _ => {}
+        }
         if !w.faults_on {
             let total = dice.int(1, 30);
             return Plan {
@@ -91,7 +235,31 @@ impl Port {
                 error: None,
             };
         }
-        let who = self.inv.who();
+        if let Some(outage) = w.outage(Dependency::Ledger) {
+            w.shape("ledger outage");
+            if write && dice.chance(outage.late_commit) {
+                w.fault(device, &who, "ledger outage: times out, commits late");
+                w.shape("ledger write commits after the caller's timeout");
+                return Plan {
+                    effect_at: timeout + dice.int(1, late),
+                    total: timeout,
+                    effect: true,
+                    error: Some(format!("timed out after {timeout} ms")),
+                };
+            }
+            w.fault(device, &who, "ledger outage: fails");
+            let total = if dice.chance(0.5) {
+                timeout
+            } else {
+                dice.int(1, 50)
+            };
+            return Plan {
+                effect_at: total,
+                total,
+                effect: false,
+                error: Some("unreachable (outage)".into()),
+            };
+        }
         if dice.chance(f.store_unavailable) {
             w.fault(device, &who, "ledger: 503 before any effect");
             let total = dice.int(1, 50);
@@ -104,17 +272,23 @@ impl Port {
         }
         if dice.chance(f.store_ambiguous) {
             let effect = dice.chance(0.7);
+            let mut effect_at = dice.int(1, timeout - 1);
+            if effect && write && dice.chance(f.late_commit) {
+                // Committed after the caller gave up, and after its read-back started.
+                effect_at = timeout + dice.int(1, late);
+                w.shape("ledger write commits after the caller's timeout");
+            }
             w.fault(
                 device,
                 &who,
-                if effect {
-                    "ledger: takes effect, caller sees a timeout"
-                } else {
-                    "ledger: times out without effect"
+                match (effect, effect_at > timeout) {
+                    (true, true) => "ledger: caller sees a timeout, commits later",
+                    (true, false) => "ledger: takes effect, caller sees a timeout",
+                    _ => "ledger: times out without effect",
                 },
             );
             return Plan {
-                effect_at: dice.int(1, timeout - 1),
+                effect_at,
                 total: timeout,
                 effect,
                 error: Some(format!("timed out after {timeout} ms")),
@@ -133,38 +307,51 @@ impl Port {
         }
     }
 
-    /// Runs a ledger operation: `effect` is applied at the plan's effect time.
-    async fn storage<T: Send>(
+    /// Runs a ledger operation: `effect` is applied at the plan's effect time, in a task
+    /// of its own (once sent, a write commits whether or not its caller lives on to
+    /// hear the answer, and it may commit after the caller's timeout). The effect is
+    /// evaluated when it commits: against the row's ETag at that moment.
+    ///
+    /// Every ledger operation of [`SimLedger`] goes through here: a new port method only
+    /// has to call it with its effect (`write`: whether it may change the ledger).
+    async fn storage<T: Send + 'static>(
         &self,
         device: &str,
-        effect: impl FnOnce(&mut World, &Inv) -> Result<T, StoreError> + Send,
+        write: bool,
+        effect: impl FnOnce(&mut World, &Inv) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (op, mut dice, _) = self.begin();
         self.inv.crash_point(&self.world, op, false).await;
-        let plan = self.storage_plan(&mut dice, device);
-        sleep_ms(plan.effect_at).await;
-        let result = if plan.effect {
-            let mut w = self.world.lock().unwrap();
-            let commits = w.obs.commits.len();
-            let r = effect(&mut w, &self.inv);
-            w.check_index(&self.policy);
-            if r.is_ok() && plan.error.is_some() && w.obs.commits.len() > commits {
-                // Took effect, the caller will hear a timeout: a POST undoing (writing
-                // a request it did not create, or deleting) cannot know its undo landed.
-                let i = self.inv.index;
-                let own = w.obs.invocations[i].created.clone();
-                let last = w.obs.commits.last().map(|c| c.request.clone());
-                if self.inv.kind == Kind::Post
-                    && last.is_some_and(|r| r.is_none_or(|r| !own.contains(&r)))
-                {
-                    w.obs.invocations[i].undo_unknown = true;
+        let plan = self.storage_plan(op, &mut dice, device, write);
+        let (tx, rx) = oneshot::channel();
+        if plan.effect {
+            let (world, inv, policy) = (self.world.clone(), self.inv.clone(), self.policy);
+            let late = plan.effect_at > plan.total;
+            tokio::spawn(async move {
+                sleep_ms(plan.effect_at).await;
+                let mut w = world.lock().unwrap();
+                let commits = w.obs.commits.len();
+                let r = effect(&mut w, &inv);
+                w.check_index(&policy);
+                if late {
+                    let landed = w.obs.commits.len() > commits;
+                    w.log(&inv.who(), |_| {
+                        format!(
+                            "LATE ledger write lands now: {}",
+                            if landed { "committed" } else { "no effect" }
+                        )
+                    });
                 }
-            }
-            Some(r)
+                let _ = tx.send(r);
+            });
+        }
+        sleep_ms(plan.total.min(plan.effect_at)).await;
+        let result = if plan.effect && plan.effect_at <= plan.total {
+            rx.await.ok()
         } else {
             None
         };
-        sleep_ms(plan.total - plan.effect_at).await;
+        sleep_ms(plan.total.saturating_sub(plan.effect_at)).await;
         self.inv.crash_point(&self.world, op, true).await;
         match (plan.error, result) {
             (Some(e), _) => Err(StoreError::Unavailable(e)),
@@ -223,14 +410,28 @@ fn show<T>(r: &Result<T, StoreError>) -> String {
 
 struct SimLedger(Port);
 
+/// The request a POST writes first is the one it tries to store (for the checker's
+/// answers: a `503` names no request in its body).
+fn note_tried(port: &Port, state: &DesiredState) {
+    let mut w = port.world.lock().unwrap();
+    let name = w.names.request(state.request_id.as_str());
+    let t = w.ms();
+    w.obs.first_tried.entry(name.clone()).or_insert(t);
+    let i = port.inv.index;
+    if port.inv.kind == Kind::Post && w.obs.invocations[i].tried.is_none() {
+        w.obs.invocations[i].tried = Some(name);
+    }
+}
+
 #[async_trait]
 impl Ledger for SimLedger {
     async fn get(&self, device: &DeviceId) -> Result<Option<Versioned<DesiredState>>, StoreError> {
         let d = device.as_str().to_string();
+        let key = d.clone();
         let r = self
             .0
-            .storage(&d, |w, _| {
-                Ok(w.rows.get(&d).map(|(v, n)| Versioned {
+            .storage(&d, false, move |w, _| {
+                Ok(w.rows.get(&key).map(|(v, n)| Versioned {
                     value: v.clone(),
                     etag: ETag(n.to_string()),
                 }))
@@ -249,51 +450,21 @@ impl Ledger for SimLedger {
     }
 
     async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
-        let d = state.device_id.as_str().to_string();
-        {
-            let mut w = self.0.world.lock().unwrap();
-            let name = w.names.request(state.request_id.as_str());
-            let t = w.ms();
-            w.obs.first_tried.entry(name).or_insert(t);
-        }
-        let r = self
-            .0
-            .storage(&d, |w, inv| {
-                if !etag_matches(w.rows.get(&d).map(|r| r.1), expected) {
-                    return Err(StoreError::Conflict);
-                }
-                w.next_etag += 1;
-                let n = w.next_etag;
-                w.rows.insert(d.clone(), (state.clone(), n));
-                w.keep_entry(HistoryEntry::of(state));
-                w.commit(&d, Some(state), inv);
-                Ok(ETag(n.to_string()))
-            })
-            .await;
-        self.0.log(|w| {
-            let exp = expected
-                .map(|e| format!("e{}", e.0))
-                .unwrap_or("insert".into());
-            format!(
-                "ledger.put {d} {} if {exp} -> {}",
-                describe(w, state),
-                show(&r)
-            )
-        });
-        r
+        self.write_record(state, None, expected, false).await
     }
 
     async fn anchor(&self, device: &DeviceId) -> Result<ETag, StoreError> {
         let d = device.as_str().to_string();
+        let key = d.clone();
         let r = self
             .0
-            .storage(&d, |w, _| {
-                let n = match w.anchors.get(&d) {
+            .storage(&d, true, move |w, _| {
+                let n = match w.anchors.get(&key) {
                     Some(n) => *n,
                     None => {
                         w.next_etag += 1;
                         let n = w.next_etag;
-                        w.anchors.insert(d.clone(), n);
+                        w.anchors.insert(key, n);
                         n
                     }
                 };
@@ -312,22 +483,24 @@ impl Ledger for SimLedger {
         on: &Precondition,
     ) -> Result<ETag, StoreError> {
         let d = state.device_id.as_str().to_string();
-        {
-            let mut w = self.0.world.lock().unwrap();
-            let name = w.names.request(state.request_id.as_str());
-            let t = w.ms();
-            w.obs.first_tried.entry(name).or_insert(t);
-        }
-        let key = key.map(|k| (k.record.clone(), k.replaces.cloned()));
+        note_tried(&self.0, state);
+        let row_key = key.map(|k| (k.record.clone(), k.replaces.cloned()));
+        let (device, value, entry, cond, key_row) = (
+            d.clone(),
+            state.clone(),
+            replaced.cloned(),
+            on.clone(),
+            row_key.clone(),
+        );
         let r = self
             .0
-            .storage(&d, |w, inv| {
+            .storage(&d, true, move |w, inv| {
                 // One entity-group transaction: every condition first, then every write.
-                if !holds(w, &d, on) {
+                if !holds(w, &device, &cond) {
                     return Err(StoreError::Conflict);
                 }
-                if let Some((record, replaces)) = &key {
-                    let k = (d.clone(), record.key.as_str().to_string());
+                if let Some((record, replaces)) = &key_row {
+                    let k = (device.clone(), record.key.as_str().to_string());
                     if !etag_matches(w.idem.get(&k).map(|r| r.1), replaces.as_ref()) {
                         return Err(StoreError::Conflict);
                     }
@@ -335,19 +508,12 @@ impl Ledger for SimLedger {
                     let n = w.next_etag;
                     w.idem.insert(k, (record.clone(), n));
                 }
-                if let Precondition::Anchor(_) = on {
+                if let Precondition::Anchor(_) = cond {
                     w.next_etag += 1;
                     let n = w.next_etag;
-                    w.anchors.insert(d.clone(), n);
+                    w.anchors.insert(device.clone(), n);
                 }
-                w.next_etag += 1;
-                let n = w.next_etag;
-                w.rows.insert(d.clone(), (state.clone(), n));
-                w.keep_entry(HistoryEntry::of(state));
-                if let Some(entry) = replaced {
-                    w.keep_entry(entry.clone());
-                }
-                w.commit(&d, Some(state), inv);
+                let n = w.write_record(&device, Some(&value), entry.as_ref(), true, inv);
                 Ok(ETag(n.to_string()))
             })
             .await;
@@ -356,7 +522,7 @@ impl Ledger for SimLedger {
                 Precondition::Record(e) => format!("e{}", e.0),
                 Precondition::Anchor(e) => format!("anchor e{}", e.0),
             };
-            let keyed = key
+            let keyed = row_key
                 .as_ref()
                 .map(|(k, _)| format!(" key {}", k.key.as_str()))
                 .unwrap_or_default();
@@ -371,22 +537,23 @@ impl Ledger for SimLedger {
 
     async fn fence(&self, device: &DeviceId, on: &Precondition) -> Result<(), StoreError> {
         let d = device.as_str().to_string();
+        let (key, cond) = (d.clone(), on.clone());
         let r = self
             .0
-            .storage(&d, |w, _| {
-                if !holds(w, &d, on) {
+            .storage(&d, true, move |w, _| {
+                if !holds(w, &key, &cond) {
                     return Err(StoreError::Conflict);
                 }
                 w.next_etag += 1;
                 let n = w.next_etag;
-                match on {
+                match cond {
                     Precondition::Record(_) => {
-                        if let Some(row) = w.rows.get_mut(&d) {
+                        if let Some(row) = w.rows.get_mut(&key) {
                             row.1 = n;
                         }
                     }
                     Precondition::Anchor(_) => {
-                        w.anchors.insert(d.clone(), n);
+                        w.anchors.insert(key, n);
                     }
                 }
                 Ok(())
@@ -401,20 +568,25 @@ impl Ledger for SimLedger {
         device: &DeviceId,
         request: &RequestId,
     ) -> Result<Option<HistoryEntry>, StoreError> {
-        let k = (device.as_str().to_string(), request.as_str().to_string());
+        let key = (device.as_str().to_string(), request.as_str().to_string());
+        let d = key.0.clone();
         let r = self
             .0
-            .storage(&k.0, |w, _| Ok(w.history.get(&k).cloned()))
+            .storage(&d, false, move |w, _| Ok(w.history.get(&key).cloned()))
             .await;
         self.0.log(|w| {
-            let name = w.names.request(&k.1);
+            let name = w.names.request(request.as_str());
             match &r {
                 Ok(Some(e)) => format!(
-                    "ledger.history {} {name} -> {}",
-                    k.0,
-                    e.request.status.as_str()
+                    "history.get {d} {name} -> {}{}",
+                    e.request.status.as_str(),
+                    if e.superseded_by.is_some() {
+                        " superseded"
+                    } else {
+                        ""
+                    }
                 ),
-                other => format!("ledger.history {} {name} -> {}", k.0, show(other)),
+                other => format!("history.get {d} {name} -> {}", show(other)),
             }
         });
         r
@@ -431,9 +603,10 @@ impl Ledger for SimLedger {
             let w = self.0.world.lock().unwrap();
             w.faults_on && dice.chance(w.sc.faults.page_error)
         };
+        let from = after.clone();
         let r = self
             .0
-            .storage("*", |w, inv| {
+            .storage("*", false, move |w, inv| {
                 if page_error {
                     let who = inv.who();
                     w.fault("*", &who, "ledger: listing of pending fails");
@@ -442,7 +615,7 @@ impl Ledger for SimLedger {
                 let mut listed: Vec<Versioned<DesiredState>> = w
                     .rows
                     .iter()
-                    .filter(|(k, (v, _))| after.as_ref().is_none_or(|a| *k > a) && v.is_pending())
+                    .filter(|(k, (v, _))| from.as_ref().is_none_or(|a| *k > a) && v.is_pending())
                     .take(limit + 1)
                     .map(|(_, (v, n))| Versioned {
                         value: v.clone(),
@@ -480,14 +653,15 @@ impl Ledger for SimLedger {
 
     async fn file_due(&self, entry: &DueEntry) -> Result<(), StoreError> {
         let d = entry.device_id.as_str().to_string();
+        let filed = entry.clone();
         let r = self
             .0
-            .storage(&d, |w, _| {
+            .storage(&d, true, move |w, _| {
                 w.next_etag += 1;
                 let n = w.next_etag;
-                let key = entry.row_key();
+                let key = filed.row_key();
                 w.due.retain(|(e, _)| e.row_key() != key);
-                w.due.push((entry.clone(), n));
+                w.due.push((filed, n));
                 Ok(())
             })
             .await;
@@ -506,7 +680,7 @@ impl Ledger for SimLedger {
     ) -> Result<Vec<Versioned<DueEntry>>, StoreError> {
         let r = self
             .0
-            .storage("*", |w, _| {
+            .storage("*", false, move |w, _| {
                 let mut listed: Vec<&(DueEntry, u64)> = w
                     .due
                     .iter()
@@ -543,13 +717,13 @@ impl Ledger for SimLedger {
 
     async fn unfile_due(&self, entry: &DueEntry, etag: &ETag) -> Result<(), StoreError> {
         let d = entry.device_id.as_str().to_string();
-        let key = entry.row_key();
+        let (key, exp) = (entry.row_key(), etag.clone());
         let r = self
             .0
-            .storage(&d, |w, _| {
+            .storage(&d, true, move |w, _| {
                 match w.due.iter().position(|(e, _)| e.row_key() == key) {
                     None => Ok(()),
-                    Some(i) if w.due[i].1.to_string() == etag.0 => {
+                    Some(i) if w.due[i].1.to_string() == exp.0 => {
                         w.due.remove(i);
                         Ok(())
                     }
@@ -567,7 +741,7 @@ impl Ledger for SimLedger {
     async fn sweep_state(&self) -> Result<Option<Versioned<SweepState>>, StoreError> {
         let r = self
             .0
-            .storage("*", |w, _| {
+            .storage("*", false, |w, _| {
                 Ok(w.sweep_state.as_ref().map(|(v, n)| Versioned {
                     value: v.clone(),
                     etag: ETag(n.to_string()),
@@ -583,15 +757,16 @@ impl Ledger for SimLedger {
         state: &SweepState,
         expected: Option<&ETag>,
     ) -> Result<ETag, StoreError> {
+        let (value, exp) = (state.clone(), expected.cloned());
         let r = self
             .0
-            .storage("*", |w, _| {
-                if !etag_matches(w.sweep_state.as_ref().map(|s| s.1), expected) {
+            .storage("*", true, move |w, _| {
+                if !etag_matches(w.sweep_state.as_ref().map(|s| s.1), exp.as_ref()) {
                     return Err(StoreError::Conflict);
                 }
                 w.next_etag += 1;
                 let n = w.next_etag;
-                w.sweep_state = Some((state.clone(), n));
+                w.sweep_state = Some((value, n));
                 Ok(ETag(n.to_string()))
             })
             .await;
@@ -612,10 +787,11 @@ impl Ledger for SimLedger {
         key: &IdempotencyKey,
     ) -> Result<Option<Versioned<IdempotencyRecord>>, StoreError> {
         let k = (device.as_str().to_string(), key.as_str().to_string());
+        let row = k.clone();
         let r = self
             .0
-            .storage(&k.0, |w, _| {
-                Ok(w.idem.get(&k).map(|(v, n)| Versioned {
+            .storage(&k.0, false, move |w, _| {
+                Ok(w.idem.get(&row).map(|(v, n)| Versioned {
                     value: v.clone(),
                     etag: ETag(n.to_string()),
                 }))
@@ -632,9 +808,69 @@ impl Ledger for SimLedger {
     }
 }
 
+impl SimLedger {
+    /// A record write (`put`): conditional on `expected` (insert if `None`), with its
+    /// history in the same atomic write; `trim`: keep the history bounded.
+    async fn write_record(
+        &self,
+        state: &DesiredState,
+        replaced: Option<&HistoryEntry>,
+        expected: Option<&ETag>,
+        trim: bool,
+    ) -> Result<ETag, StoreError> {
+        let d = state.device_id.as_str().to_string();
+        note_tried(&self.0, state);
+        let (key, value, entry, exp) = (
+            d.clone(),
+            state.clone(),
+            replaced.cloned(),
+            expected.cloned(),
+        );
+        let r = self
+            .0
+            .storage(&d, true, move |w, inv| {
+                if !etag_matches(w.rows.get(&key).map(|r| r.1), exp.as_ref()) {
+                    return Err(StoreError::Conflict);
+                }
+                let n = w.write_record(&key, Some(&value), entry.as_ref(), trim, inv);
+                Ok(ETag(n.to_string()))
+            })
+            .await;
+        self.0.log(|w| {
+            let exp = expected
+                .map(|e| format!("e{}", e.0))
+                .unwrap_or("insert".into());
+            format!(
+                "ledger.{} {d} {} if {exp} -> {}",
+                if trim { "accept" } else { "put" },
+                describe(w, state),
+                show(&r)
+            )
+        });
+        r
+    }
+}
+
 // ------------------------------------------------------------------ device cloud
 
 struct SimDevice(Port);
+
+/// Whether the device adapter reports a PUT answered `408/500/502/503/504` as an
+/// unknown outcome (`unanswered: true`). The sim device stands in for the adapter
+/// (`adapters::device_api`), so it must map statuses the way the adapter does
+/// (`adapters::device_api::outcome_unknown`).
+pub const PUT_5XX_IS_UNKNOWN_OUTCOME: bool = true;
+
+/// The adapter's error for an answered error status (`429` or `5xx`).
+fn answered_error(what: &str, status: u16, retry_after: Option<Duration>) -> DeviceError {
+    DeviceError::Transient {
+        reason: format!("{what}: device API error (HTTP {status})"),
+        retry_after,
+        unanswered: PUT_5XX_IS_UNKNOWN_OUTCOME
+            && what == "PUT"
+            && matches!(status, 408 | 500 | 502 | 503 | 504),
+    }
+}
 
 fn land(w: &mut World, index: usize) -> Landing {
     let t = w.ms();
@@ -650,6 +886,11 @@ fn land(w: &mut World, index: usize) -> Landing {
             Landing::Applied
         }
     };
+    if matches!(landing, Landing::Unknown | Landing::Rejected) {
+        w.obs
+            .permanent
+            .push((t, device.clone(), Some(request.clone())));
+    }
     let put = &mut w.obs.puts[index];
     put.landing = Some(landing.clone());
     if landing == Landing::Applied {
@@ -662,23 +903,59 @@ fn land(w: &mut World, index: usize) -> Landing {
     landing
 }
 
+/// Lands PUT `index` `at` ms from now, whatever becomes of its caller.
+fn land_later(world: &Shared, index: usize, at: u64) {
+    let world = world.clone();
+    tokio::spawn(async move {
+        sleep_ms(at).await;
+        land(&mut world.lock().unwrap(), index);
+    });
+}
+
+/// A call during a device-cloud outage: a timeout, or a `503` (maybe with `Retry-After`).
+async fn outage_answer<T>(dice: &mut Dice, what: &str, timeout: u64) -> Result<T, DeviceError> {
+    if dice.chance(0.5) {
+        sleep_ms(timeout).await;
+        return Err(DeviceError::Transient {
+            reason: format!("timed out after {timeout} ms"),
+            retry_after: None,
+            unanswered: true,
+        });
+    }
+    sleep_ms(dice.int(1, 300)).await;
+    let retry_after = dice
+        .chance(0.5)
+        .then(|| Duration::from_secs(dice.int(1, 60)));
+    Err(answered_error(what, 503, retry_after))
+}
+
 #[async_trait]
 impl DeviceApi for SimDevice {
     async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
         let d = device.as_str().to_string();
         let (op, mut dice, _) = self.0.begin();
         self.0.inv.crash_point(&self.0.world, op, false).await;
-        let (faults, timeout, on) = {
+        let (faults, timeout, on, outage) = {
             let mut w = self.0.world.lock().unwrap();
             let i = self.0.inv.index;
             w.obs.invocations[i].status_calls.push(d.clone());
-            (w.sc.faults, w.sc.bounds.device_timeout_ms, w.faults_on)
+            let outage = w.outage(Dependency::DeviceCloud).is_some();
+            (
+                w.sc.faults,
+                w.sc.bounds.device_timeout_ms,
+                w.faults_on,
+                outage,
+            )
         };
         let fault = |what: &str| {
             let who = self.0.inv.who();
             self.0.world.lock().unwrap().fault(&d, &who, what);
         };
-        let result = if on && dice.chance(faults.device_timeout) {
+        let result = if outage {
+            fault("device cloud outage: status fails");
+            self.0.world.lock().unwrap().shape("device cloud outage");
+            outage_answer(&mut dice, "GET", timeout).await
+        } else if on && dice.chance(faults.device_timeout) {
             fault("device: status times out");
             sleep_ms(timeout).await;
             Err(DeviceError::Transient {
@@ -689,13 +966,10 @@ impl DeviceApi for SimDevice {
         } else if on && dice.chance(faults.device_transient) {
             fault("device: status 503");
             sleep_ms(dice.int(1, 300)).await;
-            Err(DeviceError::Transient {
-                reason: "503".into(),
-                retry_after: dice
-                    .chance(0.5)
-                    .then(|| Duration::from_secs(dice.int(1, 30))),
-                unanswered: false,
-            })
+            let retry_after = dice
+                .chance(0.5)
+                .then(|| Duration::from_secs(dice.int(1, 30)));
+            Err(answered_error("GET", 503, retry_after))
         } else {
             let lat = if on && dice.chance(faults.device_slow) {
                 dice.int(1, timeout - 1)
@@ -703,13 +977,17 @@ impl DeviceApi for SimDevice {
                 dice.int(5, 200)
             };
             sleep_ms(lat).await;
-            let w = self.0.world.lock().unwrap();
+            let mut w = self.0.world.lock().unwrap();
             match w.devices.get(&d) {
                 Some(s) if s.known => Ok(DeviceStatus {
                     online: s.online,
                     min_soc: s.value.as_ref().map(|v| v.0),
                 }),
-                _ => Err(DeviceError::UnknownDevice),
+                _ => {
+                    let t = w.ms();
+                    w.obs.permanent.push((t, d.clone(), None));
+                    Err(DeviceError::UnknownDevice)
+                }
             }
         };
         self.0.inv.crash_point(&self.0.world, op, true).await;
@@ -731,7 +1009,7 @@ impl DeviceApi for SimDevice {
         let d = device.as_str().to_string();
         let (op, mut dice, _) = self.0.begin();
         self.0.inv.crash_point(&self.0.world, op, false).await;
-        let (index, faults, bounds, on, request) = {
+        let (index, faults, bounds, on, request, forced, outage) = {
             let mut w = self.0.world.lock().unwrap();
             let request = w.names.request(request_id.as_str());
             let t = w.ms();
@@ -749,7 +1027,17 @@ impl DeviceApi for SimDevice {
             });
             let i = self.0.inv.index;
             w.obs.invocations[i].puts.push(request.clone());
-            (index, w.sc.faults, w.sc.bounds, w.faults_on, request)
+            let forced = w.forced(&self.0.inv.label, op);
+            let outage = w.outage(Dependency::DeviceCloud).is_some();
+            (
+                index,
+                w.sc.faults,
+                w.sc.bounds,
+                w.faults_on,
+                request,
+                forced,
+                outage,
+            )
         };
         self.0
             .log(|_| format!("device.PUT {d} {request}={} sent", min_soc.percent()));
@@ -757,18 +1045,49 @@ impl DeviceApi for SimDevice {
             let who = self.0.inv.who();
             self.0.world.lock().unwrap().fault(&d, &who, what);
         };
+        let lost = || self.0.world.lock().unwrap().obs.puts[index].landing = Some(Landing::Lost);
         let timeout = bounds.device_timeout_ms;
-        let result = if on && dice.chance(faults.device_transient) {
-            fault("device: PUT 429/503, not applied");
-            sleep_ms(dice.int(1, 300)).await;
-            self.0.world.lock().unwrap().obs.puts[index].landing = Some(Landing::Lost);
-            Err(DeviceError::Transient {
-                reason: "503".into(),
-                retry_after: dice
-                    .chance(0.5)
-                    .then(|| Duration::from_secs(dice.int(1, 30))),
-                unanswered: false,
-            })
+        let result = if let Some(Forced::Put5xxLands(status, after)) = forced {
+            fault("device: PUT answered 5xx, lands later (scripted)");
+            self.0
+                .world
+                .lock()
+                .unwrap()
+                .shape("5xx PUT lands after the answer");
+            let answer_at = dice.int(1, 300);
+            land_later(&self.0.world, index, answer_at + after);
+            sleep_ms(answer_at).await;
+            Err(answered_error("PUT", status, None))
+        } else if outage {
+            fault("device cloud outage: PUT fails, not applied");
+            self.0.world.lock().unwrap().shape("device cloud outage");
+            lost();
+            outage_answer(&mut dice, "PUT", timeout).await
+        } else if on && dice.chance(faults.device_transient) {
+            let answer_at = dice.int(1, 300);
+            let retry_after = dice
+                .chance(0.5)
+                .then(|| Duration::from_secs(dice.int(1, 30)));
+            let status = [429, 500, 502, 503, 504][dice.int(0, 4) as usize];
+            if status != 429 && dice.chance(faults.put_5xx_lands) {
+                // The gateway answered 5xx, the backend applies it anyway, within Lt.
+                fault("device: PUT answered 5xx; it still lands");
+                self.0
+                    .world
+                    .lock()
+                    .unwrap()
+                    .shape("5xx PUT lands after the answer");
+                land_later(
+                    &self.0.world,
+                    index,
+                    answer_at + dice.int(1, bounds.late_landing_ms),
+                );
+            } else {
+                fault("device: PUT 429/5xx, not applied");
+                lost();
+            }
+            sleep_ms(answer_at).await;
+            Err(answered_error("PUT", status, retry_after))
         } else if on && dice.chance(faults.device_timeout) {
             let lands = dice.chance(faults.late_landing);
             let at = dice.int(1, timeout + bounds.late_landing_ms);
@@ -778,13 +1097,9 @@ impl DeviceApi for SimDevice {
                 "device: PUT times out and is lost"
             });
             if lands {
-                let world = self.0.world.clone();
-                tokio::spawn(async move {
-                    sleep_ms(at).await;
-                    land(&mut world.lock().unwrap(), index);
-                });
+                land_later(&self.0.world, index, at);
             } else {
-                self.0.world.lock().unwrap().obs.puts[index].landing = Some(Landing::Lost);
+                lost();
             }
             sleep_ms(timeout).await;
             Err(DeviceError::Transient {
@@ -842,30 +1157,84 @@ impl SettingsQueue for SimQueue {
         let d = message.body.device_id.clone();
         let (op, mut dice, _) = self.0.begin();
         self.0.inv.crash_point(&self.0.world, op, false).await;
-        let (faults, timeout, on) = {
+        let (faults, timeout, late, on, forced, outage) = {
             let w = self.0.world.lock().unwrap();
-            (w.sc.faults, w.sc.bounds.send_timeout_ms, w.faults_on)
+            (
+                w.sc.faults,
+                w.sc.bounds.send_timeout_ms,
+                w.sc.bounds.late_commit_ms,
+                w.faults_on,
+                w.forced(&self.0.inv.label, op),
+                w.outage(Dependency::Bus),
+            )
         };
         let fault = |what: &str| {
             let who = self.0.inv.who();
             self.0.world.lock().unwrap().fault(&d, &who, what);
         };
-        let (enqueue_at, total, error) = if on && dice.chance(faults.send_fail) {
-            fault("queue: send fails, nothing enqueued");
-            (None, dice.int(1, 200), Some("503 from broker"))
-        } else if on && dice.chance(faults.send_ambiguous) {
-            fault("queue: enqueued, caller sees a timeout");
-            (Some(dice.int(1, timeout - 1)), timeout, Some("timed out"))
-        } else {
-            let total = dice.int(1, 100);
-            (Some(dice.int(0, total)), total, None)
+        let shape = |what: &'static str| self.0.world.lock().unwrap().shape(what);
+        // (enqueued at, answered at, error): enqueued after the answer = a late send.
+        let (enqueue_at, total, error) = match forced {
+            Some(Forced::Fails) => {
+                fault("queue: send fails (scripted)");
+                (None, 1, Some("503 from broker"))
+            }
+            Some(Forced::CommitsLate(after)) => {
+                fault("queue: send times out, enqueued later (scripted)");
+                shape("send enqueued after the caller's timeout");
+                (Some(timeout + after), timeout, Some("timed out"))
+            }
+            _ if outage.is_some() => {
+                shape("Service Bus outage");
+                let o = outage.expect("outage");
+                if dice.chance(o.late_commit) {
+                    fault("Service Bus outage: send times out, enqueued later");
+                    shape("send enqueued after the caller's timeout");
+                    (
+                        Some(timeout + dice.int(1, late)),
+                        timeout,
+                        Some("timed out"),
+                    )
+                } else {
+                    fault("Service Bus outage: send fails");
+                    let total = if dice.chance(0.5) {
+                        timeout
+                    } else {
+                        dice.int(1, 200)
+                    };
+                    (None, total, Some("unreachable (outage)"))
+                }
+            }
+            _ if on && dice.chance(faults.send_fail) => {
+                fault("queue: send fails, nothing enqueued");
+                (None, dice.int(1, 200), Some("503 from broker"))
+            }
+            _ if on && dice.chance(faults.send_ambiguous) => {
+                let mut at = dice.int(1, timeout - 1);
+                if dice.chance(faults.late_send) {
+                    at = timeout + dice.int(1, late);
+                    fault("queue: caller sees a timeout, enqueued later");
+                    shape("send enqueued after the caller's timeout");
+                } else {
+                    fault("queue: enqueued, caller sees a timeout");
+                }
+                (Some(at), timeout, Some("timed out"))
+            }
+            _ => {
+                let total = dice.int(1, 100);
+                (Some(dice.int(0, total)), total, None)
+            }
         };
         if let Some(at) = enqueue_at {
-            sleep_ms(at).await;
+            // Sent: it is enqueued whatever becomes of the caller, maybe after its timeout.
             let jitter = if on { dice.int(0, 3_000) } else { 0 };
-            self.enqueue(message, jitter);
+            let (queue, message) = (SimQueue(self.0.clone()), message.clone());
+            tokio::spawn(async move {
+                sleep_ms(at).await;
+                queue.enqueue(&message, jitter);
+            });
         }
-        sleep_ms(total - enqueue_at.unwrap_or(0)).await;
+        sleep_ms(total).await;
         self.0.inv.crash_point(&self.0.world, op, true).await;
         let result = match error {
             Some(_) => Err(QueueError::Unreachable),

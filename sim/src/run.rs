@@ -28,8 +28,8 @@ use tokio::time::Instant;
 
 use crate::check::{self, Finale, Violation};
 use crate::ports::services;
-use crate::scenario::Scenario;
-use crate::world::{crash, Answer, Inv, Kind, Observations, Shared, World};
+use crate::scenario::{Dependency, Scenario};
+use crate::world::{crash, Answer, Inv, Kind, Observations, Read, ReadKind, Shared, World};
 
 /// The result of one run.
 pub struct Report {
@@ -97,8 +97,8 @@ impl Host {
         T: Send + 'static,
     {
         let inv = Inv::new(&mut self.world.lock().unwrap(), kind);
-        let svc = services(&self.world, &inv, self.policy, &self.notify);
-        let fut = f(svc);
+        let (svc, caller) = services(&self.world, &inv, self.policy, &self.notify);
+        let fut = caller.scope(f(svc));
         let world = self.world.clone();
         let me = inv.clone();
         let handle = tokio::spawn(async move {
@@ -112,6 +112,20 @@ impl Host {
             out
         });
         let _ = inv.abort.set(handle.abort_handle());
+        // The host's functionTimeout: an invocation still running then is killed.
+        let (world, me) = (self.world.clone(), inv.clone());
+        let limit = world.lock().unwrap().sc.bounds.function_timeout_ms;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(limit)).await;
+            let running = world
+                .lock()
+                .unwrap()
+                .inv_record(&me)
+                .is_some_and(|r| r.ended.is_none());
+            if running {
+                crash(&world, &me, "functionTimeout");
+            }
+        });
         (inv, handle)
     }
 }
@@ -167,8 +181,18 @@ async fn simulate(sc: Arc<Scenario>, trace: bool) -> Report {
         let world = world.clone();
         tokio::spawn(async move {
             sleep_until_ms(&world, at).await;
-            restart(&world, instance);
+            restart(&world, instance, false);
         });
+    }
+    for &(at, instance) in &sc.scale_ins {
+        let world = world.clone();
+        tokio::spawn(async move {
+            sleep_until_ms(&world, at).await;
+            restart(&world, instance, true);
+        });
+    }
+    for (i, reader) in sc.readers.iter().enumerate() {
+        tokio::spawn(read_latest(host.clone(), i, *reader));
     }
     {
         let world = world.clone();
@@ -203,23 +227,37 @@ async fn simulate(sc: Arc<Scenario>, trace: bool) -> Report {
     }
 }
 
-/// Restarts an instance: every invocation running on it is dropped, its clock drifts anew.
-fn restart(world: &Shared, instance: usize) {
+/// Restarts an instance (a worker restart, a deployment): every invocation running on
+/// it is dropped at once, its clock drifts anew, its device-call budget starts afresh.
+/// `scale_in`: the instance is removed instead and takes no new invocations.
+fn restart(world: &Shared, instance: usize, scale_in: bool) {
     let running = {
         let mut w = world.lock().unwrap();
-        if !w.faults_on {
+        if !w.faults_on || w.instances[instance].removed {
             return;
         }
-        w.fault("*", "world", &format!("instance i{instance} restarts"));
+        let what = if scale_in { "is scaled in" } else { "restarts" };
+        w.fault("*", "world", &format!("instance i{instance} {what}"));
         let skew = w.sc.bounds.max_skew_ms as f64;
         let draw = w.draw();
         let i = &mut w.instances[instance];
         i.generation += 1;
         i.skew_ms = ((draw * 2.0 - 1.0) * skew) as i64;
-        std::mem::take(&mut i.running)
+        i.budget = None;
+        i.removed = scale_in;
+        let running = std::mem::take(&mut i.running);
+        if !running.is_empty() {
+            w.shape(if scale_in {
+                "scale-in kills invocations"
+            } else {
+                "restart kills invocations"
+            });
+        }
+        running
     };
+    let why = if scale_in { "scale-in" } else { "restart" };
     for inv in running {
-        crash(world, &inv);
+        crash(world, &inv, why);
     }
 }
 
@@ -231,23 +269,119 @@ async fn sweeps(host: Host) {
     let mut at = first;
     loop {
         sleep_until_ms(&host.world, at).await;
-        {
+        // Past-due runs: the host fires late (the run is past due when it starts, and
+        // the next one may follow at once), or twice back to back.
+        let (late, twice) = {
             let mut w = host.world.lock().unwrap();
-            let t = w.ms();
-            w.obs.sweeps.push(t);
+            let on = w.faults_on;
+            let (p_late, p_twice) = (w.sc.late_sweeps, w.sc.double_sweeps);
+            let late = (on && w.draw() < p_late).then(|| (w.draw() * 2.0 * every as f64) as u64);
+            let twice = on && w.draw() < p_twice;
+            if late.is_some() {
+                w.shape("past-due timer run");
+            }
+            if twice {
+                w.shape("timer fires twice back to back");
+            }
+            (late, twice)
+        };
+        if let Some(late) = late {
+            tokio::time::sleep(Duration::from_millis(late)).await;
         }
-        let (inv, _) = host.invoke(Kind::Sweep, |svc| async move {
-            drain_soc_timer::run(&svc).await
-        });
-        host.world
-            .lock()
-            .unwrap()
-            .log(&inv.who(), |_| "timer fires: sweep starts".into());
+        for n in 0..1 + usize::from(twice) {
+            {
+                let mut w = host.world.lock().unwrap();
+                let t = w.ms();
+                w.obs.sweeps.push(t);
+            }
+            let (inv, _) = host.invoke(Kind::Sweep, |svc| async move {
+                drain_soc_timer::run(&svc).await
+            });
+            host.world.lock().unwrap().log(&inv.who(), |_| {
+                format!(
+                    "timer fires: sweep starts{}",
+                    if n > 0 { " (again)" } else { "" }
+                )
+            });
+        }
         at += every;
+        // A run that started past the next one's time: the host runs the missed one now.
+        let now = host.world.lock().unwrap().ms();
+        if at < now {
+            at = now;
+        }
     }
 }
 
-/// One customer: POSTs, and retries (same key) after a 503, a 409 or no answer.
+/// A reader: `GET /api/devices/{id}/soc` every so often while things happen.
+async fn read_latest(host: Host, index: usize, spec: crate::scenario::ReaderSpec) {
+    let device = host.world.lock().unwrap().sc.devices[spec.device]
+        .name
+        .clone();
+    let _ = index;
+    let mut at = spec.from_ms;
+    while at < spec.until_ms {
+        sleep_until_ms(&host.world, at).await;
+        tokio::spawn(read(host.clone(), device.clone(), None));
+        at += spec.every_ms;
+    }
+}
+
+/// One `GET`: of the device's latest request (`request` `None`) or of one request's
+/// status; its answer is recorded with its time span.
+async fn read(host: Host, device: String, request: Option<(String, String)>) {
+    let start = host.world.lock().unwrap().ms();
+    let api = ApiRequest {
+        method: "GET".into(),
+        device_id: device.clone(),
+        idempotency_key: None,
+        body: Vec::new(),
+        rest: request.as_ref().map(|(raw, _)| format!("requests/{raw}")),
+    };
+    let (inv, handle) = host.invoke(Kind::Get, |svc| async move {
+        set_soc_http::handle(&svc, api).await
+    });
+    let Ok(r) = handle.await else {
+        return;
+    };
+    let mut w = host.world.lock().unwrap();
+    let end = w.ms();
+    let shown_request = r
+        .body
+        .get("requestId")
+        .and_then(|v| v.as_str())
+        .map(|raw| w.names.request(raw));
+    let shown = r
+        .body
+        .get("status")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    let kind = match &request {
+        None => ReadKind::Latest,
+        Some((_, name)) => ReadKind::Request(name.clone()),
+    };
+    w.log(&inv.who(), |_| {
+        format!(
+            "READ {kind:?} {device} -> {} {} {}",
+            r.status,
+            shown_request.clone().unwrap_or_default(),
+            shown.clone().unwrap_or_default()
+        )
+    });
+    w.obs.reads.push(Read {
+        kind,
+        device,
+        start,
+        end,
+        status: r.status,
+        request: shown_request,
+        shown,
+    });
+}
+
+/// One customer: POSTs, and retries (same key) after a 503, a 409 or no answer; later
+/// (minutes to hours) retries again with the same key whatever the answer was; polls
+/// its request's status after a `2xx`.
 async fn client(host: Host, index: usize) {
     let (post, device) = {
         let w = host.world.lock().unwrap();
@@ -256,65 +390,16 @@ async fn client(host: Host, index: usize) {
         (p, d)
     };
     sleep_until_ms(&host.world, post.at_ms).await;
+    let mut first_answer = None;
     for attempt in 0..=post.retries {
-        let request = ApiRequest {
-            method: "POST".into(),
-            device_id: device.clone(),
-            idempotency_key: post.idempotency_key.as_ref().map(|k| k.as_bytes().to_vec()),
-            body: format!(r#"{{"minSoc":{}}}"#, post.min_soc).into_bytes(),
-            rest: None,
+        let answered = post_once(&host, &device, &post).await;
+        let retry = {
+            let w = host.world.lock().unwrap();
+            first_answer.get_or_insert(w.ms());
+            answered.is_none_or(|s| matches!(s, 503 | 409)) && attempt < post.retries && w.faults_on
         };
-        let (inv, handle) = host.invoke(Kind::Post, |svc| async move {
-            set_soc_http::handle(&svc, request).await
-        });
-        host.world.lock().unwrap().log(&inv.who(), |_| {
-            format!(
-                "POST {device} minSoc={} key={:?}",
-                post.min_soc, post.idempotency_key
-            )
-        });
-        let answered = handle.await.ok();
-        let again = {
-            let mut w = host.world.lock().unwrap();
-            let t = w.ms();
-            let retry = match &answered {
-                Some(r) => {
-                    let request = r
-                        .body
-                        .get("requestId")
-                        .and_then(|v| v.as_str())
-                        .map(|raw| w.names.request(raw))
-                        .or_else(|| w.obs.invocations[inv.index].created.last().cloned());
-                    let replayed = r.headers.iter().any(|(k, _)| *k == "Idempotent-Replayed");
-                    w.obs.answers.push(Answer {
-                        inv: inv.label.clone(),
-                        t,
-                        status: r.status,
-                        device: device.clone(),
-                        request: request.clone(),
-                        replayed,
-                        applied: r.body.get("status").and_then(|s| s.as_str()) == Some("applied"),
-                    });
-                    let status = r.status;
-                    let shown = r.body.get("status").cloned();
-                    w.log(&inv.who(), |_| {
-                        format!(
-                            "ANSWER {status} {} {}",
-                            request.unwrap_or_default(),
-                            shown.unwrap_or_default()
-                        )
-                    });
-                    matches!(r.status, 503 | 409)
-                }
-                None => {
-                    w.log(&inv.who(), |_| "no answer (invocation dropped)".into());
-                    true
-                }
-            };
-            retry && attempt < post.retries && w.faults_on
-        };
-        if !again {
-            return;
+        if !retry {
+            break;
         }
         let wait = {
             let mut w = host.world.lock().unwrap();
@@ -322,12 +407,108 @@ async fn client(host: Host, index: usize) {
         };
         tokio::time::sleep(Duration::from_millis(wait)).await;
     }
+    let from = first_answer.unwrap_or(post.at_ms);
+    for delay in &post.late_retries {
+        sleep_until_ms(&host.world, from + delay).await;
+        host.world
+            .lock()
+            .unwrap()
+            .shape("late retry with the same key");
+        post_once(&host, &device, &post).await;
+    }
+}
+
+/// One POST of `post`; records the answer (and polls the request's status after a
+/// `2xx`). Returns the status, `None` when the invocation was dropped.
+async fn post_once(host: &Host, device: &str, post: &crate::scenario::PostSpec) -> Option<u16> {
+    let request = ApiRequest {
+        method: "POST".into(),
+        device_id: device.to_string(),
+        idempotency_key: post.idempotency_key.as_ref().map(|k| k.as_bytes().to_vec()),
+        body: format!(r#"{{"minSoc":{}}}"#, post.min_soc).into_bytes(),
+        rest: None,
+    };
+    let (inv, handle) = host.invoke(Kind::Post, |svc| async move {
+        set_soc_http::handle(&svc, request).await
+    });
+    {
+        let mut w = host.world.lock().unwrap();
+        w.obs.invocations[inv.index].key = post.idempotency_key.clone();
+        w.log(&inv.who(), |_| {
+            format!(
+                "POST {device} minSoc={} key={:?}",
+                post.min_soc, post.idempotency_key
+            )
+        });
+    }
+    let answered = handle.await.ok();
+    let mut w = host.world.lock().unwrap();
+    let t = w.ms();
+    let Some(r) = answered else {
+        w.log(&inv.who(), |_| "no answer (invocation dropped)".into());
+        return None;
+    };
+    let raw = r
+        .body
+        .get("requestId")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    let record = &w.obs.invocations[inv.index];
+    let fallback = record.created.last().or(record.tried.as_ref()).cloned();
+    let request = raw.as_deref().map(|raw| w.names.request(raw)).or(fallback);
+    let replayed = r.headers.iter().any(|(k, _)| *k == "Idempotent-Replayed");
+    w.obs.answers.push(Answer {
+        inv: inv.label.clone(),
+        t,
+        status: r.status,
+        device: device.to_string(),
+        request: request.clone(),
+        replayed,
+        applied: r.body.get("status").and_then(|s| s.as_str()) == Some("applied"),
+        carries_id: raw.is_some(),
+    });
+    let status = r.status;
+    if status == 500 {
+        w.shape("POST answered 500 (outcome unknown)");
+    }
+    let shown = r.body.get("status").cloned();
+    w.log(&inv.who(), |_| {
+        format!(
+            "ANSWER {status} {} {}",
+            request.clone().unwrap_or_default(),
+            shown.unwrap_or_default()
+        )
+    });
+    drop(w);
+    if let (Some(raw), Some(name), true) = (raw, request, matches!(status, 200 | 202)) {
+        let (host, device, polls, every) = (
+            host.clone(),
+            device.to_string(),
+            post.polls,
+            post.poll_every_ms,
+        );
+        tokio::spawn(async move {
+            for _ in 0..polls {
+                tokio::time::sleep(Duration::from_millis(every)).await;
+                read(
+                    host.clone(),
+                    device.clone(),
+                    Some((raw.clone(), name.clone())),
+                )
+                .await;
+            }
+        });
+    }
+    Some(status)
 }
 
 /// Whether the vendor announces that `device` came online, and how: the copies of its
 /// `connected` event (id, delay); none when it is not announced or the event is lost.
 fn announce(w: &mut World, device: &str) -> Vec<(String, u64)> {
     let ev = w.sc.events;
+    if w.outage(Dependency::DeviceCloud).is_some() {
+        return Vec::new();
+    }
     if ev.emit <= 0.0 || w.event_draw() >= ev.emit {
         return Vec::new();
     }
@@ -408,8 +589,13 @@ async fn dispatcher(host: Host) {
             let now = w.ms();
             let bounds = w.sc.bounds;
             let faults = w.sc.faults;
-            let mut next = u64::MAX;
-            let mut order: Vec<usize> = (0..w.queue.len()).filter(|&i| !w.queue[i].done).collect();
+            // Nothing is delivered while Service Bus is down.
+            let outage = w.outage(Dependency::Bus).map(|o| o.until_ms);
+            let down = outage.is_some();
+            let mut next = outage.unwrap_or(u64::MAX);
+            let mut order: Vec<usize> = (0..w.queue.len())
+                .filter(|&i| !w.queue[i].done && !down)
+                .collect();
             order.sort_by_key(|&i| (w.queue[i].active_at, w.queue[i].seq));
             for i in order {
                 let (active_at, expires_at, locked_until, name) = {
@@ -502,7 +688,8 @@ async fn settle(host: Host, seq: u64, token: u64, inv: Arc<Inv>, handle: JoinHan
         let mut w = host.world.lock().unwrap();
         let now = w.ms();
         let lock_ms = w.sc.bounds.lock_ms;
-        let complete_lost = w.faults_on && w.draw() < w.sc.faults.complete_lost;
+        let complete_lost = w.faults_on && w.draw() < w.sc.faults.complete_lost
+            || w.outage(Dependency::Bus).is_some();
         let Some(i) = w.queue.iter().position(|m| m.seq == seq) else {
             return;
         };

@@ -24,6 +24,12 @@ pub struct Bounds {
     pub max_deliveries: u32,
     /// The host renews a delivery's lock for at most this long (`maxAutoLockRenewalDuration`).
     pub max_lock_renewal_ms: u64,
+    /// A ledger write (or a Service Bus send) whose caller timed out may still take
+    /// effect up to this long after the caller's timeout (Table Storage's own server
+    /// timeout is 30 s; a request delayed in the network arrives later still).
+    pub late_commit_ms: u64,
+    /// The host's `functionTimeout`: an invocation still running is killed.
+    pub function_timeout_ms: u64,
 }
 
 impl Default for Bounds {
@@ -37,6 +43,8 @@ impl Default for Bounds {
             lock_ms: 60_000,
             max_deliveries: 10,
             max_lock_renewal_ms: 300_000,
+            late_commit_ms: 40_000,
+            function_timeout_ms: 300_000,
         }
     }
 }
@@ -68,8 +76,81 @@ pub struct Faults {
     pub lock_loss: f64,
     /// Delivery: the completion is lost (the message is delivered again after its lock).
     pub complete_lost: f64,
-    /// Invocation: dropped at one of its await points.
+    /// Invocation: dropped at one of its await points (any of them: the crash point
+    /// is drawn log-uniformly from 1 to [`MAX_CRASH_OP`], before or after the effect).
     pub crash: f64,
+    /// Of ledger writes that take effect but whose caller sees a timeout, the share
+    /// that commits only after the caller's timeout (and so after its read-back
+    /// started), within [`Bounds::late_commit_ms`], detached from the caller.
+    pub late_commit: f64,
+    /// Of ambiguous Service Bus sends, the share enqueued after the caller's timeout.
+    pub late_send: f64,
+    /// Of PUTs answered `500/502/503/504`, the share the device cloud still applies
+    /// within the late-landing bound after the answer.
+    pub put_5xx_lands: f64,
+}
+
+/// Crash points are drawn among the first this many port operations of an invocation.
+pub const MAX_CRASH_OP: u64 = 400;
+
+/// A dependency that can be down for everybody at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    /// Table Storage: every ledger operation fails or times out; a share of the
+    /// writes sent during the outage commit late (after it, within the late bound).
+    Ledger,
+    /// Service Bus: sends fail or time out (a share enqueue late), nothing is
+    /// delivered and completions are lost.
+    Bus,
+    /// The vendor's device cloud: every call is answered `503` or times out, and no
+    /// PUT lands; no connection event is sent.
+    DeviceCloud,
+}
+
+/// A correlated outage: `dependency` is down for every instance in `from_ms..until_ms`.
+#[derive(Debug, Clone, Copy)]
+pub struct Outage {
+    pub dependency: Dependency,
+    pub from_ms: u64,
+    pub until_ms: u64,
+    /// Of the writes (sends) issued during the outage, the share that still takes
+    /// effect, late: after the outage ends, within [`Bounds::late_commit_ms`] of the
+    /// caller's timeout.
+    pub late_commit: f64,
+}
+
+/// A fault forced on one operation of one invocation, for scripted schedules: the
+/// `op`-th port operation (1-based, as the trace counts them) of the invocation
+/// labelled `inv` (`post#1`, `deliv#3`, ...).
+#[derive(Debug, Clone)]
+pub struct Scripted {
+    pub inv: String,
+    pub op: u32,
+    pub fault: Forced,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forced {
+    /// A ledger operation or send fails before any effect.
+    Fails,
+    /// A ledger write or send: the caller times out; it takes effect this many ms
+    /// after the caller's timeout (detached: a crash of the caller does not stop it).
+    CommitsLate(u64),
+    /// A device PUT answered with this status (`500/502/503/504`) that the device
+    /// cloud applies this many ms after the answer.
+    Put5xxLands(u16, u64),
+    /// The invocation is dropped at this operation, before (`false`) or after it.
+    Crash(bool),
+}
+
+/// A reader of the API: `GET /api/devices/{device}/soc` every `every_ms` from
+/// `from_ms` to `until_ms` (each client also polls its own request's status).
+#[derive(Debug, Clone, Copy)]
+pub struct ReaderSpec {
+    pub device: usize,
+    pub from_ms: u64,
+    pub every_ms: u64,
+    pub until_ms: u64,
 }
 
 /// The vendor's connection events: when a device comes online (while faults are on),
@@ -110,6 +191,14 @@ pub struct PostSpec {
     pub idempotency_key: Option<String>,
     /// Client retries (same key) after a 503, 409 or no answer.
     pub retries: u32,
+    /// Later retries with the same key and body, this many ms after the first
+    /// answer (minutes to hours), whatever it was: a client that lost the answer, a
+    /// replayed job. Only with a key.
+    pub late_retries: Vec<u64>,
+    /// After a `2xx` with a `requestId`, the client polls
+    /// `GET .../soc/requests/{requestId}` this many times.
+    pub polls: u32,
+    pub poll_every_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -122,6 +211,22 @@ pub struct Scenario {
     /// Clock skew of each instance at start (ms, signed); restarts draw a new one.
     pub skews_ms: Vec<i64>,
     pub restarts: Vec<(u64, usize)>,
+    /// (at ms, instance): scale-in: every invocation running on the instance dies and
+    /// it takes no new ones (instance 0 is never removed).
+    pub scale_ins: Vec<(u64, usize)>,
+    /// Correlated outages of the ledger, Service Bus and the device cloud.
+    pub outages: Vec<Outage>,
+    /// Faults forced on named operations (scripted schedules; empty in generated worlds).
+    pub script: Vec<Scripted>,
+    /// Readers that GET the device's latest request while things happen.
+    pub readers: Vec<ReaderSpec>,
+    /// The device-call budget per instance (`DEVICE_API_MAX_CALLS_PER_SECOND` /
+    /// instances), calls per second; `None`: no budget (the port has none).
+    pub device_rate: Option<f64>,
+    /// Of timer runs, the share that fires late (past due, up to two intervals),
+    /// and the share that fires twice back to back (the host's catch-up of a missed run).
+    pub late_sweeps: f64,
+    pub double_sweeps: f64,
     pub sweep_every_ms: u64,
     pub sweep_first_ms: u64,
     pub ttl_s: u64,
@@ -155,6 +260,13 @@ impl Scenario {
             posts: Vec::new(),
             skews_ms: vec![0],
             restarts: Vec::new(),
+            scale_ins: Vec::new(),
+            outages: Vec::new(),
+            script: Vec::new(),
+            readers: Vec::new(),
+            device_rate: None,
+            late_sweeps: 0.0,
+            double_sweeps: 0.0,
             sweep_every_ms: 120_000,
             sweep_first_ms: 120_000,
             ttl_s: 3600,
@@ -200,6 +312,11 @@ impl Scenario {
             + device_lease
             + 2 * (b.device_timeout_ms + b.late_landing_ms + 3 * b.storage_timeout_ms)
             + 60_000
+            // A write sent before the faults stopped may commit this much later; a call
+            // may wait its full turn in the device-call budget after a Retry-After pause.
+            + b.storage_timeout_ms
+            + b.late_commit_ms
+            + if self.device_rate.is_some() { 90_000 } else { 0 }
     }
 
     /// The same world without connection events (the regression seeds of issue 8 were
@@ -232,6 +349,7 @@ impl Scenario {
             lock_loss: level(&mut rng, 0.05, 0.2),
             complete_lost: level(&mut rng, 0.05, 0.2),
             crash: level(&mut rng, 0.03, 0.15),
+            ..Faults::default()
         };
         let active_ms = rng.gen_range(60_000..1_200_000u64);
         let faults_until_ms = active_ms + rng.gen_range(0..600_000u64);
@@ -240,17 +358,8 @@ impl Scenario {
             .map(|i| {
                 let mut flaps = Vec::new();
                 let mean = rng.gen_range(5_000..300_000u64);
-                let mut t = 0u64;
-                let mut online = rng.gen_bool(0.5);
-                let start = online;
-                loop {
-                    t += rng.gen_range(1..=2 * mean);
-                    if t >= faults_until_ms {
-                        break;
-                    }
-                    online = !online;
-                    flaps.push((t, online));
-                }
+                let start = rng.gen_bool(0.5);
+                flap(&mut rng, &mut flaps, start, 1..=2 * mean, faults_until_ms);
                 DeviceSpec {
                     name: format!("d{i}"),
                     known: rng.gen_bool(0.97),
@@ -274,6 +383,9 @@ impl Scenario {
                     min_soc: rng.gen_range(0..=100),
                     idempotency_key: rng.gen_bool(0.5).then(|| format!("k{i}")),
                     retries: rng.gen_range(0..=2),
+                    late_retries: Vec::new(),
+                    polls: 0,
+                    poll_every_ms: 0,
                 }
             })
             .collect();
@@ -332,7 +444,15 @@ impl Scenario {
             reconcile_rows: rng.gen_range(0..=2),
             faults_until_ms,
             end_ms: 0,
+            scale_ins: Vec::new(),
+            outages: Vec::new(),
+            script: Vec::new(),
+            readers: Vec::new(),
+            device_rate: None,
+            late_sweeps: 0.0,
+            double_sweeps: 0.0,
         }
+        .widen()
         .valid()
         .settled()
     }
@@ -344,5 +464,160 @@ impl Scenario {
         let longest = self.recheck_max_s.max(self.recheck_initial_s);
         self.ttl_s = self.ttl_s.max(longest + 60);
         self
+    }
+
+    /// Issue 17's fault shapes, drawn from a stream of their own (so the world above is
+    /// drawn as before): late commits and sends, 5xx PUTs that land, correlated outages,
+    /// scale-in, past-due and doubled timer runs, late retries with the same key,
+    /// readers, the device-call budget, and in a share of seeds a fleet of hundreds of
+    /// devices on several instances.
+    fn widen(mut self) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x0517_3d1d_e000_0017);
+        let level = |rng: &mut ChaCha8Rng, low: f64, high: f64| match rng.gen_range(0..4) {
+            0 => 0.0,
+            1 | 2 => low,
+            _ => high,
+        };
+        self.faults.late_commit = level(&mut rng, 0.3, 0.8);
+        self.faults.late_send = level(&mut rng, 0.3, 0.8);
+        self.faults.put_5xx_lands = level(&mut rng, 0.2, 0.6);
+        let fleet = rng.gen_bool(0.05);
+        if fleet {
+            self.fleet(&mut rng);
+        }
+        let active_ms = self.posts.iter().map(|p| p.at_ms).max().unwrap_or(0);
+        // Clients retry with the same key minutes to hours later (log-uniform).
+        let late_share = level(&mut rng, 0.2, 0.6);
+        let mut last = 0;
+        for p in &mut self.posts {
+            p.polls = if fleet { 0 } else { rng.gen_range(0..=3) };
+            p.poll_every_ms = rng.gen_range(1_000..=60_000);
+            if p.idempotency_key.is_some() && !fleet && rng.gen_bool(late_share) {
+                let n = rng.gen_range(1..=2);
+                p.late_retries = (0..n)
+                    .map(|_| (60_000f64 * 120f64.powf(rng.gen_range(0.0..1.0))) as u64)
+                    .collect();
+                p.late_retries.sort_unstable();
+                last = last.max(p.at_ms + p.late_retries.last().copied().unwrap_or(0));
+            }
+        }
+        // The faults last until the late retries are in (the run judges after them).
+        self.faults_until_ms = self.faults_until_ms.max(last + 60_000);
+        let until = self.faults_until_ms;
+        // Correlated outages: seconds to minutes, some longer than the read-back window
+        // (~50 s) and the lease (39 s).
+        let n_outages = match rng.gen_range(0..10) {
+            0..=3 => 0,
+            4..=7 => 1,
+            _ => rng.gen_range(2..=4),
+        };
+        for _ in 0..n_outages {
+            let dependency = match rng.gen_range(0..3) {
+                0 => Dependency::Ledger,
+                1 => Dependency::Bus,
+                _ => Dependency::DeviceCloud,
+            };
+            let len = (2_000f64 * 150f64.powf(rng.gen_range(0.0..1.0))) as u64;
+            let from = rng.gen_range(0..active_ms.max(1) + 60_000).min(until);
+            self.outages.push(Outage {
+                dependency,
+                from_ms: from,
+                until_ms: (from + len).min(until),
+                late_commit: rng.gen_range(0.0..0.5),
+            });
+        }
+        let n = self.skews_ms.len();
+        if n > 1 && rng.gen_bool(0.2) {
+            self.scale_ins
+                .push((rng.gen_range(0..until.max(1)), rng.gen_range(1..n)));
+        }
+        // Instance-wide restarts while work is in flight (deployments, worker recycling).
+        if rng.gen_bool(0.3) {
+            let around = self.posts[rng.gen_range(0..self.posts.len())].at_ms;
+            self.restarts
+                .push((around + rng.gen_range(0..20_000), rng.gen_range(0..n)));
+        }
+        self.late_sweeps = level(&mut rng, 0.05, 0.3);
+        self.double_sweeps = level(&mut rng, 0.05, 0.2);
+        for _ in 0..rng.gen_range(0..=2usize) {
+            let from = rng.gen_range(0..active_ms.max(1));
+            self.readers.push(ReaderSpec {
+                device: rng.gen_range(0..self.devices.len()),
+                from_ms: from,
+                every_ms: rng.gen_range(2_000..=60_000),
+                until_ms: (from + rng.gen_range(30_000..=1_200_000)).min(until),
+            });
+        }
+        // The device-call budget: most seeds without; some with a small share, so
+        // calls wait, are refused (no turn within 30 s) and pause on Retry-After.
+        if rng.gen_bool(0.3) {
+            self.device_rate = Some(rng.gen_range(0.05..=2.0));
+        }
+        self
+    }
+
+    /// A fleet: hundreds of devices on several instances, about one request each, most
+    /// devices steady (flaps hours apart), the sweep taking a share of them per run.
+    fn fleet(&mut self, rng: &mut ChaCha8Rng) {
+        let n_devices = rng.gen_range(100..=200usize);
+        let until = self.faults_until_ms;
+        let active_ms = self.posts.iter().map(|p| p.at_ms).max().unwrap_or(60_000);
+        self.devices = (0..n_devices)
+            .map(|i| {
+                let start = rng.gen_bool(0.5);
+                let mut flaps = Vec::new();
+                if rng.gen_bool(0.2) {
+                    flap(rng, &mut flaps, start, 30_000..=900_000, until);
+                }
+                DeviceSpec {
+                    name: format!("d{i}"),
+                    known: rng.gen_bool(0.98),
+                    reject_below: rng.gen_bool(0.1).then_some(10),
+                    online: start,
+                    flaps,
+                }
+            })
+            .collect();
+        let n_posts = rng.gen_range(n_devices / 2..=n_devices);
+        self.posts = (0..n_posts)
+            .map(|i| PostSpec {
+                at_ms: rng.gen_range(0..active_ms.max(1)),
+                device: rng.gen_range(0..n_devices),
+                min_soc: rng.gen_range(0..=100),
+                idempotency_key: rng.gen_bool(0.5).then(|| format!("k{i}")),
+                retries: rng.gen_range(0..=2),
+                late_retries: Vec::new(),
+                polls: 0,
+                poll_every_ms: 0,
+            })
+            .collect();
+        self.posts.sort_by_key(|p| p.at_ms);
+        let skew = self.bounds.max_skew_ms as i64;
+        self.skews_ms = (0..rng.gen_range(3..=6))
+            .map(|_| rng.gen_range(-skew..=skew))
+            .collect();
+        self.sweep_max_due = rng.gen_range(n_devices / 4..=n_devices);
+        self.fanout_above = rng.gen_range(5..=50);
+        self.drain_concurrency = rng.gen_range(2..=8);
+        self.reconcile_rows = rng.gen_range(0..=50);
+    }
+}
+
+/// A device's online/offline toggles until `until`, each `gap` after the last.
+fn flap(
+    rng: &mut ChaCha8Rng,
+    flaps: &mut Vec<(u64, bool)>,
+    mut online: bool,
+    gap: std::ops::RangeInclusive<u64>,
+    until: u64,
+) {
+    let mut t = 0u64;
+    loop {
+        t += rng.gen_range(gap.clone());
+        if t >= until {
+            return;
+        }
+        online = !online;
+        flaps.push((t, online));
     }
 }

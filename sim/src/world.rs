@@ -9,16 +9,22 @@ use chrono::{DateTime, TimeZone, Utc};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use soc_settings::domain::due_index::DueEntry;
-use soc_settings::domain::history::HistoryEntry;
+use soc_settings::domain::history::{self, HistoryEntry};
 use soc_settings::domain::sweep_state::SweepState;
-use soc_settings::domain::{DesiredState, RequestStatus};
+use soc_settings::domain::{DesiredState, RequestId, RequestStatus};
+use soc_settings::ports::DeviceApi;
 use soc_settings::ports::IdempotencyRecord;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use crate::scenario::Scenario;
+use crate::scenario::{Dependency, Forced, Scenario, MAX_CRASH_OP};
 
 pub type Shared = Arc<Mutex<World>>;
+
+/// True wall-clock time at the start of every run (virtual millisecond 0).
+pub fn epoch() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap()
+}
 
 /// What kind of invocation of the function app.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -28,6 +34,8 @@ pub enum Kind {
     Sweep,
     /// `DeviceEventsHttp`: the vendor's connection event.
     Event,
+    /// `GET` of the device's latest request or of one request's status.
+    Get,
 }
 
 impl Kind {
@@ -37,6 +45,7 @@ impl Kind {
             Kind::Delivery => "deliv",
             Kind::Sweep => "sweep",
             Kind::Event => "event",
+            Kind::Get => "get",
         }
     }
 }
@@ -182,6 +191,8 @@ pub struct Answer {
     pub replayed: bool,
     /// The body says `"status": "applied"`.
     pub applied: bool,
+    /// The body names a `requestId`.
+    pub carries_id: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -193,11 +204,50 @@ pub struct InvRecord {
     pub crashed: bool,
     /// Requests this invocation created with a new ledger record.
     pub created: Vec<String>,
+    /// A POST: the first request it wrote (tried to store), stored or not.
+    pub tried: Option<String>,
+    /// A POST: its `Idempotency-Key`.
+    pub key: Option<String>,
     pub puts: Vec<String>,
     pub sends: Vec<String>,
     pub status_calls: Vec<String>,
-    /// A POST's undo (restore or delete) took effect but answered a timeout.
-    pub undo_unknown: bool,
+    /// Why it was dropped, if it was: `crash`, `restart`, `scale-in`, `functionTimeout`.
+    pub killed: Option<&'static str>,
+}
+
+/// What became of a request, as the ledger and its history say (without the history's
+/// bound: the checker's own copy, kept on every ledger effect).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// The last status the ledger held for it (the record, or its history entry).
+    Status(RequestStatus),
+    /// A newer request replaced it while it was pending.
+    Superseded(String),
+    /// The record was put back to an older request, or deleted (an undo).
+    Undone,
+}
+
+/// Which resource a reader read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadKind {
+    /// `GET /api/devices/{id}/soc`.
+    Latest,
+    /// `GET /api/devices/{id}/soc/requests/{requestId}`.
+    Request(String),
+}
+
+/// One answered `GET`: its time span and what it showed.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub kind: ReadKind,
+    pub device: String,
+    pub start: u64,
+    pub end: u64,
+    pub status: u16,
+    /// The request shown (`requestId` of the body).
+    pub request: Option<String>,
+    /// Its shown status (`pending`, `applied`, `superseded`, ...).
+    pub shown: Option<String>,
 }
 
 /// Everything the checker judges.
@@ -216,6 +266,15 @@ pub struct Observations {
     pub first_tried: HashMap<String, u64>,
     /// Moments the due index did not cover a pending record (S6): (t, device, detail).
     pub index_gaps: Vec<(u64, String, String)>,
+    /// What became of each request (see [`Fate`]).
+    pub fates: BTreeMap<String, Fate>,
+    /// Permanent device answers heard: (t, device, the PUT's request or `None` for a
+    /// status call) of every `404 unknown device` and `422 rejected`.
+    pub permanent: Vec<(u64, String, Option<String>)>,
+    /// Every answered `GET`.
+    pub reads: Vec<Read>,
+    /// How often each fault shape happened (the tests show each one does).
+    pub shapes: BTreeMap<&'static str, u64>,
 }
 
 pub struct DeviceState {
@@ -245,6 +304,10 @@ pub struct Instance {
     pub skew_ms: i64,
     pub generation: u32,
     pub running: Vec<Arc<Inv>>,
+    /// Scaled in: takes no new invocations.
+    pub removed: bool,
+    /// The instance's device-call budget (a new one per process: a restart empties it).
+    pub budget: Option<Arc<dyn DeviceApi>>,
 }
 
 pub struct World {
@@ -252,11 +315,12 @@ pub struct World {
     pub start: Instant,
     pub epoch: DateTime<Utc>,
     pub rows: BTreeMap<String, (DesiredState, u64)>,
+    /// The ledger's history rows: (device, raw request id) -> entry, at most
+    /// `HISTORY_LIMIT` per device, written in the same atomic write as the record.
+    pub history: BTreeMap<(String, String), HistoryEntry>,
     pub idem: BTreeMap<(String, String), (IdempotencyRecord, u64)>,
     /// Each device's anchor row ETag (`Ledger::anchor`).
     pub anchors: BTreeMap<String, u64>,
-    /// History entries by (device, request id), written with the record.
-    pub history: BTreeMap<(String, String), HistoryEntry>,
     /// The due index: entries in filing order, each with its ETag.
     pub due: Vec<(DueEntry, u64)>,
     pub sweep_state: Option<(SweepState, u64)>,
@@ -326,6 +390,8 @@ impl World {
                 skew_ms,
                 generation: 0,
                 running: Vec::new(),
+                removed: false,
+                budget: None,
             })
             .collect();
         Self {
@@ -334,11 +400,11 @@ impl World {
             next_event: 0,
             sc,
             start: Instant::now(),
-            epoch: Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap(),
+            epoch: epoch(),
             rows: BTreeMap::new(),
+            history: BTreeMap::new(),
             idem: BTreeMap::new(),
             anchors: BTreeMap::new(),
-            history: BTreeMap::new(),
             due: Vec::new(),
             sweep_state: None,
             next_etag: 0,
@@ -397,8 +463,94 @@ impl World {
         self.log(who, |_| format!("FAULT {what}"));
     }
 
-    /// Records a committed desired-state write (or deletion) for the checker.
-    pub fn commit(&mut self, device: &str, state: Option<&DesiredState>, inv: &Inv) {
+    /// Counts one occurrence of a fault shape.
+    pub fn shape(&mut self, what: &'static str) {
+        *self.obs.shapes.entry(what).or_default() += 1;
+    }
+
+    /// The outage of `dependency` at this instant, if one is on (only while faults are).
+    pub fn outage(&self, dependency: Dependency) -> Option<crate::scenario::Outage> {
+        let t = self.ms();
+        self.faults_on
+            .then(|| {
+                self.sc
+                    .outages
+                    .iter()
+                    .find(|o| o.dependency == dependency && o.from_ms <= t && t < o.until_ms)
+                    .copied()
+            })
+            .flatten()
+    }
+
+    /// The fault forced on operation `op` of `inv`, if a script names one.
+    pub fn forced(&self, inv: &str, op: u32) -> Option<Forced> {
+        self.sc
+            .script
+            .iter()
+            .find(|s| s.inv == inv && s.op == op)
+            .map(|s| s.fault)
+    }
+
+    /// Writes a device's record (or deletes it: `None`) as one atomic ledger write with
+    /// its history: the entry of the request it stores and, when given, `replaced`
+    /// (the entry of the request it takes the place of); keeps at most `HISTORY_LIMIT`
+    /// entries when `trim`. Returns the new ETag. Records the commit for the checker.
+    pub fn write_record(
+        &mut self,
+        device: &str,
+        state: Option<&DesiredState>,
+        replaced: Option<&HistoryEntry>,
+        trim: bool,
+        inv: &Inv,
+    ) -> u64 {
+        self.next_etag += 1;
+        let n = self.next_etag;
+        let previous = match state {
+            Some(s) => self.rows.insert(device.to_string(), (s.clone(), n)),
+            None => self.rows.remove(device),
+        }
+        .map(|p| p.0);
+        if let Some(s) = state {
+            self.history.insert(
+                (device.to_string(), s.request_id.as_str().to_string()),
+                HistoryEntry::of(s),
+            );
+        }
+        if let Some(e) = replaced {
+            self.history.insert(
+                (
+                    device.to_string(),
+                    e.request.request_id.as_str().to_string(),
+                ),
+                e.clone(),
+            );
+        }
+        if let (true, Some(s)) = (trim, state) {
+            let entries: Vec<(RequestId, _)> = self
+                .history
+                .range((device.to_string(), String::new())..)
+                .take_while(|((d, _), _)| d == device)
+                .map(|(_, e)| (e.request.request_id.clone(), e.request.requested_at))
+                .collect();
+            for id in history::beyond_limit(entries, &s.request_id) {
+                self.history
+                    .remove(&(device.to_string(), id.as_str().to_string()));
+            }
+        }
+        self.commit(device, state, previous.as_ref(), replaced, inv);
+        n
+    }
+
+    /// Records a committed desired-state write (or deletion) for the checker, and what
+    /// it means for the request it replaced.
+    fn commit(
+        &mut self,
+        device: &str,
+        state: Option<&DesiredState>,
+        previous: Option<&DesiredState>,
+        replaced: Option<&HistoryEntry>,
+        inv: &Inv,
+    ) {
         let t = self.ms();
         let (request, status, lease) = match state {
             None => (None, None, None),
@@ -422,6 +574,7 @@ impl World {
                         r.created.push(name.clone());
                     }
                 }
+                self.obs.fates.insert(name.clone(), Fate::Status(s.status));
                 let lease = s
                     .lease
                     .as_ref()
@@ -429,6 +582,34 @@ impl World {
                 (Some(name), Some(s.status), lease)
             }
         };
+        if let Some(p) = previous {
+            let q = self.names.request(p.request_id.as_str());
+            if request.as_deref() != Some(q.as_str()) {
+                let age = |r: &str| self.obs.requests.get(r).map_or(0, |i| i.age);
+                let newer = request.as_deref().is_some_and(|r| age(r) > age(&q));
+                let fate = match (newer, replaced) {
+                    (false, _) => Fate::Undone,
+                    (true, Some(e)) if e.request.request_id == p.request_id => {
+                        match &e.superseded_by {
+                            Some(by) => Fate::Superseded(self.names.request(by.as_str())),
+                            None => Fate::Status(e.request.status),
+                        }
+                    }
+                    (true, _) => {
+                        let e = HistoryEntry::replaced(
+                            p,
+                            &state.expect("newer").request_id,
+                            self.true_now(),
+                        );
+                        match e.superseded_by {
+                            Some(_) => Fate::Superseded(request.clone().unwrap_or_default()),
+                            None => Fate::Status(e.request.status),
+                        }
+                    }
+                };
+                self.obs.fates.insert(q, fate);
+            }
+        }
         self.obs.commits.push(Commit {
             t,
             device: device.to_string(),
@@ -437,15 +618,6 @@ impl World {
             lease,
             inv: inv.label.clone(),
         });
-    }
-
-    /// Keeps a history entry, as the ledger writes it with the record.
-    pub fn keep_entry(&mut self, entry: HistoryEntry) {
-        let key = (
-            entry.request.device_id.as_str().to_string(),
-            entry.request.request_id.as_str().to_string(),
-        );
-        self.history.insert(key, entry);
     }
 
     pub fn inv_record(&mut self, inv: &Inv) -> Option<&mut InvRecord> {
@@ -473,6 +645,8 @@ pub struct Inv {
     pub generation: u32,
     /// Crash at this operation number, before (false) or after (true) it takes effect.
     pub crash_at: Option<(u32, bool)>,
+    /// At `crash_at` the invocation hangs (until the functionTimeout) instead.
+    pub hangs: bool,
     pub ops: Mutex<u32>,
     pub abort: OnceLock<AbortHandle>,
     pub crashed: Mutex<bool>,
@@ -485,11 +659,26 @@ impl Inv {
         let n = world.counts.entry(kind).or_insert(0);
         *n += 1;
         let label = format!("{}#{}", kind.name(), n);
-        let n_instances = world.instances.len();
-        let instance = (world.draw() * n_instances as f64) as usize % n_instances;
+        let live: Vec<usize> = (0..world.instances.len())
+            .filter(|&i| !world.instances[i].removed)
+            .collect();
+        let instance = live[(world.draw() * live.len() as f64) as usize % live.len()];
         let mut dice = Dice::new(world.sc.seed, id, 0);
-        let crash_at = (world.faults_on && dice.chance(world.sc.faults.crash))
-            .then(|| (dice.int(1, 14) as u32, dice.chance(0.5)));
+        // Any operation of any invocation: log-uniform over 1..=MAX_CRASH_OP, so early
+        // points stay as likely as before and late ones (a sweep's 200th call) happen.
+        let crash_at = (world.faults_on && dice.chance(world.sc.faults.crash)).then(|| {
+            let op = (MAX_CRASH_OP as f64).powf(dice.frac()) as u32;
+            (op.max(1), dice.chance(0.5))
+        });
+        // A fifth of them hang there instead (a stalled worker, a call that never
+        // returns) until the host's functionTimeout kills them.
+        let hangs = crash_at.is_some() && dice.chance(0.2);
+        let scripted = world.sc.script.iter().find_map(|s| match s.fault {
+            Forced::Crash(after) if s.inv == label => Some((s.op, after)),
+            _ => None,
+        });
+        let hangs = hangs && scripted.is_none();
+        let crash_at = scripted.or(crash_at);
         let index = world.obs.invocations.len();
         world.obs.invocations.push(InvRecord {
             label: label.clone(),
@@ -498,10 +687,12 @@ impl Inv {
             ended: None,
             crashed: false,
             created: Vec::new(),
+            tried: None,
+            key: None,
             puts: Vec::new(),
             sends: Vec::new(),
             status_calls: Vec::new(),
-            undo_unknown: false,
+            killed: None,
         });
         let inv = Arc::new(Inv {
             id,
@@ -511,6 +702,7 @@ impl Inv {
             instance,
             generation: world.instances[instance].generation,
             crash_at,
+            hangs,
             ops: Mutex::new(0),
             abort: OnceLock::new(),
             crashed: Mutex::new(false),
@@ -534,14 +726,20 @@ impl Inv {
     /// Drops the invocation here if this is where it is to crash.
     pub async fn crash_point(&self, world: &Shared, op: u32, after: bool) {
         if self.crash_at == Some((op, after)) {
-            crash(world, self);
+            if self.hangs {
+                let mut w = world.lock().unwrap();
+                w.shape("invocation hangs");
+                w.log(&self.who(), |_| "HANGS (until the functionTimeout)".into());
+            } else {
+                crash(world, self, "crash");
+            }
             std::future::pending::<()>().await;
         }
     }
 }
 
-/// Drops `inv` (its task is aborted at its next await) and records it.
-pub fn crash(world: &Shared, inv: &Inv) {
+/// Drops `inv` (its task is aborted at its next await) and records why.
+pub fn crash(world: &Shared, inv: &Inv, why: &'static str) {
     {
         let mut crashed = inv.crashed.lock().unwrap();
         if *crashed {
@@ -554,9 +752,18 @@ pub fn crash(world: &Shared, inv: &Inv) {
     if let Some(r) = w.inv_record(inv) {
         r.crashed = true;
         r.ended = Some(t);
+        r.killed = Some(why);
     }
     w.obs.faults.push((t, "*".into()));
-    w.log(&inv.who(), |_| "CRASH (invocation dropped)".into());
+    w.shape(match why {
+        "crash" => "crash",
+        "functionTimeout" => "functionTimeout kill",
+        _ => "instance-wide kill",
+    });
+    if why == "crash" && *inv.ops.lock().unwrap() > 14 {
+        w.shape("crash past the 14th operation");
+    }
+    w.log(&inv.who(), |_| format!("CRASH (invocation dropped: {why})"));
     w.instances[inv.instance].running.retain(|i| i.id != inv.id);
     drop(w);
     if let Some(h) = inv.abort.get() {

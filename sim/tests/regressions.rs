@@ -120,3 +120,92 @@ fn the_sweep_files_a_device_not_yet_due_before_dropping_its_entries() {
 fn a_write_that_makes_a_record_due_earlier_files_it_in_the_index_first() {
     judged(29, cfg!(feature = "mutant-index-skips-filing"), "S3");
 }
+
+// ------------------------------------------------------------------ issue 17
+
+use soc_sim::scenario::{DeviceSpec, Forced, PostSpec, Scenario, Scripted};
+
+/// A quiet world with one device `d0` (online or not, coming online at `online_at`).
+fn one_device(online: bool, online_at: Option<u64>) -> Scenario {
+    let mut sc = Scenario::quiet(17);
+    sc.devices.push(DeviceSpec {
+        name: "d0".into(),
+        known: true,
+        reject_below: None,
+        online,
+        flaps: online_at.map(|t| (t, true)).into_iter().collect(),
+    });
+    sc
+}
+
+fn post(at_ms: u64, min_soc: u8, key: Option<&str>) -> PostSpec {
+    PostSpec {
+        at_ms,
+        device: 0,
+        min_soc,
+        idempotency_key: key.map(str::to_string),
+        retries: 0,
+        late_retries: Vec::new(),
+        polls: 0,
+        poll_every_ms: 0,
+    }
+}
+
+fn force(inv: &str, op: u32, fault: Forced) -> Scripted {
+    Scripted {
+        inv: inv.into(),
+        op,
+        fault,
+    }
+}
+
+/// Runs a scripted schedule; it must keep every property (on the logic before issue 17
+/// part 1 these fail: that is what they were written to show).
+fn keeps_every_property(sc: Scenario) {
+    let report = soc_sim::run(sc.settled(), true);
+    let found: Vec<String> = report.violations.iter().map(ToString::to_string).collect();
+    if !found.is_empty() {
+        let trace = report.trace.unwrap_or_default().join("\n");
+        panic!("{}\n\ntrace:\n{trace}", found.join("\n"));
+    }
+}
+
+/// Issue 17 case 1: the accepting write times out at the client but commits 20 s
+/// later, after the read-back found no record; a `503` for a request that is then
+/// stored and applied. Fencing the write makes the late commit impossible.
+#[test]
+fn case_1_a_503_is_never_given_for_a_write_that_commits_late() {
+    let mut sc = one_device(false, Some(120_000));
+    sc.posts.push(post(1_000, 30, None));
+    sc.script
+        .push(force("post#1", 3, Forced::CommitsLate(20_000)));
+    keeps_every_property(sc);
+}
+
+/// Issue 17 case 4: a PUT answered `502` that the vendor's backend applies 2 s later;
+/// a newer request PUT meanwhile is overwritten by the older value (the lease must be
+/// kept after a 5xx as after a timeout).
+#[test]
+fn case_4_a_put_answered_5xx_keeps_the_lease_until_it_can_no_longer_land() {
+    let mut sc = one_device(true, None);
+    sc.posts.push(post(1_000, 30, None));
+    sc.posts.push(post(1_400, 50, None));
+    sc.script
+        .push(force("post#1", 4, Forced::Put5xxLands(502, 2_000)));
+    keeps_every_property(sc);
+}
+
+/// Issue 17 case 3: post#1 (key `k1`, 30) applies R1 and dies before storing the key's
+/// answer; the user then sets 50 with another key (`200 applied`); seven minutes later
+/// the client retries `k1`: it must answer from R1's state, not create a second request
+/// that puts 30 back over the user's 50.
+#[test]
+fn case_3_a_late_retry_with_a_key_never_creates_a_second_request() {
+    let mut sc = one_device(true, None);
+    let mut first = post(1_000, 30, Some("k1"));
+    first.late_retries = vec![420_000];
+    sc.posts.push(first);
+    sc.posts.push(post(60_000, 50, Some("k2")));
+    sc.script.push(force("post#1", 8, Forced::Crash(false)));
+    keeps_every_property(sc);
+}
