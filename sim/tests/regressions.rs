@@ -160,14 +160,34 @@ fn force(inv: &str, op: u32, fault: Forced) -> Scripted {
 }
 
 /// Runs a scripted schedule; it must keep every property (on the logic before issue 17
-/// part 1 these fail: that is what they were written to show).
-fn keeps_every_property(sc: Scenario) {
+/// part 1 these fail: that is what they were written to show), and each scripted fault
+/// must have hit the operation it was meant for: `(invocation, operation)` pairs, the
+/// operation as the trace names it (`ledger.accept`, `device.PUT`). Forced faults name
+/// operations by their number, which moves when the code changes; this keeps a test
+/// from passing because its fault landed elsewhere.
+fn keeps_every_property(sc: Scenario, hits: &[(&str, &str)]) -> Vec<String> {
     let report = soc_sim::run(sc.settled(), true);
+    let trace = report.trace.unwrap_or_default();
     let found: Vec<String> = report.violations.iter().map(ToString::to_string).collect();
     if !found.is_empty() {
-        let trace = report.trace.unwrap_or_default().join("\n");
-        panic!("{}\n\ntrace:\n{trace}", found.join("\n"));
+        panic!("{}\n\ntrace:\n{}", found.join("\n"), trace.join("\n"));
     }
+    for (inv, op) in hits {
+        let hit = trace.iter().enumerate().any(|(i, line)| {
+            line.contains(&format!("{inv}@"))
+                && line.contains("(scripted)")
+                && trace[i + 1..]
+                    .iter()
+                    .find(|l| l.contains(&format!("{inv}@")))
+                    .is_some_and(|next| next.contains(op))
+        });
+        assert!(
+            hit,
+            "the scripted fault of {inv} did not hit {op}:\n{}",
+            trace.join("\n")
+        );
+    }
+    trace
 }
 
 /// Issue 17 case 1: the accepting write times out at the client but commits 20 s
@@ -178,8 +198,15 @@ fn case_1_a_503_is_never_given_for_a_write_that_commits_late() {
     let mut sc = one_device(false, Some(120_000));
     sc.posts.push(post(1_000, 30, None));
     sc.script
-        .push(force("post#1", 3, Forced::CommitsLate(20_000)));
-    keeps_every_property(sc);
+        .push(force("post#1", 4, Forced::CommitsLate(20_000)));
+    let trace = keeps_every_property(sc, &[("post#1", "ledger.accept")]);
+    let answered = trace
+        .iter()
+        .find(|l| l.contains("post#1@") && l.contains("ANSWER"));
+    assert!(
+        answered.is_some_and(|l| l.contains("ANSWER 503")),
+        "{answered:?}"
+    );
 }
 
 /// Issue 17 case 4: a PUT answered `502` that the vendor's backend applies 2 s later;
@@ -191,8 +218,8 @@ fn case_4_a_put_answered_5xx_keeps_the_lease_until_it_can_no_longer_land() {
     sc.posts.push(post(1_000, 30, None));
     sc.posts.push(post(1_400, 50, None));
     sc.script
-        .push(force("post#1", 4, Forced::Put5xxLands(502, 2_000)));
-    keeps_every_property(sc);
+        .push(force("post#1", 5, Forced::Put5xxLands(502, 2_000)));
+    keeps_every_property(sc, &[("post#1", "device.PUT")]);
 }
 
 /// Issue 17 case 3: post#1 (key `k1`, 30) applies R1 and dies before storing the key's
@@ -206,6 +233,24 @@ fn case_3_a_late_retry_with_a_key_never_creates_a_second_request() {
     first.late_retries = vec![420_000];
     sc.posts.push(first);
     sc.posts.push(post(60_000, 50, Some("k2")));
-    sc.script.push(force("post#1", 8, Forced::Crash(false)));
-    keeps_every_property(sc);
+    // Dropped right after its result write: R1 is applied and nobody was answered.
+    sc.script.push(force("post#1", 7, Forced::Crash(true)));
+    let trace = keeps_every_property(sc, &[]);
+    assert!(
+        trace
+            .iter()
+            .any(|l| l.contains("post#2@") && l.contains("ledger.get d0 -> R1=30 applied")),
+        "R1 applied before the crash"
+    );
+    assert!(
+        !trace
+            .iter()
+            .any(|l| l.contains("post#1@") && l.contains("ANSWER")),
+        "post#1 died before answering"
+    );
+    let replays: Vec<&String> = trace
+        .iter()
+        .filter(|l| l.contains("ANSWER") && l.contains("R1") && !l.contains("post#1@"))
+        .collect();
+    assert!(!replays.is_empty(), "the late retry answers from R1");
 }

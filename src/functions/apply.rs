@@ -82,7 +82,14 @@ pub async fn apply_latest(
     for _ in 0..MAX_ROUNDS {
         let current = match next.take() {
             Some(v) => v,
-            None => match read_back(svc, device).await? {
+            // A landing this call confirmed must be written down (the device's truth
+            // wins over bookkeeping): then it keeps trying for as long as the host lets
+            // an invocation run, rather than walk away from what only it knows.
+            None => match if delivered.is_empty() {
+                read_back(svc, device).await?
+            } else {
+                read_back_for(svc, device, super::FUNCTION_TIMEOUT).await?
+            } {
                 Some(v) => v,
                 None => {
                     return Ok(Applied {
@@ -386,6 +393,23 @@ pub(crate) async fn read_back(
     }
 }
 
+/// [`read_back`] for up to `patience` (by this instance's clock) instead of ~50 s.
+async fn read_back_for(
+    svc: &Services,
+    device: &DeviceId,
+    patience: chrono::Duration,
+) -> Result<Option<Versioned<DesiredState>>, StoreError> {
+    let until = svc.clock.now() + patience;
+    loop {
+        match read_back(svc, device).await {
+            Err(StoreError::Unavailable(_)) if svc.clock.now() < until => {
+                warn!(device = %device, "storage still unavailable; a confirmed landing waits to be recorded");
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Writes `record` over `stored` (read or written with `etag`), keeping the due index in step.
 async fn write(
     svc: &Services,
@@ -580,6 +604,33 @@ mod tests {
                     .put(&stored.value, Some(&stored.etag))
                     .await
                     .unwrap();
+            })
+        });
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
+        assert!(matches!(out.outcome, ApplyOutcome::Applied(_)), "{out:?}");
+        let stored = h.ledger_record("d1").await;
+        assert_eq!(stored.request_id, rec.request_id);
+        assert_eq!(stored.status, RequestStatus::Applied);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_confirmed_landing_is_recorded_after_a_storage_outage_longer_than_the_read_back() {
+        // Found by the simulation (seed 24,067): the holder gave up after ~50 s, the
+        // device went offline, and the request later expired although it had landed.
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        let rec = accept_pending(&h, "d1", 40).await;
+        let ledger = h.ledger.clone();
+        h.device.on_next_put("d1", move || {
+            Box::pin(async move {
+                ledger.set_down(true);
+                let back = ledger.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(180)).await;
+                    back.set_down(false);
+                });
             })
         });
         let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
