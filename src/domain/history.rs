@@ -90,15 +90,17 @@ impl HistoryEntry {
         entry
     }
 
-    /// The status shown at `now`. A pending request past its expiry shows as expired
-    /// even before the sweep has written that down (as the ledger's own view does).
-    pub fn status_at(&self, now: DateTime<Utc>) -> ShownStatus {
+    /// The status shown: exactly what the ledger says. A pending request shows as
+    /// pending until expiry is written (by the sweep, from one lease before
+    /// `expiresAt`): a status computed from each instance's clock would flip between
+    /// `expired` and `pending` across instances whose clocks differ, and reads must
+    /// never contradict each other (README, S7).
+    pub fn status(&self) -> ShownStatus {
         if self.superseded_by.is_some() {
             return ShownStatus::Superseded;
         }
         use super::ledger::RequestStatus as S;
         match self.request.status {
-            S::Pending if self.request.is_expired_at(now) => ShownStatus::Expired,
             S::Pending => ShownStatus::Pending,
             S::Applied => ShownStatus::Applied,
             S::Expired => ShownStatus::Expired,
@@ -166,9 +168,9 @@ mod tests {
         let new = request(10, Some(&old));
         let entry = HistoryEntry::replaced(&old, &new.request_id, t(10));
         assert_eq!(entry.superseded_by.as_ref(), Some(&new.request_id));
-        assert_eq!(entry.status_at(t(10)), ShownStatus::Superseded);
+        assert_eq!(entry.status(), ShownStatus::Superseded);
         assert_eq!(
-            entry.status_at(t(1000)),
+            entry.status(),
             ShownStatus::Superseded,
             "superseded stays superseded after its expiry"
         );
@@ -181,7 +183,7 @@ mod tests {
         let entry = HistoryEntry::replaced(&old, &new.request_id, t(200));
         assert_eq!(entry.superseded_by, None);
         assert_eq!(entry.request.status.as_str(), "expired");
-        assert_eq!(entry.status_at(t(200)), ShownStatus::Expired);
+        assert_eq!(entry.status(), ShownStatus::Expired);
     }
 
     #[test]
@@ -191,11 +193,11 @@ mod tests {
         let new = request(10, Some(&old));
         let entry = HistoryEntry::replaced(&old, &new.request_id, t(10));
         assert_eq!(entry.superseded_by, None);
-        assert_eq!(entry.status_at(t(10)), ShownStatus::Applied);
+        assert_eq!(entry.status(), ShownStatus::Applied);
         let mut failed = request(20, None);
         failed.mark_failed("unknown device", t(21));
         let entry = HistoryEntry::replaced(&failed, &new.request_id, t(30));
-        assert_eq!(entry.status_at(t(30)), ShownStatus::Failed);
+        assert_eq!(entry.status(), ShownStatus::Failed);
     }
 
     #[test]
@@ -213,7 +215,7 @@ mod tests {
         let shown = lookup(&current.request_id, Some(&current), Some(stale)).unwrap();
         assert_eq!(shown.request.request_id, current.request_id);
         assert_eq!(shown.request.lease, None);
-        assert_eq!(shown.status_at(t(1)), ShownStatus::Pending);
+        assert_eq!(shown.status(), ShownStatus::Pending);
     }
 
     #[test]
@@ -235,7 +237,7 @@ mod tests {
         let new = request(10, Some(&old));
         let superseded = HistoryEntry::replaced(&old, &new.request_id, t(10));
         let shown = lookup(&old.request_id, Some(&new), Some(superseded)).unwrap();
-        assert_eq!(shown.status_at(t(11)), ShownStatus::Superseded);
+        assert_eq!(shown.status(), ShownStatus::Superseded);
         let mut applied = request(20, None);
         applied.mark_applied(t(21));
         let entry = HistoryEntry::of(&applied);

@@ -129,7 +129,7 @@ pub async fn handle(svc: &Services, req: ApiRequest) -> ApiResponse {
 
 async fn get(svc: &Services, device: &DeviceId) -> ApiResponse {
     match svc.ledger.get(device).await {
-        Ok(Some(v)) => ApiResponse::json(200, view(&v.value, svc.clock.now())),
+        Ok(Some(v)) => ApiResponse::json(200, view(&v.value)),
         Ok(None) => ApiResponse::problem(
             404,
             "Not found",
@@ -861,7 +861,16 @@ mod tests {
         assert_eq!(r.body["status"], "pending");
         assert_eq!(r.body["attempts"], 1, "the POST tried the device once");
         assert_eq!(r.body["lastError"], "device offline");
+        // Reads show what the ledger says, so instances with different clocks never
+        // disagree: pending past `expiresAt` until the sweep writes the expiry.
         h.clock.advance(h.svc.policy.request_ttl);
+        assert_eq!(
+            handle(&h.svc, get_req("d1")).await.body["status"],
+            "pending"
+        );
+        crate::functions::drain_soc_timer::run(&h.svc)
+            .await
+            .unwrap();
         assert_eq!(
             handle(&h.svc, get_req("d1")).await.body["status"],
             "expired"

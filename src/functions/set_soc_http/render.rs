@@ -128,17 +128,12 @@ pub(super) fn pending_response(r: &DesiredState) -> ApiResponse {
         .with_header("Location", location(r.device_id.as_str(), &r.request_id))
 }
 
-/// The view of a history entry at `now` (`GET .../soc/requests/{requestId}`).
-pub fn entry_view(e: &HistoryEntry, now: DateTime<Utc>) -> Value {
-    representation(
-        &e.request,
-        e.status_at(now).as_str(),
-        e.superseded_by.as_ref(),
-    )
+/// The view of a history entry (`GET .../soc/requests/{requestId}`).
+pub fn entry_view(e: &HistoryEntry) -> Value {
+    representation(&e.request, e.status().as_str(), e.superseded_by.as_ref())
 }
 
-/// The `GET` view of a record. A pending request past its expiry shows as expired
-/// even before the sweep has written that down.
-pub fn view(r: &DesiredState, now: DateTime<Utc>) -> Value {
-    entry_view(&HistoryEntry::of(r), now)
+/// The `GET` view of a record: its status as the ledger holds it ([`HistoryEntry::status`]).
+pub fn view(r: &DesiredState) -> Value {
+    entry_view(&HistoryEntry::of(r))
 }

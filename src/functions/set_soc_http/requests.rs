@@ -22,7 +22,7 @@ pub(super) async fn get(svc: &Services, device: &DeviceId, raw_id: &str) -> ApiR
         Err(e) => return ApiResponse::invalid(e),
     };
     match lookup(svc, device, &id).await {
-        Ok(Some(entry)) => ApiResponse::json(200, entry_view(&entry, svc.clock.now())),
+        Ok(Some(entry)) => ApiResponse::json(200, entry_view(&entry)),
         Ok(None) => ApiResponse::problem(
             404,
             "Not found",
@@ -55,12 +55,11 @@ pub(super) async fn answer_for(
             ),
         ));
     };
-    let now = svc.clock.now();
-    Ok(match entry.status_at(now) {
-        ShownStatus::Pending => ApiResponse::json(202, entry_view(&entry, now))
+    Ok(match entry.status() {
+        ShownStatus::Pending => ApiResponse::json(202, entry_view(&entry))
             .with_header("Location", location(device.as_str(), id)),
         ShownStatus::Failed => refused(&entry),
-        _ => ApiResponse::json(200, entry_view(&entry, now)),
+        _ => ApiResponse::json(200, entry_view(&entry)),
     })
 }
 
