@@ -5,6 +5,7 @@
 
 mod contract;
 mod events;
+mod persistence;
 mod requests;
 mod support;
 mod walkthrough;
@@ -134,8 +135,7 @@ async fn the_queues_page_tells_which_message_will_apply_and_which_will_no_op_and
     // Re-checks far away, no timer: the messages stay scheduled while the page is read.
     // bat-2 is applied by its reconnect event.
     let app = Setup::new()
-        .set("SOC_RECHECK_INITIAL_SECONDS", "600")
-        .set("SOC_RECHECK_MAX_SECONDS", "1800")
+        .rechecks_far_away()
         .no_timers()
         .events()
         .start()
@@ -149,12 +149,7 @@ async fn the_queues_page_tells_which_message_will_apply_and_which_will_no_op_and
     app.sim.set_online("bat-2", true);
     app.wait_status("bat-2", "applied", None, secs(15)).await;
 
-    let page = reqwest::get(format!("{}/_devhost/queues", app.host().base_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = app.queues_page("application/json").await;
     assert!(page.contains("\n  "), "pretty-printed: {page}");
     let page: Value = serde_json::from_str(&page).unwrap();
     let fate_of = |request: &Value| {
@@ -180,16 +175,7 @@ async fn the_queues_page_tells_which_message_will_apply_and_which_will_no_op_and
     assert_eq!(fate_of(&c.body), "will no-op: request already applied");
 
     // A browser gets the same as a table.
-    let html = app
-        .http
-        .get(format!("{}/_devhost/queues", app.host().base_url()))
-        .header("accept", "text/html,application/xhtml+xml")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = app.queues_page("text/html,application/xhtml+xml").await;
     assert!(html.contains("<table>") && html.contains("will no-op: request already applied"));
 }
 

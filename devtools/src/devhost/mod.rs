@@ -367,8 +367,13 @@ impl DevHost {
             s.shutdown().await;
         }
         if let Some(azurite) = self.azurite.take() {
-            // Dropping kills it (and waits for it): a blocking call.
-            let _ = tokio::task::spawn_blocking(move || drop(azurite)).await;
+            // SIGINT and wait until it has saved and exited (blocking): after the handler,
+            // whose last writes it must keep.
+            match tokio::task::spawn_blocking(move || azurite.stop()).await {
+                Ok(Ok(())) => tracing::info!("devhost: Azurite saved its tables and stopped"),
+                Ok(Err(e)) => tracing::warn!("devhost: {e}"),
+                Err(e) => tracing::warn!("devhost: stopping Azurite: {e}"),
+            }
         }
     }
 }
