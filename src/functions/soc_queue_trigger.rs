@@ -96,7 +96,10 @@ pub async fn handle(svc: &Services, delivery: Delivery) -> Settle {
         return noop(
             &device,
             &message,
-            &format!("superseded by request {}", record.request_id),
+            &format!(
+                "not the device's latest request (that is {})",
+                record.request_id
+            ),
         );
     }
     if !record.is_pending() {

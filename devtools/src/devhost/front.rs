@@ -110,7 +110,7 @@ async fn queues_page(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Res
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/html"));
     if wants_html {
-        return Html(queues::html(&pages)).into_response();
+        return Html(queues::html(&pages, Utc::now())).into_response();
     }
     let mut body = serde_json::to_string_pretty(&pages).unwrap_or_default();
     body.push('\n');
