@@ -40,6 +40,7 @@ use crate::functions::device_events_http::{self, EventsRequest};
 use crate::functions::set_soc_http::{self, ApiRequest, ApiResponse};
 use crate::functions::soc_queue_trigger::{self, Delivery, Settle};
 use crate::functions::{drain_soc_timer, Policy, Services};
+use crate::host::body::read_forwarded_body;
 use crate::host::{
     HostError, HttpCall, HttpResponseOut, HttpTriggerRequest, InvocationFailure, InvocationRequest,
     InvocationResponse, ServiceBusDelivery, TimerInfo, DEVICE_EVENTS_HTTP_OUTPUT_BINDING,
@@ -174,7 +175,7 @@ async fn set_soc_forwarded(
     let mut route_params = BTreeMap::from([("deviceId".to_string(), device_id)]);
     route_params.extend(params.remove("rest").map(|r| ("rest".to_string(), r)));
     let (parts, body) = req.into_parts();
-    let body = match to_bytes(body, MAX_FORWARDED_BODY_BYTES).await {
+    let body = match read_forwarded_body(body, MAX_FORWARDED_BODY_BYTES).await {
         Ok(b) => b,
         Err(_) => {
             let err = SettingRequest::too_large();
@@ -236,7 +237,7 @@ fn api_request(call: HttpCall) -> ApiRequest {
 
 async fn device_events_forwarded(State(state): State<AppState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let body = match to_bytes(body, device_event::MAX_BODY_BYTES).await {
+    let body = match read_forwarded_body(body, device_event::MAX_BODY_BYTES).await {
         Ok(b) => b,
         Err(_) => {
             let err = EventError::too_large();

@@ -5,6 +5,7 @@
 
 mod contract;
 mod events;
+mod oversize;
 mod persistence;
 mod queues_page;
 mod requests;

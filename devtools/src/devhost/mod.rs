@@ -301,6 +301,12 @@ impl DevHost {
     }
 
     /// The settings the handler was started with (after overrides and port rewrites).
+    /// The port the handler listens on, when it is ready (what the host calls; tests that
+    /// talk to the handler as the Azure host would).
+    pub async fn handler_port(&self) -> Option<u16> {
+        self.inner.supervisor.wait_ready(Duration::ZERO).await
+    }
+
     pub fn settings(&self) -> &BTreeMap<String, String> {
         &self.inner.settings
     }
