@@ -48,7 +48,7 @@ use super::wake::{self, Rescheduled};
 use super::Services;
 use idempotency::{finish, reserve, Reservation};
 use render::{applied_response, pending_response};
-pub use render::{entry_view, view, ApiResponse};
+pub use render::{entry_view, problem_type, view, ApiResponse, PROBLEM_TYPE_PREFIX};
 
 /// Bounded retries of a ledger write that lost an optimistic-concurrency race.
 const MAX_WRITE_ROUNDS: usize = 8;
