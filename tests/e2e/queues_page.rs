@@ -64,11 +64,28 @@ async fn the_queues_page_tells_which_message_will_apply_and_which_will_no_op_and
     assert!(html.contains("<table") && html.contains("will no-op: request already applied"));
 }
 
+/// The browser: the first of `chromium`, `chromium-browser`, `google-chrome` on PATH (what
+/// `scripts/setup browser` looks for, and installs as Debian's `chromium` when none is there).
+fn browser() -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .flat_map(|name| std::env::split_paths(&path).map(move |dir| dir.join(name)))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "no headless browser: the browser test needs chromium (or chromium-browser, \
+                 google-chrome) on PATH; scripts/setup browser installs it (Debian: apt-get \
+                 install chromium, as root or with password-less sudo)"
+            )
+        })
+}
+
 /// Headless Chromium's DOM of `url` after loading it. Fails, saying how to get it, when
 /// Chromium is not installed: the test never passes without a browser.
 fn browser_dom(url: &str) -> String {
     let profile = std::env::temp_dir().join(format!("soc-chromium-{}", uuid::Uuid::new_v4()));
-    let out = Command::new("chromium")
+    let out = Command::new(browser())
         .args([
             "--headless",
             "--no-sandbox",
