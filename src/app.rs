@@ -39,7 +39,8 @@ use crate::domain::SettingRequest;
 use crate::functions::device_events_http::{self, EventsRequest};
 use crate::functions::set_soc_http::{self, ApiRequest, ApiResponse};
 use crate::functions::soc_queue_trigger::{self, Delivery, Settle};
-use crate::functions::{drain_soc_timer, Policy, Services};
+use crate::functions::{drain_soc_timer, set_soc_checks, Policy, Services};
+use crate::host::body::read_forwarded_body;
 use crate::host::{
     HostError, HttpCall, HttpResponseOut, HttpTriggerRequest, InvocationFailure, InvocationRequest,
     InvocationResponse, ServiceBusDelivery, TimerInfo, DEVICE_EVENTS_HTTP_OUTPUT_BINDING,
@@ -122,12 +123,15 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(ready))
         .route("/api/devices/{device_id}/soc", any(set_soc_forwarded))
+        // With a trailing slash too: the host's route template (`soc/{*rest}`) matches it.
+        .route("/api/devices/{device_id}/soc/", any(set_soc_forwarded))
         .route(
             "/api/devices/{device_id}/soc/{*rest}",
             any(set_soc_forwarded),
         )
         .route("/SetSocHttp", post(set_soc_envelope))
         .route("/api/device-events", any(device_events_forwarded))
+        .route("/api/device-events/", any(device_events_forwarded))
         .route("/DeviceEventsHttp", post(device_events_envelope))
         .route("/SocQueueTrigger", post(soc_queue_trigger))
         .route("/DrainSocTimer", post(drain_soc_timer))
@@ -186,7 +190,7 @@ async fn set_soc_forwarded(
     let mut route_params = BTreeMap::from([("deviceId".to_string(), device_id)]);
     route_params.extend(params.remove("rest").map(|r| ("rest".to_string(), r)));
     let (parts, body) = req.into_parts();
-    let body = match to_bytes(body, MAX_FORWARDED_BODY_BYTES).await {
+    let body = match read_forwarded_body(body, MAX_FORWARDED_BODY_BYTES).await {
         Ok(b) => b,
         Err(_) => {
             let err = SettingRequest::too_large();
@@ -196,22 +200,25 @@ async fn set_soc_forwarded(
         }
     };
     let call = HttpCall::from_forwarded(&parts, route_params, body);
-    let services = match state.services() {
-        Ok(services) => services,
-        Err(reason) => return api_response(misconfigured("SetSocHttp", reason)),
-    };
-    api_response(set_soc_http::handle(services, api_request(call)).await)
+    api_response(set_soc(&state, call).await)
+}
+
+/// `SetSocHttp` in either mode: the request's HTTP-level checks, then the function.
+async fn set_soc(state: &AppState, call: HttpCall) -> ApiResponse {
+    if let Some(refused) = set_soc_checks::check(&call) {
+        return refused;
+    }
+    match state.services() {
+        Ok(services) => set_soc_http::handle(services, api_request(call)).await,
+        Err(reason) => misconfigured("SetSocHttp", reason),
+    }
 }
 
 async fn set_soc_envelope(
     State(state): State<AppState>,
     Trigger(req): Trigger<HttpTriggerRequest>,
 ) -> Response {
-    let call = req.into_call();
-    let response = match state.services() {
-        Ok(services) => set_soc_http::handle(services, api_request(call)).await,
-        Err(reason) => misconfigured("SetSocHttp", reason),
-    };
+    let response = set_soc(&state, req.into_call()).await;
     InvocationResponse::ok()
         .with_http(SET_SOC_HTTP_OUTPUT_BINDING, &http_output(&response))
         .into_response()
@@ -249,7 +256,7 @@ fn api_request(call: HttpCall) -> ApiRequest {
 
 async fn device_events_forwarded(State(state): State<AppState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let body = match to_bytes(body, device_event::MAX_BODY_BYTES).await {
+    let body = match read_forwarded_body(body, device_event::MAX_BODY_BYTES).await {
         Ok(b) => b,
         Err(_) => {
             let err = EventError::too_large();
@@ -620,7 +627,7 @@ mod tests {
     async fn an_envelope_invalid_body_is_a_400_inside_a_2xx_invocation() {
         let h = Harness::new();
         let envelope = json!({
-            "Data": { "req": { "Method": "POST", "Headers": {}, "Params": { "deviceId": "d1" }, "Body": "{\"dod\":500}" } },
+            "Data": { "req": { "Method": "POST", "Headers": { "Content-Type": ["application/json"] }, "Params": { "deviceId": "d1" }, "Body": "{\"dod\":500}" } },
             "Metadata": {}
         });
         let (status, _, body) = call(app(&h), post_json("/SetSocHttp", envelope)).await;
@@ -791,7 +798,7 @@ mod tests {
             }
             // The route, in an envelope.
             let envelope = json!({
-                "Data": { "req": { "Method": "POST", "Headers": {}, "Params": { "deviceId": dots },
+                "Data": { "req": { "Method": "POST", "Headers": { "Content-Type": ["application/json"] }, "Params": { "deviceId": dots },
                                    "Body": "{\"minSoc\":5}" } },
                 "Metadata": {}
             });

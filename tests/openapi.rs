@@ -447,6 +447,79 @@ async fn scenarios() -> Vec<Observed> {
         )
         .await,
     );
+    // A batch: a reconnect that applies a pending request, and a disconnect (ignored).
+    h.device.set_online("back", false);
+    let pending = call(
+        app(&h),
+        "setSoc",
+        "for the batch",
+        post("back", r#"{"minSoc":30}"#, None),
+    )
+    .await;
+    assert_eq!(pending.status, 202);
+    h.device.set_online("back", true);
+    let batch = json!([
+        cloud_event("b1", "com.vendor.device.connected", "back"),
+        cloud_event("b2", "com.vendor.device.disconnected", "on"),
+    ]);
+    seen.push(
+        call(
+            app(&h),
+            "receiveDeviceEvents",
+            "batch",
+            events("application/cloudevents-batch+json", &batch),
+        )
+        .await,
+    );
+    let back_id = pending.body.as_ref().unwrap()["requestId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    seen.push(
+        call(
+            app(&h),
+            "getSocRequest",
+            "applied when the battery returned",
+            get(&format!("/api/devices/back/soc/requests/{back_id}")),
+        )
+        .await,
+    );
+    // A method no operation of the path lists: 405 + Allow, documented on each operation.
+    for (operation, path) in [
+        ("setSoc", "/api/devices/on/soc"),
+        ("getSoc", "/api/devices/on/soc"),
+        (
+            "getSocRequest",
+            "/api/devices/off/soc/requests/0a1b2c3d4e5f40718293a4b5c6d7e8f9",
+        ),
+        ("receiveDeviceEvents", "/api/device-events"),
+        ("validateEventsWebhook", "/api/device-events"),
+    ] {
+        let delete = Request::delete(path).body(Body::empty()).unwrap();
+        seen.push(call(app(&h), operation, "other method", delete).await);
+    }
+    // setSoc with another content type, a repeated Idempotency-Key, a key twice.
+    let text = Request::post("/api/devices/on/soc")
+        .header("content-type", "text/plain")
+        .body(Body::from(r#"{"minSoc":30}"#))
+        .unwrap();
+    seen.push(call(app(&h), "setSoc", "not JSON", text).await);
+    let twice = Request::post("/api/devices/on/soc")
+        .header("content-type", "application/json")
+        .header("Idempotency-Key", "a")
+        .header("Idempotency-Key", "b")
+        .body(Body::from(r#"{"minSoc":30}"#))
+        .unwrap();
+    seen.push(call(app(&h), "setSoc", "key header twice", twice).await);
+    seen.push(
+        call(
+            app(&h),
+            "setSoc",
+            "duplicate JSON key",
+            post("on", r#"{"minSoc":30,"minSoc":40}"#, None),
+        )
+        .await,
+    );
     seen.push(
         call(
             broken(),
@@ -658,6 +731,14 @@ async fn every_documented_path_is_routed_to_the_handler_and_nothing_else_under_t
             .collect();
         assert_eq!(&allow, methods, "{url}: Allow");
         assert_eq!(o.headers["content-type"], "application/problem+json");
+        // With a trailing slash: the same answer, as the host's route matches it too.
+        let slashed = call(app(&h), "route", "get/", get(&format!("{url}/"))).await;
+        let plain = call(app(&h), "route", "get", get(&url)).await;
+        assert_eq!(
+            (slashed.status, slashed.body),
+            (plain.status, plain.body),
+            "{url}/"
+        );
     }
     // The function's route is `devices/{deviceId}/soc/{*rest}`: what is not documented is 404.
     for undocumented in [
@@ -737,4 +818,81 @@ fn every_example_in_the_document_matches_its_schema() {
         }
     }
     assert!(checked >= 10, "only {checked} examples checked");
+}
+
+/// A value's shape: an object's keys with their values' shapes, an array's element shapes,
+/// a scalar's JSON type.
+fn shape(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
+        Value::Array(a) => {
+            let mut shapes: Vec<Value> = a.iter().map(shape).collect();
+            shapes.sort_by_key(|s| s.to_string());
+            shapes.dedup();
+            Value::Array(shapes)
+        }
+        Value::String(_) => json!("string"),
+        Value::Number(_) => json!("number"),
+        Value::Bool(_) => json!("bool"),
+        Value::Null => json!("null"),
+    }
+}
+
+/// The values an example must share with the answer it shows: what a client branches on.
+fn identity(v: &Value) -> Value {
+    json!([v["type"], v["title"], v["status"], v["field"], v["result"]])
+}
+
+#[tokio::test]
+async fn every_response_example_in_the_document_is_a_captured_answer() {
+    let doc = document();
+    let seen = scenarios().await;
+    let mut checked = 0;
+    for (id, path, method) in operations(&doc) {
+        let op_pointer = format!("/paths/{}/{method}", escape(&path));
+        let op = doc.pointer(&op_pointer).unwrap();
+        for status in op["responses"].as_object().unwrap().keys() {
+            let status: u16 = status.parse().unwrap();
+            let rp = response_pointer(&doc, &op_pointer, status);
+            let Some(content) = doc.pointer(&rp).unwrap().get("content") else {
+                continue;
+            };
+            for (ct, media) in content.as_object().unwrap() {
+                let mut examples: Vec<(String, &Value)> = media
+                    .get("example")
+                    .map(|e| ("example".to_string(), e))
+                    .into_iter()
+                    .collect();
+                if let Some(named) = media.get("examples").and_then(Value::as_object) {
+                    examples.extend(named.iter().map(|(n, e)| (n.clone(), &e["value"])));
+                }
+                // A shared response (`$ref`) is held to the answers of every operation using it.
+                let answers: Vec<&Value> = seen
+                    .iter()
+                    .filter(|o| {
+                        let (o_pointer, _) = pointer_of_operation(&doc, o.operation);
+                        response_pointer(&doc, &o_pointer, o.status) == rp
+                    })
+                    .filter(|o| {
+                        o.headers
+                            .get("content-type")
+                            .is_some_and(|v| v == ct.as_str())
+                    })
+                    .filter_map(|o| o.body.as_ref())
+                    .collect();
+                for (name, example) in examples {
+                    let matched = answers
+                        .iter()
+                        .any(|a| shape(a) == shape(example) && identity(a) == identity(example));
+                    assert!(
+                        matched,
+                        "{id} {status} {ct} example {name}: no captured answer has its fields and kind\n\
+                         example: {example}\ncaptured: {answers:#?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 15, "only {checked} examples checked");
 }

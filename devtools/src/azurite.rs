@@ -7,8 +7,19 @@
 //! let table = AzuriteTable::start(&bin, port, Data::Temporary, None)?;   // or Data::Folder(dir),
 //!                                           // Some(OAuthTls { .. }) for HTTPS with bearer tokens
 //! table.connection_string();                // TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1
-//! drop(table);                              // killed; a temporary folder is removed
+//! table.stop()?;                            // or drop: SIGINT, saved, exited; a temporary one is killed and its folder removed
 //! ```
+//!
+//! Stopping: a [`Data::Folder`] Azurite is stopped so that it has saved everything. Azurite
+//! keeps its tables in memory (LokiJS) and saves them to the folder every 5 s; on `SIGINT` it
+//! closes its database, which saves what changed since, and says so in its log
+//! ([`CLOSED`]). So [`AzuriteTable::stop`] (and the drop) sends `SIGINT` and waits for that
+//! line and the exit (up to [`STOP_TIMEOUT`]) before it kills. Measured: a write answered an
+//! instant before a kill is lost (the next start finds the table missing); before a `SIGINT`
+//! and the wait it is kept (`devtools/tests/azurite.rs`). Azurite runs in its own process
+//! group, so a terminal's Ctrl-C reaches only its owner, which stops it: a second `SIGINT`
+//! (the terminal's, then the owner's) would kill Node mid-save. A [`Data::Temporary`]
+//! Azurite has nothing to save and is killed at once.
 //!
 //! Invariants: it listens on 127.0.0.1 only and never sends telemetry (`--disableTelemetry`);
 //! [`AzuriteTable::start`] returns only once this process has said it listens and the port
@@ -20,6 +31,7 @@
 //! (see [`crate::free_port`]) and retries on another one if it was taken in between.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,8 +45,14 @@ pub const ACCOUNT_KEY: &str =
 /// What Azurite (the version `scripts/setup` pins) prints once it listens, before the address.
 const STARTED: &str = "Azurite Table service successfully started on";
 
+/// What it prints once it has closed its database (saved) after a `SIGINT`.
+const CLOSED: &str = "Azurite Table service successfully closed";
+
 /// How long a start waits for the port to accept connections.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a stop waits for Azurite to save and exit before it kills it.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Where the tables live.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,6 +150,8 @@ impl AzuriteTable {
         }
         let child = command
             .current_dir(&dir)
+            // Its own process group: a terminal's Ctrl-C is for its owner, which stops it.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
             .stderr(log_file)
@@ -198,10 +218,67 @@ impl AzuriteTable {
     }
 }
 
-impl Drop for AzuriteTable {
-    fn drop(&mut self) {
+impl AzuriteTable {
+    /// Stops it so that it has saved everything (module doc): `SIGINT`, then waits for its
+    /// "closed" line and its exit, up to [`STOP_TIMEOUT`]; kills it after that. `Err` says
+    /// what went wrong (it was killed, or had exited before); blocking.
+    pub fn stop(mut self) -> Result<(), String> {
+        self.stop_gracefully()
+    }
+
+    fn stop_gracefully(&mut self) -> Result<(), String> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Err(format!("Azurite had already exited ({status})"));
+        }
+        if self.remove_dir {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return Ok(());
+        }
+        let log = self.dir.join("azurite.log");
+        let signalled = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while signalled && Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return if read_log(&log).contains(CLOSED) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "Azurite exited without closing: {}",
+                        read_log(&log)
+                    ))
+                };
+            }
+            // Closed (saved) but still running: nothing is left to lose.
+            if read_log(&log).contains(CLOSED) {
+                std::thread::sleep(Duration::from_millis(100));
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        Err(format!(
+            "Azurite did not close within {STOP_TIMEOUT:?} of SIGINT and was killed: the last seconds of writes may be lost"
+        ))
+    }
+}
+
+impl Drop for AzuriteTable {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_gracefully() {
+            if !e.contains("already exited") {
+                eprintln!("azurite: {e}");
+            }
+        }
         if self.remove_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

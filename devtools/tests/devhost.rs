@@ -685,3 +685,41 @@ async fn the_queue_page_lists_active_scheduled_and_dead_lettered_messages() {
     assert_eq!(q["deadLettered"][0]["bodyText"], r#"{"a":2}"#);
     e.host.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_handler_connection_that_fails_before_answering_is_a_logged_502_without_internal_urls() {
+    let e = start(&[("FAKE_HTTP_EXIT", "1")]).await;
+    e.host
+        .wait_handler_ready(Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let r = reqwest::Client::new()
+        .post(e.host.api_url("devices/bat-7/soc"))
+        .header("x-functions-key", e.host.function_key())
+        .json(&json!({"dod": 20}))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let body = r.text().await.unwrap();
+    let problem: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(problem["status"], 502, "{body}");
+    assert!(
+        !body.contains("127.0.0.1") && !body.contains("http://"),
+        "{body}"
+    );
+    let log = std::fs::read_to_string(e.log.parent().unwrap().join("state/handler.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("answered 502"))
+        .unwrap_or_else(|| panic!("no log line for the 502:\n{log}"));
+    assert!(line.contains("POST /api/devices/bat-7/soc"), "{line}");
+    assert!(
+        !line.contains("127.0.0.1") && !line.contains("http://"),
+        "{line}"
+    );
+    e.host.shutdown().await;
+}

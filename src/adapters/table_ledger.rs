@@ -85,6 +85,47 @@ pub const SWEEP_ROW: &str = "state";
 pub struct TableLedger {
     table: TableClient,
     created: OnceCell<()>,
+    logged: WriteLog,
+}
+
+/// What was last logged per device, so that a write that changes only coordination fields
+/// (lease, wake-up message) logs nothing: one line per change of what a reader of the logs
+/// sees (request, status, attempts, last error, applied time). Bounded: forgotten wholesale
+/// at [`WriteLog::CAPACITY`] devices (a forgotten device's next write logs again).
+#[derive(Debug, Default)]
+struct WriteLog {
+    last: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl WriteLog {
+    const CAPACITY: usize = 4096;
+
+    /// Logs the write (`log_written`) unless it shows the same as the device's last line.
+    fn write(&self, state: &DesiredState) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (
+            state.request_id.as_str(),
+            state.status.as_str(),
+            state.attempts,
+            &state.last_error,
+            state.applied_at,
+        )
+            .hash(&mut h);
+        let seen = h.finish();
+        let changed = match self.last.lock() {
+            Ok(mut last) => {
+                if last.len() >= Self::CAPACITY {
+                    last.clear();
+                }
+                last.insert(state.device_id.as_str().to_string(), seen) != Some(seen)
+            }
+            Err(_) => true,
+        };
+        if changed {
+            log_written(state);
+        }
+    }
 }
 
 impl TableLedger {
@@ -164,6 +205,7 @@ impl TableLedger {
         Ok(Self {
             table: service.table_client(table_name),
             created: OnceCell::new(),
+            logged: WriteLog::default(),
         })
     }
 
@@ -320,7 +362,7 @@ impl TableLedger {
                     .ok_or_else(|| {
                         StoreError::Unavailable("table transaction: no ETag for the record".into())
                     })?;
-                log_written(state);
+                self.logged.write(state);
                 Ok(etag)
             }
         }
@@ -989,6 +1031,27 @@ fn pending_page(entities: &[Map<String, Value>]) -> PendingPage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_that_changes_nothing_a_reader_sees_logs_no_second_line() {
+        let log = WriteLog::default();
+        let mut state = crate::domain::DesiredState::accept(
+            DeviceId::parse("bat-7").unwrap(),
+            MinSoc::new(35).unwrap(),
+            Utc::now(),
+            chrono::Duration::hours(1),
+            None,
+        );
+        let first = crate::telemetry::capture_logs(None, || log.write(&state));
+        state.wake_message_id = Some("m1".into());
+        let same = crate::telemetry::capture_logs(None, || log.write(&state));
+        state.attempts += 1;
+        let changed = crate::telemetry::capture_logs(None, || log.write(&state));
+
+        assert_eq!(first.lines().count(), 1, "{first}");
+        assert_eq!(same, "", "only the wake-up message changed");
+        assert!(changed.contains(" attempts="), "{changed}");
+    }
 
     #[test]
     fn every_ledger_write_logs_the_fields_the_on_call_queries_extract() {

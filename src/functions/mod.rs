@@ -16,6 +16,7 @@ pub mod apply;
 pub mod device_events_http;
 pub mod drain_soc_timer;
 pub mod index;
+pub mod set_soc_checks;
 pub mod set_soc_http;
 pub mod soc_queue_trigger;
 pub mod wake;

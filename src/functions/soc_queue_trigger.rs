@@ -96,7 +96,10 @@ pub async fn handle(svc: &Services, delivery: Delivery) -> Settle {
         return noop(
             &device,
             &message,
-            &format!("superseded by request {}", record.request_id),
+            &format!(
+                "not the device's latest request (that is {})",
+                record.request_id
+            ),
         );
     }
     if !record.is_pending() {
@@ -296,7 +299,7 @@ mod tests {
         assert_eq!(b["status"], "applied");
         let settle = handle(&h.svc, delivery_of(&a_msg)).await;
         assert!(
-            matches!(settle, Settle::Complete(ref s) if s.contains("superseded")),
+            matches!(settle, Settle::Complete(ref s) if s.contains("not the device's latest request")),
             "{settle:?}"
         );
         let puts: Vec<u8> = h.device.puts("d1").into_iter().map(|p| p.0).collect();

@@ -35,11 +35,13 @@
 //! | Non-2xx fails the invocation (Service Bus abandon + redeliver) (§5.3, §6.1) | [`InvocationFailure`] |
 //! | HTTP output: object with `statusCode`, string header values, string body written verbatim (§3.5) | [`HttpResponseOut::to_output`] |
 //! | Queue outputs: base64 trap and re-indenting (§5.5, §8.8) | [`InvocationResponse::with_queue_messages`] (array of strings) |
+//! | Forwarded body over the limit: read and discarded before answering, or the caller may see a reset | [`body::read_forwarded_body`] |
 //!
 //! Not handled here because they are not payload decoding: binding
 //! `127.0.0.1`, answering `GET /`, logging to stdout (the router/main), and
 //! keeping `autoCompleteMessages` true (checked by `tests/config_files.rs`).
 
+pub mod body;
 pub mod envelope;
 pub mod http_trigger;
 pub mod response;

@@ -5,6 +5,9 @@
 
 mod contract;
 mod events;
+mod oversize;
+mod persistence;
+mod queues_page;
 mod requests;
 mod support;
 mod walkthrough;
@@ -127,70 +130,6 @@ async fn latest_wins_when_two_requests_wait_for_an_offline_device() {
         "A must never reach the device: {:?}",
         app.history("bat-1")
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_queues_page_tells_which_message_will_apply_and_which_will_no_op_and_why() {
-    // Re-checks far away, no timer: the messages stay scheduled while the page is read.
-    // bat-2 is applied by its reconnect event.
-    let app = Setup::new()
-        .set("SOC_RECHECK_INITIAL_SECONDS", "600")
-        .set("SOC_RECHECK_MAX_SECONDS", "1800")
-        .no_timers()
-        .events()
-        .start()
-        .await;
-    app.sim.add_device("bat-1", false);
-    app.sim.add_device("bat-2", false);
-    let a = app.post("bat-1", r#"{"minSoc":20}"#).await;
-    let b = app.post("bat-1", r#"{"minSoc":80}"#).await;
-    let c = app.post("bat-2", r#"{"minSoc":50}"#).await;
-    assert_eq!((a.status, b.status, c.status), (202, 202, 202));
-    app.sim.set_online("bat-2", true);
-    app.wait_status("bat-2", "applied", None, secs(15)).await;
-
-    let page = reqwest::get(format!("{}/_devhost/queues", app.host().base_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(page.contains("\n  "), "pretty-printed: {page}");
-    let page: Value = serde_json::from_str(&page).unwrap();
-    let fate_of = |request: &Value| {
-        let id = request["requestId"].as_str().unwrap();
-        let found: Vec<&str> = page[0]["scheduled"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|m| m["bodyText"].as_str().unwrap().contains(id))
-            .map(|m| m["fate"].as_str().unwrap())
-            .collect();
-        assert_eq!(found.len(), 1, "one message for {id}: {page:#}");
-        found[0].to_string()
-    };
-    assert_eq!(
-        fate_of(&a.body),
-        format!(
-            "will no-op: superseded by {}",
-            b.body["requestId"].as_str().unwrap()
-        )
-    );
-    assert!(fate_of(&b.body).starts_with("will apply"));
-    assert_eq!(fate_of(&c.body), "will no-op: request already applied");
-
-    // A browser gets the same as a table.
-    let html = app
-        .http
-        .get(format!("{}/_devhost/queues", app.host().base_url()))
-        .header("accept", "text/html,application/xhtml+xml")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(html.contains("<table>") && html.contains("will no-op: request already applied"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,7 @@ pub struct Setup {
     function_key: Option<String>,
     master_key: Option<String>,
     events: bool,
+    saved: bool,
 }
 
 impl Setup {
@@ -60,7 +61,16 @@ impl Setup {
             function_key: None,
             master_key: None,
             events: false,
+            saved: false,
         }
+    }
+
+    /// Everything on disk as `scripts/dev` keeps it: devhost starts its own Azurite with its
+    /// tables in the data directory, devicesim saves its batteries there; both survive
+    /// [`App::restart_platform`].
+    pub fn saved(mut self) -> Setup {
+        self.saved = true;
+        self
     }
 
     /// devicesim sends its connection events to devhost's `DeviceEventsHttp` (with the
@@ -75,6 +85,12 @@ impl Setup {
         self.settings.retain(|(k, _)| k != name);
         self.settings.push((name.to_string(), value.to_string()));
         self
+    }
+
+    /// Re-checks 10 minutes away (at most 30): messages stay scheduled while the test looks.
+    pub fn rechecks_far_away(self) -> Setup {
+        self.set("SOC_RECHECK_INITIAL_SECONDS", "600")
+            .set("SOC_RECHECK_MAX_SECONDS", "1800")
     }
 
     /// Without the timer schedule (the test fires DrainSocTimer itself, if at all).
@@ -96,11 +112,10 @@ impl Setup {
 
     pub async fn start(self) -> App {
         let azurite = Azurite::shared();
-        let sim = DeviceSim::start("127.0.0.1:0".parse().unwrap())
-            .await
-            .expect("devicesim");
         let dir = std::env::temp_dir().join(format!("soc-e2e-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("data dir");
+        let sim_state = self.saved.then(|| dir.join("devicesim.json"));
+        let sim = start_sim(None, sim_state.as_deref()).await;
         let table = format!("e2e{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let mut opts = DevHostOptions::for_tests(app_root(), dir.join("devhost"));
         opts.handler = Some(PathBuf::from(env!("CARGO_BIN_EXE_handler")));
@@ -108,8 +123,20 @@ impl Setup {
         opts.lock_duration = Some(self.lock_duration);
         opts.function_key = self.function_key;
         opts.master_key = self.master_key;
+        let storage = if self.saved {
+            // devhost starts Azurite for a loopback TableEndpoint nobody listens on.
+            opts.start_azurite = true;
+            let port = testkit::free_port();
+            format!(
+                "DefaultEndpointsProtocol=http;AccountName={a};AccountKey={k};TableEndpoint=http://127.0.0.1:{port}/{a};",
+                a = devtools::azurite::ACCOUNT,
+                k = devtools::azurite::ACCOUNT_KEY
+            )
+        } else {
+            azurite.connection_string()
+        };
         opts.overrides = vec![
-            ("AzureWebJobsStorage".into(), azurite.connection_string()),
+            ("AzureWebJobsStorage".into(), storage),
             ("SOC_STATE_TABLE".into(), table),
             ("DEVICE_API_BASE_URL".into(), sim.base_url()),
         ];
@@ -124,6 +151,7 @@ impl Setup {
             opts,
             dir,
             events: self.events,
+            sim_state,
             _azurite: azurite,
         };
         app.start_devhost().await;
@@ -145,7 +173,27 @@ pub struct App {
     dir: PathBuf,
     /// devicesim sends connection events to devhost (see [`Setup::events`]).
     events: bool,
+    /// devicesim's state file ([`Setup::saved`]).
+    sim_state: Option<PathBuf>,
     _azurite: Arc<Azurite>,
+}
+
+async fn start_sim(
+    addr: Option<std::net::SocketAddr>,
+    state: Option<&std::path::Path>,
+) -> DeviceSim {
+    let addr = addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+    match state {
+        Some(file) => DeviceSim::start_saved(
+            addr,
+            Some(devtools::devicesim::DEFAULT_API_KEY.to_string()),
+            1,
+            file,
+        )
+        .await
+        .expect("devicesim"),
+        None => DeviceSim::start(addr).await.expect("devicesim"),
+    }
 }
 
 impl App {
@@ -174,6 +222,34 @@ impl App {
         if let Some(h) = self.host.take() {
             h.shutdown().await;
         }
+    }
+
+    /// Stops the whole platform at once, as Ctrl-C in `scripts/dev` does (devhost: the handler,
+    /// the Service Bus stand-in, Azurite; devicesim), and starts it again on the same data,
+    /// ports and keys.
+    pub async fn restart_platform(&mut self) {
+        self.stop_devhost().await;
+        // devicesim comes back on its address (DEVICE_API_BASE_URL); a throwaway one holds
+        // the field meanwhile.
+        let addr = self.sim.addr();
+        let old = std::mem::replace(&mut self.sim, start_sim(None, None).await);
+        old.shutdown().await;
+        let again = start_sim(Some(addr), self.sim_state.as_deref()).await;
+        std::mem::replace(&mut self.sim, again).shutdown().await;
+        self.start_devhost().await;
+    }
+
+    /// devhost's queues page (`/_devhost/queues`) as `accept` asks for it (JSON or HTML).
+    pub async fn queues_page(&self, accept: &str) -> String {
+        self.http
+            .get(format!("{}/_devhost/queues", self.host().base_url()))
+            .header("accept", accept)
+            .send()
+            .await
+            .expect("the queues page")
+            .text()
+            .await
+            .expect("the queues page's body")
     }
 
     /// A new devhost on the same data directory and table.

@@ -50,18 +50,21 @@ async fn run(command: &str) -> String {
 }
 
 /// How the person following the walk-through behaves.
+#[derive(Clone, Copy)]
 struct Pace {
     /// SOC_RECHECK_INITIAL_SECONDS (scripts/dev's default is 60).
     recheck_seconds: u64,
-    /// After this step (1-based), wait until the request has had this many device attempts
+    /// After this step (its number), wait until the request has had this many device attempts
     /// (the POST's own plus one per re-check), as a person who walks away for a while.
     pause_after_step: Option<(usize, u64)>,
 }
 
-/// Runs the printed walk-through at `pace`; returns the app and each step's output.
+const FUNCTION_KEY: &str = "e2e-walkthrough-function-key";
+const MASTER_KEY: &str = "e2e-walkthrough-master-key";
+
+/// Runs the printed walk-through at `pace`; returns the app and each step's output (step N
+/// at index N: the walk-through starts at step 0).
 async fn walk(pace: Pace) -> (crate::support::App, Vec<String>) {
-    const FUNCTION_KEY: &str = "e2e-walkthrough-function-key";
-    const MASTER_KEY: &str = "e2e-walkthrough-master-key";
     // scripts/dev runs with local.settings.json's timings unless told otherwise.
     let app = Setup::new()
         .set(
@@ -76,7 +79,12 @@ async fn walk(pace: Pace) -> (crate::support::App, Vec<String>) {
         .await;
     app.sim.add_device("bat-online", true);
     app.sim.add_device("bat-offline", false);
+    let outputs = walk_on(&app, &pace).await;
+    (app, outputs)
+}
 
+/// Runs the walk-through printed for `app`'s current ports.
+async fn walk_on(app: &crate::support::App, pace: &Pace) -> Vec<String> {
     let printed = std::process::Command::new("bash")
         .arg(app_root().join("scripts/dev"))
         .args([
@@ -99,11 +107,7 @@ async fn walk(pace: Pace) -> (crate::support::App, Vec<String>) {
 
     let mut outputs = Vec::new();
     for (i, step) in steps.iter().enumerate() {
-        assert!(
-            !step.expect.is_empty(),
-            "step {} says what to expect",
-            i + 1
-        );
+        assert!(!step.expect.is_empty(), "step {i} says what to expect");
         let retry = !step.command.contains("-X POST");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -115,15 +119,14 @@ async fn walk(pace: Pace) -> (crate::support::App, Vec<String>) {
             }
             assert!(
                 retry && Instant::now() < deadline,
-                "step {}: {}\nexpected {missing:?} in:\n{out}\n{}",
-                i + 1,
+                "step {i}: {}\nexpected {missing:?} in:\n{out}\n{}",
                 step.command,
                 app.handler_log_tail()
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         if let Some((after, attempts)) = pace.pause_after_step {
-            if after == i + 1 {
+            if after == i {
                 let wait = Duration::from_secs(pace.recheck_seconds * 8 + 20);
                 app.eventually("the re-checks of a user who walked away", wait, || async {
                     let (_, body) = app.get("bat-offline").await;
@@ -136,7 +139,7 @@ async fn walk(pace: Pace) -> (crate::support::App, Vec<String>) {
     // 30 applied by the reconnect event, then 45 (its event lost) by the sweep.
     assert_eq!(app.device_value("bat-offline"), Some(45));
     assert_eq!(app.device_value("bat-online"), Some(25));
-    (app, outputs)
+    outputs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +152,7 @@ async fn the_walk_through_printed_by_scripts_dev_works_as_written() {
 
     // Step 1's Location is that request's own status; like every API call it needs the key:
     // without it the host answers 401 with an empty body.
-    let location = outputs[0]
+    let location = outputs[1]
         .lines()
         .find_map(|l| {
             l.split_once(':')
@@ -191,8 +194,27 @@ async fn the_walk_through_printed_by_scripts_dev_works_as_written() {
     assert_eq!(
         events.len(),
         2,
-        "connected (step 4), disconnected (step 10); none for step 12: {events:?}"
+        "connected (step 4), disconnected (step 10); none for steps 0 and 12: {events:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walk_through_works_again_after_a_restart_with_the_batteries_as_it_left_them() {
+    let pace = Pace {
+        recheck_seconds: 60,
+        pause_after_step: None,
+    };
+    let (mut app, _) = walk(pace).await;
+    app.restart_devhost().await;
+    assert_eq!(
+        app.sim.device("bat-offline").map(|d| d.online),
+        Some(true),
+        "the first walk-through leaves bat-offline online"
+    );
+
+    let outputs = walk_on(&app, &pace).await;
+
+    assert!(outputs[1].contains("202 Accepted"), "{}", outputs[1]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -602,6 +602,7 @@ async fn the_handler_answers_readiness_at_once_and_fails_invocations_when_miscon
     let res = app
         .http
         .post(format!("{url}/api/devices/x/soc"))
+        .header("content-type", "application/json")
         .body(minsoc(5))
         .send()
         .await

@@ -4,6 +4,8 @@
 //! - `FAKE_CRASH=1`: exit(3) at once (crash-restart tests)
 //! - `FAKE_SB_FAIL_FIRST=n`: fail the first n Service Bus invocations with 500
 //! - `FAKE_SB_MODE=ok|fail|empty|text`: how to answer Service Bus invocations after that
+//! - `FAKE_HTTP_EXIT=1`: exit(3) on a forwarded HTTP request instead of answering (the
+//!   connection closes under devhost)
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,6 +59,9 @@ async fn any(State(st): State<Arc<St>>, req: Request) -> Response {
         "json": body_json,
     }));
     println!("fakehandler: {} {}", parts.method, path);
+    if path.starts_with("/api/") && std::env::var("FAKE_HTTP_EXIT").as_deref() == Ok("1") {
+        std::process::exit(3);
+    }
     let ok = || {
         (
             [("content-type", "application/json")],

@@ -110,7 +110,7 @@ async fn queues_page(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Res
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/html"));
     if wants_html {
-        return Html(queues::html(&pages)).into_response();
+        return Html(queues::html(&pages, Utc::now())).into_response();
     }
     let mut body = serde_json::to_string_pretty(&pages).unwrap_or_default();
     body.push('\n');
@@ -335,12 +335,44 @@ async fn forward(inner: &Arc<Inner>, req: Request) -> Response {
             if e.is_timeout() {
                 inner.supervisor.restart();
             }
-            text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("invocation failed: {e}"),
-            )
+            handler_connection_failed(inner, &parts.method, parts.uri.path(), e)
         }
     }
+}
+
+/// The handler's connection failed (reset, closed, timed out) before it answered: a logged
+/// `502` problem+json, as a gateway answers. Neither the log line nor the answer names the
+/// handler's internal address (`reqwest::Error::without_url`).
+fn handler_connection_failed(
+    inner: &Inner,
+    method: &axum::http::Method,
+    path: &str,
+    e: reqwest::Error,
+) -> Response {
+    let e = e.without_url();
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else {
+        "connection failed"
+    };
+    let source = std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
+    inner.output.line(&format!(
+        "[devhost] ERROR {method} {path}: the handler {what} before answering ({e}{source}); answered 502"
+    ));
+    let body = json!({
+        "type": "about:blank",
+        "title": "Bad Gateway",
+        "status": 502,
+        "detail": format!("the function's handler {what} before answering"),
+    });
+    (
+        StatusCode::BAD_GATEWAY,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 async fn envelope_http(

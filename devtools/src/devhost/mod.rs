@@ -301,6 +301,12 @@ impl DevHost {
     }
 
     /// The settings the handler was started with (after overrides and port rewrites).
+    /// The port the handler listens on, when it is ready (what the host calls; tests that
+    /// talk to the handler as the Azure host would).
+    pub async fn handler_port(&self) -> Option<u16> {
+        self.inner.supervisor.wait_ready(Duration::ZERO).await
+    }
+
     pub fn settings(&self) -> &BTreeMap<String, String> {
         &self.inner.settings
     }
@@ -367,8 +373,13 @@ impl DevHost {
             s.shutdown().await;
         }
         if let Some(azurite) = self.azurite.take() {
-            // Dropping kills it (and waits for it): a blocking call.
-            let _ = tokio::task::spawn_blocking(move || drop(azurite)).await;
+            // SIGINT and wait until it has saved and exited (blocking): after the handler,
+            // whose last writes it must keep.
+            match tokio::task::spawn_blocking(move || azurite.stop()).await {
+                Ok(Ok(())) => tracing::info!("devhost: Azurite saved its tables and stopped"),
+                Ok(Err(e)) => tracing::warn!("devhost: {e}"),
+                Err(e) => tracing::warn!("devhost: stopping Azurite: {e}"),
+            }
         }
     }
 }

@@ -53,7 +53,7 @@ use super::wake;
 use super::Services;
 use idempotency::KeyUse;
 use render::{applied_response, pending_response};
-pub use render::{entry_view, view, ApiResponse};
+pub use render::{entry_view, problem_type, view, ApiResponse, PROBLEM_TYPE_PREFIX};
 
 /// Bounded retries of a ledger write that lost an optimistic-concurrency race.
 const MAX_WRITE_ROUNDS: usize = 8;

@@ -1,8 +1,11 @@
 //! How `SetSocHttp` answers: [`ApiResponse`] (JSON or RFC 9457 problem+json) and the
 //! JSON representations of a request.
 //!
-//! Invariants: every error is a problem document with `status`, `title`, `detail`
-//! (and `field` for invalid input), never internals; timestamps are RFC 3339 UTC with
+//! Invariants: every error is a problem document with `type`, `status`, `title`, `detail`
+//! (and `field` for invalid input), never internals; `type` is a stable URI per kind of
+//! problem, [`PROBLEM_TYPE_PREFIX`] + the title in kebab case (`Invalid request` ->
+//! `tag:soc-settings.api,2026:problem/invalid-request`; the list is `Problem.type` in
+//! `docs/openapi.yaml`), so clients branch on it rather than on the wording; timestamps are RFC 3339 UTC with
 //! milliseconds; every answer that shows a request shows the same representation
 //! (`SocRequest` in `docs/openapi.yaml`); a `202` carries `Location`, the request's
 //! own status (`/api/devices/{deviceId}/soc/requests/{requestId}`).
@@ -12,6 +15,24 @@ use serde_json::{json, Value};
 
 use crate::domain::history::HistoryEntry;
 use crate::domain::{DesiredState, InputError, RequestId};
+
+/// Every problem `type` starts so: a `tag:` URI (RFC 4151), as RFC 9457 suggests for types
+/// that are identifiers, not pages.
+pub const PROBLEM_TYPE_PREFIX: &str = "tag:soc-settings.api,2026:problem/";
+
+/// The `type` of a problem with this title: the title in kebab case after
+/// [`PROBLEM_TYPE_PREFIX`]. Titles are the kinds of problem: one per kind, never reworded.
+pub fn problem_type(title: &str) -> String {
+    let mut kind = String::new();
+    for c in title.chars() {
+        if c.is_ascii_alphanumeric() {
+            kind.push(c.to_ascii_lowercase());
+        } else if !kind.is_empty() && !kind.ends_with('-') {
+            kind.push('-');
+        }
+    }
+    format!("{PROBLEM_TYPE_PREFIX}{}", kind.trim_end_matches('-'))
+}
 
 /// `Retry-After` (seconds) sent with `503`.
 const RETRY_AFTER_SECONDS: u32 = 5;
@@ -51,7 +72,7 @@ impl ApiResponse {
     pub fn problem(status: u16, title: &str, detail: impl Into<String>) -> Self {
         Self::problem_body(
             status,
-            json!({ "type": "about:blank", "title": title, "status": status, "detail": detail.into() }),
+            json!({ "type": problem_type(title), "title": title, "status": status, "detail": detail.into() }),
         )
     }
 
