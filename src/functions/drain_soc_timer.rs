@@ -218,10 +218,13 @@ async fn sweep(
 async fn list_due(svc: &Services, report: &mut SweepReport) -> Result<Vec<Due>, StoreError> {
     let now = svc.clock.now();
     // Devices hash evenly over the shards, but not exactly: up to twice a shard's even
-    // share (and at least 16) from each, so a run takes its whole quota when that many
-    // are due, and never more than the quota.
+    // share from each, so a run takes its whole quota when that many are due, and never
+    // more than the quota. Plus 16 entries, even with a small quota: a device may have
+    // several entries (each write that made it due earlier filed one), and a run must
+    // see them together to drop them together, or each stale entry would cost the
+    // device behind it a run (simulation seed 84,424).
     let max = svc.policy.sweep_max_due.max(1);
-    let per_shard = max.min(2 * max.div_ceil(usize::from(SHARDS)) + 16);
+    let per_shard = 2 * max.div_ceil(usize::from(SHARDS)) + 16;
     let mut entries = Vec::new();
     let mut failure = None;
     for shard in 0..SHARDS {
@@ -993,6 +996,36 @@ mod tests {
             (3, 3),
             "the next run sends them: {report}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_settled_devices_stale_entries_go_in_one_run_and_do_not_hold_up_the_next_device() {
+        // Simulation seed 84,424: with a quota of one device per run, each of a settled
+        // device's stale entries cost a run, and the device behind it waited past the
+        // settle bound.
+        let mut h = Harness::new();
+        h.svc.policy.sweep_max_due = 1;
+        h.svc.policy.reconcile_rows_per_run = 0;
+        h.device.set_online("settled", true);
+        post(&h, "settled", 40).await;
+        let settled = h.ledger_record("settled").await;
+        assert_eq!(settled.status, crate::domain::RequestStatus::Applied);
+        for back in 1..=5 {
+            let at = h.clock.now() - chrono::Duration::seconds(back);
+            h.ledger
+                .file_due(
+                    &DueEntry::new(settled.device_id.clone(), at).filed(at - h.svc.policy.lease),
+                )
+                .await
+                .unwrap();
+        }
+        h.device.set_online("waiting", false);
+        post(&h, "waiting", 50).await;
+        h.clock.advance(overdue(&h));
+        let first = run(&h.svc).await.unwrap();
+        assert_eq!((first.dropped, first.resent), (1, 0), "{first}");
+        let second = run(&h.svc).await.unwrap();
+        assert_eq!(second.resent, 1, "the waiting device is next: {second}");
     }
 
     #[tokio::test]
