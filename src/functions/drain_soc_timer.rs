@@ -45,7 +45,7 @@ use tracing::{info, warn};
 use crate::domain::due_index::{DueEntry, SHARDS};
 use crate::domain::sweep_state::SweepState;
 use crate::domain::{DesiredState, DeviceId, HolderKind, LeaseHolder};
-use crate::ports::{DeviceError, ETag, OutgoingMessage, StoreError, Versioned};
+use crate::ports::{DeviceError, ETag, OutgoingMessage, Precondition, StoreError, Versioned};
 
 use super::apply::{apply_latest, ApplyOutcome};
 use super::wake::{self, Rescheduled};
@@ -267,7 +267,7 @@ async fn list_due(svc: &Services, report: &mut SweepReport) -> Result<Vec<Due>, 
 enum Look {
     /// Done with this device: the step, and the record to tidy the index by (`None`:
     /// read it again; no tidy-up after an error or an unreadable row).
-    Done(Step, Option<Option<DesiredState>>),
+    Done(Step, Option<Option<Versioned<DesiredState>>>),
     /// Due and free: a device call is needed (in-process), or its wake-up message (fan-out).
     Due(Versioned<DesiredState>),
 }
@@ -292,14 +292,14 @@ async fn look(svc: &Services, device: &DeviceId) -> Look {
     let now = svc.clock.now();
     let current = match current {
         Some(c) if c.value.is_pending() => c,
-        other => return Look::Done(Step::Dropped, Some(other.map(|c| c.value))),
+        other => return Look::Done(Step::Dropped, Some(other)),
     };
     if svc
         .policy
         .sweep_due(&current.value)
         .is_some_and(|at| at > now)
     {
-        return Look::Done(Step::Refiled, Some(Some(current.value)));
+        return Look::Done(Step::Refiled, Some(Some(current)));
     }
     let holder = LeaseHolder::new(HolderKind::Sweep);
     if current.value.is_expired_at(now + svc.policy.lease) {
@@ -382,7 +382,7 @@ async fn fan_out_all(
         // One kind of work per device, so that both kinds run in one bounded stream.
         enum Finish {
             Sent(Due, Versioned<DesiredState>, OutgoingMessage, DateTime<Utc>),
-            Done(Due, Step, Option<Option<DesiredState>>),
+            Done(Due, Step, Option<Option<Versioned<DesiredState>>>),
         }
         let sent_ok = sent.is_ok();
         let work = sends
@@ -474,17 +474,18 @@ async fn check_device(svc: &Services, current: Versioned<DesiredState>) -> (Step
 /// Tidies a swept device's index entries by `read` (the record as it is now; `None`:
 /// read it again), unless the step leaves them as they are (an error, an unreadable
 /// row, a device not reached).
-async fn tidy_after(svc: &Services, due: Due, step: Step, read: Option<Option<DesiredState>>) {
+async fn tidy_after(
+    svc: &Services,
+    due: Due,
+    step: Step,
+    read: Option<Option<Versioned<DesiredState>>>,
+) {
     if matches!(step, Step::Error | Step::Corrupt | Step::Deferred) {
         return;
     }
     let record = match read {
         Some(r) => Ok(r),
-        None => svc
-            .ledger
-            .get(&due.device)
-            .await
-            .map(|c| c.map(|c| c.value)),
+        None => svc.ledger.get(&due.device).await,
     };
     match record {
         Ok(record) => tidy(svc, &due.device, due.entries, record.as_ref()).await,
@@ -498,14 +499,22 @@ async fn tidy_after(svc: &Services, due: Due, step: Step, read: Option<Option<De
 /// entries were listed: settled or gone, no entry; pending and not due yet, an entry
 /// at its due time (filed before the listed ones go); still due, the earliest listed
 /// entry. Failures leave entries behind, which is harmless (the next run looks again).
+///
+/// Before entries go because of what `record` says, the sweep fences it: it consumes the
+/// ETag it read (or, with no record, the device's anchor), so that no write still in
+/// flight, conditional on what the sweep saw, can commit afterwards a record those
+/// entries would have had to cover (a writer files its entry *before* its write, and a
+/// write may commit long after its caller's timeout). Such a writer's write then
+/// conflicts, and it reads again and files again before writing. No clock decides it.
 async fn tidy(
     svc: &Services,
     device: &DeviceId,
     mut entries: Vec<Versioned<DueEntry>>,
-    record: Option<&DesiredState>,
+    record: Option<&Versioned<DesiredState>>,
 ) {
     let now = svc.clock.now();
-    match record.and_then(|r| svc.policy.sweep_due(r)) {
+    let mut fence = true;
+    match record.and_then(|r| svc.policy.sweep_due(&r.value)) {
         Some(_) if cfg!(feature = "mutant-sweep-drops-before-filing") => {}
         Some(at) if at > now => {
             let entry = DueEntry::new(device.clone(), at).filed(now);
@@ -514,20 +523,55 @@ async fn tidy(
                 return;
             }
         }
-        // Still due: keep the earliest entry for the next run.
+        // Still due: keep the earliest entry for the next run. It covers the record as
+        // read, and any write in flight filed an entry of its own at or after it.
         Some(_) if !entries.is_empty() => {
             entries.remove(0);
+            fence = false;
         }
         Some(_) | None => {}
     }
+    // A young entry's writer may still be on its way to the record: left for later.
+    entries.retain(|entry| {
+        !entry.value.is_young(now, svc.policy.lease)
+            || cfg!(feature = "mutant-sweep-drops-young-entries")
+    });
+    if entries.is_empty() {
+        return;
+    }
+    if fence && !fence_read(svc, device, record).await {
+        return;
+    }
     for entry in entries {
-        // A young entry's writer may still be on its way to the record: left for later.
-        if entry.value.is_young(now, svc.policy.lease)
-            && !cfg!(feature = "mutant-sweep-drops-young-entries")
-        {
-            continue;
-        }
         unfile(svc, &entry.value, &entry.etag).await;
+    }
+}
+
+/// Consumes what a write in flight based on the sweep's read of `record` would be
+/// conditional on. `false` (leave the entries) when someone wrote meanwhile or the
+/// storage failed: the next run looks again.
+async fn fence_read(
+    svc: &Services,
+    device: &DeviceId,
+    record: Option<&Versioned<DesiredState>>,
+) -> bool {
+    let on = match record {
+        Some(r) => Precondition::Record(r.etag.clone()),
+        None => match svc.ledger.anchor(device).await {
+            Ok(etag) => Precondition::Anchor(etag),
+            Err(e) => {
+                warn!(device = %device, error = %e, "sweep left the device's index entries as they were");
+                return false;
+            }
+        },
+    };
+    match svc.ledger.fence(device, &on).await {
+        Ok(()) => true,
+        Err(StoreError::Conflict) => false,
+        Err(e) => {
+            warn!(device = %device, error = %e, "sweep left the device's index entries as they were");
+            false
+        }
     }
 }
 
@@ -1026,6 +1070,43 @@ mod tests {
         assert_eq!((first.dropped, first.resent), (1, 0), "{first}");
         let second = run(&h.svc).await.unwrap();
         assert_eq!(second.resent, 1, "the waiting device is next: {second}");
+    }
+
+    #[tokio::test]
+    async fn entries_go_only_after_a_fence_so_a_write_still_in_flight_cannot_commit_uncovered() {
+        // Simulation seed 108,927: a POST filed its entry, sent its accepting write and
+        // was killed; the write committed 38 s later, after the sweep had read "no record"
+        // and dropped the entry: a pending record the sweep could never find (S6).
+        use crate::ports::Precondition;
+        let mut h = Harness::new();
+        h.svc.policy.reconcile_rows_per_run = 0;
+        let device = h.id("d1");
+        let record = DesiredState::accept(
+            device.clone(),
+            crate::domain::MinSoc::new(40).unwrap(),
+            h.clock.now(),
+            h.svc.policy.request_ttl,
+            None,
+        );
+        let on = Precondition::Anchor(h.ledger.anchor(&device).await.unwrap());
+        let due = h.svc.policy.sweep_due(&record).unwrap();
+        let long_ago = h.clock.now() - h.svc.policy.lease * 2;
+        h.ledger
+            .file_due(&DueEntry::new(device.clone(), due).filed(long_ago))
+            .await
+            .unwrap();
+        h.ledger.defer_next_accept();
+        assert!(h.ledger.accept(&record, None, None, &on).await.is_err());
+        h.clock.advance(overdue(&h));
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(report.dropped, 1, "{report}");
+        assert!(index_entries(&h).await.is_empty());
+        assert_eq!(
+            h.ledger.land_deferred(),
+            Err(StoreError::Conflict),
+            "the write in flight must not commit after its entry went"
+        );
+        assert_eq!(h.ledger.get(&device).await.unwrap(), None);
     }
 
     #[tokio::test]
