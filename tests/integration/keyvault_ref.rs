@@ -54,7 +54,7 @@ async fn an_unresolved_key_vault_reference_is_one_error_at_start_and_fails_every
         "Metadata": {"DeliveryCount": "1", "MessageId": "\"m-1\""}
     });
     let envelope = json!({
-        "Data": {"req": {"Method": "POST", "Headers": {}, "Params": {"deviceId": "bat-1"},
+        "Data": {"req": {"Method": "POST", "Headers": {"Content-Type": ["application/json"]}, "Params": {"deviceId": "bat-1"},
                          "Body": "{\"minSoc\":30}"}},
         "Metadata": {}
     });
