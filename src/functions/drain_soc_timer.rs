@@ -497,8 +497,8 @@ async fn tidy_after(
 
 /// Leaves the device's index as the invariant needs it, given `record` read after the
 /// entries were listed: settled or gone, no entry; pending and not due yet, an entry
-/// at its due time (filed before the listed ones go); still due, the earliest listed
-/// entry. Failures leave entries behind, which is harmless (the next run looks again).
+/// at its due time (filed before the listed ones go); still due, all of them. Failures
+/// leave entries behind, which is harmless (the next run looks again).
 ///
 /// Before entries go because of what `record` says, the sweep fences it: it consumes the
 /// ETag it read (or, with no record, the device's anchor), so that no write still in
@@ -513,7 +513,6 @@ async fn tidy(
     record: Option<&Versioned<DesiredState>>,
 ) {
     let now = svc.clock.now();
-    let mut fence = true;
     match record.and_then(|r| svc.policy.sweep_due(&r.value)) {
         Some(_) if cfg!(feature = "mutant-sweep-drops-before-filing") => {}
         Some(at) if at > now => {
@@ -523,13 +522,11 @@ async fn tidy(
                 return;
             }
         }
-        // Still due: keep the earliest entry for the next run. It covers the record as
-        // read, and any write in flight filed an entry of its own at or after it.
-        Some(_) if !entries.is_empty() => {
-            entries.remove(0);
-            fence = false;
-        }
-        Some(_) | None => {}
+        // Still due (its work failed or was deferred): every entry stays for the next
+        // run. Keeping only the earliest would rely on it surviving, and an earlier run's
+        // delete of it may still be in flight (simulation seed 301,944).
+        Some(_) => return,
+        None => {}
     }
     // A young entry's writer may still be on its way to the record: left for later.
     entries.retain(|entry| {
@@ -539,7 +536,7 @@ async fn tidy(
     if entries.is_empty() {
         return;
     }
-    if fence && !fence_read(svc, device, record).await {
+    if !fence_read(svc, device, record).await {
         return;
     }
     for entry in entries {
@@ -1107,6 +1104,33 @@ mod tests {
             "the write in flight must not commit after its entry went"
         );
         assert_eq!(h.ledger.get(&device).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_device_still_due_keeps_every_entry_for_the_next_run() {
+        // Simulation seed 301,944: the run kept only the earliest entry, which an earlier
+        // run's delete (timed out at its caller) removed moments later.
+        let mut h = Harness::new();
+        h.svc.policy.reconcile_rows_per_run = 0;
+        h.device.set_online("d1", false);
+        post(&h, "d1", 50).await;
+        let rec = h.ledger_record("d1").await;
+        let due = h.svc.policy.sweep_due(&rec).unwrap();
+        let long_ago = h.clock.now() - h.svc.policy.lease * 2;
+        h.ledger
+            .file_due(
+                &DueEntry::new(rec.device_id.clone(), due - chrono::Duration::seconds(5))
+                    .filed(long_ago),
+            )
+            .await
+            .unwrap();
+        h.clock.advance(overdue(&h));
+        h.hold_lease("d1", "other", chrono::Duration::seconds(30))
+            .await;
+        let before = index_entries(&h).await.len();
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(report.busy, 1, "{report}");
+        assert_eq!(index_entries(&h).await.len(), before, "every entry stays");
     }
 
     #[tokio::test]
