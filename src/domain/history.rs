@@ -12,11 +12,9 @@
 //!   another writes the replaced request's entry as what became of it
 //!   ([`HistoryEntry::replaced`]): `superseded` by the new request if it was still
 //!   pending, `expired` if it was pending past its expiry, else its final state.
-//! - **Undone requests read as absent.** A POST that ends `404`/`503` puts the ledger
-//!   back as it was (that is the apply/undo logic's job, not this module's); its entry
-//!   stays behind as pending, never superseded. [`lookup`] shows such an entry as
-//!   absent: a request the ledger does not hold that is still pending and was not
-//!   superseded was never accepted.
+//! - **An entry exists exactly when its request was stored.** It is written in the
+//!   request's own accepting write (one commit point, no undo), which is also how a
+//!   POST whose write timed out tells, after fencing it, whether it committed.
 //! - **Bounded.** At most [`HISTORY_LIMIT`] entries per device: when a request is
 //!   accepted, entries beyond the newest [`HISTORY_LIMIT`] (by `requestedAt`) are
 //!   deleted. There is no time-based retention beyond that; a request's own lifetime
@@ -110,8 +108,8 @@ impl HistoryEntry {
 }
 
 /// What `GET .../requests/{id}` shows, from the ledger record (read first) and the
-/// request's entry (read after it). `None`: no such request (never accepted, undone,
-/// or older than the bound).
+/// request's entry (read after it). `None`: no such request (never accepted, or older
+/// than the bound).
 pub fn lookup(
     id: &RequestId,
     current: Option<&DesiredState>,
@@ -120,7 +118,7 @@ pub fn lookup(
     if let Some(current) = current.filter(|c| c.request_id == *id) {
         return Some(HistoryEntry::of(current));
     }
-    entry.filter(|e| e.superseded_by.is_some() || !e.request.is_pending())
+    entry
 }
 
 /// Which entries to delete so that at most [`HISTORY_LIMIT`] remain: the oldest by
@@ -218,18 +216,6 @@ mod tests {
         assert_eq!(shown.status(), ShownStatus::Pending);
     }
 
-    #[test]
-    fn an_entry_the_ledger_moved_past_while_pending_and_unsuperseded_was_undone() {
-        let kept = request(0, None);
-        let undone = request(5, Some(&kept));
-        let orphan = HistoryEntry::of(&undone);
-        assert_eq!(
-            lookup(&undone.request_id, Some(&kept), Some(orphan.clone())),
-            None
-        );
-        assert_eq!(lookup(&undone.request_id, None, Some(orphan)), None);
-        assert_eq!(lookup(&undone.request_id, Some(&kept), None), None);
-    }
 
     #[test]
     fn settled_and_superseded_entries_are_shown_after_the_ledger_moved_on() {
