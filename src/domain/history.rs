@@ -216,7 +216,6 @@ mod tests {
         assert_eq!(shown.status(), ShownStatus::Pending);
     }
 
-
     #[test]
     fn settled_and_superseded_entries_are_shown_after_the_ledger_moved_on() {
         let old = request(0, None);
