@@ -4,7 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Seeds run on every `scripts/test` (a few thousand: about 30 s on 2 cores, debug build).
+/// Seeds run on every `scripts/test` (a few thousand of the wide model: about 200 s on 2
+/// cores in a debug build, BENCHMARKS.md).
 const CI_SEEDS: u64 = 4_000;
 
 #[test]
