@@ -424,7 +424,16 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
                     .records
                     .get(&info.device)
                     .is_some_and(|(f, _, _)| f == r);
-                (!still_current).then_some(last)
+                // Replaced: its pending life lasts until the commit that replaced it (its
+                // wake-up chain runs until then), not only until its own last commit
+                // (simulation seed 467,445: faults after its last commit were not counted).
+                (!still_current).then(|| {
+                    obs.commits
+                        .iter()
+                        .filter(|c| c.device == info.device && c.t >= last)
+                        .find(|c| c.request.as_deref() != Some(r.as_str()))
+                        .map_or(last, |c| c.t)
+                })
             })
             .unwrap_or(sc.end_ms);
         let life = settled.saturating_sub(info.created_t);
