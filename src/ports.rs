@@ -316,8 +316,10 @@ pub trait Ledger: Send + Sync {
         until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Versioned<DueEntry>>, StoreError>;
-    /// Removes `entry` only if unchanged since it was listed with `etag` (Ok if gone).
-    async fn unfile_due(&self, entry: &DueEntry, etag: &ETag) -> Result<(), StoreError>;
+    /// Removes `entry` (Ok if gone): only if unchanged since it was listed with `etag`,
+    /// or whatever its ETag when `etag` is `None` (a writer removing the entry a record
+    /// version it replaced named, which it never listed).
+    async fn unfile_due(&self, entry: &DueEntry, etag: Option<&ETag>) -> Result<(), StoreError>;
 
     // ------------------------------------------------ the sweep's own record
 

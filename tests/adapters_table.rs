@@ -68,6 +68,7 @@ fn everything_set(id: &str) -> DesiredState {
             until: t(45),
         }),
         updated_at: t(13),
+        due_entry: Some(format!("2027-01-15T08:05:00.000Z~{id}~0a1b2c3d4e5f")),
     }
 }
 
@@ -707,12 +708,22 @@ async fn the_due_index_lists_a_shards_entries_due_by_then_oldest_first_and_remov
     // Filing the same entry again replaces it: the ETag listed before no longer removes it.
     ledger.file_due(&early).await.unwrap();
     assert_eq!(
-        ledger.unfile_due(&early, &due[0].etag).await,
+        ledger.unfile_due(&early, Some(&due[0].etag)).await,
         Err(StoreError::Conflict)
     );
     let fresh = ledger.due_entries(shard, t(100), 100).await.unwrap();
-    ledger.unfile_due(&early, &fresh[0].etag).await.unwrap();
-    ledger.unfile_due(&early, &fresh[0].etag).await.unwrap(); // already gone: Ok
+    ledger
+        .unfile_due(&early, Some(&fresh[0].etag))
+        .await
+        .unwrap();
+    ledger
+        .unfile_due(&early, Some(&fresh[0].etag))
+        .await
+        .unwrap(); // already gone: Ok
+                   // A writer removes the entry its replaced record named whatever its ETag.
+    ledger.file_due(&early).await.unwrap();
+    ledger.unfile_due(&early, None).await.unwrap();
+    ledger.unfile_due(&early, None).await.unwrap(); // already gone: Ok
     let left: Vec<_> = ledger
         .due_entries(shard, t(1000), 100)
         .await

@@ -122,7 +122,7 @@ impl<L: Ledger> Ledger for Counting<L> {
             .fetch_add(r.len() as u64, Ordering::Relaxed);
         Ok(r)
     }
-    async fn unfile_due(&self, entry: &DueEntry, etag: &ETag) -> Result<(), StoreError> {
+    async fn unfile_due(&self, entry: &DueEntry, etag: Option<&ETag>) -> Result<(), StoreError> {
         inc(&self.ops.writes);
         self.inner.unfile_due(entry, etag).await
     }
@@ -309,7 +309,9 @@ async fn seed(svc: &Services, p: usize, d: usize) -> Result<()> {
                 now + chrono::Duration::hours(1)
             };
             rec.expect_wake(format!("m{i}"), due, now - chrono::Duration::minutes(10));
-            index::put_record(svc, &rec, None, None).await.map(|_| ())
+            index::put_record(svc, &mut rec, None, None)
+                .await
+                .map(|_| ())
         })
         .buffer_unordered(64)
         .collect()

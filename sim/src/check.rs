@@ -41,7 +41,9 @@
 //!   duplicates alone never multiply messages.
 //! - **S6 index coverage**: at every instant (checked after every ledger effect), every
 //!   pending record has a due-index entry at or before its sweep-due time, so the sweep
-//!   finds every record whose wake-up message is lost, and every record near expiry.
+//!   finds every record whose wake-up message is lost, and every record near expiry;
+//!   and the entry a pending record names exists (entries move with their records,
+//!   `functions::index`: nobody removes an entry a record still names).
 //! - **S7 reads never contradict**: a read (`GET …/soc`, `GET …/soc/requests/{id}`)
 //!   shows only a request that was stored before it ended; per request, once a read
 //!   has shown a final status, no read that starts after it shows pending or another

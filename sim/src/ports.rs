@@ -715,16 +715,19 @@ impl Ledger for SimLedger {
         r
     }
 
-    async fn unfile_due(&self, entry: &DueEntry, etag: &ETag) -> Result<(), StoreError> {
+    async fn unfile_due(&self, entry: &DueEntry, etag: Option<&ETag>) -> Result<(), StoreError> {
         let d = entry.device_id.as_str().to_string();
-        let (key, exp) = (entry.row_key(), etag.clone());
+        let (key, exp) = (entry.row_key(), etag.cloned());
         let r = self
             .0
             .storage(&d, true, move |w, _| {
                 match w.due.iter().position(|(e, _)| e.row_key() == key) {
                     None => Ok(()),
-                    Some(i) if w.due[i].1.to_string() == exp.0 => {
+                    Some(i) if exp.as_ref().is_none_or(|e| w.due[i].1.to_string() == e.0) => {
                         w.due.remove(i);
+                        if exp.is_none() {
+                            w.shape("a writer removed the index entry its record had named");
+                        }
                         Ok(())
                     }
                     Some(_) => Err(StoreError::Conflict),

@@ -343,7 +343,8 @@ pub struct World {
 
 impl World {
     /// S6 at this instant: every pending record has a due-index entry at or before its
-    /// sweep-due time. Checked after every ledger effect; the first gap per device is kept.
+    /// sweep-due time, and the entry it names exists. Checked after every ledger
+    /// effect; the first gap per device is kept.
     pub fn check_index(&mut self, policy: &soc_settings::functions::Policy) {
         let t = self.ms();
         let mut gaps = Vec::new();
@@ -355,13 +356,19 @@ impl World {
                 .due
                 .iter()
                 .any(|(e, _)| e.device_id.as_str() == device && e.due_at <= due);
-            if !covered && !self.obs.index_gaps.iter().any(|g| &g.1 == device) {
+            // The entry a pending record names exists (`functions::index`).
+            let named = record
+                .due_entry
+                .as_ref()
+                .is_none_or(|key| self.due.iter().any(|(e, _)| e.row_key() == *key));
+            if (!covered || !named) && !self.obs.index_gaps.iter().any(|g| &g.1 == device) {
                 let request = self.names.request(record.request_id.as_str());
-                gaps.push((
-                    t,
-                    device.clone(),
-                    format!("pending {request} has no index entry at or before its sweep-due time"),
-                ));
+                let gap = if covered {
+                    "names an index entry that was removed"
+                } else {
+                    "has no index entry at or before its sweep-due time"
+                };
+                gaps.push((t, device.clone(), format!("pending {request} {gap}")));
             }
         }
         self.obs.index_gaps.extend(gaps);

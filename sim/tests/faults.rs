@@ -58,6 +58,7 @@ fn every_fault_shape_of_the_wide_model_happens_in_the_first_seeds() {
         "budget: PUT waited for its turn",
         "budget: PUT refused (no turn)",
         "budget: PUT refused during a Retry-After pause",
+        "a writer removed the index entry its record had named",
     ] {
         assert!(
             shapes.get(shape).is_some_and(|n| *n > 0),

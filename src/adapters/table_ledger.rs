@@ -422,14 +422,18 @@ impl TableLedger {
         &self,
         partition: &str,
         row: &str,
-        expected: &ETag,
+        expected: Option<&ETag>,
     ) -> Result<(), StoreError> {
         let table = self.table().await?;
+        let condition = match expected {
+            Some(etag) => IfMatchCondition::Etag(Etag::from(etag.0.clone())),
+            None => IfMatchCondition::Any,
+        };
         let result = table
             .partition_key_client(partition)
             .entity_client(row)
             .delete()
-            .if_match(IfMatchCondition::Etag(Etag::from(expected.0.clone())))
+            .if_match(condition)
             .await;
         match result {
             Ok(_) => Ok(()),
@@ -636,7 +640,7 @@ impl Ledger for TableLedger {
         Ok(entries)
     }
 
-    async fn unfile_due(&self, entry: &DueEntry, etag: &ETag) -> Result<(), StoreError> {
+    async fn unfile_due(&self, entry: &DueEntry, etag: Option<&ETag>) -> Result<(), StoreError> {
         self.delete_row(&entry.partition_key(), &entry.row_key(), etag)
             .await
     }
@@ -763,6 +767,8 @@ pub fn history_row(request: &RequestId) -> String {
 
 fn history_to_entity(e: &HistoryEntry) -> Map<String, Value> {
     let mut entity = desired_to_entity(&e.request);
+    // The index bookkeeping belongs to the live record, not to what is kept of a request.
+    entity.remove("DueEntry");
     entity.insert("RowKey".into(), history_row(&e.request.request_id).into());
     put_opt(
         &mut entity,
@@ -805,6 +811,7 @@ fn desired_to_entity(s: &DesiredState) -> Map<String, Value> {
         e.insert("LeaseUntil".into(), time(lease.until));
     }
     e.insert("UpdatedAt".into(), time(s.updated_at));
+    put_opt(&mut e, "DueEntry", s.due_entry.clone().map(Value::from));
     e
 }
 
@@ -919,6 +926,7 @@ fn desired_from_entity(entity: &Map<String, Value>) -> Result<DesiredState, Corr
         wake_due_at: row.opt_time("WakeDueAt")?,
         lease,
         updated_at: row.time("UpdatedAt")?,
+        due_entry: row.opt_str("DueEntry")?,
     })
 }
 
@@ -1102,6 +1110,7 @@ mod tests {
                 until: t(30),
             }),
             updated_at: t(6),
+            due_entry: Some("2027-01-15T08:01:00.123Z~bat-1~0a1b2c3d4e5f".into()),
         }
     }
 
@@ -1139,6 +1148,7 @@ mod tests {
         s.wake_message_id = None;
         s.wake_due_at = None;
         s.lease = None;
+        s.due_entry = None;
         let e = desired_to_entity(&s);
         for absent in [
             "AppliedAt",
@@ -1147,6 +1157,7 @@ mod tests {
             "WakeDueAt",
             "LeaseHolder",
             "LeaseUntil",
+            "DueEntry",
         ] {
             assert!(!e.contains_key(absent), "{absent}");
         }

@@ -11,25 +11,28 @@
 //! partition, so the sweep reads each shard from its oldest entry up to now with
 //! one range query. The record stays the truth; an entry is only a reminder.
 //!
-//! **The invariant.** Every pending record has at least one entry at or before its
-//! sweep-due time. It is kept without a cross-partition transaction:
-//! - a writer that makes a record's sweep-due time *earlier* than the stored
-//!   record's (a new request, an undo, a pending record replacing a settled one)
-//!   files an entry at the new time *before* the conditional record write; a writer
-//!   that moves it later relies on the entry that covers the stored record;
-//! - the sweep removes an entry only after it has read the record and, if the record
-//!   is pending, filed an entry at the record's sweep-due time first;
+//! **The invariants.** Every pending record has at least one entry at or before its
+//! sweep-due time, and the entry it names exists. They are kept without a
+//! cross-partition transaction (`functions::index` has the writers' side):
+//! - each record version names the entry that covers it. A writer files the entry
+//!   *before* its conditional record write (a crash between the two leaves at worst an
+//!   extra entry) and, once the write committed, removes the entry the replaced version
+//!   named. So an entry moves with its record: a wake-up chain that moves the record's
+//!   time later moves its entry too, and settling a record removes it;
+//! - the sweep removes only entries it listed, after a conditional write at the
+//!   version of the record it read (a fence, or a rewrite naming a new entry): a write
+//!   in flight conditional on what it read cannot commit afterwards. If the record is
+//!   pending, it is covered first, by the entry it names if that is still ahead, else
+//!   by a new one it is rewritten to name;
 //! - every entry's row key carries a nonce, so an entry the sweep removes is never
 //!   one a writer files after the sweep listed the index;
 //! - the sweep never removes an entry filed less than one lease ago: its writer may
-//!   still be on its way to the record (it files, then writes within one storage
-//!   timeout), and the record the sweep read may be the one that write replaces.
+//!   still be on its way to the record.
 //!
-//! Extra entries (a crash after filing, an entry a later write made early) are
-//! harmless: the sweep meets them, reads the record and moves or drops them. A
-//! reconciling pass ([`crate::functions::drain_soc_timer`]) files an entry for every
-//! pending record once per interval, which repairs any drift and indexes records
-//! written before the index existed.
+//! Extra entries (a crash after filing, a removal that failed) are harmless: the sweep
+//! meets them, reads the record and drops them. A reconciling pass
+//! ([`crate::functions::drain_soc_timer`]) files an entry for every pending record that
+//! names none (written before entries were named), once per interval.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 

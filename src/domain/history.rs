@@ -69,6 +69,7 @@ impl HistoryEntry {
         let mut request = state.clone();
         // Coordination fields say nothing about the request's fate.
         request.lease = None;
+        request.due_entry = None;
         Self {
             request,
             superseded_by: None,

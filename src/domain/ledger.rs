@@ -161,6 +161,11 @@ pub struct DesiredState {
     pub wake_due_at: Option<DateTime<Utc>>,
     pub lease: Option<Lease>,
     pub updated_at: DateTime<Utc>,
+    /// The row key of the due-index entry that covers this record
+    /// ([`super::due_index`]): filed by the writer of this version before its write, or
+    /// kept from the version it replaced. `None` when settled (nothing to cover), or
+    /// for a record written before entries were named.
+    pub due_entry: Option<String>,
 }
 
 impl DesiredState {
@@ -189,6 +194,7 @@ impl DesiredState {
                 .and_then(|p| p.lease.clone())
                 .filter(|l| l.until > now),
             updated_at: now,
+            due_entry: None,
         }
     }
 

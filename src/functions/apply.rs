@@ -126,7 +126,7 @@ pub async fn apply_latest(
         {
             record.mark_applied(now);
             record.release_lease(holder);
-            match write(svc, &record, &current.value, &current.etag).await {
+            match write(svc, &mut record, &current.value, &current.etag).await {
                 Ok(_) => {
                     return Ok(Applied {
                         outcome: ApplyOutcome::Applied(record),
@@ -144,7 +144,7 @@ pub async fn apply_latest(
         if !record.is_pending() {
             if record.holds_lease(holder, now) && !in_doubt {
                 record.release_lease(holder);
-                if let Err(e) = write(svc, &record, &current.value, &current.etag).await {
+                if let Err(e) = write(svc, &mut record, &current.value, &current.etag).await {
                     if e == StoreError::Conflict {
                         continue;
                     }
@@ -161,7 +161,7 @@ pub async fn apply_latest(
         // back to it): never PUT twice; record the same answer on the record read now.
         if let Some((_, error)) = tried.iter().find(|(id, _)| *id == record.request_id) {
             let outcome = record_answer(&mut record, holder, Err(error.clone()), now);
-            match write(svc, &record, &current.value, &current.etag).await {
+            match write(svc, &mut record, &current.value, &current.etag).await {
                 Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
                 Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
                 Err(e) => return Err(e),
@@ -187,7 +187,7 @@ pub async fn apply_latest(
         if cfg!(feature = "mutant-expiry-over-lease") && record.is_expired_at(now) {
             record.mark_expired(now);
             record.release_lease(holder);
-            match write(svc, &record, &current.value, &current.etag).await {
+            match write(svc, &mut record, &current.value, &current.etag).await {
                 Ok(_) => {
                     return Ok(Applied {
                         outcome: ApplyOutcome::Expired(record),
@@ -228,7 +228,7 @@ pub async fn apply_latest(
             if let Err(e) = turn {
                 refused = Some(e.clone());
                 let outcome = record_answer(&mut record, holder, Err(e), svc.clock.now());
-                match write(svc, &record, &current.value, &current.etag).await {
+                match write(svc, &mut record, &current.value, &current.etag).await {
                     Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
                     Err(StoreError::Conflict | StoreError::Unavailable(_)) => continue,
                     Err(e) => return Err(e),
@@ -243,7 +243,7 @@ pub async fn apply_latest(
         if too_late {
             record.mark_expired(now);
             record.release_lease(holder);
-            match write(svc, &record, &current.value, &current.etag).await {
+            match write(svc, &mut record, &current.value, &current.etag).await {
                 Ok(_) => {
                     info!(device = %device, request_id = %record.request_id, "request expired before its device came online");
                     return Ok(Applied {
@@ -270,7 +270,7 @@ pub async fn apply_latest(
             } else {
                 record.record_attempt(holder, now, svc.policy.lease);
             }
-            match write(svc, &record, &current.value, &current.etag).await {
+            match write(svc, &mut record, &current.value, &current.etag).await {
                 Ok(etag) => (record.clone(), etag),
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e),
@@ -301,7 +301,7 @@ pub async fn apply_latest(
             }
         }
         let outcome = record_answer(&mut record, holder, result, now);
-        match write(svc, &record, &stored, &etag).await {
+        match write(svc, &mut record, &stored, &etag).await {
             Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
             // Someone changed the record while we talked to the device (a newer
             // request, most likely), or the write's outcome is unknown. Read again
@@ -413,7 +413,7 @@ async fn read_back_for(
 /// Writes `record` over `stored` (read or written with `etag`), keeping the due index in step.
 async fn write(
     svc: &Services,
-    record: &DesiredState,
+    record: &mut DesiredState,
     stored: &DesiredState,
     etag: &crate::ports::ETag,
 ) -> Result<crate::ports::ETag, StoreError> {

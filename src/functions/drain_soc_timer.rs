@@ -48,6 +48,7 @@ use crate::domain::{DesiredState, DeviceId, HolderKind, LeaseHolder};
 use crate::ports::{DeviceError, ETag, OutgoingMessage, Precondition, StoreError, Versioned};
 
 use super::apply::{apply_latest, ApplyOutcome};
+use super::index;
 use super::wake::{self, Rescheduled};
 use super::Services;
 use super::LEASE_MARGIN;
@@ -444,7 +445,7 @@ async fn check_device(svc: &Services, current: Versioned<DesiredState>) -> (Step
             let mut failed = current.value.clone();
             failed.mark_failed(DeviceError::UnknownDevice.to_string(), svc.clock.now());
             let written =
-                super::index::put_record(svc, &failed, Some(&current.value), Some(&current.etag));
+                index::put_record(svc, &mut failed, Some(&current.value), Some(&current.etag));
             return match written.await {
                 Ok(_) => (Step::Failed, true),
                 // Changed meanwhile; the next run looks again.
@@ -495,17 +496,23 @@ async fn tidy_after(
     }
 }
 
-/// Leaves the device's index as the invariant needs it, given `record` read after the
-/// entries were listed: settled or gone, no entry; pending and not due yet, an entry
-/// at its due time (filed before the listed ones go); still due, all of them. Failures
-/// leave entries behind, which is harmless (the next run looks again).
+/// Leaves the device's index as the invariants need it (`functions::index`), given
+/// `record` read after the entries were listed:
+/// - settled or gone: no entry;
+/// - pending and not due yet (its chain moved on, or an extra entry): covered by the
+///   entry it names if that one is still ahead; else by a new entry, which it is
+///   rewritten to name; the listed ones go;
+/// - still due: all of them stay.
 ///
-/// Before entries go because of what `record` says, the sweep fences it: it consumes the
-/// ETag it read (or, with no record, the device's anchor), so that no write still in
-/// flight, conditional on what the sweep saw, can commit afterwards a record those
-/// entries would have had to cover (a writer files its entry *before* its write, and a
-/// write may commit long after its caller's timeout). Such a writer's write then
-/// conflicts, and it reads again and files again before writing. No clock decides it.
+/// Failures leave entries behind, which is harmless (the next run looks again).
+///
+/// Listed entries go only after a write conditional on the ETag the sweep read: the
+/// rewrite, or a fence (a write that changes nothing, at the record's ETag or, with no
+/// record, the device's anchor). So no write still in flight, conditional on what the
+/// sweep saw, can commit afterwards a record those entries would have had to cover (a
+/// writer files its entry *before* its write, and a write may commit long after its
+/// caller's timeout): such a write conflicts, and its writer reads again and files
+/// again before writing. No clock decides it.
 async fn tidy(
     svc: &Services,
     device: &DeviceId,
@@ -513,34 +520,63 @@ async fn tidy(
     record: Option<&Versioned<DesiredState>>,
 ) {
     let now = svc.clock.now();
-    match record.and_then(|r| svc.policy.sweep_due(&r.value)) {
-        Some(_) if cfg!(feature = "mutant-sweep-drops-before-filing") => {}
-        Some(at) if at > now => {
-            let entry = DueEntry::new(device.clone(), at).filed(now);
-            if let Err(e) = svc.ledger.file_due(&entry).await {
-                warn!(device = %device, error = %e, "sweep could not file the device at its due time");
+    // A young entry's writer may still be on its way to the record: left for later.
+    entries.retain(|entry| {
+        !entry.value.is_young(now, svc.policy.lease)
+            || cfg!(feature = "mutant-sweep-drops-young-entries")
+    });
+    let pending = record.and_then(|r| svc.policy.sweep_due(&r.value).map(|at| (r, at)));
+    let written = match pending {
+        Some(_) if cfg!(feature = "mutant-sweep-drops-before-filing") => {
+            fence_read(svc, device, record).await
+        }
+        Some((record, at)) if at > now => {
+            let ahead = index::named_entry(&record.value)
+                .is_some_and(|named| named.due_at > now && named.due_at <= at);
+            if entries.is_empty() {
                 return;
+            }
+            if ahead {
+                fence_read(svc, device, Some(record)).await
+            } else {
+                refile(svc, record).await
             }
         }
         // Still due (its work failed or was deferred): every entry stays for the next
         // run. Keeping only the earliest would rely on it surviving, and an earlier run's
         // delete of it may still be in flight (simulation seed 301,944).
         Some(_) => return,
-        None => {}
+        None => !entries.is_empty() && fence_read(svc, device, record).await,
+    };
+    if written {
+        for entry in entries {
+            unfile(svc, &entry.value, &entry.etag).await;
+        }
     }
-    // A young entry's writer may still be on its way to the record: left for later.
-    entries.retain(|entry| {
-        !entry.value.is_young(now, svc.policy.lease)
-            || cfg!(feature = "mutant-sweep-drops-young-entries")
-    });
-    if entries.is_empty() {
-        return;
+}
+
+/// Files a pending record not due yet at its sweep-due time and rewrites it to name
+/// that entry (conditional on the ETag read, so the rewrite is also the fence), then
+/// removes the entry it named before. `false` when the filing or the rewrite failed.
+async fn refile(svc: &Services, record: &Versioned<DesiredState>) -> bool {
+    let device = &record.value.device_id;
+    let mut renamed = record.value.clone();
+    let moved = index::plan_refiling(svc, &mut renamed, Some(&record.value));
+    if let Err(e) = moved.file(svc).await {
+        warn!(device = %device, error = %e, "sweep could not file the device at its due time");
+        return false;
     }
-    if !fence_read(svc, device, record).await {
-        return;
-    }
-    for entry in entries {
-        unfile(svc, &entry.value, &entry.etag).await;
+    match svc.ledger.put(&renamed, Some(&record.etag)).await {
+        Ok(_) => {
+            moved.committed(svc).await;
+            true
+        }
+        // Someone wrote meanwhile: the next run looks again.
+        Err(StoreError::Conflict) => false,
+        Err(e) => {
+            warn!(device = %device, error = %e, "sweep left the device's index entries as they were");
+            false
+        }
     }
 }
 
@@ -573,7 +609,7 @@ async fn fence_read(
 }
 
 async fn unfile(svc: &Services, entry: &DueEntry, etag: &ETag) {
-    match svc.ledger.unfile_due(entry, etag).await {
+    match svc.ledger.unfile_due(entry, Some(etag)).await {
         Ok(()) | Err(StoreError::Conflict) => {}
         Err(e) => {
             warn!(device = %entry.device_id, error = %e, "sweep could not remove an index entry")
@@ -615,6 +651,11 @@ async fn reconcile(
             // Out of time: the next run resumes after the last record filed.
             next = Some(page.records[i - 1].value.device_id.clone());
             break;
+        }
+        // A record that names its entry is covered (`functions::index`): filing it again
+        // would only leave an extra entry for a later run to drop.
+        if record.value.due_entry.is_some() {
+            continue;
         }
         if let Some(at) = svc.policy.sweep_due(&record.value) {
             let entry = DueEntry::new(record.value.device_id.clone(), at).filed(now);
@@ -892,12 +933,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn entries_of_settled_records_are_dropped_without_a_device_call() {
+    async fn a_settled_request_leaves_no_entry_for_the_sweep() {
         let h = Harness::new();
         h.device.set_online("a", false);
         post(&h, "a", 50).await;
         h.device.set_online("a", true);
-        post(&h, "a", 60).await; // applied at once; the first request's entry is stale
+        post(&h, "a", 60).await; // applied at once: it removes the entry it replaced
+        assert!(index_entries(&h).await.is_empty());
+        h.clock.advance(overdue(&h));
+        assert_eq!(run(&h.svc).await.unwrap().due, 0);
+    }
+
+    #[tokio::test]
+    async fn extra_entries_of_settled_records_are_dropped_without_a_device_call() {
+        let h = Harness::new();
+        h.device.set_online("a", true);
+        post(&h, "a", 60).await;
+        // Left behind by a writer that could not remove it.
+        file_extra_entry(&h, "a").await;
         h.clock.advance(overdue(&h));
         let calls = h.device.calls();
         let report = run(&h.svc).await.unwrap();
@@ -939,30 +992,79 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_record_whose_chain_moved_on_is_filed_again_at_its_new_due_time() {
-        let mut h = Harness::new();
-        h.svc.policy.reconcile_rows_per_run = 0;
+    /// An entry due now for `device`, filed long ago: one a writer could not remove.
+    async fn file_extra_entry(h: &Harness, device: &str) {
+        let long_ago = h.clock.now() - h.svc.policy.lease * 2;
+        h.ledger
+            .file_due(&DueEntry::new(h.id(device), h.clock.now()).filed(long_ago))
+            .await
+            .unwrap();
+    }
+
+    /// A device offline at its POST, whose chain ran its first re-check (offline again).
+    async fn after_one_recheck(h: &Harness) {
         h.device.set_online("a", false);
-        post(&h, "a", 50).await;
-        // The chain's first re-check ran (offline) and scheduled the next one later.
+        post(h, "a", 50).await;
         h.clock.advance(h.svc.policy.backoff.initial);
         let current = h.ledger.get(&h.id("a")).await.unwrap().unwrap();
         wake::schedule_recheck(&h.svc, current, None, None)
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_live_chain_moves_its_entry_so_the_sweep_never_meets_it() {
+        let mut h = Harness::new();
+        h.svc.policy.reconcile_rows_per_run = 0;
+        after_one_recheck(&h).await;
+        let left = index_entries(&h).await;
+        let record = h.ledger_record("a").await;
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(Some(left[0].due_at), h.svc.policy.sweep_due(&record));
+        assert_eq!(record.due_entry, Some(left[0].row_key()));
         h.clock
             .advance(h.svc.policy.wake_grace + chrono::Duration::seconds(1));
+        assert_eq!(run(&h.svc).await.unwrap().due, 0);
+    }
+
+    #[tokio::test]
+    async fn an_extra_entry_of_a_record_not_due_yet_goes_and_the_entry_it_names_stays() {
+        let mut h = Harness::new();
+        h.svc.policy.reconcile_rows_per_run = 0;
+        after_one_recheck(&h).await;
+        let named = index_entries(&h).await;
+        file_extra_entry(&h, "a").await;
+        h.clock.advance(chrono::Duration::seconds(1));
         let calls = h.device.calls();
         let report = run(&h.svc).await.unwrap();
         assert_eq!((report.due, report.refiled), (1, 1), "{report}");
         assert_eq!(h.device.calls(), calls, "not due: no device call");
+        assert_eq!(index_entries(&h).await, named);
+    }
+
+    #[tokio::test]
+    async fn a_record_not_due_yet_naming_no_entry_ahead_is_filed_at_its_due_time_and_names_it() {
+        let mut h = Harness::new();
+        h.svc.policy.reconcile_rows_per_run = 0;
+        after_one_recheck(&h).await;
+        // As written before entries were named, with the entry that covered it then.
+        let mut current = h.ledger.get(&h.id("a")).await.unwrap().unwrap();
+        let named = index::named_entry(&current.value).unwrap();
+        h.ledger.unfile_due(&named, None).await.unwrap();
+        current.value.due_entry = None;
+        h.ledger
+            .put(&current.value, Some(&current.etag))
+            .await
+            .unwrap();
+        file_extra_entry(&h, "a").await;
+        h.clock.advance(chrono::Duration::seconds(1));
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!((report.due, report.refiled), (1, 1), "{report}");
         let left = index_entries(&h).await;
+        let record = h.ledger_record("a").await;
         assert_eq!(left.len(), 1, "{left:?}");
-        assert_eq!(
-            Some(left[0].due_at),
-            h.svc.policy.sweep_due(&h.ledger_record("a").await)
-        );
+        assert_eq!(Some(left[0].due_at), h.svc.policy.sweep_due(&record));
+        assert_eq!(record.due_entry, Some(left[0].row_key()));
     }
 
     #[tokio::test]

@@ -597,7 +597,7 @@ impl Ledger for FakeLedger {
             .collect())
     }
 
-    async fn unfile_due(&self, entry: &DueEntry, etag: &ETag) -> Result<(), StoreError> {
+    async fn unfile_due(&self, entry: &DueEntry, etag: Option<&ETag>) -> Result<(), StoreError> {
         let mut s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
@@ -605,7 +605,7 @@ impl Ledger for FakeLedger {
         let key = (entry.partition_key(), entry.row_key());
         match s.due.get(&key) {
             None => Ok(()),
-            Some((_, n)) if n.to_string() == etag.0 => {
+            Some((_, n)) if etag.map_or(true, |e| n.to_string() == e.0) => {
                 s.due.remove(&key);
                 Ok(())
             }
@@ -771,7 +771,7 @@ impl Harness {
 pub async fn accept_pending(h: &Harness, device: &str, min_soc: u8) -> DesiredState {
     loop {
         let current = h.ledger.get(&h.id(device)).await.unwrap();
-        let rec = DesiredState::accept(
+        let mut rec = DesiredState::accept(
             h.id(device),
             MinSoc::new(min_soc).unwrap(),
             h.clock.now(),
@@ -780,7 +780,7 @@ pub async fn accept_pending(h: &Harness, device: &str, min_soc: u8) -> DesiredSt
         );
         let stored = current.as_ref().map(|v| &v.value);
         let written =
-            super::index::put_record(&h.svc, &rec, stored, current.as_ref().map(|v| &v.etag));
+            super::index::put_record(&h.svc, &mut rec, stored, current.as_ref().map(|v| &v.etag));
         match written.await {
             Ok(_) => return rec,
             Err(StoreError::Conflict) => continue,

@@ -125,7 +125,7 @@ pub async fn record_sent(
         let mut record = current.value.clone();
         record.expect_wake(message.message_id.clone(), at, now);
         let written =
-            super::index::put_record(svc, &record, Some(&current.value), Some(&current.etag));
+            super::index::put_record(svc, &mut record, Some(&current.value), Some(&current.etag));
         match written.await {
             Ok(_) => {
                 info!(device = %record.device_id, request_id = %request_id, message_id = %message.message_id, at = %at, "re-check scheduled");

@@ -308,11 +308,11 @@ async fn commit(
         let filed_at = svc.clock.now();
         provisional.updated_at = filed_at;
         provisional.expires_at = filed_at + svc.policy.request_ttl;
-        if let Err(e) =
-            index::file_if_earlier(svc, &provisional, current.as_ref().map(|v| &v.value)).await
-        {
+        let moved = index::plan(svc, &mut provisional, current.as_ref().map(|v| &v.value));
+        if let Err(e) = moved.file(svc).await {
             return not_kept(e);
         }
+        record.due_entry = provisional.due_entry;
         let now = svc.clock.now();
         record.requested_at = now;
         record.expires_at = now + svc.policy.request_ttl;
@@ -341,10 +341,11 @@ async fn commit(
             .await
         {
             Ok(etag) => {
+                moved.committed(svc).await;
                 return Committed::Current(Versioned {
                     value: record,
                     etag,
-                })
+                });
             }
             Err(StoreError::Conflict) => {
                 if let Some(k) = key {
@@ -368,13 +369,16 @@ async fn commit(
             Err(e @ StoreError::Unavailable(_)) => {
                 return match fence(svc, device, &on, &record.request_id).await {
                     Fenced::NotCommitted => not_kept(e),
-                    Fenced::Committed => match read_back(svc, device).await {
-                        Ok(Some(stored)) if stored.value.request_id == record.request_id => {
-                            Committed::Current(stored)
+                    Fenced::Committed => {
+                        moved.committed(svc).await;
+                        match read_back(svc, device).await {
+                            Ok(Some(stored)) if stored.value.request_id == record.request_id => {
+                                Committed::Current(stored)
+                            }
+                            // Stored, and already replaced or settled by someone else.
+                            _ => Committed::Answer(settled_answer(svc, &record).await),
                         }
-                        // Stored, and already replaced or settled by someone else.
-                        _ => Committed::Answer(settled_answer(svc, &record).await),
-                    },
+                    }
                     Fenced::Unknown => Committed::Answer(outcome_unknown(device, &record)),
                 };
             }
