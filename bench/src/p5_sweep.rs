@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::env::Env;
 use crate::http::{request, Conn};
+use crate::procs::cpu_time;
 use crate::report::{row, Row};
 use crate::seed;
 use crate::LATENCY_MS;
@@ -62,7 +63,21 @@ pub async fn run(
             env.stub.latency_ms.store(latency, Ordering::SeqCst);
             env.stub.reset_counters();
             let mut conn = Conn::connect(h.port).await?;
+            let cpu = || {
+                [
+                    cpu_time(h.pid()),
+                    cpu_time(env.azurite.pid()),
+                    cpu_time(std::process::id()),
+                ]
+            };
+            let before = cpu();
             let (r, t) = conn.timed(&req).await?;
+            let after = cpu();
+            let used: Vec<f64> = after
+                .iter()
+                .zip(before)
+                .map(|(a, b)| a.saturating_sub(b).as_secs_f64())
+                .collect();
             let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
             let log = v["Logs"][0].as_str().unwrap_or("").to_string();
             ensure!(r.status == 200, "sweep: {} {log}", r.status);
@@ -75,12 +90,12 @@ pub async fn run(
                 gets == n as u64 && puts == 0,
                 "device calls {gets} GET {puts} PUT"
             );
-            anyhow::Ok((t, env.stub.max_in_flight.load(Ordering::SeqCst)))
+            anyhow::Ok((t, env.stub.max_in_flight.load(Ordering::SeqCst), used))
         }
     };
     eprintln!("bench: P5 sweep N={n} C={c}: sweeping");
-    let (t0_lat, _) = sweep(0).await?;
-    let (t, inflight) = sweep(LATENCY_MS).await?;
+    let (t0_lat, _, cpu0) = sweep(0).await?;
+    let (t, inflight, cpu) = sweep(LATENCY_MS).await?;
     let ideal = Duration::from_millis(LATENCY_MS) * n as u32 / c as u32;
     let ratio = t.as_secs_f64() / ideal.as_secs_f64();
     rows.push(
@@ -100,5 +115,13 @@ pub async fn run(
         seed_time.as_secs_f64(),
         t0_lat.as_secs_f64()
     ));
+    // Where the time goes: CPU seconds per process during each sweep (the driver runs the
+    // Service Bus stand-in, the device stub and the client).
+    for (latency, used) in [(0, &cpu0), (LATENCY_MS, &cpu)] {
+        notes.push(format!(
+            "P5 N={n} C={c} L={latency} ms CPU: handler {:.2} s, Azurite {:.2} s, driver (Service Bus stand-in, device stub, client) {:.2} s",
+            used[0], used[1], used[2]
+        ));
+    }
     Ok(())
 }

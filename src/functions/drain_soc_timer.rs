@@ -123,6 +123,9 @@ enum Step {
 struct Due {
     device: DeviceId,
     entries: Vec<Versioned<DueEntry>>,
+    /// The entry the record named when this run read it to act on it: once the record
+    /// names another, whoever replaced it removes that one (`functions::index`).
+    named_when_read: Option<String>,
 }
 
 /// Fan-out slots: the `i`-th wake-up message is due `i / rate` seconds after `start`.
@@ -256,6 +259,7 @@ async fn list_due(svc: &Services, report: &mut SweepReport) -> Result<Vec<Due>, 
                 due.push(Due {
                     device,
                     entries: vec![entry],
+                    named_when_read: None,
                 });
             }
         }
@@ -318,10 +322,11 @@ async fn look(svc: &Services, device: &DeviceId) -> Look {
 
 /// Looks at one due device in-process (one status call if it needs one), then tidies
 /// its index entries. Returns what happened and whether a status call was made.
-async fn sweep_device(svc: &Services, due: Due) -> (Step, bool) {
+async fn sweep_device(svc: &Services, mut due: Due) -> (Step, bool) {
     let (step, called, read) = match look(svc, &due.device).await {
         Look::Done(step, read) => (step, false, read),
         Look::Due(current) => {
+            due.named_when_read = current.value.due_entry.clone();
             let (step, called) = check_device(svc, current).await;
             (step, called, None)
         }
@@ -398,7 +403,8 @@ async fn fan_out_all(
                 match work {
                     // Not sent (or maybe partly): nothing recorded; the entries stay.
                     Finish::Sent(..) if !sent_ok => (Step::Error, false),
-                    Finish::Sent(d, current, message, at) => {
+                    Finish::Sent(mut d, current, message, at) => {
+                        d.named_when_read = current.value.due_entry.clone();
                         let lost = current.value.wake_message_id.clone();
                         let recorded =
                             wake::record_sent(svc, current, lost.as_deref(), message, at).await;
@@ -488,8 +494,16 @@ async fn tidy_after(
         Some(r) => Ok(r),
         None => svc.ledger.get(&due.device).await,
     };
+    let mut entries = due.entries;
+    if let (Ok(record), Some(before)) = (&record, &due.named_when_read) {
+        // Replaced since (this run's own re-send or apply, most often): its writer
+        // removed that entry, or left it as an extra for a later run; not fenced for here.
+        if record.as_ref().and_then(|r| r.value.due_entry.as_ref()) != Some(before) {
+            entries.retain(|e| e.value.row_key() != *before);
+        }
+    }
     match record {
-        Ok(record) => tidy(svc, &due.device, due.entries, record.as_ref()).await,
+        Ok(record) => tidy(svc, &due.device, entries, record.as_ref()).await,
         Err(e) => {
             warn!(device = %due.device, error = %e, "sweep left the device's index entries as they were")
         }
