@@ -55,6 +55,7 @@ pub async fn run(
         &[("Content-Type", "application/json")],
         timer.as_bytes(),
     );
+    let handler_pid = h.pid();
     let sweep = |latency: u64| {
         let req = req.clone();
         async move {
@@ -65,7 +66,7 @@ pub async fn run(
             let mut conn = Conn::connect(h.port).await?;
             let cpu = || {
                 [
-                    cpu_time(h.pid()),
+                    cpu_time(handler_pid),
                     cpu_time(env.azurite.pid()),
                     cpu_time(std::process::id()),
                 ]
