@@ -703,6 +703,7 @@ mod tests {
         for (name, value, says) in [
             ("DEVICE_API_TIMEOUT_MS", "31000", "over 30 s"),
             ("DEVICE_API_TIMEOUT_MS", "25000", "functionTimeout"),
+            ("DEVICE_API_TIMEOUT_MS", "8000", "connection events"),
             (
                 "SOC_REQUEST_TTL_SECONDS",
                 "600",

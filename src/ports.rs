@@ -309,6 +309,11 @@ pub trait Ledger: Send + Sync {
 
     /// Files `entry` (an upsert: filing the same entry twice leaves one).
     async fn file_due(&self, entry: &DueEntry) -> Result<(), StoreError>;
+    /// Files `entries` in ONE atomic write (an entity-group transaction of upserts),
+    /// all or nothing: they must all be of one shard, at most
+    /// [`crate::domain::due_index::MAX_BATCH`] ([`crate::domain::due_index::batches`]
+    /// groups them so). The reconciling pass files its slice this way.
+    async fn file_due_batch(&self, entries: &[DueEntry]) -> Result<(), StoreError>;
     /// Up to `limit` entries of `shard` due at or before `until`, oldest first.
     async fn due_entries(
         &self,

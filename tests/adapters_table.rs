@@ -735,6 +735,51 @@ async fn the_due_index_lists_a_shards_entries_due_by_then_oldest_first_and_remov
 }
 
 #[tokio::test]
+async fn a_batch_of_a_hundred_filings_of_one_shard_is_one_transaction_and_a_mixed_one_is_refused() {
+    use soc_settings::domain::due_index::{self, shard_of, DueEntry};
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("duebatch"));
+    let shard = shard_of(&device("bat-0"));
+    let mut batch: Vec<DueEntry> = (0..5000)
+        .map(|i| device(&format!("bat-{i}")))
+        .filter(|d| shard_of(d) == shard)
+        .take(due_index::MAX_BATCH)
+        .enumerate()
+        .map(|(i, d)| DueEntry::new(d, t(i as i64)).filed(t(0)))
+        .collect();
+    assert_eq!(batch.len(), due_index::MAX_BATCH);
+    ledger.file_due_batch(&batch).await.unwrap();
+    let listed = ledger.due_entries(shard, t(1000), 1000).await.unwrap();
+    assert_eq!(listed.len(), due_index::MAX_BATCH);
+    assert_eq!(listed[0].value.filed_at, Some(t(0)));
+    // Filing them again is an upsert: still one row each.
+    ledger.file_due_batch(&batch[..10]).await.unwrap();
+    assert_eq!(
+        ledger
+            .due_entries(shard, t(1000), 1000)
+            .await
+            .unwrap()
+            .len(),
+        due_index::MAX_BATCH
+    );
+    // Over the limit, or across shards: refused, nothing written.
+    let other = (0..200)
+        .map(|i| device(&format!("bat-{i}")))
+        .find(|d| shard_of(d) != shard)
+        .unwrap();
+    let stray = DueEntry::new(other.clone(), t(1));
+    batch.truncate(3);
+    batch.push(stray);
+    assert!(ledger.file_due_batch(&batch).await.is_err());
+    assert!(ledger
+        .due_entries(shard_of(&other), t(1000), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    ledger.file_due_batch(&[]).await.unwrap();
+}
+
+#[tokio::test]
 async fn the_sweep_state_round_trips_and_is_written_only_over_the_etag_read() {
     use soc_settings::domain::sweep_state::SweepState;
     let azurite = Azurite::shared();

@@ -109,6 +109,11 @@ impl<L: Ledger> Ledger for Counting<L> {
         inc(&self.ops.writes);
         self.inner.file_due(entry).await
     }
+    async fn file_due_batch(&self, entries: &[DueEntry]) -> Result<(), StoreError> {
+        // One entity-group transaction: one write.
+        inc(&self.ops.writes);
+        self.inner.file_due_batch(entries).await
+    }
     async fn due_entries(
         &self,
         shard: u8,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use soc_settings::adapters::device_budget::BudgetedDeviceApi;
-use soc_settings::domain::due_index::DueEntry;
+use soc_settings::domain::due_index::{self, DueEntry};
 use soc_settings::domain::history::HistoryEntry;
 use soc_settings::domain::sweep_state::SweepState;
 use soc_settings::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
@@ -410,6 +410,15 @@ fn show<T>(r: &Result<T, StoreError>) -> String {
 
 struct SimLedger(Port);
 
+/// Files `entry` in the index (an upsert by row key, with a new ETag).
+fn upsert_due(w: &mut World, entry: DueEntry) {
+    w.next_etag += 1;
+    let n = w.next_etag;
+    let key = entry.row_key();
+    w.due.retain(|(e, _)| e.row_key() != key);
+    w.due.push((entry, n));
+}
+
 /// The request a POST writes first is the one it tries to store (for the checker's
 /// answers: a `503` names no request in its body).
 fn note_tried(port: &Port, state: &DesiredState) {
@@ -657,17 +666,48 @@ impl Ledger for SimLedger {
         let r = self
             .0
             .storage(&d, true, move |w, _| {
-                w.next_etag += 1;
-                let n = w.next_etag;
-                let key = filed.row_key();
-                w.due.retain(|(e, _)| e.row_key() != key);
-                w.due.push((filed, n));
+                upsert_due(w, filed);
                 Ok(())
             })
             .await;
         self.0.log(|w| {
             let at = (entry.due_at - w.epoch).num_milliseconds() as f64 / 1000.0;
             format!("index.file {d} at {at:.1}s -> {}", show(&r))
+        });
+        r
+    }
+
+    async fn file_due_batch(&self, entries: &[DueEntry]) -> Result<(), StoreError> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        assert!(
+            entries.len() <= due_index::MAX_BATCH
+                && entries.iter().all(|e| e.shard() == first.shard()),
+            "a batch filing holds at most {} entries of one shard",
+            due_index::MAX_BATCH
+        );
+        // One entity-group transaction: one operation, all of it taking effect at once
+        // (or not at all), late commits included, like every other write.
+        let filed = entries.to_vec();
+        let r = self
+            .0
+            .storage(first.device_id.as_str(), true, move |w, _| {
+                w.shape("index batch filing commits");
+                for entry in filed {
+                    upsert_due(w, entry);
+                }
+                Ok(())
+            })
+            .await;
+        self.0.log(|_| {
+            let devices: Vec<&str> = entries.iter().map(|e| e.device_id.as_str()).collect();
+            format!(
+                "index.file_batch shard {} [{}] -> {}",
+                first.shard(),
+                devices.join(", "),
+                show(&r)
+            )
         });
         r
     }
@@ -766,6 +806,12 @@ impl Ledger for SimLedger {
             .storage("*", true, move |w, _| {
                 if !etag_matches(w.sweep_state.as_ref().map(|s| s.1), exp.as_ref()) {
                     return Err(StoreError::Conflict);
+                }
+                let renewed = w.sweep_state.as_ref().is_some_and(|(held, _)| {
+                    held.holder.is_some() && held.holder == value.holder && held.until < value.until
+                });
+                if renewed {
+                    w.shape("sweep renews its lease");
                 }
                 w.next_etag += 1;
                 let n = w.next_etag;

@@ -294,8 +294,20 @@ async fn sweeps(host: Host) {
                 let t = w.ms();
                 w.obs.sweeps.push(t);
             }
-            let (inv, _) = host.invoke(Kind::Sweep, |svc| async move {
+            let (inv, handle) = host.invoke(Kind::Sweep, |svc| async move {
                 drain_soc_timer::run(&svc).await
+            });
+            let world = host.world.clone();
+            tokio::spawn(async move {
+                if let Ok(Ok(report)) = handle.await {
+                    let mut w = world.lock().unwrap();
+                    if report.deferred > 0 {
+                        w.shape("sweep run stops starting work (its time ran out)");
+                    }
+                    if report.lease_lost {
+                        w.shape("sweep run loses its lease and stops starting work");
+                    }
+                }
             });
             host.world.lock().unwrap().log(&inv.who(), |_| {
                 format!(
@@ -557,6 +569,9 @@ async fn vendor_event(host: Host, device: String, id: String, delay_ms: u64) {
             let retry = match &answered {
                 Some(r) => {
                     let result = r.body["events"][0]["result"].clone();
+                    if result == "deferred" {
+                        w.shape("connection event deferred to the chain (answer due)");
+                    }
                     let status = r.status;
                     w.log(&inv.who(), |_| format!("ANSWER {status} {result}"));
                     r.status == 503

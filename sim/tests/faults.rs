@@ -59,6 +59,10 @@ fn every_fault_shape_of_the_wide_model_happens_in_the_first_seeds() {
         "budget: PUT refused (no turn)",
         "budget: PUT refused during a Retry-After pause",
         "a writer removed the index entry its record had named",
+        "sweep renews its lease",
+        "sweep run stops starting work (its time ran out)",
+        "index batch filing commits",
+        "connection event deferred to the chain (answer due)",
     ] {
         assert!(
             shapes.get(shape).is_some_and(|n| *n > 0),

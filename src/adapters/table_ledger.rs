@@ -577,19 +577,52 @@ impl Ledger for TableLedger {
 
     async fn file_due(&self, entry: &DueEntry) -> Result<(), StoreError> {
         let table = self.table().await?;
-        let mut entity = Map::new();
-        entity.insert("PartitionKey".into(), entry.partition_key().into());
-        entity.insert("RowKey".into(), entry.row_key().into());
-        put_opt(&mut entity, "FiledAt", entry.filed_at.map(time));
         let upsert = table
             .partition_key_client(entry.partition_key())
             .entity_client(entry.row_key())
-            .insert_or_replace(entity)
+            .insert_or_replace(due_entity(entry))
             .map_err(|e| unavailable("serialise", &e))?;
         upsert
             .await
             .map(|_| ())
             .map_err(|e| unavailable("file due", &e))
+    }
+
+    async fn file_due_batch(&self, entries: &[DueEntry]) -> Result<(), StoreError> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let partition = first.partition_key();
+        if entries.len() > due_index::MAX_BATCH
+            || entries.iter().any(|e| e.shard() != first.shard())
+        {
+            return Err(StoreError::Unavailable(format!(
+                "file due batch: {} entries, not at most {} of one shard",
+                entries.len(),
+                due_index::MAX_BATCH
+            )));
+        }
+        let table = self.table().await?;
+        let mut tx = table.partition_key_client(partition).transaction();
+        for entry in entries {
+            tx = tx
+                .insert_or_replace(entry.row_key(), due_entity(entry))
+                .map_err(|e| unavailable("serialise", &e))?;
+        }
+        let response = tx.await.map_err(|e| unavailable("file due batch", &e))?;
+        match response
+            .operation_responses
+            .iter()
+            .map(|r| u16::from(r.status_code))
+            .find(|s| *s >= 300)
+        {
+            Some(status) => {
+                let reason = format!("file due batch: HTTP {status}");
+                tracing::warn!(error = %reason, "ledger: storage error");
+                Err(StoreError::Unavailable(reason))
+            }
+            None => Ok(()),
+        }
     }
 
     async fn due_entries(
@@ -968,6 +1001,15 @@ fn sweep_from_entity(entity: &Map<String, Value>) -> Result<SweepState, CorruptR
         reconcile_started_at: row.opt_time("ReconcileStartedAt")?,
         reconciled_at: row.opt_time("ReconciledAt")?,
     })
+}
+
+/// The row of a due-index entry: its keys and when it was filed.
+fn due_entity(entry: &DueEntry) -> Map<String, Value> {
+    let mut entity = Map::new();
+    entity.insert("PartitionKey".into(), entry.partition_key().into());
+    entity.insert("RowKey".into(), entry.row_key().into());
+    put_opt(&mut entity, "FiledAt", entry.filed_at.map(time));
+    entity
 }
 
 fn anchor_entity(device: &str) -> Map<String, Value> {

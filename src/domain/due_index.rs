@@ -116,6 +116,28 @@ impl DueEntry {
     }
 }
 
+/// Most entries one batch filing ([`crate::ports::Ledger::file_due_batch`]) writes: a
+/// Table entity-group transaction holds at most 100 operations, all in one partition.
+pub const MAX_BATCH: usize = 100;
+
+/// `entries` grouped for batch filing: by shard, at most [`MAX_BATCH`] a group, each
+/// group in the order the entries came, the groups in the order of their first entry.
+pub fn batches(entries: Vec<DueEntry>) -> Vec<Vec<DueEntry>> {
+    let mut groups: Vec<Vec<DueEntry>> = Vec::new();
+    let mut open: [Option<usize>; SHARDS as usize] = [None; SHARDS as usize];
+    for entry in entries {
+        let shard = usize::from(entry.shard());
+        match open[shard] {
+            Some(g) if groups[g].len() < MAX_BATCH => groups[g].push(entry),
+            _ => {
+                open[shard] = Some(groups.len());
+                groups.push(vec![entry]);
+            }
+        }
+    }
+    groups
+}
+
 /// The partition key of shard `shard`.
 pub fn partition_key(shard: u8) -> String {
     format!("{PARTITION_PREFIX}{shard:02}")
@@ -202,6 +224,26 @@ mod tests {
         let a = DueEntry::new(id("d"), t(5));
         let b = DueEntry::new(id("d"), t(5));
         assert_ne!(a.row_key(), b.row_key());
+    }
+
+    #[test]
+    fn batches_hold_one_shard_each_at_most_a_hundred_and_keep_every_entry_once() {
+        let entries: Vec<DueEntry> = (0..2000)
+            .map(|i| DueEntry::new(id(&format!("bat-{i}")), t(i)))
+            .collect();
+        let groups = batches(entries.clone());
+        assert!(groups.iter().all(|g| !g.is_empty() && g.len() <= MAX_BATCH));
+        assert!(groups
+            .iter()
+            .all(|g| g.iter().all(|e| e.shard() == g[0].shard())));
+        let mut keys: Vec<String> = groups.iter().flatten().map(DueEntry::row_key).collect();
+        let mut want: Vec<String> = entries.iter().map(DueEntry::row_key).collect();
+        keys.sort();
+        want.sort();
+        assert_eq!(keys, want);
+        // About 125 a shard: two groups each.
+        assert!(groups.len() <= 2 * usize::from(SHARDS), "{}", groups.len());
+        assert!(batches(Vec::new()).is_empty());
     }
 
     #[test]

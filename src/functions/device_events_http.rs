@@ -20,18 +20,35 @@
 //!   device-cloud error leave the request pending for the chain that already exists.
 //! - The ledger unavailable: `503` with `Retry-After`, so the sender delivers again; a
 //!   repeated event is harmless (the ledger says what is still pending).
+//! - **Answered in time.** A request is answered within `Policy::events_answer_within`
+//!   (20 s), well under Event Grid's 30 s delivery timeout (after which it would send
+//!   the whole batch again while the first still runs). No PUT starts after
+//!   `Policy::events_put_cutoff` (3 s with the defaults): a PUT started by then is
+//!   answered within the device timeout and its result written within the slowest
+//!   ledger write, leaving a margin. At the cutoff, a device not reached yet, or whose
+//!   apply has not started its PUT (reading the ledger, waiting for a device-call budget
+//!   turn, taking the device's lease), is left as it is: `deferred`. That is safe
+//!   because an event is only a shortcut: the record is pending and in the due index,
+//!   and its wake-up chain (or the sweep) applies it; an apply cut before its PUT is
+//!   like a crash there, which every apply survives (a lease it took lapses). An apply
+//!   whose PUT started is always awaited and its result written. The answer is still
+//!   `200`: Event Grid counts the events delivered, and nothing is lost.
 //!
 //! Answers `200` with a summary: one entry per event saying what became of it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+use async_trait::async_trait;
 use futures::StreamExt;
 use serde_json::{json, Value};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::domain::device_event::{self, DeviceEvent, Encoding, EventError, EventKind};
-use crate::domain::{DeviceId, HolderKind, InputError, LeaseHolder, RequestId};
-use crate::ports::StoreError;
+use crate::domain::{DeviceId, HolderKind, InputError, LeaseHolder, MinSoc, RequestId};
+use crate::ports::{DeviceApi, DeviceError, DeviceStatus, StoreError};
 
 use super::apply::{apply_latest, ApplyOutcome};
 use super::set_soc_http::ApiResponse;
@@ -109,6 +126,8 @@ enum Fate {
     Ignored(&'static str),
     /// The same event (`source` + `id`) earlier in the request.
     Duplicate,
+    /// Not handled before the answer was due; a pending request stays with its chain.
+    Deferred,
 }
 
 impl Fate {
@@ -121,6 +140,7 @@ impl Fate {
             Fate::NothingPending(_) => "nothing-pending",
             Fate::Ignored(_) => "ignored",
             Fate::Duplicate => "duplicate",
+            Fate::Deferred => "deferred",
         }
     }
 
@@ -137,11 +157,16 @@ impl Fate {
                 v["reason"] = json!(why);
             }
             Fate::Ignored(why) => v["reason"] = json!(why),
+            Fate::Deferred => v["reason"] = json!(DEFERRED),
             Fate::NothingPending(None) | Fate::Duplicate => {}
         }
         v
     }
 }
+
+/// Why a `deferred` event was not handled.
+const DEFERRED: &str =
+    "not reached before the answer was due: a pending request stays with its wake-up chain";
 
 /// Longest event id or type quoted in a log line.
 const LOGGED_CHARS: usize = 128;
@@ -196,8 +221,28 @@ async fn receive(svc: &Services, content_type: Option<&str>, body: &[u8]) -> Api
 
     let holder = LeaseHolder::new(HolderKind::Event);
     let holder = &holder;
+    let cutoff = Instant::now() + svc.policy.events_put_cutoff().to_std().unwrap_or_default();
     let fates: Vec<Result<Fate, StoreError>> = futures::stream::iter(devices.clone())
-        .map(|device| async move { reconnected(svc, &device, holder).await })
+        .map(|device| async move {
+            if Instant::now() >= cutoff {
+                return Ok(Fate::Deferred);
+            }
+            let gate = Arc::new(PutGate {
+                cutoff,
+                started: AtomicBool::new(false),
+            });
+            let gated = Services {
+                device: Arc::new(GatedDevice {
+                    inner: svc.device.clone(),
+                    gate: gate.clone(),
+                }),
+                ..svc.clone()
+            };
+            let work = reconnected(&gated, &device, holder);
+            until_cutoff(work, &gate)
+                .await
+                .unwrap_or(Ok(Fate::Deferred))
+        })
         .buffered(svc.policy.drain_concurrency)
         .collect()
         .await;
@@ -235,6 +280,7 @@ async fn receive(svc: &Services, content_type: Option<&str>, body: &[u8]) -> Api
             "applied": count("applied"),
             "pending": count("pending"),
             "ignored": count("ignored") + count("duplicate"),
+            "deferred": count("deferred"),
             "events": views,
         }),
     )
@@ -275,6 +321,64 @@ async fn reconnected(
     })
 }
 
+/// When a request's PUTs must have started, and whether one device's apply started one.
+struct PutGate {
+    cutoff: Instant,
+    started: AtomicBool,
+}
+
+/// `work` (one device's apply) to its end if it started a PUT before the cutoff;
+/// otherwise `None` at the cutoff, dropping it before any PUT (like a crash there).
+async fn until_cutoff<T>(work: impl std::future::Future<Output = T>, gate: &PutGate) -> Option<T> {
+    tokio::pin!(work);
+    tokio::select! {
+        biased;
+        out = &mut work => return Some(out),
+        () = tokio::time::sleep_until(gate.cutoff) => {}
+    }
+    if gate.started.load(Ordering::Relaxed) {
+        // Never walk away from a PUT: it is awaited and its result written.
+        Some(work.await)
+    } else {
+        None
+    }
+}
+
+/// An event invocation's device port for one device: records that a PUT started,
+/// and sends none after the cutoff (a transient answer that sent nothing).
+struct GatedDevice {
+    inner: Arc<dyn DeviceApi>,
+    gate: Arc<PutGate>,
+}
+
+#[async_trait]
+impl DeviceApi for GatedDevice {
+    async fn reserve_put(&self) -> Result<(), DeviceError> {
+        self.inner.reserve_put().await
+    }
+
+    async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        self.inner.status(device).await
+    }
+
+    async fn apply_min_soc(
+        &self,
+        device: &DeviceId,
+        min_soc: MinSoc,
+        request_id: &RequestId,
+    ) -> Result<(), DeviceError> {
+        if Instant::now() >= self.gate.cutoff {
+            return Err(DeviceError::Transient {
+                reason: "PUT not sent: the connection event's answer is due".into(),
+                retry_after: None,
+                unanswered: false,
+            });
+        }
+        self.gate.started.store(true, Ordering::Relaxed);
+        self.inner.apply_min_soc(device, min_soc, request_id).await
+    }
+}
+
 fn unreadable(device: &DeviceId, row: &crate::ports::CorruptRow) -> Fate {
     warn!(device = %device, error = %row, "device event for an unreadable ledger row ignored");
     Fate::Ignored("ledger record unreadable")
@@ -297,7 +401,7 @@ mod tests {
     use crate::domain::device_event::{CONNECTED, DISCONNECTED};
     use crate::domain::RequestStatus;
     use crate::functions::fakes::{post_min_soc, Harness};
-    use crate::ports::Ledger as _;
+    use crate::ports::{Clock as _, Ledger as _};
 
     fn event(id: &str, ty: &str, device: &str) -> Value {
         json!({"specversion": "1.0", "id": id, "source": "/vendor", "type": ty, "subject": device})
@@ -520,6 +624,138 @@ mod tests {
         let r = handle(&h.svc, online("e1", "d1")).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.body["events"][0]["reason"], "ledger record unreadable");
+    }
+
+    /// The harness with the production device timeout (5 s: the last PUT starts 3 s
+    /// after a request arrives), its clock moving with tokio's paused time, and `n`
+    /// pending requests whose devices are back online.
+    async fn slow_world(n: usize) -> (Harness, Vec<String>) {
+        let mut h = Harness::new();
+        h.svc.policy.device_timeout = chrono::Duration::seconds(5);
+        let mut ids = Vec::new();
+        for i in 0..n {
+            ids.push(pending(&h, &format!("d{i}"), 40).await);
+            h.device.set_online(&format!("d{i}"), true);
+        }
+        h.clock.follow_tokio_time();
+        (h, ids)
+    }
+
+    fn batch_for(n: usize) -> EventsRequest {
+        let events: Vec<Value> = (0..n)
+            .map(|i| event(&format!("e{i}"), CONNECTED, &format!("d{i}")))
+            .collect();
+        post("application/cloudevents-batch+json", &json!(events))
+    }
+
+    /// Every device the answer did not apply is still pending with the same wake-up
+    /// chain, and the due index covers it: its chain or the sweep applies it.
+    async fn left_to_their_chains(h: &Harness, chains: &[Option<String>]) {
+        let far = h.clock.now() + chrono::Duration::days(30);
+        let mut indexed = Vec::new();
+        for shard in 0..crate::domain::due_index::SHARDS {
+            indexed.extend(h.ledger.due_entries(shard, far, 10_000).await.unwrap());
+        }
+        for (i, chain) in chains.iter().enumerate() {
+            let rec = h.ledger_record(&format!("d{i}")).await;
+            if rec.status == RequestStatus::Applied {
+                continue;
+            }
+            assert_eq!(rec.status, RequestStatus::Pending);
+            assert_eq!(&rec.wake_message_id, chain, "d{i}'s chain is untouched");
+            let due = h.svc.policy.sweep_due(&rec).unwrap();
+            assert!(
+                indexed
+                    .iter()
+                    .any(|e| e.value.device_id == rec.device_id && e.value.due_at <= due),
+                "d{i} is in the due index"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_of_a_hundred_is_answered_in_time_however_slow_the_device_cloud() {
+        let (mut h, _) = slow_world(100).await;
+        let mut chains = Vec::new();
+        for i in 0..100 {
+            chains.push(h.ledger_record(&format!("d{i}")).await.wake_message_id);
+        }
+        // Every PUT takes the whole device timeout, the ledger is slow, and the
+        // device-call budget gives two turns a second.
+        h.device.set_latency(std::time::Duration::from_secs(5));
+        h.ledger.set_latency(std::time::Duration::from_millis(900));
+        h.svc.device = std::sync::Arc::new(crate::adapters::BudgetedDeviceApi::new(
+            h.device.clone(),
+            2.0,
+        ));
+        let started = tokio::time::Instant::now();
+        let r = handle(&h.svc, batch_for(100)).await;
+        let took = started.elapsed();
+        assert!(
+            took <= h.svc.policy.events_answer_within.to_std().unwrap(),
+            "answered after {took:?}"
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        let (applied, deferred) = (r.body["applied"].as_u64(), r.body["deferred"].as_u64());
+        assert!(applied > Some(0) && deferred > Some(50), "{}", r.body);
+        for e in r.body["events"].as_array().unwrap() {
+            assert!(
+                ["applied", "deferred", "pending"].contains(&e["result"].as_str().unwrap()),
+                "{e}"
+            );
+        }
+        let puts: usize = (0..100)
+            .map(|i| h.device.puts(&format!("d{i}")).len())
+            .sum();
+        assert_eq!(
+            puts as u64,
+            applied.unwrap(),
+            "every PUT made was awaited and recorded"
+        );
+        left_to_their_chains(&h, &chains).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_apply_still_waiting_for_a_budget_turn_at_the_cutoff_is_left_to_its_chain() {
+        let (mut h, ids) = slow_world(1).await;
+        let chain = h.ledger_record("d0").await.wake_message_id;
+        // No turn for a long while: the wait would outlast the answer.
+        let budget = crate::adapters::BudgetedDeviceApi::new(h.device.clone(), 0.05);
+        budget.reserve_put().await.unwrap();
+        h.svc.device = std::sync::Arc::new(budget);
+        let started = tokio::time::Instant::now();
+        let r = handle(&h.svc, online("e1", "d0")).await;
+        assert!(
+            started.elapsed()
+                <= h.svc.policy.events_put_cutoff().to_std().unwrap()
+                    + std::time::Duration::from_millis(1)
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body["events"][0]["result"], "deferred", "{}", r.body);
+        assert_eq!(r.body["deferred"], 1);
+        assert!(h.device.puts("d0").is_empty());
+        let rec = h.ledger_record("d0").await;
+        assert_eq!(rec.request_id.as_str(), ids[0]);
+        left_to_their_chains(&h, &[chain]).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_put_in_flight_at_the_cutoff_is_awaited_and_its_result_written() {
+        let (h, ids) = slow_world(1).await;
+        // The record read and the lease write take 1.4 s each: the PUT starts 0.2 s
+        // before the cutoff and lasts the whole device timeout.
+        h.ledger.set_latency(std::time::Duration::from_millis(1400));
+        h.device.set_latency(std::time::Duration::from_secs(5));
+        let started = tokio::time::Instant::now();
+        let r = handle(&h.svc, online("e1", "d0")).await;
+        assert!(started.elapsed() <= h.svc.policy.events_answer_within.to_std().unwrap());
+        assert_eq!(r.body["events"][0]["result"], "applied", "{}", r.body);
+        assert_eq!(h.device.puts("d0").len(), 1);
+        let rec = h.ledger_record("d0").await;
+        assert_eq!(
+            (rec.status, rec.request_id.as_str()),
+            (RequestStatus::Applied, ids[0].as_str())
+        );
     }
 
     #[test]

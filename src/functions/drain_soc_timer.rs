@@ -21,37 +21,53 @@
 //! record not yet due (its chain moved on) is filed at its due time before its old
 //! entries go; duplicates of a device go.
 //!
-//! **One run at a time.** A run first takes the sweep lease ([`SweepState`]); a run
-//! that finds another's live lease does nothing. A run stops starting devices after
-//! `Policy::sweep_budget`; what it did not reach stays in the index, so the next run
-//! resumes with the oldest due entries, never from the top.
+//! **One run at a time, ending in time.** A run first takes the sweep lease
+//! ([`SweepState`]); a run that finds another's live lease does nothing. The run
+//! renews its lease every [`SWEEP_RENEW_EVERY`](super::SWEEP_RENEW_EVERY) while it
+//! works (conditional on its ETag, never past `Policy::sweep_lease` from its start)
+//! and starts work (a device, a fan-out batch, a batch of filings) only before
+//! `Policy::sweep_budget` ends and only while its lease covers that work's tail
+//! (`Policy::sweep_tail`); a run that loses its lease starts nothing more. Status calls
+//! and device-call budget waits end when the run's time to start work ends, so the
+//! work in flight ends within the tail, and the run within `Policy::sweep_run_bound`,
+//! inside its lease and the host's `functionTimeout` (checked at start,
+//! `Policy::design_problems`). What a run did not reach stays in the index, so the next
+//! run resumes with the oldest due entries, never from the top.
 //!
-//! **Reconciling pass.** Each run also files a slice of the pending records
-//! (`Policy::reconcile_rows_per_run`, in device order, resuming after the last device
-//! the previous slice reached) in the index, once per `Policy::reconcile_interval`:
-//! it repairs any drift and indexes records written before the index existed.
+//! **Reconciling pass.** Beside the device work, each run also files a slice of the
+//! pending records (`Policy::reconcile_rows_per_run`, in device order, resuming after
+//! the last device the previous slice filed) in the index, once per
+//! `Policy::reconcile_interval`, inside its own budget (`Policy::reconcile_budget`),
+//! in batches (one entity-group transaction per shard partition and at most
+//! [`due_index::MAX_BATCH`] filings): it repairs any drift and indexes records written
+//! before the index existed.
 //!
 //! A row that does not read as a record ([`StoreError::Corrupt`]) is skipped, counted
 //! in `corrupt` and logged with its device id, row key and reason; its entry stays,
 //! so every run reports it until it is repaired.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt};
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::domain::due_index::{DueEntry, SHARDS};
+use crate::domain::due_index::{self, DueEntry, SHARDS};
 use crate::domain::sweep_state::SweepState;
-use crate::domain::{DesiredState, DeviceId, HolderKind, LeaseHolder};
-use crate::ports::{DeviceError, ETag, OutgoingMessage, Precondition, StoreError, Versioned};
+use crate::domain::{DesiredState, DeviceId, HolderKind, LeaseHolder, MinSoc, RequestId};
+use crate::ports::{
+    Clock, DeviceApi, DeviceError, DeviceStatus, ETag, OutgoingMessage, Precondition, StoreError,
+    Versioned,
+};
 
 use super::apply::{apply_latest, ApplyOutcome};
 use super::index;
 use super::wake::{self, Rescheduled};
-use super::Services;
-use super::LEASE_MARGIN;
+use super::{Policy, Services, SWEEP_RENEW_EVERY};
 
 /// Counts of what one sweep did (logged, and returned to the host in `Logs`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -82,6 +98,9 @@ pub struct SweepReport {
     pub status_calls: usize,
     /// Another run held the sweep lease; this one did nothing.
     pub skipped: bool,
+    /// Another run took the sweep lease over while this one worked (this one's
+    /// renewals failed until it lapsed): this one started no more work.
+    pub lease_lost: bool,
 }
 
 impl std::fmt::Display for SweepReport {
@@ -91,10 +110,10 @@ impl std::fmt::Display for SweepReport {
         }
         write!(
             f,
-            "due={} applied={} expired={} failed={} resent={} fanned_out={} still_offline={} busy={} errors={} corrupt={} refiled={} dropped={} deferred={} reconciled={} status_calls={}",
+            "due={} applied={} expired={} failed={} resent={} fanned_out={} still_offline={} busy={} errors={} corrupt={} refiled={} dropped={} deferred={} reconciled={} status_calls={} lease_lost={}",
             self.due, self.applied, self.expired, self.failed, self.resent, self.fanned_out,
             self.still_offline, self.busy, self.errors, self.corrupt, self.refiled, self.dropped,
-            self.deferred, self.reconciled, self.status_calls
+            self.deferred, self.reconciled, self.status_calls, self.lease_lost
         )
     }
 }
@@ -128,21 +147,45 @@ struct Due {
     named_when_read: Option<String>,
 }
 
-/// Fan-out slots: the `i`-th wake-up message is due `i / rate` seconds after `start`.
-/// `start` is one lease after the sweep looked: a message must not be delivered before
-/// the ledger names it (a delivery the ledger does not expect is a no-op), and naming
-/// it takes a ledger write or a few (each at most the storage timeout).
+/// Fan-out slots: wake-up messages due one after another at the fleet's device-call
+/// rate. A message must not be delivered before the ledger names it (a delivery the
+/// ledger does not expect is a no-op), and naming it takes a ledger write or a few
+/// (each at most the storage timeout): so each batch's slots start no earlier than one
+/// lease after that batch's clock reading, however far the previous batches' slots
+/// got. A later batch never falls behind its slots, whatever the rate.
 struct FanOut {
-    start: DateTime<Utc>,
     per_second: f64,
-    next: AtomicUsize,
+    /// The first slot of the current run of slots, and how many were handed out since.
+    base: Option<DateTime<Utc>>,
+    handed: u32,
 }
 
 impl FanOut {
-    fn next_slot(&self) -> DateTime<Utc> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) as f64;
-        let ms = (i / self.per_second.max(0.001) * 1000.0) as i64;
-        self.start + chrono::Duration::milliseconds(ms)
+    fn new(per_second: f64) -> Self {
+        Self {
+            per_second: per_second.max(0.001),
+            base: None,
+            handed: 0,
+        }
+    }
+
+    /// The next slot: `1 / rate` after the previous one, but no earlier than `floor`.
+    fn next_slot(&mut self, floor: DateTime<Utc>) -> DateTime<Utc> {
+        let ms = |i: u32| (f64::from(i) / self.per_second * 1000.0) as i64;
+        let at = self
+            .base
+            .map(|base| base + chrono::Duration::milliseconds(ms(self.handed)));
+        match at {
+            Some(at) if at >= floor => {
+                self.handed += 1;
+                at
+            }
+            _ => {
+                self.base = Some(floor);
+                self.handed = 1;
+                floor
+            }
+        }
     }
 }
 
@@ -152,17 +195,21 @@ pub async fn run(svc: &Services) -> Result<SweepReport, StoreError> {
     let started = svc.clock.now();
     let holder = LeaseHolder::new(HolderKind::Sweep);
     let mut report = SweepReport::default();
-    let Some(lease) = take_lease(svc, &holder, started).await? else {
+    let Some(lease) = SweepLease::take(svc, holder, started).await? else {
         report.skipped = true;
         info!(%report, "sweep skipped");
         return Ok(report);
     };
-    let result = sweep(svc, started, &mut report).await;
-    let lease = match result {
-        Ok(()) => reconcile(svc, lease, &mut report).await,
-        Err(_) => lease,
+    let lease = Arc::new(lease);
+    let stop = Notify::new();
+    let work = async {
+        let result = sweep(svc, started, &lease, &mut report).await;
+        stop.notify_one();
+        result
     };
-    release_lease(svc, &holder, lease).await;
+    let (result, ()) = tokio::join!(work, lease.keep_renewing(svc, &stop));
+    report.lease_lost = lease.lost();
+    lease.release(svc).await;
     result?;
     info!(%report, "sweep done");
     Ok(report)
@@ -171,31 +218,27 @@ pub async fn run(svc: &Services) -> Result<SweepReport, StoreError> {
 async fn sweep(
     svc: &Services,
     started: DateTime<Utc>,
+    lease: &Arc<SweepLease>,
     report: &mut SweepReport,
 ) -> Result<(), StoreError> {
-    let due = list_due(svc, report).await?;
-    report.due = due.len();
     let deadline = started + svc.policy.sweep_budget;
-    let steps = if due.len() > svc.policy.sweep_fanout_above {
-        let fan_out = FanOut {
-            start: svc.clock.now() + svc.policy.lease,
-            per_second: svc.policy.fleet_device_calls_per_second,
-            next: AtomicUsize::new(0),
-        };
-        fan_out_all(svc, due, &fan_out, deadline).await
-    } else {
-        stream::iter(due)
-            .map(|due| async move {
-                if svc.clock.now() >= deadline {
-                    return (Step::Deferred, false);
-                }
-                sweep_device(svc, due).await
-            })
-            .buffer_unordered(svc.policy.drain_concurrency)
-            // Every outcome is awaited: returning early would drop applies mid-PUT.
-            .collect::<Vec<_>>()
-            .await
+    let due = list_due(svc, deadline, report).await?;
+    report.due = due.len();
+    let cut = Services {
+        device: Arc::new(SweepDevice {
+            inner: svc.device.clone(),
+            clock: svc.clock.clone(),
+            lease: lease.clone(),
+            policy: svc.policy,
+            deadline,
+        }),
+        ..svc.clone()
     };
+    let (steps, reconciled) = tokio::join!(
+        work_through(&cut, due, lease, deadline),
+        reconcile(svc, lease)
+    );
+    report.reconciled = reconciled;
     for (step, called) in steps {
         report.status_calls += usize::from(called);
         let count = match step {
@@ -217,9 +260,38 @@ async fn sweep(
     Ok(())
 }
 
+/// The due devices' work: each looked at in-process, or fanned out above the threshold.
+/// Work starts only while the run may start work ([`SweepLease::may_start`]).
+async fn work_through(
+    svc: &Services,
+    due: Vec<Due>,
+    lease: &SweepLease,
+    deadline: DateTime<Utc>,
+) -> Vec<(Step, bool)> {
+    if due.len() > svc.policy.sweep_fanout_above {
+        let mut fan_out = FanOut::new(svc.policy.fleet_device_calls_per_second);
+        return fan_out_all(svc, due, &mut fan_out, lease, deadline).await;
+    }
+    stream::iter(due)
+        .map(|due| async move {
+            if !lease.may_start(svc, deadline) {
+                return (Step::Deferred, false);
+            }
+            sweep_device(svc, due).await
+        })
+        .buffer_unordered(svc.policy.drain_concurrency)
+        // Every outcome is awaited: returning early would drop applies mid-PUT.
+        .collect::<Vec<_>>()
+        .await
+}
+
 /// The due devices of every shard, each once, earliest due first. A shard that cannot
 /// be listed is counted as an error; the sweep fails only if none can.
-async fn list_due(svc: &Services, report: &mut SweepReport) -> Result<Vec<Due>, StoreError> {
+async fn list_due(
+    svc: &Services,
+    deadline: DateTime<Utc>,
+    report: &mut SweepReport,
+) -> Result<Vec<Due>, StoreError> {
     let now = svc.clock.now();
     // Devices hash evenly over the shards, but not exactly: up to twice a shard's even
     // share from each, so a run takes its whole quota when that many are due, and never
@@ -229,10 +301,26 @@ async fn list_due(svc: &Services, report: &mut SweepReport) -> Result<Vec<Due>, 
     // device behind it a run (simulation seed 84,424).
     let max = svc.policy.sweep_max_due.max(1);
     let per_shard = 2 * max.div_ceil(usize::from(SHARDS)) + 16;
+    // Every shard at once, each cut when the run's time to start work ends (a listing
+    // only reads: nothing is left half done).
+    let left = (deadline - now).to_std().unwrap_or_default();
+    let listings = futures::future::join_all((0..SHARDS).map(|shard| async move {
+        let listed = svc.ledger.due_entries(shard, now, per_shard);
+        match tokio::time::timeout(left, listed).await {
+            Ok(listed) => (shard, listed),
+            Err(_) => (
+                shard,
+                Err(StoreError::Unavailable(
+                    "listing the due index ran past the sweep's budget".into(),
+                )),
+            ),
+        }
+    }))
+    .await;
     let mut entries = Vec::new();
     let mut failure = None;
-    for shard in 0..SHARDS {
-        match svc.ledger.due_entries(shard, now, per_shard).await {
+    for (shard, listed) in listings {
+        match listed {
             Ok(listed) => entries.extend(listed),
             Err(e) => {
                 warn!(shard, error = %e, "sweep could not read a shard of the due index");
@@ -341,13 +429,16 @@ async fn sweep_device(svc: &Services, mut due: Due) -> (Step, bool) {
 async fn fan_out_all(
     svc: &Services,
     mut due: Vec<Due>,
-    fan_out: &FanOut,
+    fan_out: &mut FanOut,
+    lease: &SweepLease,
     deadline: DateTime<Utc>,
 ) -> Vec<(Step, bool)> {
-    let concurrency = svc.policy.drain_concurrency.max(FAN_OUT_BATCH / 4);
+    // Every device of a batch at once, so that a batch takes at most `Policy::sweep_tail`
+    // (its reads at once, one send, then each device's writes at once).
+    let concurrency = FAN_OUT_BATCH;
     let mut steps = Vec::new();
     while !due.is_empty() {
-        if svc.clock.now() >= deadline {
+        if !lease.may_start(svc, deadline) {
             steps.extend(due.iter().map(|_| (Step::Deferred, false)));
             break;
         }
@@ -362,13 +453,14 @@ async fn fan_out_all(
             .collect()
             .await;
         let now = svc.clock.now();
+        let floor = now + svc.policy.lease;
         let mut sends = Vec::new();
         let mut done = Vec::new();
         for (d, look) in looked {
             match look {
                 Look::Done(step, read) => done.push((d, step, read)),
                 Look::Due(current) => {
-                    let at = fan_out.next_slot();
+                    let at = fan_out.next_slot(floor);
                     match wake::message_for(&current.value, Some(at), now) {
                         Some(message) => sends.push((d, current, message, at)),
                         None => done.push((d, Step::Busy, None)),
@@ -563,9 +655,13 @@ async fn tidy(
         None => !entries.is_empty() && fence_read(svc, device, record).await,
     };
     if written {
-        for entry in entries {
-            unfile(svc, &entry.value, &entry.etag).await;
-        }
+        // At once: a run's work in flight ends within `Policy::sweep_tail`.
+        futures::future::join_all(
+            entries
+                .iter()
+                .map(|entry| unfile(svc, &entry.value, &entry.etag)),
+        )
+        .await;
     }
 }
 
@@ -632,40 +728,47 @@ async fn unfile(svc: &Services, entry: &DueEntry, etag: &ETag) {
 }
 
 /// Files the next slice of pending records in the index if a reconciling pass is due,
-/// and records how far it got in the sweep state (still under this run's lease).
-async fn reconcile(
-    svc: &Services,
-    mut lease: Versioned<SweepState>,
-    report: &mut SweepReport,
-) -> Versioned<SweepState> {
+/// and records how far it got in the sweep state (through this run's lease). Runs
+/// beside the device work: it starts batch writes only inside its own budget and while
+/// the run may start work; the filings go in batches ([`due_index::batches`]: one
+/// entity-group transaction per shard partition, at most [`due_index::MAX_BATCH`]
+/// each), up to one per shard at once. The slice counts as filed up to its first
+/// record that was not (a batch failed or never started): the next run resumes there.
+/// Returns how many records it filed.
+async fn reconcile(svc: &Services, lease: &SweepLease) -> usize {
     let now = svc.clock.now();
+    let state = lease.state().await;
     if svc.policy.reconcile_rows_per_run == 0
-        || !lease
-            .value
-            .reconcile_due(now, svc.policy.reconcile_interval)
+        || !state.reconcile_due(now, svc.policy.reconcile_interval)
     {
-        return lease;
+        return 0;
     }
-    let after = lease.value.reconcile_after.clone();
-    let (page, next) = match svc
+    let deadline = now + svc.policy.reconcile_budget;
+    if !lease.may_start(svc, deadline) {
+        return 0;
+    }
+    let after = state.reconcile_after;
+    let left = (deadline - now).to_std().unwrap_or_default();
+    let listed = svc
         .ledger
-        .pending_after(after.as_ref(), svc.policy.reconcile_rows_per_run)
-        .await
-    {
-        Ok(listed) => listed,
-        Err(e) => {
+        .pending_after(after.as_ref(), svc.policy.reconcile_rows_per_run);
+    let (page, next) = match tokio::time::timeout(left, listed).await {
+        Ok(Ok(listed)) => listed,
+        Ok(Err(e)) => {
             warn!(error = %e, "reconciling pass could not list pending records");
-            return lease;
+            return 0;
+        }
+        Err(_) => {
+            warn!("reconciling pass could not list pending records within its budget");
+            return 0;
         }
     };
-    let deadline = now + svc.policy.reconcile_budget;
-    let mut next = next;
+    // Which records of the slice are filed (a record not pending enough to be due
+    // needs nothing), by their place in the slice.
+    let mut filed: Vec<bool> = vec![true; page.records.len()];
+    let mut place: HashMap<String, usize> = HashMap::new();
+    let mut entries = Vec::new();
     for (i, record) in page.records.iter().enumerate() {
-        if i > 0 && svc.clock.now() >= deadline {
-            // Out of time: the next run resumes after the last record filed.
-            next = Some(page.records[i - 1].value.device_id.clone());
-            break;
-        }
         // A record that names its entry is covered (`functions::index`): filing it again
         // would only leave an extra entry for a later run to drop.
         if record.value.due_entry.is_some() {
@@ -673,64 +776,283 @@ async fn reconcile(
         }
         if let Some(at) = svc.policy.sweep_due(&record.value) {
             let entry = DueEntry::new(record.value.device_id.clone(), at).filed(now);
-            match svc.ledger.file_due(&entry).await {
-                Ok(()) => report.reconciled += 1,
+            place.insert(entry.row_key(), i);
+            filed[i] = false;
+            entries.push(entry);
+        }
+    }
+    let written: Vec<(Vec<DueEntry>, bool)> = stream::iter(due_index::batches(entries))
+        .map(|batch| async move {
+            if !lease.may_start(svc, deadline) {
+                return (batch, false);
+            }
+            match svc.ledger.file_due_batch(&batch).await {
+                Ok(()) => (batch, true),
                 Err(e) => {
-                    warn!(error = %e, "reconciling pass stopped: could not file a record");
-                    return lease;
+                    warn!(error = %e, entries = batch.len(), "reconciling pass could not file a batch");
+                    (batch, false)
+                }
+            }
+        })
+        .buffered(usize::from(SHARDS))
+        .collect()
+        .await;
+    let mut reconciled = 0;
+    for (batch, _) in written.iter().filter(|(_, ok)| *ok) {
+        reconciled += batch.len();
+        for entry in batch {
+            if let Some(&i) = place.get(&entry.row_key()) {
+                filed[i] = true;
+            }
+        }
+    }
+    let (last, done) = match filed.iter().position(|f| !f) {
+        // Nothing at the front of the slice was filed: no progress to record.
+        Some(0) => return reconciled,
+        Some(i) => (Some(page.records[i - 1].value.device_id.clone()), false),
+        None => (next.clone(), next.is_none()),
+    };
+    lease
+        .update(svc, |state| state.reconciled_slice(last, done, now))
+        .await;
+    if done {
+        info!(reconciled, "reconciling pass finished");
+    }
+    reconciled
+}
+
+/// The sweep lease while this run holds it (module docs: "One run at a time, ending in
+/// time"). Every write of the sweep state goes through it, conditional on the ETag of
+/// the last: taking, renewing, the reconciling pass's progress and releasing.
+struct SweepLease {
+    holder: LeaseHolder,
+    /// The run never holds its lease past this (`Policy::sweep_lease` after its start).
+    cap: DateTime<Utc>,
+    held: tokio::sync::Mutex<Versioned<SweepState>>,
+    /// Until when other runs see the lease held (as far as this run knows).
+    until: Mutex<DateTime<Utc>>,
+    lost: AtomicBool,
+}
+
+impl SweepLease {
+    /// Takes the sweep lease for the run that started at `started`, or `None` if
+    /// another run holds it.
+    async fn take(
+        svc: &Services,
+        holder: LeaseHolder,
+        started: DateTime<Utc>,
+    ) -> Result<Option<Self>, StoreError> {
+        let stored = svc.ledger.sweep_state().await?;
+        let mut state = stored.as_ref().map(|s| s.value.clone()).unwrap_or_default();
+        if state.held_by_other(&holder, started) {
+            return Ok(None);
+        }
+        let cap = started + svc.policy.sweep_lease();
+        state.take(
+            &holder,
+            started,
+            svc.policy.sweep_lease_grant().min(cap - started),
+        );
+        match svc
+            .ledger
+            .put_sweep_state(&state, stored.as_ref().map(|s| &s.etag))
+            .await
+        {
+            Ok(etag) => Ok(Some(Self {
+                holder,
+                cap,
+                until: Mutex::new(state.until.unwrap_or(started)),
+                held: tokio::sync::Mutex::new(Versioned { value: state, etag }),
+                lost: AtomicBool::new(false),
+            })),
+            // Another run took it first.
+            Err(StoreError::Conflict) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    fn until(&self) -> DateTime<Utc> {
+        *self.until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The sweep state as this run last wrote it.
+    async fn state(&self) -> SweepState {
+        self.held.lock().await.value.clone()
+    }
+
+    /// Until when this run may start work whose tail ends by `deadline`'s rules: before
+    /// `deadline`, and while its lease still covers the work's tail
+    /// (`Policy::sweep_tail`) by every instance's clock. Never, once the lease is lost.
+    fn start_deadline(&self, policy: &Policy, deadline: DateTime<Utc>) -> DateTime<Utc> {
+        if self.lost() {
+            return DateTime::<Utc>::MIN_UTC;
+        }
+        let covered = self.until() - policy.sweep_tail() - policy.max_clock_skew * 2;
+        deadline.min(covered)
+    }
+
+    /// Whether this run may start a piece of work now (see [`SweepLease::start_deadline`]).
+    fn may_start(&self, svc: &Services, deadline: DateTime<Utc>) -> bool {
+        svc.clock.now() < self.start_deadline(&svc.policy, deadline)
+    }
+
+    /// Renews the lease every [`SWEEP_RENEW_EVERY`] until `stop` is notified.
+    async fn keep_renewing(&self, svc: &Services, stop: &Notify) {
+        let every = SWEEP_RENEW_EVERY.to_std().unwrap_or_default();
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.notified() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            self.renew(svc).await;
+        }
+    }
+
+    /// One grant from now (`Policy::sweep_lease_grant`), never past the cap.
+    async fn renew(&self, svc: &Services) {
+        let mut held = self.held.lock().await;
+        if self.lost() {
+            return;
+        }
+        let now = svc.clock.now();
+        let grant = svc.policy.sweep_lease_grant().min(self.cap - now);
+        if grant <= chrono::Duration::zero() {
+            return;
+        }
+        let mut state = held.value.clone();
+        state.take(&self.holder, now, grant);
+        self.write(svc, &mut held, state).await;
+    }
+
+    /// Records the reconciling pass's progress (`change`) in the sweep state.
+    async fn update(&self, svc: &Services, change: impl FnOnce(&mut SweepState)) {
+        let mut held = self.held.lock().await;
+        if self.lost() {
+            return;
+        }
+        let mut state = held.value.clone();
+        change(&mut state);
+        self.write(svc, &mut held, state).await;
+    }
+
+    /// Writes `state` over the sweep state this run last wrote, conditional on its
+    /// ETag. A conflict means someone else wrote: if the row still names this run (its
+    /// own earlier write, answered as failed, committed after all), the write is tried
+    /// again on that ETag; if it names another run, the lease is lost. Other failures
+    /// leave the lease as it was (what others see may be either write: this run
+    /// counts on the earlier `until`).
+    async fn write(&self, svc: &Services, held: &mut Versioned<SweepState>, state: SweepState) {
+        let mut etag = held.etag.clone();
+        for _ in 0..2 {
+            match svc.ledger.put_sweep_state(&state, Some(&etag)).await {
+                Ok(written) => {
+                    *self.until.lock().unwrap_or_else(|e| e.into_inner()) =
+                        state.until.unwrap_or_else(|| self.until());
+                    *held = Versioned {
+                        value: state,
+                        etag: written,
+                    };
+                    return;
+                }
+                Err(StoreError::Conflict) => match svc.ledger.sweep_state().await {
+                    Ok(Some(stored)) if stored.value.holder.as_ref() == Some(&self.holder) => {
+                        if let Some(until) = stored.value.until {
+                            *self.until.lock().unwrap_or_else(|e| e.into_inner()) = until;
+                        }
+                        held.etag = stored.etag.clone();
+                        etag = stored.etag;
+                    }
+                    Ok(_) => {
+                        self.lost.store(true, Ordering::Relaxed);
+                        warn!("another sweep run took the sweep lease over: this run starts no more work");
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "sweep could not read its lease back");
+                        return;
+                    }
+                },
+                Err(e) => {
+                    warn!(error = %e, "sweep could not renew its lease or record its progress");
+                    return;
                 }
             }
         }
     }
-    let done = next.is_none();
-    lease.value.reconciled_slice(next, done, now);
-    match svc
-        .ledger
-        .put_sweep_state(&lease.value, Some(&lease.etag))
-        .await
-    {
-        Ok(etag) => lease.etag = etag,
-        Err(e) => warn!(error = %e, "reconciling pass could not record its progress"),
-    }
-    if done {
-        info!(reconciled = report.reconciled, "reconciling pass finished");
-    }
-    lease
-}
 
-/// Takes the sweep lease for this run, or `None` if another run holds it.
-async fn take_lease(
-    svc: &Services,
-    holder: &LeaseHolder,
-    now: DateTime<Utc>,
-) -> Result<Option<Versioned<SweepState>>, StoreError> {
-    let stored = svc.ledger.sweep_state().await?;
-    let mut state = stored.as_ref().map(|s| s.value.clone()).unwrap_or_default();
-    if state.held_by_other(holder, now) {
-        return Ok(None);
-    }
-    state.take(holder, now, svc.policy.sweep_run_bound() + LEASE_MARGIN);
-    match svc
-        .ledger
-        .put_sweep_state(&state, stored.as_ref().map(|s| &s.etag))
-        .await
-    {
-        Ok(etag) => Ok(Some(Versioned { value: state, etag })),
-        // Another run took it first.
-        Err(StoreError::Conflict) => Ok(None),
-        Err(e) => Err(e),
+    async fn release(&self, svc: &Services) {
+        let mut held = self.held.lock().await;
+        if self.lost() {
+            return;
+        }
+        held.value.release(&self.holder);
+        if let Err(e) = svc
+            .ledger
+            .put_sweep_state(&held.value, Some(&held.etag))
+            .await
+        {
+            // It lapses by itself.
+            warn!(error = %e, "sweep could not release its lease");
+        }
     }
 }
 
-async fn release_lease(svc: &Services, holder: &LeaseHolder, mut lease: Versioned<SweepState>) {
-    lease.value.release(holder);
-    if let Err(e) = svc
-        .ledger
-        .put_sweep_state(&lease.value, Some(&lease.etag))
-        .await
-    {
-        // It lapses by itself.
-        warn!(error = %e, "sweep could not release its lease");
+/// The sweep's device port: a status call or a wait for a device-call budget turn
+/// (neither makes a device act) ends when the run's time to start work ends
+/// ([`SweepLease::start_deadline`]), as a transient answer that sent nothing, so a
+/// device started just before then takes at most `Policy::sweep_tail`. A PUT is
+/// never cut.
+struct SweepDevice {
+    inner: Arc<dyn DeviceApi>,
+    clock: Arc<dyn Clock>,
+    lease: Arc<SweepLease>,
+    policy: Policy,
+    deadline: DateTime<Utc>,
+}
+
+impl SweepDevice {
+    async fn within<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, DeviceError>>,
+    ) -> Result<T, DeviceError> {
+        let end = self.lease.start_deadline(&self.policy, self.deadline);
+        let out_of_time = || DeviceError::Transient {
+            reason: format!("{what}: not made, the sweep run's time to start work ran out"),
+            retry_after: None,
+            unanswered: false,
+        };
+        let Ok(left) = (end - self.clock.now()).to_std() else {
+            return Err(out_of_time());
+        };
+        tokio::time::timeout(left, call)
+            .await
+            .unwrap_or_else(|_| Err(out_of_time()))
+    }
+}
+
+#[async_trait]
+impl DeviceApi for SweepDevice {
+    async fn reserve_put(&self) -> Result<(), DeviceError> {
+        self.within("PUT", self.inner.reserve_put()).await
+    }
+
+    async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        self.within("status call", self.inner.status(device)).await
+    }
+
+    async fn apply_min_soc(
+        &self,
+        device: &DeviceId,
+        min_soc: MinSoc,
+        request_id: &RequestId,
+    ) -> Result<(), DeviceError> {
+        self.inner.apply_min_soc(device, min_soc, request_id).await
     }
 }
 
@@ -755,7 +1077,7 @@ mod tests {
     use super::*;
     use crate::domain::RequestStatus;
     use crate::functions::fakes::{post_min_soc as post, Harness};
-    use crate::ports::{Clock as _, Ledger as _};
+    use crate::ports::Ledger as _;
 
     /// Past the first wake-up message's due time plus the grace: a lost message is overdue.
     fn overdue(h: &Harness) -> chrono::Duration {
@@ -1293,17 +1615,7 @@ mod tests {
         let mut h = Harness::new();
         h.svc.policy.reconcile_rows_per_run = 2;
         // Five pending records written without the index (as before it existed).
-        for i in 0..5 {
-            h.device.set_online(&format!("d{i}"), false);
-            let rec = crate::domain::DesiredState::accept(
-                h.id(&format!("d{i}")),
-                crate::domain::MinSoc::new(40).unwrap(),
-                h.clock.now(),
-                h.svc.policy.request_ttl,
-                None,
-            );
-            h.ledger.put(&rec, None).await.unwrap();
-        }
+        unindexed_pending(&h, 5).await;
         assert!(index_entries(&h).await.is_empty());
         let filed: Vec<_> = [(); 4].iter().map(|_| 0).collect::<Vec<_>>();
         let mut counts = Vec::new();
@@ -1318,5 +1630,202 @@ mod tests {
         h.clock.advance(overdue(&h));
         let report = run(&h.svc).await.unwrap();
         assert_eq!((report.due, report.resent), (5, 5), "{report}");
+    }
+
+    /// `n` offline devices with a pending record each, written without the index (as
+    /// before it existed).
+    async fn unindexed_pending(h: &Harness, n: usize) {
+        for i in 0..n {
+            h.device.set_online(&format!("d{i}"), false);
+            let rec = crate::domain::DesiredState::accept(
+                h.id(&format!("d{i}")),
+                crate::domain::MinSoc::new(40).unwrap(),
+                h.clock.now(),
+                h.svc.policy.request_ttl,
+                None,
+            );
+            h.ledger.put(&rec, None).await.unwrap();
+        }
+    }
+
+    /// `n` devices, each with a pending request whose wake-up message is overdue.
+    async fn overdue_devices(h: &Harness, n: usize) {
+        for i in 0..n {
+            h.device.set_online(&format!("d{i}"), false);
+            post(h, &format!("d{i}"), 50).await;
+        }
+        h.clock.advance(overdue(h));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_fan_out_batch_is_due_a_lease_after_it_is_sent_however_high_the_rate() {
+        // Slots used to be computed once per run: at 1,000 calls/s a later batch's slots
+        // were long past by the time it was sent, so its messages came before the ledger
+        // named them and did nothing.
+        let mut h = Harness::new();
+        h.svc.policy.sweep_fanout_above = 1;
+        h.svc.policy.reconcile_rows_per_run = 0;
+        h.svc.policy.fleet_device_calls_per_second = 1000.0;
+        overdue_devices(&h, 250).await;
+        h.clock.follow_tokio_time();
+        h.queue.set_latency(std::time::Duration::from_secs(20));
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(report.fanned_out, 250, "{report}");
+        let batches = h.queue.batch_times();
+        assert_eq!(batches.len(), 3);
+        let mut previous = None;
+        for (sent_at, slots) in &batches {
+            for at in slots {
+                let at = at.expect("scheduled");
+                assert!(
+                    at >= *sent_at + h.svc.policy.lease,
+                    "a message due {} ms after its batch was sent (a lease is {} s)",
+                    (at - *sent_at).num_milliseconds(),
+                    h.svc.policy.lease.num_seconds()
+                );
+                assert!(previous.map_or(true, |p| at > p), "slots follow each other");
+                previous = Some(at);
+            }
+        }
+    }
+
+    #[test]
+    fn fan_out_slots_follow_the_rate_and_never_start_before_the_floor() {
+        let t0 = chrono::Utc::now();
+        let ms = chrono::Duration::milliseconds;
+        let mut slots = FanOut::new(10.0);
+        let first: Vec<_> = (0..3).map(|_| slots.next_slot(t0)).collect();
+        assert_eq!(first, [t0, t0 + ms(100), t0 + ms(200)]);
+        // A later batch whose floor is behind the slots goes on from them...
+        assert_eq!(slots.next_slot(t0 + ms(50)), t0 + ms(300));
+        // ...and one whose floor is ahead starts at its floor.
+        let later = t0 + ms(10_000);
+        assert_eq!(slots.next_slot(later), later);
+        assert_eq!(slots.next_slot(later), later + ms(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_with_every_call_at_its_slowest_ends_inside_its_renewed_lease_and_function_timeout(
+    ) {
+        use crate::adapters::{service_bus::SEND_TIMEOUT, table_ledger::STORAGE_TIMEOUT};
+        let release = chrono::Duration::from_std(STORAGE_TIMEOUT).unwrap();
+        // Budgets that end at every point of a device's work: some device always
+        // starts just before its run's time to start work ends.
+        for budget in (100..=190).step_by(3) {
+            let mut h = Harness::new();
+            h.svc.policy.reconcile_rows_per_run = 0;
+            h.svc.policy.sweep_budget = chrono::Duration::seconds(budget);
+            overdue_devices(&h, 40).await;
+            for i in (0..40).step_by(2) {
+                h.device.set_online(&format!("d{i}"), true);
+            }
+            h.clock.follow_tokio_time();
+            // Every ledger call and send takes its whole timeout; device-call budget
+            // turns are scarce, so status calls and PUTs wait their longest.
+            h.ledger.set_latency(STORAGE_TIMEOUT);
+            h.queue.set_latency(SEND_TIMEOUT);
+            h.svc.device = Arc::new(crate::adapters::BudgetedDeviceApi::new(
+                h.device.clone(),
+                0.05,
+            ));
+            let start = h.clock.now();
+            let report = run(&h.svc).await.unwrap();
+            let end = h.clock.now();
+            assert!(report.deferred > 0, "budget {budget} s ran out: {report}");
+            let worked = end - release - start;
+            assert!(
+                worked <= h.svc.policy.sweep_run_bound(),
+                "budget {budget} s: worked {} s, bound {} s",
+                worked.num_seconds(),
+                h.svc.policy.sweep_run_bound().num_seconds()
+            );
+            assert!(
+                end - start + crate::functions::LEASE_MARGIN <= crate::functions::FUNCTION_TIMEOUT
+            );
+            let held: Vec<_> = h
+                .ledger
+                .sweep_writes()
+                .iter()
+                .filter_map(|s| s.until)
+                .collect();
+            assert!(held.len() >= 3, "taken and renewed: {held:?}");
+            let until = *held.iter().max().unwrap();
+            assert!(
+                end - release <= until,
+                "budget {budget} s: the work ended {} s after the lease",
+                (end - release - until).num_seconds()
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_call_waiting_for_a_budget_turn_ends_when_the_runs_time_to_start_work_does() {
+        let mut h = Harness::new();
+        h.svc.policy.reconcile_rows_per_run = 0;
+        h.svc.policy.sweep_budget = chrono::Duration::seconds(5);
+        overdue_devices(&h, 1).await;
+        h.clock.follow_tokio_time();
+        // The next turn is 20 s away.
+        let budget = crate::adapters::BudgetedDeviceApi::new(h.device.clone(), 0.05);
+        budget.reserve_put().await.unwrap();
+        h.svc.device = Arc::new(budget);
+        let calls = h.device.calls();
+        let started = tokio::time::Instant::now();
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(
+            started.elapsed(),
+            std::time::Duration::from_secs(5),
+            "cut at the end of the budget"
+        );
+        assert_eq!(h.device.calls(), calls, "no call was made");
+        assert_eq!(report.resent, 1, "left to its wake-up chain: {report}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_that_loses_its_lease_starts_no_more_work_and_leaves_the_new_holders_lease() {
+        let mut h = Harness::new();
+        h.svc.policy.reconcile_rows_per_run = 0;
+        overdue_devices(&h, 40).await;
+        h.clock.follow_tokio_time();
+        h.ledger.set_latency(std::time::Duration::from_secs(5));
+        let svc = h.svc.clone();
+        let first = tokio::spawn(async move { run(&svc).await });
+        tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+        // Another run holds the lease now (as after this one's renewals failed until
+        // it lapsed).
+        let stored = h.ledger.sweep_state().await.unwrap().unwrap();
+        let other = LeaseHolder::new(HolderKind::Sweep);
+        let mut state = stored.value.clone();
+        state.take(&other, h.clock.now(), chrono::Duration::seconds(600));
+        h.ledger
+            .put_sweep_state(&state, Some(&stored.etag))
+            .await
+            .unwrap();
+        let report = first.await.unwrap().unwrap();
+        assert!(report.lease_lost, "{report}");
+        assert!(
+            report.deferred >= 30,
+            "at most the devices started before its renewal failed: {report}"
+        );
+        let after = h.ledger.sweep_state().await.unwrap().unwrap().value;
+        assert_eq!(after.holder, Some(other), "the new holder keeps its lease");
+    }
+
+    #[tokio::test]
+    async fn the_reconciling_pass_files_its_slice_in_one_transaction_per_shard_and_hundred() {
+        let mut h = Harness::new();
+        h.svc.policy.reconcile_rows_per_run = 500;
+        unindexed_pending(&h, 300).await;
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(report.reconciled, 300, "{report}");
+        let batches = h.ledger.due_batches();
+        assert_eq!(batches.iter().sum::<usize>(), 300);
+        assert!(
+            batches.len() <= 2 * usize::from(SHARDS) && batches.iter().all(|n| *n <= 100),
+            "{batches:?}"
+        );
+        assert_eq!(index_entries(&h).await.len(), 300);
+        let state = h.ledger.sweep_state().await.unwrap().unwrap().value;
+        assert!(state.reconciled_at.is_some() && state.holder.is_none());
     }
 }

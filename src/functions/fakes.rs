@@ -32,6 +32,7 @@ struct DeviceState {
     put_calls: usize,
     hooks: HashMap<String, Hook>,
     latency: std::time::Duration,
+    status_latency: std::time::Duration,
     /// Devices whose next PUT lands and is answered `502` (outcome unknown to the caller).
     unknown_next: std::collections::HashSet<String>,
 }
@@ -68,6 +69,10 @@ impl FakeDevice {
     }
     pub fn set_latency(&self, latency: std::time::Duration) {
         self.0.lock().unwrap().latency = latency;
+    }
+    /// Every status call takes `latency` (tokio time).
+    pub fn set_status_latency(&self, latency: std::time::Duration) {
+        self.0.lock().unwrap().status_latency = latency;
     }
     /// Runs `hook` while the next PUT for `id` is in flight (before it lands).
     pub fn on_next_put(
@@ -110,7 +115,14 @@ impl FakeDevice {
 #[async_trait]
 impl DeviceApi for FakeDevice {
     async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
-        self.0.lock().unwrap().status_calls += 1;
+        let latency = {
+            let mut s = self.0.lock().unwrap();
+            s.status_calls += 1;
+            s.status_latency
+        };
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         if self.take_transient(device.as_str()) {
             return Err(DeviceError::Transient {
                 reason: "503".into(),
@@ -177,11 +189,19 @@ impl DeviceApi for FakeDevice {
     }
 }
 
+/// One `send_batch`: the clock's reading when it was sent, and its messages'
+/// scheduled delivery times.
+pub type BatchSent = (DateTime<Utc>, Vec<Option<DateTime<Utc>>>);
+
 #[derive(Clone, Default)]
 pub struct FakeQueue {
     sent: Arc<Mutex<Vec<OutgoingMessage>>>,
     batches: Arc<Mutex<Vec<usize>>>,
     down: Arc<Mutex<bool>>,
+    /// The clock reading at each `send_batch`, with its messages' scheduled times.
+    batch_times: Arc<Mutex<Vec<BatchSent>>>,
+    clock: Arc<Mutex<Option<FakeClock>>>,
+    latency: Arc<Mutex<std::time::Duration>>,
 }
 
 impl FakeQueue {
@@ -195,11 +215,27 @@ impl FakeQueue {
     pub fn set_down(&self, down: bool) {
         *self.down.lock().unwrap() = down;
     }
+    /// Every send takes `latency` (tokio time).
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        *self.latency.lock().unwrap() = latency;
+    }
+    /// Each `send_batch`: the clock's reading when it was sent, and its messages'
+    /// scheduled delivery times.
+    pub fn batch_times(&self) -> Vec<BatchSent> {
+        self.batch_times.lock().unwrap().clone()
+    }
+    async fn pause(&self) {
+        let latency = *self.latency.lock().unwrap();
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+    }
 }
 
 #[async_trait]
 impl SettingsQueue for FakeQueue {
     async fn send(&self, message: &OutgoingMessage) -> Result<(), QueueError> {
+        self.pause().await;
         if *self.down.lock().unwrap() {
             return Err(QueueError::Status {
                 status: 503,
@@ -211,6 +247,11 @@ impl SettingsQueue for FakeQueue {
     }
 
     async fn send_batch(&self, messages: &[OutgoingMessage]) -> Result<(), QueueError> {
+        if let Some(clock) = self.clock.lock().unwrap().as_ref() {
+            let at = messages.iter().map(|m| m.scheduled_at).collect();
+            self.batch_times.lock().unwrap().push((clock.now(), at));
+        }
+        self.pause().await;
         if *self.down.lock().unwrap() {
             return Err(QueueError::Status {
                 status: 503,
@@ -247,6 +288,12 @@ struct LedgerState {
     commit_then_time_out: bool,
     /// Set by [`FakeLedger::defer_next_accept_and_go_down`].
     down_after_accept: bool,
+    /// How long every operation takes ([`FakeLedger::set_latency`]).
+    latency: std::time::Duration,
+    /// The size of each `file_due_batch`, in order.
+    due_batches: Vec<usize>,
+    /// Every sweep state written, in order.
+    sweep_writes: Vec<SweepState>,
 }
 
 /// An accepting write that timed out at its caller and is still in flight.
@@ -361,6 +408,24 @@ impl FakeLedger {
     pub fn set_down(&self, down: bool) {
         self.0.lock().unwrap().down = down;
     }
+    /// Every operation takes `latency` (tokio time) before it takes effect.
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.0.lock().unwrap().latency = latency;
+    }
+    async fn pause(&self) {
+        let latency = self.0.lock().unwrap().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+    }
+    /// The size of each batch filing of the due index, in order.
+    pub fn due_batches(&self) -> Vec<usize> {
+        self.0.lock().unwrap().due_batches.clone()
+    }
+    /// Every sweep state written (taking, renewing and releasing the lease), in order.
+    pub fn sweep_writes(&self) -> Vec<SweepState> {
+        self.0.lock().unwrap().sweep_writes.clone()
+    }
     pub fn len(&self) -> usize {
         self.0.lock().unwrap().rows.len()
     }
@@ -417,6 +482,7 @@ fn check<T>(slot: Option<&(T, u64)>, expected: Option<&ETag>) -> Result<(), Stor
 #[async_trait]
 impl Ledger for FakeLedger {
     async fn get(&self, device: &DeviceId) -> Result<Option<Versioned<DesiredState>>, StoreError> {
+        self.pause().await;
         let s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
@@ -431,10 +497,12 @@ impl Ledger for FakeLedger {
     }
 
     async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
+        self.pause().await;
         self.0.lock().unwrap().write(state, None, expected)
     }
 
     async fn anchor(&self, device: &DeviceId) -> Result<ETag, StoreError> {
+        self.pause().await;
         let mut s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
@@ -458,6 +526,7 @@ impl Ledger for FakeLedger {
         key: Option<KeyWrite<'_>>,
         on: &Precondition,
     ) -> Result<ETag, StoreError> {
+        self.pause().await;
         let mut s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
@@ -481,6 +550,7 @@ impl Ledger for FakeLedger {
     }
 
     async fn fence(&self, device: &DeviceId, on: &Precondition) -> Result<(), StoreError> {
+        self.pause().await;
         let mut s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
@@ -508,6 +578,7 @@ impl Ledger for FakeLedger {
         device: &DeviceId,
         request: &RequestId,
     ) -> Result<Option<HistoryEntry>, StoreError> {
+        self.pause().await;
         let s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
@@ -522,6 +593,7 @@ impl Ledger for FakeLedger {
         after: Option<&DeviceId>,
         limit: usize,
     ) -> Result<(PendingPage, Option<DeviceId>), StoreError> {
+        self.pause().await;
         let s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
@@ -563,6 +635,7 @@ impl Ledger for FakeLedger {
     }
 
     async fn file_due(&self, entry: &DueEntry) -> Result<(), StoreError> {
+        self.pause().await;
         let mut s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
@@ -574,12 +647,35 @@ impl Ledger for FakeLedger {
         Ok(())
     }
 
+    async fn file_due_batch(&self, entries: &[DueEntry]) -> Result<(), StoreError> {
+        self.pause().await;
+        assert!(
+            entries.len() <= due_index::MAX_BATCH
+                && entries.iter().all(|e| e.shard() == entries[0].shard()),
+            "a batch filing holds at most {} entries of one shard",
+            due_index::MAX_BATCH
+        );
+        let mut s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        s.due_batches.push(entries.len());
+        for entry in entries {
+            s.next += 1;
+            let n = s.next;
+            s.due
+                .insert((entry.partition_key(), entry.row_key()), (entry.clone(), n));
+        }
+        Ok(())
+    }
+
     async fn due_entries(
         &self,
         shard: u8,
         until: chrono::DateTime<chrono::Utc>,
         limit: usize,
     ) -> Result<Vec<Versioned<DueEntry>>, StoreError> {
+        self.pause().await;
         let s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
@@ -598,6 +694,7 @@ impl Ledger for FakeLedger {
     }
 
     async fn unfile_due(&self, entry: &DueEntry, etag: Option<&ETag>) -> Result<(), StoreError> {
+        self.pause().await;
         let mut s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
@@ -614,6 +711,7 @@ impl Ledger for FakeLedger {
     }
 
     async fn sweep_state(&self) -> Result<Option<Versioned<SweepState>>, StoreError> {
+        self.pause().await;
         let s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
@@ -629,6 +727,7 @@ impl Ledger for FakeLedger {
         state: &SweepState,
         expected: Option<&ETag>,
     ) -> Result<ETag, StoreError> {
+        self.pause().await;
         let mut s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
@@ -637,6 +736,7 @@ impl Ledger for FakeLedger {
         s.next += 1;
         let n = s.next;
         s.sweep = Some((state.clone(), n));
+        s.sweep_writes.push(state.clone());
         Ok(ETag(n.to_string()))
     }
 
@@ -645,6 +745,7 @@ impl Ledger for FakeLedger {
         device: &DeviceId,
         key: &IdempotencyKey,
     ) -> Result<Option<Versioned<IdempotencyRecord>>, StoreError> {
+        self.pause().await;
         let s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
@@ -657,18 +758,29 @@ impl Ledger for FakeLedger {
     }
 }
 
+/// A clock the test moves ([`FakeClock::advance`]); after [`FakeClock::follow_tokio_time`]
+/// it also moves with tokio's time (paused in a test: virtual time that jumps while
+/// every task waits, so slow fakes take their time without the test waiting).
 #[derive(Clone)]
-pub struct FakeClock(Arc<Mutex<DateTime<Utc>>>);
+pub struct FakeClock(Arc<Mutex<(DateTime<Utc>, Option<tokio::time::Instant>)>>);
 
 impl FakeClock {
     pub fn advance(&self, by: Duration) {
-        *self.0.lock().unwrap() += by;
+        self.0.lock().unwrap().0 += by;
+    }
+    /// From now on, the clock also moves with tokio's time.
+    pub fn follow_tokio_time(&self) {
+        self.0.lock().unwrap().1 = Some(tokio::time::Instant::now());
     }
 }
 
 impl Clock for FakeClock {
     fn now(&self) -> DateTime<Utc> {
-        *self.0.lock().unwrap()
+        let (at, since) = *self.0.lock().unwrap();
+        match since {
+            Some(since) => at + Duration::from_std(since.elapsed()).unwrap_or_default(),
+            None => at,
+        }
     }
 }
 
@@ -693,9 +805,10 @@ impl Harness {
         let device = FakeDevice::default();
         let queue = FakeQueue::default();
         let ledger = FakeLedger::default();
-        let clock = FakeClock(Arc::new(Mutex::new(
+        let clock = FakeClock(Arc::new(Mutex::new((
             Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap(),
-        )));
+            None,
+        ))));
         let policy = Policy {
             request_ttl: Duration::seconds(3600),
             backoff: Backoff {
@@ -710,13 +823,15 @@ impl Harness {
             drain_concurrency: 4,
             device_calls_per_second: 50.0,
             fleet_device_calls_per_second: 50.0,
-            sweep_budget: Duration::seconds(240),
+            sweep_budget: super::SWEEP_BUDGET,
             sweep_max_due: 1000,
             sweep_fanout_above: 100,
             reconcile_rows_per_run: 1000,
             reconcile_budget: Duration::seconds(30),
             reconcile_interval: Duration::hours(24),
+            events_answer_within: super::EVENTS_ANSWER_WITHIN,
         };
+        *queue.clock.lock().unwrap() = Some(clock.clone());
         let svc = Services {
             device: Arc::new(device.clone()),
             queue: Arc::new(queue.clone()),

@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use chrono::Duration;
 
+use crate::adapters::service_bus::SEND_TIMEOUT;
 use crate::adapters::table_ledger::STORAGE_TIMEOUT;
 use crate::config::Config;
 use crate::domain::schedule::Backoff;
@@ -78,9 +79,9 @@ pub struct Policy {
     /// (`DEVICE_API_MAX_CALLS_PER_SECOND`): what spreading work over time across the
     /// fleet (scheduled wake-up messages) should stay under.
     pub fleet_device_calls_per_second: f64,
-    /// How long one sweep run works before it stops starting new devices (what is
-    /// left stays in the due index for the next run); its lease is this plus one
-    /// [`Policy::lease`].
+    /// How long after its start one sweep run may start work (a device, a fan-out
+    /// batch); what is left stays in the due index for the next run. The work in
+    /// flight then ends within [`Policy::sweep_tail`] ([`Policy::sweep_run_bound`]).
     pub sweep_budget: Duration,
     /// Due devices one sweep run takes from the index at most.
     pub sweep_max_due: usize,
@@ -93,6 +94,11 @@ pub struct Policy {
     pub reconcile_rows_per_run: usize,
     pub reconcile_budget: Duration,
     pub reconcile_interval: Duration,
+    /// How long a `DeviceEventsHttp` request may take before it is answered, well under
+    /// Event Grid's 30 s delivery timeout ([`EVENTS_ANSWER_WITHIN`]): no PUT starts
+    /// after [`Policy::events_put_cutoff`], and what the request did not finish is
+    /// left to each request's wake-up chain.
+    pub events_answer_within: Duration,
 }
 
 /// How long after the device client's timeout a PUT may still land on the device (the
@@ -132,19 +138,60 @@ impl Policy {
             reconcile_rows_per_run: RECONCILE_ROWS_PER_RUN,
             reconcile_budget: RECONCILE_BUDGET,
             reconcile_interval: RECONCILE_INTERVAL,
+            events_answer_within: EVENTS_ANSWER_WITHIN,
         }
     }
 
-    /// How long an apply the sweep started just before its budget ran out may still
-    /// take: its PUT under one lease, then its result write.
+    /// How long one piece of sweep work started just before the start deadline may
+    /// still take, each call at its slowest but answered (`W`: the Table adapter's
+    /// [`STORAGE_TIMEOUT`], `Q`: the Service Bus sender's [`SEND_TIMEOUT`]). Status
+    /// calls and device-call budget waits end at the start deadline (they send
+    /// nothing, so the sweep cuts them); after it, the longest path of an in-process
+    /// device is: its lease write (`W`), its PUT (the device timeout), the result
+    /// write (`W`), the re-sent wake-up message (`Q`) and its record write (`W`), then
+    /// the index tidy-up: a record read, a filing, a fence and the removals (`4W`,
+    /// removals at once). A fan-out batch (its records read at once, one batch send,
+    /// then each device's record write and tidy-up at once) takes `6W + Q` at most.
+    /// Conflicting writers (a POST to the same device meanwhile) and storage outages
+    /// (read-backs) can make it longer; the run's lease renewals cover that, and
+    /// `functionTimeout` ends it at the latest.
     pub fn sweep_tail(&self) -> Duration {
-        self.lease + secs(STORAGE_TIMEOUT)
+        self.device_timeout + secs(STORAGE_TIMEOUT) * 7 + secs(SEND_TIMEOUT)
     }
 
-    /// The longest a sweep run takes: its budget, the tail of the applies in flight
-    /// and the reconciling pass. Its sweep lease lasts this long (plus a margin).
+    /// All of a sweep run's work ends within this of its start: it starts work during
+    /// its budget, and the work in flight then ends within [`Policy::sweep_tail`]; the
+    /// reconciling pass runs beside it, inside its own budget plus its last batch
+    /// write and its progress write.
     pub fn sweep_run_bound(&self) -> Duration {
-        self.sweep_budget + self.sweep_tail() + self.reconcile_budget
+        let reconcile = self.reconcile_budget + secs(STORAGE_TIMEOUT) * 2;
+        self.sweep_budget + self.sweep_tail().max(reconcile)
+    }
+
+    /// The longest a run holds the sweep lease, renewals included: its work plus the
+    /// clock skew between instances (another run reads the lease by its own clock)
+    /// and [`LEASE_MARGIN`]. Inside the host's `functionTimeout` (checked at start).
+    pub fn sweep_lease(&self) -> Duration {
+        self.sweep_run_bound() + self.max_clock_skew * 2 + LEASE_MARGIN
+    }
+
+    /// One grant of the sweep lease: the run renews it every [`SWEEP_RENEW_EVERY`]
+    /// (a write of at most `W`), and starts work only while what is left covers that
+    /// work's tail; a crashed run's lease lapses this long after its last renewal.
+    pub fn sweep_lease_grant(&self) -> Duration {
+        let grant = self.sweep_tail()
+            + SWEEP_RENEW_EVERY
+            + secs(STORAGE_TIMEOUT)
+            + self.max_clock_skew * 2
+            + LEASE_MARGIN;
+        grant.min(self.sweep_lease())
+    }
+
+    /// How long after a `DeviceEventsHttp` request arrives its last PUT may start: a
+    /// PUT started then is answered within the device timeout and its result written
+    /// within `W`, leaving [`EVENTS_MARGIN`] of [`Policy::events_answer_within`].
+    pub fn events_put_cutoff(&self) -> Duration {
+        self.events_answer_within - self.device_timeout - secs(STORAGE_TIMEOUT) - EVENTS_MARGIN
     }
 
     /// Settings under which the design's promises cannot hold, each as a sentence
@@ -167,13 +214,29 @@ impl Policy {
                 self.backoff.max.num_seconds()
             ));
         }
-        if self.sweep_run_bound() + LEASE_MARGIN > FUNCTION_TIMEOUT {
+        let release = secs(STORAGE_TIMEOUT);
+        if self.sweep_run_bound() + release + LEASE_MARGIN > FUNCTION_TIMEOUT
+            || self.sweep_lease() > FUNCTION_TIMEOUT
+        {
             problems.push(format!(
-                "DEVICE_API_TIMEOUT_MS: a sweep run (budget {} s + applies in flight {} s + reconciling pass {} s) would outlast the host's functionTimeout ({} s); lower the device timeout",
+                "DEVICE_API_TIMEOUT_MS: a sweep run (budget {} s + work in flight {} s + releasing its lease {} s + margin {} s) would outlast the host's functionTimeout ({} s); lower the device timeout",
                 self.sweep_budget.num_seconds(),
-                self.sweep_tail().num_seconds(),
-                self.reconcile_budget.num_seconds(),
+                (self.sweep_run_bound() - self.sweep_budget).num_seconds(),
+                release.num_seconds(),
+                LEASE_MARGIN.num_seconds(),
                 FUNCTION_TIMEOUT.num_seconds()
+            ));
+        }
+        if self.events_put_cutoff() < EVENTS_MIN_CUTOFF {
+            problems.push(format!(
+                "DEVICE_API_TIMEOUT_MS: {} ms leaves connection events less than {} s to start a PUT: DeviceEventsHttp answers within {} s (Event Grid waits 30 s), after the device timeout, the result write ({} s) and a {} s margin; at most {} ms",
+                self.device_timeout.num_milliseconds(),
+                EVENTS_MIN_CUTOFF.num_seconds(),
+                self.events_answer_within.num_seconds(),
+                release.num_seconds(),
+                EVENTS_MARGIN.num_seconds(),
+                (self.events_answer_within - release - EVENTS_MARGIN - EVENTS_MIN_CUTOFF)
+                    .num_milliseconds()
             ));
         }
         problems
@@ -189,12 +252,21 @@ impl Policy {
 pub const FUNCTION_TIMEOUT: Duration = Duration::seconds(300);
 /// The longest device call timeout the design allows (`DEVICE_API_TIMEOUT_MS`).
 pub const MAX_DEVICE_TIMEOUT: Duration = Duration::seconds(30);
-/// A sweep run's working time (it stops starting devices then): with the tail of the
-/// applies in flight and the reconciling pass, inside [`FUNCTION_TIMEOUT`]
-/// ([`Policy::sweep_run_bound`], checked at start).
-pub const SWEEP_BUDGET: Duration = Duration::seconds(200);
-/// How long the reconciling pass of one sweep run may work.
+/// How long a sweep run starts work (it stops starting devices then): with the tail
+/// of the work in flight, inside [`FUNCTION_TIMEOUT`] ([`Policy::sweep_run_bound`],
+/// checked at start).
+pub const SWEEP_BUDGET: Duration = Duration::seconds(190);
+/// How often a sweep run renews its lease while it works.
+pub const SWEEP_RENEW_EVERY: Duration = Duration::seconds(30);
+/// How long the reconciling pass of one sweep run may start batch writes.
 pub const RECONCILE_BUDGET: Duration = Duration::seconds(30);
+/// A `DeviceEventsHttp` request is answered within this ([`Policy::events_answer_within`]):
+/// well under Event Grid's 30 s delivery timeout, after which it would send the batch again.
+pub const EVENTS_ANSWER_WITHIN: Duration = Duration::seconds(20);
+/// What [`EVENTS_ANSWER_WITHIN`] keeps back for the host and the network.
+pub const EVENTS_MARGIN: Duration = Duration::seconds(2);
+/// The least time a connection-event request must have to start a PUT (checked at start).
+pub const EVENTS_MIN_CUTOFF: Duration = Duration::seconds(1);
 /// Pending records the reconciling pass files per sweep run: with the 5-minute
 /// schedule, a pass over a million pending records takes about 1.7 days.
 pub const RECONCILE_ROWS_PER_RUN: usize = 2000;
@@ -207,3 +279,68 @@ fn secs(d: std::time::Duration) -> Duration {
 
 #[cfg(any(test, feature = "test-fakes"))]
 pub mod fakes;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn defaults() -> Policy {
+        let vars: HashMap<String, String> = [
+            ("AzureWebJobsStorage", "UseDevelopmentStorage=true"),
+            ("ServiceBusConnection", "Endpoint=sb://127.0.0.1:1;SharedAccessKeyName=k;SharedAccessKey=a2V5;UseDevelopmentEmulator=true"),
+            ("SOC_QUEUE_NAME", "soc"),
+            ("DEVICE_API_BASE_URL", "http://127.0.0.1:1"),
+            ("DEVICE_API_KEY", "k"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Policy::from_config(&Config::from_vars(&vars).expect("the defaults are valid"))
+    }
+
+    #[test]
+    fn a_sweep_run_ends_inside_its_lease_and_the_lease_inside_function_timeout() {
+        let p = defaults();
+        let s = |d: Duration| d.num_seconds();
+        // T + 7W + Q: 5 + 70 + 10.
+        assert_eq!(s(p.sweep_tail()), 85);
+        // Budget + the longer of the tail and the reconciling pass (30 + 2W).
+        assert_eq!(s(p.sweep_run_bound()), 190 + 85);
+        // The run's work, the clock skew twice and the margin.
+        assert_eq!(s(p.sweep_lease()), 275 + 4 + 5);
+        assert_eq!(s(p.sweep_lease_grant()), 85 + 30 + 10 + 4 + 5);
+        // Its release write after the work, and the margin, inside functionTimeout.
+        assert!(p.sweep_run_bound() + Duration::seconds(10) + LEASE_MARGIN <= FUNCTION_TIMEOUT);
+        assert!(p.sweep_lease() <= FUNCTION_TIMEOUT);
+        assert!(p.sweep_lease_grant() <= p.sweep_lease());
+        assert!(p.design_problems().is_empty());
+    }
+
+    #[test]
+    fn connection_events_start_their_last_put_in_time_to_answer_within_twenty_seconds() {
+        let mut p = defaults();
+        assert_eq!(p.events_answer_within.num_seconds(), 20);
+        // 20 - T (5) - W (10) - margin (2).
+        assert_eq!(p.events_put_cutoff().num_seconds(), 3);
+        p.device_timeout = Duration::seconds(8);
+        let problems = p.design_problems();
+        assert!(
+            problems
+                .iter()
+                .any(|e| e.contains("DEVICE_API_TIMEOUT_MS") && e.contains("connection events")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_device_timeout_that_would_push_a_sweep_run_past_function_timeout_is_refused() {
+        let mut p = defaults();
+        p.device_timeout = Duration::seconds(16);
+        let problems = p.design_problems();
+        assert!(
+            problems.iter().any(|e| e.contains("functionTimeout")),
+            "{problems:?}"
+        );
+    }
+}
