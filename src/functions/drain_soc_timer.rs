@@ -530,6 +530,13 @@ const FAN_OUT_BATCH: usize = 100;
 async fn check_device(svc: &Services, current: Versioned<DesiredState>) -> (Step, bool) {
     let device = current.value.device_id.clone();
     let holder = LeaseHolder::new(HolderKind::Sweep);
+    // Whether the wake-up chain the sweep found was broken (no message, or overdue):
+    // an apply that ends offline or transient writes the record again, which makes a
+    // record that never had a message look freshly written, not overdue (seed 28,888).
+    let chain_read = current.value.wake_message_id.clone();
+    let broken = current
+        .value
+        .wake_overdue(svc.clock.now(), svc.policy.wake_grace);
     let status = svc.device.status(&device).await;
     let current = match status {
         Ok(s) if s.online => match apply_latest(svc, &device, &holder, Some(current)).await {
@@ -553,9 +560,11 @@ async fn check_device(svc: &Services, current: Versioned<DesiredState>) -> (Step
         }
         Ok(_) | Err(_) => current,
     };
-    if !current
-        .value
-        .wake_overdue(svc.clock.now(), svc.policy.wake_grace)
+    let still_broken = broken && current.value.wake_message_id == chain_read;
+    if !still_broken
+        && !current
+            .value
+            .wake_overdue(svc.clock.now(), svc.policy.wake_grace)
     {
         return (Step::StillOffline, true);
     }
@@ -1649,6 +1658,32 @@ mod tests {
     }
 
     /// `n` devices, each with a pending request whose wake-up message is overdue.
+    #[tokio::test]
+    async fn a_broken_chain_is_mended_though_the_sweeps_apply_wrote_the_record_again() {
+        // Seed 28,888: the POST's wake-up message was never sent; each sweep found the
+        // device online, its PUT got no turn (a transient answer, written down), and the
+        // record then looked freshly written, so no message was sent: pending for ever.
+        let h = Harness::new();
+        h.device.set_online("a", false);
+        h.queue.set_down(true);
+        post(&h, "a", 50).await;
+        h.queue.set_down(false);
+        h.device.set_online("a", true);
+        let device = h.device.clone();
+        h.device.on_next_put("a", move || {
+            Box::pin(async move { device.fail_transiently("a", 1) })
+        });
+        h.clock.advance(overdue(&h));
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(report.resent, 1, "{report}");
+        let record = h.ledger_record("a").await;
+        assert!(record.wake_message_id.is_some(), "{record:?}");
+        assert_eq!(
+            h.queue.sent().last().map(|m| m.message_id.clone()),
+            record.wake_message_id
+        );
+    }
+
     async fn overdue_devices(h: &Harness, n: usize) {
         for i in 0..n {
             h.device.set_online(&format!("d{i}"), false);
