@@ -858,7 +858,7 @@ pub fn report(week: &Week, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
         .target("never at the quota", s.saturated == 0),
     );
     notes.push(format!(
-        "S5 {name}: {} POSTs applied at once, {} pending; at the end {} pending, {} applied, {} expired, {} failed; {} deliveries retried; per run {:.0} ledger ops, {:.0} messages, {:.1} device calls, {:.0} POSTs applied at once since the previous run; wall {:.1} s",
+        "S5 {name}: {} POSTs applied at once, {} pending; at the end {} pending, {} applied, {} expired, {} failed; {} deliveries retried; the sweep per run: {:.0} ledger ops, {:.1} messages, {:.1} device calls; {:.0} POSTs applied at once between runs; D over all runs: {} lost, {} near expiry, {} returned; wall {:.1} s",
         week.posted.0,
         week.posted.1,
         week.end[0],
@@ -870,6 +870,9 @@ pub fn report(week: &Week, rows: &mut Vec<Row>, notes: &mut Vec<String>) {
         s.mean.sent,
         s.mean.device_calls,
         s.mean.posts_applied,
+        week.runs.iter().map(|r| r.d_lost).sum::<u64>(),
+        week.runs.iter().map(|r| r.d_expiry).sum::<u64>(),
+        week.runs.iter().map(|r| r.d_returned).sum::<u64>(),
         week.wall.as_secs_f64()
     ));
     let mut by_day = String::new();
