@@ -9,7 +9,11 @@
 //! - `BENCH_SWEEPS` (`1000:16,10000:64`): the P5 sweeps as `N:C` pairs (L is 50 ms);
 //! - `BENCH_SCALE` (`1000,10000,100000`): the pending counts P of S1 (1% of each due);
 //! - `BENCH_EVENTS` (1000): reconnect events of S3;
-//! - `BENCH_ONLY` (all): a comma list of the rows to run, e.g. `S1,S2` or `P5`;
+//! - `BENCH_ONLY` (all): a comma list of the rows to run, e.g. `S1,S2` or `P5`; a list of
+//!   in-memory rows only (`S2`, `S5`) starts no process and needs no release binaries;
+//! - `BENCH_FLEET` (`100000,1000000`), `BENCH_FLEET_SCENARIOS` (`steady,burst`),
+//!   `BENCH_FLEET_DAYS` (8), `BENCH_FLEET_CSV` (a folder for per-run records): S5, the
+//!   fleet week, which runs only when `BENCH_ONLY` names it (it takes many minutes);
 //! - `BENCH_SCALE_DEVICES` (2000): pending requests per S4 run; `0` skips S4;
 //! - `BENCH_SCALE_PROCS` (`1,2,4`): the S4 handler process counts;
 //! - `BENCH_SCALE_LATENCY_MS` (50): device stub latency in S4;
@@ -17,7 +21,7 @@
 //!   `0` skips S4b;
 //! - `CARGO_TARGET_DIR`: where the release binaries are (default `target/`).
 //!
-//! One module per measurement (`p1_start` … `p6_cost`, `r4_load`, `s1_sweep_scale`, `s2_offline_calls`, `s3_reconnect`, `s4_queue_scale`, `fuzz_run`), each adding rows
+//! One module per measurement (`p1_start` … `p6_cost`, `r4_load`, `s1_sweep_scale`, `s2_offline_calls`, `s3_reconnect`, `s4_queue_scale`, `s5_fleet_week`, `fuzz_run`), each adding rows
 //! to the [`report`] table; the shared pieces are [`env`] (the processes every measurement
 //! uses), [`latency`] (side-by-side and closed-loop timing), [`envelopes`] (host payloads),
 //! [`http`] (a minimal keep-alive client), [`procs`] and [`stub`] (the device cloud stub).
@@ -40,6 +44,7 @@ mod s1_sweep_scale;
 mod s2_offline_calls;
 mod s3_reconnect;
 mod s4_queue_scale;
+mod s5_fleet_week;
 mod seed;
 mod stub;
 
@@ -70,7 +75,36 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Rows that run the functions over in-memory ports: they need no process.
+const IN_MEMORY: [&str; 2] = ["S2", "S5"];
+
+/// `BENCH_ONLY`'s row ids, upper-cased; `None`: every row.
+fn only() -> Option<Vec<String>> {
+    std::env::var("BENCH_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_uppercase()).collect())
+}
+
+fn wanted(only: &Option<Vec<String>>, id: &str) -> bool {
+    only.as_ref().is_none_or(|o| o.iter().any(|w| w == id))
+}
+
+/// Rows that run only when `BENCH_ONLY` names them (long ones).
+fn named(only: &Option<Vec<String>>, id: &str) -> bool {
+    only.as_ref().is_some_and(|o| o.iter().any(|w| w == id))
+}
+
 fn main() -> Result<()> {
+    let only = only();
+    if only
+        .as_ref()
+        .is_some_and(|o| o.iter().all(|id| IN_MEMORY.contains(&id.as_str())))
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(in_memory(&only));
+    }
     let root = testkit::repo_root();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -154,10 +188,8 @@ async fn run(root: PathBuf, handler: PathBuf, baseline: PathBuf, scratch: PathBu
         sb_port,
     };
 
-    let only: Option<Vec<String>> = std::env::var("BENCH_ONLY")
-        .ok()
-        .map(|v| v.split(',').map(|s| s.trim().to_uppercase()).collect());
-    let wanted = |id: &str| only.as_ref().is_none_or(|o| o.iter().any(|w| w == id));
+    let only = only();
+    let wanted = |id: &str| wanted(&only, id);
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     // A failing row still prints the rows measured before it.
@@ -182,6 +214,9 @@ async fn run(root: PathBuf, handler: PathBuf, baseline: PathBuf, scratch: PathBu
         if wanted("S2") {
             s2_offline_calls::run(&mut rows, &mut notes).await?;
         }
+        if named(&only, "S5") {
+            s5_fleet_week::run(&mut rows, &mut notes)?;
+        }
         if wanted("S3") {
             s3_reconnect::run(&env, events, &mut rows, &mut notes).await?;
         }
@@ -200,6 +235,30 @@ async fn run(root: PathBuf, handler: PathBuf, baseline: PathBuf, scratch: PathBu
     }
     .await;
     sb_server.shutdown().await;
+    print_report(&rows, &notes, &outcome);
+    outcome
+}
+
+/// The in-memory rows alone (`BENCH_ONLY=S5`, `S2,S5`): no Azurite, no broker, no stub.
+async fn in_memory(only: &Option<Vec<String>>) -> Result<()> {
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    let outcome: Result<()> = async {
+        if wanted(only, "S2") {
+            s2_offline_calls::run(&mut rows, &mut notes).await?;
+        }
+        if named(only, "S5") {
+            s5_fleet_week::run(&mut rows, &mut notes)?;
+        }
+        Ok(())
+    }
+    .await;
+    print_report(&rows, &notes, &outcome);
+    outcome
+}
+
+/// The table and its notes; a failed row's error last.
+fn print_report(rows: &[Row], notes: &[String], outcome: &Result<()>) {
     println!();
     println!(
         "SoC settings handler benchmark — {} — nproc {}, {}",
@@ -208,16 +267,15 @@ async fn run(root: PathBuf, handler: PathBuf, baseline: PathBuf, scratch: PathBu
         cpu_model()
     );
     println!();
-    print_table(&rows);
+    print_table(rows);
     println!();
     for n in notes {
         println!("- {n}");
     }
-    if let Err(e) = &outcome {
+    if let Err(e) = outcome {
         println!();
         println!("- STOPPED: {e:#}");
     }
-    outcome
 }
 
 /// P2, P3 and R4 share one `handler` and one baseline process: P3 reads their memory idle,

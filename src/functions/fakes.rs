@@ -1,7 +1,7 @@
 //! In-memory ports for fast unit tests of the functions' decisions and races.
 //! The integration tests run the same code against Azurite and loopback servers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -230,6 +230,11 @@ impl FakeQueue {
             tokio::time::sleep(latency).await;
         }
     }
+    /// Takes the messages sent so far (what [`FakeQueue::sent`] lists), leaving none:
+    /// for long runs that deliver them and must not keep them all.
+    pub fn take_sent(&self) -> Vec<OutgoingMessage> {
+        std::mem::take(&mut *self.sent.lock().unwrap())
+    }
 }
 
 #[async_trait]
@@ -272,11 +277,11 @@ struct LedgerState {
     down: bool,
     /// Devices whose `desired` row exists but does not read (`StoreError::Corrupt`).
     corrupt: HashMap<String, CorruptRow>,
-    /// History entries by (device, request id), written with the record as the Table
-    /// ledger does (see `domain::history`).
-    history: HashMap<(String, String), HistoryEntry>,
+    /// History entries by device, then request id, written with the record as the
+    /// Table ledger does (see `domain::history`).
+    history: HashMap<String, HashMap<String, HistoryEntry>>,
     /// The due index by (partition key, row key), as the Table ledger keeps it.
-    due: std::collections::BTreeMap<(String, String), (DueEntry, u64)>,
+    due: BTreeMap<(String, String), (DueEntry, u64)>,
     sweep: Option<(SweepState, u64)>,
     /// Each device's anchor row ETag (`Ledger::anchor`).
     anchors: HashMap<String, u64>,
@@ -380,23 +385,25 @@ impl LedgerState {
     }
 
     fn keep_entry(&mut self, entry: HistoryEntry) {
-        let key = (
-            entry.request.device_id.to_string(),
-            entry.request.request_id.to_string(),
-        );
-        self.history.insert(key, entry);
+        let device = entry.request.device_id.as_str();
+        let entries = match self.history.get_mut(device) {
+            Some(entries) => entries,
+            None => self.history.entry(device.to_string()).or_default(),
+        };
+        entries.insert(entry.request.request_id.to_string(), entry);
     }
 
     /// Drops the device's entries beyond the bound, never the request it holds.
     fn prune(&mut self, device: &DeviceId, keep: &RequestId) {
-        let entries: Vec<_> = self
-            .history
-            .iter()
-            .filter(|((d, _), _)| d == device.as_str())
-            .map(|(_, e)| (e.request.request_id.clone(), e.request.requested_at))
+        let Some(entries) = self.history.get_mut(device.as_str()) else {
+            return;
+        };
+        let listed: Vec<_> = entries
+            .values()
+            .map(|e| (e.request.request_id.clone(), e.request.requested_at))
             .collect();
-        for id in history::beyond_limit(entries, keep) {
-            self.history.remove(&(device.to_string(), id.to_string()));
+        for id in history::beyond_limit(listed, keep) {
+            entries.remove(id.as_str());
         }
     }
 }
@@ -584,7 +591,8 @@ impl Ledger for FakeLedger {
             return Err(StoreError::Unavailable("down".into()));
         }
         Ok(s.history
-            .get(&(device.to_string(), request.to_string()))
+            .get(device.as_str())
+            .and_then(|entries| entries.get(request.as_str()))
             .cloned())
     }
 
@@ -600,35 +608,38 @@ impl Ledger for FakeLedger {
         }
         let after = after.map(|d| d.as_str()).unwrap_or("");
         // Device order, readable and unreadable rows together, as the Table lists them.
-        let mut rows: Vec<(String, Result<Versioned<DesiredState>, CorruptRow>)> = s
+        // Chosen and sorted by reference, so that only the page is copied.
+        type Row<'a> = (&'a String, Result<&'a (DesiredState, u64), &'a CorruptRow>);
+        let mut rows: Vec<Row> = s
             .rows
             .iter()
             .filter(|(d, (v, _))| d.as_str() > after && v.is_pending())
-            .map(|(d, (v, n))| {
-                let v = Versioned {
-                    value: v.clone(),
-                    etag: ETag(n.to_string()),
-                };
-                (d.clone(), Ok(v))
-            })
+            .map(|(d, row)| (d, Ok(row)))
             .chain(
                 s.corrupt
                     .iter()
                     .filter(|(d, _)| d.as_str() > after)
-                    .map(|(d, c)| (d.clone(), Err(c.clone()))),
+                    .map(|(d, c)| (d, Err(c))),
             )
             .collect();
-        rows.sort_by(|a, b| a.0.cmp(&b.0));
         let more = rows.len() > limit;
-        rows.truncate(limit);
+        if more {
+            // The `limit` first devices, in any order (a device has one row).
+            rows.select_nth_unstable_by(limit, |a, b| a.0.cmp(b.0));
+            rows.truncate(limit);
+        }
+        rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let next = more
             .then(|| rows.last().and_then(|(d, _)| DeviceId::parse(d).ok()))
             .flatten();
         let mut page = PendingPage::default();
         for (_, row) in rows {
             match row {
-                Ok(v) => page.records.push(v),
-                Err(c) => page.corrupt.push(c),
+                Ok((v, n)) => page.records.push(Versioned {
+                    value: v.clone(),
+                    etag: ETag(n.to_string()),
+                }),
+                Err(c) => page.corrupt.push(c.clone()),
             }
         }
         Ok((page, next))
@@ -683,8 +694,7 @@ impl Ledger for FakeLedger {
         let partition = due_index::partition_key(shard);
         let bound = due_index::row_key_bound(until);
         Ok(s.due
-            .iter()
-            .filter(|((p, r), _)| *p == partition && *r < bound)
+            .range((partition.clone(), String::new())..(partition, bound))
             .take(limit)
             .map(|(_, (e, n))| Versioned {
                 value: e.clone(),
