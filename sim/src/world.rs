@@ -2,7 +2,7 @@
 //! checker observes of it (commits, PUT landings, sends, answers). One `World` per
 //! run behind a mutex; the run is single-threaded, so the mutex never contends.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -348,19 +348,25 @@ impl World {
     pub fn check_index(&mut self, policy: &soc_settings::functions::Policy) {
         let t = self.ms();
         let mut gaps = Vec::new();
+        // Once per check, not per record: the earliest entry of each device, and every
+        // entry's nonce (unique to one filing: what a record's named row key ends with).
+        let mut earliest: HashMap<&str, DateTime<Utc>> = HashMap::new();
+        let mut nonces: HashSet<&str> = HashSet::new();
+        for (e, _) in &self.due {
+            let at = earliest.entry(e.device_id.as_str()).or_insert(e.due_at);
+            *at = (*at).min(e.due_at);
+            nonces.insert(e.nonce.as_str());
+        }
         for (device, (record, _)) in &self.rows {
             let Some(due) = policy.sweep_due(record) else {
                 continue;
             };
-            let covered = self
-                .due
-                .iter()
-                .any(|(e, _)| e.device_id.as_str() == device && e.due_at <= due);
+            let covered = earliest.get(device.as_str()).is_some_and(|at| *at <= due);
             // The entry a pending record names exists (`functions::index`).
             let named = record
                 .due_entry
                 .as_ref()
-                .is_none_or(|key| self.due.iter().any(|(e, _)| e.row_key() == *key));
+                .is_none_or(|key| key.rsplit('~').next().is_some_and(|n| nonces.contains(n)));
             if (!covered || !named) && !self.obs.index_gaps.iter().any(|g| &g.1 == device) {
                 let request = self.names.request(record.request_id.as_str());
                 let gap = if covered {
