@@ -61,7 +61,11 @@ fn every_fault_shape_of_the_wide_model_happens_in_the_first_seeds() {
         "a writer removed the index entry its record had named",
         "sweep renews its lease",
         "sweep run stops starting work (its time ran out)",
-        "index batch filing commits",
+        // Not "index batch filing commits": the reconciling pass files only records that
+        // name no index entry (written before entries were named, issue 20), and the
+        // generated worlds have none. Its batches are covered by the unit test
+        // `the_reconciling_pass_files_its_slice_in_one_transaction_per_shard_and_hundred`
+        // and the Azurite adapter test.
         "connection event deferred to the chain (answer due)",
     ] {
         assert!(
