@@ -47,6 +47,15 @@ pub enum DeviceError {
 }
 
 impl DeviceError {
+    /// A transient failure of a call that was never sent (nothing can land).
+    pub fn not_sent(reason: impl Into<String>) -> Self {
+        Self::Transient {
+            reason: reason.into(),
+            retry_after: None,
+            unanswered: false,
+        }
+    }
+
     pub fn is_permanent(&self) -> bool {
         matches!(self, Self::UnknownDevice | Self::Rejected(_))
     }

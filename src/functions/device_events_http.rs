@@ -368,11 +368,9 @@ impl DeviceApi for GatedDevice {
         request_id: &RequestId,
     ) -> Result<(), DeviceError> {
         if Instant::now() >= self.gate.cutoff {
-            return Err(DeviceError::Transient {
-                reason: "PUT not sent: the connection event's answer is due".into(),
-                retry_after: None,
-                unanswered: false,
-            });
+            return Err(DeviceError::not_sent(
+                "PUT not sent: the connection event's answer is due",
+            ));
         }
         self.gate.started.store(true, Ordering::Relaxed);
         self.inner.apply_min_soc(device, min_soc, request_id).await

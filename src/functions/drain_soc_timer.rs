@@ -1031,10 +1031,10 @@ impl SweepDevice {
         call: impl std::future::Future<Output = Result<T, DeviceError>>,
     ) -> Result<T, DeviceError> {
         let end = self.lease.start_deadline(&self.policy, self.deadline);
-        let out_of_time = || DeviceError::Transient {
-            reason: format!("{what}: not made, the sweep run's time to start work ran out"),
-            retry_after: None,
-            unanswered: false,
+        let out_of_time = || {
+            DeviceError::not_sent(format!(
+                "{what}: not made, the sweep run's time to start work ran out"
+            ))
         };
         let Ok(left) = (end - self.clock.now()).to_std() else {
             return Err(out_of_time());
