@@ -26,7 +26,9 @@ pub(super) async fn get(svc: &Services, device: &DeviceId, raw_id: &str) -> ApiR
         Ok(None) => ApiResponse::problem(
             404,
             "Not found",
-            format!("no request {id} for device {device} (the last {HISTORY_LIMIT} are kept)"),
+            format!(
+                "no request {id} for device {device} (at least the last {HISTORY_LIMIT} are kept)"
+            ),
         ),
         Err(e) => {
             warn!(device = %device, request_id = %id, error = %e, "ledger read failed");
@@ -50,8 +52,8 @@ pub(super) async fn answer_for(
             409,
             "Request no longer kept",
             format!(
-                "request {id} was superseded and is older than the last {HISTORY_LIMIT} \
-                 requests kept for device {device}"
+                "request {id} was superseded and is older than the requests kept \
+                 for device {device} (at least the last {HISTORY_LIMIT})"
             ),
         ));
     };
