@@ -76,7 +76,19 @@ fn env_num(name: &str, default: u64) -> u64 {
 }
 
 /// Rows that run the functions over in-memory ports: they need no process.
-const IN_MEMORY: [&str; 2] = ["S2", "S5"];
+const IN_MEMORY: [&str; 3] = ["P5M", "S2", "S5"];
+
+/// `BENCH_SWEEPS`: the P5 sweeps as (N, C).
+fn sweeps() -> Vec<(usize, usize)> {
+    std::env::var("BENCH_SWEEPS")
+        .unwrap_or_else(|_| "1000:16,10000:64".into())
+        .split(',')
+        .filter_map(|p| {
+            let (n, c) = p.split_once(':')?;
+            Some((n.trim().parse().ok()?, c.trim().parse().ok()?))
+        })
+        .collect()
+}
 
 /// `BENCH_ONLY`'s row ids, upper-cased; `None`: every row.
 fn only() -> Option<Vec<String>> {
@@ -133,14 +145,7 @@ async fn run(root: PathBuf, handler: PathBuf, baseline: PathBuf, scratch: PathBu
     let load_secs = env_num("BENCH_LOAD_SECS", 60);
     let fuzz_secs = env_num("BENCH_FUZZ_SECS", 60);
     let starts = env_num("BENCH_STARTS", 60) as usize;
-    let sweeps: Vec<(usize, usize)> = std::env::var("BENCH_SWEEPS")
-        .unwrap_or_else(|_| "1000:16,10000:64".into())
-        .split(',')
-        .filter_map(|p| {
-            let (n, c) = p.split_once(':')?;
-            Some((n.trim().parse().ok()?, c.trim().parse().ok()?))
-        })
-        .collect();
+    let sweeps = sweeps();
     let events = env_num("BENCH_EVENTS", 1000) as usize;
     let scale_sizes: Vec<usize> = std::env::var("BENCH_SCALE")
         .unwrap_or_else(|_| "1000,10000,100000".into())
@@ -207,8 +212,13 @@ async fn run(root: PathBuf, handler: PathBuf, baseline: PathBuf, scratch: PathBu
             p6_cost::run(&env, &mut rows).await?;
         }
         if wanted("P5") {
-            for (n, c) in sweeps {
+            for &(n, c) in &sweeps {
                 p5_sweep::run(&env, n, c, &mut rows, &mut notes).await?;
+            }
+        }
+        if wanted("P5M") {
+            for &(n, c) in &sweeps {
+                p5_sweep::run_in_memory(n, c, &mut rows, &mut notes).await?;
             }
         }
         if wanted("S2") {
@@ -244,6 +254,11 @@ async fn in_memory(only: &Option<Vec<String>>) -> Result<()> {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     let outcome: Result<()> = async {
+        if wanted(only, "P5M") {
+            for (n, c) in sweeps() {
+                p5_sweep::run_in_memory(n, c, &mut rows, &mut notes).await?;
+            }
+        }
         if wanted(only, "S2") {
             s2_offline_calls::run(&mut rows, &mut notes).await?;
         }

@@ -3,6 +3,10 @@
 //! path with a 1 s back-off; their wake-up messages are never delivered, so each is
 //! overdue 2 s later and the sweep checks all N in-process (the fan-out threshold is
 //! set above N: P5 measures the sweep's own device calls; S1 measures the index).
+//!
+//! P5m is the same sweep with the ledger and the queue in memory (`functions::fakes`,
+//! every operation counted at the port) and the same device latency in real time: the
+//! handler's own share, without Azurite or the Service Bus stand-in.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -16,6 +20,8 @@ use crate::env::Env;
 use crate::http::{request, Conn};
 use crate::procs::cpu_time;
 use crate::report::{row, Row};
+use crate::s1_sweep_scale::{Counting, Ops};
+use crate::s2_offline_calls::policy_with;
 use crate::seed;
 use crate::LATENCY_MS;
 
@@ -122,6 +128,104 @@ pub async fn run(
         notes.push(format!(
             "P5 N={n} C={c} L={latency} ms CPU: handler {:.2} s, Azurite {:.2} s, driver (Service Bus stand-in, device stub, client) {:.2} s",
             used[0], used[1], used[2]
+        ));
+    }
+    Ok(())
+}
+
+/// P5m: the P5 sweep over the in-memory ports, in real time on this thread (the device's
+/// status calls take L each): the handler's own time against N·L/C, and what the sweep
+/// asks of the ledger and the queue per device.
+pub async fn run_in_memory(
+    n: usize,
+    c: usize,
+    rows: &mut Vec<Row>,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    use soc_settings::functions::drain_soc_timer;
+    use soc_settings::functions::fakes::{post_min_soc, Harness};
+    use std::sync::Arc;
+
+    eprintln!("bench: P5m sweep N={n} C={c} over in-memory ports");
+    let (n_str, c_str) = (n.to_string(), c.to_string());
+    let mut h = Harness::new();
+    h.svc.policy = policy_with(&[
+        ("SOC_RECHECK_INITIAL_SECONDS", "1"),
+        ("SOC_RECHECK_MAX_SECONDS", "1"),
+        ("DRAIN_SOC_FANOUT_ABOVE", &n_str),
+        ("DRAIN_SOC_MAX_DUE", &n_str),
+        ("DRAIN_SOC_CONCURRENCY", &c_str),
+        ("DEVICE_API_MAX_CALLS_PER_SECOND", "100000"),
+    ])?;
+    let ops = Arc::new(Ops::default());
+    h.svc.ledger = Arc::new(Counting {
+        inner: h.ledger.clone(),
+        ops: ops.clone(),
+    });
+    h.device.set_default_online(false);
+    for i in 0..n {
+        let posted = post_min_soc(&h, &format!("sweep-{i}"), 30).await;
+        ensure!(posted["status"] == "pending", "P5m: {posted}");
+    }
+    let mut measured = Vec::new();
+    for latency in [0, LATENCY_MS] {
+        // The wake-up messages are never delivered: every request is overdue.
+        h.queue.take_sent();
+        h.clock.advance(chrono::Duration::milliseconds(2500));
+        h.device.set_status_latency(Duration::from_millis(latency));
+        let before = (
+            ops.snapshot(),
+            h.device.calls(),
+            cpu_time(std::process::id()),
+        );
+        let t0 = Instant::now();
+        let report = drain_soc_timer::run(&h.svc).await?;
+        let t = t0.elapsed();
+        let cpu = cpu_time(std::process::id()).saturating_sub(before.2);
+        let after = (ops.snapshot(), h.device.calls());
+        let sent = h.queue.sent().len();
+        ensure!(
+            report.due == n && report.resent == n,
+            "P5m: the sweep did not check every request: {report:?}"
+        );
+        ensure!(
+            after.1 .0 - before.1 .0 == n,
+            "P5m: {} status calls",
+            after.1 .0 - before.1 .0
+        );
+        let per = |a: u64, b: u64| (a - b) as f64 / n as f64;
+        let (o, b) = (after.0, before.0);
+        measured.push((
+            latency,
+            t,
+            cpu,
+            per(o.0, b.0),
+            per(o.1, b.1),
+            o.2 - b.2,
+            sent,
+        ));
+    }
+    let ideal = Duration::from_millis(LATENCY_MS) * n as u32 / c as u32;
+    let (_, t, ..) = measured[1];
+    let ratio = t.as_secs_f64() / ideal.as_secs_f64();
+    rows.push(
+        row(
+            "P5m",
+            format!(
+                "sweep N={n} L={LATENCY_MS} ms C={c}, ledger and queue in memory (ideal {:.3} s)",
+                ideal.as_secs_f64()
+            ),
+            format!("{:.3} s", t.as_secs_f64()),
+        )
+        .ratio(ratio)
+        .target("≤ 1.15x ideal", ratio <= 1.15),
+    );
+    for (latency, t, cpu, reads, writes, queries, sent) in measured {
+        notes.push(format!(
+            "P5m N={n} C={c} L={latency} ms: {:.3} s, handler code CPU {:.2} s ({:.0} µs per device); per device {reads:.2} ledger reads and {writes:.2} writes, {queries} queries in all, {sent} wake-up messages sent",
+            t.as_secs_f64(),
+            cpu.as_secs_f64(),
+            cpu.as_secs_f64() * 1e6 / n as f64
         ));
     }
     Ok(())

@@ -22,6 +22,11 @@ use crate::s1_sweep_scale::{Counting, Ops};
 
 /// The policy the handler derives from the app settings' defaults.
 pub fn default_policy() -> Result<Policy> {
+    policy_with(&[])
+}
+
+/// The policy the handler derives from the app settings' defaults and `settings`.
+pub fn policy_with(settings: &[(&str, &str)]) -> Result<Policy> {
     let vars: HashMap<String, String> = [
         ("AzureWebJobsStorage", "UseDevelopmentStorage=true"),
         ("ServiceBusConnection", "Endpoint=sb://127.0.0.1:1;SharedAccessKeyName=k;SharedAccessKey=a2V5;UseDevelopmentEmulator=true"),
@@ -29,7 +34,8 @@ pub fn default_policy() -> Result<Policy> {
         ("DEVICE_API_BASE_URL", "http://127.0.0.1:1"),
         ("DEVICE_API_KEY", "bench"),
     ]
-    .into_iter()
+    .iter()
+    .chain(settings)
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     let config = Config::from_vars(&vars).map_err(|e| anyhow::anyhow!("{e}"))?;

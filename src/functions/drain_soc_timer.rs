@@ -415,8 +415,8 @@ async fn sweep_device(svc: &Services, mut due: Due) -> (Step, bool) {
         Look::Done(step, read) => (step, false, read),
         Look::Due(current) => {
             due.named_when_read = current.value.due_entry.clone();
-            let (step, called) = check_device(svc, current).await;
-            (step, called, None)
+            let (step, called, written) = check_device(svc, current).await;
+            (step, called, written.map(Some))
         }
     };
     tidy_after(svc, due, step, read).await;
@@ -500,12 +500,16 @@ async fn fan_out_all(
                         let lost = current.value.wake_message_id.clone();
                         let recorded =
                             wake::record_sent(svc, current, lost.as_deref(), message, at).await;
-                        let step = match recorded {
-                            Ok(Rescheduled::Scheduled { .. }) => Step::FannedOut,
-                            Ok(Rescheduled::NoTimeLeft) | Ok(Rescheduled::Superseded) => Step::Busy,
-                            Err(e) => log_error(&d.device, &e.to_string()),
+                        let (step, written) = match recorded {
+                            Ok(Rescheduled::Scheduled { written, .. }) => {
+                                (Step::FannedOut, Some(Some(*written)))
+                            }
+                            Ok(Rescheduled::NoTimeLeft) | Ok(Rescheduled::Superseded) => {
+                                (Step::Busy, None)
+                            }
+                            Err(e) => (log_error(&d.device, &e.to_string()), None),
                         };
-                        tidy_after(svc, d, step, None).await;
+                        tidy_after(svc, d, step, written).await;
                         (step, false)
                     }
                     Finish::Done(d, step, read) => {
@@ -527,7 +531,12 @@ const FAN_OUT_BATCH: usize = 100;
 
 /// A due device with nobody on it: one status call; online, apply now; offline or
 /// unavailable, re-send its overdue wake-up message; unknown, fail the request.
-async fn check_device(svc: &Services, current: Versioned<DesiredState>) -> (Step, bool) {
+/// Returns what happened, whether a status call was made and, after a re-send, the
+/// record as the write naming the message left it (the tidy-up needs no read then).
+async fn check_device(
+    svc: &Services,
+    current: Versioned<DesiredState>,
+) -> (Step, bool, Option<Versioned<DesiredState>>) {
     let device = current.value.device_id.clone();
     let holder = LeaseHolder::new(HolderKind::Sweep);
     // Whether the wake-up chain the sweep found was broken (no message, or overdue):
@@ -542,9 +551,9 @@ async fn check_device(svc: &Services, current: Versioned<DesiredState>) -> (Step
         Ok(s) if s.online => match apply_latest(svc, &device, &holder, Some(current)).await {
             Ok(a) => match a.outcome {
                 ApplyOutcome::Offline(v) | ApplyOutcome::Transient(v, _) => v,
-                other => return (step_of(&other), true),
+                other => return (step_of(&other), true, None),
             },
-            Err(e) => return (log_error(&device, &e.to_string()), true),
+            Err(e) => return (log_error(&device, &e.to_string()), true, None),
         },
         Err(DeviceError::UnknownDevice) => {
             let mut failed = current.value.clone();
@@ -552,10 +561,10 @@ async fn check_device(svc: &Services, current: Versioned<DesiredState>) -> (Step
             let written =
                 index::put_record(svc, &mut failed, Some(&current.value), Some(&current.etag));
             return match written.await {
-                Ok(_) => (Step::Failed, true),
+                Ok(_) => (Step::Failed, true, None),
                 // Changed meanwhile; the next run looks again.
-                Err(StoreError::Conflict) => (Step::Busy, true),
-                Err(e) => (log_error(&device, &e.to_string()), true),
+                Err(StoreError::Conflict) => (Step::Busy, true, None),
+                Err(e) => (log_error(&device, &e.to_string()), true, None),
             };
         }
         Ok(_) | Err(_) => current,
@@ -566,16 +575,22 @@ async fn check_device(svc: &Services, current: Versioned<DesiredState>) -> (Step
             .value
             .wake_overdue(svc.clock.now(), svc.policy.wake_grace)
     {
-        return (Step::StillOffline, true);
+        return (Step::StillOffline, true, None);
     }
     let lost = current.value.wake_message_id.clone();
     match wake::schedule_recheck(svc, current, lost.as_deref(), None).await {
-        Ok(Rescheduled::Scheduled { message_id, .. }) => {
+        Ok(Rescheduled::Scheduled {
+            message_id,
+            written,
+            ..
+        }) => {
             info!(device = %device, lost = ?lost, message_id = %message_id, "overdue wake-up message re-sent");
-            (Step::Resent, true)
+            (Step::Resent, true, Some(*written))
         }
-        Ok(Rescheduled::NoTimeLeft) | Ok(Rescheduled::Superseded) => (Step::StillOffline, true),
-        Err(e) => (log_error(&device, &e.to_string()), true),
+        Ok(Rescheduled::NoTimeLeft) | Ok(Rescheduled::Superseded) => {
+            (Step::StillOffline, true, None)
+        }
+        Err(e) => (log_error(&device, &e.to_string()), true, None),
     }
 }
 
@@ -1231,6 +1246,27 @@ mod tests {
             (0, 0),
             "the new message is not overdue: {report}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_resent_device_is_read_once_its_entries_tidied_from_the_record_it_wrote() {
+        let h = Harness::new();
+        h.device.set_online("a", false);
+        post(&h, "a", 50).await;
+        h.clock.advance(overdue(&h));
+        let reads = h.ledger.reads();
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(report.resent, 1, "{report}");
+        assert_eq!(
+            h.ledger.reads() - reads,
+            1,
+            "one read of the record: {report}"
+        );
+        // Tidied all the same: the record names one entry, the one the index holds.
+        let record = h.ledger_record("a").await;
+        let entries = index_entries(&h).await;
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert_eq!(record.due_entry, Some(entries[0].row_key()));
     }
 
     #[tokio::test]

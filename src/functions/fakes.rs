@@ -272,6 +272,8 @@ impl SettingsQueue for FakeQueue {
 #[derive(Default)]
 struct LedgerState {
     rows: HashMap<String, (DesiredState, u64)>,
+    /// Record reads ([`Ledger::get`]) so far.
+    reads: usize,
     idem: HashMap<(String, String), (IdempotencyRecord, u64)>,
     next: u64,
     down: bool,
@@ -435,6 +437,10 @@ impl FakeLedger {
     pub fn sweep_writes(&self) -> Vec<SweepState> {
         self.0.lock().unwrap().sweep_writes.clone()
     }
+    /// Record reads ([`Ledger::get`]) so far.
+    pub fn reads(&self) -> usize {
+        self.0.lock().unwrap().reads
+    }
     pub fn len(&self) -> usize {
         self.0.lock().unwrap().rows.len()
     }
@@ -492,7 +498,8 @@ fn check<T>(slot: Option<&(T, u64)>, expected: Option<&ETag>) -> Result<(), Stor
 impl Ledger for FakeLedger {
     async fn get(&self, device: &DeviceId) -> Result<Option<Versioned<DesiredState>>, StoreError> {
         self.pause().await;
-        let s = self.0.lock().unwrap();
+        let mut s = self.0.lock().unwrap();
+        s.reads += 1;
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
         }

@@ -164,7 +164,7 @@ pub async fn handle(svc: &Services, delivery: Delivery) -> Settle {
         }
     };
     match wake::schedule_recheck(svc, pending, chain, not_before).await {
-        Ok(Rescheduled::Scheduled { message_id, at }) => Settle::Complete(format!(
+        Ok(Rescheduled::Scheduled { message_id, at, .. }) => Settle::Complete(format!(
             "device {device} offline; re-check at {at} (message {message_id})"
         )),
         Ok(Rescheduled::NoTimeLeft) => Settle::Complete(format!(

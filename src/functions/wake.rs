@@ -53,6 +53,9 @@ pub enum Rescheduled {
     Scheduled {
         message_id: String,
         at: DateTime<Utc>,
+        /// The record as the write that names the message left it (what a read right
+        /// after it would return), so the caller need not read it again.
+        written: Box<Versioned<DesiredState>>,
     },
     /// No re-check fits before expiry; the sweep will mark the request expired.
     NoTimeLeft,
@@ -127,11 +130,15 @@ pub async fn record_sent(
         let written =
             super::index::put_record(svc, &mut record, Some(&current.value), Some(&current.etag));
         match written.await {
-            Ok(_) => {
+            Ok(etag) => {
                 info!(device = %record.device_id, request_id = %request_id, message_id = %message.message_id, at = %at, "re-check scheduled");
                 return Ok(Rescheduled::Scheduled {
                     message_id: message.message_id,
                     at,
+                    written: Box::new(Versioned {
+                        value: record,
+                        etag,
+                    }),
                 });
             }
             Err(StoreError::Conflict) => {
@@ -181,7 +188,7 @@ mod tests {
         accept_pending(&h, "d1", 20).await;
         let current = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
         let out = schedule_recheck(&h.svc, current, None, None).await.unwrap();
-        let Rescheduled::Scheduled { message_id, at } = out else {
+        let Rescheduled::Scheduled { message_id, at, .. } = out else {
             panic!("{out:?}")
         };
         assert_eq!(h.queue.sent()[0].message_id, message_id);
