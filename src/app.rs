@@ -319,7 +319,7 @@ fn api_response(r: ApiResponse) -> Response {
     let body = if r.body.is_null() {
         Body::empty()
     } else {
-        Body::from(r.body.to_string())
+        Body::from(crate::host::json_bytes(&r.body))
     };
     let mut response = (status, body).into_response();
     for (name, value) in r.headers {

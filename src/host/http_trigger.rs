@@ -208,7 +208,7 @@ impl HttpResponseOut {
         Self {
             status,
             headers: vec![("Content-Type".into(), "application/json".into())],
-            body: body.to_string(),
+            body: super::json_string(body),
         }
     }
 

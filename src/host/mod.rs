@@ -57,6 +57,19 @@ pub use response::{InvocationFailure, InvocationResponse, MAX_LOG_LINE};
 pub use service_bus::{ServiceBusDelivery, SOC_QUEUE_TRIGGER_BINDING};
 pub use timer::{ScheduleStatus, TimerInfo, DRAIN_SOC_TIMER_BINDING};
 
+/// `value` as compact JSON bytes. Straight into a buffer: `Value`'s `Display`
+/// (`to_string`) goes through the formatter machinery, a measurable share of a
+/// no-I/O invocation (BENCHMARKS P2).
+pub fn json_bytes(value: &serde_json::Value) -> Vec<u8> {
+    // Infallible for a `Value` (string keys only); the fallback keeps it panic-free.
+    serde_json::to_vec(value).unwrap_or_else(|_| value.to_string().into_bytes())
+}
+
+/// [`json_bytes`] as a `String`.
+pub fn json_string(value: &serde_json::Value) -> String {
+    String::from_utf8(json_bytes(value)).unwrap_or_else(|_| value.to_string())
+}
+
 /// Why an invocation payload could not be read. Messages name the binding or
 /// Metadata key, never a value (values may be customer data).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

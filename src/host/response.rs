@@ -137,7 +137,7 @@ impl IntoResponse for InvocationFailure {
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response {
-    let mut response = (status, body.to_string()).into_response();
+    let mut response = (status, super::json_bytes(&body)).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
