@@ -93,6 +93,18 @@ pub fn named_entry(record: &DesiredState) -> Option<DueEntry> {
 }
 
 impl IndexMove {
+    /// This move (planned as for an insert, `plan(svc, record, None)`), made over
+    /// `stored` instead: the entry `stored` names is removed once the write has
+    /// committed, unless it is the one filed. Never keeps `stored`'s entry, so the
+    /// filing need not wait for the read.
+    pub fn retiring(mut self, stored: Option<&DesiredState>) -> Self {
+        let filed = self.file.as_ref().map(DueEntry::row_key);
+        self.retire = stored
+            .and_then(named_entry)
+            .filter(|e| filed.as_deref() != Some(e.row_key().as_str()));
+        self
+    }
+
     /// Files the new entry, if any: before the write, which must not be sent if this fails.
     pub async fn file(&self, svc: &Services) -> Result<(), StoreError> {
         match &self.file {
@@ -190,6 +202,21 @@ mod tests {
             stored(&h, "d1").await.value.due_entry,
             Some(filed[0].row_key())
         );
+    }
+
+    #[tokio::test]
+    async fn a_move_planned_before_the_read_retires_the_stored_entry_and_never_the_filed_one() {
+        let h = Harness::new();
+        let (waiting, _) = waiting(&h, 600).await;
+        let stored_entry = named_entry(&waiting).unwrap();
+        let mut fresh = waking_in(&h, &waiting, 1200);
+        let moved = plan(&h.svc, &mut fresh, None).retiring(Some(&waiting));
+        let filed = fresh.due_entry.clone().unwrap();
+        assert_ne!(filed, stored_entry.row_key());
+        moved.file(&h.svc).await.unwrap();
+        moved.committed(&h.svc).await;
+        let left: Vec<String> = entries(&h).await.iter().map(DueEntry::row_key).collect();
+        assert_eq!(left, vec![filed]);
     }
 
     #[tokio::test]

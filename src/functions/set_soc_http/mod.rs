@@ -282,10 +282,27 @@ async fn commit(
     key: Option<&KeyToWrite>,
 ) -> Committed {
     let not_kept = |e: StoreError| Committed::Answer(store_failed(device, &e.to_string()));
-    let mut current = match svc.ledger.get(device).await {
-        Ok(c) => c,
-        Err(e) => return not_kept(e),
+    // The first round files the new request's due-index entry while it reads the
+    // record: a new request's sweep-due time depends only on when it is stamped, so
+    // the entry needs nothing from the record (one round trip less before the commit).
+    let mut early = DesiredState::accept(
+        device.clone(),
+        setting.min_soc,
+        svc.clock.now(),
+        svc.policy.request_ttl,
+        None,
+    );
+    let early_move = index::plan(svc, &mut early, None);
+    let (read, filed) = futures::join!(svc.ledger.get(device), early_move.file(svc));
+    let mut current = match (read, filed) {
+        (Ok(c), Ok(())) => c,
+        // An entry filed for nothing is an extra one, which the sweep drops.
+        (Err(e), _) | (_, Err(e)) => return not_kept(e),
     };
+    let mut prefiled = Some((
+        early.due_entry,
+        early_move.retiring(current.as_ref().map(|v| &v.value)),
+    ));
     let mut record = DesiredState::accept(
         device.clone(),
         setting.min_soc,
@@ -304,15 +321,24 @@ async fn commit(
         // Filed in the due index first (nothing is written yet if this fails), as
         // stamped now: the stamp below is later, so the record is due no earlier than
         // its entry. The stamp is taken after the filing, right before the write.
-        let mut provisional = record.clone();
-        let filed_at = svc.clock.now();
-        provisional.updated_at = filed_at;
-        provisional.expires_at = filed_at + svc.policy.request_ttl;
-        let moved = index::plan(svc, &mut provisional, current.as_ref().map(|v| &v.value));
-        if let Err(e) = moved.file(svc).await {
-            return not_kept(e);
-        }
-        record.due_entry = provisional.due_entry;
+        let moved = match prefiled.take() {
+            Some((entry, moved)) => {
+                record.due_entry = entry;
+                moved
+            }
+            None => {
+                let mut provisional = record.clone();
+                let filed_at = svc.clock.now();
+                provisional.updated_at = filed_at;
+                provisional.expires_at = filed_at + svc.policy.request_ttl;
+                let moved = index::plan(svc, &mut provisional, current.as_ref().map(|v| &v.value));
+                if let Err(e) = moved.file(svc).await {
+                    return not_kept(e);
+                }
+                record.due_entry = provisional.due_entry;
+                moved
+            }
+        };
         let now = svc.clock.now();
         record.requested_at = now;
         record.expires_at = now + svc.policy.request_ttl;
