@@ -35,9 +35,33 @@ pub struct Ops {
     pub writes: AtomicU64,
     pub queries: AtomicU64,
     pub rows_listed: AtomicU64,
+    /// Calls by port method.
+    pub by_method: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl Ops {
+    fn count(&self, kind: &AtomicU64, method: &'static str) {
+        inc(kind);
+        *self.by_method.lock().unwrap().entry(method).or_default() += 1;
+    }
+
+    /// Calls by port method since `before` (a copy of `by_method`), as `name ×n` text.
+    pub fn since(&self, before: &std::collections::BTreeMap<&'static str, u64>) -> String {
+        let now = self.by_method.lock().unwrap().clone();
+        let parts: Vec<String> = now
+            .iter()
+            .filter_map(|(m, n)| {
+                let d = n - before.get(m).copied().unwrap_or(0);
+                (d > 0).then(|| format!("{m} ×{d}"))
+            })
+            .collect();
+        parts.join(", ")
+    }
+
+    pub fn methods(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.by_method.lock().unwrap().clone()
+    }
+
     pub fn snapshot(&self) -> (u64, u64, u64, u64) {
         (
             self.reads.load(Ordering::Relaxed),
@@ -61,15 +85,15 @@ fn inc(c: &AtomicU64) {
 #[async_trait]
 impl<L: Ledger> Ledger for Counting<L> {
     async fn get(&self, device: &DeviceId) -> Result<Option<Versioned<DesiredState>>, StoreError> {
-        inc(&self.ops.reads);
+        self.ops.count(&self.ops.reads, "get");
         self.inner.get(device).await
     }
     async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
-        inc(&self.ops.writes);
+        self.ops.count(&self.ops.writes, "put");
         self.inner.put(state, expected).await
     }
     async fn anchor(&self, device: &DeviceId) -> Result<ETag, StoreError> {
-        inc(&self.ops.reads);
+        self.ops.count(&self.ops.reads, "anchor");
         self.inner.anchor(device).await
     }
     async fn accept(
@@ -79,11 +103,11 @@ impl<L: Ledger> Ledger for Counting<L> {
         key: Option<KeyWrite<'_>>,
         on: &Precondition,
     ) -> Result<ETag, StoreError> {
-        inc(&self.ops.writes);
+        self.ops.count(&self.ops.writes, "accept");
         self.inner.accept(state, replaced, key, on).await
     }
     async fn fence(&self, device: &DeviceId, on: &Precondition) -> Result<(), StoreError> {
-        inc(&self.ops.writes);
+        self.ops.count(&self.ops.writes, "fence");
         self.inner.fence(device, on).await
     }
     async fn history_entry(
@@ -91,7 +115,7 @@ impl<L: Ledger> Ledger for Counting<L> {
         device: &DeviceId,
         request: &RequestId,
     ) -> Result<Option<HistoryEntry>, StoreError> {
-        inc(&self.ops.reads);
+        self.ops.count(&self.ops.reads, "history_entry");
         self.inner.history_entry(device, request).await
     }
     async fn pending_after(
@@ -99,19 +123,19 @@ impl<L: Ledger> Ledger for Counting<L> {
         after: Option<&DeviceId>,
         limit: usize,
     ) -> Result<(PendingPage, Option<DeviceId>), StoreError> {
-        inc(&self.ops.queries);
+        self.ops.count(&self.ops.queries, "pending_after");
         let r = self.inner.pending_after(after, limit).await?;
         let n = (r.0.records.len() + r.0.corrupt.len()) as u64;
         self.ops.rows_listed.fetch_add(n, Ordering::Relaxed);
         Ok(r)
     }
     async fn file_due(&self, entry: &DueEntry) -> Result<(), StoreError> {
-        inc(&self.ops.writes);
+        self.ops.count(&self.ops.writes, "file_due");
         self.inner.file_due(entry).await
     }
     async fn file_due_batch(&self, entries: &[DueEntry]) -> Result<(), StoreError> {
         // One entity-group transaction: one write.
-        inc(&self.ops.writes);
+        self.ops.count(&self.ops.writes, "file_due_batch");
         self.inner.file_due_batch(entries).await
     }
     async fn due_entries(
@@ -120,7 +144,7 @@ impl<L: Ledger> Ledger for Counting<L> {
         until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Versioned<DueEntry>>, StoreError> {
-        inc(&self.ops.queries);
+        self.ops.count(&self.ops.queries, "due_entries");
         let r = self.inner.due_entries(shard, until, limit).await?;
         self.ops
             .rows_listed
@@ -128,11 +152,11 @@ impl<L: Ledger> Ledger for Counting<L> {
         Ok(r)
     }
     async fn unfile_due(&self, entry: &DueEntry, etag: Option<&ETag>) -> Result<(), StoreError> {
-        inc(&self.ops.writes);
+        self.ops.count(&self.ops.writes, "unfile_due");
         self.inner.unfile_due(entry, etag).await
     }
     async fn sweep_state(&self) -> Result<Option<Versioned<SweepState>>, StoreError> {
-        inc(&self.ops.reads);
+        self.ops.count(&self.ops.reads, "sweep_state");
         self.inner.sweep_state().await
     }
     async fn put_sweep_state(
@@ -140,7 +164,7 @@ impl<L: Ledger> Ledger for Counting<L> {
         state: &SweepState,
         expected: Option<&ETag>,
     ) -> Result<ETag, StoreError> {
-        inc(&self.ops.writes);
+        self.ops.count(&self.ops.writes, "put_sweep_state");
         self.inner.put_sweep_state(state, expected).await
     }
     async fn get_idempotency(
@@ -148,7 +172,7 @@ impl<L: Ledger> Ledger for Counting<L> {
         device: &DeviceId,
         key: &IdempotencyKey,
     ) -> Result<Option<Versioned<IdempotencyRecord>>, StoreError> {
-        inc(&self.ops.reads);
+        self.ops.count(&self.ops.reads, "get_idempotency");
         self.inner.get_idempotency(device, key).await
     }
 }

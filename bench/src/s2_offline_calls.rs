@@ -13,6 +13,7 @@ use anyhow::{ensure, Result};
 use chrono::Duration;
 use soc_settings::config::Config;
 use soc_settings::functions::fakes::{post_min_soc, Harness};
+use soc_settings::functions::set_soc_http::{self, ApiRequest};
 use soc_settings::functions::soc_queue_trigger::{self, Delivery};
 use soc_settings::functions::{drain_soc_timer, Policy};
 use soc_settings::ports::Clock as _;
@@ -45,8 +46,64 @@ pub fn policy_with(settings: &[(&str, &str)]) -> Result<Policy> {
 /// The sweep schedule's default (`DRAIN_SOC_SCHEDULE` = every 5 minutes).
 const SWEEP_EVERY: Duration = Duration::minutes(5);
 
+/// What one POST asks of the ledger and the queue, by case (README "What a POST
+/// costs"), counted at the ports with the default policy.
+async fn post_costs(notes: &mut Vec<String>) -> Result<()> {
+    let mut h = Harness::new();
+    h.svc.policy = default_policy()?;
+    let ops = Arc::new(Ops::default());
+    h.svc.ledger = Arc::new(Counting {
+        inner: h.ledger.clone(),
+        ops: ops.clone(),
+    });
+    let post = |device: &str, key: Option<&str>| {
+        let request = ApiRequest {
+            method: "POST".into(),
+            device_id: device.into(),
+            idempotency_key: key.map(|k| k.as_bytes().to_vec()),
+            body: br#"{"minSoc":40}"#.to_vec(),
+            ..Default::default()
+        };
+        set_soc_http::handle(&h.svc, request)
+    };
+    let mut cost =
+        |case: &str, before: &std::collections::BTreeMap<&'static str, u64>, sent: usize| {
+            let sent = h.queue.sent().len() - sent;
+            notes.push(format!(
+                "POST cost, {case}: {}; {sent} wake-up message(s)",
+                ops.since(before)
+            ));
+        };
+    h.device.set_online("on", true);
+    h.device.set_online("off", false);
+    for (case, device, key, status) in [
+        ("a device's first request, online", "on", None, 200),
+        ("online", "on", None, 200),
+        ("online, with an Idempotency-Key", "on", Some("k-1"), 200),
+        ("a device's first request, offline", "off", None, 202),
+        ("offline", "off", None, 202),
+    ] {
+        let (before, sent) = (ops.methods(), h.queue.sent().len());
+        let answer = post(device, key).await;
+        ensure!(
+            answer.status == status,
+            "POST cost, {case}: {:?}",
+            answer.body
+        );
+        cost(case, &before, sent);
+    }
+    h.hold_lease("on", "http-other", Duration::seconds(30))
+        .await;
+    let (before, sent) = (ops.methods(), h.queue.sent().len());
+    let answer = post("on", None).await;
+    ensure!(answer.status == 202, "POST cost, busy: {:?}", answer.body);
+    cost("busy (another holder's lease)", &before, sent);
+    Ok(())
+}
+
 pub async fn run(rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Result<()> {
     eprintln!("bench: S2 calls per offline device per day (7 virtual days)");
+    post_costs(notes).await?;
     let mut h = Harness::new();
     h.svc.policy = default_policy()?;
     // Every ledger operation counted at the port, for the capacity note.
