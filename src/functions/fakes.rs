@@ -291,6 +291,8 @@ struct LedgerState {
     deferred: Option<DeferredAccept>,
     /// Set by [`FakeLedger::commit_next_accept_then_time_out`].
     commit_then_time_out: bool,
+    /// Set by [`FakeLedger::commit_next_put_then_time_out`].
+    put_commit_then_time_out: bool,
     /// Set by [`FakeLedger::defer_next_accept_and_go_down`].
     down_after_accept: bool,
     /// How long every operation takes ([`FakeLedger::set_latency`]).
@@ -464,6 +466,10 @@ impl FakeLedger {
     pub fn commit_next_accept_then_time_out(&self) {
         self.0.lock().unwrap().commit_then_time_out = true;
     }
+    /// The next `put` commits, and its caller hears a timeout.
+    pub fn commit_next_put_then_time_out(&self) {
+        self.0.lock().unwrap().put_commit_then_time_out = true;
+    }
     /// Commits the accepting write kept by [`FakeLedger::defer_next_accept`] now, as a
     /// write delayed in the network would: only if its precondition still holds.
     pub fn land_deferred(&self) -> Result<ETag, StoreError> {
@@ -505,7 +511,12 @@ impl Ledger for FakeLedger {
 
     async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
         self.pause().await;
-        self.0.lock().unwrap().write(state, None, expected)
+        let mut s = self.0.lock().unwrap();
+        let etag = s.write(state, None, expected)?;
+        if std::mem::take(&mut s.put_commit_then_time_out) {
+            return Err(StoreError::Unavailable("timed out".into()));
+        }
+        Ok(etag)
     }
 
     async fn anchor(&self, device: &DeviceId) -> Result<ETag, StoreError> {
