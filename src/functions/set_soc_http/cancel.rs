@@ -44,7 +44,6 @@ use crate::ports::{Precondition, StoreError};
 
 use super::render::{entry_view, ApiResponse};
 use super::{fence, outcome_unknown, requests, Fenced, Services, MAX_WRITE_ROUNDS};
-use crate::functions::apply::read_back;
 use crate::functions::index;
 
 /// How long a cancel waits for a live lease to lapse before answering `409`.
@@ -67,7 +66,7 @@ pub(super) async fn delete(svc: &Services, device: &DeviceId, raw_id: &str) -> A
     };
     let mut rounds = 0;
     loop {
-        let current = match read_back(svc, device).await {
+        let current = match svc.ledger.get(device).await {
             Ok(c) => c,
             Err(e) => return unavailable(&e),
         };
