@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use soc_settings::{app, config, telemetry};
 use tracing::{error, info};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     telemetry::init();

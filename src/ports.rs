@@ -269,9 +269,11 @@ pub trait Ledger: Send + Sync {
     /// ETag then changes too), the history entry of the request and `replaced` (the
     /// entry of the request it takes the place of, [`HistoryEntry::replaced`]), and
     /// the `key` row if any. `Conflict` when `on` no longer holds or the key row is
-    /// there already. Afterwards (best effort, outside the write) the device's history
-    /// is kept within [`crate::domain::history::HISTORY_LIMIT`] and key rows older
-    /// than [`crate::domain::IDEMPOTENCY_KEY_RETENTION`] are deleted.
+    /// there already. Afterwards, when `state` says so
+    /// ([`DesiredState::prunes_history`]: once in ten requests, or a day after the last
+    /// time), best effort and outside the write, the device's history is cut to the
+    /// newest [`crate::domain::history::HISTORY_LIMIT`] entries and key rows older than
+    /// [`crate::domain::IDEMPOTENCY_KEY_RETENTION`] are deleted.
     async fn accept(
         &self,
         state: &DesiredState,

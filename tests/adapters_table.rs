@@ -5,7 +5,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use futures::StreamExt;
 use soc_settings::adapters::connection_string::StorageConnection;
 use soc_settings::adapters::table_ledger::TableLedger;
-use soc_settings::domain::history::{HistoryEntry, HISTORY_LIMIT};
+use soc_settings::domain::history::{HistoryEntry, HISTORY_KEPT_AT_MOST, HISTORY_LIMIT};
 use soc_settings::domain::ledger::{Lease, LeaseHolder};
 use soc_settings::domain::{
     DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus,
@@ -69,6 +69,8 @@ fn everything_set(id: &str) -> DesiredState {
         }),
         updated_at: t(13),
         due_entry: Some(format!("2027-01-15T08:05:00.000Z~{id}~0a1b2c3d4e5f")),
+        unpruned: 9,
+        pruned_at: Some(t(2)),
     }
 }
 
@@ -202,13 +204,14 @@ async fn every_write_keeps_its_requests_history_entry_in_the_same_transaction() 
 }
 
 #[tokio::test]
-async fn a_device_keeps_the_history_of_its_newest_twenty_requests() {
+async fn a_device_keeps_its_newest_twenty_requests_pruning_once_every_ten() {
     let azurite = Azurite::shared();
     let ledger = ledger_on(&azurite, &unique_table("bound"));
     let dev = device("bat-b");
     let mut previous: Option<(DesiredState, ETag)> = None;
     let mut ids = Vec::new();
-    for i in 0..(HISTORY_LIMIT as i64 + 5) {
+    // Request 30 is the third that prunes: the first two found nothing beyond twenty.
+    for i in 0..(HISTORY_KEPT_AT_MOST as i64 + 1) {
         let prev = previous.as_ref().map(|(s, _)| s);
         let next = DesiredState::accept(
             dev.clone(),
@@ -229,9 +232,10 @@ async fn a_device_keeps_the_history_of_its_newest_twenty_requests() {
         ids.push(next.request_id.clone());
         previous = Some((next, etag));
     }
+    let pruned = ids.len() - HISTORY_LIMIT;
     for (i, id) in ids.iter().enumerate() {
         let kept = ledger.history_entry(&dev, id).await.unwrap().is_some();
-        assert_eq!(kept, i >= 5, "request {i}");
+        assert_eq!(kept, i >= pruned, "request {i}");
     }
 }
 

@@ -202,7 +202,7 @@ async fn scenarios() -> Vec<Observed> {
         post("busy", r#"{"minSoc":1}"#, Some("old")),
     )
     .await;
-    for i in 0..soc_settings::domain::history::HISTORY_LIMIT {
+    for i in 0..soc_settings::domain::history::HISTORY_KEPT_AT_MOST {
         let body = format!(r#"{{"minSoc":{}}}"#, 2 + i);
         h.clock.advance(chrono::Duration::seconds(1));
         call(app(&h), "setSoc", "newer", post("busy", &body, None)).await;

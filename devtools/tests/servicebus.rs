@@ -501,3 +501,85 @@ async fn custom_property_headers_become_application_properties_and_the_queue_pag
     assert_eq!(m["bodyText"], "{}");
     srv.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_send_writes_nothing_that_grows_with_the_messages_remembered() {
+    let dir = tmp_dir();
+    let b = Broker::open(config(&dir)).unwrap();
+    for i in 0..2_000 {
+        b.send(
+            "soc-settings",
+            json_send(&json!({}), &format!("m{i}"), None),
+        )
+        .unwrap();
+    }
+    // The sequence number alone; the 2,000 remembered ids are appended to their own log.
+    let state = std::fs::metadata(dir.join("soc-settings").join("state.json")).unwrap();
+    assert!(state.len() < 100, "state.json is {} bytes", state.len());
+    assert_eq!(
+        b.send("soc-settings", json_send(&json!({}), "m7", None))
+            .unwrap(),
+        devtools::servicebus::SendOutcome::Duplicate
+    );
+}
+
+#[tokio::test]
+async fn forgotten_ids_are_compacted_out_of_the_dedup_log_and_the_rest_survive_a_restart() {
+    let dir = tmp_dir();
+    let mut c = config(&dir);
+    c.duplicate_detection_window = Duration::from_millis(1);
+    {
+        let b = Broker::open(c.clone()).unwrap();
+        for i in 0..3_000 {
+            b.send(
+                "soc-settings",
+                json_send(&json!({}), &format!("old{i}"), None),
+            )
+            .unwrap();
+        }
+    }
+    let log = dir.join("soc-settings").join("dedup.log");
+    let lines = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert!(lines < 2_100, "{lines} lines: never compacted");
+    c.duplicate_detection_window = Duration::from_secs(600);
+    let b = Broker::open(c).unwrap();
+    b.send("soc-settings", json_send(&json!({}), "kept", None))
+        .unwrap();
+    drop(b);
+    let b = Broker::open(config(&dir)).unwrap();
+    assert_eq!(
+        b.send("soc-settings", json_send(&json!({}), "kept", None))
+            .unwrap(),
+        devtools::servicebus::SendOutcome::Duplicate
+    );
+}
+
+#[tokio::test]
+async fn the_dedup_history_of_a_state_file_from_before_the_log_is_kept() {
+    let dir = tmp_dir();
+    let queue = dir.join("soc-settings");
+    std::fs::create_dir_all(queue.join("messages")).unwrap();
+    let seen = Utc::now().to_rfc3339();
+    std::fs::write(
+        queue.join("state.json"),
+        format!(r#"{{"nextSequenceNumber":5,"dedup":{{"legacy":"{seen}"}}}}"#),
+    )
+    .unwrap();
+    drop(Broker::open(config(&dir)).unwrap());
+    // Opened twice: the second time from what the first one wrote.
+    let b = Broker::open(config(&dir)).unwrap();
+    assert_eq!(
+        b.send("soc-settings", json_send(&json!({}), "legacy", None))
+            .unwrap(),
+        devtools::servicebus::SendOutcome::Duplicate
+    );
+    match b
+        .send("soc-settings", json_send(&json!({}), "new", None))
+        .unwrap()
+    {
+        devtools::servicebus::SendOutcome::Enqueued { sequence_number } => {
+            assert_eq!(sequence_number, 5)
+        }
+        other => panic!("{other:?}"),
+    }
+}

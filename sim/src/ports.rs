@@ -522,7 +522,8 @@ impl Ledger for SimLedger {
                     let n = w.next_etag;
                     w.anchors.insert(device.clone(), n);
                 }
-                let n = w.write_record(&device, Some(&value), entry.as_ref(), true, inv);
+                let trim = value.prunes_history();
+                let n = w.write_record(&device, Some(&value), entry.as_ref(), trim, inv);
                 Ok(ETag(n.to_string()))
             })
             .await;

@@ -335,7 +335,8 @@ pub struct World {
     pub epoch: DateTime<Utc>,
     pub rows: BTreeMap<String, (DesiredState, u64)>,
     /// The ledger's history rows: (device, raw request id) -> entry, at most
-    /// `HISTORY_LIMIT` per device, written in the same atomic write as the record.
+    /// `HISTORY_KEPT_AT_MOST` per device (the accepting writes that prune keep the
+    /// newest `HISTORY_LIMIT`), written in the same atomic write as the record.
     pub history: BTreeMap<(String, String), HistoryEntry>,
     pub idem: BTreeMap<(String, String), (IdempotencyRecord, u64)>,
     /// Each device's anchor row ETag (`Ledger::anchor`).
@@ -525,8 +526,8 @@ impl World {
 
     /// Writes a device's record (or deletes it: `None`) as one atomic ledger write with
     /// its history: the entry of the request it stores and, when given, `replaced`
-    /// (the entry of the request it takes the place of); keeps at most `HISTORY_LIMIT`
-    /// entries when `trim`. Returns the new ETag. Records the commit for the checker.
+    /// (the entry of the request it takes the place of); keeps the newest `HISTORY_LIMIT`
+    /// entries when `trim` (an accepting write that prunes). Returns the new ETag. Records the commit for the checker.
     pub fn write_record(
         &mut self,
         device: &str,

@@ -15,10 +15,11 @@
 //! row and the history rows they imply in one entity-group transaction (same
 //! partition: all or nothing, the `desired` row's or the anchor's condition deciding),
 //! so an entry never disagrees with the ledger about the request the ledger holds;
-//! `accept` also inserts the request's key row in it. After an accepted request,
-//! entries beyond the newest [`HISTORY_LIMIT`](crate::domain::history::HISTORY_LIMIT)
-//! and key rows older than the retention are deleted (best effort, outside the
-//! transaction: a failure leaves them for the next request to prune). `fence` merges
+//! `accept` also inserts the request's key row in it. After an accepted request that
+//! prunes (one in ten, [`DesiredState::prunes_history`]), entries beyond the newest
+//! [`HISTORY_LIMIT`](crate::domain::history::HISTORY_LIMIT) and key rows older than the
+//! retention are deleted, in one query and one batch (best effort, outside the
+//! transaction: a failure leaves them for the next request that prunes). `fence` merges
 //! nothing into a row at an ETag: only the ETag changes.
 //!
 //! Idempotency keys are hex-encoded because keys may contain `/`, `\`, `#`, `?`,
@@ -406,7 +407,15 @@ impl TableLedger {
             }
         }
         doomed.extend(history::beyond_limit(entries, keep).iter().map(history_row));
+        if doomed.is_empty() {
+            return;
+        }
+        // One entity-group transaction (same partition); if a row is gone already (a
+        // concurrent prune), the transaction fails as a whole and the rows go one by one.
         let partition = table.partition_key_client(device.as_str());
+        if doomed.len() <= due_index::MAX_BATCH && self.delete_batch(&partition, &doomed).await {
+            return;
+        }
         for row in doomed {
             let result = partition.entity_client(row).delete().await;
             if let Err(e) = result.map_err(|e| status_of(&e).unwrap_or(0)) {
@@ -416,6 +425,23 @@ impl TableLedger {
                 }
             }
         }
+    }
+
+    /// Deletes `rows` of one partition in one transaction; `false` if it did not commit.
+    async fn delete_batch(&self, partition: &PartitionKeyClient, rows: &[String]) -> bool {
+        let mut tx = partition.transaction();
+        for row in rows {
+            tx = match tx.delete(row.as_str(), None) {
+                Ok(tx) => tx,
+                Err(_) => return false,
+            };
+        }
+        tx.await.is_ok_and(|response| {
+            response
+                .operation_responses
+                .iter()
+                .all(|r| u16::from(r.status_code) < 300)
+        })
     }
 
     async fn delete_row(
@@ -494,12 +520,14 @@ impl Ledger for TableLedger {
         let mut entries = vec![HistoryEntry::of(state)];
         entries.extend(replaced.cloned());
         let etag = self.transaction(state, Some(on), &entries, key).await?;
-        self.prune(
-            &state.device_id,
-            &state.request_id,
-            state.requested_at - IDEMPOTENCY_KEY_RETENTION,
-        )
-        .await;
+        if state.prunes_history() {
+            self.prune(
+                &state.device_id,
+                &state.request_id,
+                state.requested_at - IDEMPOTENCY_KEY_RETENTION,
+            )
+            .await;
+        }
         Ok(etag)
     }
 
@@ -845,6 +873,10 @@ fn desired_to_entity(s: &DesiredState) -> Map<String, Value> {
     }
     e.insert("UpdatedAt".into(), time(s.updated_at));
     put_opt(&mut e, "DueEntry", s.due_entry.clone().map(Value::from));
+    if s.unpruned > 0 {
+        e.insert("Unpruned".into(), s.unpruned.into());
+    }
+    put_opt(&mut e, "PrunedAt", s.pruned_at.map(time));
     e
 }
 
@@ -960,6 +992,11 @@ fn desired_from_entity(entity: &Map<String, Value>) -> Result<DesiredState, Corr
         lease,
         updated_at: row.time("UpdatedAt")?,
         due_entry: row.opt_str("DueEntry")?,
+        unpruned: match row.opt_int("Unpruned")? {
+            None => 0,
+            Some(n) => u32::try_from(n).map_err(|_| row.bad("Unpruned", "is out of range"))?,
+        },
+        pruned_at: row.opt_time("PrunedAt")?,
     })
 }
 
@@ -1153,6 +1190,8 @@ mod tests {
             }),
             updated_at: t(6),
             due_entry: Some("2027-01-15T08:01:00.123Z~bat-1~0a1b2c3d4e5f".into()),
+            unpruned: 7,
+            pruned_at: Some(t(1)),
         }
     }
 

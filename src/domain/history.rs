@@ -15,11 +15,15 @@
 //! - **An entry exists exactly when its request was stored.** It is written in the
 //!   request's own accepting write (one commit point, no undo), which is also how a
 //!   POST whose write timed out tells, after fencing it, whether it committed.
-//! - **Bounded.** At most [`HISTORY_LIMIT`] entries per device: when a request is
-//!   accepted, entries beyond the newest [`HISTORY_LIMIT`] (by `requestedAt`) are
-//!   deleted. There is no time-based retention beyond that; a request's own lifetime
-//!   (the TTL, 7 days by default) ends long before a device makes 20 more requests at
-//!   any realistic rate, and a device without new requests keeps its last 20.
+//! - **Bounded.** At least the newest [`HISTORY_LIMIT`] entries per device are kept,
+//!   and at most [`HISTORY_KEPT_AT_MOST`]: every [`PRUNE_EVERY`]th accepted request
+//!   (and the first one a day after the last prune, for the expired `Idempotency-Key`
+//!   rows) deletes the entries beyond the newest [`HISTORY_LIMIT`] (by `requestedAt`),
+//!   so pruning costs a POST a query only once in ten ([`prunes_after`]; the record
+//!   counts the requests since). There is no time-based retention beyond that; a
+//!   request's own lifetime (the TTL, 7 days by default) ends long before a device
+//!   makes 20 more requests at any realistic rate, and a device without new requests
+//!   keeps its last 20 to 29.
 //!
 //! Reading: [`lookup`] takes the ledger record first and the entry second. Because a
 //! replaced request's entry is settled in the same write that replaces it, an entry
@@ -30,8 +34,38 @@ use chrono::{DateTime, Utc};
 
 use super::ledger::{DesiredState, RequestId};
 
-/// Entries kept per device.
+/// Entries kept per device, at least (the newest).
 pub const HISTORY_LIMIT: usize = 20;
+/// Accepted requests between two prunes of a device's history and key rows.
+pub const PRUNE_EVERY: u32 = 10;
+/// Entries a device may have at most: the newest [`HISTORY_LIMIT`] after a prune,
+/// and the requests accepted until the next one.
+pub const HISTORY_KEPT_AT_MOST: usize = HISTORY_LIMIT + PRUNE_EVERY as usize - 1;
+/// A prune is due at least this long after the last one, so that expired
+/// `Idempotency-Key` rows do not linger on a device with few requests.
+pub const PRUNE_AT_LEAST_EVERY: chrono::Duration = crate::domain::IDEMPOTENCY_KEY_RETENTION;
+
+/// Whether the request accepted at `now` over `previous` prunes the device's history
+/// and key rows, and the record's pruning state after it: (requests accepted since the
+/// last prune, that prune's time). A device's first request has nothing to prune; a
+/// record written before the counter was kept (`pruned_at` unknown) prunes at once.
+pub fn prunes_after(
+    previous: Option<&DesiredState>,
+    now: DateTime<Utc>,
+) -> (bool, u32, Option<DateTime<Utc>>) {
+    let Some(previous) = previous else {
+        return (false, 1, Some(now));
+    };
+    let due = match previous.pruned_at {
+        None => true,
+        Some(at) => previous.unpruned + 1 >= PRUNE_EVERY || now - at >= PRUNE_AT_LEAST_EVERY,
+    };
+    if due {
+        (true, 0, Some(now))
+    } else {
+        (false, previous.unpruned + 1, previous.pruned_at)
+    }
+}
 
 /// What is known about one request: the last state the ledger held for it, and the
 /// request that replaced it while it was pending, if one did.
@@ -72,6 +106,8 @@ impl HistoryEntry {
         // Coordination fields say nothing about the request's fate.
         request.lease = None;
         request.due_entry = None;
+        request.unpruned = 0;
+        request.pruned_at = None;
         Self {
             request,
             superseded_by: None,
@@ -186,6 +222,54 @@ mod tests {
         assert_eq!(entry.superseded_by, None);
         assert_eq!(entry.request.status.as_str(), "expired");
         assert_eq!(entry.status(), ShownStatus::Expired);
+    }
+
+    #[test]
+    fn every_tenth_accepted_request_prunes_and_the_first_never_does() {
+        let mut previous = request(0, None);
+        assert!(!previous.prunes_history(), "a device's first request");
+        let mut pruning = Vec::new();
+        for i in 1..=25 {
+            let next = request(i, Some(&previous));
+            if next.prunes_history() {
+                pruning.push(i);
+                assert_eq!(next.pruned_at, Some(t(i)));
+            } else {
+                assert_eq!(next.pruned_at, previous.pruned_at, "request {i}");
+            }
+            previous = next;
+        }
+        assert_eq!(pruning, vec![9, 19]);
+        assert_eq!(previous.unpruned, 6);
+    }
+
+    #[test]
+    fn a_request_a_day_after_the_last_prune_prunes_for_the_expired_key_rows() {
+        let first = request(0, None);
+        let second = request(60, Some(&first));
+        assert!(!second.prunes_history());
+        let late = PRUNE_AT_LEAST_EVERY.num_seconds();
+        assert!(!request(late - 1, Some(&second)).prunes_history());
+        assert!(request(late, Some(&second)).prunes_history());
+    }
+
+    #[test]
+    fn a_record_written_before_the_counter_prunes_at_once() {
+        let mut legacy = request(0, None);
+        legacy.unpruned = 0;
+        legacy.pruned_at = None;
+        assert!(request(1, Some(&legacy)).prunes_history());
+    }
+
+    #[test]
+    fn a_rebased_request_counts_from_the_record_it_now_replaces() {
+        let base = request(0, None);
+        let nine = (1..8).fold(request(1, Some(&base)), |p, i| request(i + 1, Some(&p)));
+        assert_eq!(nine.unpruned, 9);
+        // Written over `base`, it would not prune; rebased over `nine`, it is the tenth.
+        let ours = request(20, Some(&base));
+        assert!(!ours.prunes_history());
+        assert!(ours.rebased_on(Some(&nine), t(20)).prunes_history());
     }
 
     #[test]

@@ -171,6 +171,12 @@ pub struct DesiredState {
     /// kept from the version it replaced. `None` when settled (nothing to cover), or
     /// for a record written before entries were named.
     pub due_entry: Option<String>,
+    /// Requests accepted on this device since its history and key rows were last
+    /// pruned ([`super::history::prunes_after`]); 0 for the request whose accepting
+    /// write prunes them.
+    pub unpruned: u32,
+    /// When they were last pruned (`None`: written before this was kept).
+    pub pruned_at: Option<DateTime<Utc>>,
 }
 
 impl DesiredState {
@@ -183,6 +189,7 @@ impl DesiredState {
         ttl: Duration,
         previous: Option<&DesiredState>,
     ) -> Self {
+        let (_, unpruned, pruned_at) = super::history::prunes_after(previous, now);
         Self {
             device_id,
             request_id: RequestId::new_random(),
@@ -200,7 +207,15 @@ impl DesiredState {
                 .filter(|l| l.until > now),
             updated_at: now,
             due_entry: None,
+            unpruned,
+            pruned_at,
         }
+    }
+
+    /// Whether this request's accepting write prunes the device's history and key rows
+    /// (the ledger does it right after the write, [`crate::ports::Ledger::accept`]).
+    pub fn prunes_history(&self) -> bool {
+        self.unpruned == 0
     }
 
     /// Keeps this request's identity but carries the lease of the record now stored.
@@ -275,6 +290,9 @@ impl DesiredState {
     pub fn rebased_on(mut self, stored: Option<&DesiredState>, now: DateTime<Utc>) -> Self {
         self = self.with_lease_of(stored, now);
         self.attempts = 0;
+        let (_, unpruned, pruned_at) = super::history::prunes_after(stored, now);
+        self.unpruned = unpruned;
+        self.pruned_at = pruned_at;
         self
     }
 

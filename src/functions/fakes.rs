@@ -355,10 +355,12 @@ impl LedgerState {
             Precondition::Anchor(_) => None,
         };
         let etag = self.write(&a.state, a.replaced.as_ref(), expected)?;
-        self.prune(&a.state.device_id, &a.state.request_id);
-        let cutoff = a.state.requested_at - crate::domain::IDEMPOTENCY_KEY_RETENTION;
-        self.idem
-            .retain(|(d, _), (r, _)| *d != device || r.created_at >= cutoff);
+        if a.state.prunes_history() {
+            self.prune(&a.state.device_id, &a.state.request_id);
+            let cutoff = a.state.requested_at - crate::domain::IDEMPOTENCY_KEY_RETENTION;
+            self.idem
+                .retain(|(d, _), (r, _)| *d != device || r.created_at >= cutoff);
+        }
         Ok(etag)
     }
 

@@ -234,14 +234,14 @@ impl Broker {
         }
         let q = g.get_mut(queue).expect("queue exists");
         let window = chrono::Duration::from_std(cfg.duplicate_detection_window)?;
-        q.meta.dedup.retain(|_, t| now - *t < window);
-        if q.meta.dedup.contains_key(&message_id) {
+        q.dedup.forget_before(now, window);
+        if q.dedup.contains(&message_id) {
             tracing::info!(queue, message_id, "servicebus: duplicate MessageId dropped");
             return Ok(SendOutcome::Duplicate);
         }
         let seq = q.meta.next_sequence_number;
         q.meta.next_sequence_number += 1;
-        q.meta.dedup.insert(message_id.clone(), now);
+        q.remember(&message_id, now)?;
         let m = StoredMessage {
             sequence_number: seq,
             message_id,

@@ -190,7 +190,7 @@ async fn accept(
 ) -> ApiResponse {
     let holder = LeaseHolder::new(HolderKind::Http);
     let accepted = match commit(svc, &device, setting, &holder, key.as_ref()).await {
-        Committed::Current(v) => v,
+        Committed::Current(v) => *v,
         Committed::Answer(response) => return response,
     };
     let ours = accepted.value.request_id.clone();
@@ -264,7 +264,7 @@ async fn settled_answer(svc: &Services, ours: &DesiredState) -> ApiResponse {
 /// What [`commit`] decided.
 enum Committed {
     /// The request is stored and is the device's current request.
-    Current(Versioned<DesiredState>),
+    Current(Box<Versioned<DesiredState>>),
     /// The answer is known without a device call: `503` (certainly not kept), `500`
     /// (outcome unknown), a stored request's state (superseded meanwhile), or the
     /// answer to a concurrent first use of the same key.
@@ -346,10 +346,10 @@ async fn commit(
         {
             Ok(etag) => {
                 moved.committed(svc).await;
-                return Committed::Current(Versioned {
+                return Committed::Current(Box::new(Versioned {
                     value: record,
                     etag,
-                });
+                }));
             }
             Err(StoreError::Conflict) => {
                 if let Some(k) = key {
@@ -378,7 +378,7 @@ async fn commit(
                         moved.committed(svc).await;
                         match read_back(svc, device).await {
                             Ok(Some(stored)) if stored.value.request_id == record.request_id => {
-                                Committed::Current(stored)
+                                Committed::Current(Box::new(stored))
                             }
                             // Stored, and already replaced or settled by someone else.
                             _ => Committed::Answer(settled_answer(svc, &record).await),

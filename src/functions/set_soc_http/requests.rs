@@ -36,7 +36,7 @@ pub(super) fn not_found(device: &DeviceId, id: &RequestId) -> ApiResponse {
     ApiResponse::problem(
         404,
         "Not found",
-        format!("no request {id} for device {device} (the last {HISTORY_LIMIT} are kept)"),
+        format!("no request {id} for device {device} (at least the last {HISTORY_LIMIT} are kept)"),
     )
 }
 
@@ -56,8 +56,8 @@ pub(super) async fn answer_for(
             409,
             "Request no longer kept",
             format!(
-                "request {id} was superseded and is older than the last {HISTORY_LIMIT} \
-                 requests kept for device {device}"
+                "request {id} was superseded and is older than the requests kept \
+                 for device {device} (at least the last {HISTORY_LIMIT})"
             ),
         ));
     };
