@@ -299,6 +299,48 @@ async fn scenarios() -> Vec<Observed> {
         .await,
     );
     seen.push(call(app(&h), "getSocRequest", "bad id", get(&of("not-an-id"))).await);
+
+    // cancelSocRequest
+    let cancel = |path: &str| Request::delete(path).body(Body::empty()).unwrap();
+    let cancelling = |scenario: &'static str, path: String| {
+        call(app(&h), "cancelSocRequest", scenario, cancel(&path))
+    };
+    let pending_on = |device: &'static str| {
+        let h = h.clone();
+        async move {
+            h.device.set_online(device, false);
+            let r = call(
+                app(&h),
+                "setSoc",
+                "to cancel",
+                post(device, r#"{"minSoc":30}"#, None),
+            )
+            .await;
+            let id = r.body.as_ref().unwrap()["requestId"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            format!("/api/devices/{device}/soc/requests/{id}")
+        }
+    };
+    let undo = pending_on("undo").await;
+    seen.push(cancelling("pending", undo.clone()).await);
+    seen.push(cancelling("again", undo.clone()).await);
+    seen.push(call(app(&h), "getSocRequest", "cancelled", get(&undo)).await);
+    seen.push(cancelling("superseded", of(&first_id)).await);
+    seen.push(cancelling("unknown", of(&"0".repeat(32))).await);
+    seen.push(cancelling("bad id", of("not-an-id")).await);
+    let busy = pending_on("bat-busy").await;
+    h.hold_lease("bat-busy", "sb-busy", chrono::Duration::seconds(30))
+        .await;
+    tokio::time::pause();
+    seen.push(cancelling("being applied", busy).await);
+    let unsure = pending_on("unsure").await;
+    h.ledger.time_out_next_put_and_go_down();
+    seen.push(cancelling("outcome unknown", unsure).await);
+    tokio::time::resume();
+    h.ledger.set_down(false);
+
     h.clock.advance(h.svc.policy.request_ttl);
     seen.push(call(app(&h), "getSocRequest", "expired", get(&of(&second_id))).await);
     let picky = h.ledger_record("picky").await.request_id;
@@ -399,6 +441,7 @@ async fn scenarios() -> Vec<Observed> {
     );
     seen.push(call(app(&h), "getSoc", "store down", get("/api/devices/off/soc")).await);
     seen.push(call(app(&h), "getSocRequest", "store down", get(&of(&second_id))).await);
+    seen.push(cancelling("store down", of(&second_id)).await);
     seen.push(
         call(
             app(&h),
@@ -447,6 +490,15 @@ async fn scenarios() -> Vec<Observed> {
         )
         .await,
     );
+    seen.push(
+        call(
+            broken(),
+            "cancelSocRequest",
+            "misconfigured",
+            cancel(&of(&second_id)),
+        )
+        .await,
+    );
     // A batch: a reconnect that applies a pending request, and a disconnect (ignored).
     h.device.set_online("back", false);
     let pending = call(
@@ -492,11 +544,15 @@ async fn scenarios() -> Vec<Observed> {
             "getSocRequest",
             "/api/devices/off/soc/requests/0a1b2c3d4e5f40718293a4b5c6d7e8f9",
         ),
+        (
+            "cancelSocRequest",
+            "/api/devices/off/soc/requests/0a1b2c3d4e5f40718293a4b5c6d7e8f9",
+        ),
         ("receiveDeviceEvents", "/api/device-events"),
         ("validateEventsWebhook", "/api/device-events"),
     ] {
-        let delete = Request::delete(path).body(Body::empty()).unwrap();
-        seen.push(call(app(&h), operation, "other method", delete).await);
+        let patch = Request::patch(path).body(Body::empty()).unwrap();
+        seen.push(call(app(&h), operation, "other method", patch).await);
     }
     // setSoc with another content type, a repeated Idempotency-Key, a key twice.
     let text = Request::post("/api/devices/on/soc")

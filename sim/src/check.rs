@@ -1,5 +1,5 @@
 //! THE properties. Every run is judged against these, and only these; the README's
-//! "The properties" states the same eight in plain words. There are no exceptions for
+//! "The properties" states the same nine in plain words. There are no exceptions for
 //! unknown outcomes: an answer the service gives is judged as given.
 //!
 //! Words: a request's *age* is the order of its first ledger commit (newer = larger).
@@ -19,7 +19,7 @@
 //! - **S2 no regression**: once a request has landed on a device, no older request
 //!   lands on that device afterwards.
 //! - **S3 nothing lost**: EVERY request answered 2xx was stored and ends applied,
-//!   superseded by a newer request, expired, or failed with a reason, within the
+//!   superseded by a newer request, expired, cancelled, or failed with a reason, within the
 //!   settle bound (never still pending, never undone); and no invocation that
 //!   finishes (rather than crashes) has walked away from a PUT it started.
 //! - **S4 honest answers and end states**: a request answered `503`, or `4xx` without
@@ -53,6 +53,11 @@
 //!   answered 2xx before the read started (nor `404` after one).
 //! - **S8 one key, one request**: all the POSTs with one `Idempotency-Key` (per device)
 //!   together create at most one request, ever.
+//! - **S9 a cancel is final**: a request answered `200 cancelled` (by a `DELETE`) was
+//!   written `cancelled` before that answer; it never lands at or after that write
+//!   (so never after the answer), the ledger never says anything else of it afterwards,
+//!   and no read that starts after the answer shows it other than `cancelled`. (S1 and
+//!   S3 take `cancelled` as a final state.)
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -109,7 +114,7 @@ impl Finale {
     }
 }
 
-/// Judges one run against S1-S8.
+/// Judges one run against S1-S9.
 pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -> Vec<Violation> {
     let mut out = Vec::new();
     let mut v = |property: &'static str, detail: String| out.push(Violation { property, detail });
@@ -557,6 +562,76 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
                 ),
             ),
             _ => {}
+        }
+    }
+
+    // S9: a cancel is final.
+    for a in obs.cancels.iter().filter(|a| a.status == 200) {
+        let r = a.request.as_str();
+        if a.shown.as_deref() != Some("cancelled") {
+            v(
+                "S9",
+                format!("{r}: {} answered 200 showing {:?}", a.inv, a.shown),
+            );
+        }
+        let written = obs
+            .commits
+            .iter()
+            .filter(|c| c.request.as_deref() == Some(r))
+            .filter(|c| c.status == Some(RequestStatus::Cancelled))
+            .map(|c| c.t)
+            .min();
+        let Some(tc) = written.filter(|tc| *tc <= a.t) else {
+            v(
+                "S9",
+                format!(
+                    "{r} answered 200 cancelled by {} at {} ms but not written cancelled by then",
+                    a.inv, a.t
+                ),
+            );
+            continue;
+        };
+        if let Some(t) = landings
+            .iter()
+            .filter(|p| p.request == r)
+            .filter_map(|p| p.land_t)
+            .filter(|t| *t >= tc)
+            .min()
+        {
+            v(
+                "S9",
+                format!(
+                    "{r} landed at {t} ms, after it was written cancelled at {tc} ms ({} answered 200 at {} ms)",
+                    a.inv, a.t
+                ),
+            );
+        }
+        if let Some(c) = obs.commits.iter().find(|c| {
+            c.t > tc
+                && c.request.as_deref() == Some(r)
+                && c.status != Some(RequestStatus::Cancelled)
+        }) {
+            v(
+                "S9",
+                format!(
+                    "{r} written {:?} by {} at {} ms, after it was cancelled at {tc} ms",
+                    c.status, c.inv, c.t
+                ),
+            );
+        }
+        if let Some(x) = obs.reads.iter().find(|x| {
+            x.start > a.t
+                && x.status == 200
+                && x.request.as_deref() == Some(r)
+                && x.shown.as_deref() != Some("cancelled")
+        }) {
+            v(
+                "S9",
+                format!(
+                    "a read at {} ms showed {r} {:?} after {} answered it cancelled at {} ms",
+                    x.start, x.shown, a.inv, a.t
+                ),
+            );
         }
     }
 

@@ -128,6 +128,18 @@ impl Host {
         });
         (inv, handle)
     }
+
+    /// Starts one `SetSocHttp` invocation of `api`.
+    fn api(
+        &self,
+        kind: Kind,
+        api: ApiRequest,
+    ) -> (Arc<Inv>, JoinHandle<set_soc_http::ApiResponse>) {
+        self.invoke(
+            kind,
+            |svc| async move { set_soc_http::handle(&svc, api).await },
+        )
+    }
 }
 
 async fn sleep_until_ms(world: &Shared, at: u64) {
@@ -350,9 +362,7 @@ async fn read(host: Host, device: String, request: Option<(String, String)>) {
         body: Vec::new(),
         rest: request.as_ref().map(|(raw, _)| format!("requests/{raw}")),
     };
-    let (inv, handle) = host.invoke(Kind::Get, |svc| async move {
-        set_soc_http::handle(&svc, api).await
-    });
+    let (inv, handle) = host.api(Kind::Get, api);
     let Ok(r) = handle.await else {
         return;
     };
@@ -404,7 +414,7 @@ async fn client(host: Host, index: usize) {
     sleep_until_ms(&host.world, post.at_ms).await;
     let mut first_answer = None;
     for attempt in 0..=post.retries {
-        let answered = post_once(&host, &device, &post).await;
+        let answered = post_once(&host, &device, &post, &post.cancels).await;
         let retry = {
             let w = host.world.lock().unwrap();
             first_answer.get_or_insert(w.ms());
@@ -426,13 +436,19 @@ async fn client(host: Host, index: usize) {
             .lock()
             .unwrap()
             .shape("late retry with the same key");
-        post_once(&host, &device, &post).await;
+        post_once(&host, &device, &post, &[]).await;
     }
 }
 
-/// One POST of `post`; records the answer (and polls the request's status after a
-/// `2xx`). Returns the status, `None` when the invocation was dropped.
-async fn post_once(host: &Host, device: &str, post: &crate::scenario::PostSpec) -> Option<u16> {
+/// One POST of `post`; records the answer (and after a `2xx` polls the request's status
+/// and cancels it `cancels` ms later). Returns the status, `None` when the invocation
+/// was dropped.
+async fn post_once(
+    host: &Host,
+    device: &str,
+    post: &crate::scenario::PostSpec,
+    cancels: &[u64],
+) -> Option<u16> {
     let request = ApiRequest {
         method: "POST".into(),
         device_id: device.to_string(),
@@ -440,9 +456,7 @@ async fn post_once(host: &Host, device: &str, post: &crate::scenario::PostSpec) 
         body: format!(r#"{{"minSoc":{}}}"#, post.min_soc).into_bytes(),
         rest: None,
     };
-    let (inv, handle) = host.invoke(Kind::Post, |svc| async move {
-        set_soc_http::handle(&svc, request).await
-    });
+    let (inv, handle) = host.api(Kind::Post, request);
     {
         let mut w = host.world.lock().unwrap();
         w.obs.invocations[inv.index].key = post.idempotency_key.clone();
@@ -493,6 +507,11 @@ async fn post_once(host: &Host, device: &str, post: &crate::scenario::PostSpec) 
     });
     drop(w);
     if let (Some(raw), Some(name), true) = (raw, request, matches!(status, 200 | 202)) {
+        for delay in cancels {
+            let cancelled = (raw.clone(), name.clone());
+            let at = t + delay;
+            tokio::spawn(cancel(host.clone(), device.to_string(), cancelled, at));
+        }
         let (host, device, polls, every) = (
             host.clone(),
             device.to_string(),
@@ -512,6 +531,81 @@ async fn post_once(host: &Host, device: &str, post: &crate::scenario::PostSpec) 
         });
     }
     Some(status)
+}
+
+/// A client cancels its request (`DELETE .../soc/requests/{raw}`) at `at_ms`, while
+/// the faults are on, and again after a `503`, a `409` with `Retry-After` (a device call
+/// of it may still land) or no answer, up to twice; every answer is recorded.
+async fn cancel(host: Host, device: String, (raw, name): (String, String), at_ms: u64) {
+    sleep_until_ms(&host.world, at_ms).await;
+    for _ in 0..3 {
+        let start = {
+            let w = host.world.lock().unwrap();
+            if !w.faults_on {
+                return;
+            }
+            w.ms()
+        };
+        let api = ApiRequest {
+            method: "DELETE".into(),
+            device_id: device.clone(),
+            idempotency_key: None,
+            body: Vec::new(),
+            rest: Some(format!("requests/{raw}")),
+        };
+        let (inv, handle) = host.api(Kind::Cancel, api);
+        let deleting = format!("DELETE {device} {name}");
+        host.world.lock().unwrap().log(&inv.who(), |_| deleting);
+        let Ok(r) = handle.await else {
+            host.world
+                .lock()
+                .unwrap()
+                .log(&inv.who(), |_| "no answer (invocation dropped)".into());
+            tokio::time::sleep(Duration::from_millis(5_000)).await;
+            continue;
+        };
+        let again = {
+            let mut w = host.world.lock().unwrap();
+            let shown = ["status", "requestStatus"]
+                .into_iter()
+                .filter(|_| matches!(r.status, 200 | 409))
+                .find_map(|field| r.body.get(field).and_then(|v| v.as_str()))
+                .map(str::to_string);
+            let t = w.ms();
+            w.log(&inv.who(), |_| {
+                format!(
+                    "ANSWER {} {name} {}",
+                    r.status,
+                    shown.clone().unwrap_or_default()
+                )
+            });
+            let retry_after = r
+                .headers
+                .iter()
+                .find(|(k, _)| *k == "Retry-After")
+                .and_then(|(_, v)| v.parse::<u64>().ok());
+            w.shape(match (r.status, retry_after) {
+                (200, _) => "cancel answered 200",
+                (409, None) => "cancel refused: no longer pending",
+                (409, Some(_)) => "cancel refused: a PUT of it may land (409 + Retry-After)",
+                _ => "cancel answered otherwise",
+            });
+            w.obs.cancels.push(crate::world::CancelAnswer {
+                inv: inv.label.clone(),
+                start,
+                t,
+                status: r.status,
+                device: device.clone(),
+                request: name.clone(),
+                shown,
+            });
+            match (r.status, retry_after) {
+                (503 | 409, Some(secs)) => secs * 1_000 + 100,
+                _ => return,
+            }
+        };
+        tokio::time::sleep(Duration::from_millis(again)).await;
+    }
 }
 
 /// Whether the vendor announces that `device` came online, and how: the copies of its

@@ -199,6 +199,10 @@ pub struct PostSpec {
     /// `GET .../soc/requests/{requestId}` this many times.
     pub polls: u32,
     pub poll_every_ms: u64,
+    /// After its first `2xx` naming a request, the client cancels that request
+    /// (`DELETE .../soc/requests/{requestId}`) this many ms after the answer, once per
+    /// entry (a second entry repeats the cancel), while the faults are on.
+    pub cancels: Vec<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -386,6 +390,7 @@ impl Scenario {
                     late_retries: Vec::new(),
                     polls: 0,
                     poll_every_ms: 0,
+                    cancels: Vec::new(),
                 }
             })
             .collect();
@@ -453,6 +458,7 @@ impl Scenario {
             double_sweeps: 0.0,
         }
         .widen()
+        .cancelling()
         .valid()
         .settled()
     }
@@ -556,6 +562,31 @@ impl Scenario {
         self
     }
 
+    /// Issue 21's cancels, drawn from a stream of their own (so the world above is drawn
+    /// as before): in most worlds a share of the clients cancel their request after its
+    /// `2xx`, from a tenth of a second to twenty minutes later (log-uniform), some twice.
+    /// Not in fleets, whose model is the sweep's work at scale (a cancelled request is
+    /// work the sweep no longer has).
+    fn cancelling(mut self) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x00ca_ce11_0000_0021);
+        let share = match rng.gen_range(0..4) {
+            _ if self.devices.len() > 3 => 0.0,
+            0 => 0.0,
+            1 | 2 => 0.3,
+            _ => 0.7,
+        };
+        for p in &mut self.posts {
+            if rng.gen_bool(share) {
+                let first = (100f64 * 12_000f64.powf(rng.gen_range(0.0..1.0))) as u64;
+                p.cancels.push(first);
+                if rng.gen_bool(0.3) {
+                    p.cancels.push(first + rng.gen_range(0..30_000));
+                }
+            }
+        }
+        self
+    }
+
     /// A fleet: hundreds of devices on several instances, about one request each, most
     /// devices steady (flaps hours apart), the sweep taking a share of them per run.
     fn fleet(&mut self, rng: &mut ChaCha8Rng) {
@@ -589,6 +620,7 @@ impl Scenario {
                 late_retries: Vec::new(),
                 polls: 0,
                 poll_every_ms: 0,
+                cancels: Vec::new(),
             })
             .collect();
         self.posts.sort_by_key(|p| p.at_ms);

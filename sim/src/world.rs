@@ -36,6 +36,8 @@ pub enum Kind {
     Event,
     /// `GET` of the device's latest request or of one request's status.
     Get,
+    /// `DELETE` of one request: the client cancels it.
+    Cancel,
 }
 
 impl Kind {
@@ -46,6 +48,7 @@ impl Kind {
             Kind::Sweep => "sweep",
             Kind::Event => "event",
             Kind::Get => "get",
+            Kind::Cancel => "cancel",
         }
     }
 }
@@ -195,6 +198,20 @@ pub struct Answer {
     pub carries_id: bool,
 }
 
+/// The answer to one `DELETE .../soc/requests/{request}` (a cancel).
+#[derive(Debug, Clone)]
+pub struct CancelAnswer {
+    pub inv: String,
+    /// When the `DELETE` was sent and answered.
+    pub start: u64,
+    pub t: u64,
+    pub status: u16,
+    pub device: String,
+    pub request: String,
+    /// The body's `status` (`200`) or `requestStatus` (`409`).
+    pub shown: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct InvRecord {
     pub label: String,
@@ -258,6 +275,8 @@ pub struct Observations {
     pub puts: Vec<PutRecord>,
     pub sends: Vec<SendRecord>,
     pub answers: Vec<Answer>,
+    /// Every answered cancel.
+    pub cancels: Vec<CancelAnswer>,
     pub invocations: Vec<InvRecord>,
     /// (t, device or "*") of every injected fault, for the work bound S5.
     pub faults: Vec<(u64, String)>,

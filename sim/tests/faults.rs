@@ -67,6 +67,9 @@ fn every_fault_shape_of_the_wide_model_happens_in_the_first_seeds() {
         // `the_reconciling_pass_files_its_slice_in_one_transaction_per_shard_and_hundred`
         // and the Azurite adapter test.
         "connection event deferred to the chain (answer due)",
+        "cancel answered 200",
+        "cancel refused: no longer pending",
+        "cancel refused: a PUT of it may land (409 + Retry-After)",
     ] {
         assert!(
             shapes.get(shape).is_some_and(|n| *n > 0),

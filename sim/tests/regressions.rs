@@ -148,6 +148,7 @@ fn post(at_ms: u64, min_soc: u8, key: Option<&str>) -> PostSpec {
         late_retries: Vec::new(),
         polls: 0,
         poll_every_ms: 0,
+        cancels: Vec::new(),
     }
 }
 

@@ -82,6 +82,7 @@ pub enum ShownStatus {
     Applied,
     Expired,
     Failed,
+    Cancelled,
     Superseded,
 }
 
@@ -92,6 +93,7 @@ impl ShownStatus {
             Self::Applied => "applied",
             Self::Expired => "expired",
             Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
             Self::Superseded => "superseded",
         }
     }
@@ -140,6 +142,7 @@ impl HistoryEntry {
             S::Applied => ShownStatus::Applied,
             S::Expired => ShownStatus::Expired,
             S::Failed => ShownStatus::Failed,
+            S::Cancelled => ShownStatus::Cancelled,
         }
     }
 }
@@ -281,6 +284,10 @@ mod tests {
         failed.mark_failed("unknown device", t(21));
         let entry = HistoryEntry::replaced(&failed, &new.request_id, t(30));
         assert_eq!(entry.status(), ShownStatus::Failed);
+        let mut cancelled = request(40, None);
+        cancelled.mark_cancelled(t(41));
+        let entry = HistoryEntry::replaced(&cancelled, &new.request_id, t(50));
+        assert_eq!(entry.status(), ShownStatus::Cancelled);
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub enum RequestStatus {
     Applied,
     Expired,
     Failed,
+    /// Cancelled by the customer while pending (`DELETE …/soc/requests/{id}`): it is
+    /// never PUT afterwards (`set_soc_http::cancel`).
+    Cancelled,
 }
 
 impl RequestStatus {
@@ -69,6 +72,7 @@ impl RequestStatus {
             Self::Applied => "applied",
             Self::Expired => "expired",
             Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -78,6 +82,7 @@ impl RequestStatus {
             "applied" => Some(Self::Applied),
             "expired" => Some(Self::Expired),
             "failed" => Some(Self::Failed),
+            "cancelled" => Some(Self::Cancelled),
             _ => None,
         }
     }
@@ -329,6 +334,15 @@ impl DesiredState {
         self.updated_at = now;
     }
 
+    /// The customer cancelled this pending request: it ends here, and its wake-up chain
+    /// with it. The lease is left as stored (the caller writes this only when no lease
+    /// may be live).
+    pub fn mark_cancelled(&mut self, now: DateTime<Utc>) {
+        self.status = RequestStatus::Cancelled;
+        self.clear_wake();
+        self.updated_at = now;
+    }
+
     /// Records the wake-up message that is now expected for this request.
     pub fn expect_wake(
         &mut self,
@@ -506,6 +520,15 @@ mod tests {
         assert_eq!(r.status, RequestStatus::Applied);
         assert!(r.wake_message_id.is_none());
         assert!(!r.wake_overdue(t(1000), Duration::seconds(1)));
+        let mut c = pending(0);
+        c.expect_wake("m1", t(60), t(0));
+        c.mark_cancelled(t(10));
+        assert_eq!(c.status, RequestStatus::Cancelled);
+        assert!(c.status.is_final() && c.wake_message_id.is_none());
+        assert_eq!(
+            c.sweep_due_at(Duration::seconds(1), Duration::seconds(1)),
+            None
+        );
     }
 
     #[test]
@@ -530,6 +553,7 @@ mod tests {
             RequestStatus::Applied,
             RequestStatus::Expired,
             RequestStatus::Failed,
+            RequestStatus::Cancelled,
         ] {
             assert_eq!(RequestStatus::parse(s.as_str()), Some(s));
         }

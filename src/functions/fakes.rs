@@ -293,6 +293,10 @@ struct LedgerState {
     deferred: Option<DeferredAccept>,
     /// Set by [`FakeLedger::commit_next_accept_then_time_out`].
     commit_then_time_out: bool,
+    /// Set by [`FakeLedger::commit_next_put_then_time_out`].
+    put_commit_then_time_out: bool,
+    /// Set by [`FakeLedger::time_out_next_put_and_go_down`].
+    put_time_out_and_go_down: bool,
     /// Set by [`FakeLedger::defer_next_accept_and_go_down`].
     down_after_accept: bool,
     /// How long every operation takes ([`FakeLedger::set_latency`]).
@@ -472,6 +476,15 @@ impl FakeLedger {
     pub fn commit_next_accept_then_time_out(&self) {
         self.0.lock().unwrap().commit_then_time_out = true;
     }
+    /// The next `put` commits, and its caller hears a timeout.
+    pub fn commit_next_put_then_time_out(&self) {
+        self.0.lock().unwrap().put_commit_then_time_out = true;
+    }
+    /// The next `put` answers a timeout without committing, and the storage is down
+    /// from then on: nobody can tell the caller what became of it.
+    pub fn time_out_next_put_and_go_down(&self) {
+        self.0.lock().unwrap().put_time_out_and_go_down = true;
+    }
     /// Commits the accepting write kept by [`FakeLedger::defer_next_accept`] now, as a
     /// write delayed in the network would: only if its precondition still holds.
     pub fn land_deferred(&self) -> Result<ETag, StoreError> {
@@ -514,7 +527,16 @@ impl Ledger for FakeLedger {
 
     async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
         self.pause().await;
-        self.0.lock().unwrap().write(state, None, expected)
+        let mut s = self.0.lock().unwrap();
+        if std::mem::take(&mut s.put_time_out_and_go_down) {
+            s.down = true;
+            return Err(StoreError::Unavailable("timed out".into()));
+        }
+        let etag = s.write(state, None, expected)?;
+        if std::mem::take(&mut s.put_commit_then_time_out) {
+            return Err(StoreError::Unavailable("timed out".into()));
+        }
+        Ok(etag)
     }
 
     async fn anchor(&self, device: &DeviceId) -> Result<ETag, StoreError> {

@@ -226,6 +226,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_message_for_a_cancelled_request_is_a_noop_and_puts_nothing() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        let id = post(&h, "d1", 40).await["requestId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let cancel = crate::functions::set_soc_http::ApiRequest {
+            method: "DELETE".into(),
+            device_id: "d1".into(),
+            rest: Some(format!("requests/{id}")),
+            ..Default::default()
+        };
+        let cancelled = crate::functions::set_soc_http::handle(&h.svc, cancel).await;
+        assert_eq!(cancelled.status, 200, "{cancelled:?}");
+        first_message_completes_without_a_put(&h, "already cancelled").await;
+    }
+
+    /// The first wake-up message, delivered with d1 back online, is completed saying
+    /// `why`; nothing is PUT and no re-check is scheduled.
+    async fn first_message_completes_without_a_put(h: &Harness, why: &str) {
+        h.device.set_online("d1", true);
+        let settle = handle(&h.svc, delivery_of(&h.queue.sent()[0])).await;
+        assert!(
+            matches!(settle, Settle::Complete(ref s) if s.contains(why)),
+            "{settle:?}"
+        );
+        assert!(h.device.puts("d1").is_empty());
+        assert_eq!(h.queue.sent().len(), 1, "no re-check scheduled");
+    }
+
+    #[tokio::test]
     async fn a_still_offline_device_gets_one_later_recheck_with_growing_backoff() {
         let h = Harness::new();
         h.device.set_online("d1", false);
@@ -409,14 +441,7 @@ mod tests {
         h.device.set_online("d1", false);
         post(&h, "d1", 40).await;
         h.ledger.corrupt("d1", "Status is not a known status");
-        h.device.set_online("d1", true);
-        let settle = handle(&h.svc, delivery_of(&h.queue.sent()[0])).await;
-        assert!(
-            matches!(settle, Settle::Complete(ref s) if s.contains("d1/desired is unreadable: Status")),
-            "{settle:?}"
-        );
-        assert!(h.device.puts("d1").is_empty());
-        assert_eq!(h.queue.sent().len(), 1, "no re-check scheduled");
+        first_message_completes_without_a_put(&h, "d1/desired is unreadable: Status").await;
     }
 
     #[tokio::test]

@@ -5,7 +5,11 @@
 //! own status) and sends them to the real handler through devhost, with devicesim's two demo
 //! batteries (`bat-online`, `bat-offline`, the document's examples) and Azurite behind it.
 //!
-//! Every check Schemathesis has runs (`--checks all`), in every phase. Bounded (examples per
+//! Every check Schemathesis has runs (`--checks all`), in every phase, but one:
+//! `use_after_free` (ST301) expects a resource to be gone (`404`) after a `DELETE` that
+//! answered `2xx`. `DELETE …/soc/requests/{requestId}` cancels a request, which stays
+//! readable by design (it shows `cancelled`, and a repeated `DELETE` answers `200`:
+//! issue 21, `docs/openapi.yaml`). Bounded (examples per
 //! operation, a fixed seed, no example database) so the run is reproducible and takes about
 //! 30 s. Findings and the recorded run: BENCHMARKS.md, "API contract".
 //! Its report (JUnit XML and the NDJSON event stream) stays in the test's data directory
@@ -45,6 +49,9 @@ pub fn command(base_url: &str, report_dir: &Path) -> Vec<String> {
         &format!("x-functions-key: {FUNCTION_KEY}"),
         "--checks",
         "all",
+        // A cancelled request stays readable (see above).
+        "--exclude-checks",
+        "use_after_free",
         "--phases",
         "examples,coverage,fuzzing,stateful",
         "--max-examples",

@@ -1,5 +1,6 @@
 //! Following one request (`Location` of a `202`, `GET .../soc/requests/{requestId}`) through
-//! devhost while everything runs on its own: re-checks, the timer sweep, expiry.
+//! devhost while everything runs on its own: re-checks, the timer sweep, expiry; and
+//! cancelling one (`DELETE` of the same path).
 
 use devtools::devicesim::DevicePatch;
 use serde_json::Value;
@@ -90,4 +91,63 @@ async fn a_client_follows_its_own_request_to_superseded_applied_failed_and_expir
     assert_eq!(app.get_path(&c_at).await.1["status"], "failed");
     assert_eq!(app.get("bat-1").await.1["requestId"], d.body["requestId"]);
     assert_eq!(app.applied_values("bat-1"), vec![20]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_request_is_never_applied_even_after_the_battery_returns() {
+    // Re-checks every second or so, the sweep every 3 s, connection events on.
+    let app = Setup::new().events().start().await;
+    app.sim.add_device("bat-1", false);
+
+    let a = app.post("bat-1", r#"{"minSoc":30}"#).await;
+    let a_at = location_of(&a);
+    let cancelled = app.delete_path(&a_at).await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+    assert_eq!(cancelled.body["status"], "cancelled");
+    assert_eq!(cancelled.body["requestId"], a.body["requestId"]);
+    let again = app.delete_path(&a_at).await;
+    assert_eq!(
+        (again.status, &again.body["status"]),
+        (200, &"cancelled".into())
+    );
+    assert_eq!(app.get_path(&a_at).await.1["status"], "cancelled");
+    assert_eq!(app.get("bat-1").await.1["status"], "cancelled");
+    let tried_before = app.history("bat-1");
+    assert_eq!(
+        tried_before.len(),
+        1,
+        "the POST's own try: {tried_before:?}"
+    );
+
+    // The battery returns (its connection event, the re-checks already scheduled and
+    // the sweep all run): nothing is applied.
+    app.sim.set_online("bat-1", true);
+    tokio::time::sleep(secs(10)).await;
+    let history = app.history("bat-1");
+    assert_eq!(
+        history.len(),
+        1,
+        "a cancelled request is never PUT again: {history:?}"
+    );
+    assert!(app.applied_values("bat-1").is_empty());
+    assert_eq!(app.get_path(&a_at).await.1["status"], "cancelled");
+
+    // Applied requests cannot be cancelled; unknown ones are not found.
+    let b = app.post("bat-1", r#"{"minSoc":40}"#).await;
+    assert_eq!(b.status, 200, "{}", b.body);
+    let b_at = format!(
+        "/api/devices/bat-1/soc/requests/{}",
+        b.body["requestId"].as_str().unwrap()
+    );
+    let refused = app.delete_path(&b_at).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert_eq!(refused.body["requestStatus"], "applied");
+    let unknown = app
+        .delete_path(&format!(
+            "/api/devices/bat-1/soc/requests/{}",
+            "0".repeat(32)
+        ))
+        .await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(app.applied_values("bat-1"), vec![40]);
 }

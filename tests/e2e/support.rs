@@ -165,6 +165,20 @@ pub struct Resp {
     pub body: Value,
 }
 
+impl Resp {
+    /// The answer as the tests look at it (a body that is not JSON reads as `null`).
+    async fn read(res: reqwest::Response) -> Resp {
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let body = res.json().await.unwrap_or(Value::Null);
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
 pub struct App {
     host: Option<DevHost>,
     pub sim: DeviceSim,
@@ -297,15 +311,7 @@ impl App {
         if let Some(k) = key {
             req = req.header("Idempotency-Key", k);
         }
-        let res = req.send().await.expect("POST through devhost");
-        let status = res.status().as_u16();
-        let headers = res.headers().clone();
-        let body = res.json().await.unwrap_or(Value::Null);
-        Resp {
-            status,
-            headers,
-            body,
-        }
+        Resp::read(req.send().await.expect("POST through devhost")).await
     }
 
     pub async fn get(&self, device: &str) -> (u16, Value) {
@@ -322,15 +328,24 @@ impl App {
 
     /// GET of a path the API answered with (a `Location`), with the function key.
     pub async fn get_path(&self, path: &str) -> (u16, Value) {
+        let r = self.call_path(reqwest::Method::GET, path).await;
+        (r.status, r.body)
+    }
+
+    /// DELETE of a request's path (a `Location`): cancels it, with the function key.
+    pub async fn delete_path(&self, path: &str) -> Resp {
+        self.call_path(reqwest::Method::DELETE, path).await
+    }
+
+    async fn call_path(&self, method: reqwest::Method, path: &str) -> Resp {
         let res = self
             .http
-            .get(format!("{}{path}", self.host().base_url()))
+            .request(method.clone(), format!("{}{path}", self.host().base_url()))
             .header("x-functions-key", self.host().function_key())
             .send()
             .await
-            .expect("GET through devhost");
-        let status = res.status().as_u16();
-        (status, res.json().await.unwrap_or(Value::Null))
+            .unwrap_or_else(|e| panic!("{method} {path} through devhost: {e}"));
+        Resp::read(res).await
     }
 
     /// Waits until the request at `path` (a `Location`) shows `status`.

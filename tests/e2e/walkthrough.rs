@@ -136,10 +136,26 @@ async fn walk_on(app: &crate::support::App, pace: &Pace) -> Vec<String> {
             }
         }
     }
-    // 30 applied by the reconnect event, then 45 (its event lost) by the sweep.
+    // 30 applied by the reconnect event, then 45 (its event lost) by the sweep; 35,
+    // cancelled in step 11, never: only its POST's own try (one per walk) reached the
+    // offline battery.
     assert_eq!(app.device_value("bat-offline"), Some(45));
+    let cancelled = outcomes_of(app, 35);
+    assert!(
+        !cancelled.is_empty() && cancelled.iter().all(|o| o == "offline"),
+        "the cancelled request is never PUT again: {cancelled:?}"
+    );
     assert_eq!(app.device_value("bat-online"), Some(25));
     outputs
+}
+
+/// What became of each PUT of `min_soc` to bat-offline, oldest first.
+fn outcomes_of(app: &crate::support::App, min_soc: i64) -> Vec<String> {
+    app.history("bat-offline")
+        .into_iter()
+        .filter(|p| p.min_soc == Some(min_soc))
+        .map(|p| p.outcome)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,7 +210,7 @@ async fn the_walk_through_printed_by_scripts_dev_works_as_written() {
     assert_eq!(
         events.len(),
         2,
-        "connected (step 4), disconnected (step 10); none for steps 0 and 12: {events:?}"
+        "connected (step 4), disconnected (step 10); none for steps 0 and 13: {events:?}"
     );
 }
 
@@ -225,14 +241,8 @@ async fn the_walk_through_stays_true_for_a_user_who_pauses_while_re_checks_run()
         pause_after_step: Some((3, 3)),
     })
     .await;
-    let outcomes: Vec<String> = app
-        .history("bat-offline")
-        .into_iter()
-        .filter(|p| p.min_soc == Some(30))
-        .map(|p| p.outcome)
-        .collect();
     assert_eq!(
-        outcomes,
+        outcomes_of(&app, 30),
         ["offline", "offline", "offline", "applied"],
         "the POST's try, two re-checks, the apply"
     );

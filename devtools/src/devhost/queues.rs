@@ -485,7 +485,7 @@ mod tests {
 
     #[test]
     fn a_message_for_an_older_request_settled_before_the_newer_came_says_how_it_ended() {
-        for status in ["applied", "expired", "failed"] {
+        for status in ["applied", "expired", "failed", "cancelled"] {
             let f = fate(&message("m1", BODY), &after_r1(status, None));
             assert_eq!(f, format!("will no-op: request already {status}"));
         }
@@ -507,7 +507,7 @@ mod tests {
 
     #[test]
     fn a_message_for_the_latest_request_says_its_status_for_every_settled_one() {
-        for status in ["applied", "expired", "failed"] {
+        for status in ["applied", "expired", "failed", "cancelled"] {
             let f = fate(&message("m1", BODY), &ledger("r1", status, Some("m1")));
             assert_eq!(f, format!("will no-op: request already {status}"));
         }

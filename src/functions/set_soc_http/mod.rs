@@ -1,5 +1,5 @@
 //! `SetSocHttp`: `GET|POST /api/devices/{deviceId}/soc` and
-//! `GET /api/devices/{deviceId}/soc/requests/{requestId}` (the function's route is
+//! `GET|DELETE /api/devices/{deviceId}/soc/requests/{requestId}` (the function's route is
 //! `devices/{deviceId}/soc/{*rest}`; every method reaches the handler, which answers
 //! `405` with `Allow` itself and `404` for anything else under the route). The
 //! contract is `docs/openapi.yaml`.
@@ -31,8 +31,10 @@
 //! - this module: the commit and the device call above;
 //! - [`idempotency`]: `Idempotency-Key` look-up and replay;
 //! - [`requests`]: one request's status (`GET .../soc/requests/{requestId}`), also as a replayed answer;
+//! - [`cancel`]: cancelling a pending request (`DELETE .../soc/requests/{requestId}`);
 //! - [`render`]: the responses and the JSON views of a request.
 
+mod cancel;
 mod idempotency;
 mod render;
 mod requests;
@@ -76,7 +78,7 @@ pub struct ApiRequest {
 enum Resource<'a> {
     /// `/soc`: the device's latest request (GET) and new requests (POST).
     Device,
-    /// `/soc/requests/{requestId}`: one request (GET).
+    /// `/soc/requests/{requestId}`: one request (GET, DELETE).
     Request(&'a str),
     /// Anything else under the route.
     Unknown,
@@ -96,7 +98,8 @@ impl<'a> Resource<'a> {
     fn allow(self) -> &'static str {
         match self {
             Self::Device => "GET, POST",
-            Self::Request(_) | Self::Unknown => "GET",
+            Self::Request(_) => "GET, DELETE",
+            Self::Unknown => "GET",
         }
     }
 }
@@ -106,7 +109,7 @@ pub async fn handle(svc: &Services, req: ApiRequest) -> ApiResponse {
     let method = req.method.to_ascii_uppercase();
     match (resource, method.as_str()) {
         (Resource::Unknown, _) => return ApiResponse::problem(404, "Not found", "no such route"),
-        (Resource::Device, "GET" | "POST") | (Resource::Request(_), "GET") => {}
+        (Resource::Device, "GET" | "POST") | (Resource::Request(_), "GET" | "DELETE") => {}
         _ => {
             return ApiResponse::problem(
                 405,
@@ -121,6 +124,7 @@ pub async fn handle(svc: &Services, req: ApiRequest) -> ApiResponse {
         Err(e) => return ApiResponse::invalid(e),
     };
     match (resource, method.as_str()) {
+        (Resource::Request(id), "DELETE") => cancel::delete(svc, &device, id).await,
         (Resource::Request(id), _) => requests::get(svc, &device, id).await,
         (_, "POST") => post(svc, device, req.idempotency_key.as_deref(), &req.body).await,
         _ => get(svc, &device).await,
@@ -393,7 +397,8 @@ async fn commit(
                 record = record.rebased_on(current.as_ref().map(|v| &v.value), now);
             }
             Err(e @ StoreError::Unavailable(_)) => {
-                return match fence(svc, device, &on, &record.request_id).await {
+                let stored = |_: &HistoryEntry| true;
+                return match fence(svc, device, &on, &record.request_id, stored).await {
                     Fenced::NotCommitted => not_kept(e),
                     Fenced::Committed => {
                         moved.committed(svc).await;
@@ -405,7 +410,12 @@ async fn commit(
                             _ => Committed::Answer(settled_answer(svc, &record).await),
                         }
                     }
-                    Fenced::Unknown => Committed::Answer(outcome_unknown(device, &record)),
+                    Fenced::Unknown => Committed::Answer(outcome_unknown(
+                        device,
+                        &record.request_id,
+                        "was being written: it may or may not be stored; retry with the same \
+                         Idempotency-Key, or read the device's latest request",
+                    )),
                 };
             }
             Err(e) => return not_kept(e),
@@ -417,7 +427,7 @@ async fn commit(
 /// Tries to fence an accepting write of unknown outcome, about as long as a read-back.
 const FENCE_TRIES: u32 = 14;
 
-/// What became of an accepting write whose outcome was unknown.
+/// What became of a write whose outcome was unknown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fenced {
     /// It never committed and never will (the precondition it needed is consumed).
@@ -428,18 +438,26 @@ enum Fenced {
     Unknown,
 }
 
-/// Settles an accepting write conditional on `on` whose outcome is unknown: consumes
-/// `on` so that the write, if still in flight, can never commit; if a write consumed
-/// it first, ours committed exactly when its history entry exists (same transaction).
-/// Retries while the storage is unavailable (0.1 s doubling to 5 s, about 50 s).
-async fn fence(svc: &Services, device: &DeviceId, on: &Precondition, ours: &RequestId) -> Fenced {
+/// Settles a write conditional on `on` whose outcome is unknown: consumes `on` so that
+/// the write, if still in flight, can never commit; if a write consumed it first, ours
+/// committed exactly when the history entry of `ours` (written in the same
+/// transaction) is there and `shows_ours` (an accepting write: any entry; a cancel:
+/// one that says `cancelled`). Retries while the storage is unavailable (0.1 s
+/// doubling to 5 s, about 50 s).
+async fn fence(
+    svc: &Services,
+    device: &DeviceId,
+    on: &Precondition,
+    ours: &RequestId,
+    shows_ours: impl Fn(&HistoryEntry) -> bool,
+) -> Fenced {
     let mut wait = std::time::Duration::from_millis(100);
     for _ in 0..FENCE_TRIES {
         match svc.ledger.fence(device, on).await {
             Ok(()) => return Fenced::NotCommitted,
             Err(StoreError::Conflict) => match svc.ledger.history_entry(device, ours).await {
-                Ok(Some(_)) => return Fenced::Committed,
-                Ok(None) => return Fenced::NotCommitted,
+                Ok(Some(entry)) if shows_ours(&entry) => return Fenced::Committed,
+                Ok(_) => return Fenced::NotCommitted,
                 Err(StoreError::Unavailable(_)) => {}
                 Err(_) => return Fenced::Unknown,
             },
@@ -457,23 +475,23 @@ fn store_failed(device: &DeviceId, why: &str) -> ApiResponse {
     ApiResponse::unavailable("the request could not be stored; nothing was changed, retry later")
 }
 
-/// The storage stayed unreachable after an accepting write timed out: the request may
-/// or may not be stored, and no answer can be honest but this one. If it is stored,
-/// the sweep applies it like any other; a retry with the same `Idempotency-Key`
-/// answers from it once the storage is back (or creates it if it never was).
-fn outcome_unknown(device: &DeviceId, record: &DesiredState) -> ApiResponse {
-    warn!(device = %device, request_id = %record.request_id, "accepting write of unknown outcome: the storage stayed unreachable");
+/// The storage stayed unreachable after a write timed out: it may or may not have
+/// committed, and no answer can be honest but this one. An accepting write: if it is
+/// stored, the sweep applies it like any other; a retry with the same
+/// `Idempotency-Key` answers from it once the storage is back (or creates it if it
+/// never was). A cancel: a repeated `DELETE` tells. `what` says what the write was
+/// doing to the request.
+fn outcome_unknown(device: &DeviceId, request: &RequestId, what: &str) -> ApiResponse {
+    warn!(device = %device, request_id = %request, "write of unknown outcome: the storage stayed unreachable");
     let mut problem = ApiResponse::problem(
         500,
         "Outcome unknown",
         format!(
-            "the settings store stopped answering while request {} was being written: it may \
-             or may not be stored; retry with the same Idempotency-Key, or read the device's \
-             latest request, once the store is back",
-            record.request_id
+            "the settings store stopped answering while request {request} {what}, once the \
+             store is back"
         ),
     );
-    problem.body["requestId"] = serde_json::json!(record.request_id);
+    problem.body["requestId"] = serde_json::json!(request);
     problem.with_header("Retry-After", "30")
 }
 

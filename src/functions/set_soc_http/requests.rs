@@ -23,13 +23,7 @@ pub(super) async fn get(svc: &Services, device: &DeviceId, raw_id: &str) -> ApiR
     };
     match lookup(svc, device, &id).await {
         Ok(Some(entry)) => ApiResponse::json(200, entry_view(&entry)),
-        Ok(None) => ApiResponse::problem(
-            404,
-            "Not found",
-            format!(
-                "no request {id} for device {device} (at least the last {HISTORY_LIMIT} are kept)"
-            ),
-        ),
+        Ok(None) => not_found(device, &id),
         Err(e) => {
             warn!(device = %device, request_id = %id, error = %e, "ledger read failed");
             ApiResponse::unavailable("the settings store is unavailable")
@@ -37,8 +31,18 @@ pub(super) async fn get(svc: &Services, device: &DeviceId, raw_id: &str) -> ApiR
     }
 }
 
+/// No such request for the device: never accepted, or older than the history kept.
+pub(super) fn not_found(device: &DeviceId, id: &RequestId) -> ApiResponse {
+    ApiResponse::problem(
+        404,
+        "Not found",
+        format!("no request {id} for device {device} (at least the last {HISTORY_LIMIT} are kept)"),
+    )
+}
+
 /// A stored request's current state as the answer to the `POST` that created it: `202`
-/// while pending (with `Location`), `200` once applied, superseded or expired, the
+/// while pending (with `Location`), `200` once applied, superseded, expired or
+/// cancelled (showing that status), the
 /// refusal (`404` unknown device, `422` rejected value, naming the request) once
 /// failed; `409` if it is older than the history kept (it was superseded then). A
 /// read failure is the caller's to answer: the request is stored either way.
@@ -218,13 +222,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_get_is_allowed_on_a_request() {
+    async fn only_get_and_delete_are_allowed_on_a_request() {
         let h = Harness::new();
         let mut req = get("d1", &format!("requests/{}", "a".repeat(32)));
-        req.method = "DELETE".into();
+        req.method = "PUT".into();
         let r = handle(&h.svc, req).await;
         assert_eq!(r.status, 405);
-        assert!(r.headers.contains(&("Allow", "GET".into())));
+        assert!(r.headers.contains(&("Allow", "GET, DELETE".into())));
         assert_eq!(h.device.calls(), (0, 0));
     }
 
