@@ -20,8 +20,7 @@ use crate::env::Env;
 use crate::http::{request, Conn};
 use crate::procs::cpu_time;
 use crate::report::{row, Row};
-use crate::s1_sweep_scale::{Counting, Ops};
-use crate::s2_offline_calls::policy_with;
+use crate::s2_offline_calls::{counted_harness, policy_with};
 use crate::seed;
 use crate::LATENCY_MS;
 
@@ -143,25 +142,18 @@ pub async fn run_in_memory(
     notes: &mut Vec<String>,
 ) -> Result<()> {
     use soc_settings::functions::drain_soc_timer;
-    use soc_settings::functions::fakes::{post_min_soc, Harness};
-    use std::sync::Arc;
+    use soc_settings::functions::fakes::post_min_soc;
 
     eprintln!("bench: P5m sweep N={n} C={c} over in-memory ports");
     let (n_str, c_str) = (n.to_string(), c.to_string());
-    let mut h = Harness::new();
-    h.svc.policy = policy_with(&[
+    let (h, ops) = counted_harness(policy_with(&[
         ("SOC_RECHECK_INITIAL_SECONDS", "1"),
         ("SOC_RECHECK_MAX_SECONDS", "1"),
         ("DRAIN_SOC_FANOUT_ABOVE", &n_str),
         ("DRAIN_SOC_MAX_DUE", &n_str),
         ("DRAIN_SOC_CONCURRENCY", &c_str),
         ("DEVICE_API_MAX_CALLS_PER_SECOND", "100000"),
-    ])?;
-    let ops = Arc::new(Ops::default());
-    h.svc.ledger = Arc::new(Counting {
-        inner: h.ledger.clone(),
-        ops: ops.clone(),
-    });
+    ])?);
     h.device.set_default_online(false);
     for i in 0..n {
         let posted = post_min_soc(&h, &format!("sweep-{i}"), 30).await;

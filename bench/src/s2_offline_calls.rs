@@ -46,16 +46,22 @@ pub fn policy_with(settings: &[(&str, &str)]) -> Result<Policy> {
 /// The sweep schedule's default (`DRAIN_SOC_SCHEDULE` = every 5 minutes).
 const SWEEP_EVERY: Duration = Duration::minutes(5);
 
-/// What one POST asks of the ledger and the queue, by case (README "What a POST
-/// costs"), counted at the ports with the default policy.
-async fn post_costs(notes: &mut Vec<String>) -> Result<()> {
+/// The in-memory ports with `policy`, every ledger operation counted at the port.
+pub fn counted_harness(policy: Policy) -> (Harness, Arc<Ops>) {
     let mut h = Harness::new();
-    h.svc.policy = default_policy()?;
+    h.svc.policy = policy;
     let ops = Arc::new(Ops::default());
     h.svc.ledger = Arc::new(Counting {
         inner: h.ledger.clone(),
         ops: ops.clone(),
     });
+    (h, ops)
+}
+
+/// What one POST asks of the ledger and the queue, by case (README "What a request
+/// costs the ledger"), counted at the ports with the default policy.
+async fn post_costs(notes: &mut Vec<String>) -> Result<()> {
+    let (h, ops) = counted_harness(default_policy()?);
     let post = |device: &str, key: Option<&str>| {
         let request = ApiRequest {
             method: "POST".into(),
@@ -104,14 +110,8 @@ async fn post_costs(notes: &mut Vec<String>) -> Result<()> {
 pub async fn run(rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Result<()> {
     eprintln!("bench: S2 calls per offline device per day (7 virtual days)");
     post_costs(notes).await?;
-    let mut h = Harness::new();
-    h.svc.policy = default_policy()?;
     // Every ledger operation counted at the port, for the capacity note.
-    let ops = Arc::new(Ops::default());
-    h.svc.ledger = Arc::new(Counting {
-        inner: h.ledger.clone(),
-        ops: ops.clone(),
-    });
+    let (h, ops) = counted_harness(default_policy()?);
     h.device.set_online("bat-on", true);
     let before = ops.snapshot();
     let applied = post_min_soc(&h, "bat-on", 40).await;

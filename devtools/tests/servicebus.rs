@@ -25,6 +25,20 @@ fn config(dir: &std::path::Path) -> BrokerConfig {
     c
 }
 
+/// Sends an empty JSON message with `id` and says what the broker made of it.
+fn send_id(b: &Broker, id: &str) -> devtools::servicebus::SendOutcome {
+    b.send("soc-settings", json_send(&json!({}), id, None))
+        .unwrap()
+}
+
+/// The sequence number a send of `id` was enqueued with (panics on a duplicate).
+fn enqueued_as(b: &Broker, id: &str) -> i64 {
+    match send_id(b, id) {
+        devtools::servicebus::SendOutcome::Enqueued { sequence_number } => sequence_number,
+        other => panic!("{other:?}"),
+    }
+}
+
 fn token(resource: &str) -> String {
     sas_token(resource, KEY_NAME, KEY, Utc::now().timestamp() + 600)
 }
@@ -415,19 +429,10 @@ async fn messages_delivery_counts_dedup_and_sequence_numbers_survive_a_restart()
     assert!(msgs[1].expires_at.is_some());
     // duplicate detection remembers m1
     assert_eq!(
-        b.send("soc-settings", json_send(&json!({}), "m1", None))
-            .unwrap(),
+        send_id(&b, "m1"),
         devtools::servicebus::SendOutcome::Duplicate
     );
-    match b
-        .send("soc-settings", json_send(&json!({}), "m3", None))
-        .unwrap()
-    {
-        devtools::servicebus::SendOutcome::Enqueued { sequence_number } => {
-            assert_eq!(sequence_number, 3)
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(enqueued_as(&b, "m3"), 3);
     let d = b.receive("soc-settings").unwrap();
     assert_eq!(
         (d.message.message_id.as_str(), d.message.delivery_count),
@@ -517,8 +522,7 @@ async fn a_send_writes_nothing_that_grows_with_the_messages_remembered() {
     let state = std::fs::metadata(dir.join("soc-settings").join("state.json")).unwrap();
     assert!(state.len() < 100, "state.json is {} bytes", state.len());
     assert_eq!(
-        b.send("soc-settings", json_send(&json!({}), "m7", None))
-            .unwrap(),
+        send_id(&b, "m7"),
         devtools::servicebus::SendOutcome::Duplicate
     );
 }
@@ -548,8 +552,7 @@ async fn forgotten_ids_are_compacted_out_of_the_dedup_log_and_the_rest_survive_a
     drop(b);
     let b = Broker::open(config(&dir)).unwrap();
     assert_eq!(
-        b.send("soc-settings", json_send(&json!({}), "kept", None))
-            .unwrap(),
+        send_id(&b, "kept"),
         devtools::servicebus::SendOutcome::Duplicate
     );
 }
@@ -569,17 +572,8 @@ async fn the_dedup_history_of_a_state_file_from_before_the_log_is_kept() {
     // Opened twice: the second time from what the first one wrote.
     let b = Broker::open(config(&dir)).unwrap();
     assert_eq!(
-        b.send("soc-settings", json_send(&json!({}), "legacy", None))
-            .unwrap(),
+        send_id(&b, "legacy"),
         devtools::servicebus::SendOutcome::Duplicate
     );
-    match b
-        .send("soc-settings", json_send(&json!({}), "new", None))
-        .unwrap()
-    {
-        devtools::servicebus::SendOutcome::Enqueued { sequence_number } => {
-            assert_eq!(sequence_number, 5)
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(enqueued_as(&b, "new"), 5);
 }
