@@ -45,25 +45,26 @@ pub const HISTORY_KEPT_AT_MOST: usize = HISTORY_LIMIT + PRUNE_EVERY as usize - 1
 /// `Idempotency-Key` rows do not linger on a device with few requests.
 pub const PRUNE_AT_LEAST_EVERY: chrono::Duration = crate::domain::IDEMPOTENCY_KEY_RETENTION;
 
-/// Whether the request accepted at `now` over `previous` prunes the device's history
-/// and key rows, and the record's pruning state after it: (requests accepted since the
-/// last prune, that prune's time). A device's first request has nothing to prune; a
-/// record written before the counter was kept (`pruned_at` unknown) prunes at once.
+/// The record's pruning state once the request accepted at `now` over `previous` is
+/// written: (requests accepted since the last prune, that prune's time). A count of 0
+/// means this request's accepting write prunes ([`DesiredState::prunes_history`]). A
+/// device's first request has nothing to prune; a record written before the counter
+/// was kept (`pruned_at` unknown) prunes at once.
 pub fn prunes_after(
     previous: Option<&DesiredState>,
     now: DateTime<Utc>,
-) -> (bool, u32, Option<DateTime<Utc>>) {
+) -> (u32, Option<DateTime<Utc>>) {
     let Some(previous) = previous else {
-        return (false, 1, Some(now));
+        return (1, Some(now));
     };
     let due = match previous.pruned_at {
         None => true,
         Some(at) => previous.unpruned + 1 >= PRUNE_EVERY || now - at >= PRUNE_AT_LEAST_EVERY,
     };
     if due {
-        (true, 0, Some(now))
+        (0, Some(now))
     } else {
-        (false, previous.unpruned + 1, previous.pruned_at)
+        (previous.unpruned + 1, previous.pruned_at)
     }
 }
 

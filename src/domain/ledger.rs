@@ -189,7 +189,7 @@ impl DesiredState {
         ttl: Duration,
         previous: Option<&DesiredState>,
     ) -> Self {
-        let (_, unpruned, pruned_at) = super::history::prunes_after(previous, now);
+        let (unpruned, pruned_at) = super::history::prunes_after(previous, now);
         Self {
             device_id,
             request_id: RequestId::new_random(),
@@ -290,7 +290,7 @@ impl DesiredState {
     pub fn rebased_on(mut self, stored: Option<&DesiredState>, now: DateTime<Utc>) -> Self {
         self = self.with_lease_of(stored, now);
         self.attempts = 0;
-        let (_, unpruned, pruned_at) = super::history::prunes_after(stored, now);
+        let (unpruned, pruned_at) = super::history::prunes_after(stored, now);
         self.unpruned = unpruned;
         self.pruned_at = pruned_at;
         self
