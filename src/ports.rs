@@ -368,3 +368,33 @@ impl Clock for SystemClock {
         Utc::now()
     }
 }
+
+// ---------------------------------------------------------------- notifications
+
+/// Why a publish to the event topic failed. Texts name statuses and kinds only, never
+/// the topic's key or a token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotifyError {
+    /// Network, timeout, `408`, `429`, `5xx`: try again later (not before `retry_after`
+    /// if the topic said so).
+    #[error("event topic unavailable: {reason}")]
+    Unavailable {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// `400`, `401`, `403`, `404`, `413`: the topic refused the events. Kept and tried
+    /// again too (nothing is dropped), but an operator must act: logged as an error.
+    #[error("event topic refused the events: {0}")]
+    Refused(String),
+}
+
+/// The app's event topic (Azure Event Grid, CloudEvents 1.0 input schema).
+#[async_trait]
+pub trait Notifier: Send + Sync {
+    /// Publishes `events` in the order given, in one request
+    /// (`application/cloudevents-batch+json`): `Ok` when the topic accepted all of them.
+    async fn publish(
+        &self,
+        events: &[crate::domain::notification::Notification],
+    ) -> Result<(), NotifyError>;
+}
