@@ -13,6 +13,10 @@
 //! `managedidentity` selects the app's managed identity (with the connection's
 //! `__tableServiceUri`/`__accountName` or `__fullyQualifiedNamespace`); absent,
 //! the plain setting is a connection string (local runs against the emulators).
+//!
+//! Request notifications go to an Event Grid topic when `SOC_NOTIFY_TOPIC_ENDPOINT` is set
+//! ([`NotifyConfig`]): with `SOC_NOTIFY_TOPIC_KEY` locally, else as the storage connection's
+//! managed identity.
 
 use crate::secret::SecretString;
 use std::collections::HashMap;
@@ -75,6 +79,8 @@ pub const SETTINGS: &[Setting] = &[
     setting("DRAIN_SOC_CONCURRENCY", Some("16"), false, false, "Device API calls DrainSocTimer makes at once"),
     setting("DRAIN_SOC_MAX_DUE", Some("20000"), false, false, "Due devices one DrainSocTimer run takes from the due index at most; the rest wait for the next run"),
     setting("DRAIN_SOC_FANOUT_ABOVE", Some("100"), false, false, "Above this many due devices DrainSocTimer sends wake-up messages (SocQueueTrigger makes the device calls) instead of calling devices itself"),
+    setting("SOC_NOTIFY_TOPIC_ENDPOINT", None, false, false, "Event Grid topic endpoint the request notifications (CloudEvents 1.0) are published to, e.g. https://topic.westeurope-1.eventgrid.azure.net/api/events; https unless on localhost; empty: notifications off"),
+    setting("SOC_NOTIFY_TOPIC_KEY", None, false, true, "Local runs only: the topic's access key (aeg-sas-key); empty in Azure, where the app's managed identity (AzureWebJobsStorage__clientId) publishes"),
     setting("SOC_EXTRA_CA_CERTS", None, false, false, "Dev/test only: path to a PEM bundle the Azure clients trust besides the public roots (a local TLS stand-in such as Azurite over HTTPS); empty in Azure"),
     setting("RUST_LOG", None, false, false, "Log filter (tracing EnvFilter syntax, e.g. debug or info,soc_settings=debug); empty: info"),
 ];
@@ -110,6 +116,31 @@ pub enum ServiceBusAccess {
     },
 }
 
+/// Where request notifications are published (`SOC_NOTIFY_TOPIC_ENDPOINT`); absent from
+/// [`Config`] when they are off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifyConfig {
+    /// The Event Grid topic endpoint, used as configured (`…/api/events`).
+    pub endpoint: url::Url,
+    pub access: NotifyAccess,
+    /// The CloudEvents `source` of every event: `https://{WEBSITE_HOSTNAME}` in Azure (the
+    /// platform sets it), else [`LOCAL_EVENT_SOURCE`].
+    pub source: String,
+}
+
+/// The CloudEvents `source` when `WEBSITE_HOSTNAME` is not set (local runs).
+pub const LOCAL_EVENT_SOURCE: &str = "urn:soc-settings:local";
+
+/// How the event topic is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotifyAccess {
+    /// The topic's access key (`SOC_NOTIFY_TOPIC_KEY`, local runs).
+    Key(SecretString),
+    /// The app's managed identity: the user-assigned one `client_id` names (the storage
+    /// connection's, `AzureWebJobsStorage__clientId`), else the system-assigned one.
+    Identity { client_id: Option<String> },
+}
+
 /// Typed settings. Every secret is a [`SecretString`], so `Debug` shows none.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -131,6 +162,8 @@ pub struct Config {
     pub drain_fanout_above: usize,
     /// Extra trusted CA certificates (PEM bundle) for the Azure clients; dev/test only.
     pub extra_ca_certs: Option<PathBuf>,
+    /// The event topic of request notifications; `None`: notifications are off.
+    pub notify: Option<NotifyConfig>,
 }
 
 /// The device-call budget (README "Device-call budget"): `DEVICE_API_MAX_CALLS_PER_SECOND`
@@ -208,6 +241,11 @@ impl Config {
             None => reader.storage_access(),
         };
         let service_bus = reader.service_bus_access();
+        let storage_client_id = match &storage {
+            StorageAccess::Identity { client_id, .. } => Some(client_id.clone()),
+            StorageAccess::ConnectionString(_) => None,
+        };
+        let notify = reader.notify(storage_client_id);
         let uses_identity = matches!(storage, StorageAccess::Identity { .. })
             || matches!(service_bus, ServiceBusAccess::Identity { .. });
         if uses_identity && !vars.contains_key("IDENTITY_ENDPOINT") {
@@ -252,6 +290,7 @@ impl Config {
             drain_max_due: reader.number("DRAIN_SOC_MAX_DUE", 1, 1_000_000) as usize,
             drain_fanout_above: reader.number("DRAIN_SOC_FANOUT_ABOVE", 0, 1_000_000) as usize,
             extra_ca_certs: reader.optional("SOC_EXTRA_CA_CERTS").map(PathBuf::from),
+            notify,
         };
         if config.recheck_max < config.recheck_initial {
             reader.errors.push(
@@ -442,6 +481,57 @@ impl Reader<'_> {
         }
     }
 
+    /// The event topic, if `SOC_NOTIFY_TOPIC_ENDPOINT` is set. Without `SOC_NOTIFY_TOPIC_KEY`
+    /// the managed identity publishes, as the storage connection's identity
+    /// (`storage_client_id` when storage is identity-based, else `AzureWebJobsStorage__clientId`
+    /// read here).
+    fn notify(&mut self, storage_client_id: Option<Option<String>>) -> Option<NotifyConfig> {
+        const ENDPOINT: &str = "SOC_NOTIFY_TOPIC_ENDPOINT";
+        const KEY: &str = "SOC_NOTIFY_TOPIC_KEY";
+        let raw = self.optional(ENDPOINT)?;
+        let endpoint = match url::Url::parse(&raw) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {
+                let local = matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
+                if url.scheme() == "http" && !local {
+                    self.errors.push(format!(
+                        "{ENDPOINT}: must be https (http only for localhost or 127.0.0.1)"
+                    ));
+                }
+                url
+            }
+            _ => {
+                self.errors.push(format!(
+                    "{ENDPOINT}: not an absolute http(s) URL, e.g. https://topic.westeurope-1.eventgrid.azure.net/api/events"
+                ));
+                return None;
+            }
+        };
+        let access = match self.optional(KEY) {
+            Some(key) => NotifyAccess::Key(SecretString::new(key)),
+            None => {
+                let client_id = match storage_client_id {
+                    Some(id) => id,
+                    None => self.client_id("AzureWebJobsStorage"),
+                };
+                if !self.vars.contains_key("IDENTITY_ENDPOINT") {
+                    self.errors.push(format!(
+                        "{ENDPOINT} is set but neither {KEY} nor a managed identity (IDENTITY_ENDPOINT, set by the Functions platform) is there to publish with: set {KEY} for local runs, or leave {ENDPOINT} empty to turn notifications off"
+                    ));
+                }
+                NotifyAccess::Identity { client_id }
+            }
+        };
+        let source = match self.vars.get("WEBSITE_HOSTNAME").map(|h| h.trim()) {
+            Some(host) if !host.is_empty() => format!("https://{host}"),
+            _ => LOCAL_EVENT_SOURCE.to_string(),
+        };
+        Some(NotifyConfig {
+            endpoint,
+            access,
+            source,
+        })
+    }
+
     /// `{connection}__clientId`: the user-assigned identity's client id, a GUID.
     fn client_id(&mut self, connection: &str) -> Option<String> {
         let name = format!("{connection}__clientId");
@@ -480,6 +570,9 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A user-assigned identity's client id.
+    const CLIENT: &str = "7d1c2f3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
 
     fn minimal() -> HashMap<String, String> {
         [
@@ -621,7 +714,6 @@ mod tests {
 
     #[test]
     fn each_connection_takes_the_user_assigned_identity_its_client_id_names() {
-        const CLIENT: &str = "7d1c2f3e-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
         let mut vars = identity();
         vars.insert("AzureWebJobsStorage__clientId".into(), CLIENT.into());
         vars.insert("ServiceBusConnection__clientId".into(), CLIENT.into());
@@ -696,6 +788,140 @@ mod tests {
         );
         let c = Config::from_vars(&vars).unwrap();
         assert!(matches!(c.storage, StorageAccess::ConnectionString(_)));
+    }
+
+    const TOPIC: &str = "https://soc-events.westeurope-1.eventgrid.azure.net/api/events";
+
+    #[test]
+    fn notifications_are_off_unless_a_topic_endpoint_is_set() {
+        assert_eq!(Config::from_vars(&minimal()).unwrap().notify, None);
+        let mut vars = minimal();
+        vars.insert("SOC_NOTIFY_TOPIC_ENDPOINT".into(), " ".into());
+        vars.insert("SOC_NOTIFY_TOPIC_KEY".into(), "unused-key".into());
+        assert_eq!(Config::from_vars(&vars).unwrap().notify, None);
+    }
+
+    #[test]
+    fn a_topic_key_selects_key_access_and_stays_hidden() {
+        let mut vars = minimal();
+        vars.insert(
+            "SOC_NOTIFY_TOPIC_ENDPOINT".into(),
+            "http://127.0.0.1:7074/api/events".into(),
+        );
+        vars.insert(
+            "SOC_NOTIFY_TOPIC_KEY".into(),
+            "devhost-local-topic-key".into(),
+        );
+        let c = Config::from_vars(&vars).unwrap();
+        let notify = c.notify.clone().expect("notifications on");
+        assert_eq!(notify.endpoint.as_str(), "http://127.0.0.1:7074/api/events");
+        assert_eq!(
+            notify.access,
+            NotifyAccess::Key(SecretString::new("devhost-local-topic-key"))
+        );
+        assert_eq!(notify.source, LOCAL_EVENT_SOURCE);
+        assert!(!format!("{c:?}").contains("devhost-local-topic-key"));
+    }
+
+    #[test]
+    fn without_a_key_the_topic_is_reached_with_the_storage_identity_and_the_app_is_the_source() {
+        let mut vars = identity();
+        vars.insert("SOC_NOTIFY_TOPIC_ENDPOINT".into(), TOPIC.into());
+        vars.insert("AzureWebJobsStorage__clientId".into(), CLIENT.into());
+        vars.insert(
+            "WEBSITE_HOSTNAME".into(),
+            "soc-app.azurewebsites.net".into(),
+        );
+        let notify = Config::from_vars(&vars).unwrap().notify.unwrap();
+        assert_eq!(notify.endpoint.as_str(), TOPIC);
+        assert_eq!(
+            notify.access,
+            NotifyAccess::Identity {
+                client_id: Some(CLIENT.into())
+            }
+        );
+        assert_eq!(notify.source, "https://soc-app.azurewebsites.net");
+
+        // The system-assigned identity without a client id; the ledger's own connection
+        // string does not change whose identity publishes.
+        let mut vars = identity();
+        vars.insert("SOC_NOTIFY_TOPIC_ENDPOINT".into(), TOPIC.into());
+        vars.insert(
+            "SOC_STATE_STORAGE".into(),
+            "UseDevelopmentStorage=true".into(),
+        );
+        vars.insert("AzureWebJobsStorage__clientId".into(), CLIENT.into());
+        let notify = Config::from_vars(&vars).unwrap().notify.unwrap();
+        assert_eq!(
+            notify.access,
+            NotifyAccess::Identity {
+                client_id: Some(CLIENT.into())
+            }
+        );
+        vars.remove("AzureWebJobsStorage__clientId");
+        let notify = Config::from_vars(&vars).unwrap().notify.unwrap();
+        assert_eq!(notify.access, NotifyAccess::Identity { client_id: None });
+    }
+
+    #[test]
+    fn a_topic_endpoint_must_be_an_absolute_url_and_https_unless_local() {
+        for (endpoint, says) in [
+            (
+                "topic.eventgrid.azure.net/api/events",
+                "not an absolute http(s) URL",
+            ),
+            (
+                "ftp://topic.example/api/events",
+                "not an absolute http(s) URL",
+            ),
+            ("urn:topic", "not an absolute http(s) URL"),
+            (
+                "http://topic.westeurope-1.eventgrid.azure.net/api/events",
+                "must be https",
+            ),
+        ] {
+            let mut vars = minimal();
+            vars.insert("SOC_NOTIFY_TOPIC_ENDPOINT".into(), endpoint.into());
+            vars.insert("SOC_NOTIFY_TOPIC_KEY".into(), "k".into());
+            let err = Config::from_vars(&vars).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{endpoint}: {err}");
+            assert!(
+                err.0[0].starts_with("SOC_NOTIFY_TOPIC_ENDPOINT: ") && err.0[0].contains(says),
+                "{endpoint}: {err}"
+            );
+        }
+        for endpoint in [
+            "http://127.0.0.1:7074/api/events",
+            "http://localhost:7074/api/events",
+            TOPIC,
+        ] {
+            let mut vars = minimal();
+            vars.insert("SOC_NOTIFY_TOPIC_ENDPOINT".into(), endpoint.into());
+            vars.insert("SOC_NOTIFY_TOPIC_KEY".into(), "k".into());
+            assert!(Config::from_vars(&vars).is_ok(), "{endpoint}");
+        }
+    }
+
+    #[test]
+    fn a_topic_with_neither_key_nor_identity_is_reported_naming_both_settings() {
+        let mut vars = minimal();
+        vars.insert("SOC_NOTIFY_TOPIC_ENDPOINT".into(), TOPIC.into());
+        let err = Config::from_vars(&vars).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(
+            err.0[0].contains("SOC_NOTIFY_TOPIC_ENDPOINT")
+                && err.0[0].contains("SOC_NOTIFY_TOPIC_KEY")
+                && err.0[0].contains("IDENTITY_ENDPOINT"),
+            "{err}"
+        );
+        // A client id that is no GUID is reported even when storage uses a connection string.
+        vars.insert("IDENTITY_ENDPOINT".into(), "http://127.0.0.1:1/msi".into());
+        vars.insert("AzureWebJobsStorage__clientId".into(), "my-identity".into());
+        let err = Config::from_vars(&vars).unwrap_err().to_string();
+        assert!(
+            err.contains("AzureWebJobsStorage__clientId: not a client id"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -212,6 +212,17 @@ pub fn transport(
     timeout: Duration,
     extra_ca_pem: Option<&Path>,
 ) -> Result<reqwest::Client, String> {
+    transport_builder(timeout, extra_ca_pem)?
+        .build()
+        .map_err(|_| "HTTP client could not be built".to_string())
+}
+
+/// The builder of [`transport`], for an adapter that sets more (the event topic's client
+/// follows no redirect).
+pub fn transport_builder(
+    timeout: Duration,
+    extra_ca_pem: Option<&Path>,
+) -> Result<reqwest::ClientBuilder, String> {
     let mut builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout);
@@ -234,9 +245,7 @@ pub fn transport(
             builder = builder.add_root_certificate(certificate);
         }
     }
-    builder
-        .build()
-        .map_err(|_| "HTTP client could not be built".to_string())
+    Ok(builder)
 }
 
 /// Sends every request with `Authorization: Bearer {token}` for `scope`, replacing whatever

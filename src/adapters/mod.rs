@@ -9,17 +9,20 @@
 //!   ever echoing a secret.
 //! - [`identity`]: the app's managed identity (tokens from the Functions identity endpoint)
 //!   and the HTTP transport of the Azure clients.
+//! - [`event_grid`]: the event topic request notifications are published to (CloudEvents
+//!   1.0 on Azure Event Grid), when configured.
 //!
-//! [`build`] makes all three from [`Config`] without any network I/O, so the handler
-//! can answer the host's readiness probe before anything outside is reachable. Storage
-//! and Service Bus each use a connection string or the managed identity, as the
-//! configuration says ([`crate::config::StorageAccess`], [`crate::config::ServiceBusAccess`]);
-//! identity-based clients of the same identity (`__clientId`) share one credential, so one
-//! token cache.
+//! [`build`] makes them all from [`Config`] without any network I/O, so the handler
+//! can answer the host's readiness probe before anything outside is reachable. Storage,
+//! Service Bus and the event topic each use a key (connection string) or the managed
+//! identity, as the configuration says ([`crate::config::StorageAccess`],
+//! [`crate::config::ServiceBusAccess`], [`crate::config::NotifyAccess`]); identity-based
+//! clients of the same identity (`__clientId`) share one credential, so one token cache.
 
 pub mod connection_string;
 pub mod device_api;
 pub mod device_budget;
+pub mod event_grid;
 pub mod identity;
 pub mod service_bus;
 pub mod table_ledger;
@@ -28,12 +31,13 @@ use std::sync::Arc;
 
 use azure_core::auth::TokenCredential;
 
-use crate::config::{Config, ServiceBusAccess, StorageAccess};
-use crate::ports::{DeviceApi, Ledger, SettingsQueue};
+use crate::config::{Config, NotifyAccess, ServiceBusAccess, StorageAccess};
+use crate::ports::{DeviceApi, Ledger, Notifier, SettingsQueue};
 
 pub use connection_string::{ConnectionStringError, ServiceBusConnection, StorageConnection};
 pub use device_api::HttpDeviceApi;
 pub use device_budget::BudgetedDeviceApi;
+pub use event_grid::EventGridNotifier;
 pub use service_bus::ServiceBusQueue;
 pub use table_ledger::TableLedger;
 
@@ -43,6 +47,8 @@ pub struct Adapters {
     pub device: Arc<dyn DeviceApi>,
     pub queue: Arc<dyn SettingsQueue>,
     pub ledger: Arc<dyn Ledger>,
+    /// The event topic; `None` when notifications are off (`SOC_NOTIFY_TOPIC_ENDPOINT` unset).
+    pub notifier: Option<Arc<dyn Notifier>>,
 }
 
 /// Every adapter configuration problem at once, one per line. Never contains a secret.
@@ -50,8 +56,9 @@ pub struct Adapters {
 #[error("adapter configuration is invalid:\n  {}", .0.join("\n  "))]
 pub struct BuildError(pub Vec<String>);
 
-/// Builds the device client (inside its call budget), the Service Bus sender and the
-/// Table ledger. No I/O: the ledger table is created on first use.
+/// Builds the device client (inside its call budget), the Service Bus sender, the
+/// Table ledger and, when configured, the event topic's publisher. No I/O: the ledger
+/// table is created on first use, tokens are fetched on first use.
 pub fn build(config: &Config) -> Result<Adapters, BuildError> {
     let mut errors = Vec::new();
 
@@ -119,6 +126,30 @@ pub fn build(config: &Config) -> Result<Adapters, BuildError> {
         }),
     };
 
+    // Failures are in `errors`, which decides below.
+    let notifier = config.notify.as_ref().and_then(|notify| {
+        let built = match &notify.access {
+            NotifyAccess::Key(key) => {
+                EventGridNotifier::with_key(&notify.endpoint, key, &notify.source, extra_ca)
+                    .map_err(|e| errors.push(e.to_string()))
+                    .ok()
+            }
+            NotifyAccess::Identity { client_id } => {
+                credential(client_id, &mut errors).and_then(|credential| {
+                    EventGridNotifier::with_identity(
+                        &notify.endpoint,
+                        credential,
+                        &notify.source,
+                        extra_ca,
+                    )
+                    .map_err(|e| errors.push(e.to_string()))
+                    .ok()
+                })
+            }
+        };
+        built.map(|n| Arc::new(n) as Arc<dyn Notifier>)
+    });
+
     match (device, queue, ledger) {
         (Some(device), Some(queue), Some(ledger)) if errors.is_empty() => Ok(Adapters {
             device: Arc::new(BudgetedDeviceApi::new(
@@ -127,6 +158,7 @@ pub fn build(config: &Config) -> Result<Adapters, BuildError> {
             )),
             queue: Arc::new(queue),
             ledger: Arc::new(ledger),
+            notifier,
         }),
         _ => Err(BuildError(errors)),
     }
@@ -161,6 +193,26 @@ mod tests {
         );
         // Port 1 on loopback: nothing listens, and nothing must be contacted.
         build(&config("UseDevelopmentStorage=true", &sb)).unwrap();
+    }
+
+    #[test]
+    fn the_notifier_is_built_only_when_a_topic_is_configured() {
+        let sb = format!(
+            "Endpoint=sb://127.0.0.1:1;SharedAccessKeyName=k;SharedAccessKey={SB_KEY};UseDevelopmentEmulator=true"
+        );
+        let mut c = config("UseDevelopmentStorage=true", &sb);
+        assert!(build(&c).unwrap().notifier.is_none());
+        c.notify = Some(crate::config::NotifyConfig {
+            endpoint: url::Url::parse("http://127.0.0.1:1/api/events").unwrap(),
+            access: NotifyAccess::Key(crate::secret::SecretString::new("topic-key")),
+            source: crate::config::LOCAL_EVENT_SOURCE.into(),
+        });
+        assert!(build(&c).unwrap().notifier.is_some());
+        c.notify.as_mut().unwrap().access =
+            NotifyAccess::Key(crate::secret::SecretString::new("bad key 77"));
+        let err = build(&c).err().expect("a bad key fails the build");
+        assert!(err.to_string().contains("SOC_NOTIFY_TOPIC_KEY"), "{err}");
+        assert!(!err.to_string().contains("bad key 77"), "{err}");
     }
 
     #[test]
