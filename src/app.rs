@@ -84,6 +84,7 @@ pub fn services_from_config(config: &Config) -> Result<Services, StartupError> {
         queue: adapters.queue,
         ledger: adapters.ledger,
         clock: Arc::new(SystemClock),
+        notifier: adapters.notifier,
         policy: Policy::from_config(config),
     })
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::domain::due_index::DueEntry;
 use crate::domain::history::HistoryEntry;
+use crate::domain::notification::Notification;
 use crate::domain::sweep_state::SweepState;
 use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
 
@@ -258,8 +259,14 @@ pub trait Ledger: Send + Sync {
     async fn get(&self, device: &DeviceId) -> Result<Option<Versioned<DesiredState>>, StoreError>;
     /// Inserts when `expected` is `None` (Conflict if a record exists), otherwise
     /// replaces only if the stored ETag still equals `expected` (Conflict if not).
-    /// Also writes the entry of `state`'s request, in the same write.
-    async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError>;
+    /// Also writes the entry of `state`'s request and `events` into the device's
+    /// outbox, in the same write.
+    async fn put(
+        &self,
+        state: &DesiredState,
+        expected: Option<&ETag>,
+        events: &[Notification],
+    ) -> Result<ETag, StoreError>;
     /// The device's anchor row, created if missing, and its ETag: what a device's
     /// first request is written conditionally on ([`Precondition::Anchor`]).
     async fn anchor(&self, device: &DeviceId) -> Result<ETag, StoreError>;
@@ -268,8 +275,8 @@ pub trait Ledger: Send + Sync {
     /// (replacing the one at `on`'s ETag, or inserted when `on` is the anchor, whose
     /// ETag then changes too), the history entry of the request and `replaced` (the
     /// entry of the request it takes the place of, [`HistoryEntry::replaced`]), and
-    /// the `key` row if any. `Conflict` when `on` no longer holds or the key row is
-    /// there already. Afterwards, when `state` says so
+    /// the `key` row if any, and `events` into the device's outbox. `Conflict` when `on`
+    /// no longer holds or the key row is there already. Afterwards, when `state` says so
     /// ([`DesiredState::prunes_history`]: once in ten requests, or a day after the last
     /// time), best effort and outside the write, the device's history is cut to the
     /// newest [`crate::domain::history::HISTORY_LIMIT`] entries and key rows older than
@@ -280,6 +287,7 @@ pub trait Ledger: Send + Sync {
         replaced: Option<&HistoryEntry>,
         key: Option<KeyWrite<'_>>,
         on: &Precondition,
+        events: &[Notification],
     ) -> Result<ETag, StoreError>;
     /// Consumes `on`: changes the ETag of the row it names (nothing else) only if it
     /// still holds. `Ok` means no write conditional on `on` can commit any more (one
@@ -315,6 +323,13 @@ pub trait Ledger: Send + Sync {
             }
         }
     }
+
+    // ------------------------------------------------ the outbox (domain::notification)
+
+    /// The device's undelivered events, oldest ([`Notification::seq`]) first.
+    async fn outbox(&self, device: &DeviceId) -> Result<Vec<Notification>, StoreError>;
+    /// Removes these events (by `seq`) from the device's outbox (`Ok` if gone).
+    async fn remove_outbox(&self, device: &DeviceId, seqs: &[u64]) -> Result<(), StoreError>;
 
     // ------------------------------------------------ the due index (domain::due_index)
 
@@ -393,8 +408,5 @@ pub enum NotifyError {
 pub trait Notifier: Send + Sync {
     /// Publishes `events` in the order given, in one request
     /// (`application/cloudevents-batch+json`): `Ok` when the topic accepted all of them.
-    async fn publish(
-        &self,
-        events: &[crate::domain::notification::Notification],
-    ) -> Result<(), NotifyError>;
+    async fn publish(&self, events: &[Notification]) -> Result<(), NotifyError>;
 }

@@ -71,6 +71,7 @@ fn everything_set(id: &str) -> DesiredState {
         due_entry: Some(format!("2027-01-15T08:05:00.000Z~{id}~0a1b2c3d4e5f")),
         unpruned: 9,
         pruned_at: Some(t(2)),
+        last_event_seq: 9_000_000_000,
     }
 }
 
@@ -80,14 +81,14 @@ async fn a_desired_state_with_every_field_round_trips_losslessly() {
     let ledger = ledger_on(&azurite, &unique_table("roundtrip"));
     let state = everything_set("bat-rt");
 
-    let etag = ledger.put(&state, None).await.unwrap();
+    let etag = ledger.put(&state, None, &[]).await.unwrap();
     let read = ledger.get(&state.device_id).await.unwrap().unwrap();
 
     assert_eq!(read.value, state);
     assert_eq!(read.etag, etag);
 
     let minimal = pending("bat-rt-2", 0);
-    ledger.put(&minimal, None).await.unwrap();
+    ledger.put(&minimal, None, &[]).await.unwrap();
     assert_eq!(
         ledger.get(&minimal.device_id).await.unwrap().unwrap().value,
         minimal
@@ -105,7 +106,7 @@ async fn every_write_keeps_its_requests_history_entry_in_the_same_transaction() 
         t(0),
         chrono::Duration::seconds(30),
     );
-    let a_etag = ledger.put(&a, None).await.unwrap();
+    let a_etag = ledger.put(&a, None, &[]).await.unwrap();
     let entry = ledger
         .history_entry(&dev, &a.request_id)
         .await
@@ -133,6 +134,7 @@ async fn every_write_keeps_its_requests_history_entry_in_the_same_transaction() 
             Some(&replaced),
             None,
             &Precondition::Record(a_etag.clone()),
+            &[],
         )
         .await
         .unwrap();
@@ -165,7 +167,8 @@ async fn every_write_keeps_its_requests_history_entry_in_the_same_transaction() 
                 &c,
                 Some(&replaced),
                 None,
-                &Precondition::Record(a_etag.clone())
+                &Precondition::Record(a_etag.clone()),
+                &[]
             )
             .await,
         Err(StoreError::Conflict)
@@ -181,7 +184,7 @@ async fn every_write_keeps_its_requests_history_entry_in_the_same_transaction() 
         .unwrap();
     assert_eq!(entry.superseded_by, None, "B was not superseded");
     assert_eq!(
-        ledger.put(&c, None).await,
+        ledger.put(&c, None, &[]).await,
         Err(StoreError::Conflict),
         "an insert over the record"
     );
@@ -193,7 +196,7 @@ async fn every_write_keeps_its_requests_history_entry_in_the_same_transaction() 
     // Later writes of B (applied) update its entry with the record.
     let mut applied = b.clone();
     applied.mark_applied(t(30));
-    ledger.put(&applied, Some(&b_etag)).await.unwrap();
+    ledger.put(&applied, Some(&b_etag), &[]).await.unwrap();
     let entry = ledger
         .history_entry(&dev, &b.request_id)
         .await
@@ -226,7 +229,7 @@ async fn a_device_keeps_its_newest_twenty_requests_pruning_once_every_ten() {
             None => Precondition::Anchor(ledger.anchor(&dev).await.unwrap()),
         };
         let etag = ledger
-            .accept(&next, replaced.as_ref(), None, &on)
+            .accept(&next, replaced.as_ref(), None, &on, &[])
             .await
             .unwrap();
         ids.push(next.request_id.clone());
@@ -251,10 +254,13 @@ async fn inserting_over_an_existing_record_is_a_conflict() {
     let azurite = Azurite::shared();
     let ledger = ledger_on(&azurite, &unique_table("insert"));
     let first = pending("bat-ins", 30);
-    ledger.put(&first, None).await.unwrap();
+    ledger.put(&first, None, &[]).await.unwrap();
 
     let second = pending("bat-ins", 60);
-    assert_eq!(ledger.put(&second, None).await, Err(StoreError::Conflict));
+    assert_eq!(
+        ledger.put(&second, None, &[]).await,
+        Err(StoreError::Conflict)
+    );
     assert_eq!(
         ledger.get(&first.device_id).await.unwrap().unwrap().value,
         first
@@ -266,17 +272,17 @@ async fn a_replace_with_a_stale_etag_is_a_conflict_and_the_first_writer_wins() {
     let azurite = Azurite::shared();
     let ledger = ledger_on(&azurite, &unique_table("replace"));
     let original = pending("bat-rep", 30);
-    let etag0 = ledger.put(&original, None).await.unwrap();
+    let etag0 = ledger.put(&original, None, &[]).await.unwrap();
 
     let mut a = original.clone();
     a.min_soc = MinSoc::new(50).unwrap();
-    let etag1 = ledger.put(&a, Some(&etag0)).await.unwrap();
+    let etag1 = ledger.put(&a, Some(&etag0), &[]).await.unwrap();
     assert_ne!(etag1, etag0);
 
     let mut b = original.clone();
     b.min_soc = MinSoc::new(70).unwrap();
     assert_eq!(
-        ledger.put(&b, Some(&etag0)).await,
+        ledger.put(&b, Some(&etag0), &[]).await,
         Err(StoreError::Conflict)
     );
 
@@ -284,7 +290,7 @@ async fn a_replace_with_a_stale_etag_is_a_conflict_and_the_first_writer_wins() {
     assert_eq!(stored.value, a);
     assert_eq!(stored.etag, etag1);
     // The fresh ETag works.
-    ledger.put(&b, Some(&stored.etag)).await.unwrap();
+    ledger.put(&b, Some(&stored.etag), &[]).await.unwrap();
 }
 
 #[tokio::test]
@@ -304,7 +310,7 @@ async fn a_fence_consumes_the_etag_so_a_write_conditional_on_it_never_commits() 
     let a = pending("bat-fence", 10);
     ledger.fence(&dev, &anchor).await.unwrap();
     assert_eq!(
-        ledger.accept(&a, None, None, &anchor).await,
+        ledger.accept(&a, None, None, &anchor, &[]).await,
         Err(StoreError::Conflict),
         "the fenced first write"
     );
@@ -316,7 +322,7 @@ async fn a_fence_consumes_the_etag_so_a_write_conditional_on_it_never_commits() 
     assert_eq!(ledger.fence(&dev, &anchor).await, Err(StoreError::Conflict));
 
     let anchor = Precondition::Anchor(ledger.anchor(&dev).await.unwrap());
-    let a_etag = ledger.accept(&a, None, None, &anchor).await.unwrap();
+    let a_etag = ledger.accept(&a, None, None, &anchor, &[]).await.unwrap();
     assert_eq!(
         ledger.fence(&dev, &anchor).await,
         Err(StoreError::Conflict),
@@ -340,7 +346,7 @@ async fn a_fence_consumes_the_etag_so_a_write_conditional_on_it_never_commits() 
         Some(&a),
     );
     assert_eq!(
-        ledger.accept(&b, None, None, &on_a).await,
+        ledger.accept(&b, None, None, &on_a, &[]).await,
         Err(StoreError::Conflict),
         "the fenced replace"
     );
@@ -349,7 +355,7 @@ async fn a_fence_consumes_the_etag_so_a_write_conditional_on_it_never_commits() 
         None
     );
     ledger
-        .accept(&b, None, None, &Precondition::Record(stored.etag))
+        .accept(&b, None, None, &Precondition::Record(stored.etag), &[])
         .await
         .unwrap();
 }
@@ -379,6 +385,7 @@ async fn a_key_row_is_written_with_its_request_and_a_second_first_use_stores_not
                 replaces: None,
             }),
             &anchor,
+            &[],
         )
         .await
         .unwrap();
@@ -402,7 +409,8 @@ async fn a_key_row_is_written_with_its_request_and_a_second_first_use_stores_not
                     record: &b_key,
                     replaces: None
                 }),
-                &Precondition::Record(a_etag.clone())
+                &Precondition::Record(a_etag.clone()),
+                &[]
             )
             .await,
         Err(StoreError::Conflict)
@@ -422,6 +430,7 @@ async fn a_key_row_is_written_with_its_request_and_a_second_first_use_stores_not
                 replaces: Some(&read.etag),
             }),
             &Precondition::Record(a_etag),
+            &[],
         )
         .await
         .unwrap();
@@ -460,6 +469,7 @@ async fn key_rows_past_their_retention_are_deleted_after_a_later_request() {
                 replaces: None,
             }),
             &anchor,
+            &[],
         )
         .await
         .unwrap();
@@ -472,7 +482,7 @@ async fn key_rows_past_their_retention_are_deleted_after_a_later_request() {
         Some(&a),
     );
     ledger
-        .accept(&b, None, None, &Precondition::Record(etag))
+        .accept(&b, None, None, &Precondition::Record(etag), &[])
         .await
         .unwrap();
     assert_eq!(ledger.get_idempotency(&dev, &old_key).await.unwrap(), None);
@@ -504,7 +514,7 @@ async fn pending_lists_every_pending_record_across_1200_devices_following_contin
     }
     futures::stream::iter(writes.into_iter().map(|(s, _)| {
         let ledger = ledger.clone();
-        async move { ledger.put(&s, None).await.unwrap() }
+        async move { ledger.put(&s, None, &[]).await.unwrap() }
     }))
     .buffer_unordered(32)
     .collect::<Vec<_>>()
@@ -545,10 +555,10 @@ async fn pending_lists_every_pending_record_across_1200_devices_following_contin
     // The ETag a query returns is usable for a conditional replace, and a stale one is not.
     let mut next = sample.value.clone();
     next.mark_applied(t(9));
-    let fresh = ledger.put(&next, Some(&sample.etag)).await.unwrap();
+    let fresh = ledger.put(&next, Some(&sample.etag), &[]).await.unwrap();
     assert_ne!(fresh, sample.etag);
     assert_eq!(
-        ledger.put(&next, Some(&sample.etag)).await,
+        ledger.put(&next, Some(&sample.etag), &[]).await,
         Err(StoreError::Conflict)
     );
     assert_eq!(ledger.pending().await.unwrap().records.len(), PENDING - 1);
@@ -560,7 +570,7 @@ async fn an_unreadable_row_is_reported_as_corrupt_and_does_not_hide_the_rest_of_
     let table = unique_table("corrupt");
     let ledger = ledger_on(&azurite, &table);
     for id in ["bat-a", "bat-b", "bat-c"] {
-        ledger.put(&pending(id, 30), None).await.unwrap();
+        ledger.put(&pending(id, 30), None, &[]).await.unwrap();
     }
     // A writer with another schema: MinSoc out of range, stored as a number.
     azurite
@@ -603,7 +613,7 @@ async fn two_instances_first_using_the_same_table_at_once_both_succeed() {
     let a = ledger_on(&azurite, &table);
     let b = ledger_on(&azurite, &table);
     let (sa, sb) = (pending("bat-a", 10), pending("bat-b", 20));
-    let (ra, rb) = tokio::join!(a.put(&sa, None), b.put(&sb, None));
+    let (ra, rb) = tokio::join!(a.put(&sa, None, &[]), b.put(&sb, None, &[]));
     ra.unwrap();
     rb.unwrap();
     assert!(a.get(&device("bat-b")).await.unwrap().is_some());
@@ -645,7 +655,10 @@ async fn a_wrong_account_key_is_unavailable_not_a_conflict() {
     ))
     .unwrap();
     let ledger = TableLedger::new(&conn, &unique_table("auth")).unwrap();
-    let err = ledger.put(&pending("bat-auth", 5), None).await.unwrap_err();
+    let err = ledger
+        .put(&pending("bat-auth", 5), None, &[])
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, StoreError::Unavailable(r) if r.contains("403")),
         "{err:?}"
@@ -694,7 +707,7 @@ async fn the_due_index_lists_a_shards_entries_due_by_then_oldest_first_and_remov
         ledger.file_due(e).await.unwrap();
     }
     // A record in the same table is no index entry.
-    ledger.put(&pending("bat-0", 10), None).await.unwrap();
+    ledger.put(&pending("bat-0", 10), None, &[]).await.unwrap();
 
     let due = ledger.due_entries(shard, t(250), 100).await.unwrap();
     let got: Vec<_> = due.iter().map(|e| e.value.clone()).collect();
@@ -824,13 +837,13 @@ async fn pending_after_resumes_after_a_device_and_says_when_the_listing_ended() 
     let ledger = ledger_on(&azurite, &unique_table("pendingafter"));
     for i in 0..5 {
         ledger
-            .put(&pending(&format!("dev-{i}"), 20), None)
+            .put(&pending(&format!("dev-{i}"), 20), None, &[])
             .await
             .unwrap();
     }
     let mut done = pending("dev-2a", 20);
     done.mark_applied(t(1));
-    ledger.put(&done, None).await.unwrap();
+    ledger.put(&done, None, &[]).await.unwrap();
 
     let (page, next) = ledger.pending_after(None, 2).await.unwrap();
     let ids = |p: &soc_settings::ports::PendingPage| -> Vec<String> {

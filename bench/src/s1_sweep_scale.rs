@@ -20,6 +20,7 @@ use soc_settings::adapters::connection_string::StorageConnection;
 use soc_settings::adapters::table_ledger::TableLedger;
 use soc_settings::domain::due_index::DueEntry;
 use soc_settings::domain::history::HistoryEntry;
+use soc_settings::domain::notification::Notification;
 use soc_settings::domain::sweep_state::SweepState;
 use soc_settings::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
 use soc_settings::functions::{drain_soc_timer, index, Services};
@@ -88,9 +89,14 @@ impl<L: Ledger> Ledger for Counting<L> {
         self.ops.count(&self.ops.reads, "get");
         self.inner.get(device).await
     }
-    async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
+    async fn put(
+        &self,
+        state: &DesiredState,
+        expected: Option<&ETag>,
+        events: &[Notification],
+    ) -> Result<ETag, StoreError> {
         self.ops.count(&self.ops.writes, "put");
-        self.inner.put(state, expected).await
+        self.inner.put(state, expected, events).await
     }
     async fn anchor(&self, device: &DeviceId) -> Result<ETag, StoreError> {
         self.ops.count(&self.ops.reads, "anchor");
@@ -102,9 +108,18 @@ impl<L: Ledger> Ledger for Counting<L> {
         replaced: Option<&HistoryEntry>,
         key: Option<KeyWrite<'_>>,
         on: &Precondition,
+        events: &[Notification],
     ) -> Result<ETag, StoreError> {
         self.ops.count(&self.ops.writes, "accept");
-        self.inner.accept(state, replaced, key, on).await
+        self.inner.accept(state, replaced, key, on, events).await
+    }
+    async fn outbox(&self, device: &DeviceId) -> Result<Vec<Notification>, StoreError> {
+        self.ops.count(&self.ops.queries, "outbox");
+        self.inner.outbox(device).await
+    }
+    async fn remove_outbox(&self, device: &DeviceId, seqs: &[u64]) -> Result<(), StoreError> {
+        self.ops.count(&self.ops.writes, "remove_outbox");
+        self.inner.remove_outbox(device, seqs).await
     }
     async fn fence(&self, device: &DeviceId, on: &Precondition) -> Result<(), StoreError> {
         self.ops.count(&self.ops.writes, "fence");
@@ -243,6 +258,7 @@ pub async fn run(
                 ops: ops.clone(),
             }),
             clock: Arc::new(SystemClock),
+            notifier: None,
             policy,
         };
         // The sweep's own cost: the reconciling pass is measured on its own below.

@@ -58,6 +58,12 @@
 //!   (so never after the answer), the ledger never says anything else of it afterwards,
 //!   and no read that starts after the answer shows it other than `cancelled`. (S1 and
 //!   S3 take `cancelled` as a final state.)
+//! - **S10 notifications** (in worlds with notifications on): every committed write
+//!   carries exactly the events of the request transitions it makes (a pending request
+//!   applied, expired, failed, cancelled, superseded or expired by a newer one), named
+//!   `{request}.{status}` and numbered on from the record it replaces; every event
+//!   written reaches the topic by the end; the topic never gets an event no write made;
+//!   and the first arrivals of a device's events follow their numbers (transition order).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -114,7 +120,7 @@ impl Finale {
     }
 }
 
-/// Judges one run against S1-S9.
+/// Judges one run against S1-S10.
 pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -> Vec<Violation> {
     let mut out = Vec::new();
     let mut v = |property: &'static str, detail: String| out.push(Violation { property, detail });
@@ -632,6 +638,54 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
                     x.start, x.shown, a.inv, a.t
                 ),
             );
+        }
+    }
+
+    // S10: notifications.
+    if sc.notify.is_some() {
+        for (t, device, what) in &obs.event_mismatches {
+            v("S10", format!("{device} at {t} ms: {what}"));
+        }
+        let written: HashMap<&str, (u64, &str, u64)> = obs
+            .events_written
+            .iter()
+            .map(|(t, e)| (e.id.as_str(), (*t, e.device_id.as_str(), e.seq)))
+            .collect();
+        let mut first: HashMap<&str, u64> = HashMap::new();
+        let mut newest: HashMap<&str, u64> = HashMap::new();
+        for (t, e) in &obs.arrivals {
+            match written.get(e.id.as_str()) {
+                Some(&(tw, d, seq)) if tw <= *t && d == e.device_id.as_str() && seq == e.seq => {}
+                _ => v(
+                    "S10",
+                    format!("the topic got {} at {t} ms, an event no write made", e.id),
+                ),
+            }
+            if first.insert(e.id.as_str(), *t).is_some() {
+                continue;
+            }
+            let last = newest.entry(e.device_id.as_str()).or_insert(0);
+            if e.seq < *last {
+                v(
+                    "S10",
+                    format!(
+                        "{}: event #{} ({}) first arrived at {t} ms, after #{last}",
+                        e.device_id, e.seq, e.id
+                    ),
+                );
+            }
+            *last = (*last).max(e.seq);
+        }
+        for (t, e) in &obs.events_written {
+            if !first.contains_key(e.id.as_str()) {
+                v(
+                    "S10",
+                    format!(
+                        "{}: event #{} ({}) written at {t} ms never reached the topic",
+                        e.device_id, e.seq, e.id
+                    ),
+                );
+            }
         }
     }
 

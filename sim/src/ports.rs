@@ -16,12 +16,14 @@ use chrono::{DateTime, Utc};
 use soc_settings::adapters::device_budget::BudgetedDeviceApi;
 use soc_settings::domain::due_index::{self, DueEntry};
 use soc_settings::domain::history::HistoryEntry;
+use soc_settings::domain::notification::Notification;
 use soc_settings::domain::sweep_state::SweepState;
 use soc_settings::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
 use soc_settings::functions::{Policy, Services};
 use soc_settings::ports::{
     Clock, DeviceApi, DeviceError, DeviceStatus, ETag, IdempotencyRecord, KeyWrite, Ledger,
-    OutgoingMessage, PendingPage, Precondition, QueueError, SettingsQueue, StoreError, Versioned,
+    Notifier, NotifyError, OutgoingMessage, PendingPage, Precondition, QueueError, SettingsQueue,
+    StoreError, Versioned,
 };
 use tokio::sync::{oneshot, Notify};
 
@@ -63,6 +65,12 @@ pub fn services(
         queue: Arc::new(SimQueue(port.clone())),
         ledger: Arc::new(SimLedger(port.clone())),
         clock: Arc::new(SimClock(port.clone())),
+        notifier: world
+            .lock()
+            .unwrap()
+            .sc
+            .notify
+            .map(|_| Arc::new(SimTopic(port.clone())) as Arc<dyn Notifier>),
         policy,
     };
     (services, Caller(port))
@@ -458,8 +466,14 @@ impl Ledger for SimLedger {
         r
     }
 
-    async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
-        self.write_record(state, None, expected, false).await
+    async fn put(
+        &self,
+        state: &DesiredState,
+        expected: Option<&ETag>,
+        events: &[Notification],
+    ) -> Result<ETag, StoreError> {
+        self.write_record(state, None, expected, false, events)
+            .await
     }
 
     async fn anchor(&self, device: &DeviceId) -> Result<ETag, StoreError> {
@@ -490,16 +504,18 @@ impl Ledger for SimLedger {
         replaced: Option<&HistoryEntry>,
         key: Option<KeyWrite<'_>>,
         on: &Precondition,
+        events: &[Notification],
     ) -> Result<ETag, StoreError> {
         let d = state.device_id.as_str().to_string();
         note_tried(&self.0, state);
         let row_key = key.map(|k| (k.record.clone(), k.replaces.cloned()));
-        let (device, value, entry, cond, key_row) = (
+        let (device, value, entry, cond, key_row, events) = (
             d.clone(),
             state.clone(),
             replaced.cloned(),
             on.clone(),
             row_key.clone(),
+            events.to_vec(),
         );
         let r = self
             .0
@@ -523,7 +539,7 @@ impl Ledger for SimLedger {
                     w.anchors.insert(device.clone(), n);
                 }
                 let trim = value.prunes_history();
-                let n = w.write_record(&device, Some(&value), entry.as_ref(), trim, inv);
+                let n = w.write_record(&device, Some(&value), entry.as_ref(), trim, &events, inv);
                 Ok(ETag(n.to_string()))
             })
             .await;
@@ -658,6 +674,45 @@ impl Ledger for SimLedger {
             }
             Err(e) => format!("ledger.pending_after {after:?} -> ERR {e}"),
         });
+        r
+    }
+
+    async fn outbox(&self, device: &DeviceId) -> Result<Vec<Notification>, StoreError> {
+        let d = device.as_str().to_string();
+        let key = d.clone();
+        let r = self
+            .0
+            .storage(&d, false, move |w, _| {
+                Ok(w.outbox
+                    .range((key.clone(), 0)..=(key, u64::MAX))
+                    .map(|(_, n)| n.clone())
+                    .collect::<Vec<_>>())
+            })
+            .await;
+        self.0.log(|_| match &r {
+            Ok(events) => {
+                let seqs: Vec<String> = events.iter().map(|e| e.seq.to_string()).collect();
+                format!("outbox.list {d} -> [{}]", seqs.join(", "))
+            }
+            Err(e) => format!("outbox.list {d} -> ERR {e}"),
+        });
+        r
+    }
+
+    async fn remove_outbox(&self, device: &DeviceId, seqs: &[u64]) -> Result<(), StoreError> {
+        let d = device.as_str().to_string();
+        let (key, gone) = (d.clone(), seqs.to_vec());
+        let r = self
+            .0
+            .storage(&d, true, move |w, _| {
+                for seq in gone {
+                    w.outbox.remove(&(key.clone(), seq));
+                }
+                Ok(())
+            })
+            .await;
+        self.0
+            .log(|_| format!("outbox.remove {d} {seqs:?} -> {}", show(&r)));
         r
     }
 
@@ -867,14 +922,16 @@ impl SimLedger {
         replaced: Option<&HistoryEntry>,
         expected: Option<&ETag>,
         trim: bool,
+        events: &[Notification],
     ) -> Result<ETag, StoreError> {
         let d = state.device_id.as_str().to_string();
         note_tried(&self.0, state);
-        let (key, value, entry, exp) = (
+        let (key, value, entry, exp, events) = (
             d.clone(),
             state.clone(),
             replaced.cloned(),
             expected.cloned(),
+            events.to_vec(),
         );
         let r = self
             .0
@@ -882,7 +939,7 @@ impl SimLedger {
                 if !etag_matches(w.rows.get(&key).map(|r| r.1), exp.as_ref()) {
                     return Err(StoreError::Conflict);
                 }
-                let n = w.write_record(&key, Some(&value), entry.as_ref(), trim, inv);
+                let n = w.write_record(&key, Some(&value), entry.as_ref(), trim, &events, inv);
                 Ok(ETag(n.to_string()))
             })
             .await;
@@ -898,6 +955,94 @@ impl SimLedger {
             )
         });
         r
+    }
+}
+
+// ------------------------------------------------------------------ event topic
+
+/// The app's event topic: keeps what it accepts, in arrival order
+/// ([`crate::world::Observations::arrivals`]). A publish is refused before anything is
+/// kept, or kept while its caller hears a timeout; during a topic outage every publish
+/// fails, a share of them kept all the same.
+struct SimTopic(Port);
+
+#[async_trait]
+impl Notifier for SimTopic {
+    async fn publish(&self, events: &[Notification]) -> Result<(), NotifyError> {
+        let port = &self.0;
+        let (op, mut dice, _) = port.begin();
+        port.inv.crash_point(&port.world, op, false).await;
+        let device = events
+            .first()
+            .map_or("*".to_string(), |e| e.device_id.as_str().to_string());
+        let (keep_at, total, error) = {
+            let mut w = port.world.lock().unwrap();
+            let who = port.inv.who();
+            let timeout = 10_000;
+            let topic = w.sc.notify.filter(|_| w.faults_on);
+            let normal = dice.int(1, 50);
+            match topic {
+                _ if w.outage(Dependency::Topic).is_some() => {
+                    w.shape("event topic outage");
+                    let late = w.outage(Dependency::Topic).map_or(0.0, |o| o.late_commit);
+                    if dice.chance(late) {
+                        w.fault(&device, &who, "topic outage: times out, keeps the events");
+                        (Some(dice.int(1, timeout)), timeout, Some("timed out"))
+                    } else {
+                        w.fault(&device, &who, "topic outage: fails");
+                        (None, normal, Some("503 (outage)"))
+                    }
+                }
+                Some(t) if dice.chance(t.unavailable) => {
+                    w.fault(&device, &who, "topic: 503 before keeping anything");
+                    (None, normal, Some("503"))
+                }
+                Some(t) if dice.chance(t.ambiguous) => {
+                    w.fault(
+                        &device,
+                        &who,
+                        "topic: keeps the events, caller sees a timeout",
+                    );
+                    w.shape("event topic keeps a publish whose caller timed out");
+                    (Some(dice.int(1, timeout)), timeout, Some("timed out"))
+                }
+                _ => (Some(dice.int(0, normal - 1)), normal, None),
+            }
+        };
+        if let Some(at) = keep_at {
+            // Kept at its time whether or not the caller lives on to hear it.
+            let (world, batch) = (port.world.clone(), events.to_vec());
+            let who = port.inv.who();
+            tokio::spawn(async move {
+                sleep_ms(at).await;
+                let mut w = world.lock().unwrap();
+                let t = w.ms();
+                w.log(&who, |_| {
+                    let ids: Vec<String> = batch
+                        .iter()
+                        .map(|e| format!("{}#{}", e.device_id, e.seq))
+                        .collect();
+                    format!("TOPIC keeps [{}]", ids.join(", "))
+                });
+                w.obs.arrivals.extend(batch.into_iter().map(|e| (t, e)));
+            });
+        }
+        sleep_ms(total).await;
+        port.inv.crash_point(&port.world, op, true).await;
+        port.log(|_| {
+            format!(
+                "topic.publish {device} {} events -> {}",
+                events.len(),
+                error.unwrap_or("ok")
+            )
+        });
+        match error {
+            None => Ok(()),
+            Some(reason) => Err(NotifyError::Unavailable {
+                reason: reason.into(),
+                retry_after: None,
+            }),
+        }
     }
 }
 

@@ -105,6 +105,18 @@ pub enum Dependency {
     /// The vendor's device cloud: every call is answered `503` or times out, and no
     /// PUT lands; no connection event is sent.
     DeviceCloud,
+    /// The app's event topic: every publish fails or times out (a share of them is
+    /// accepted all the same: the caller hears a timeout).
+    Topic,
+}
+
+/// The app's event topic (notifications on), and how it fails.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Topic {
+    /// A publish is refused (`503`) before anything is kept.
+    pub unavailable: f64,
+    /// A publish is kept, but the caller hears a timeout.
+    pub ambiguous: f64,
 }
 
 /// A correlated outage: `dependency` is down for every instance in `from_ms..until_ms`.
@@ -239,6 +251,8 @@ pub struct Scenario {
     pub drain_concurrency: usize,
     /// The vendor's connection events.
     pub events: Events,
+    /// Notifications: `None` = off (no outbox, no topic).
+    pub notify: Option<Topic>,
     /// `DRAIN_SOC_MAX_DUE` and `DRAIN_SOC_FANOUT_ABOVE`: small, so that runs that
     /// stop early and fan out happen with a handful of devices.
     pub sweep_max_due: usize,
@@ -278,6 +292,7 @@ impl Scenario {
             recheck_max_s: 300,
             drain_concurrency: 4,
             events: Events::default(),
+            notify: None,
             sweep_max_due: 1000,
             fanout_above: 1000,
             sweep_budget_s: 60,
@@ -327,6 +342,13 @@ impl Scenario {
     /// found before the events existed, and replay so).
     pub fn without_events(mut self) -> Self {
         self.events = Events::default();
+        self
+    }
+
+    /// This world with notifications off (as before issue 21: no outbox, no topic).
+    pub fn without_notifications(mut self) -> Self {
+        self.notify = None;
+        self.outages.retain(|o| o.dependency != Dependency::Topic);
         self
     }
 
@@ -443,6 +465,7 @@ impl Scenario {
             recheck_max_s: rng.gen_range(60..=600),
             drain_concurrency: rng.gen_range(1..=4),
             events,
+            notify: None,
             sweep_max_due: rng.gen_range(1..=4),
             fanout_above: rng.gen_range(0..=3),
             sweep_budget_s: rng.gen_range(20..=120),
@@ -459,6 +482,7 @@ impl Scenario {
         }
         .widen()
         .cancelling()
+        .notifying()
         .valid()
         .settled()
     }
@@ -583,6 +607,37 @@ impl Scenario {
                     p.cancels.push(first + rng.gen_range(0..30_000));
                 }
             }
+        }
+        self
+    }
+
+    /// Issue 21's notifications, drawn from a stream of their own (the world above is
+    /// drawn as before): on in most seeds, with a topic that refuses, keeps a publish
+    /// whose caller hears a timeout, and is sometimes down for minutes.
+    fn notifying(mut self) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x0e7e_0700_0000_0021);
+        if rng.gen_bool(0.2) {
+            return self;
+        }
+        let level = |rng: &mut ChaCha8Rng, low: f64, high: f64| match rng.gen_range(0..4) {
+            0 => 0.0,
+            1 | 2 => low,
+            _ => high,
+        };
+        self.notify = Some(Topic {
+            unavailable: level(&mut rng, 0.05, 0.3),
+            ambiguous: level(&mut rng, 0.05, 0.2),
+        });
+        if rng.gen_bool(0.3) {
+            let until = self.faults_until_ms;
+            let len = (2_000f64 * 300f64.powf(rng.gen_range(0.0..1.0))) as u64;
+            let from = rng.gen_range(0..until.max(1));
+            self.outages.push(Outage {
+                dependency: Dependency::Topic,
+                from_ms: from,
+                until_ms: (from + len).min(until),
+                late_commit: rng.gen_range(0.0..0.5),
+            });
         }
         self
     }

@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use soc_settings::domain::due_index::DueEntry;
 use soc_settings::domain::history::{self, HistoryEntry};
+use soc_settings::domain::notification::Notification;
 use soc_settings::domain::sweep_state::SweepState;
 use soc_settings::domain::{DesiredState, RequestId, RequestStatus};
 use soc_settings::ports::DeviceApi;
@@ -294,6 +295,13 @@ pub struct Observations {
     pub reads: Vec<Read>,
     /// How often each fault shape happened (the tests show each one does).
     pub shapes: BTreeMap<&'static str, u64>,
+    /// Every event written to an outbox, with the time its write committed.
+    pub events_written: Vec<(u64, Notification)>,
+    /// Every event the topic kept, in arrival order, with the time (repeats included).
+    pub arrivals: Vec<(u64, Notification)>,
+    /// Committed writes whose events are not exactly the request transitions they made
+    /// (S10): (t, device, what differs).
+    pub event_mismatches: Vec<(u64, String, String)>,
 }
 
 pub struct DeviceState {
@@ -344,6 +352,8 @@ pub struct World {
     /// The due index: entries in filing order, each with its ETag.
     pub due: Vec<(DueEntry, u64)>,
     pub sweep_state: Option<(SweepState, u64)>,
+    /// The devices' outboxes: (device, seq) -> event.
+    pub outbox: BTreeMap<(String, u64), Notification>,
     pub next_etag: u64,
     pub devices: BTreeMap<String, DeviceState>,
     pub queue: Vec<QueuedMessage>,
@@ -440,6 +450,7 @@ impl World {
             anchors: BTreeMap::new(),
             due: Vec::new(),
             sweep_state: None,
+            outbox: BTreeMap::new(),
             next_etag: 0,
             devices,
             queue: Vec::new(),
@@ -534,6 +545,7 @@ impl World {
         state: Option<&DesiredState>,
         replaced: Option<&HistoryEntry>,
         trim: bool,
+        events: &[Notification],
         inv: &Inv,
     ) -> u64 {
         self.next_etag += 1;
@@ -570,8 +582,62 @@ impl World {
                     .remove(&(device.to_string(), id.as_str().to_string()));
             }
         }
-        self.commit(device, state, previous.as_ref(), replaced, inv);
+        let t = self.ms();
+        for event in events {
+            self.outbox
+                .insert((device.to_string(), event.seq), event.clone());
+            self.obs.events_written.push((t, event.clone()));
+        }
+        let ended = self.commit(device, state, previous.as_ref(), replaced, inv);
+        self.check_events(device, state, previous.as_ref(), &ended, events);
         n
+    }
+
+    /// S10 for one committed write: with notifications on, its events are exactly the
+    /// request transitions it made (`ended`: `{request id}.{status}`), numbered on from
+    /// the record it replaced, and the new record carries the last number.
+    fn check_events(
+        &mut self,
+        device: &str,
+        state: Option<&DesiredState>,
+        previous: Option<&DesiredState>,
+        ended: &[String],
+        events: &[Notification],
+    ) {
+        if self.sc.notify.is_none() {
+            return;
+        }
+        let t = self.ms();
+        let mut written: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+        let mut made = ended.to_vec();
+        written.sort();
+        made.sort();
+        let mut problems = Vec::new();
+        if written != made {
+            problems.push(format!(
+                "wrote events {written:?} for the transitions {made:?}"
+            ));
+        }
+        let before = previous.map_or(0, |p| p.last_event_seq);
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        let expected: Vec<u64> = (1..=events.len() as u64).map(|i| before + i).collect();
+        if seqs != expected {
+            problems.push(format!("numbered {seqs:?} after {before}"));
+        }
+        if let Some(s) = state {
+            let last = before + events.len() as u64;
+            if s.last_event_seq != last {
+                problems.push(format!(
+                    "the record says {} events, not {last}",
+                    s.last_event_seq
+                ));
+            }
+        }
+        for p in problems {
+            self.obs
+                .event_mismatches
+                .push((t, device.to_string(), self.names.replace_ids(&p)));
+        }
     }
 
     /// Records a committed desired-state write (or deletion) for the checker, and what
@@ -583,8 +649,14 @@ impl World {
         previous: Option<&DesiredState>,
         replaced: Option<&HistoryEntry>,
         inv: &Inv,
-    ) {
+    ) -> Vec<String> {
         let t = self.ms();
+        let mut ended = Vec::new();
+        if let (Some(s), Some(p)) = (state, previous) {
+            if p.is_pending() && p.request_id == s.request_id && !s.is_pending() {
+                ended.push(format!("{}.{}", s.request_id.as_str(), s.status.as_str()));
+            }
+        }
         let (request, status, lease) = match state {
             None => (None, None, None),
             Some(s) => {
@@ -640,6 +712,16 @@ impl World {
                         }
                     }
                 };
+                if p.is_pending() {
+                    let raw = p.request_id.as_str();
+                    match &fate {
+                        Fate::Superseded(_) => ended.push(format!("{raw}.superseded")),
+                        Fate::Status(s) if *s != RequestStatus::Pending => {
+                            ended.push(format!("{raw}.{}", s.as_str()))
+                        }
+                        _ => {}
+                    }
+                }
                 self.obs.fates.insert(q, fate);
             }
         }
@@ -651,6 +733,7 @@ impl World {
             lease,
             inv: inv.label.clone(),
         });
+        ended
     }
 
     pub fn inv_record(&mut self, inv: &Inv) -> Option<&mut InvRecord> {

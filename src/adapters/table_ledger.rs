@@ -52,6 +52,7 @@ use super::identity::transport;
 use crate::domain::due_index::{self, DueEntry};
 use crate::domain::history::{self, HistoryEntry};
 use crate::domain::ledger::{Lease, LeaseHolder};
+use crate::domain::notification::Notification;
 use crate::domain::sweep_state::SweepState;
 use crate::domain::{
     DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus,
@@ -78,6 +79,9 @@ pub const PENDING_FILTER: &str = "RowKey eq 'desired' and Status eq 'pending'";
 pub const ANCHOR_ROW: &str = "anchor";
 /// Row keys of `Idempotency-Key` rows start with this.
 pub const IDEMPOTENCY_ROW_PREFIX: &str = "idem-";
+/// Row keys of the device's outbox (`evt-{seq, 20 digits}`: sorts in `seq` order;
+/// outside the range history pruning reads).
+pub const OUTBOX_ROW_PREFIX: &str = "evt-";
 pub const SWEEP_PARTITION: &str = "!sweep";
 pub const SWEEP_ROW: &str = "state";
 
@@ -290,21 +294,25 @@ impl TableLedger {
         state: &DesiredState,
         expected: Option<&ETag>,
         entries: &[HistoryEntry],
+        events: &[Notification],
     ) -> Result<ETag, StoreError> {
         let on = expected.map(|e| Precondition::Record(e.clone()));
-        self.transaction(state, on.as_ref(), entries, None).await
+        self.transaction(state, on.as_ref(), entries, None, events)
+            .await
     }
 
     /// One entity-group transaction in the device's partition: the `desired` row
     /// (inserted when `on` is `None` or the anchor, else replaced at the record's ETag),
     /// the anchor row touched at its ETag when `on` is the anchor, the history
-    /// `entries`, and the `key` row (inserted, or replacing an expired one at its ETag).
+    /// `entries`, the `key` row (inserted, or replacing an expired one at its ETag) and
+    /// the outbox rows of `events`.
     async fn transaction(
         &self,
         state: &DesiredState,
         on: Option<&Precondition>,
         entries: &[HistoryEntry],
         key: Option<KeyWrite<'_>>,
+        events: &[Notification],
     ) -> Result<ETag, StoreError> {
         let table = self.table().await?;
         let serialise = |e: azure_core::Error| unavailable("serialise", &e);
@@ -339,6 +347,11 @@ impl TableLedger {
                     history_row(&entry.request.request_id),
                     history_to_entity(entry),
                 )
+                .map_err(serialise)?;
+        }
+        for event in events {
+            tx = tx
+                .insert_or_replace(outbox_row(event.seq), outbox_to_entity(event))
                 .map_err(serialise)?;
         }
         let response = tx.await.map_err(|e| unavailable("transaction", &e))?;
@@ -482,8 +495,13 @@ impl Ledger for TableLedger {
         }
     }
 
-    async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
-        self.put_with_history(state, expected, &[HistoryEntry::of(state)])
+    async fn put(
+        &self,
+        state: &DesiredState,
+        expected: Option<&ETag>,
+        events: &[Notification],
+    ) -> Result<ETag, StoreError> {
+        self.put_with_history(state, expected, &[HistoryEntry::of(state)], events)
             .await
     }
 
@@ -516,10 +534,13 @@ impl Ledger for TableLedger {
         replaced: Option<&HistoryEntry>,
         key: Option<KeyWrite<'_>>,
         on: &Precondition,
+        events: &[Notification],
     ) -> Result<ETag, StoreError> {
         let mut entries = vec![HistoryEntry::of(state)];
         entries.extend(replaced.cloned());
-        let etag = self.transaction(state, Some(on), &entries, key).await?;
+        let etag = self
+            .transaction(state, Some(on), &entries, key, events)
+            .await?;
         if state.prunes_history() {
             self.prune(
                 &state.device_id,
@@ -601,6 +622,44 @@ impl Ledger for TableLedger {
                 .and_then(|d| DeviceId::parse(d).ok())
         };
         Ok((pending_page(&entities), next))
+    }
+
+    async fn outbox(&self, device: &DeviceId) -> Result<Vec<Notification>, StoreError> {
+        let table = self.table().await?;
+        // Device ids are [A-Za-z0-9._-]: nothing to escape in the filter.
+        let filter = format!(
+            "PartitionKey eq '{device}' and RowKey ge '{OUTBOX_ROW_PREFIX}' and RowKey lt 'evt.'"
+        );
+        let mut pages = table
+            .query()
+            .filter(Filter::new(filter))
+            .into_stream::<Map<String, Value>>();
+        let mut events = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| unavailable("query outbox", &e))?;
+            for entity in &page.entities {
+                events.push(outbox_from_entity(entity)?);
+            }
+        }
+        events.sort_by_key(|e| e.seq);
+        Ok(events)
+    }
+
+    async fn remove_outbox(&self, device: &DeviceId, seqs: &[u64]) -> Result<(), StoreError> {
+        let table = self.table().await?;
+        let rows: Vec<String> = seqs.iter().map(|s| outbox_row(*s)).collect();
+        let partition = table.partition_key_client(device.as_str());
+        for chunk in rows.chunks(due_index::MAX_BATCH) {
+            // One transaction; if a row is gone already (another dispatcher removed it),
+            // it fails as a whole and the rows go one by one.
+            if self.delete_batch(&partition, chunk).await {
+                continue;
+            }
+            for row in chunk {
+                self.delete_row(device.as_str(), row, None).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn file_due(&self, entry: &DueEntry) -> Result<(), StoreError> {
@@ -822,6 +881,38 @@ fn put_opt(entity: &mut Map<String, Value>, name: &str, value: Option<Value>) {
 }
 
 /// RowKey of a request's history entry.
+pub fn outbox_row(seq: u64) -> String {
+    format!("{OUTBOX_ROW_PREFIX}{seq:020}")
+}
+
+fn outbox_to_entity(n: &Notification) -> Map<String, Value> {
+    let mut e = Map::new();
+    e.insert("PartitionKey".into(), n.device_id.as_str().into());
+    e.insert("RowKey".into(), outbox_row(n.seq).into());
+    e.insert("Seq".into(), n.seq.to_string().into());
+    e.insert("Seq@odata.type".into(), "Edm.Int64".into());
+    e.insert("EventId".into(), n.id.clone().into());
+    e.insert("EventType".into(), n.event_type.clone().into());
+    e.insert("Subject".into(), n.subject.clone().into());
+    e.insert("Time".into(), time(n.time));
+    e.insert("Data".into(), n.data.clone().into());
+    e
+}
+
+fn outbox_from_entity(entity: &Map<String, Value>) -> Result<Notification, CorruptRow> {
+    let row = Row { entity };
+    Ok(Notification {
+        device_id: DeviceId::parse(&row.str("PartitionKey")?)
+            .map_err(|_| row.bad("PartitionKey", "is not a device id"))?,
+        seq: u64::try_from(row.int("Seq")?).map_err(|_| row.bad("Seq", "is out of range"))?,
+        id: row.str("EventId")?,
+        event_type: row.str("EventType")?,
+        subject: row.str("Subject")?,
+        time: row.time("Time")?,
+        data: row.str("Data")?,
+    })
+}
+
 pub fn history_row(request: &RequestId) -> String {
     format!("{HISTORY_ROW_PREFIX}{request}")
 }
@@ -877,6 +968,10 @@ fn desired_to_entity(s: &DesiredState) -> Map<String, Value> {
         e.insert("Unpruned".into(), s.unpruned.into());
     }
     put_opt(&mut e, "PrunedAt", s.pruned_at.map(time));
+    if s.last_event_seq > 0 {
+        e.insert("LastEventSeq".into(), s.last_event_seq.to_string().into());
+        e.insert("LastEventSeq@odata.type".into(), "Edm.Int64".into());
+    }
     e
 }
 
@@ -997,6 +1092,10 @@ fn desired_from_entity(entity: &Map<String, Value>) -> Result<DesiredState, Corr
             Some(n) => u32::try_from(n).map_err(|_| row.bad("Unpruned", "is out of range"))?,
         },
         pruned_at: row.opt_time("PrunedAt")?,
+        last_event_seq: match row.opt_int("LastEventSeq")? {
+            None => 0,
+            Some(n) => u64::try_from(n).map_err(|_| row.bad("LastEventSeq", "is out of range"))?,
+        },
     })
 }
 
@@ -1192,6 +1291,7 @@ mod tests {
             due_entry: Some("2027-01-15T08:01:00.123Z~bat-1~0a1b2c3d4e5f".into()),
             unpruned: 7,
             pruned_at: Some(t(1)),
+            last_event_seq: 12,
         }
     }
 

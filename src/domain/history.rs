@@ -109,6 +109,7 @@ impl HistoryEntry {
         request.due_entry = None;
         request.unpruned = 0;
         request.pruned_at = None;
+        request.last_event_seq = 0;
         Self {
             request,
             superseded_by: None,

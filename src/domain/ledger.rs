@@ -177,6 +177,10 @@ pub struct DesiredState {
     pub unpruned: u32,
     /// When they were last pruned (`None`: written before this was kept).
     pub pruned_at: Option<DateTime<Utc>>,
+    /// The device's transition counter: the [`Notification::seq`](super::notification::Notification::seq)
+    /// of the last event written to its outbox (0: none yet). Carried from version to
+    /// version, so the events of a device are numbered in the order of its writes.
+    pub last_event_seq: u64,
 }
 
 impl DesiredState {
@@ -209,6 +213,7 @@ impl DesiredState {
             due_entry: None,
             unpruned,
             pruned_at,
+            last_event_seq: previous.map_or(0, |p| p.last_event_seq),
         }
     }
 
@@ -293,6 +298,7 @@ impl DesiredState {
         let (unpruned, pruned_at) = super::history::prunes_after(stored, now);
         self.unpruned = unpruned;
         self.pruned_at = pruned_at;
+        self.last_event_seq = stored.map_or(0, |s| s.last_event_seq);
         self
     }
 

@@ -539,7 +539,11 @@ mod tests {
         start
             .value
             .record_attempt(&h1, h.clock.now(), h.svc.policy.put_window);
-        start.etag = h.ledger.put(&start.value, Some(&start.etag)).await.unwrap();
+        start.etag = h
+            .ledger
+            .put(&start.value, Some(&start.etag), &[])
+            .await
+            .unwrap();
         h.clock.advance(chrono::Duration::seconds(1));
         let renewed = std::sync::Arc::new(std::sync::Mutex::new(None));
         let seen = renewed.clone();
@@ -601,7 +605,7 @@ mod tests {
                 stored.value.mark_expired(now);
                 stored.value.lease = None;
                 h2.ledger
-                    .put(&stored.value, Some(&stored.etag))
+                    .put(&stored.value, Some(&stored.etag), &[])
                     .await
                     .unwrap();
             })

@@ -57,16 +57,17 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::domain::due_index::{self, DueEntry, SHARDS};
+use crate::domain::notification::Notification;
 use crate::domain::sweep_state::SweepState;
 use crate::domain::{DesiredState, DeviceId, HolderKind, LeaseHolder, MinSoc, RequestId};
 use crate::ports::{
-    Clock, DeviceApi, DeviceError, DeviceStatus, ETag, OutgoingMessage, Precondition, StoreError,
-    Versioned,
+    Clock, DeviceApi, DeviceError, DeviceStatus, ETag, Notifier, NotifyError, OutgoingMessage,
+    Precondition, StoreError, Versioned,
 };
 
 use super::apply::{apply_latest, ApplyOutcome};
-use super::index;
 use super::wake::{self, Rescheduled};
+use super::{index, notify};
 use super::{Policy, Services, SWEEP_RENEW_EVERY};
 
 /// Counts of what one sweep did (logged, and returned to the host in `Logs`).
@@ -101,6 +102,13 @@ pub struct SweepReport {
     /// Another run took the sweep lease over while this one worked (this one's
     /// renewals failed until it lapsed): this one started no more work.
     pub lease_lost: bool,
+    /// Events this run published from the devices' outboxes.
+    pub notified: usize,
+    /// Events this run found it could not publish (the topic refused or was down),
+    /// left in their outboxes, and the age of the oldest of them in seconds (0: none):
+    /// what the outbox-age alert watches.
+    pub outbox_events: usize,
+    pub outbox_oldest_age_s: i64,
 }
 
 impl std::fmt::Display for SweepReport {
@@ -110,10 +118,11 @@ impl std::fmt::Display for SweepReport {
         }
         write!(
             f,
-            "due={} applied={} expired={} failed={} resent={} fanned_out={} still_offline={} busy={} errors={} corrupt={} refiled={} dropped={} deferred={} reconciled={} status_calls={} lease_lost={}",
+            "due={} applied={} expired={} failed={} resent={} fanned_out={} still_offline={} busy={} errors={} corrupt={} refiled={} dropped={} deferred={} reconciled={} status_calls={} lease_lost={} notified={} outbox_oldest_age_s={} outbox_events={}",
             self.due, self.applied, self.expired, self.failed, self.resent, self.fanned_out,
             self.still_offline, self.busy, self.errors, self.corrupt, self.refiled, self.dropped,
-            self.deferred, self.reconciled, self.status_calls, self.lease_lost
+            self.deferred, self.reconciled, self.status_calls, self.lease_lost, self.notified,
+            self.outbox_oldest_age_s, self.outbox_events
         )
     }
 }
@@ -224,6 +233,7 @@ async fn sweep(
     let deadline = started + svc.policy.sweep_budget;
     let due = list_due(svc, deadline, report).await?;
     report.due = due.len();
+    let tally = Arc::new(Mutex::new(OutboxTally::default()));
     let cut = Services {
         device: Arc::new(SweepDevice {
             inner: svc.device.clone(),
@@ -232,6 +242,12 @@ async fn sweep(
             policy: svc.policy,
             deadline,
         }),
+        notifier: svc.notifier.clone().map(|inner| {
+            Arc::new(TallyingNotifier {
+                inner,
+                tally: tally.clone(),
+            }) as Arc<dyn Notifier>
+        }),
         ..svc.clone()
     };
     let (steps, reconciled) = tokio::join!(
@@ -239,6 +255,14 @@ async fn sweep(
         reconcile(svc, lease)
     );
     report.reconciled = reconciled;
+    {
+        let tally = tally.lock().unwrap();
+        report.notified = tally.published;
+        report.outbox_events = tally.left;
+        report.outbox_oldest_age_s = tally
+            .oldest_left
+            .map_or(0, |at| (svc.clock.now() - at).num_seconds().max(0));
+    }
     for (step, called) in steps {
         report.status_calls += usize::from(called);
         let count = match step {
@@ -354,6 +378,37 @@ async fn list_due(
     }
     due.truncate(svc.policy.sweep_max_due);
     Ok(due)
+}
+
+/// What this run's publishes did (counted by [`TallyingNotifier`]).
+#[derive(Debug, Default)]
+struct OutboxTally {
+    published: usize,
+    left: usize,
+    oldest_left: Option<DateTime<Utc>>,
+}
+
+/// The topic as the sweep's work sees it: counts what was published and what was not.
+struct TallyingNotifier {
+    inner: Arc<dyn Notifier>,
+    tally: Arc<Mutex<OutboxTally>>,
+}
+
+#[async_trait]
+impl Notifier for TallyingNotifier {
+    async fn publish(&self, events: &[Notification]) -> Result<(), NotifyError> {
+        let result = self.inner.publish(events).await;
+        let mut tally = self.tally.lock().unwrap();
+        match &result {
+            Ok(()) => tally.published += events.len(),
+            Err(_) => {
+                tally.left += events.len();
+                let oldest = events.iter().map(|e| e.time).min();
+                tally.oldest_left = tally.oldest_left.into_iter().chain(oldest).min();
+            }
+        }
+        result
+    }
 }
 
 /// What a look at a due device's record decided.
@@ -656,6 +711,13 @@ async fn tidy(
             || cfg!(feature = "mutant-sweep-drops-young-entries")
     });
     let pending = record.and_then(|r| svc.policy.sweep_due(&r.value).map(|at| (r, at)));
+    // Entries are about to go (the record is not due now): the device's outbox first,
+    // read after the record was, so it holds every event of every write the fence
+    // below leaves committed (`functions::notify`). Undelivered: the entries stay.
+    let removes = !entries.is_empty() && pending.map_or(true, |(_, at)| at > now);
+    if removes && notify::dispatch(svc, device).await.is_err() {
+        return;
+    }
     let written = match pending {
         Some(_) if cfg!(feature = "mutant-sweep-drops-before-filing") => {
             fence_read(svc, device, record).await
@@ -700,7 +762,8 @@ async fn refile(svc: &Services, record: &Versioned<DesiredState>) -> bool {
         warn!(device = %device, error = %e, "sweep could not file the device at its due time");
         return false;
     }
-    match svc.ledger.put(&renamed, Some(&record.etag)).await {
+    // Renaming the entry changes nothing a reader sees: no transition, no event.
+    match svc.ledger.put(&renamed, Some(&record.etag), &[]).await {
         Ok(_) => {
             moved.committed(svc).await;
             true
@@ -1434,7 +1497,7 @@ mod tests {
         h.ledger.unfile_due(&named, None).await.unwrap();
         current.value.due_entry = None;
         h.ledger
-            .put(&current.value, Some(&current.etag))
+            .put(&current.value, Some(&current.etag), &[])
             .await
             .unwrap();
         file_extra_entry(&h, "a").await;
@@ -1576,7 +1639,11 @@ mod tests {
             .await
             .unwrap();
         h.ledger.defer_next_accept();
-        assert!(h.ledger.accept(&record, None, None, &on).await.is_err());
+        assert!(h
+            .ledger
+            .accept(&record, None, None, &on, &[])
+            .await
+            .is_err());
         h.clock.advance(overdue(&h));
         let report = run(&h.svc).await.unwrap();
         assert_eq!(report.dropped, 1, "{report}");
@@ -1689,7 +1756,7 @@ mod tests {
                 h.svc.policy.request_ttl,
                 None,
             );
-            h.ledger.put(&rec, None).await.unwrap();
+            h.ledger.put(&rec, None, &[]).await.unwrap();
         }
     }
 

@@ -11,6 +11,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 
 use crate::domain::due_index::{self, DueEntry};
 use crate::domain::history::{self, HistoryEntry};
+use crate::domain::notification::Notification;
 use crate::domain::schedule::Backoff;
 use crate::domain::sweep_state::SweepState;
 use crate::domain::{DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId};
@@ -193,6 +194,47 @@ impl DeviceApi for FakeDevice {
 /// scheduled delivery times.
 pub type BatchSent = (DateTime<Utc>, Vec<Option<DateTime<Utc>>>);
 
+/// The event topic: keeps every batch it accepted, in order; can be down.
+#[derive(Clone, Default)]
+pub struct FakeNotifier {
+    received: Arc<Mutex<Vec<Notification>>>,
+    down: Arc<Mutex<bool>>,
+    attempts: Arc<Mutex<usize>>,
+}
+
+impl FakeNotifier {
+    /// Every event accepted, in arrival order (repeats included).
+    pub fn received(&self) -> Vec<Notification> {
+        self.received.lock().unwrap().clone()
+    }
+    /// The ids of [`FakeNotifier::received`].
+    pub fn ids(&self) -> Vec<String> {
+        self.received().into_iter().map(|n| n.id).collect()
+    }
+    pub fn set_down(&self, down: bool) {
+        *self.down.lock().unwrap() = down;
+    }
+    /// Publish requests made (accepted or not).
+    pub fn attempts(&self) -> usize {
+        *self.attempts.lock().unwrap()
+    }
+}
+
+#[async_trait]
+impl Notifier for FakeNotifier {
+    async fn publish(&self, events: &[Notification]) -> Result<(), NotifyError> {
+        *self.attempts.lock().unwrap() += 1;
+        if *self.down.lock().unwrap() {
+            return Err(NotifyError::Unavailable {
+                reason: "HTTP 503".into(),
+                retry_after: None,
+            });
+        }
+        self.received.lock().unwrap().extend_from_slice(events);
+        Ok(())
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct FakeQueue {
     sent: Arc<Mutex<Vec<OutgoingMessage>>>,
@@ -305,6 +347,8 @@ struct LedgerState {
     due_batches: Vec<usize>,
     /// Every sweep state written, in order.
     sweep_writes: Vec<SweepState>,
+    /// The devices' outboxes, by device and `seq`.
+    outbox: BTreeMap<(String, u64), Notification>,
 }
 
 /// An accepting write that timed out at its caller and is still in flight.
@@ -314,6 +358,7 @@ struct DeferredAccept {
     replaced: Option<HistoryEntry>,
     key: Option<(IdempotencyRecord, Option<ETag>)>,
     on: Precondition,
+    events: Vec<Notification>,
 }
 
 impl LedgerState {
@@ -356,7 +401,7 @@ impl LedgerState {
             Precondition::Record(e) => Some(e),
             Precondition::Anchor(_) => None,
         };
-        let etag = self.write(&a.state, a.replaced.as_ref(), expected)?;
+        let etag = self.write(&a.state, a.replaced.as_ref(), expected, &a.events)?;
         if a.state.prunes_history() {
             self.prune(&a.state.device_id, &a.state.request_id);
             let cutoff = a.state.requested_at - crate::domain::IDEMPOTENCY_KEY_RETENTION;
@@ -366,12 +411,14 @@ impl LedgerState {
         Ok(etag)
     }
 
-    /// One atomic write: the record, its request's entry and the `replaced` entry.
+    /// One atomic write: the record, its request's entry, the `replaced` entry and the
+    /// outbox rows of `events`.
     fn write(
         &mut self,
         state: &DesiredState,
         replaced: Option<&HistoryEntry>,
         expected: Option<&ETag>,
+        events: &[Notification],
     ) -> Result<ETag, StoreError> {
         if self.down {
             return Err(StoreError::Unavailable("down".into()));
@@ -388,6 +435,10 @@ impl LedgerState {
         self.keep_entry(HistoryEntry::of(state));
         if let Some(entry) = replaced {
             self.keep_entry(entry.clone());
+        }
+        for event in events {
+            self.outbox
+                .insert((event.device_id.to_string(), event.seq), event.clone());
         }
         Ok(ETag(n.to_string()))
     }
@@ -492,6 +543,10 @@ impl FakeLedger {
         let a = s.deferred.take().expect("no accepting write in flight");
         s.accept(&a)
     }
+    /// Every event in every outbox, by device and `seq`.
+    pub fn outboxes(&self) -> Vec<Notification> {
+        self.0.lock().unwrap().outbox.values().cloned().collect()
+    }
     /// No desired-state record and no idempotency record.
     pub fn is_empty(&self) -> bool {
         let s = self.0.lock().unwrap();
@@ -525,14 +580,19 @@ impl Ledger for FakeLedger {
         }))
     }
 
-    async fn put(&self, state: &DesiredState, expected: Option<&ETag>) -> Result<ETag, StoreError> {
+    async fn put(
+        &self,
+        state: &DesiredState,
+        expected: Option<&ETag>,
+        events: &[Notification],
+    ) -> Result<ETag, StoreError> {
         self.pause().await;
         let mut s = self.0.lock().unwrap();
         if std::mem::take(&mut s.put_time_out_and_go_down) {
             s.down = true;
             return Err(StoreError::Unavailable("timed out".into()));
         }
-        let etag = s.write(state, None, expected)?;
+        let etag = s.write(state, None, expected, events)?;
         if std::mem::take(&mut s.put_commit_then_time_out) {
             return Err(StoreError::Unavailable("timed out".into()));
         }
@@ -563,6 +623,7 @@ impl Ledger for FakeLedger {
         replaced: Option<&HistoryEntry>,
         key: Option<KeyWrite<'_>>,
         on: &Precondition,
+        events: &[Notification],
     ) -> Result<ETag, StoreError> {
         self.pause().await;
         let mut s = self.0.lock().unwrap();
@@ -574,6 +635,7 @@ impl Ledger for FakeLedger {
             replaced: replaced.cloned(),
             key: key.map(|k| (k.record.clone(), k.replaces.cloned())),
             on: on.clone(),
+            events: events.to_vec(),
         };
         if std::mem::take(&mut s.commit_then_time_out) {
             s.accept(&write)?;
@@ -607,6 +669,30 @@ impl Ledger for FakeLedger {
             Precondition::Anchor(_) => {
                 s.anchors.insert(device.to_string(), n);
             }
+        }
+        Ok(())
+    }
+
+    async fn outbox(&self, device: &DeviceId) -> Result<Vec<Notification>, StoreError> {
+        self.pause().await;
+        let s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        Ok(s.outbox
+            .range((device.to_string(), 0)..=(device.to_string(), u64::MAX))
+            .map(|(_, n)| n.clone())
+            .collect())
+    }
+
+    async fn remove_outbox(&self, device: &DeviceId, seqs: &[u64]) -> Result<(), StoreError> {
+        self.pause().await;
+        let mut s = self.0.lock().unwrap();
+        if s.down {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        for seq in seqs {
+            s.outbox.remove(&(device.to_string(), *seq));
         }
         Ok(())
     }
@@ -833,6 +919,8 @@ pub struct Harness {
     pub queue: FakeQueue,
     pub ledger: FakeLedger,
     pub clock: FakeClock,
+    /// The event topic; the services publish to it only once [`Harness::notifying`].
+    pub notifier: FakeNotifier,
 }
 
 impl Default for Harness {
@@ -878,6 +966,7 @@ impl Harness {
             queue: Arc::new(queue.clone()),
             ledger: Arc::new(ledger.clone()),
             clock: Arc::new(clock.clone()),
+            notifier: None,
             policy,
         };
         Self {
@@ -886,7 +975,14 @@ impl Harness {
             queue,
             ledger,
             clock,
+            notifier: FakeNotifier::default(),
         }
+    }
+
+    /// This harness with notifications on, published to [`Harness::notifier`].
+    pub fn notifying(mut self) -> Self {
+        self.svc.notifier = Some(Arc::new(self.notifier.clone()));
+        self
     }
 
     pub fn id(&self, raw: &str) -> DeviceId {
@@ -908,7 +1004,7 @@ impl Harness {
             for_,
         );
         self.ledger
-            .put(&held.value, Some(&held.etag))
+            .put(&held.value, Some(&held.etag), &[])
             .await
             .unwrap();
     }

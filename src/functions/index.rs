@@ -32,7 +32,7 @@ use crate::domain::due_index::DueEntry;
 use crate::domain::DesiredState;
 use crate::ports::{ETag, StoreError};
 
-use super::Services;
+use super::{notify, Services};
 
 /// How much earlier than a record's sweep-due time the entry it names may be and still
 /// be kept: an early entry costs the sweep a look only if a run lists it in between,
@@ -128,7 +128,9 @@ impl IndexMove {
 }
 
 /// Writes `record` over `stored` (read with `expected`; `None`: insert), moving its
-/// due-index entry with it ([`plan`]); `record` comes back naming its entry.
+/// due-index entry with it ([`plan`]) and, if the write ends its request, with that
+/// transition's event ([`notify::settled`], published once the write committed);
+/// `record` comes back naming its entry.
 pub async fn put_record(
     svc: &Services,
     record: &mut DesiredState,
@@ -136,9 +138,11 @@ pub async fn put_record(
     expected: Option<&ETag>,
 ) -> Result<ETag, StoreError> {
     let moved = plan(svc, record, stored);
+    let events = notify::settled(svc, stored, record);
     moved.file(svc).await?;
-    let etag = svc.ledger.put(record, expected).await?;
-    moved.committed(svc).await;
+    let backstop = notify::Backstop::file(svc, &record.device_id, &events).await?;
+    let etag = svc.ledger.put(record, expected, &events).await?;
+    tokio::join!(moved.committed(svc), backstop.committed(svc));
     Ok(etag)
 }
 
@@ -312,7 +316,10 @@ mod tests {
         let moved = plan_refiling(&h.svc, &mut renamed, Some(&current.value));
         assert_ne!(renamed.due_entry, current.value.due_entry);
         moved.file(&h.svc).await.unwrap();
-        h.ledger.put(&renamed, Some(&current.etag)).await.unwrap();
+        h.ledger
+            .put(&renamed, Some(&current.etag), &[])
+            .await
+            .unwrap();
         moved.committed(&h.svc).await;
         let filed = entries(&h).await;
         assert_eq!(filed.len(), 1, "{filed:?}");

@@ -9,13 +9,14 @@
 //!
 //! [`apply`] is the one procedure that talks to a device; [`wake`] sends wake-up
 //! messages and records them in the ledger; [`index`] keeps the due index in step
-//! with record writes. They are shared by the functions (a device event never sends a
+//! with record writes; [`notify`] keeps the notification outbox and publishes it. They are shared by the functions (a device event never sends a
 //! wake-up message: it only applies).
 
 pub mod apply;
 pub mod device_events_http;
 pub mod drain_soc_timer;
 pub mod index;
+pub mod notify;
 pub mod set_soc_checks;
 pub mod set_soc_http;
 pub mod soc_queue_trigger;
@@ -30,7 +31,7 @@ use crate::adapters::table_ledger::STORAGE_TIMEOUT;
 use crate::config::Config;
 use crate::domain::schedule::Backoff;
 use crate::domain::DesiredState;
-use crate::ports::{Clock, DeviceApi, Ledger, SettingsQueue};
+use crate::ports::{Clock, DeviceApi, Ledger, Notifier, SettingsQueue};
 
 /// Everything a function needs: the ports and the policy.
 #[derive(Clone)]
@@ -39,6 +40,8 @@ pub struct Services {
     pub queue: Arc<dyn SettingsQueue>,
     pub ledger: Arc<dyn Ledger>,
     pub clock: Arc<dyn Clock>,
+    /// The app's event topic; `None` when notifications are off (no outbox is written).
+    pub notifier: Option<Arc<dyn Notifier>>,
     pub policy: Policy,
 }
 

@@ -36,7 +36,7 @@
 
 mod cancel;
 mod idempotency;
-mod render;
+pub(crate) mod render;
 mod requests;
 
 use tracing::{info, warn};
@@ -50,9 +50,9 @@ use crate::ports::{
 };
 
 use super::apply::{apply_latest, read_back, ApplyOutcome};
-use super::index;
 use super::wake;
 use super::Services;
+use super::{index, notify};
 use idempotency::KeyUse;
 use render::{applied_response, pending_response};
 pub use render::{entry_view, problem_type, view, ApiResponse, PROBLEM_TYPE_PREFIX};
@@ -354,6 +354,17 @@ async fn commit(
         let replaced = current
             .as_ref()
             .map(|v| HistoryEntry::replaced(&v.value, &record.request_id, now));
+        // Ending it, if it was pending: its event goes in the same write.
+        let events = notify::replaced(
+            svc,
+            current.as_ref().map(|v| &v.value),
+            replaced.as_ref(),
+            &mut record,
+        );
+        let backstop = match notify::Backstop::file(svc, device, &events).await {
+            Ok(b) => b,
+            Err(e) => return not_kept(e),
+        };
         let key_row = key.map(|k| IdempotencyRecord {
             device_id: device.clone(),
             key: k.key.clone(),
@@ -367,11 +378,11 @@ async fn commit(
         });
         match svc
             .ledger
-            .accept(&record, replaced.as_ref(), key_write, &on)
+            .accept(&record, replaced.as_ref(), key_write, &on, &events)
             .await
         {
             Ok(etag) => {
-                moved.committed(svc).await;
+                tokio::join!(moved.committed(svc), backstop.committed(svc));
                 return Committed::Current(Box::new(Versioned {
                     value: record,
                     etag,
@@ -401,7 +412,7 @@ async fn commit(
                 return match fence(svc, device, &on, &record.request_id, stored).await {
                     Fenced::NotCommitted => not_kept(e),
                     Fenced::Committed => {
-                        moved.committed(svc).await;
+                        tokio::join!(moved.committed(svc), backstop.committed(svc));
                         match read_back(svc, device).await {
                             Ok(Some(stored)) if stored.value.request_id == record.request_id => {
                                 Committed::Current(Box::new(stored))
