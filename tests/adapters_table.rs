@@ -7,6 +7,7 @@ use soc_settings::adapters::connection_string::StorageConnection;
 use soc_settings::adapters::table_ledger::TableLedger;
 use soc_settings::domain::history::{HistoryEntry, HISTORY_KEPT_AT_MOST, HISTORY_LIMIT};
 use soc_settings::domain::ledger::{Lease, LeaseHolder};
+use soc_settings::domain::notification::Notification;
 use soc_settings::domain::{
     DesiredState, DeviceId, IdempotencyKey, MinSoc, RequestId, RequestStatus,
     IDEMPOTENCY_KEY_RETENTION,
@@ -863,4 +864,80 @@ async fn pending_after_resumes_after_a_device_and_says_when_the_listing_ended() 
     let (page, next) = ledger.pending_after(next.as_ref(), 2).await.unwrap();
     assert_eq!(ids(&page), ["dev-4"]);
     assert_eq!(next, None, "the listing ended");
+}
+
+fn event(device: &DesiredState, seq: u64, status: &str) -> Notification {
+    let mut n = Notification::request_settled(
+        &device.device_id,
+        &device.request_id,
+        soc_settings::domain::history::ShownStatus::Applied,
+        seq,
+        t(seq as i64),
+        &serde_json::json!({"requestId": device.request_id.as_str(), "status": status}),
+    );
+    n.id = format!("{}.{status}", device.request_id);
+    n
+}
+
+#[tokio::test]
+async fn an_outbox_event_is_stored_only_with_its_write_and_read_back_in_order_until_removed() {
+    let azurite = Azurite::shared();
+    let ledger = ledger_on(&azurite, &unique_table("outbox"));
+    let dev = device("bat-o");
+    let a = pending("bat-o", 10);
+    let etag = ledger.put(&a, None, &[]).await.unwrap();
+    // A write that conflicts stores none of its events.
+    let mut applied = a.clone();
+    applied.mark_applied(t(5));
+    applied.last_event_seq = 1;
+    let stale = ETag("W/\"datetime'2000-01-01T00%3A00%3A00Z'\"".into());
+    let first = event(&applied, 1, "applied");
+    assert_eq!(
+        ledger.put(&applied, Some(&stale), &[first.clone()]).await,
+        Err(StoreError::Conflict)
+    );
+    assert!(ledger.outbox(&dev).await.unwrap().is_empty());
+    // The write that commits stores them, in the same transaction.
+    let etag = ledger
+        .put(&applied, Some(&etag), &[first.clone()])
+        .await
+        .unwrap();
+    let b = DesiredState::accept(
+        dev.clone(),
+        MinSoc::new(20).unwrap(),
+        t(10),
+        chrono::Duration::days(7),
+        Some(&applied),
+    );
+    let (second, third) = (event(&b, 2, "cancelled"), event(&b, 10, "failed"));
+    ledger
+        .accept(
+            &b,
+            None,
+            None,
+            &Precondition::Record(etag),
+            &[third.clone(), second.clone()],
+        )
+        .await
+        .unwrap();
+    let kept = ledger.outbox(&dev).await.unwrap();
+    assert_eq!(
+        kept,
+        vec![first.clone(), second.clone(), third.clone()],
+        "seq order, not write order"
+    );
+    assert!(ledger
+        .outbox(&device("bat-other"))
+        .await
+        .unwrap()
+        .is_empty());
+    ledger.remove_outbox(&dev, &[1, 2]).await.unwrap();
+    // Removing what is gone already is fine (another dispatcher was first).
+    ledger.remove_outbox(&dev, &[1, 2, 10]).await.unwrap();
+    assert!(ledger.outbox(&dev).await.unwrap().is_empty());
+    assert_eq!(
+        ledger.get(&dev).await.unwrap().unwrap().value.request_id,
+        b.request_id,
+        "the record is untouched"
+    );
 }
