@@ -6,6 +6,8 @@
 //! - [`servicebus`]: the Service Bus stand-in (REST send, durable store, peek-lock delivery).
 //! - [`devhost`]: the Azure Functions host stand-in (spawns `handler`, HTTP/timer/Service Bus
 //!   triggers) built on the two above.
+//! - [`eventgrid`]: the Event Grid topic stand-in (CloudEvents publish, durable record of the
+//!   events, injected failures) the app's notifications go to.
 //! - [`identity`]: the managed-identity endpoint stand-in (`IDENTITY_ENDPOINT`) and its tokens.
 //! - [`azurite`]: the Azurite Table service process (devhost's, and the tests' via `testkit`).
 //! - [`server`]: serving a router with bounded graceful shutdown, and logging setup.
@@ -15,6 +17,7 @@
 pub mod azurite;
 pub mod devhost;
 pub mod devicesim;
+pub mod eventgrid;
 pub mod identity;
 pub mod server;
 pub mod servicebus;

@@ -1,10 +1,11 @@
 //! `devhost` — run the function app locally like the Azure Functions host would.
 //!
 //! ```text
-//! devhost [run] [--app-root DIR] [--port 7071] [--servicebus-port N] [--set NAME=VALUE]...
-//!               [--data-dir DIR] [--no-azurite] [--no-timers] [--max-delivery-count N]
+//! devhost [run] [--app-root DIR] [--port 7071] [--servicebus-port N] [--eventgrid-port N]
+//!               [--set NAME=VALUE]... [--data-dir DIR] [--no-azurite] [--no-timers] [--max-delivery-count N]
 //!               [--lock-duration-secs N] [--handler PATH] [--function-key K] [--master-key K]
 //! devhost queues [--url http://127.0.0.1:7071]
+//! devhost events [--subject S] [--subject-begins-with P] [--url http://127.0.0.1:7071]
 //! devhost fire FUNCTION --key MASTER_KEY [--url http://127.0.0.1:7071]
 //! ```
 
@@ -15,10 +16,11 @@ use devtools::devhost::{DevHost, DevHostOptions};
 
 fn usage() -> ! {
     println!(
-        "usage:\n  devhost [run] [--app-root DIR] [--port 7071] [--servicebus-port N] [--set NAME=VALUE]...\n\
-         \x20             [--data-dir DIR] [--no-azurite] [--no-timers] [--max-delivery-count N]\n\
+        "usage:\n  devhost [run] [--app-root DIR] [--port 7071] [--servicebus-port N] [--eventgrid-port N]\n\
+         \x20             [--set NAME=VALUE]... [--data-dir DIR] [--no-azurite] [--no-timers] [--max-delivery-count N]\n\
          \x20             [--lock-duration-secs N] [--handler PATH] [--function-key K] [--master-key K]\n\
          \x20 devhost queues [--url http://127.0.0.1:7071]\n\
+         \x20 devhost events [--subject S] [--subject-begins-with P] [--url http://127.0.0.1:7071]\n\
          \x20 devhost fire FUNCTION --key MASTER_KEY [--url http://127.0.0.1:7071]"
     );
     std::process::exit(2)
@@ -38,11 +40,12 @@ async fn main() -> anyhow::Result<()> {
     devtools::server::init_logging();
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let sub = match args.first().map(String::as_str) {
-        Some("queues") | Some("fire") | Some("run") => args.remove(0),
+        Some("queues") | Some("events") | Some("fire") | Some("run") => args.remove(0),
         _ => "run".to_string(),
     };
     let mut url = "http://127.0.0.1:7071".to_string();
     let mut key = None;
+    let mut filters = Vec::new();
     let mut positional = Vec::new();
     let mut opts = DevHostOptions::new(default_root());
     let mut it = args.into_iter();
@@ -52,6 +55,9 @@ async fn main() -> anyhow::Result<()> {
             "--app-root" => opts.app_root = PathBuf::from(val()),
             "--port" => opts.port = val().parse()?,
             "--servicebus-port" => opts.servicebus_port = Some(val().parse()?),
+            "--eventgrid-port" => opts.eventgrid_port = Some(val().parse()?),
+            "--subject" => filters.push(("subject", val())),
+            "--subject-begins-with" => filters.push(("subjectBeginsWith", val())),
             "--set" => {
                 let v = val();
                 let (k, v) = v.split_once('=').unwrap_or_else(|| usage());
@@ -75,11 +81,12 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     match sub.as_str() {
-        "queues" => {
-            let v: serde_json::Value = reqwest::get(format!("{url}/_devhost/queues"))
-                .await?
-                .json()
-                .await?;
+        "queues" | "events" => {
+            let mut page = url::Url::parse(&format!("{url}/_devhost/{sub}"))?;
+            for (name, value) in &filters {
+                page.query_pairs_mut().append_pair(name, value);
+            }
+            let v: serde_json::Value = reqwest::get(page).await?.json().await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }

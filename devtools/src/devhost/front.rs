@@ -3,6 +3,8 @@
 //!
 //! - `GET /_devhost/queues`: every message with its fate ([`super::queues`]); pretty JSON, or an
 //!   HTML table when the client asks for `text/html` (a browser).
+//! - `GET /_devhost/events[?subject=S][&subjectBeginsWith=P]`: the events the app published to the Event Grid topic
+//!   stand-in ([`super::events`]), oldest first; JSON or HTML likewise.
 //! - `GET /_devhost/status`, `GET /admin/host/status`: handler state, pid, restarts.
 //! - `POST /admin/functions/{name}` (master key): fire a function now, `202` at once.
 //! - anything else: matched against the functions' route templates under `routePrefix`
@@ -15,10 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use chrono::Utc;
@@ -27,12 +29,14 @@ use uuid::Uuid;
 
 use super::config::Trigger;
 use super::payloads::{self, HttpIn};
-use super::{fire_timer, invoke, queues, Inner, HOST_VERSION};
+use super::{events, fire_timer, invoke, page, queues, Inner, HOST_VERSION};
+use crate::eventgrid::SubjectFilter;
 
 /// The front end's router.
 pub(super) fn router(inner: Arc<Inner>) -> Router {
     Router::new()
         .route("/_devhost/queues", get(queues_page))
+        .route("/_devhost/events", get(events_page))
         .route("/_devhost/status", get(status_page))
         .route("/admin/host/status", get(status_page))
         .route("/admin/functions/{name}", post(fire_function))
@@ -105,16 +109,20 @@ async fn queues_page(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Res
         None => Err("no storage connection in the app settings".into()),
     };
     let pages = queues::page(snapshot, &ledger);
-    let wants_html = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("text/html"));
-    if wants_html {
-        return Html(queues::html(&pages, Utc::now())).into_response();
-    }
-    let mut body = serde_json::to_string_pretty(&pages).unwrap_or_default();
-    body.push('\n');
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    page::respond(&headers, &pages, || queues::html(&pages, Utc::now()))
+}
+
+async fn events_page(
+    State(inner): State<Arc<Inner>>,
+    Query(filter): Query<SubjectFilter>,
+    headers: HeaderMap,
+) -> Response {
+    let list = inner
+        .topic
+        .as_ref()
+        .map(|t| t.events_matching(&filter))
+        .unwrap_or_default();
+    page::respond(&headers, &list, || events::html(&list, &filter, Utc::now()))
 }
 
 async fn status_page(State(inner): State<Arc<Inner>>) -> Response {

@@ -4,8 +4,10 @@
 
 pub mod config;
 pub mod cron;
+pub mod events;
 mod front;
 pub mod json;
+pub mod page;
 pub mod payloads;
 pub mod queues;
 pub mod supervisor;
@@ -25,6 +27,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::azurite::{self, AzuriteTable, Data};
+use crate::eventgrid::Topic;
 use crate::servicebus::{Broker, BrokerConfig, ConnectionString, QueueSnapshot, ServerHandle};
 use config::{AppConfig, Trigger};
 use json::J;
@@ -33,6 +36,11 @@ use supervisor::{HandlerSpec, HandlerState, OutputSink, Supervisor};
 
 /// The host version devhost claims in headers.
 pub const HOST_VERSION: &str = "4.1037.0.0";
+/// The app setting naming the Event Grid topic the app publishes its notifications to; a
+/// loopback `http` URL makes devhost serve its topic stand-in there.
+pub const NOTIFY_ENDPOINT_SETTING: &str = "SOC_NOTIFY_TOPIC_ENDPOINT";
+/// The topic's access key (`aeg-sas-key`); local runs only.
+pub const NOTIFY_KEY_SETTING: &str = "SOC_NOTIFY_TOPIC_KEY";
 
 /// How to start devhost.
 #[derive(Clone, Debug)]
@@ -43,6 +51,9 @@ pub struct DevHostOptions {
     pub port: u16,
     /// Service Bus stand-in port: `None` = the port in `ServiceBusConnection`; `Some(0)` = free.
     pub servicebus_port: Option<u16>,
+    /// Event Grid topic stand-in port: `None` = the port in `SOC_NOTIFY_TOPIC_ENDPOINT`;
+    /// `Some(0)` = free.
+    pub eventgrid_port: Option<u16>,
     /// App setting overrides (win over local.settings.json).
     pub overrides: Vec<(String, String)>,
     /// Durable state (default `{app_root}/.devhost`).
@@ -69,6 +80,7 @@ impl DevHostOptions {
             app_root: app_root.into(),
             port: 7071,
             servicebus_port: None,
+            eventgrid_port: None,
             overrides: vec![],
             data_dir: None,
             start_azurite: true,
@@ -90,6 +102,7 @@ impl DevHostOptions {
         DevHostOptions {
             port: 0,
             servicebus_port: Some(0),
+            eventgrid_port: Some(0),
             handler_log: Some(data_dir.join("handler.log")),
             data_dir: Some(data_dir),
             start_azurite: false,
@@ -108,6 +121,8 @@ struct Inner {
     supervisor: Supervisor,
     output: OutputSink,
     broker: Broker,
+    /// The Event Grid topic stand-in, when the app publishes to a loopback endpoint.
+    topic: Option<Topic>,
     function_key: String,
     master_key: String,
     /// Invocations (timeout = `functionTimeout`).
@@ -124,6 +139,7 @@ pub struct DevHost {
     inner: Arc<Inner>,
     front_addr: SocketAddr,
     sb_server: Option<ServerHandle>,
+    eg_server: Option<ServerHandle>,
     front: Option<ServerHandle>,
     tasks: Vec<JoinHandle<()>>,
     azurite: Option<AzuriteTable>,
@@ -165,8 +181,9 @@ fn azurite_table_port(storage: &str) -> Option<u16> {
 impl DevHost {
     /// Starts devhost, in order: read the app's configuration; Azurite if the storage setting
     /// is local and nothing listens there; the Service Bus stand-in (which may rewrite the
-    /// connection setting's port); the handler under its supervisor; the HTTP front end; the
-    /// Service Bus consumers and timers.
+    /// connection setting's port); the Event Grid topic stand-in (which may rewrite the
+    /// endpoint setting's port and add its key); the handler under its supervisor; the HTTP
+    /// front end; the Service Bus consumers and timers.
     pub async fn start(opts: DevHostOptions) -> anyhow::Result<DevHost> {
         let mut config = AppConfig::load(&opts.app_root, &opts.overrides)?;
         let data_dir = opts
@@ -176,6 +193,7 @@ impl DevHost {
         std::fs::create_dir_all(&data_dir)?;
         let azurite = provide_azurite(&opts, &config, &data_dir).await?;
         let servicebus = start_servicebus(&opts, &mut config, &data_dir).await?;
+        let eventgrid = start_eventgrid(&opts, &mut config, &data_dir).await?;
         let (supervisor, output) = start_handler(&opts, &config)?;
         let inner = Arc::new(Inner {
             function_key: opts.function_key.clone().unwrap_or_else(random_key),
@@ -193,6 +211,7 @@ impl DevHost {
             supervisor,
             output,
             broker: servicebus.broker,
+            topic: eventgrid.as_ref().map(|(t, _)| t.clone()),
             timers: Mutex::new(HashMap::new()),
         });
         let front = crate::server::serve(
@@ -206,6 +225,7 @@ impl DevHost {
             inner,
             front_addr: front.addr,
             sb_server: servicebus.server,
+            eg_server: eventgrid.map(|(_, s)| s),
             front: Some(front),
             tasks,
             azurite,
@@ -255,8 +275,19 @@ impl DevHost {
         if let Some(s) = &self.sb_server {
             println!("devhost: Service Bus     http://{}", s.addr);
         }
+        if let Some(s) = &self.eg_server {
+            println!(
+                "devhost: Event Grid      http://{}{}",
+                s.addr,
+                crate::eventgrid::PUBLISH_PATH
+            );
+        }
         println!(
             "devhost: queues          {}/_devhost/queues",
+            self.base_url()
+        );
+        println!(
+            "devhost: events          {}/_devhost/events",
             self.base_url()
         );
     }
@@ -293,6 +324,16 @@ impl DevHost {
 
     pub fn broker(&self) -> &Broker {
         &self.inner.broker
+    }
+
+    /// Where the Event Grid topic stand-in listens, when it runs.
+    pub fn eventgrid_addr(&self) -> Option<SocketAddr> {
+        self.eg_server.as_ref().map(|s| s.addr)
+    }
+
+    /// The Event Grid topic stand-in (its events, its injected failures), when it runs.
+    pub fn topic(&self) -> Option<&Topic> {
+        self.inner.topic.as_ref()
     }
 
     pub fn queues(&self) -> Vec<QueueSnapshot> {
@@ -370,6 +411,9 @@ impl DevHost {
         }
         self.inner.supervisor.shutdown().await;
         if let Some(s) = self.sb_server.take() {
+            s.shutdown().await;
+        }
+        if let Some(s) = self.eg_server.take() {
             s.shutdown().await;
         }
         if let Some(azurite) = self.azurite.take() {
@@ -478,6 +522,56 @@ async fn start_servicebus(
         broker,
         server: Some(server),
     })
+}
+
+/// Serves the Event Grid topic stand-in where `SOC_NOTIFY_TOPIC_ENDPOINT` points, when that is
+/// a loopback `http` URL (or on `--eventgrid-port`; the setting handed to the handler is
+/// rewritten to the port actually bound), keeping its events in `{data_dir}/eventgrid`. Its key
+/// is `SOC_NOTIFY_TOPIC_KEY`, or a random one handed to the handler when that is unset. No
+/// endpoint: the app publishes nothing, and no topic runs.
+async fn start_eventgrid(
+    opts: &DevHostOptions,
+    config: &mut AppConfig,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Option<(Topic, ServerHandle)>> {
+    let Some(endpoint) = config
+        .settings
+        .get(NOTIFY_ENDPOINT_SETTING)
+        .filter(|e| !e.trim().is_empty())
+    else {
+        return Ok(None);
+    };
+    let mut url = url::Url::parse(endpoint.trim())
+        .with_context(|| format!("app setting {NOTIFY_ENDPOINT_SETTING}"))?;
+    if url.scheme() != "http" || !matches!(url.host_str(), Some("127.0.0.1" | "localhost")) {
+        tracing::warn!("devhost: {NOTIFY_ENDPOINT_SETTING} is not a loopback http URL; the handler will publish there, devhost's topic stand-in is not served");
+        return Ok(None);
+    }
+    let key = match config.settings.get(NOTIFY_KEY_SETTING) {
+        Some(k) if !k.is_empty() => k.clone(),
+        _ => {
+            let k = random_key();
+            config
+                .settings
+                .insert(NOTIFY_KEY_SETTING.to_string(), k.clone());
+            k
+        }
+    };
+    let topic = Topic::open(&key, &data_dir.join("eventgrid"))?;
+    let port = opts
+        .eventgrid_port
+        .or(url.port_or_known_default())
+        .unwrap_or(80);
+    let server = topic
+        .serve(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await?;
+    if url.port_or_known_default() != Some(server.addr.port()) {
+        let _ = url.set_port(Some(server.addr.port()));
+        config
+            .settings
+            .insert(NOTIFY_ENDPOINT_SETTING.to_string(), url.to_string());
+    }
+    Ok(Some((topic, server)))
 }
 
 /// Spawns the handler (`defaultExecutablePath`, or the options' override) under its

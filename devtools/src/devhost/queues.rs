@@ -21,7 +21,7 @@
 //!
 //! The HTML page shows the time it was made, one section per state (active, scheduled,
 //! dead-lettered; an empty one says so) with the device, the request and the due time as
-//! columns, in due-time order, and refreshes itself every [`REFRESH_SECONDS`].
+//! columns, in due-time order, and refreshes itself every [`super::page::REFRESH_SECONDS`].
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Sha256;
 
+use super::page::{escape, head};
 use crate::servicebus::{MessageView, QueueSnapshot};
 
 /// The well-known development storage account (Azurite), as `UseDevelopmentStorage=true` means.
@@ -43,9 +44,6 @@ const DEV_ACCOUNT: &str = "devstoreaccount1";
 const DEV_ACCOUNT_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 const DEFAULT_TABLE: &str = "socsettings";
-/// The HTML page reloads itself this often.
-pub const REFRESH_SECONDS: u32 = 5;
-
 /// One queue as the page shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -195,17 +193,7 @@ pub fn page(snapshot: Vec<QueueSnapshot>, ledger: &Result<LedgerView, String>) -
 /// The page as HTML (for a browser), made at `now`: per queue, one table per state with one
 /// row per message in due-time order, or a line saying the state has none.
 pub fn html(pages: &[QueuePage], now: DateTime<Utc>) -> String {
-    let mut out = format!(
-        "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content={REFRESH_SECONDS}>\
-         <title>devhost queues</title>\
-         <style>body{{font-family:sans-serif}}table{{border-collapse:collapse}}\
-         td,th{{border:1px solid #999;padding:2px 6px;text-align:left;vertical-align:top}}\
-         code{{font-size:90%}}</style>\
-         <p>as of <time id=now datetime=\"{}\">{} UTC</time>; refreshes every {REFRESH_SECONDS} s \
-         (<a href=\"\">refresh now</a>)</p>",
-        now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        now.format("%Y-%m-%d %H:%M:%S"),
-    );
+    let mut out = head("devhost queues", now);
     if pages.is_empty() {
         out.push_str("<p>no queues</p>");
     }
@@ -246,13 +234,6 @@ pub fn html(pages: &[QueuePage], now: DateTime<Utc>) -> String {
         }
     }
     out
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 // ---------------------------------------------------------------- reading the ledger
