@@ -5,7 +5,7 @@
 // (docs/deploy.md walks through it).
 //
 // Order, encoded by the data flow between modules: serviceBus, keyVault,
-// storage and monitoring deploy in parallel; identity takes their outputs (it
+// storage, monitoring and eventGrid deploy in parallel; identity takes their outputs (it
 // creates the app's user-assigned identity and grants its roles on them);
 // functionApp takes the identity's outputs, so the site is created only once
 // its identity holds every role; alerts take the app's outputs. No module
@@ -173,6 +173,16 @@ module monitoring 'modules/monitoring.bicep' = {
   }
 }
 
+// The topic the request notifications are published to.
+module eventGrid 'modules/eventgrid.bicep' = {
+  name: 'eventgrid'
+  params: {
+    location: location
+    topicName: 'evgt-${baseName}-${environmentName}-${suffix}'
+    tags: tags
+  }
+}
+
 // The app's identity and its roles, before the app exists (docs/deploy.md).
 module identity 'modules/identity.bicep' = {
   name: 'identity'
@@ -185,6 +195,7 @@ module identity 'modules/identity.bicep' = {
     keyVaultName: keyVault.outputs.vaultName
     deviceApiKeySecretName: keyVault.outputs.deviceApiKeySecretName
     appInsightsName: monitoring.outputs.appInsightsName
+    eventGridTopicName: eventGrid.outputs.topicName
     tags: tags
   }
 }
@@ -218,6 +229,7 @@ module functionApp 'modules/functionapp.bicep' = {
     drainFanoutAbove: drainFanoutAbove
     deviceApiMaxCallsPerSecond: deviceApiMaxCallsPerSecond
     maximumInstanceCount: maximumInstanceCount
+    notifyTopicEndpoint: eventGrid.outputs.endpoint
     tags: tags
   }
 }
@@ -242,6 +254,9 @@ output defaultHostname string = functionApp.outputs.defaultHostname
 output queueName string = serviceBus.outputs.queueName
 output keyVaultName string = keyVault.outputs.vaultName
 output serviceBusNamespace string = serviceBus.outputs.namespaceName
+// Where the request notifications go: subscribe to this topic to receive them.
+output notifyTopicName string = eventGrid.outputs.topicName
+output notifyTopicEndpoint string = eventGrid.outputs.endpoint
 // CI and docs/deploy.md read these instead of computing names.
 output identityPrincipalId string = identity.outputs.principalId
 output identityClientId string = identity.outputs.clientId

@@ -1,4 +1,4 @@
-// What an operator is told, and where they look first: four Azure Monitor
+// What an operator is told, and where they look first: five Azure Monitor
 // alerts and one workbook. docs/operations.md explains each and repeats the
 // queries for the Logs blade.
 //
@@ -46,6 +46,10 @@ param minimumSettledRequests int = 5
 @minValue(0)
 param failedInvocationThreshold int = 10
 
+@description('Age in seconds of the oldest request notification not yet published to the Event Grid topic above which the outbox alert fires (DrainSocTimer logs it every run).')
+@minValue(60)
+param outboxAgeThresholdSeconds int = 900
+
 param tags object = {}
 
 resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
@@ -66,6 +70,10 @@ var failedOrExpiredQuery = 'traces | where message contains " outcome=" | ${socF
 var handlerErrorsQuery = 'union (traces | where message contains_cs " ERROR " | extend kind = "errorLine"), (requests | where name in ("SetSocHttp", "SocQueueTrigger", "DrainSocTimer", "DeviceEventsHttp") | where (name in ("SetSocHttp", "DeviceEventsHttp") and toint(resultCode) >= 500) or (name !in ("SetSocHttp", "DeviceEventsHttp") and success == false) | extend kind = "failedInvocation") | summarize errorLines = sumif(itemCount, kind == "errorLine"), failedInvocations = sumif(itemCount, kind == "failedInvocation") | where errorLines > 0 or failedInvocations > ${failedInvocationThreshold}'
 
 var sweepMissingQuery = 'requests | where name == "DrainSocTimer" and success == true | summarize sweeps = sum(itemCount) | where sweeps == 0'
+
+// Every DrainSocTimer run logs ` outbox_oldest_age_s=<s> outbox_events=<n>`: the
+// oldest notification not yet accepted by the topic, and how many wait (0 0: none).
+var outboxAgeQuery = 'traces | where message contains " outbox_oldest_age_s=" | extend oldestAgeSeconds = toint(extract(" outbox_oldest_age_s=([0-9]+)", 1, message)), waiting = toint(extract(" outbox_events=([0-9]+)", 1, message)) | summarize maxAgeSeconds = max(oldestAgeSeconds), maxWaiting = max(waiting) | where maxAgeSeconds > ${outboxAgeThresholdSeconds}'
 
 resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (!empty(alertEmail)) {
   name: '${namePrefix}-oncall'
@@ -256,6 +264,48 @@ resource sweepMissingAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' =
   }
 }
 
+// Request notifications are not reaching the Event Grid topic: the oldest
+// waiting one is older than the threshold (the topic refuses them, the
+// identity lacks its role, or the topic is unreachable).
+resource outboxAgeAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: '${namePrefix}-outbox-age'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: '${namePrefix}: notifications not published'
+    description: 'A request notification has waited more than ${outboxAgeThresholdSeconds} s to be published to the Event Grid topic (docs/operations.md: notifications not published).'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsights.id
+    ]
+    // The component may be minutes old on a first deployment; without this
+    // the rule's creation can fail validating its query against it.
+    skipQueryValidation: true
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    autoMitigate: true
+    criteria: {
+      allOf: [
+        {
+          query: outboxAgeQuery
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    actions: {
+      actionGroups: actionGroupIds
+    }
+  }
+}
+
 // The operators' view: the three questions docs/operations.md starts with.
 var pendingQuery = 'traces | where message contains " outcome=" | ${socFields} | summarize arg_max(timestamp, outcome, requestId) by deviceId | where outcome == "pending" | project deviceId, requestId, lastChange = timestamp | order by lastChange asc'
 var failedQuery = 'traces | where message contains " outcome=" | ${socFields} | where outcome in ("failed", "expired") | extend lastError = extract(" last_error=(.*)$", 1, message) | summarize arg_max(timestamp, outcome, lastError) by requestId, deviceId | order by timestamp desc'
@@ -348,4 +398,5 @@ output alertNames array = [
   failedOrExpiredAlert.name
   handlerErrorsAlert.name
   sweepMissingAlert.name
+  outboxAgeAlert.name
 ]

@@ -70,6 +70,9 @@ param drainFanoutAbove int
 @minValue(1)
 param deviceApiMaxCallsPerSecond int
 
+@description('SOC_NOTIFY_TOPIC_ENDPOINT: the Event Grid topic the request notifications are published to (eventgrid.bicep), with the identity.')
+param notifyTopicEndpoint string
+
 @description('RUST_LOG: the handler\'s log filter; empty means info. Raise it (e.g. debug) without a rebuild.')
 param logFilter string = ''
 
@@ -213,6 +216,9 @@ var socSettings = {
   // scales out to maximumInstanceCount; the Dedicated plan runs its one worker (the
   // plan's default capacity; raise this with it if the plan is scaled out).
   DEVICE_API_INSTANCES: string(isFlex ? maximumInstanceCount : 1)
+  // Published with the identity __clientId names (EventGrid Data Sender on the
+  // topic); SOC_NOTIFY_TOPIC_KEY is for local runs only and stays unset.
+  SOC_NOTIFY_TOPIC_ENDPOINT: notifyTopicEndpoint
   SOC_EXTRA_CA_CERTS: ''
   RUST_LOG: logFilter
 }

@@ -13,6 +13,7 @@ param queueName string
 param keyVaultName string
 param deviceApiKeySecretName string
 param appInsightsName string
+param eventGridTopicName string
 
 // Built-in role definition ids.
 var storageBlobDataOwnerRoleId = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
@@ -20,6 +21,7 @@ var storageTableDataContributorRoleId = '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
 var serviceBusDataOwnerRoleId = '090c5cfd-751d-490a-894a-3ce6f1109419'
 var keyVaultSecretsUserRoleId = '4633458b-17de-408a-b874-0445c86b69e6'
 var monitoringMetricsPublisherRoleId = '3913510d-42f4-4e42-8a64-420c390055eb'
+var eventGridDataSenderRoleId = 'd5a91429-5739-47e2-a06b-3470a27159e7'
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -45,6 +47,10 @@ resource deviceApiKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' exist
 
 resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: appInsightsName
+}
+
+resource topic 'Microsoft.EventGrid/topics@2025-02-15' existing = {
+  name: eventGridTopicName
 }
 
 // Host storage (keys, timer and singleton leases, the containers it creates)
@@ -108,10 +114,23 @@ resource telemetryRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
+// Publishing the request notifications (the topic's local auth is off).
+// One topic only.
+resource topicRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(topic.id, principalId, eventGridDataSenderRoleId)
+  scope: topic
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', eventGridDataSenderRoleId)
+    principalId: principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
 output roleAssignmentIds array = [
   hostStorageRole.id
   ledgerRole.id
   queueRole.id
   secretRole.id
   telemetryRole.id
+  topicRole.id
 ]

@@ -2,7 +2,7 @@
 // deploys this module before the function app (the app takes its outputs), so
 // the identity exists and holds every role before the site is created: the
 // Key Vault reference, Flex Consumption's package download, the host's
-// storage and Service Bus connections and telemetry never race an identity
+// storage and Service Bus connections, telemetry and the notifications never race an identity
 // that is still being created or granted (docs/deploy.md, first deployment).
 // A re-created app keeps this identity, so its role assignments stay valid.
 
@@ -16,6 +16,7 @@ param queueName string
 param keyVaultName string
 param deviceApiKeySecretName string
 param appInsightsName string
+param eventGridTopicName string
 
 param tags object = {}
 
@@ -38,6 +39,7 @@ module roles 'identity-roles.bicep' = {
     keyVaultName: keyVaultName
     deviceApiKeySecretName: deviceApiKeySecretName
     appInsightsName: appInsightsName
+    eventGridTopicName: eventGridTopicName
   }
 }
 

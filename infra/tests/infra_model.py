@@ -49,6 +49,13 @@ def _module_value(module: dict, call_params: dict, main: dict, expr, env_params:
     return expr
 
 
+def module_calls(root: Path, *paths: str) -> tuple[dict, list[tuple[str, dict]]]:
+    """main.bicep parsed, and (module name, params) of each path it deploys; AssertionError
+    when it does not deploy one."""
+    main = parse(root / "main.bicep")
+    return main, [module_call(main, p) for p in paths]
+
+
 def module_call(main: dict, path: str) -> tuple[str, dict]:
     for name, mod in main.get("modules", {}).items():
         if mod["detail"]["path"] == path:
@@ -262,6 +269,7 @@ ROLE_IDS = {
     "serviceBusDataOwnerRoleId": "090c5cfd-751d-490a-894a-3ce6f1109419",
     "keyVaultSecretsUserRoleId": "4633458b-17de-408a-b874-0445c86b69e6",
     "monitoringMetricsPublisherRoleId": "3913510d-42f4-4e42-8a64-420c390055eb",
+    "eventGridDataSenderRoleId": "d5a91429-5739-47e2-a06b-3470a27159e7",
 }
 # The one identity's roles: role variable -> the symbol of the resource it is scoped to.
 EXPECTED_ROLES = {
@@ -270,6 +278,7 @@ EXPECTED_ROLES = {
     "serviceBusDataOwnerRoleId": "queue",
     "keyVaultSecretsUserRoleId": "deviceApiKeySecret",
     "monitoringMetricsPublisherRoleId": "appInsights",
+    "eventGridDataSenderRoleId": "topic",
 }
 ROLES_FILE = ("modules", "identity-roles.bicep")
 
@@ -357,10 +366,9 @@ def identity_problems(root: Path = INFRA) -> list[str]:
         problems.append("functionapp.bicep assigns roles; the identity module grants them before the app exists")
 
     # main.bicep: the identity module runs after the resources it grants roles on, the app after it.
-    main = parse(root / "main.bicep")
     try:
-        identity_name, identity_call = module_call(main, "modules/identity.bicep")
-        _, app_call = module_call(main, "modules/functionapp.bicep")
+        main, ((identity_name, identity_call), (_, app_call)) = module_calls(
+            root, "modules/identity.bicep", "modules/functionapp.bicep")
     except AssertionError as e:
         return problems + [str(e)]
     for param, output in (("identityId", "id"), ("identityClientId", "clientId")):
@@ -368,7 +376,7 @@ def identity_problems(root: Path = INFRA) -> list[str]:
             problems.append(f"functionApp's {param} is not {identity_name}.outputs.{output} "
                             "(the app must be created after its identity and roles)")
     for path in ("modules/storage.bicep", "modules/servicebus.bicep", "modules/keyvault.bicep",
-                 "modules/monitoring.bicep"):
+                 "modules/monitoring.bicep", "modules/eventgrid.bicep"):
         name, _ = module_call(main, path)
         if not any(isinstance(v, dict) and (_accessor(v) or ())[:2] == (name, "outputs")
                    for v in identity_call.values()):
@@ -424,11 +432,69 @@ def local_auth_problems(root: Path = INFRA) -> list[str]:
     (ai,) = resources_of_type(mon, "Microsoft.Insights/components").values()
     if ai["config"]["properties"].get("DisableLocalAuth") is not True:
         problems.append("Application Insights: DisableLocalAuth is not true")
+    if notify_topic(root)["properties"].get("disableLocalAuth") is not True:
+        problems.append("Event Grid topic: disableLocalAuth is not true")
     for path in bicep_files(root):
         text = path.read_text()
         for needle in ("listKeys(", "listConnectionStrings(", "AccountKey=", "SharedAccessKey"):
             if needle in text:
                 problems.append(f"{path.name} reads or writes a key ({needle})")
+    return problems
+
+
+# ---------------------------------------------------------------- notifications
+
+NOTIFY_ENDPOINT_SETTING = "SOC_NOTIFY_TOPIC_ENDPOINT"
+
+
+def notify_topic(root: Path = INFRA) -> dict:
+    """The config of the one Event Grid topic eventgrid.bicep deploys."""
+    doc = parse(root / "modules" / "eventgrid.bicep")
+    topics = resources_of_type(doc, "Microsoft.EventGrid/topics")
+    assert len(topics) == 1, f"expected one Event Grid topic, found {sorted(topics)}"
+    return next(iter(topics.values()))["config"]
+
+
+def notify_problems(root: Path = INFRA) -> list[str]:
+    """The notifications' topic takes CloudEvents 1.0 with Entra ID only, like the rest of the
+    infra it is public and tagged, and the app publishes to its endpoint: main.bicep deploys it
+    and hands its endpoint to the function app's SOC_NOTIFY_TOPIC_ENDPOINT, and the deployer
+    gets its name and endpoint as outputs."""
+    problems = []
+    topic = notify_topic(root)
+    props = topic.get("properties", {})
+    if props.get("inputSchema") != "CloudEventSchemaV1_0":
+        problems.append(f"the topic's inputSchema is {props.get('inputSchema')!r}, not CloudEventSchemaV1_0")
+    if props.get("disableLocalAuth") is not True:
+        problems.append("the topic's disableLocalAuth is not true (keys and SAS tokens would publish)")
+    if props.get("publicNetworkAccess") != "Enabled":
+        problems.append("the topic's publicNetworkAccess is not 'Enabled' (the app reaches it publicly, "
+                        "as it does storage and Service Bus)")
+    if topic.get("tags") != "tags":
+        problems.append("the topic does not carry the common tags")
+    doc = parse(root / "modules" / "eventgrid.bicep")
+    endpoint = _accessor(doc.get("outputs", {}).get("endpoint", {}).get("value"))
+    if endpoint != ("topic", "properties", "endpoint"):
+        problems.append(f"eventgrid.bicep does not output the topic's endpoint: {endpoint!r}")
+
+    try:
+        main, ((name, call), (_, app_call)) = module_calls(
+            root, "modules/eventgrid.bicep", "modules/functionapp.bicep")
+    except AssertionError as e:
+        return problems + [str(e)]
+    if call.get("tags") != "tags":
+        problems.append("main.bicep does not pass the common tags to the topic")
+    if _accessor(app_call.get("notifyTopicEndpoint")) != (name, "outputs", "endpoint"):
+        problems.append(f"functionApp's notifyTopicEndpoint is not {name}.outputs.endpoint")
+    settings = parse(root / "modules" / "functionapp.bicep")["variables"]["socSettings"]["value"]
+    if settings.get(NOTIFY_ENDPOINT_SETTING) != "notifyTopicEndpoint":
+        problems.append(f"{NOTIFY_ENDPOINT_SETTING} is not set to the topic's endpoint (notifyTopicEndpoint)")
+    if "SOC_NOTIFY_TOPIC_KEY" in settings:
+        problems.append("SOC_NOTIFY_TOPIC_KEY is set in Azure; the topic takes the identity only")
+    outputs = {k: _accessor(v.get("value")) for k, v in main.get("outputs", {}).items()}
+    for output in ("topicName", "endpoint"):
+        if (name, "outputs", output) not in outputs.values():
+            problems.append(f"main.bicep has no output of the topic's {output}")
     return problems
 
 
@@ -473,7 +539,7 @@ def alert_rules(root: Path = INFRA) -> dict[str, dict]:
 
 
 def alert_problems(root: Path = INFRA) -> list[str]:
-    """The four alerts exist with the conditions docs/operations.md describes."""
+    """The five alerts exist with the conditions docs/operations.md describes."""
     problems = []
     main = parse(root / "main.bicep")
     try:
@@ -512,6 +578,15 @@ def alert_problems(root: Path = INFRA) -> list[str]:
         problems.append("no log alert on the rate of failed and expired requests")
     if len(find('contains_cs " ERROR "', "success == false", "resultCode")) != 1:
         problems.append("no log alert on handler errors (ERROR lines and failed invocations)")
+    outbox = find('message contains " outbox_oldest_age_s="', 'extract(" outbox_oldest_age_s=([0-9]+)"',
+                  "max(oldestAgeSeconds)", "where maxAgeSeconds > ${outboxAgeThresholdSeconds}")
+    if len(outbox) != 1:
+        problems.append("no log alert on the outbox age (the oldest unpublished notification)")
+    else:
+        props = outbox[0]["properties"]
+        threshold = doc["parameters"].get("outboxAgeThresholdSeconds", {}).get("default")
+        if (props.get("windowSize"), props.get("evaluationFrequency"), threshold) != ("PT15M", "PT5M", 900):
+            problems.append("outbox alert is not: max age over 15 min > 900 s, evaluated every 5 min")
     sweep = find('name == "DrainSocTimer"', "success == true", "== 0")
     if len(sweep) != 1:
         problems.append("no log alert on the sweep not running")

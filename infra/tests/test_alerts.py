@@ -13,9 +13,9 @@ from infra_model import INFRA, alert_problems, alert_rules, operator_queries, sa
 ALERTS = ("modules", "alerts.bicep")
 
 
-def test_the_four_alerts_and_the_workbook_exist_with_their_conditions():
+def test_the_five_alerts_and_the_workbook_exist_with_their_conditions():
     assert alert_problems() == []
-    assert len(alert_rules()) == 4
+    assert len(alert_rules()) == 5
 
 
 @pytest.mark.parametrize(
@@ -32,6 +32,14 @@ def test_the_four_alerts_and_the_workbook_exist_with_their_conditions():
          "three schedules"),
         ('requests | where name == "DrainSocTimer"', 'requests | where name == "SetSocHttp"',
          "sweep not running"),
+        # the outbox alert: the field the handler logs, the worst age, the threshold
+        ('extract(" outbox_oldest_age_s=([0-9]+)"', 'extract(" outbox_age=([0-9]+)"', "outbox age"),
+        ("maxAgeSeconds = max(oldestAgeSeconds)", "maxAgeSeconds = min(oldestAgeSeconds)", "outbox age"),
+        ("param outboxAgeThresholdSeconds int = 900", "param outboxAgeThresholdSeconds int = 3600",
+         "> 900 s"),
+        ("    windowSize: 'PT15M'\n    autoMitigate: true\n    criteria: {\n      allOf: [\n        {\n          query: outboxAgeQuery",
+         "    windowSize: 'PT1H'\n    autoMitigate: true\n    criteria: {\n      allOf: [\n        {\n          query: outboxAgeQuery",
+         "max age over 15 min"),
     ],
 )
 def test_alert_check_fails_on_a_broken_alert(infra_copy, old, new, expected):
@@ -42,7 +50,7 @@ def test_alert_check_fails_on_a_broken_alert(infra_copy, old, new, expected):
 
 def test_every_log_alert_skips_query_validation():
     logs = [r for r in alert_rules().values() if "query" in r]
-    assert len(logs) == 3
+    assert len(logs) == 4
     assert all(r["properties"]["skipQueryValidation"] is True for r in logs)
 
 
@@ -135,7 +143,7 @@ def _missing_from_docs(markdown: str, queries: dict[str, str]) -> list[str]:
 
 def test_the_operations_guide_shows_every_alert_and_workbook_query_as_deployed():
     queries = operator_queries()
-    assert len(queries) == 6, sorted(queries)
+    assert len(queries) == 7, sorted(queries)
     guide = (INFRA.parent / "docs" / "operations.md").read_text()
     assert _missing_from_docs(guide, queries) == []
 

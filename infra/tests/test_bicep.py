@@ -113,7 +113,7 @@ def test_the_identity_module_is_fed_by_the_modules_it_grants_roles_on_and_feeds_
     identity, identity_params = module_call(main, "modules/identity.bicep")
     _, app_params = module_call(main, "modules/functionapp.bicep")
     for path in ("modules/servicebus.bicep", "modules/keyvault.bicep", "modules/storage.bicep",
-                 "modules/monitoring.bicep"):
+                 "modules/monitoring.bicep", "modules/eventgrid.bicep"):
         name, _ = module_call(main, path)
         assert name in _references(identity_params), f"the identity must take {name} outputs (deploy order)"
         assert name in _references(app_params), f"function app must take {name} outputs (deploy order)"
@@ -146,4 +146,5 @@ def test_parameter_files_hold_no_secret_and_main_declares_the_key_secure():
 
 def test_outputs_give_the_deployer_app_name_hostname_and_queue():
     main = parse(INFRA / "main.bicep")
-    assert {"functionAppName", "defaultHostname", "queueName", "identityPrincipalId"} <= set(main["outputs"])
+    assert {"functionAppName", "defaultHostname", "queueName", "identityPrincipalId",
+            "notifyTopicName", "notifyTopicEndpoint"} <= set(main["outputs"])

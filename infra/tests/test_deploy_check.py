@@ -219,7 +219,7 @@ def _ago(seconds: float) -> str:
 
 def test_old_roles_need_no_wait(az):
     started = time.monotonic()
-    result, calls = az({"roles": [_ago(3600)] * 5}, "roles", "--principal-id", "p-1")
+    result, calls = az({"roles": [_ago(3600)] * 6}, "roles", "--principal-id", "p-1")
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 5
     assert calls == ['role assignment list --assignee p-1 --all --query [].createdOn -o json']
@@ -227,7 +227,7 @@ def test_old_roles_need_no_wait(az):
 
 def test_fresh_roles_are_waited_for_until_they_are_settle_seconds_old(az):
     started = time.monotonic()
-    result, _ = az({"roles": [_ago(3600)] * 4 + [_ago(1)]}, "roles", "--principal-id", "p-1", "--settle", "4")
+    result, _ = az({"roles": [_ago(3600)] * 5 + [_ago(1)]}, "roles", "--principal-id", "p-1", "--settle", "4")
     assert result.returncode == 0, result.stderr
     assert "waiting" in result.stdout
     assert 2 <= time.monotonic() - started < 10
@@ -236,4 +236,4 @@ def test_fresh_roles_are_waited_for_until_they_are_settle_seconds_old(az):
 def test_an_identity_without_its_roles_fails(az):
     result, _ = az({"roles": [_ago(3600)] * 2}, "roles", "--principal-id", "p-1")
     assert result.returncode == 1
-    assert "holds 2 role assignment(s), expected at least 5" in result.stderr
+    assert "holds 2 role assignment(s), expected at least 6" in result.stderr

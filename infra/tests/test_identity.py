@@ -89,6 +89,16 @@ def test_one_user_assigned_identity_with_the_least_roles_is_used_everywhere():
         (ROLES, "  name: guid(appInsights.id, principalId, monitoringMetricsPublisherRoleId)\n",
          "  name: guid(resourceGroup().id, principalId, monitoringMetricsPublisherRoleId)\n",
          "monitoringMetricsPublisherRoleId is not named from scope"),
+        # the notifications: EventGrid Data Sender on the one topic, granted before the app
+        (ROLES, "var eventGridDataSenderRoleId = 'd5a91429-5739-47e2-a06b-3470a27159e7'",
+         "var eventGridDataSenderRoleId = '1e241071-0855-49ea-94dc-649edcd759de'",
+         "eventGridDataSenderRoleId is not the built-in role"),
+        (ROLES, "  scope: topic\n", "  scope: storage\n", "eventGridDataSenderRoleId is scoped to 'storage'"),
+        (ROLES, "  name: guid(topic.id, principalId, eventGridDataSenderRoleId)\n",
+         "  name: guid(topic.id, eventGridDataSenderRoleId)\n",
+         "eventGridDataSenderRoleId is not named from scope, principal id and role id"),
+        (MAIN, "    eventGridTopicName: eventGrid.outputs.topicName\n", "    eventGridTopicName: 'evgt-x'\n",
+         "does not take eventGrid's outputs"),
     ],
 )
 def test_identity_check_fails_on_keys_wrong_identity_or_wrong_roles(infra_copy, path, old, new, expected):
@@ -131,6 +141,7 @@ def test_shared_keys_sas_and_local_telemetry_auth_are_off():
         ("storage.bicep", "allowSharedKeyAccess: false", "allowSharedKeyAccess: true", "allowSharedKeyAccess"),
         ("servicebus.bicep", "disableLocalAuth: true", "disableLocalAuth: false", "disableLocalAuth"),
         ("monitoring.bicep", "    DisableLocalAuth: true\n", "", "DisableLocalAuth"),
+        ("eventgrid.bicep", "disableLocalAuth: true", "disableLocalAuth: false", "Event Grid topic: disableLocalAuth"),
         (
             "functionapp.bicep",
             "  SOC_STATE_STORAGE: ''\n",
