@@ -77,6 +77,10 @@ impl Notification {
             "subject": self.subject,
             "time": self.time.to_rfc3339_opts(SecondsFormat::Millis, true),
             "datacontenttype": "application/json",
+            // The CloudEvents `sequence` extension: the device's transition number, zero
+            // padded so it also orders as a string. Event Grid may deliver out of order;
+            // a subscriber orders a device's events (per `subject` prefix) by it.
+            "sequence": format!("{:020}", self.seq),
             "data": data,
         })
     }
@@ -111,5 +115,6 @@ mod tests {
         assert_eq!(event["time"], "2026-12-06T10:00:00.000Z");
         assert_eq!(event["data"]["status"], "applied");
         assert_eq!(event["source"], "/soc-settings");
+        assert_eq!(event["sequence"], "00000000000000000003");
     }
 }
