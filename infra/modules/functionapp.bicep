@@ -217,8 +217,10 @@ var socSettings = {
   // plan's default capacity; raise this with it if the plan is scaled out).
   DEVICE_API_INSTANCES: string(isFlex ? maximumInstanceCount : 1)
   // Published with the identity __clientId names (EventGrid Data Sender on the
-  // topic); SOC_NOTIFY_TOPIC_KEY is for local runs only and stays unset.
+  // topic); SOC_NOTIFY_TOPIC_KEY is for local runs only: empty here (no key, and the
+  // topic's local auth is off).
   SOC_NOTIFY_TOPIC_ENDPOINT: notifyTopicEndpoint
+  SOC_NOTIFY_TOPIC_KEY: ''
   SOC_EXTRA_CA_CERTS: ''
   RUST_LOG: logFilter
 }
