@@ -1029,6 +1029,12 @@ impl Notifier for SimTopic {
         }
         sleep_ms(total).await;
         port.inv.crash_point(&port.world, op, true).await;
+        if error.is_none() && port.inv.kind == Kind::Sweep {
+            port.world
+                .lock()
+                .unwrap()
+                .shape("the sweep publishes events from an outbox");
+        }
         port.log(|_| {
             format!(
                 "topic.publish {device} {} events -> {}",

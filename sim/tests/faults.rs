@@ -70,6 +70,9 @@ fn every_fault_shape_of_the_wide_model_happens_in_the_first_seeds() {
         "cancel answered 200",
         "cancel refused: no longer pending",
         "cancel refused: a PUT of it may land (409 + Retry-After)",
+        "event topic outage",
+        "event topic keeps a publish whose caller timed out",
+        "the sweep publishes events from an outbox",
     ] {
         assert!(
             shapes.get(shape).is_some_and(|n| *n > 0),
