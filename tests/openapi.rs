@@ -952,3 +952,50 @@ async fn every_response_example_in_the_document_is_a_captured_answer() {
     }
     assert!(checked >= 15, "only {checked} examples checked");
 }
+
+/// The events a request's end publishes are the `webhooks` section's `requestSettled`
+/// batch: applied, superseded and cancelled ones, as the service renders them.
+#[tokio::test]
+async fn published_events_match_the_webhooks_request_settled_batch() {
+    use soc_settings::functions::fakes::post_min_soc;
+    use soc_settings::functions::set_soc_http::{handle, ApiRequest};
+    let doc = document();
+    let v = validator(
+        &doc,
+        "/webhooks/requestSettled/post/requestBody/content/application~1cloudevents-batch+json/schema",
+    );
+    let h = Harness::new().notifying();
+    h.device.set_online("d1", false);
+    post_min_soc(&h, "d1", 30).await;
+    let pending = post_min_soc(&h, "d1", 40).await;
+    let cancel = ApiRequest {
+        method: "DELETE".into(),
+        device_id: "d1".into(),
+        rest: Some(format!(
+            "requests/{}",
+            pending["requestId"].as_str().unwrap()
+        )),
+        ..Default::default()
+    };
+    assert_eq!(handle(&h.svc, cancel).await.status, 200);
+    h.device.set_online("d1", true);
+    post_min_soc(&h, "d1", 50).await;
+    let batch: Vec<Value> = h
+        .notifier
+        .received()
+        .iter()
+        .map(|e| e.cloud_event("https://soc-settings.azurewebsites.net"))
+        .collect();
+    let types: Vec<&str> = batch.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "com.socsettings.request.superseded",
+            "com.socsettings.request.cancelled",
+            "com.socsettings.request.applied"
+        ]
+    );
+    let batch = Value::Array(batch);
+    let errors: Vec<String> = v.iter_errors(&batch).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{errors:#?}\n{batch:#}");
+}
