@@ -893,13 +893,15 @@ async fn an_outbox_event_is_stored_only_with_its_write_and_read_back_in_order_un
     let stale = ETag("W/\"datetime'2000-01-01T00%3A00%3A00Z'\"".into());
     let first = event(&applied, 1, "applied");
     assert_eq!(
-        ledger.put(&applied, Some(&stale), &[first.clone()]).await,
+        ledger
+            .put(&applied, Some(&stale), std::slice::from_ref(&first))
+            .await,
         Err(StoreError::Conflict)
     );
     assert!(ledger.outbox(&dev).await.unwrap().is_empty());
     // The write that commits stores them, in the same transaction.
     let etag = ledger
-        .put(&applied, Some(&etag), &[first.clone()])
+        .put(&applied, Some(&etag), std::slice::from_ref(&first))
         .await
         .unwrap();
     let b = DesiredState::accept(
