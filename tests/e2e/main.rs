@@ -5,6 +5,7 @@
 
 mod contract;
 mod events;
+mod notifications;
 mod oversize;
 mod persistence;
 mod queues_page;
