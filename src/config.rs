@@ -81,6 +81,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("DRAIN_SOC_FANOUT_ABOVE", Some("100"), false, false, "Above this many due devices DrainSocTimer sends wake-up messages (SocQueueTrigger makes the device calls) instead of calling devices itself"),
     setting("SOC_NOTIFY_TOPIC_ENDPOINT", None, false, false, "Event Grid topic endpoint the request notifications (CloudEvents 1.0) are published to, e.g. https://topic.westeurope-1.eventgrid.azure.net/api/events; https unless on localhost; empty: notifications off"),
     setting("SOC_NOTIFY_TOPIC_KEY", None, false, true, "Local runs only: the topic's access key (aeg-sas-key); empty in Azure, where the app's managed identity (AzureWebJobsStorage__clientId) publishes"),
+    setting("SOC_DRIFT_POLICY", Some("report"), false, false, "What the service does when a battery reports another minSoc than its applied request while nothing is pending: report (record it, publish com.socsettings.device.drifted) or reassert (also request the applied value again)"),
     setting("SOC_EXTRA_CA_CERTS", None, false, false, "Dev/test only: path to a PEM bundle the Azure clients trust besides the public roots (a local TLS stand-in such as Azurite over HTTPS); empty in Azure"),
     setting("RUST_LOG", None, false, false, "Log filter (tracing EnvFilter syntax, e.g. debug or info,soc_settings=debug); empty: info"),
 ];
@@ -164,6 +165,8 @@ pub struct Config {
     pub extra_ca_certs: Option<PathBuf>,
     /// The event topic of request notifications; `None`: notifications are off.
     pub notify: Option<NotifyConfig>,
+    /// `SOC_DRIFT_POLICY`: `true` for `reassert`, `false` for `report`.
+    pub drift_reassert: bool,
 }
 
 /// The device-call budget (README "Device-call budget"): `DEVICE_API_MAX_CALLS_PER_SECOND`
@@ -291,6 +294,16 @@ impl Config {
             drain_fanout_above: reader.number("DRAIN_SOC_FANOUT_ABOVE", 0, 1_000_000) as usize,
             extra_ca_certs: reader.optional("SOC_EXTRA_CA_CERTS").map(PathBuf::from),
             notify,
+            drift_reassert: match reader.string("SOC_DRIFT_POLICY").as_str() {
+                "reassert" => true,
+                "report" => false,
+                _ => {
+                    reader
+                        .errors
+                        .push("SOC_DRIFT_POLICY: must be report or reassert".into());
+                    false
+                }
+            },
         };
         if config.recheck_max < config.recheck_initial {
             reader.errors.push(

@@ -74,6 +74,12 @@ pub trait DeviceApi: Send + Sync {
         Ok(())
     }
     async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError>;
+    /// [`DeviceApi::status`] only if the device-call budget has a turn free now (never
+    /// waits for one; an error without sending anything if not): for reads that are
+    /// worth making only when they cost nobody a PUT (the confirmation read after a PUT).
+    async fn status_if_free(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        self.status(device).await
+    }
     /// `PUT /devices/{id}/settings/min-soc` with `Idempotency-Key: {request_id}`.
     async fn apply_min_soc(
         &self,

@@ -73,6 +73,9 @@ fn everything_set(id: &str) -> DesiredState {
         unpruned: 9,
         pruned_at: Some(t(2)),
         last_event_seq: 9_000_000_000,
+        confirmed_at: Some(t(14)),
+        reported_min_soc: Some(0),
+        drift_detected_at: Some(t(15)),
     }
 }
 

@@ -153,6 +153,9 @@ impl DeviceApi for Observed {
         }
         r
     }
+    async fn status_if_free(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        self.inner.status_if_free(device).await
+    }
     async fn apply_min_soc(
         &self,
         device: &DeviceId,

@@ -216,6 +216,21 @@ impl<D: DeviceApi> DeviceApi for BudgetedDeviceApi<D> {
         result
     }
 
+    async fn status_if_free(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        let free = match self.bucket.try_lock() {
+            Ok(mut tokens) => self.take(&mut tokens, Instant::now()).await.is_ok(),
+            Err(_) => false,
+        };
+        if !free {
+            return Err(DeviceError::not_sent(
+                "GET device status: not sent, the device-call budget has no turn free now",
+            ));
+        }
+        let result = self.inner.status(device).await;
+        self.observe(&result);
+        result
+    }
+
     /// Never waits (its turn was taken by [`DeviceApi::reserve_put`] before the lease);
     /// refuses without sending while a `Retry-After` pause lasts.
     async fn apply_min_soc(

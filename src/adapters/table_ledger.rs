@@ -972,6 +972,13 @@ fn desired_to_entity(s: &DesiredState) -> Map<String, Value> {
         e.insert("LastEventSeq".into(), s.last_event_seq.to_string().into());
         e.insert("LastEventSeq@odata.type".into(), "Edm.Int64".into());
     }
+    put_opt(&mut e, "ConfirmedAt", s.confirmed_at.map(time));
+    put_opt(
+        &mut e,
+        "ReportedMinSoc",
+        s.reported_min_soc.map(Value::from),
+    );
+    put_opt(&mut e, "DriftDetectedAt", s.drift_detected_at.map(time));
     e
 }
 
@@ -1096,6 +1103,17 @@ fn desired_from_entity(entity: &Map<String, Value>) -> Result<DesiredState, Corr
             None => 0,
             Some(n) => u64::try_from(n).map_err(|_| row.bad("LastEventSeq", "is out of range"))?,
         },
+        confirmed_at: row.opt_time("ConfirmedAt")?,
+        reported_min_soc: row
+            .opt_int("ReportedMinSoc")?
+            .map(|n| {
+                u8::try_from(n)
+                    .ok()
+                    .filter(|n| *n <= 100)
+                    .ok_or_else(|| row.bad("ReportedMinSoc", "is out of range"))
+            })
+            .transpose()?,
+        drift_detected_at: row.opt_time("DriftDetectedAt")?,
     })
 }
 
@@ -1292,6 +1310,9 @@ mod tests {
             unpruned: 7,
             pruned_at: Some(t(1)),
             last_event_seq: 12,
+            confirmed_at: Some(t(3)),
+            reported_min_soc: Some(45),
+            drift_detected_at: Some(t(4)),
         }
     }
 

@@ -110,6 +110,9 @@ impl HistoryEntry {
         request.unpruned = 0;
         request.pruned_at = None;
         request.last_event_seq = 0;
+        // Drift is about the device, shown with its latest request (`GET …/soc`).
+        request.reported_min_soc = None;
+        request.drift_detected_at = None;
         Self {
             request,
             superseded_by: None,

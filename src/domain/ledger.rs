@@ -181,6 +181,16 @@ pub struct DesiredState {
     /// of the last event written to its outbox (0: none yet). Carried from version to
     /// version, so the events of a device are numbered in the order of its writes.
     pub last_event_seq: u64,
+    /// When a status read showed the battery reporting this request's value after it
+    /// was applied (`None`: not seen yet; `applied` only means the device cloud answered
+    /// 2xx to the PUT).
+    pub confirmed_at: Option<DateTime<Utc>>,
+    /// Drift: the value the battery reported instead of this applied request's, and
+    /// when that was first seen (both `None`: no drift seen). Device-level facts, kept
+    /// on the record until a read shows the applied value again or a new request
+    /// replaces this one.
+    pub reported_min_soc: Option<u8>,
+    pub drift_detected_at: Option<DateTime<Utc>>,
 }
 
 impl DesiredState {
@@ -214,6 +224,9 @@ impl DesiredState {
             unpruned,
             pruned_at,
             last_event_seq: previous.map_or(0, |p| p.last_event_seq),
+            confirmed_at: None,
+            reported_min_soc: None,
+            drift_detected_at: None,
         }
     }
 
@@ -312,6 +325,29 @@ impl DesiredState {
     pub fn record_transient(&mut self, reason: impl Into<String>, now: DateTime<Utc>) {
         self.last_error = Some(reason.into());
         self.updated_at = now;
+    }
+
+    /// What a status read of the device showed (`reported`: its `minSoc`), for an
+    /// applied request: the battery reporting this request's value confirms it (and ends
+    /// any drift); another value is drift, recorded the first time it is seen. Returns
+    /// whether the record changed, and whether that change is newly seen drift.
+    pub fn observe_reported(&mut self, reported: u8, now: DateTime<Utc>) -> (bool, bool) {
+        if self.status != RequestStatus::Applied {
+            return (false, false);
+        }
+        if reported == self.min_soc.percent() {
+            let changed = self.confirmed_at.is_none() || self.drift_detected_at.is_some();
+            self.confirmed_at.get_or_insert(now);
+            self.reported_min_soc = None;
+            self.drift_detected_at = None;
+            return (changed, false);
+        }
+        if self.reported_min_soc == Some(reported) {
+            return (false, false);
+        }
+        self.reported_min_soc = Some(reported);
+        self.drift_detected_at = Some(now);
+        (true, true)
     }
 
     pub fn mark_applied(&mut self, now: DateTime<Utc>) {

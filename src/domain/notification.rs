@@ -66,6 +66,21 @@ impl Notification {
         }
     }
 
+    /// The event of `device`'s battery reporting another value than its applied
+    /// request's (drift), seen at `time`, with `data` the device's latest request as
+    /// `GET …/soc` shows it (with `reportedMinSoc`, `driftDetectedAt`).
+    pub fn device_drifted(device: &DeviceId, seq: u64, time: DateTime<Utc>, data: &Value) -> Self {
+        Self {
+            device_id: device.clone(),
+            seq,
+            id: format!("{}.drifted.{seq}", device.as_str()),
+            event_type: format!("{TYPE_PREFIX}device.drifted"),
+            subject: format!("devices/{}/soc", device.as_str()),
+            time,
+            data: data.to_string(),
+        }
+    }
+
     /// The structured CloudEvent 1.0 published for it, with `source` the app.
     pub fn cloud_event(&self, source: &str) -> Value {
         let data = serde_json::from_str::<Value>(&self.data).unwrap_or(Value::Null);

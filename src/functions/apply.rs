@@ -290,6 +290,11 @@ pub async fn apply_latest(
             .await;
         reserved = false;
         let now = svc.clock.now();
+        // The one extra read per applied request: does the battery report it yet?
+        let confirmed = match &result {
+            Ok(()) => confirmation_read(svc, device, record.min_soc.percent()).await,
+            Err(_) => None,
+        };
         match &result {
             Ok(()) => {
                 delivered.push(record.request_id.clone());
@@ -301,6 +306,7 @@ pub async fn apply_latest(
             }
         }
         let outcome = record_answer(&mut record, holder, result, now);
+        record.confirmed_at = confirmed;
         match write(svc, &mut record, &stored, &etag).await {
             Ok(etag) => return Ok(finish(record, etag, outcome, delivered)),
             // Someone changed the record while we talked to the device (a newer
@@ -314,6 +320,29 @@ pub async fn apply_latest(
     }
     warn!(device = %device, "giving up after repeated concurrent ledger updates");
     Err(StoreError::Conflict)
+}
+
+/// After a PUT the device cloud accepted: one status read, and when it was made if it
+/// shows the battery reporting `min_soc` (`None`: another value, which may only mean the
+/// battery has not taken it yet, offline, or the read failed; a later read may confirm
+/// it, `device_events_http`). Only with a turn of the device-call budget free now: it
+/// never makes a PUT wait.
+async fn confirmation_read(
+    svc: &Services,
+    device: &DeviceId,
+    min_soc: u8,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    match svc.device.status_if_free(device).await {
+        Ok(status) if status.min_soc == Some(min_soc) => Some(svc.clock.now()),
+        Ok(status) => {
+            info!(device = %device, reported = ?status.min_soc, online = status.online, "applied, not confirmed yet: the battery reports another value");
+            None
+        }
+        Err(e) => {
+            info!(device = %device, error = %e, "applied, not confirmed yet: status not read");
+            None
+        }
+    }
 }
 
 /// Records the device's answer to a PUT of `record`'s request made under `holder`'s

@@ -52,7 +52,7 @@ use crate::ports::{DeviceApi, DeviceError, DeviceStatus, StoreError};
 
 use super::apply::{apply_latest, ApplyOutcome};
 use super::set_soc_http::ApiResponse;
-use super::Services;
+use super::{drift, Services};
 
 /// The methods the route serves.
 pub const ALLOW: &str = "POST, OPTIONS";
@@ -299,7 +299,24 @@ async fn reconnected(
         Err(e) => return Err(e),
     };
     if !current.value.is_pending() {
-        return Ok(Fate::NothingPending(Some(current.value.request_id)));
+        // Back online with nothing pending: does it still report what was applied?
+        let request = current.value.request_id.clone();
+        return Ok(match drift::check_settled(svc, device, current).await {
+            Ok(drift::Checked::Drift {
+                reasserted:
+                    Some(drift::Reasserted {
+                        status,
+                        request_id: Some(id),
+                    }),
+                ..
+            }) => match status {
+                200 => Fate::Applied(id),
+                _ => Fate::Pending(id, "reasserted"),
+            },
+            Ok(_) => Fate::NothingPending(Some(request)),
+            Err(StoreError::Corrupt(row)) => unreadable(device, &row),
+            Err(e) => return Err(e),
+        });
     }
     let applied = match apply_latest(svc, device, holder, Some(current)).await {
         Ok(a) => a,
@@ -357,8 +374,24 @@ impl DeviceApi for GatedDevice {
         self.inner.reserve_put().await
     }
 
+    /// Not after the cutoff either: a read started by then ends within the device
+    /// timeout, as a PUT started by then would (a confirmation read follows a PUT).
     async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        if Instant::now() >= self.gate.cutoff {
+            return Err(DeviceError::not_sent(
+                "status not read: the connection event's answer is due",
+            ));
+        }
         self.inner.status(device).await
+    }
+
+    async fn status_if_free(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        if Instant::now() >= self.gate.cutoff {
+            return Err(DeviceError::not_sent(
+                "status not read: the connection event's answer is due",
+            ));
+        }
+        self.inner.status_if_free(device).await
     }
 
     async fn apply_min_soc(
@@ -513,7 +546,11 @@ mod tests {
         let r = handle(&h.svc, online("e2", "d1")).await;
         assert_eq!(r.body["events"][0]["result"], "nothing-pending");
         assert_eq!(r.body["events"][0]["requestId"], applied["requestId"]);
-        assert_eq!(h.device.calls(), (0, 1), "only the POST's PUT");
+        assert_eq!(
+            h.device.calls(),
+            (2, 1),
+            "the POST's PUT and confirmation read, and the event's one status read"
+        );
     }
 
     #[tokio::test]

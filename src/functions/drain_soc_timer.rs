@@ -1133,6 +1133,11 @@ impl DeviceApi for SweepDevice {
         self.within("status call", self.inner.status(device)).await
     }
 
+    async fn status_if_free(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        self.within("status call", self.inner.status_if_free(device))
+            .await
+    }
+
     async fn apply_min_soc(
         &self,
         device: &DeviceId,

@@ -36,6 +36,11 @@ struct DeviceState {
     status_latency: std::time::Duration,
     /// Devices whose next PUT lands and is answered `502` (outcome unknown to the caller).
     unknown_next: std::collections::HashSet<String>,
+    /// The `minSoc` each battery reports: the last value that landed, or one set behind
+    /// the service's back ([`FakeDevice::set_reported`]).
+    reported: HashMap<String, u8>,
+    /// Batteries that keep reporting their old value after a PUT lands (slow to take it).
+    lagging: std::collections::HashSet<String>,
 }
 
 #[derive(Clone, Default)]
@@ -70,6 +75,16 @@ impl FakeDevice {
     }
     pub fn set_latency(&self, latency: std::time::Duration) {
         self.0.lock().unwrap().latency = latency;
+    }
+    /// The battery reports `min_soc` from now on, as if set behind the service's back
+    /// (an installer tool, the vendor's optimiser).
+    pub fn set_reported(&self, id: &str, min_soc: u8) {
+        self.0.lock().unwrap().reported.insert(id.into(), min_soc);
+    }
+    /// PUTs to `id` land but the battery goes on reporting its old value (until
+    /// [`FakeDevice::set_reported`]).
+    pub fn set_lagging(&self, id: &str) {
+        self.0.lock().unwrap().lagging.insert(id.into());
     }
     /// Every status call takes `latency` (tokio time).
     pub fn set_status_latency(&self, latency: std::time::Duration) {
@@ -136,7 +151,7 @@ impl DeviceApi for FakeDevice {
             None => Err(DeviceError::UnknownDevice),
             Some(online) => Ok(DeviceStatus {
                 online,
-                min_soc: None,
+                min_soc: s.reported.get(device.as_str()).copied(),
             }),
         }
     }
@@ -177,6 +192,9 @@ impl DeviceApi for FakeDevice {
                     .entry(device.to_string())
                     .or_default()
                     .push((min_soc.percent(), request_id.to_string()));
+                if !s.lagging.contains(device.as_str()) {
+                    s.reported.insert(device.to_string(), min_soc.percent());
+                }
                 if s.unknown_next.remove(device.as_str()) {
                     return Err(DeviceError::Transient {
                         reason: "device API error (HTTP 502)".into(),
@@ -959,6 +977,7 @@ impl Harness {
             reconcile_budget: Duration::seconds(30),
             reconcile_interval: Duration::hours(24),
             events_answer_within: super::EVENTS_ANSWER_WITHIN,
+            drift: super::DriftPolicy::Report,
         };
         *queue.clock.lock().unwrap() = Some(clock.clone());
         let svc = Services {

@@ -137,8 +137,20 @@ pub async fn put_record(
     stored: Option<&DesiredState>,
     expected: Option<&ETag>,
 ) -> Result<ETag, StoreError> {
-    let moved = plan(svc, record, stored);
     let events = notify::settled(svc, stored, record);
+    put_record_with(svc, record, stored, expected, events).await
+}
+
+/// [`put_record`] with the `events` the write carries given (numbered in `record`
+/// already) instead of computed from the request's transition.
+pub async fn put_record_with(
+    svc: &Services,
+    record: &mut DesiredState,
+    stored: Option<&DesiredState>,
+    expected: Option<&ETag>,
+    events: Vec<crate::domain::notification::Notification>,
+) -> Result<ETag, StoreError> {
+    let moved = plan(svc, record, stored);
     moved.file(svc).await?;
     let backstop = notify::Backstop::file(svc, &record.device_id, &events).await?;
     let etag = svc.ledger.put(record, expected, &events).await?;

@@ -15,6 +15,7 @@
 pub mod apply;
 pub mod device_events_http;
 pub mod drain_soc_timer;
+pub mod drift;
 pub mod index;
 pub mod notify;
 pub mod set_soc_checks;
@@ -102,6 +103,18 @@ pub struct Policy {
     /// after [`Policy::events_put_cutoff`], and what the request did not finish is
     /// left to each request's wake-up chain.
     pub events_answer_within: Duration,
+    /// `SOC_DRIFT_POLICY` ([`drift`]).
+    pub drift: DriftPolicy,
+}
+
+/// What drift (a battery reporting another value than its applied request's while
+/// nothing is pending) leads to, besides being recorded and published ([`drift`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriftPolicy {
+    /// Only recorded and published (the default).
+    Report,
+    /// Also a new request for the applied value, through the normal path.
+    Reassert,
 }
 
 /// How long after the device client's timeout a PUT may still land on the device (the
@@ -142,6 +155,11 @@ impl Policy {
             reconcile_budget: RECONCILE_BUDGET,
             reconcile_interval: RECONCILE_INTERVAL,
             events_answer_within: EVENTS_ANSWER_WITHIN,
+            drift: if config.drift_reassert {
+                DriftPolicy::Reassert
+            } else {
+                DriftPolicy::Report
+            },
         }
     }
 

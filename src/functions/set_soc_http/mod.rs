@@ -819,7 +819,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_post_costs_exactly_one_device_call_online_or_offline() {
+    async fn a_post_costs_one_put_and_an_applied_one_one_confirmation_read() {
         let h = Harness::new();
         h.device.set_online("on", true);
         h.device.set_online("off", false);
@@ -829,14 +829,18 @@ mod tests {
                 .status,
             200
         );
-        assert_eq!(h.device.calls(), (0, 1));
+        assert_eq!(
+            h.device.calls(),
+            (1, 1),
+            "its PUT and its confirmation read"
+        );
         assert_eq!(
             handle(&h.svc, post_req("off", r#"{"minSoc":25}"#, None))
                 .await
                 .status,
             202
         );
-        assert_eq!(h.device.calls(), (0, 2));
+        assert_eq!(h.device.calls(), (1, 2), "offline: its PUT only");
     }
 
     #[tokio::test]

@@ -135,6 +135,12 @@ fn representation(r: &DesiredState, status: &str, superseded_by: Option<&Request
     if let Some(by) = superseded_by {
         v["supersededBy"] = json!(by);
     }
+    if status == "applied" {
+        v["confirmed"] = json!(r.confirmed_at.is_some());
+        if let Some(at) = r.confirmed_at {
+            v["confirmedAt"] = json!(ts(at));
+        }
+    }
     v
 }
 
@@ -154,7 +160,13 @@ pub fn entry_view(e: &HistoryEntry) -> Value {
     representation(&e.request, e.status().as_str(), e.superseded_by.as_ref())
 }
 
-/// The `GET` view of a record: its status as the ledger holds it ([`HistoryEntry::status`]).
+/// The `GET` view of a record: its status as the ledger holds it ([`HistoryEntry::status`]),
+/// and the drift seen on the device, if any (`GET …/soc` only).
 pub fn view(r: &DesiredState) -> Value {
-    entry_view(&HistoryEntry::of(r))
+    let mut v = entry_view(&HistoryEntry::of(r));
+    if let (Some(reported), Some(at)) = (r.reported_min_soc, r.drift_detected_at) {
+        v["reportedMinSoc"] = json!(reported);
+        v["driftDetectedAt"] = json!(ts(at));
+    }
+    v
 }
