@@ -105,14 +105,20 @@ async fn walk_on(app: &crate::support::App, pace: &Pace) -> Vec<String> {
     let steps = parse(&text);
     assert!(steps.len() >= 9, "the walk-through has its steps:\n{text}");
 
-    let mut outputs = Vec::new();
+    let mut outputs: Vec<String> = Vec::new();
     for (i, step) in steps.iter().enumerate() {
         assert!(!step.expect.is_empty(), "step {i} says what to expect");
+        let expect: Vec<String> = step
+            .expect
+            .iter()
+            .cloned()
+            .chain(expect_from_earlier(step, &outputs))
+            .collect();
         let retry = !step.command.contains("-X POST");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let out = run(&step.command).await;
-            let missing: Vec<&String> = step.expect.iter().filter(|e| !out.contains(*e)).collect();
+            let missing: Vec<&String> = expect.iter().filter(|e| !out.contains(*e)).collect();
             if missing.is_empty() {
                 outputs.push(out);
                 break;
@@ -137,7 +143,7 @@ async fn walk_on(app: &crate::support::App, pace: &Pace) -> Vec<String> {
         }
     }
     // 30 applied by the reconnect event, then 45 (its event lost) by the sweep; 35,
-    // cancelled in step 11, never: only its POST's own try (one per walk) reached the
+    // cancelled in step 12, never: only its POST's own try (one per walk) reached the
     // offline battery.
     assert_eq!(app.device_value("bat-offline"), Some(45));
     let cancelled = outcomes_of(app, 35);
@@ -147,6 +153,36 @@ async fn walk_on(app: &crate::support::App, pace: &Pace) -> Vec<String> {
     );
     assert_eq!(app.device_value("bat-online"), Some(25));
     outputs
+}
+
+/// The events page of the online battery: `subjectBeginsWith=devices/bat-online/`.
+const ONLINE_EVENTS: &str = "/_devhost/events?subjectBeginsWith=devices/bat-online/";
+
+/// What a step must show beyond its printed expectations, from what the steps before it
+/// answered: the online battery's events page shows the applied event of the request the
+/// step just before set (its id and subject; earlier walks' events are listed too).
+fn expect_from_earlier(step: &Step, outputs: &[String]) -> Vec<String> {
+    if !step.command.contains(ONLINE_EVENTS) {
+        return vec![];
+    }
+    let set = outputs.last().expect("a step before the events page");
+    assert!(
+        set.contains("200 OK") && set.contains(r#""deviceId":"bat-online""#),
+        "the step before the events page sets bat-online directly:\n{set}"
+    );
+    let id = request_id_in(set);
+    vec![
+        format!(r#""id": "{id}.applied""#),
+        format!(r#""subject": "devices/bat-online/soc/requests/{id}""#),
+    ]
+}
+
+/// The `requestId` in an API answer (headers and compact JSON, as curl prints them).
+fn request_id_in(answer: &str) -> String {
+    let (_, rest) = answer
+        .split_once(r#""requestId":""#)
+        .unwrap_or_else(|| panic!("a requestId in:\n{answer}"));
+    rest.split('"').next().unwrap().to_string()
 }
 
 /// What became of each PUT of `min_soc` to bat-offline, oldest first.
@@ -210,7 +246,7 @@ async fn the_walk_through_printed_by_scripts_dev_works_as_written() {
     assert_eq!(
         events.len(),
         2,
-        "connected (step 4), disconnected (step 10); none for steps 0 and 13: {events:?}"
+        "connected (step 4), disconnected (step 11); none for steps 0 and 14: {events:?}"
     );
 }
 
