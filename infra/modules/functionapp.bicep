@@ -221,6 +221,9 @@ var socSettings = {
   // topic's local auth is off).
   SOC_NOTIFY_TOPIC_ENDPOINT: notifyTopicEndpoint
   SOC_NOTIFY_TOPIC_KEY: ''
+  // A battery reporting another value than applied: recorded and published (docs/events.md);
+  // 'reassert' would also request the applied value again.
+  SOC_DRIFT_POLICY: 'report'
   SOC_EXTRA_CA_CERTS: ''
   RUST_LOG: logFilter
 }

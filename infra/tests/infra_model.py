@@ -489,7 +489,8 @@ def notify_problems(root: Path = INFRA) -> list[str]:
     settings = parse(root / "modules" / "functionapp.bicep")["variables"]["socSettings"]["value"]
     if settings.get(NOTIFY_ENDPOINT_SETTING) != "notifyTopicEndpoint":
         problems.append(f"{NOTIFY_ENDPOINT_SETTING} is not set to the topic's endpoint (notifyTopicEndpoint)")
-    if "SOC_NOTIFY_TOPIC_KEY" in settings:
+    # Named (every setting the handler reads is, tests/infra_settings.rs) but empty.
+    if settings.get("SOC_NOTIFY_TOPIC_KEY", "") != "":
         problems.append("SOC_NOTIFY_TOPIC_KEY is set in Azure; the topic takes the identity only")
     outputs = {k: _accessor(v.get("value")) for k, v in main.get("outputs", {}).items()}
     for output in ("topicName", "endpoint"):
