@@ -536,6 +536,19 @@ async fn scenarios() -> Vec<Observed> {
         )
         .await,
     );
+    // Drift: the battery reports another value at its next reconnect.
+    h.device.set_reported("back", 45);
+    let drift = json!([cloud_event("b3", "com.vendor.device.connected", "back")]);
+    seen.push(
+        call(
+            app(&h),
+            "receiveDeviceEvents",
+            "drift seen",
+            events("application/cloudevents-batch+json", &drift),
+        )
+        .await,
+    );
+    seen.push(call(app(&h), "getSoc", "drift", get("/api/devices/back/soc")).await);
     // A method no operation of the path lists: 405 + Allow, documented on each operation.
     for (operation, path) in [
         ("setSoc", "/api/devices/on/soc"),
