@@ -405,6 +405,27 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
                 ),
             );
         }
+        // The confirmation read: at most one per PUT the invocation made to the device.
+        let mut reads: HashMap<&str, usize> = HashMap::new();
+        for d in &i.confirmation_reads {
+            *reads.entry(d).or_default() += 1;
+        }
+        for (d, k) in reads {
+            let puts = i
+                .puts
+                .iter()
+                .filter(|r| obs.requests.get(*r).is_some_and(|x| x.device == d))
+                .count();
+            if k > puts {
+                v(
+                    "S5",
+                    format!(
+                        "{} made {k} confirmation reads of {d} after {puts} PUTs",
+                        i.label
+                    ),
+                );
+            }
+        }
         if i.kind == Kind::Sweep {
             let mut n: HashMap<&str, usize> = HashMap::new();
             for d in &i.status_calls {
@@ -683,6 +704,32 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
                     format!(
                         "{}: event #{} ({}) written at {t} ms never reached the topic",
                         e.device_id, e.seq, e.id
+                    ),
+                );
+            }
+        }
+    }
+
+    // S11: confirmed and drift only from what the battery reported.
+    let first_put = |r: &str| {
+        obs.puts
+            .iter()
+            .filter(|p| p.request == r)
+            .map(|p| p.sent_t)
+            .min()
+    };
+    for (what, list) in [("confirmed", &obs.confirmations), ("drift", &obs.drifts)] {
+        for (t, d, r, value) in list {
+            let since = first_put(r).unwrap_or(u64::MAX);
+            let seen = obs
+                .status_answers
+                .iter()
+                .any(|(ts, sd, v)| sd == d && *v == Some(*value) && since <= *ts && ts <= t);
+            if !seen {
+                v(
+                    "S11",
+                    format!(
+                        "{r} on {d}: written {what} with the battery reporting {value} at {t} ms, but no status read since its PUT showed {value}"
                     ),
                 );
             }

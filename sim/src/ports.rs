@@ -103,6 +103,11 @@ impl DeviceApi for ScopedDevice {
     async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
         SimDevice(CALLER.with(Port::clone)).status(device).await
     }
+    async fn status_if_free(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        SimDevice(CALLER.with(Port::clone))
+            .status_if_free(device)
+            .await
+    }
     async fn apply_min_soc(
         &self,
         device: &DeviceId,
@@ -1136,13 +1141,40 @@ async fn outage_answer<T>(dice: &mut Dice, what: &str, timeout: u64) -> Result<T
 #[async_trait]
 impl DeviceApi for SimDevice {
     async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        self.read(device, false).await
+    }
+
+    /// The confirmation read after a PUT (`apply`): counted apart from the status calls
+    /// that decide what to do (S5).
+    async fn status_if_free(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
+        self.read(device, true).await
+    }
+
+    async fn apply_min_soc(
+        &self,
+        device: &DeviceId,
+        min_soc: MinSoc,
+        request_id: &RequestId,
+    ) -> Result<(), DeviceError> {
+        self.put(device, min_soc, request_id).await
+    }
+}
+
+impl SimDevice {
+    /// `GET /devices/{id}`; `confirming`: the read after a PUT.
+    async fn read(&self, device: &DeviceId, confirming: bool) -> Result<DeviceStatus, DeviceError> {
         let d = device.as_str().to_string();
         let (op, mut dice, _) = self.0.begin();
         self.0.inv.crash_point(&self.0.world, op, false).await;
         let (faults, timeout, on, outage) = {
             let mut w = self.0.world.lock().unwrap();
             let i = self.0.inv.index;
-            w.obs.invocations[i].status_calls.push(d.clone());
+            let calls = &mut w.obs.invocations[i];
+            if confirming {
+                calls.confirmation_reads.push(d.clone());
+            } else {
+                calls.status_calls.push(d.clone());
+            }
             let outage = w.outage(Dependency::DeviceCloud).is_some();
             (
                 w.sc.faults,
@@ -1182,11 +1214,16 @@ impl DeviceApi for SimDevice {
             };
             sleep_ms(lat).await;
             let mut w = self.0.world.lock().unwrap();
+            let t = w.ms();
             match w.devices.get(&d) {
-                Some(s) if s.known => Ok(DeviceStatus {
-                    online: s.online,
-                    min_soc: s.value.as_ref().map(|v| v.0),
-                }),
+                Some(s) if s.known => {
+                    let status = DeviceStatus {
+                        online: s.online,
+                        min_soc: s.value.as_ref().map(|v| v.0),
+                    };
+                    w.obs.status_answers.push((t, d.clone(), status.min_soc));
+                    Ok(status)
+                }
                 _ => {
                     let t = w.ms();
                     w.obs.permanent.push((t, d.clone(), None));
@@ -1204,7 +1241,8 @@ impl DeviceApi for SimDevice {
         result
     }
 
-    async fn apply_min_soc(
+    /// `PUT /devices/{id}/settings/min-soc`.
+    async fn put(
         &self,
         device: &DeviceId,
         min_soc: MinSoc,

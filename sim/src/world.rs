@@ -229,6 +229,8 @@ pub struct InvRecord {
     pub puts: Vec<String>,
     pub sends: Vec<String>,
     pub status_calls: Vec<String>,
+    /// Devices it read right after a PUT of theirs (`apply`'s confirmation read).
+    pub confirmation_reads: Vec<String>,
     /// Why it was dropped, if it was: `crash`, `restart`, `scale-in`, `functionTimeout`.
     pub killed: Option<&'static str>,
 }
@@ -302,6 +304,12 @@ pub struct Observations {
     /// Committed writes whose events are not exactly the request transitions they made
     /// (S10): (t, device, what differs).
     pub event_mismatches: Vec<(u64, String, String)>,
+    /// Every status the device cloud answered: (t, device, the `minSoc` it reported).
+    pub status_answers: Vec<(u64, String, Option<u8>)>,
+    /// Every write that confirmed a request or recorded drift (S11): (t, device,
+    /// request, the value it says the battery reported).
+    pub confirmations: Vec<(u64, String, String, u8)>,
+    pub drifts: Vec<(u64, String, String, u8)>,
 }
 
 pub struct DeviceState {
@@ -608,7 +616,14 @@ impl World {
             return;
         }
         let t = self.ms();
-        let mut written: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+        // A drift event's id ends in its number, which the numbering check below judges.
+        let mut written: Vec<String> = events
+            .iter()
+            .map(|e| match e.event_type.ends_with(".device.drifted") {
+                true => format!("{device}.drifted"),
+                false => e.id.clone(),
+            })
+            .collect();
         let mut made = ended.to_vec();
         written.sort();
         made.sort();
@@ -655,6 +670,25 @@ impl World {
         if let (Some(s), Some(p)) = (state, previous) {
             if p.is_pending() && p.request_id == s.request_id && !s.is_pending() {
                 ended.push(format!("{}.{}", s.request_id.as_str(), s.status.as_str()));
+            }
+        }
+        if let Some(s) = state {
+            let same = previous.filter(|p| p.request_id == s.request_id);
+            let name = self.names.request(s.request_id.as_str());
+            if s.confirmed_at.is_some() && same.is_none_or(|p| p.confirmed_at.is_none()) {
+                self.obs.confirmations.push((
+                    t,
+                    device.to_string(),
+                    name.clone(),
+                    s.min_soc.percent(),
+                ));
+            }
+            if let (Some(at), Some(v)) = (s.drift_detected_at, s.reported_min_soc) {
+                let before = same.and_then(|p| p.drift_detected_at.zip(p.reported_min_soc));
+                if before != Some((at, v)) {
+                    self.obs.drifts.push((t, device.to_string(), name, v));
+                    ended.push(format!("{device}.drifted"));
+                }
             }
         }
         let (request, status, lease) = match state {
@@ -808,6 +842,7 @@ impl Inv {
             puts: Vec::new(),
             sends: Vec::new(),
             status_calls: Vec::new(),
+            confirmation_reads: Vec::new(),
             killed: None,
         });
         let inv = Arc::new(Inv {

@@ -15,6 +15,7 @@ fn every_fault_shape_of_the_wide_model_happens_in_the_first_seeds() {
     let (mut latest_reads, mut request_reads, mut fleets) = (0, 0, 0);
     let mut killed: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut late_crash_sweeps = 0;
+    let (mut confirmed, mut confirmation_reads) = (0, 0);
     for seed in 0..SEEDS {
         let report = soc_sim::run_seed(seed, false);
         let sc = &report.scenario;
@@ -22,6 +23,12 @@ fn every_fault_shape_of_the_wide_model_happens_in_the_first_seeds() {
             fleets += 1;
         }
         let obs = &report.observations;
+        confirmed += obs.confirmations.len();
+        confirmation_reads += obs
+            .invocations
+            .iter()
+            .map(|i| i.confirmation_reads.len())
+            .sum::<usize>();
         for (k, n) in &obs.shapes {
             *shapes.entry(k).or_default() += n;
         }
@@ -40,7 +47,12 @@ fn every_fault_shape_of_the_wide_model_happens_in_the_first_seeds() {
             }
         }
     }
-    println!("{shapes:#?}\nkilled {killed:?}\nreads: {latest_reads} latest, {request_reads} per request; {fleets} fleets; {late_crash_sweeps} sweeps crashed");
+    println!("{shapes:#?}\nkilled {killed:?}\nreads: {latest_reads} latest, {request_reads} per request; {fleets} fleets; {late_crash_sweeps} sweeps crashed; {confirmation_reads} confirmation reads, {confirmed} confirmations");
+    // Issue 21 item 3: the read after a PUT happens, and confirms (S11 judges each).
+    assert!(
+        confirmed > 0 && confirmation_reads > confirmed,
+        "{confirmation_reads} confirmation reads, {confirmed} confirmations"
+    );
     for shape in [
         "ledger write commits after the caller's timeout",
         "send enqueued after the caller's timeout",

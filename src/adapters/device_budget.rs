@@ -226,7 +226,7 @@ impl<D: DeviceApi> DeviceApi for BudgetedDeviceApi<D> {
                 "GET device status: not sent, the device-call budget has no turn free now",
             ));
         }
-        let result = self.inner.status(device).await;
+        let result = self.inner.status_if_free(device).await;
         self.observe(&result);
         result
     }
