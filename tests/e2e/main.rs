@@ -4,6 +4,7 @@
 //! batteries and the operator; everything else happens on its own. See `support.rs`.
 
 mod contract;
+mod drift;
 mod events;
 mod notifications;
 mod oversize;
