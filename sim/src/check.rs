@@ -64,6 +64,10 @@
 //!   `{request}.{status}` and numbered on from the record it replaces; every event
 //!   written reaches the topic by the end; the topic never gets an event no write made;
 //!   and the first arrivals of a device's events follow their numbers (transition order).
+//! - **S11 applied means reported**: a request is written confirmed (or drift recorded
+//!   with a reported value) only after a status answer for its device, at or after the
+//!   request's first PUT, showed that value; and an invocation makes at most one
+//!   confirmation read of a device per PUT it made to it (judged with S5).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -120,7 +124,7 @@ impl Finale {
     }
 }
 
-/// Judges one run against S1-S10.
+/// Judges one run against S1-S11.
 pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -> Vec<Violation> {
     let mut out = Vec::new();
     let mut v = |property: &'static str, detail: String| out.push(Violation { property, detail });

@@ -7,7 +7,7 @@
 //! - [`ports`]: the product's ports, simulated (ledger with ETags, device cloud,
 //!   Service Bus, skewed clocks), with latency, ambiguity and crash points.
 //! - [`run`]: the driver: the real function code on a paused-time tokio runtime.
-//! - [`check`]: THE properties S1-S10, in one place.
+//! - [`check`]: THE properties S1-S11, in one place.
 //!
 //! A test tool only: the product never depends on this crate.
 

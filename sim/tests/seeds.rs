@@ -1,4 +1,4 @@
-//! The CI subset of the simulation: the first seeds, judged against S1-S10
+//! The CI subset of the simulation: the first seeds, judged against S1-S11
 //! (`scripts/sim --seeds N` runs more; BENCHMARKS.md records a long run).
 
 use std::sync::atomic::{AtomicU64, Ordering};
