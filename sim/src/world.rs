@@ -668,7 +668,10 @@ impl World {
         let t = self.ms();
         let mut ended = Vec::new();
         if let (Some(s), Some(p)) = (state, previous) {
-            if p.is_pending() && p.request_id == s.request_id && !s.is_pending() {
+            // Pending to final, or the landed PUT's `applied` over an `expired`.
+            let late_applied =
+                p.status == RequestStatus::Expired && s.status == RequestStatus::Applied;
+            if (p.is_pending() || late_applied) && p.request_id == s.request_id && !s.is_pending() {
                 ended.push(format!("{}.{}", s.request_id.as_str(), s.status.as_str()));
             }
         }

@@ -44,14 +44,20 @@ use super::Services;
 pub const PUBLISH_BATCH: usize = 100;
 
 /// The event of `record`'s request ending, when writing `record` over `stored` ends
-/// it (and notifications are on); numbers it in `record`.
+/// it (and notifications are on); numbers it in `record`. Ending includes the one change
+/// of a final status there is: `expired` to `applied`, for a PUT that landed while its
+/// result write was failing (the device's truth wins, `apply`), so the app hears that too.
 pub fn settled(
     svc: &Services,
     stored: Option<&DesiredState>,
     record: &mut DesiredState,
 ) -> Vec<Notification> {
+    use crate::domain::RequestStatus::{Applied, Expired};
     let ends = stored.is_some_and(|s| {
-        s.is_pending() && s.request_id == record.request_id && !record.is_pending()
+        s.request_id == record.request_id
+            && s.status != record.status
+            && (s.is_pending() || (s.status == Expired && record.status == Applied))
+            && !record.is_pending()
     });
     if svc.notifier.is_none() || !ends {
         return Vec::new();
@@ -293,6 +299,45 @@ mod tests {
         );
         assert!(h.ledger.outboxes().is_empty());
         assert_eq!(entries(&h).await, 0);
+    }
+
+    #[test]
+    fn a_request_ends_once_except_that_a_landed_put_turns_expired_into_applied() {
+        use crate::domain::{DesiredState, MinSoc};
+        let h = Harness::new().notifying();
+        let now = h.clock.now();
+        let pending = DesiredState::accept(
+            h.id("d1"),
+            MinSoc::new(30).unwrap(),
+            now,
+            h.svc.policy.request_ttl,
+            None,
+        );
+        let mut expired = pending.clone();
+        expired.mark_expired(now);
+        let mut applied = expired.clone();
+        applied.mark_applied(now);
+        let ids = |stored: &DesiredState, written: &DesiredState| {
+            let mut written = written.clone();
+            super::settled(&h.svc, Some(stored), &mut written)
+                .into_iter()
+                .map(|e| e.id)
+                .collect::<Vec<_>>()
+        };
+        let r = pending.request_id.as_str();
+        assert_eq!(ids(&pending, &expired), vec![format!("{r}.expired")]);
+        assert_eq!(ids(&expired, &applied), vec![format!("{r}.applied")]);
+        assert!(
+            ids(&applied, &applied).is_empty(),
+            "a rewrite of a final state"
+        );
+        assert!(ids(&pending, &pending).is_empty());
+        let mut failed = pending.clone();
+        failed.mark_failed("unknown device", now);
+        assert!(
+            ids(&failed, &applied).is_empty(),
+            "only expired gives way to applied"
+        );
     }
 
     #[tokio::test]
