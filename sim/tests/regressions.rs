@@ -1,34 +1,19 @@
-//! The interleavings of issue 8 and of the due index, as named regression seeds. Each
-//! was found by the simulator with the old logic brought back (the `mutant-*` feature
-//! named with it, see `scripts/sim-mutants`): built with that feature its test checks
-//! that the seed still violates the property, as the old code did (so a seed that
-//! stops catching its mutant fails); built normally it checks that the seed keeps every
-//! property.
+//! The interleavings of issue 8 and of the due index, as named regression seeds: each
+//! must keep every property. Each was found by the simulator with the old logic brought
+//! back; where that logic is still one small change away, it is a patch in
+//! `sim/mutants/` named with the test, and `scripts/sim-patch-mutants N PATCH` runs seeds
+//! from 0 with it applied until the first violation.
 //!
-//! The seeds replay in worlds without the vendor's connection events
-//! (`Scenario::without_events`), so that a change to the events does not move them; each
-//! is the lowest violating seed from 0 in those worlds, re-found on the
-//! code with the due index and the sweep rewrite
-//! (`SIM_FEATURES=<mutant> scripts/sim --no-events --seeds N`).
-//! `scripts/sim --seed S --no-events` replays a seed with its trace;
-//! `cargo test -p soc-sim --features mutant-no-lease-check --test regressions`
-//! checks that the old logic still fails those seeds.
+//! The seeds replay in worlds without the vendor's connection events and without
+//! notifications (`Scenario::without_events`, `without_notifications`), so that a change
+//! to those does not move them; each was the lowest violating seed from 0 in those worlds
+//! when it was found. `scripts/sim --seed S --no-events` replays a seed with its trace;
+//! in a checkout with a test's patch applied (`git apply sim/mutants/x.patch`) it shows
+//! the old logic failing it.
 
-/// Whether any mutation is built in: then only the tests of that mutation judge.
-const MUTANT: bool = cfg!(any(
-    feature = "mutant-no-lease-check",
-    feature = "mutant-delivered-ignores-request-id",
-    feature = "mutant-transient-releases-lease",
-    feature = "mutant-expiry-over-lease",
-    feature = "mutant-put-on-caller-lease",
-    feature = "mutant-sweep-drops-before-filing",
-    feature = "mutant-index-skips-filing",
-    feature = "mutant-no-chain-check",
-));
-
-/// Runs `seed`: with its own mutation built in it must violate `property`; without
-/// any mutation it must keep every property.
-fn judged(seed: u64, old_logic: bool, property: &str) {
+/// Runs `seed` in a world without connection events and notifications: it must keep
+/// every property.
+fn judged(seed: u64) {
     let report = soc_sim::run(
         soc_sim::Scenario::generate(seed)
             .without_events()
@@ -36,14 +21,7 @@ fn judged(seed: u64, old_logic: bool, property: &str) {
         false,
     );
     let found: Vec<String> = report.violations.iter().map(ToString::to_string).collect();
-    if old_logic {
-        assert!(
-            report.violations.iter().any(|v| v.property == property),
-            "the old logic must violate {property} on seed {seed}; found {found:?}"
-        );
-    } else if !MUTANT {
-        assert!(found.is_empty(), "seed {seed}: {}", found.join("\n"));
-    }
+    assert!(found.is_empty(), "seed {seed}: {}", found.join("\n"));
 }
 
 /// Bug 1: a `503` rollback wrote the previous request back over another holder's live
@@ -57,7 +35,7 @@ fn judged(seed: u64, old_logic: bool, property: &str) {
 #[test]
 fn a_503_rollback_never_writes_over_another_holders_live_lease() {
     // Issue 17 removed the undo (one commit point): the seed stays as a plain regression.
-    judged(1_625, false, "S4");
+    judged(1_625);
 }
 
 /// Bug 2: the POST PUT on the lease its accepting write took (the old lease: device
@@ -66,7 +44,7 @@ fn a_503_rollback_never_writes_over_another_holders_live_lease() {
 /// the newer R4 had landed (seed 41,219, S2).
 #[test]
 fn a_put_never_starts_on_an_almost_spent_lease() {
-    judged(41_219, cfg!(feature = "mutant-put-on-caller-lease"), "S2");
+    judged(41_219);
 }
 
 /// Bug 3: expiry was written over a live lease, and the last re-check straddled expiry:
@@ -74,7 +52,7 @@ fn a_put_never_starts_on_an_almost_spent_lease() {
 /// second later (seed 738, S4).
 #[test]
 fn expiry_is_never_written_over_a_put_that_lands() {
-    judged(738, cfg!(feature = "mutant-expiry-over-lease"), "S4");
+    judged(738);
 }
 
 /// The ambiguous write: the accepting write of R5 committed but timed out, and the POST
@@ -83,7 +61,7 @@ fn expiry_is_never_written_over_a_put_that_lands() {
 #[test]
 fn an_accepting_write_of_unknown_outcome_is_read_back_before_answering() {
     // Issue 17 replaced the read-back by a fence: the seed stays as a plain regression.
-    judged(79, false, "S4");
+    judged(79);
 }
 
 /// A PUT that timed out released the lease at once although it could still land: R3 was
@@ -91,7 +69,7 @@ fn an_accepting_write_of_unknown_outcome_is_read_back_before_answering() {
 /// says R3 applied while the device holds R2 (seed 205, S1).
 #[test]
 fn a_timed_out_put_keeps_the_lease_until_it_can_no_longer_land() {
-    judged(205, cfg!(feature = "mutant-transient-releases-lease"), "S1");
+    judged(205);
 }
 
 /// First found by the long run (seed 823,533 of 1,000,000, before the connection events
@@ -104,7 +82,7 @@ fn a_timed_out_put_keeps_the_lease_until_it_can_no_longer_land() {
 #[test]
 fn an_undo_restores_a_request_that_landed_meanwhile_as_applied() {
     // Issue 17 removed the undo (one commit point): the seed stays as a plain regression.
-    judged(112_805, false, "S4");
+    judged(112_805);
 }
 
 /// The sweep rewrite: a listed device whose record is pending but not due yet (another
@@ -114,7 +92,7 @@ fn an_undo_restores_a_request_that_landed_meanwhile_as_applied() {
 /// for R5 and the index no longer names d1, so R5 stays pending for good (S3).
 #[test]
 fn the_sweep_files_a_device_not_yet_due_before_dropping_its_entries() {
-    judged(76, cfg!(feature = "mutant-sweep-drops-before-filing"), "S3");
+    judged(76);
 }
 
 /// The due index: a write that makes a record due earlier files an index entry first.
@@ -123,7 +101,7 @@ fn the_sweep_files_a_device_not_yet_due_before_dropping_its_entries() {
 /// to the sweep, so R1 stays pending for good (S3).
 #[test]
 fn a_write_that_makes_a_record_due_earlier_files_it_in_the_index_first() {
-    judged(29, cfg!(feature = "mutant-index-skips-filing"), "S3");
+    judged(29);
 }
 
 // ------------------------------------------------------------------ issue 17

@@ -116,8 +116,7 @@ pub async fn apply_latest(
         // We already put exactly this request on the device in an earlier round:
         // only the bookkeeping is left. The device's truth wins over bookkeeping: that
         // includes an `expired` the sweep wrote while our result write was failing.
-        let ours_landed = delivered.contains(&record.request_id)
-            || (cfg!(feature = "mutant-delivered-ignores-request-id") && !delivered.is_empty());
+        let ours_landed = delivered.contains(&record.request_id);
         if ours_landed
             && matches!(
                 record.status,
@@ -184,22 +183,7 @@ pub async fn apply_latest(
             });
         }
 
-        if cfg!(feature = "mutant-expiry-over-lease") && record.is_expired_at(now) {
-            record.mark_expired(now);
-            record.release_lease(holder);
-            match write(svc, &mut record, &current.value, &current.etag).await {
-                Ok(_) => {
-                    return Ok(Applied {
-                        outcome: ApplyOutcome::Expired(record),
-                        delivered,
-                    })
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-
-        if !record.lease_free_for(holder, now) && !cfg!(feature = "mutant-no-lease-check") {
+        if !record.lease_free_for(holder, now) {
             return Ok(Applied {
                 outcome: ApplyOutcome::Busy(current),
                 delivered,
@@ -209,11 +193,7 @@ pub async fn apply_latest(
         // Expired, or so close to expiry that a PUT started now could land after it:
         // decided before a turn in the device-call budget is taken (a request that will
         // not be PUT must not wait for one), and again after the wait below.
-        let cut = if cfg!(feature = "mutant-expiry-over-lease") {
-            chrono::Duration::zero()
-        } else {
-            svc.policy.lease
-        };
+        let cut = svc.policy.lease;
         let mut too_late = record.is_expired_at(now + cut);
 
         // Wait for the PUT's turn in the device-call budget now, before the lease is taken
@@ -258,8 +238,7 @@ pub async fn apply_latest(
 
         // Take (or renew) the lease with a fresh clock reading, counting the attempt,
         // in one conditional write; the caller's lease is kept if it still covers a PUT.
-        let caller_lease_covers = record.lease_covers(holder, now, svc.policy.put_window)
-            || cfg!(feature = "mutant-put-on-caller-lease");
+        let caller_lease_covers = record.lease_covers(holder, now, svc.policy.put_window);
         // The record as stored when the PUT starts, and its ETag.
         let (stored, etag) = if leased_now && caller_lease_covers {
             (current.value.clone(), current.etag.clone())
@@ -277,9 +256,7 @@ pub async fn apply_latest(
             }
         };
         // The write may have been slow: PUT only with a whole PUT's worth of lease left.
-        if !record.lease_covers(holder, svc.clock.now(), svc.policy.put_window)
-            && !cfg!(feature = "mutant-put-on-caller-lease")
-        {
+        if !record.lease_covers(holder, svc.clock.now(), svc.policy.put_window) {
             warn!(device = %device, "lease too short for a PUT after a slow ledger write; renewing");
             continue;
         }
@@ -367,7 +344,7 @@ fn record_answer(
             Some(Err(DeviceError::Offline))
         }
         Err(e @ DeviceError::Transient { unanswered, .. }) => {
-            if !unanswered || cfg!(feature = "mutant-transient-releases-lease") {
+            if !unanswered {
                 record.release_lease(holder);
             }
             record.record_transient(e.to_string(), now);

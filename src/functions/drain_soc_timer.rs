@@ -706,10 +706,7 @@ async fn tidy(
 ) {
     let now = svc.clock.now();
     // A young entry's writer may still be on its way to the record: left for later.
-    entries.retain(|entry| {
-        !entry.value.is_young(now, svc.policy.lease)
-            || cfg!(feature = "mutant-sweep-drops-young-entries")
-    });
+    entries.retain(|entry| !entry.value.is_young(now, svc.policy.lease));
     let pending = record.and_then(|r| svc.policy.sweep_due(&r.value).map(|at| (r, at)));
     // Entries are about to go (the record is not due now): the device's outbox first,
     // read after the record was, so it holds every event of every write the fence
@@ -719,9 +716,6 @@ async fn tidy(
         return;
     }
     let written = match pending {
-        Some(_) if cfg!(feature = "mutant-sweep-drops-before-filing") => {
-            fence_read(svc, device, record).await
-        }
         Some((record, at)) if at > now => {
             let ahead = index::named_entry(&record.value)
                 .is_some_and(|named| named.due_at > now && named.due_at <= at);

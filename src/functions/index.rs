@@ -108,10 +108,8 @@ impl IndexMove {
     /// Files the new entry, if any: before the write, which must not be sent if this fails.
     pub async fn file(&self, svc: &Services) -> Result<(), StoreError> {
         match &self.file {
-            Some(entry) if !cfg!(feature = "mutant-index-skips-filing") => {
-                svc.ledger.file_due(entry).await
-            }
-            _ => Ok(()),
+            Some(entry) => svc.ledger.file_due(entry).await,
+            None => Ok(()),
         }
     }
 

@@ -135,12 +135,7 @@ impl Policy {
                 initial: secs(config.recheck_initial),
                 max: secs(config.recheck_max),
             },
-            lease: if cfg!(feature = "mutant-put-on-caller-lease") {
-                // The old lease: the device timeout plus 10 s, no bound for slow writes.
-                secs(config.device_api_timeout) + Duration::seconds(10)
-            } else {
-                secs(STORAGE_TIMEOUT) + put_window + LEASE_MARGIN
-            },
+            lease: secs(STORAGE_TIMEOUT) + put_window + LEASE_MARGIN,
             put_window,
             device_timeout: secs(config.device_api_timeout),
             max_clock_skew: MAX_CLOCK_SKEW,

@@ -111,7 +111,7 @@ pub async fn handle(svc: &Services, delivery: Delivery) -> Settle {
     }
     let chain = delivery.message_id.as_deref();
     if let (Some(expected), Some(got)) = (record.wake_message_id.as_deref(), chain) {
-        if expected != got && !cfg!(feature = "mutant-no-chain-check") {
+        if expected != got {
             return noop(
                 &device,
                 &message,

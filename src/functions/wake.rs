@@ -78,11 +78,7 @@ pub async fn schedule_recheck(
     let checks_done = current.value.attempts.saturating_sub(1);
     // No PUT starts within one lease of expiry (see `apply`), so the last useful
     // re-check is a lease before it: a re-check never straddles expiry.
-    let last_useful = if cfg!(feature = "mutant-expiry-over-lease") {
-        current.value.expires_at
-    } else {
-        current.value.expires_at - svc.policy.lease
-    };
+    let last_useful = current.value.expires_at - svc.policy.lease;
     let Some(recheck) = svc
         .policy
         .backoff
