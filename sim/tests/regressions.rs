@@ -217,8 +217,9 @@ fn case_3_a_late_retry_with_a_key_never_creates_a_second_request() {
     first.late_retries = vec![420_000];
     sc.posts.push(first);
     sc.posts.push(post(60_000, 50, Some("k2")));
-    // Dropped right after its result write: R1 is applied and nobody was answered.
-    sc.script.push(force("post#1", 7, Forced::Crash(true)));
+    // Dropped right after its result write (its 8th operation: the confirmation read
+    // after the PUT is the 7th): R1 is applied and nobody was answered.
+    sc.script.push(force("post#1", 8, Forced::Crash(true)));
     let trace = keeps_every_property(sc, &[]);
     assert!(
         trace
