@@ -5,7 +5,9 @@
 //! soc-sim --seed S                                          replay one seed with its trace
 //! ```
 //! `--no-events` (with either): the worlds without the vendor's connection events, as
-//! the seeds were before `DeviceEventsHttp` (the regression seeds of issue 8 replay so).
+//! the seeds were before `DeviceEventsHttp`; `--no-notifications`: without notifications
+//! (as before issue 21). The regression seeds of `sim/tests/regressions.rs` replay with
+//! both.
 //! Exit status 1 when any seed violates a property. Without `--keep-going` the run
 //! stops at the lowest violating seed and prints it.
 
@@ -15,22 +17,26 @@ use std::time::Instant;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: soc-sim --seeds N [--from S] [--jobs J] [--keep-going] | --seed S  [--no-events]"
+        "usage: soc-sim --seeds N [--from S] [--jobs J] [--keep-going] | --seed S  [--no-events] [--no-notifications]"
     );
     std::process::exit(2)
 }
 
 /// Set by `--no-events`.
 static NO_EVENTS: AtomicBool = AtomicBool::new(false);
+/// Set by `--no-notifications`.
+static NO_NOTIFICATIONS: AtomicBool = AtomicBool::new(false);
 
-/// The report of `seed`, with or without the connection events.
+/// The report of `seed`, with or without the connection events and the notifications.
 fn run_one(seed: u64, trace: bool) -> soc_sim::Report {
-    let scenario = soc_sim::Scenario::generate(seed);
+    let mut scenario = soc_sim::Scenario::generate(seed);
     if NO_EVENTS.load(Ordering::SeqCst) {
-        soc_sim::run(scenario.without_events(), trace)
-    } else {
-        soc_sim::run(scenario, trace)
+        scenario = scenario.without_events();
     }
+    if NO_NOTIFICATIONS.load(Ordering::SeqCst) {
+        scenario = scenario.without_notifications();
+    }
+    soc_sim::run(scenario, trace)
 }
 
 fn main() {
@@ -38,6 +44,10 @@ fn main() {
     if let Some(at) = args.iter().position(|a| a == "--no-events") {
         args.remove(at);
         NO_EVENTS.store(true, Ordering::SeqCst);
+    }
+    if let Some(at) = args.iter().position(|a| a == "--no-notifications") {
+        args.remove(at);
+        NO_NOTIFICATIONS.store(true, Ordering::SeqCst);
     }
     let mut seeds: Option<u64> = None;
     let mut one: Option<u64> = None;
