@@ -7,9 +7,10 @@
 //! The seeds replay in worlds without the vendor's connection events and without
 //! notifications (`Scenario::without_events`, `without_notifications`), so that a change
 //! to those does not move them; each was the lowest violating seed from 0 in those worlds
-//! when it was found. `scripts/sim --seed S --no-events` replays a seed with its trace;
-//! in a checkout with a test's patch applied (`git apply sim/mutants/x.patch`) it shows
-//! the old logic failing it.
+//! when it was found. `scripts/sim --seed S --no-events --no-notifications` replays a
+//! seed with its trace; in a checkout with a test's patch applied
+//! (`git apply sim/mutants/x.patch`) it shows whether the old logic still fails it (the
+//! worlds have changed since some seeds were found: such a seed stays a plain regression).
 
 /// Runs `seed` in a world without connection events and notifications: it must keep
 /// every property.
@@ -30,8 +31,8 @@ fn judged(seed: u64) {
 /// send fails; post#7 puts R5 on the device and it lands, then post#6's undo writes R4
 /// back over post#7's lease and answers `503` for R5, which is on the device (S4; the
 /// ledger ends saying R4 applied while the device holds R5, S1).
-/// `scripts/sim --seed 1625 --no-events` with `SIM_FEATURES=mutant-undo-ignores-lease`
-/// shows the interleaving.
+/// (Found with the feature `mutant-undo-ignores-lease`; issue 17 removed the undo, so
+/// no patch brings it back.)
 #[test]
 fn a_503_rollback_never_writes_over_another_holders_live_lease() {
     // Issue 17 removed the undo (one commit point): the seed stays as a plain regression.
@@ -42,6 +43,10 @@ fn a_503_rollback_never_writes_over_another_holders_live_lease() {
 /// timeout + 10 s, from a clock reading before slow ledger calls) without renewing it:
 /// post#3 PUT R3 with 5.7 s of that lease left, the PUT timed out, and R3 landed after
 /// the newer R4 had landed (seed 41,219, S2).
+/// Mutant: `sim/mutants/put-on-caller-lease.patch` (`scripts/sim-patch-mutants 5000
+/// sim/mutants/put-on-caller-lease.patch`); with it applied,
+/// `scripts/sim --seed 41219 --no-events --no-notifications` replays this seed. On the
+/// issue 22 code the patch no longer fails this seed.
 #[test]
 fn a_put_never_starts_on_an_almost_spent_lease() {
     judged(41_219);
@@ -50,6 +55,10 @@ fn a_put_never_starts_on_an_almost_spent_lease() {
 /// Bug 3: expiry was written over a live lease, and the last re-check straddled expiry:
 /// the sweep wrote R4 expired while deliv#6 held the lease and its PUT of R4 landed a
 /// second later (seed 738, S4).
+/// Mutant: `sim/mutants/expiry-over-lease.patch` (`scripts/sim-patch-mutants 20000
+/// sim/mutants/expiry-over-lease.patch`); with it applied,
+/// `scripts/sim --seed 738 --no-events --no-notifications` replays this seed. On the
+/// issue 22 code the patch no longer fails this seed.
 #[test]
 fn expiry_is_never_written_over_a_put_that_lands() {
     judged(738);
@@ -67,6 +76,10 @@ fn an_accepting_write_of_unknown_outcome_is_read_back_before_answering() {
 /// A PUT that timed out released the lease at once although it could still land: R3 was
 /// put and recorded applied meanwhile, then post#2's PUT of R2 landed late, and the ledger
 /// says R3 applied while the device holds R2 (seed 205, S1).
+/// Mutant: `sim/mutants/transient-releases-lease.patch` (`scripts/sim-patch-mutants 5000
+/// sim/mutants/transient-releases-lease.patch`); with it applied,
+/// `scripts/sim --seed 205 --no-events --no-notifications` replays this seed. On the
+/// issue 22 code the patch no longer fails this seed.
 #[test]
 fn a_timed_out_put_keeps_the_lease_until_it_can_no_longer_land() {
     judged(205);
@@ -90,6 +103,9 @@ fn an_undo_restores_a_request_that_landed_meanwhile_as_applied() {
 /// filing skipped, on seed 76 sweep#13 lists d1 while post#4 holds the lease on R5 (its
 /// PUT timed out), removes d1's only entry and files none; no wake-up message is left
 /// for R5 and the index no longer names d1, so R5 stays pending for good (S3).
+/// Mutant: `sim/mutants/sweep-drops-before-filing.patch` (`scripts/sim-patch-mutants 5000
+/// sim/mutants/sweep-drops-before-filing.patch`); with it applied,
+/// `scripts/sim --seed 76 --no-events --no-notifications` replays this seed.
 #[test]
 fn the_sweep_files_a_device_not_yet_due_before_dropping_its_entries() {
     judged(76);
@@ -99,6 +115,9 @@ fn the_sweep_files_a_device_not_yet_due_before_dropping_its_entries() {
 /// With the filing skipped, on seed 29 post#1 inserts R1 pending without an entry, finds
 /// the device offline and crashes before sending its wake-up message; nothing names d0
 /// to the sweep, so R1 stays pending for good (S3).
+/// Mutant: `sim/mutants/index-skips-filing.patch` (`scripts/sim-patch-mutants 5000
+/// sim/mutants/index-skips-filing.patch`); with it applied,
+/// `scripts/sim --seed 29 --no-events --no-notifications` replays this seed.
 #[test]
 fn a_write_that_makes_a_record_due_earlier_files_it_in_the_index_first() {
     judged(29);
