@@ -29,7 +29,8 @@
 //!   answered `200 applied` had landed before the answer; `failed` is written only
 //!   after a permanent device answer (unknown device, rejected value) for that request
 //!   (or an unknown-device status answer for its device); `expired` is written only at
-//!   or after the request's last useful moment; and a request whose landing was
+//!   or after the request's last useful moment, and nothing of the request lands at or
+//!   after its first `expired` write; and a request whose landing was
 //!   confirmed never ends expired. (`500` "outcome unknown" promises nothing either
 //!   way and is not judged; the run counts them.)
 //! - **S5 bounded work**: one invocation PUTs a request at most once, sends at most
@@ -370,6 +371,24 @@ pub fn judge(sc: &Scenario, policy: &Policy, obs: &Observations, end: &Finale) -
                             c.inv,
                             c.t,
                             (useful_until - at).num_seconds()
+                        ),
+                    );
+                }
+                // No PUT starts within one lease of expiry, and a lease covers a PUT's
+                // landing, so an `expired` write is final on the device: nothing of the
+                // request lands at or after it.
+                if let Some(t) = landings
+                    .iter()
+                    .filter(|p| p.request == r)
+                    .filter_map(|p| p.land_t)
+                    .filter(|t| *t >= c.t)
+                    .min()
+                {
+                    v(
+                        "S4",
+                        format!(
+                            "{r} landed at {t} ms, after {} wrote it expired at {} ms",
+                            c.inv, c.t
                         ),
                     );
                 }
