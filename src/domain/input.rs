@@ -333,6 +333,17 @@ mod tests {
     }
 
     #[test]
+    fn a_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_not() {
+        let at_limit = |extra: usize| {
+            let mut body = br#"{"minSoc":50}"#.to_vec();
+            body.resize(SettingRequest::MAX_BODY_BYTES + extra, b' ');
+            SettingRequest::parse(&body)
+        };
+        assert_eq!(at_limit(0).unwrap().min_soc.percent(), 50);
+        assert_eq!(at_limit(1).unwrap_err(), SettingRequest::too_large());
+    }
+
+    #[test]
     fn every_bad_value_gets_the_same_words_for_people() {
         for body in [
             &br#"{"dod":101}"#[..],

@@ -86,10 +86,6 @@ impl RequestStatus {
             _ => None,
         }
     }
-
-    pub fn is_final(self) -> bool {
-        self != Self::Pending
-    }
 }
 
 /// Which kind of invocation holds a lease (the prefix of its [`LeaseHolder`] id).
@@ -130,12 +126,6 @@ impl LeaseHolder {
 
     pub fn as_str(&self) -> &str {
         &self.0
-    }
-}
-
-impl fmt::Display for LeaseHolder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
     }
 }
 
@@ -452,6 +442,40 @@ mod tests {
     }
 
     #[test]
+    fn a_new_request_carries_the_stored_lease_only_while_it_is_live() {
+        let mut stored = DesiredState::accept(
+            device(),
+            MinSoc::new(30).unwrap(),
+            t(0),
+            Duration::days(7),
+            None,
+        );
+        stored.record_attempt(&holder("h"), t(1), Duration::seconds(30));
+        let next = |now| {
+            DesiredState::accept(
+                device(),
+                MinSoc::new(40).unwrap(),
+                now,
+                Duration::days(7),
+                Some(&stored),
+            )
+            .lease
+        };
+        assert_eq!(next(t(30)).map(|l| l.until), Some(t(31)));
+        // A lease is free from the instant it ends (`lease_free_for`): not carried then.
+        assert_eq!(next(t(31)), None);
+        assert_eq!(
+            stored.clone().with_lease_of(Some(&stored), t(31)).lease,
+            None
+        );
+        assert!(stored
+            .clone()
+            .with_lease_of(Some(&stored), t(30))
+            .lease
+            .is_some());
+    }
+
+    #[test]
     fn an_attempt_takes_the_lease_and_counts_and_a_rebase_forgets_it() {
         let mut r = DesiredState::accept(
             device(),
@@ -566,7 +590,7 @@ mod tests {
         c.expect_wake("m1", t(60), t(0));
         c.mark_cancelled(t(10));
         assert_eq!(c.status, RequestStatus::Cancelled);
-        assert!(c.status.is_final() && c.wake_message_id.is_none());
+        assert!(c.wake_message_id.is_none());
         assert_eq!(
             c.sweep_due_at(Duration::seconds(1), Duration::seconds(1)),
             None

@@ -519,6 +519,41 @@ mod tests {
         assert!(h.device.puts("d1").is_empty());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_comes_within_a_lease_of_expiry_while_waiting_for_a_turn_is_not_put() {
+        let h = Harness::new();
+        h.clock.follow_tokio_time();
+        h.device.set_online("d1", true);
+        accept_pending(&h, "d1", 40).await;
+        // Two seconds before the last moment a PUT may start; the budget turn takes ten.
+        h.clock
+            .advance(h.svc.policy.request_ttl - h.svc.policy.lease - chrono::Duration::seconds(2));
+        h.device.set_turn_wait(std::time::Duration::from_secs(10));
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
+        assert!(matches!(out.outcome, ApplyOutcome::Expired(_)), "{out:?}");
+        assert!(h.device.puts("d1").is_empty());
+        assert_eq!(h.device.reservations(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_too_close_to_expiry_for_a_put_takes_no_budget_turn() {
+        // Decided before the budget wait: a request that will not be PUT must not wait
+        // for a turn (nor be recorded as refused one).
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        h.device.refuse_budget_turns();
+        accept_pending(&h, "d1", 40).await;
+        h.clock
+            .advance(h.svc.policy.request_ttl - h.svc.policy.lease / 2);
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
+        assert!(matches!(out.outcome, ApplyOutcome::Expired(_)), "{out:?}");
+        assert_eq!(h.device.reservations(), 0);
+    }
+
     #[tokio::test]
     async fn expiry_is_never_written_over_another_holders_live_lease() {
         let h = Harness::new();
@@ -593,6 +628,9 @@ mod tests {
             vec![10, 90],
             "the device must end at the newest value"
         );
+        // Every PUT is counted (and its lease renewed) in a write before it is made,
+        // the newer request's too, although the lease carried into it still covered a PUT.
+        assert_eq!(stored.attempts, 1);
         assert!(matches!(out.outcome, ApplyOutcome::Applied(ref r) if r.min_soc.percent() == 90));
     }
 
@@ -669,6 +707,69 @@ mod tests {
         assert!(
             stored.holds_lease(&holder("h1"), h.clock.now()),
             "{stored:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_put_whose_outcome_is_unknown_keeps_the_lease_even_if_the_request_was_settled_meanwhile(
+    ) {
+        // Nobody settles a request over a live lease (so this cannot happen today); if
+        // anything ever did, the lease must still cover the PUT that may land late.
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        accept_pending(&h, "d1", 40).await;
+        h.device.fail_next_put_unknown("d1");
+        let h2 = h.clone();
+        h.device.on_next_put("d1", move || {
+            let h2 = h2.clone();
+            Box::pin(async move {
+                let mut v = h2.ledger.get(&h2.id("d1")).await.unwrap().unwrap();
+                v.value.mark_cancelled(h2.clock.now());
+                h2.ledger.put(&v.value, Some(&v.etag), &[]).await.unwrap();
+            })
+        });
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
+            .await
+            .unwrap();
+        assert!(
+            matches!(out.outcome, ApplyOutcome::AlreadyFinal(..)),
+            "{out:?}"
+        );
+        let stored = h.ledger_record("d1").await;
+        assert_eq!(stored.status, RequestStatus::Cancelled);
+        assert!(
+            stored.holds_lease(&holder("h1"), h.clock.now()),
+            "{stored:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lease_left_on_a_settled_request_is_released_even_when_the_release_races() {
+        let h = Harness::new();
+        accept_pending(&h, "d1", 40).await;
+        h.hold_lease("d1", "h1", chrono::Duration::seconds(30))
+            .await;
+        let mut v = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+        let stale_etag = v.etag.clone();
+        v.value.mark_applied(h.clock.now());
+        h.ledger.put(&v.value, Some(&v.etag), &[]).await.unwrap();
+        // The caller's copy is the settled record under the ETag before that write: the
+        // release write conflicts, and the call reads again and releases on what it reads.
+        let start = crate::ports::Versioned {
+            value: v.value,
+            etag: stale_etag,
+        };
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), Some(start))
+            .await
+            .unwrap();
+        assert!(
+            matches!(out.outcome, ApplyOutcome::AlreadyFinal(..)),
+            "{out:?}"
+        );
+        let stored = h.ledger_record("d1").await;
+        assert_eq!(
+            (stored.status, stored.lease),
+            (RequestStatus::Applied, None)
         );
     }
 

@@ -41,6 +41,11 @@ struct DeviceState {
     reported: HashMap<String, u8>,
     /// Batteries that keep reporting their old value after a PUT lands (slow to take it).
     lagging: std::collections::HashSet<String>,
+    /// Budget turns asked for ([`DeviceApi::reserve_put`]), and whether they are refused.
+    reservations: usize,
+    refuse_turns: bool,
+    /// How long each budget turn takes to come (tokio time).
+    turn_wait: std::time::Duration,
 }
 
 #[derive(Clone, Default)]
@@ -72,6 +77,19 @@ impl FakeDevice {
     /// its outcome is unknown.
     pub fn fail_next_put_unknown(&self, id: &str) {
         self.0.lock().unwrap().unknown_next.insert(id.into());
+    }
+    /// Every budget turn asked for from now on is refused, as a device-call budget with
+    /// no turn left in its wait would ([`crate::adapters::device_budget`]).
+    pub fn refuse_budget_turns(&self) {
+        self.0.lock().unwrap().refuse_turns = true;
+    }
+    /// Each budget turn comes only after `wait` (a busy device-call budget).
+    pub fn set_turn_wait(&self, wait: std::time::Duration) {
+        self.0.lock().unwrap().turn_wait = wait;
+    }
+    /// How many budget turns were asked for.
+    pub fn reservations(&self) -> usize {
+        self.0.lock().unwrap().reservations
     }
     pub fn set_latency(&self, latency: std::time::Duration) {
         self.0.lock().unwrap().latency = latency;
@@ -130,6 +148,21 @@ impl FakeDevice {
 
 #[async_trait]
 impl DeviceApi for FakeDevice {
+    async fn reserve_put(&self) -> Result<(), DeviceError> {
+        let (refused, wait) = {
+            let mut s = self.0.lock().unwrap();
+            s.reservations += 1;
+            (s.refuse_turns, s.turn_wait)
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        if refused {
+            return Err(DeviceError::not_sent("device-call budget: no turn free"));
+        }
+        Ok(())
+    }
+
     async fn status(&self, device: &DeviceId) -> Result<DeviceStatus, DeviceError> {
         let latency = {
             let mut s = self.0.lock().unwrap();
