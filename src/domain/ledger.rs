@@ -473,6 +473,10 @@ mod tests {
             .with_lease_of(Some(&stored), t(30))
             .lease
             .is_some());
+        // Held until the instant it ends, and only by its holder.
+        assert!(stored.holds_lease(&holder("h"), t(30)));
+        assert!(!stored.holds_lease(&holder("h"), t(31)));
+        assert!(!stored.holds_lease(&holder("other"), t(30)));
     }
 
     #[test]

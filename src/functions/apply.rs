@@ -773,6 +773,51 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_read_back_rides_out_a_short_outage_and_gives_up_after_about_46_s() {
+        let h = Harness::new();
+        accept_pending(&h, "d1", 40).await;
+        h.ledger.set_down(true);
+        let ledger = h.ledger.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            ledger.set_down(false);
+        });
+        assert!(read_back(&h.svc, &h.id("d1")).await.unwrap().is_some());
+
+        h.ledger.set_down(true);
+        let started = tokio::time::Instant::now();
+        let out = tokio::time::timeout(
+            std::time::Duration::from_secs(300),
+            read_back(&h.svc, &h.id("d1")),
+        )
+        .await
+        .expect("a read-back gives up while the storage stays down");
+        assert!(matches!(out, Err(StoreError::Unavailable(_))), "{out:?}");
+        // 0.1 s doubling to 5 s, 14 waits: 46.3 s.
+        let took = started.elapsed().as_secs_f64();
+        assert!((46.0..47.0).contains(&took), "{took}");
+    }
+
+    #[tokio::test]
+    async fn a_call_handed_a_record_under_another_holders_live_lease_backs_off() {
+        // A POST's accepting write carries the lease of whoever is putting the previous
+        // request (`DesiredState::accept`); the POST's own apply must not take it over.
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        accept_pending(&h, "d1", 10).await;
+        h.hold_lease("d1", "other", chrono::Duration::seconds(30))
+            .await;
+        let start = h.ledger.get(&h.id("d1")).await.unwrap();
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), start)
+            .await
+            .unwrap();
+        assert!(matches!(out.outcome, ApplyOutcome::Busy(_)), "{out:?}");
+        assert!(h.device.puts("d1").is_empty());
+        let stored = h.ledger_record("d1").await;
+        assert!(stored.holds_lease(&holder("other"), h.clock.now()));
+    }
+
     #[tokio::test]
     async fn a_second_holder_backs_off_while_the_lease_is_held() {
         let h = Harness::new();
