@@ -65,18 +65,10 @@ async fn reconnect(app: &App, device: &str) -> Value {
     answered.answer.unwrap_or_default()
 }
 
-/// `GET /_devhost/events?subject=devices/{device}/soc`: the device events the topic received.
+/// The device events the topic received (`subject` `devices/{device}/soc`).
 async fn device_events(app: &App, device: &str) -> Vec<Value> {
-    let res = app
-        .http
-        .get(format!("{}/_devhost/events", app.host().base_url()))
-        .query(&[("subject", format!("devices/{device}/soc"))])
-        .send()
+    app.topic_events(&[("subject", &format!("devices/{device}/soc"))])
         .await
-        .expect("GET /_devhost/events");
-    assert_eq!(res.status(), 200);
-    let list: Value = res.json().await.expect("the events as JSON");
-    list.as_array().expect("a JSON array").clone()
 }
 
 /// An applied request to an online battery; returns its id.

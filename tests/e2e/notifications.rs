@@ -10,25 +10,13 @@ use serde_json::Value;
 
 use crate::support::{secs, App, Resp, Setup};
 
-/// `GET /_devhost/events` with `query` (`subject`, `subjectBeginsWith`): what the topic
-/// stand-in received, oldest first.
-async fn received(app: &App, query: &[(&str, &str)]) -> Vec<Value> {
-    let res = app
-        .http
-        .get(format!("{}/_devhost/events", app.host().base_url()))
-        .query(query)
-        .send()
-        .await
-        .expect("GET /_devhost/events");
-    assert_eq!(res.status(), 200);
-    let list: Value = res.json().await.expect("the events as JSON");
-    list.as_array().expect("a JSON array").clone()
-}
-
 /// Waits until the topic received the event `id`; returns it as listed.
 async fn wait_event(app: &App, id: &str, timeout: std::time::Duration) -> Value {
     app.eventually(&format!("event {id} at the topic"), timeout, || async {
-        received(app, &[]).await.into_iter().find(|e| e["id"] == id)
+        app.topic_events(&[])
+            .await
+            .into_iter()
+            .find(|e| e["id"] == id)
     })
     .await
 }
@@ -70,7 +58,7 @@ fn assert_well_formed(events: &[Value]) {
 /// topic holds `id` exactly once and nothing else; returns that event.
 async fn only_event(app: &App, id: &str) -> Value {
     app.fire_timer().await;
-    let all = received(app, &[]).await;
+    let all = app.topic_events(&[]).await;
     assert_well_formed(&all);
     let ids: Vec<&str> = all.iter().filter_map(|e| e["id"].as_str()).collect();
     assert_eq!(ids, [id], "exactly one event, {id}: {all:#?}");
@@ -113,17 +101,17 @@ async fn an_applied_request_is_published_once_and_found_by_its_subject() {
         ("subject", subject.as_str()),
         ("subjectBeginsWith", "devices/bat-1/"),
     ] {
-        let found = received(&app, &[query]).await;
+        let found = app.topic_events(&[query]).await;
         assert_eq!(found, std::slice::from_ref(&e), "{query:?}");
     }
-    assert!(received(&app, &[("subjectBeginsWith", "devices/bat-10/")])
+    assert!(app
+        .topic_events(&[("subjectBeginsWith", "devices/bat-10/")])
         .await
         .is_empty());
-    assert!(
-        received(&app, &[("subject", "devices/bat-1/soc/requests/x")])
-            .await
-            .is_empty()
-    );
+    assert!(app
+        .topic_events(&[("subject", "devices/bat-1/soc/requests/x")])
+        .await
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -386,6 +386,21 @@ impl App {
         })
     }
 
+    /// `GET /_devhost/events` with `query` (`subject`, `subjectBeginsWith`): what the
+    /// Event Grid topic stand-in received, oldest first.
+    pub async fn topic_events(&self, query: &[(&str, &str)]) -> Vec<Value> {
+        let res = self
+            .http
+            .get(format!("{}/_devhost/events", self.host().base_url()))
+            .query(query)
+            .send()
+            .await
+            .expect("GET /_devhost/events");
+        assert_eq!(res.status(), 200);
+        let list: Value = res.json().await.expect("the events as JSON");
+        list.as_array().expect("a JSON array").clone()
+    }
+
     /// Waits until `check` returns `Some`, failing with `what` and the logs.
     pub async fn eventually<T, F, Fut>(&self, what: &str, timeout: Duration, check: F) -> T
     where
