@@ -606,13 +606,30 @@ mod tests {
         let mut r = pending(0);
         r.expect_wake("m1", t(60), t(0));
         assert!(!r.wake_overdue(t(70), Duration::seconds(30)));
+        // Strictly after: at the instant itself the message may still be on its way
+        // (BENCHMARKS.md "the tie").
+        assert!(!r.wake_overdue(t(90), Duration::seconds(30)));
         assert!(r.wake_overdue(t(91), Duration::seconds(30)));
+    }
+
+    #[test]
+    fn the_sweep_is_due_when_the_wake_up_is_overdue_or_one_lease_before_expiry() {
+        // Accepted at 0, expires at 100 (`pending`); grace 30, lease 20.
+        let (grace, lease) = (Duration::seconds(30), Duration::seconds(20));
+        let mut r = pending(0);
+        r.expect_wake("m1", t(10), t(0));
+        assert_eq!(r.sweep_due_at(grace, lease), Some(t(40)));
+        // A wake-up due late in the request's life: the expiry comes first, a lease
+        // before it (no PUT may start after that, so the sweep expires it then).
+        r.expect_wake("m2", t(70), t(0));
+        assert_eq!(r.sweep_due_at(grace, lease), Some(t(80)));
     }
 
     #[test]
     fn a_request_that_never_got_a_message_is_overdue_after_grace() {
         let r = pending(0);
         assert!(!r.wake_overdue(t(20), Duration::seconds(30)));
+        assert!(!r.wake_overdue(t(30), Duration::seconds(30)));
         assert!(r.wake_overdue(t(31), Duration::seconds(30)));
     }
 

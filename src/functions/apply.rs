@@ -799,6 +799,29 @@ mod tests {
         assert!((46.0..47.0).contains(&took), "{took}");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_confirmed_landing_waits_to_be_recorded_for_its_patience_and_no_longer() {
+        // `read_back_for`: whole read-backs (46.3 s each) until the patience is spent.
+        let h = Harness::new();
+        h.clock.follow_tokio_time();
+        accept_pending(&h, "d1", 40).await;
+        h.ledger.set_down(true);
+        let started = tokio::time::Instant::now();
+        let patience = chrono::Duration::milliseconds(2 * 46_300);
+        let out = tokio::time::timeout(
+            std::time::Duration::from_secs(3600),
+            read_back_for(&h.svc, &h.id("d1"), patience),
+        )
+        .await
+        .expect("gives up once its patience is spent");
+        assert!(matches!(out, Err(StoreError::Unavailable(_))), "{out:?}");
+        // Two read-backs end exactly at the patience: no third one starts.
+        assert_eq!(
+            started.elapsed(),
+            std::time::Duration::from_millis(2 * 46_300)
+        );
+    }
+
     #[tokio::test]
     async fn a_call_handed_a_record_under_another_holders_live_lease_backs_off() {
         // A POST's accepting write carries the lease of whoever is putting the previous

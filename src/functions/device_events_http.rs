@@ -829,6 +829,8 @@ mod tests {
             assert_eq!(r.status, 400);
             assert_eq!(r.body["field"], "WebHook-Request-Origin");
         }
+        let longest = handshake(Some(&[b'a'; 255]));
+        assert_eq!(longest.status, 200);
     }
 
     #[tokio::test]
