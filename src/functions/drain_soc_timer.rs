@@ -1294,8 +1294,11 @@ mod tests {
         let report = run(&h.svc).await.unwrap();
         assert_eq!((report.due, report.resent), (0, 0), "not due yet: {report}");
         h.clock.advance(overdue(&h));
+        let (statuses, puts) = h.device.calls();
         let report = run(&h.svc).await.unwrap();
         assert_eq!(report.resent, 1, "{report}");
+        // One status call, which said offline: no PUT is tried on a device known offline.
+        assert_eq!(h.device.calls(), (statuses + 1, puts));
         let sent = h.queue.sent();
         assert_eq!(sent.len(), 2);
         assert_eq!(
