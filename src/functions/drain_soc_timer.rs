@@ -1314,6 +1314,122 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn at_the_instant_a_wake_up_becomes_overdue_the_sweep_looks_but_leaves_the_chain_alone() {
+        // Listed at its sweep-due time exactly (due time plus grace, which the index
+        // lists at or before now), but overdue only strictly after: one status call, no
+        // re-send (BENCHMARKS.md "the tie").
+        let h = Harness::new();
+        h.device.set_online("a", false);
+        post(&h, "a", 50).await;
+        h.clock
+            .advance(h.svc.policy.backoff.initial + h.svc.policy.wake_grace);
+        let sent = h.queue.sent().len();
+        let keys =
+            |entries: Vec<DueEntry>| entries.iter().map(DueEntry::row_key).collect::<Vec<_>>();
+        let entries = keys(index_entries(&h).await);
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(
+            (
+                report.due,
+                report.status_calls,
+                report.still_offline,
+                report.resent
+            ),
+            (1, 1, 1, 0),
+            "{report}"
+        );
+        assert_eq!(h.queue.sent().len(), sent);
+        // Still due: its entry stays as it is for the next run.
+        assert_eq!(keys(index_entries(&h).await), entries);
+    }
+
+    #[tokio::test]
+    async fn an_entry_due_now_for_a_record_due_a_little_later_is_refiled_not_dropped() {
+        let h = Harness::new();
+        h.device.set_online("a", false);
+        post(&h, "a", 50).await;
+        // A write that moves the sweep-due time 10 s later keeps the entry
+        // (`index::KEEP_WITHIN`): here, its wake-up message due 10 s later.
+        let stored = h.ledger.get(&h.id("a")).await.unwrap().unwrap();
+        let mut moved = stored.value.clone();
+        let due = moved.wake_due_at.unwrap() + chrono::Duration::seconds(10);
+        moved.expect_wake("m-later", due, h.clock.now());
+        index::put_record(&h.svc, &mut moved, Some(&stored.value), Some(&stored.etag))
+            .await
+            .unwrap();
+        let entries = index_entries(&h).await;
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        let record = h.ledger_record("a").await;
+        assert!(h.svc.policy.sweep_due(&record) > Some(entries[0].due_at));
+        // The sweep at the entry's instant: the record is not due, and the entry it
+        // names is not ahead of now, so it must file one at the record's time.
+        h.clock.advance(entries[0].due_at - h.clock.now());
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(report.refiled, 1, "{report}");
+        let record = h.ledger_record("a").await;
+        let left = index_entries(&h).await;
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(record.due_entry, Some(left[0].row_key()));
+        assert_eq!(Some(left[0].due_at), h.svc.policy.sweep_due(&record));
+    }
+
+    #[tokio::test]
+    async fn a_sweep_that_can_list_no_shard_fails_and_one_that_can_list_some_goes_on() {
+        let h = Harness::new();
+        h.device.set_online("a", false);
+        post(&h, "a", 50).await;
+        h.clock.advance(overdue(&h));
+        let shard_a = due_index::shard_of(&h.id("a"));
+        h.ledger.fail_due_listing(0..SHARDS);
+        assert!(run(&h.svc).await.is_err());
+        h.ledger
+            .fail_due_listing((0..SHARDS).filter(|s| *s != shard_a));
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(
+            (report.errors, report.due, report.resent),
+            (usize::from(SHARDS) - 1, 1, 1),
+            "{report}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_run_takes_up_to_twice_a_shards_even_share_of_the_quota_from_one_shard_plus_16() {
+        let mut h = Harness::new();
+        h.svc.policy.sweep_max_due = 160;
+        // 40 due devices, all in shard 0: the run takes 2 * 160 / 16 + 16 = 36 of them.
+        let mut ids = Vec::new();
+        for i in 0.. {
+            let id = format!("d{i}");
+            if due_index::shard_of(&h.id(&id)) == 0 {
+                ids.push(id);
+            }
+            if ids.len() == 40 {
+                break;
+            }
+        }
+        for id in &ids {
+            h.device.set_online(id, false);
+            post(&h, id, 50).await;
+        }
+        h.clock.advance(overdue(&h));
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(report.due, 36, "{report}");
+    }
+
+    #[tokio::test]
+    async fn at_the_fanout_threshold_the_sweep_still_looks_at_each_device_itself() {
+        let mut h = Harness::new();
+        h.svc.policy.sweep_fanout_above = 3;
+        overdue_devices(&h, 3).await;
+        let report = run(&h.svc).await.unwrap();
+        assert_eq!(
+            (report.due, report.fanned_out, report.status_calls),
+            (3, 0, 3),
+            "{report}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_resent_device_is_read_once_its_entries_tidied_from_the_record_it_wrote() {
         let h = Harness::new();
         h.device.set_online("a", false);

@@ -394,6 +394,8 @@ struct LedgerState {
     down_after_accept: bool,
     /// How long every operation takes ([`FakeLedger::set_latency`]).
     latency: std::time::Duration,
+    /// Shards of the due index that cannot be listed ([`FakeLedger::fail_due_listing`]).
+    unlisted_shards: std::collections::HashSet<u8>,
     /// The size of each `file_due_batch`, in order.
     due_batches: Vec<usize>,
     /// Every sweep state written, in order.
@@ -524,6 +526,11 @@ pub struct FakeLedger(Arc<Mutex<LedgerState>>);
 impl FakeLedger {
     pub fn set_down(&self, down: bool) {
         self.0.lock().unwrap().down = down;
+    }
+    /// Listing these shards of the due index fails as if the storage were unavailable
+    /// (the rest of the ledger answers).
+    pub fn fail_due_listing(&self, shards: impl IntoIterator<Item = u8>) {
+        self.0.lock().unwrap().unlisted_shards = shards.into_iter().collect();
     }
     /// Every operation takes `latency` (tokio time) before it takes effect.
     pub fn set_latency(&self, latency: std::time::Duration) {
@@ -856,7 +863,7 @@ impl Ledger for FakeLedger {
     ) -> Result<Vec<Versioned<DueEntry>>, StoreError> {
         self.pause().await;
         let s = self.0.lock().unwrap();
-        if s.down {
+        if s.down || s.unlisted_shards.contains(&shard) {
             return Err(StoreError::Unavailable("down".into()));
         }
         let partition = due_index::partition_key(shard);

@@ -301,6 +301,32 @@ mod tests {
         assert_eq!(entries(&h).await, 0);
     }
 
+    #[tokio::test]
+    async fn the_sweep_removes_a_pending_devices_backstop_only_after_publishing_its_outbox() {
+        let h = Harness::new().notifying();
+        h.notifier.set_down(true);
+        h.device.set_online("d1", false);
+        let a = id(&post_min_soc(&h, "d1", 30).await);
+        post_min_soc(&h, "d1", 40).await;
+        // The newer request's entry, and the backstop filed with the write that
+        // superseded the first.
+        assert_eq!(entries(&h).await, 2);
+        // The backstop is due; the record is not (its wake-up chain looks after it).
+        h.clock.advance(h.svc.policy.lease + Duration::seconds(1));
+        drain_soc_timer::run(&h.svc).await.unwrap();
+        assert_eq!(h.ledger.outboxes().len(), 1);
+        assert_eq!(entries(&h).await, 2, "undelivered: the backstop stays");
+        h.notifier.set_down(false);
+        drain_soc_timer::run(&h.svc).await.unwrap();
+        assert_eq!(h.notifier.ids(), vec![format!("{a}.superseded")]);
+        assert!(h.ledger.outboxes().is_empty());
+        assert_eq!(
+            entries(&h).await,
+            1,
+            "the entry covering the pending request"
+        );
+    }
+
     #[test]
     fn a_request_ends_once_except_that_a_landed_put_turns_expired_into_applied() {
         use crate::domain::{DesiredState, MinSoc};
