@@ -2068,6 +2068,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_run_starts_work_only_while_its_lease_covers_the_works_tail_by_every_clock() {
+        let mut h = Harness::new();
+        h.svc.policy.max_clock_skew = chrono::Duration::seconds(2);
+        let now = h.clock.now();
+        let lease = SweepLease::take(&h.svc, LeaseHolder::new(HolderKind::Sweep), now)
+            .await
+            .unwrap()
+            .expect("the lease is free");
+        let far = now + chrono::Duration::days(1);
+        // The lease must outlast the tail of work started at the last moment, even by a
+        // clock `2 S` ahead of ours.
+        let last = lease.until() - h.svc.policy.sweep_tail() - chrono::Duration::seconds(4);
+        assert!(last > now);
+        h.clock
+            .advance(last - now - chrono::Duration::milliseconds(1));
+        assert!(lease.may_start(&h.svc, far));
+        h.clock.advance(chrono::Duration::milliseconds(1));
+        assert!(!lease.may_start(&h.svc, far));
+        // Nor past the run's own deadline.
+        assert_eq!(lease.start_deadline(&h.svc.policy, now), now);
+    }
+
+    #[tokio::test]
+    async fn the_reconciling_pass_resumes_at_the_first_record_it_could_not_file() {
+        let mut h = Harness::new();
+        h.svc.policy.reconcile_rows_per_run = 500;
+        unindexed_pending(&h, 40).await;
+        // The slice comes in device order: only the first device's shard can be filed.
+        let mut ids: Vec<String> = (0..40).map(|i| format!("d{i}")).collect();
+        ids.sort();
+        let first = due_index::shard_of(&h.id(&ids[0]));
+        h.ledger
+            .fail_due_filing((0..SHARDS).filter(|s| *s != first));
+        run(&h.svc).await.unwrap();
+        h.ledger.fail_due_filing([]);
+        run(&h.svc).await.unwrap();
+        // Every pending record is covered (S6), the ones after the first failure too.
+        let entries = index_entries(&h).await;
+        for id in &ids {
+            let due = h.svc.policy.sweep_due(&h.ledger_record(id).await);
+            assert!(
+                entries
+                    .iter()
+                    .any(|e| e.device_id.as_str() == id && Some(e.due_at) <= due),
+                "{id} has no entry at or before {due:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn the_reconciling_pass_files_its_slice_in_one_transaction_per_shard_and_hundred() {
         let mut h = Harness::new();
         h.svc.policy.reconcile_rows_per_run = 500;

@@ -394,8 +394,10 @@ struct LedgerState {
     down_after_accept: bool,
     /// How long every operation takes ([`FakeLedger::set_latency`]).
     latency: std::time::Duration,
-    /// Shards of the due index that cannot be listed ([`FakeLedger::fail_due_listing`]).
+    /// Shards of the due index that cannot be listed ([`FakeLedger::fail_due_listing`])
+    /// or filed in a batch ([`FakeLedger::fail_due_filing`]).
     unlisted_shards: std::collections::HashSet<u8>,
+    unfiled_shards: std::collections::HashSet<u8>,
     /// The size of each `file_due_batch`, in order.
     due_batches: Vec<usize>,
     /// Every sweep state written, in order.
@@ -531,6 +533,11 @@ impl FakeLedger {
     /// (the rest of the ledger answers).
     pub fn fail_due_listing(&self, shards: impl IntoIterator<Item = u8>) {
         self.0.lock().unwrap().unlisted_shards = shards.into_iter().collect();
+    }
+    /// Batch filings ([`Ledger::file_due_batch`]) into these shards fail as if the
+    /// storage were unavailable.
+    pub fn fail_due_filing(&self, shards: impl IntoIterator<Item = u8>) {
+        self.0.lock().unwrap().unfiled_shards = shards.into_iter().collect();
     }
     /// Every operation takes `latency` (tokio time) before it takes effect.
     pub fn set_latency(&self, latency: std::time::Duration) {
@@ -842,7 +849,7 @@ impl Ledger for FakeLedger {
             due_index::MAX_BATCH
         );
         let mut s = self.0.lock().unwrap();
-        if s.down {
+        if s.down || s.unfiled_shards.contains(&entries[0].shard()) {
             return Err(StoreError::Unavailable("down".into()));
         }
         s.due_batches.push(entries.len());
