@@ -2091,6 +2091,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_renewal_that_committed_unbeknown_to_the_run_does_not_lose_it_the_lease() {
+        let h = Harness::new();
+        let lease = SweepLease::take(&h.svc, LeaseHolder::new(HolderKind::Sweep), h.clock.now())
+            .await
+            .unwrap()
+            .expect("the lease is free");
+        h.clock.advance(chrono::Duration::seconds(30));
+        h.ledger.commit_next_sweep_write_then_time_out();
+        lease.renew(&h.svc).await;
+        // The next write conflicts with the run's own earlier one: it names this run,
+        // so the run writes again on its ETag and keeps the lease.
+        h.clock.advance(chrono::Duration::seconds(30));
+        lease.renew(&h.svc).await;
+        assert!(!lease.lost());
+        let stored = h.ledger.sweep_state().await.unwrap().unwrap().value;
+        assert_eq!(stored.until, Some(lease.until()));
+        assert_eq!(
+            lease.until(),
+            h.clock.now()
+                + h.svc
+                    .policy
+                    .sweep_lease_grant()
+                    .min(lease.cap - h.clock.now())
+        );
+    }
+
+    #[tokio::test]
     async fn the_reconciling_pass_resumes_at_the_first_record_it_could_not_file() {
         let mut h = Harness::new();
         h.svc.policy.reconcile_rows_per_run = 500;

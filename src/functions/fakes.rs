@@ -398,6 +398,8 @@ struct LedgerState {
     /// or filed in a batch ([`FakeLedger::fail_due_filing`]).
     unlisted_shards: std::collections::HashSet<u8>,
     unfiled_shards: std::collections::HashSet<u8>,
+    /// Set by [`FakeLedger::commit_next_sweep_write_then_time_out`].
+    sweep_commit_then_time_out: bool,
     /// The size of each `file_due_batch`, in order.
     due_batches: Vec<usize>,
     /// Every sweep state written, in order.
@@ -533,6 +535,10 @@ impl FakeLedger {
     /// (the rest of the ledger answers).
     pub fn fail_due_listing(&self, shards: impl IntoIterator<Item = u8>) {
         self.0.lock().unwrap().unlisted_shards = shards.into_iter().collect();
+    }
+    /// The next sweep-state write commits, but its caller hears `Unavailable`.
+    pub fn commit_next_sweep_write_then_time_out(&self) {
+        self.0.lock().unwrap().sweep_commit_then_time_out = true;
     }
     /// Batch filings ([`Ledger::file_due_batch`]) into these shards fail as if the
     /// storage were unavailable.
@@ -929,6 +935,9 @@ impl Ledger for FakeLedger {
         let n = s.next;
         s.sweep = Some((state.clone(), n));
         s.sweep_writes.push(state.clone());
+        if std::mem::take(&mut s.sweep_commit_then_time_out) {
+            return Err(StoreError::Unavailable("timed out (committed)".into()));
+        }
         Ok(ETag(n.to_string()))
     }
 

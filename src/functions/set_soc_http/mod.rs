@@ -883,10 +883,46 @@ mod tests {
         );
         let rec = h.ledger_record("d1").await;
         assert_eq!(rec.min_soc.percent(), 35);
+        let lease = rec.lease.clone().unwrap();
         assert_eq!(
-            rec.lease.unwrap().holder.as_str(),
+            lease.holder.as_str(),
             "queue-delivery",
             "the holder's lease is kept so it converges"
+        );
+        // In case the holder died: a wake-up message for this request, not before the
+        // holder's lease lapses.
+        let sent = h.queue.sent();
+        let last = sent.last().expect("a wake-up message");
+        assert_eq!(
+            rec.wake_message_id.as_deref(),
+            Some(last.message_id.as_str())
+        );
+        assert!(last.scheduled_at.unwrap() >= lease.until, "{last:?}");
+    }
+
+    #[tokio::test]
+    async fn a_post_whose_put_landed_before_a_newer_request_was_applied_answers_for_itself() {
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        // While this POST's PUT is in flight, a newer request is accepted; the POST's
+        // apply then puts the newer one too (it holds the lease).
+        let h2 = h.clone();
+        h.device.on_next_put("d1", move || {
+            let h2 = h2.clone();
+            Box::pin(async move {
+                crate::functions::fakes::accept_pending(&h2, "d1", 90).await;
+            })
+        });
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":10}"#, None)).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body["status"], "applied");
+        assert_eq!(
+            r.body["minSoc"], 10,
+            "the answer is about this POST's request"
+        );
+        assert_ne!(
+            r.body["requestId"],
+            serde_json::json!(h.ledger_record("d1").await.request_id.as_str())
         );
     }
 
