@@ -60,6 +60,15 @@ impl DeviceError {
     pub fn is_permanent(&self) -> bool {
         matches!(self, Self::UnknownDevice | Self::Rejected(_))
     }
+
+    /// How long the device cloud asked to wait before the next call (`Retry-After` on a
+    /// transient answer).
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::Transient { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
 }
 
 /// The vendor's device cloud (contract in `docs/device-api.md`).

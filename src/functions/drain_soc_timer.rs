@@ -2117,6 +2117,44 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeps_wait_for_a_budget_turn_ends_with_its_time_to_start_work() {
+        let h = Harness::new();
+        h.clock.follow_tokio_time();
+        let now = h.clock.now();
+        let lease = SweepLease::take(&h.svc, LeaseHolder::new(HolderKind::Sweep), now)
+            .await
+            .unwrap()
+            .expect("the lease is free");
+        let device = SweepDevice {
+            inner: h.svc.device.clone(),
+            clock: h.svc.clock.clone(),
+            lease: Arc::new(lease),
+            policy: h.svc.policy,
+            deadline: now + chrono::Duration::seconds(10),
+        };
+        // A turn that would come only after a minute: refused at the run's deadline.
+        h.device.set_turn_wait(std::time::Duration::from_secs(60));
+        let turn = device.reserve_put().await;
+        assert!(
+            matches!(
+                turn,
+                Err(DeviceError::Transient {
+                    unanswered: false,
+                    ..
+                })
+            ),
+            "{turn:?}"
+        );
+        assert_eq!(h.clock.now(), now + chrono::Duration::seconds(10));
+        // Past it: refused at once, without asking the budget.
+        h.clock.advance(chrono::Duration::seconds(1));
+        let asked = h.device.reservations();
+        assert!(device.reserve_put().await.is_err());
+        assert_eq!(h.device.reservations(), asked);
+        assert_eq!(h.clock.now(), now + chrono::Duration::seconds(11));
+    }
+
     #[tokio::test]
     async fn the_reconciling_pass_resumes_at_the_first_record_it_could_not_file() {
         let mut h = Harness::new();

@@ -252,6 +252,9 @@ mod tests {
             .collect();
         assert_eq!(drifted.len(), 1, "one drift, one event: {drifted:?}");
         assert_eq!(drifted[0].subject, "devices/d1/soc");
+        // Numbered on from the applied request's event, with the record's counter.
+        assert_eq!(drifted[0].seq, 2);
+        assert_eq!(h.ledger_record("d1").await.last_event_seq, 2);
         let data: Value = serde_json::from_str(&drifted[0].data).unwrap();
         assert_eq!(
             (data["reportedMinSoc"].clone(), data["requestId"].clone()),
@@ -267,6 +270,24 @@ mod tests {
         let shown = latest(&h, "d1").await;
         assert!(shown.get("reportedMinSoc").is_none(), "{shown}");
         assert!(shown.get("driftDetectedAt").is_none());
+    }
+
+    #[tokio::test]
+    async fn under_reassert_a_battery_reporting_the_value_at_reconnect_is_confirmed_not_reasserted()
+    {
+        let mut h = Harness::new();
+        h.svc.policy.drift = DriftPolicy::Reassert;
+        h.device.set_online("d1", true);
+        h.device.set_reported("d1", 50);
+        h.device.set_lagging("d1");
+        let first = post_min_soc(&h, "d1", 30).await;
+        assert_eq!(first["confirmed"], false, "{first}");
+        h.device.set_reported("d1", 30);
+        device_events_http::handle(&h.svc, connected("e1", "d1")).await;
+        let shown = latest(&h, "d1").await;
+        assert_eq!(shown["requestId"], first["requestId"], "no new request");
+        assert_eq!(shown["confirmed"], true, "{shown}");
+        assert_eq!(h.device.puts("d1").len(), 1);
     }
 
     #[tokio::test]

@@ -46,6 +46,8 @@ struct DeviceState {
     refuse_turns: bool,
     /// How long each budget turn takes to come (tokio time).
     turn_wait: std::time::Duration,
+    /// The `Retry-After` of the transient answers [`FakeDevice::fail_transiently`] makes.
+    retry_after: Option<std::time::Duration>,
 }
 
 #[derive(Clone, Default)]
@@ -82,6 +84,10 @@ impl FakeDevice {
     /// no turn left in its wait would ([`crate::adapters::device_budget`]).
     pub fn refuse_budget_turns(&self) {
         self.0.lock().unwrap().refuse_turns = true;
+    }
+    /// The transient answers of [`FakeDevice::fail_transiently`] ask to wait `after`.
+    pub fn set_retry_after(&self, after: std::time::Duration) {
+        self.0.lock().unwrap().retry_after = Some(after);
     }
     /// Each budget turn comes only after `wait` (a busy device-call budget).
     pub fn set_turn_wait(&self, wait: std::time::Duration) {
@@ -209,7 +215,7 @@ impl DeviceApi for FakeDevice {
         if self.take_transient(device.as_str()) {
             return Err(DeviceError::Transient {
                 reason: "503".into(),
-                retry_after: None,
+                retry_after: self.0.lock().unwrap().retry_after,
                 unanswered: false,
             });
         }

@@ -45,9 +45,7 @@ use crate::domain::history::HistoryEntry;
 use crate::domain::{
     DesiredState, DeviceId, HolderKind, IdempotencyKey, LeaseHolder, RequestId, SettingRequest,
 };
-use crate::ports::{
-    DeviceError, ETag, IdempotencyRecord, KeyWrite, Precondition, StoreError, Versioned,
-};
+use crate::ports::{ETag, IdempotencyRecord, KeyWrite, Precondition, StoreError, Versioned};
 
 use super::apply::{apply_latest, read_back, ApplyOutcome};
 use super::wake;
@@ -222,13 +220,13 @@ async fn accept(
             let lapses = v.value.lease.as_ref().map(|l| l.until);
             (v, lapses)
         }
-        ApplyOutcome::Transient(v, DeviceError::Transient { retry_after, .. }) => {
-            let at = retry_after
+        ApplyOutcome::Transient(v, e) => {
+            let at = e
+                .retry_after()
                 .and_then(|d| chrono::Duration::from_std(d).ok())
                 .map(|d| svc.clock.now() + d);
             (v, at)
         }
-        ApplyOutcome::Transient(v, _) => (v, None),
         // Superseded by a newer request or settled by someone else meanwhile.
         _ => return settled_answer(svc, &accepted.value).await,
     };
@@ -898,6 +896,29 @@ mod tests {
             Some(last.message_id.as_str())
         );
         assert!(last.scheduled_at.unwrap() >= lease.until, "{last:?}");
+    }
+
+    #[tokio::test]
+    async fn a_post_the_device_cloud_answers_transiently_is_kept_with_a_wake_up_after_its_retry_after(
+    ) {
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        h.device.fail_transiently("d1", 1);
+        h.device
+            .set_retry_after(std::time::Duration::from_secs(600));
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":35}"#, None)).await;
+        assert_eq!(r.status, 202, "{r:?}");
+        let rec = h.ledger_record("d1").await;
+        let sent = h.queue.sent();
+        let last = sent.last().expect("a wake-up message");
+        assert_eq!(
+            rec.wake_message_id.as_deref(),
+            Some(last.message_id.as_str())
+        );
+        assert!(
+            last.scheduled_at.unwrap() >= h.clock.now() + chrono::Duration::seconds(600),
+            "{last:?}"
+        );
     }
 
     #[tokio::test]
