@@ -922,6 +922,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_post_superseded_during_its_put_answers_for_itself_when_the_newer_one_is_refused() {
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        // While this POST's PUT is in flight a newer request is accepted, and the
+        // device cloud starts refusing the value: the POST's apply goes on to PUT the
+        // newer request (it holds the lease), which is refused.
+        let h2 = h.clone();
+        h.device.on_next_put("d1", move || {
+            let h2 = h2.clone();
+            Box::pin(async move {
+                crate::functions::fakes::accept_pending(&h2, "d1", 90).await;
+                h2.device.reject("d1", "value not allowed");
+            })
+        });
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":10}"#, None)).await;
+        let newer = h.ledger_record("d1").await;
+        assert_eq!(newer.status, RequestStatus::Failed);
+        assert_eq!(r.body["minSoc"], 10, "{r:?}");
+        assert_ne!(
+            r.body["requestId"],
+            serde_json::json!(newer.request_id.as_str())
+        );
+        assert_ne!(
+            r.status, 422,
+            "the refusal was not of this POST's request: {r:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_post_whose_put_landed_before_a_newer_request_was_applied_answers_for_itself() {
         let h = Harness::new();
         h.device.set_online("d1", true);
