@@ -290,6 +290,56 @@ mod tests {
         assert_eq!(h.device.puts("d1").len(), 1);
     }
 
+    /// Drift on `d1` (applied 30, reporting 45), with `meanwhile` run while the
+    /// reconnect's status call is on its way (its write then conflicts).
+    async fn drift_racing(
+        meanwhile: impl FnOnce(Harness) -> futures::future::BoxFuture<'static, ()> + Send + 'static,
+    ) -> Harness {
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        post_min_soc(&h, "d1", 30).await;
+        h.device.set_reported("d1", 45);
+        h.device
+            .set_status_latency(std::time::Duration::from_secs(1));
+        let racer = tokio::spawn({
+            let h = h.clone();
+            async move {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                meanwhile(h).await;
+            }
+        });
+        device_events_http::handle(&h.svc, connected("e1", "d1")).await;
+        racer.await.unwrap();
+        h
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drift_write_that_loses_a_race_is_written_again_on_the_still_applied_record() {
+        let h = drift_racing(|h| {
+            Box::pin(async move {
+                use crate::ports::Ledger as _;
+                let v = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+                h.ledger.put(&v.value, Some(&v.etag), &[]).await.unwrap();
+            })
+        })
+        .await;
+        assert_eq!(latest(&h, "d1").await["reportedMinSoc"], 45);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drift_check_that_loses_the_race_to_a_new_request_records_nothing_on_it() {
+        let h = drift_racing(|h| {
+            Box::pin(async move {
+                crate::functions::fakes::accept_pending(&h, "d1", 60).await;
+            })
+        })
+        .await;
+        let shown = latest(&h, "d1").await;
+        assert_eq!(shown["minSoc"], 60, "{shown}");
+        assert!(shown.get("reportedMinSoc").is_none(), "{shown}");
+        assert!(shown.get("driftDetectedAt").is_none(), "{shown}");
+    }
+
     #[tokio::test]
     async fn under_reassert_drift_requests_the_applied_value_again_once() {
         let mut h = Harness::new();

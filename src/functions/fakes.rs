@@ -392,10 +392,14 @@ struct LedgerState {
     deferred: Option<DeferredAccept>,
     /// Set by [`FakeLedger::commit_next_accept_then_time_out`].
     commit_then_time_out: bool,
+    /// Set by [`FakeLedger::commit_next_accept_then_time_out_replaced_by`].
+    replaced_after_commit: Option<MinSoc>,
     /// Set by [`FakeLedger::commit_next_put_then_time_out`].
     put_commit_then_time_out: bool,
     /// Set by [`FakeLedger::time_out_next_put_and_go_down`].
     put_time_out_and_go_down: bool,
+    /// Set by [`FakeLedger::lose_next_put_while_another_writes`].
+    put_lost_while_another_writes: bool,
     /// Set by [`FakeLedger::defer_next_accept_and_go_down`].
     down_after_accept: bool,
     /// How long every operation takes ([`FakeLedger::set_latency`]).
@@ -613,6 +617,18 @@ impl FakeLedger {
     pub fn time_out_next_put_and_go_down(&self) {
         self.0.lock().unwrap().put_time_out_and_go_down = true;
     }
+    /// As [`FakeLedger::commit_next_accept_then_time_out`], and before its caller can
+    /// look, another POST's accepting write replaces it with a request for `min_soc`.
+    pub fn commit_next_accept_then_time_out_replaced_by(&self, min_soc: u8) {
+        let mut s = self.0.lock().unwrap();
+        s.commit_then_time_out = true;
+        s.replaced_after_commit = Some(MinSoc::new(min_soc).unwrap());
+    }
+    /// The next `put` answers a timeout without committing, and meanwhile another
+    /// writer rewrote the record as it was (a new ETag, the same contents).
+    pub fn lose_next_put_while_another_writes(&self) {
+        self.0.lock().unwrap().put_lost_while_another_writes = true;
+    }
     /// Commits the accepting write kept by [`FakeLedger::defer_next_accept`] now, as a
     /// write delayed in the network would: only if its precondition still holds.
     pub fn land_deferred(&self) -> Result<ETag, StoreError> {
@@ -669,6 +685,14 @@ impl Ledger for FakeLedger {
             s.down = true;
             return Err(StoreError::Unavailable("timed out".into()));
         }
+        if std::mem::take(&mut s.put_lost_while_another_writes) {
+            s.next += 1;
+            let n = s.next;
+            if let Some(row) = s.rows.get_mut(state.device_id.as_str()) {
+                row.1 = n;
+            }
+            return Err(StoreError::Unavailable("timed out".into()));
+        }
         let etag = s.write(state, None, expected, events)?;
         if std::mem::take(&mut s.put_commit_then_time_out) {
             return Err(StoreError::Unavailable("timed out".into()));
@@ -715,7 +739,25 @@ impl Ledger for FakeLedger {
             events: events.to_vec(),
         };
         if std::mem::take(&mut s.commit_then_time_out) {
-            s.accept(&write)?;
+            let etag = s.accept(&write)?;
+            if let Some(min_soc) = s.replaced_after_commit.take() {
+                let ttl = state.expires_at - state.requested_at;
+                let newer = DesiredState::accept(
+                    state.device_id.clone(),
+                    min_soc,
+                    state.requested_at,
+                    ttl,
+                    Some(state),
+                );
+                let replaced = HistoryEntry::replaced(state, &newer.request_id, state.requested_at);
+                s.accept(&DeferredAccept {
+                    state: newer,
+                    replaced: Some(replaced),
+                    key: None,
+                    on: Precondition::Record(etag),
+                    events: Vec::new(),
+                })?;
+            }
             return Err(StoreError::Unavailable("timed out".into()));
         }
         if std::mem::take(&mut s.defer_next_accept) {

@@ -23,7 +23,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::domain::{DeviceId, HolderKind, LeaseHolder};
-use crate::ports::{CorruptRow, DeviceError, StoreError, WakeMessage};
+use crate::ports::{CorruptRow, StoreError, WakeMessage};
 
 use super::apply::{apply_latest, ApplyOutcome};
 use super::wake::{self, Rescheduled};
@@ -149,11 +149,7 @@ pub async fn handle(svc: &Services, delivery: Delivery) -> Settle {
             return Settle::Complete(format!("request {} failed permanently: {e}", r.request_id))
         }
         ApplyOutcome::Transient(_, e) => {
-            let retry_after = match &e {
-                DeviceError::Transient { retry_after, .. } => *retry_after,
-                _ => None,
-            };
-            tokio::time::sleep(transient_wait(delivery.delivery_count, retry_after)).await;
+            tokio::time::sleep(transient_wait(delivery.delivery_count, e.retry_after())).await;
             return Settle::Retry(format!("device cloud unavailable: {e}"));
         }
         ApplyOutcome::Offline(v) => (v, None),
@@ -386,6 +382,20 @@ mod tests {
             matches!(again, Settle::Complete(ref s) if s.starts_with("applied")),
             "{again:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transient_answer_is_redelivered_after_the_retry_after_it_asks_for() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        post(&h, "d1", 40).await;
+        h.device.set_online("d1", true);
+        h.device.fail_transiently("d1", 1);
+        h.device.set_retry_after(Duration::from_secs(7));
+        let started = tokio::time::Instant::now();
+        let settle = handle(&h.svc, delivery_of(&h.queue.sent()[0])).await;
+        assert!(matches!(settle, Settle::Retry(_)), "{settle:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(7));
     }
 
     #[tokio::test]

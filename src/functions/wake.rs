@@ -208,6 +208,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_re_check_never_falls_within_one_lease_of_expiry() {
+        // A PUT may not start then (`apply`): the last re-check comes at the last
+        // moment one may, however long the back-off would wait.
+        let h = Harness::new();
+        let rec = accept_pending(&h, "d1", 20).await;
+        h.clock
+            .advance(h.svc.policy.request_ttl - h.svc.policy.lease - chrono::Duration::seconds(30));
+        let current = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+        let out = schedule_recheck(&h.svc, current, None, None).await.unwrap();
+        let Rescheduled::Scheduled { at, .. } = out else {
+            panic!("{out:?}")
+        };
+        assert!(
+            at > h.clock.now() && at <= rec.expires_at - h.svc.policy.lease,
+            "{at}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_retry_after_later_than_the_backoff_is_honoured() {
         let h = Harness::new();
         accept_pending(&h, "d1", 20).await;

@@ -376,6 +376,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_cancel_whose_write_was_lost_while_the_record_moved_on_writes_again_before_its_200() {
+        // The fence conflicts (someone wrote meanwhile), so the request's history entry
+        // decides: it does not say `cancelled`, so the cancel did not commit, and it
+        // must write again (not answer `cancelled` for a request still pending).
+        let h = Harness::new();
+        let id = pending(&h).await;
+        h.ledger.lose_next_put_while_another_writes();
+        let r = delete(&h, &id).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(h.ledger_record("d1").await.status, RequestStatus::Cancelled);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_store_down_is_503_and_nothing_changes() {
         let h = Harness::new();
         let id = pending(&h).await;

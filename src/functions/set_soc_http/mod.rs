@@ -804,16 +804,59 @@ mod tests {
         assert_eq!(h.queue.sent().len(), 1, "its wake-up chain started");
     }
 
+    #[tokio::test]
+    async fn a_write_that_committed_but_timed_out_and_was_replaced_at_once_answers_for_itself() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        h.ledger.commit_next_accept_then_time_out_replaced_by(80);
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":20}"#, None)).await;
+        let newer = h.ledger_record("d1").await;
+        assert_eq!(newer.min_soc.percent(), 80);
+        assert_eq!(r.body["minSoc"], 20, "{r:?}");
+        assert_ne!(
+            r.body["requestId"],
+            serde_json::json!(newer.request_id.as_str())
+        );
+        assert_eq!(r.body["status"], "superseded", "{r:?}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_write_whose_outcome_stays_unknown_is_a_500_naming_the_request() {
         let h = Harness::new();
         h.device.set_online("d1", false);
         h.ledger.defer_next_accept_and_go_down();
+        let started = tokio::time::Instant::now();
         let r = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
         assert_eq!(r.status, 500, "{r:?}");
         assert_eq!(r.content_type(), "application/problem+json");
         assert!(r.body["requestId"].is_string());
         assert!(r.headers.iter().any(|(k, _)| *k == "Retry-After"));
+        // The fence kept trying for its whole window first: 0.1 s doubling to 5 s,
+        // 14 tries (46.3 s).
+        assert_eq!(started.elapsed(), std::time::Duration::from_millis(46_300));
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_wake_up_could_not_be_sent_is_covered_from_its_accepting_write() {
+        // Its index entry, filed before the accepting write, is at the sweep-due time of
+        // the record as accepted: the sweep finds it once the wake-up is overdue.
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        h.queue.set_down(true);
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
+        assert_eq!(r.status, 202, "{r:?}");
+        let record = h.ledger_record("d1").await;
+        assert!(record.wake_message_id.is_none());
+        let far = h.clock.now() + chrono::Duration::days(3650);
+        let mut entries = Vec::new();
+        for shard in 0..crate::domain::due_index::SHARDS {
+            entries.extend(h.ledger.due_entries(shard, far, 100).await.unwrap());
+        }
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert_eq!(
+            Some(entries[0].value.due_at),
+            h.svc.policy.sweep_due(&record)
+        );
     }
 
     #[tokio::test]
