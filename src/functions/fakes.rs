@@ -400,6 +400,8 @@ struct LedgerState {
     put_time_out_and_go_down: bool,
     /// Set by [`FakeLedger::lose_next_put_while_another_writes`].
     put_lost_while_another_writes: bool,
+    /// Set by [`FakeLedger::race_next_puts`].
+    puts_raced: usize,
     /// Set by [`FakeLedger::defer_next_accept_and_go_down`].
     down_after_accept: bool,
     /// How long every operation takes ([`FakeLedger::set_latency`]).
@@ -624,6 +626,11 @@ impl FakeLedger {
         s.commit_then_time_out = true;
         s.replaced_after_commit = Some(MinSoc::new(min_soc).unwrap());
     }
+    /// The next `n` record writes each lose a race: another writer rewrites the record
+    /// as it was just before (a new ETag, the same contents), so they conflict.
+    pub fn race_next_puts(&self, n: usize) {
+        self.0.lock().unwrap().puts_raced = n;
+    }
     /// The next `put` answers a timeout without committing, and meanwhile another
     /// writer rewrote the record as it was (a new ETag, the same contents).
     pub fn lose_next_put_while_another_writes(&self) {
@@ -684,6 +691,15 @@ impl Ledger for FakeLedger {
         if std::mem::take(&mut s.put_time_out_and_go_down) {
             s.down = true;
             return Err(StoreError::Unavailable("timed out".into()));
+        }
+        if s.puts_raced > 0 {
+            s.puts_raced -= 1;
+            s.next += 1;
+            let n = s.next;
+            if let Some(row) = s.rows.get_mut(state.device_id.as_str()) {
+                row.1 = n;
+            }
+            return Err(StoreError::Conflict);
         }
         if std::mem::take(&mut s.put_lost_while_another_writes) {
             s.next += 1;

@@ -309,8 +309,19 @@ mod tests {
         let a = id(&post_min_soc(&h, "d1", 30).await);
         post_min_soc(&h, "d1", 40).await;
         // The newer request's entry, and the backstop filed with the write that
-        // superseded the first.
+        // superseded the first, one lease ahead (the writer publishes first).
         assert_eq!(entries(&h).await, 2);
+        let far = h.clock.now() + Duration::days(3650);
+        let mut due_ats = Vec::new();
+        for shard in 0..crate::domain::due_index::SHARDS {
+            for e in h.ledger.due_entries(shard, far, 100).await.unwrap() {
+                due_ats.push(e.value.due_at);
+            }
+        }
+        assert!(
+            due_ats.contains(&(h.clock.now() + h.svc.policy.lease)),
+            "{due_ats:?}"
+        );
         // The backstop is due; the record is not (its wake-up chain looks after it).
         h.clock.advance(h.svc.policy.lease + Duration::seconds(1));
         drain_soc_timer::run(&h.svc).await.unwrap();

@@ -226,6 +226,56 @@ mod tests {
         );
     }
 
+    /// `record_sent` for a new message of `d1`'s request, from the version read before
+    /// `meanwhile` rewrote the record (so its write conflicts), continuing `chain`.
+    async fn record_after(
+        chain: Option<&str>,
+        meanwhile: impl FnOnce(&mut crate::domain::DesiredState, &Harness),
+    ) -> (Rescheduled, crate::domain::DesiredState) {
+        let h = Harness::new();
+        accept_pending(&h, "d1", 20).await;
+        let read = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+        let mut other = read.value.clone();
+        meanwhile(&mut other, &h);
+        h.ledger.put(&other, Some(&read.etag), &[]).await.unwrap();
+        let at = h.clock.now() + chrono::Duration::seconds(60);
+        let message = message_for(&read.value, Some(at), h.clock.now()).unwrap();
+        let out = record_sent(&h.svc, read, chain, message, at).await.unwrap();
+        (out, h.ledger_record("d1").await)
+    }
+
+    #[tokio::test]
+    async fn a_sent_message_is_recorded_after_a_race_only_while_the_chain_is_still_its_own() {
+        let now = |h: &Harness| h.clock.now();
+        // A rewrite that leaves the chain alone: written again, naming the new message.
+        let (out, rec) = record_after(None, |_, _| {}).await;
+        let Rescheduled::Scheduled { message_id, .. } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(rec.wake_message_id.as_deref(), Some(message_id.as_str()));
+        // The message this one continues was recorded meanwhile (the chain is still ours).
+        let (out, _) = record_after(Some("m1"), |r, h| r.expect_wake("m1", now(h), now(h))).await;
+        assert!(matches!(out, Rescheduled::Scheduled { .. }), "{out:?}");
+        // Another invocation continued the chain with a message of its own.
+        let (out, rec) = record_after(None, |r, h| r.expect_wake("theirs", now(h), now(h))).await;
+        assert!(matches!(out, Rescheduled::Superseded), "{out:?}");
+        assert_eq!(rec.wake_message_id.as_deref(), Some("theirs"));
+        // The request was settled, or replaced by a newer one.
+        let (out, _) = record_after(None, |r, h| r.mark_applied(now(h))).await;
+        assert!(matches!(out, Rescheduled::Superseded), "{out:?}");
+        let (out, _) = record_after(None, |r, h| {
+            *r = crate::domain::DesiredState::accept(
+                r.device_id.clone(),
+                crate::domain::MinSoc::new(70).unwrap(),
+                now(h),
+                h.svc.policy.request_ttl,
+                Some(r),
+            )
+        })
+        .await;
+        assert!(matches!(out, Rescheduled::Superseded), "{out:?}");
+    }
+
     #[tokio::test]
     async fn a_retry_after_later_than_the_backoff_is_honoured() {
         let h = Harness::new();
@@ -236,5 +286,33 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(out, Rescheduled::Scheduled { at, .. } if at == later));
+    }
+
+    #[tokio::test]
+    async fn a_not_before_is_used_only_between_the_back_off_and_the_last_useful_moment() {
+        let at_for = |offset: chrono::Duration| async move {
+            let h = Harness::new();
+            let rec = accept_pending(&h, "d1", 20).await;
+            let last_useful = rec.expires_at - h.svc.policy.lease;
+            let current = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+            let out = schedule_recheck(&h.svc, current, None, Some(last_useful + offset))
+                .await
+                .unwrap();
+            let Rescheduled::Scheduled { at, .. } = out else {
+                panic!("{out:?}")
+            };
+            (at, h.clock.now(), last_useful)
+        };
+        // The back-off's first re-check is 60 s from now.
+        let backoff = |now| now + chrono::Duration::seconds(60);
+        let (at, now, last_useful) = at_for(-chrono::Duration::seconds(1)).await;
+        assert_eq!(at, last_useful - chrono::Duration::seconds(1));
+        let (at, now2, _) = at_for(chrono::Duration::zero()).await;
+        assert_eq!(at, backoff(now2), "not at the last useful moment itself");
+        let (at, now3, _) = at_for(chrono::Duration::seconds(10)).await;
+        assert_eq!(at, backoff(now3), "never past it");
+        // Earlier than the back-off's own time: the back-off's time.
+        let (at, _, _) = at_for(now - last_useful).await;
+        assert_eq!(at, backoff(now));
     }
 }

@@ -358,6 +358,31 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn retry_after_counts_the_clock_skew_twice_past_the_lease() {
+        let (mut h, id) = leased_for(30).await;
+        h.svc.policy.max_clock_skew = chrono::Duration::seconds(2);
+        let r = delete(&h, &id).await;
+        assert_eq!(r.status, 409, "{r:?}");
+        let after = r.headers.iter().find(|(k, _)| *k == "Retry-After").unwrap();
+        // 30 s lease, 5 s waited, plus twice the 2 s skew.
+        assert_eq!(after.1, "29");
+    }
+
+    #[tokio::test]
+    async fn a_cancel_that_keeps_losing_races_gives_up_after_its_rounds_unwritten() {
+        let h = Harness::new();
+        let id = pending(&h).await;
+        h.ledger.race_next_puts(super::MAX_WRITE_ROUNDS - 1);
+        assert_eq!(delete(&h, &id).await.status, 200, "the last round writes");
+        let h = Harness::new();
+        let id = pending(&h).await;
+        h.ledger.race_next_puts(super::MAX_WRITE_ROUNDS);
+        let r = delete(&h, &id).await;
+        assert_eq!(r.status, 503, "{r:?}");
+        assert_eq!(h.ledger_record("d1").await.status, RequestStatus::Pending);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_lease_that_lapses_within_the_wait_lets_the_cancel_through() {
         let (h, id) = leased_for(3).await;
         let r = delete(&h, &id).await;

@@ -672,6 +672,28 @@ mod tests {
         assert_eq!(h.queue.sent().len(), 1, "no second request");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn two_first_uses_of_a_key_at_once_make_one_request_and_the_loser_replays_it() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        // Every ledger call takes a moment, so both POSTs find the key unused before
+        // either writes; the second accepting write then conflicts on the key row.
+        h.ledger.set_latency(std::time::Duration::from_millis(10));
+        let (a, b) = tokio::join!(
+            handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, Some("k-1"))),
+            handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, Some("k-1")))
+        );
+        assert_eq!((a.status, b.status), (202, 202), "{a:?} {b:?}");
+        assert_eq!(a.body["requestId"], b.body["requestId"]);
+        let replayed = |r: &ApiResponse| {
+            r.headers
+                .iter()
+                .any(|(k, v)| *k == "Idempotent-Replayed" && v == "true")
+        };
+        assert!(replayed(&a) != replayed(&b), "one made it, one replayed it");
+        assert_eq!(h.ledger_record("d1").await.attempts, 1);
+    }
+
     #[tokio::test]
     async fn the_same_idempotency_key_with_another_body_is_409() {
         let h = Harness::new();
