@@ -695,6 +695,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_key_is_kept_until_the_instant_its_retention_ends() {
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        let first = handle(&h.svc, post_req("d1", r#"{"minSoc":30}"#, Some("k-1"))).await;
+        assert_eq!(first.body["requestedAt"], "2026-11-21T12:00:00.000Z");
+        h.clock
+            .advance(crate::domain::IDEMPOTENCY_KEY_RETENTION - chrono::Duration::milliseconds(1));
+        let replay = handle(&h.svc, post_req("d1", r#"{"minSoc":30}"#, Some("k-1"))).await;
+        assert_eq!(replay.body["requestId"], first.body["requestId"]);
+        h.clock.advance(chrono::Duration::milliseconds(1));
+        let fresh = handle(&h.svc, post_req("d1", r#"{"minSoc":30}"#, Some("k-1"))).await;
+        assert_ne!(fresh.body["requestId"], first.body["requestId"]);
+    }
+
+    #[tokio::test]
     async fn the_same_idempotency_key_with_another_body_is_409() {
         let h = Harness::new();
         h.device.set_online("d1", false);

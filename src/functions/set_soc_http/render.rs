@@ -170,3 +170,29 @@ pub fn view(r: &DesiredState) -> Value {
     }
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn a_problem_type_is_its_title_in_kebab_case() {
+        assert_eq!(
+            problem_type("Service unavailable"),
+            format!("{PROBLEM_TYPE_PREFIX}service-unavailable")
+        );
+        // Runs of other characters, at either end too, make one dash or none.
+        assert_eq!(
+            problem_type(" Idempotency-Key  reused (again) "),
+            format!("{PROBLEM_TYPE_PREFIX}idempotency-key-reused-again")
+        );
+    }
+
+    #[test]
+    fn times_are_rfc_3339_utc_with_milliseconds() {
+        let t = Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 5).unwrap()
+            + chrono::Duration::milliseconds(42);
+        assert_eq!(ts(t), "2026-11-21T12:00:05.042Z");
+    }
+}
