@@ -695,6 +695,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_replay_of_a_refused_request_is_refused_again() {
+        let h = Harness::new();
+        h.device.set_online("d1", true);
+        h.device.reject("d1", "minSoc below the installer's floor");
+        let first = handle(&h.svc, post_req("d1", r#"{"minSoc":5}"#, Some("k-1"))).await;
+        assert_eq!(first.status, 422, "{first:?}");
+        let replay = handle(&h.svc, post_req("d1", r#"{"minSoc":5}"#, Some("k-1"))).await;
+        assert_eq!(replay.status, 422, "{replay:?}");
+        assert_eq!(replay.body["requestId"], first.body["requestId"]);
+    }
+
+    #[tokio::test]
     async fn a_key_is_kept_until_the_instant_its_retention_ends() {
         let h = Harness::new();
         h.device.set_online("d1", false);
