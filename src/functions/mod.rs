@@ -334,6 +334,42 @@ mod tests {
     }
 
     #[test]
+    fn the_lease_is_sized_from_the_bounds_as_the_readme_states() {
+        let p = defaults();
+        // T + Lt + 2S + M = 5 + 10 + 4 + 5.
+        assert_eq!(p.put_window.num_seconds(), 24);
+        // W + window + M = 10 + 24 + 5.
+        assert_eq!(p.lease.num_seconds(), 39);
+    }
+
+    #[test]
+    fn a_reconciling_pass_longer_than_the_tail_bounds_the_sweep_run() {
+        let mut p = defaults();
+        p.reconcile_budget = Duration::seconds(100);
+        // Budget 190 + the pass's 100 s and two writes (2W), longer than the tail (85).
+        assert_eq!(p.sweep_run_bound().num_seconds(), 190 + 100 + 20);
+    }
+
+    #[test]
+    fn the_settings_are_refused_only_past_their_limits() {
+        let over = |p: &Policy, what: &str| p.design_problems().iter().any(|e| e.contains(what));
+        let mut p = defaults();
+        p.device_timeout = MAX_DEVICE_TIMEOUT;
+        assert!(!over(&p, "is over"), "{:?}", p.design_problems());
+        p.device_timeout = MAX_DEVICE_TIMEOUT + Duration::seconds(1);
+        assert!(over(&p, "is over"));
+        let mut p = defaults();
+        p.request_ttl = p.lease + p.backoff.max;
+        assert!(
+            !over(&p, "SOC_REQUEST_TTL_SECONDS"),
+            "{:?}",
+            p.design_problems()
+        );
+        p.request_ttl = p.request_ttl - Duration::seconds(1);
+        assert!(over(&p, "SOC_REQUEST_TTL_SECONDS"));
+    }
+
+    #[test]
     fn connection_events_start_their_last_put_in_time_to_answer_within_twenty_seconds() {
         let mut p = defaults();
         assert_eq!(p.events_answer_within.num_seconds(), 20);
