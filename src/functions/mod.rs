@@ -367,6 +367,15 @@ mod tests {
         );
         p.request_ttl = p.request_ttl - Duration::seconds(1);
         assert!(over(&p, "SOC_REQUEST_TTL_SECONDS"));
+        // A 15 s device timeout ends a sweep run (275 + 10 s more of tail), its release
+        // and the margin exactly at functionTimeout: allowed; 16 s is not (below).
+        let mut p = defaults();
+        p.device_timeout = Duration::seconds(15);
+        assert_eq!(
+            p.sweep_run_bound() + Duration::seconds(10) + LEASE_MARGIN,
+            FUNCTION_TIMEOUT
+        );
+        assert!(!over(&p, "functionTimeout"), "{:?}", p.design_problems());
     }
 
     #[test]
