@@ -265,6 +265,18 @@ mod tests {
     }
 
     #[test]
+    fn a_body_of_exactly_the_limit_is_parsed_and_one_byte_more_is_not() {
+        let at = |extra: usize| {
+            let mut body = bytes(&event(CONNECTED, "bat-1"));
+            body.resize(MAX_BODY_BYTES + extra, b' ');
+            parse(Encoding::Structured, &body)
+        };
+        assert_eq!(at(0).unwrap().len(), 1);
+        assert_eq!(at(1).unwrap_err(), EventError::too_large());
+        assert_eq!(at(1000).unwrap_err(), EventError::too_large());
+    }
+
+    #[test]
     fn a_structured_connected_event_names_its_device() {
         let events = parse(
             Encoding::Structured,

@@ -376,6 +376,11 @@ mod tests {
             FUNCTION_TIMEOUT
         );
         assert!(!over(&p, "functionTimeout"), "{:?}", p.design_problems());
+        // A 7 s device timeout leaves connection events exactly 1 s to start a PUT.
+        let mut p = defaults();
+        p.device_timeout = Duration::seconds(7);
+        assert_eq!(p.events_put_cutoff(), EVENTS_MIN_CUTOFF);
+        assert!(!over(&p, "connection events"), "{:?}", p.design_problems());
     }
 
     #[test]
