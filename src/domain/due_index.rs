@@ -178,6 +178,19 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_is_young_for_exactly_its_window_after_it_was_filed() {
+        let e = DueEntry::new(id("bat-1"), t(0)).filed(t(1_000));
+        let window = Duration::seconds(15);
+        assert!(e.is_young(t(1_000), window));
+        assert!(e.is_young(t(15_999), window));
+        assert!(!e.is_young(t(16_000), window));
+        assert!(
+            !DueEntry::new(id("bat-1"), t(0)).is_young(t(0), window),
+            "unknown: not young"
+        );
+    }
+
+    #[test]
     fn a_row_key_reads_back_as_the_entry_it_names() {
         let e = DueEntry::new(id("bat-1.a_b"), t(123));
         assert_eq!(DueEntry::from_row_key(&e.row_key()), Some(e.clone()));

@@ -195,6 +195,24 @@ mod tests {
         Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
     }
 
+    #[test]
+    fn a_device_holds_at_most_history_kept_at_most_entries() {
+        // Each accepted request adds an entry; an accepting write that prunes keeps the
+        // newest HISTORY_LIMIT (its own included).
+        let (mut kept, mut most) = (0usize, 0usize);
+        let mut previous: Option<DesiredState> = None;
+        for i in 0..100 {
+            let r = request(i, previous.as_ref());
+            kept += 1;
+            if r.prunes_history() {
+                kept = kept.min(HISTORY_LIMIT);
+            }
+            most = most.max(kept);
+            previous = Some(r);
+        }
+        assert_eq!(most, HISTORY_KEPT_AT_MOST);
+    }
+
     fn request(at: i64, previous: Option<&DesiredState>) -> DesiredState {
         DesiredState::accept(
             DeviceId::parse("bat-1").unwrap(),
