@@ -400,8 +400,9 @@ struct LedgerState {
     put_time_out_and_go_down: bool,
     /// Set by [`FakeLedger::lose_next_put_while_another_writes`].
     put_lost_while_another_writes: bool,
-    /// Set by [`FakeLedger::race_next_puts`].
+    /// Set by [`FakeLedger::race_next_puts`] and [`FakeLedger::race_next_accept`].
     puts_raced: usize,
+    accept_raced: bool,
     /// Set by [`FakeLedger::defer_next_accept_and_go_down`].
     down_after_accept: bool,
     /// How long every operation takes ([`FakeLedger::set_latency`]).
@@ -631,6 +632,11 @@ impl FakeLedger {
     pub fn race_next_puts(&self, n: usize) {
         self.0.lock().unwrap().puts_raced = n;
     }
+    /// The next accepting write loses a race: another writer changed the device's
+    /// record (or anchor) just before, so it conflicts.
+    pub fn race_next_accept(&self) {
+        self.0.lock().unwrap().accept_raced = true;
+    }
     /// The next `put` answers a timeout without committing, and meanwhile another
     /// writer rewrote the record as it was (a new ETag, the same contents).
     pub fn lose_next_put_while_another_writes(&self) {
@@ -746,6 +752,18 @@ impl Ledger for FakeLedger {
         let mut s = self.0.lock().unwrap();
         if s.down {
             return Err(StoreError::Unavailable("down".into()));
+        }
+        if std::mem::take(&mut s.accept_raced) {
+            s.next += 1;
+            let n = s.next;
+            let device = state.device_id.to_string();
+            match s.rows.get_mut(&device) {
+                Some(row) => row.1 = n,
+                None => {
+                    s.anchors.insert(device, n);
+                }
+            }
+            return Err(StoreError::Conflict);
         }
         let write = DeferredAccept {
             state: state.clone(),

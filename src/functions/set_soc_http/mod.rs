@@ -909,6 +909,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_accepting_write_tried_again_after_a_race_files_its_entry_at_its_own_due_time() {
+        // Under another holder's lease the POST makes no later write that would move
+        // the entry: the one its accepting write named must be at the record's time.
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        handle(&h.svc, post_req("d1", r#"{"minSoc":15}"#, None)).await;
+        h.hold_lease("d1", "sb-busy", chrono::Duration::seconds(30))
+            .await;
+        h.queue.set_down(true);
+        h.ledger.race_next_accept();
+        let r = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
+        assert_eq!(r.status, 202, "{r:?}");
+        let record = h.ledger_record("d1").await;
+        assert_eq!(record.min_soc.percent(), 25);
+        let far = h.clock.now() + chrono::Duration::days(3650);
+        let mut named = None;
+        for shard in 0..crate::domain::due_index::SHARDS {
+            for e in h.ledger.due_entries(shard, far, 100).await.unwrap() {
+                if record.due_entry == Some(e.value.row_key()) {
+                    named = Some(e.value.due_at);
+                }
+            }
+        }
+        assert_eq!(named, h.svc.policy.sweep_due(&record), "{record:?}");
+    }
+
+    #[tokio::test]
     async fn a_post_costs_one_put_and_an_applied_one_one_confirmation_read() {
         let h = Harness::new();
         h.device.set_online("on", true);
