@@ -609,13 +609,7 @@ mod tests {
         h.device.set_online("d1", true);
         let a = accept_pending(&h, "d1", 10).await;
         // While the device call for A is in flight, B is accepted (by HTTP).
-        let h2 = h.clone();
-        h.device.on_next_put("d1", move || {
-            let h2 = h2.clone();
-            Box::pin(async move {
-                accept_pending(&h2, "d1", 90).await;
-            })
-        });
+        h.accept_during_next_put("d1", 90, |_| {});
         let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), None)
             .await
             .unwrap();
@@ -823,25 +817,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_call_handed_a_record_under_another_holders_live_lease_backs_off() {
-        // A POST's accepting write carries the lease of whoever is putting the previous
-        // request (`DesiredState::accept`); the POST's own apply must not take it over.
-        let h = Harness::new();
-        h.device.set_online("d1", true);
-        accept_pending(&h, "d1", 10).await;
-        h.hold_lease("d1", "other", chrono::Duration::seconds(30))
-            .await;
-        let start = h.ledger.get(&h.id("d1")).await.unwrap();
-        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), start)
-            .await
-            .unwrap();
-        assert!(matches!(out.outcome, ApplyOutcome::Busy(_)), "{out:?}");
-        assert!(h.device.puts("d1").is_empty());
-        let stored = h.ledger_record("d1").await;
-        assert!(stored.holds_lease(&holder("other"), h.clock.now()));
-    }
-
-    #[tokio::test]
     async fn a_second_holder_backs_off_while_the_lease_is_held() {
         let h = Harness::new();
         h.device.set_online("d1", true);
@@ -854,7 +829,16 @@ mod tests {
         assert!(
             matches!(out.outcome, ApplyOutcome::Busy(ref v) if v.value.request_id == rec.request_id)
         );
+        // Handed the record with that lease in it (as a POST's accepting write carries
+        // it, `DesiredState::accept`), it backs off too: the lease is not taken over.
+        let start = h.ledger.get(&h.id("d1")).await.unwrap();
+        let out = apply_latest(&h.svc, &h.id("d1"), &holder("h1"), start)
+            .await
+            .unwrap();
+        assert!(matches!(out.outcome, ApplyOutcome::Busy(_)), "{out:?}");
         assert!(h.device.puts("d1").is_empty());
+        let stored = h.ledger_record("d1").await;
+        assert!(stored.holds_lease(&holder("other"), h.clock.now()));
     }
 
     #[tokio::test]

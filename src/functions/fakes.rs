@@ -1166,6 +1166,24 @@ impl Harness {
             .unwrap();
     }
 
+    /// While the next PUT to `device` is in flight, a newer request for `min_soc` is
+    /// accepted (as a concurrent POST's write would), then `then` runs.
+    pub fn accept_during_next_put(
+        &self,
+        device: &str,
+        min_soc: u8,
+        then: impl FnOnce(&Harness) + Send + 'static,
+    ) {
+        let h = self.clone();
+        let device_id = device.to_string();
+        self.device.on_next_put(device, move || {
+            Box::pin(async move {
+                accept_pending(&h, &device_id, min_soc).await;
+                then(&h);
+            })
+        });
+    }
+
     pub async fn ledger_record(&self, device: &str) -> DesiredState {
         self.ledger
             .get(&self.id(device))

@@ -365,7 +365,7 @@ mod tests {
             "{:?}",
             p.design_problems()
         );
-        p.request_ttl = p.request_ttl - Duration::seconds(1);
+        p.request_ttl -= Duration::seconds(1);
         assert!(over(&p, "SOC_REQUEST_TTL_SECONDS"));
         // A 15 s device timeout ends a sweep run (275 + 10 s more of tail), its release
         // and the margin exactly at functionTimeout: allowed; 16 s is not (below).

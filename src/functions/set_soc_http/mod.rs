@@ -1047,14 +1047,7 @@ mod tests {
         // While this POST's PUT is in flight a newer request is accepted, and the
         // device cloud starts refusing the value: the POST's apply goes on to PUT the
         // newer request (it holds the lease), which is refused.
-        let h2 = h.clone();
-        h.device.on_next_put("d1", move || {
-            let h2 = h2.clone();
-            Box::pin(async move {
-                crate::functions::fakes::accept_pending(&h2, "d1", 90).await;
-                h2.device.reject("d1", "value not allowed");
-            })
-        });
+        h.accept_during_next_put("d1", 90, |h| h.device.reject("d1", "value not allowed"));
         let r = handle(&h.svc, post_req("d1", r#"{"minSoc":10}"#, None)).await;
         let newer = h.ledger_record("d1").await;
         assert_eq!(newer.status, RequestStatus::Failed);
@@ -1075,13 +1068,7 @@ mod tests {
         h.device.set_online("d1", true);
         // While this POST's PUT is in flight, a newer request is accepted; the POST's
         // apply then puts the newer one too (it holds the lease).
-        let h2 = h.clone();
-        h.device.on_next_put("d1", move || {
-            let h2 = h2.clone();
-            Box::pin(async move {
-                crate::functions::fakes::accept_pending(&h2, "d1", 90).await;
-            })
-        });
+        h.accept_during_next_put("d1", 90, |_| {});
         let r = handle(&h.svc, post_req("d1", r#"{"minSoc":10}"#, None)).await;
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(r.body["status"], "applied");
