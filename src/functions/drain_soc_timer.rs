@@ -1171,19 +1171,7 @@ mod tests {
     }
 
     async fn index_entries(h: &Harness) -> Vec<DueEntry> {
-        let far = h.clock.now() + chrono::Duration::days(3650);
-        let mut all = Vec::new();
-        for shard in 0..SHARDS {
-            all.extend(
-                h.ledger
-                    .due_entries(shard, far, 10_000)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .map(|e| e.value),
-            );
-        }
-        all
+        h.index_entries().await
     }
 
     #[tokio::test]

@@ -450,6 +450,20 @@ impl LedgerState {
     }
 
     /// The accepting transaction: all or nothing.
+    /// Another writer rewrites `device`'s record as it was (or, with none, touches its
+    /// anchor): a new ETag, the same contents, so a write conditional on the old one
+    /// conflicts.
+    fn written_by_another(&mut self, device: &str) {
+        self.next += 1;
+        let n = self.next;
+        match self.rows.get_mut(device) {
+            Some(row) => row.1 = n,
+            None => {
+                self.anchors.insert(device.to_string(), n);
+            }
+        }
+    }
+
     fn accept(&mut self, a: &DeferredAccept) -> Result<ETag, StoreError> {
         let device = a.state.device_id.to_string();
         if self.corrupt.contains_key(&device) || !self.holds(&device, &a.on) {
@@ -700,19 +714,11 @@ impl Ledger for FakeLedger {
         }
         if s.puts_raced > 0 {
             s.puts_raced -= 1;
-            s.next += 1;
-            let n = s.next;
-            if let Some(row) = s.rows.get_mut(state.device_id.as_str()) {
-                row.1 = n;
-            }
+            s.written_by_another(state.device_id.as_str());
             return Err(StoreError::Conflict);
         }
         if std::mem::take(&mut s.put_lost_while_another_writes) {
-            s.next += 1;
-            let n = s.next;
-            if let Some(row) = s.rows.get_mut(state.device_id.as_str()) {
-                row.1 = n;
-            }
+            s.written_by_another(state.device_id.as_str());
             return Err(StoreError::Unavailable("timed out".into()));
         }
         let etag = s.write(state, None, expected, events)?;
@@ -754,15 +760,7 @@ impl Ledger for FakeLedger {
             return Err(StoreError::Unavailable("down".into()));
         }
         if std::mem::take(&mut s.accept_raced) {
-            s.next += 1;
-            let n = s.next;
-            let device = state.device_id.to_string();
-            match s.rows.get_mut(&device) {
-                Some(row) => row.1 = n,
-                None => {
-                    s.anchors.insert(device, n);
-                }
-            }
+            s.written_by_another(state.device_id.as_str());
             return Err(StoreError::Conflict);
         }
         let write = DeferredAccept {
@@ -1164,6 +1162,17 @@ impl Harness {
             .put(&held.value, Some(&held.etag), &[])
             .await
             .unwrap();
+    }
+
+    /// Every due-index entry, in every shard, whenever it is due.
+    pub async fn index_entries(&self) -> Vec<DueEntry> {
+        let far = self.clock.now() + Duration::days(3650);
+        let mut all = Vec::new();
+        for shard in 0..due_index::SHARDS {
+            let listed = self.ledger.due_entries(shard, far, 10_000).await.unwrap();
+            all.extend(listed.into_iter().map(|e| e.value));
+        }
+        all
     }
 
     /// While the next PUT to `device` is in flight, a newer request for `min_soc` is

@@ -163,14 +163,7 @@ mod tests {
     use crate::ports::{Clock as _, Ledger as _, Versioned};
 
     async fn entries(h: &Harness) -> Vec<DueEntry> {
-        let far = h.clock.now() + chrono::Duration::days(365);
-        let mut all = Vec::new();
-        for shard in 0..crate::domain::due_index::SHARDS {
-            for e in h.ledger.due_entries(shard, far, 1000).await.unwrap() {
-                all.push(e.value);
-            }
-        }
-        all
+        h.index_entries().await
     }
 
     async fn stored(h: &Harness, device: &str) -> Versioned<DesiredState> {
