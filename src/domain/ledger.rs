@@ -392,26 +392,34 @@ impl DesiredState {
         self.wake_due_at = None;
     }
 
-    /// When the timer sweep must look at this record (the due index files it there,
-    /// [`super::due_index`]): once its wake-up message is overdue by `grace` (lost,
-    /// dead-lettered, never sent), or one `lease` before expiry, whichever is first.
-    /// `None` once it is settled.
-    pub fn sweep_due_at(&self, grace: Duration, lease: Duration) -> Option<DateTime<Utc>> {
+    /// When this pending record's chain must have acted: when its wake-up message is
+    /// due (when it was written, if it has none), or at its last useful moment (one
+    /// `lease` before expiry: the chain's last message is due then and expires it),
+    /// whichever is first. `None` once it is settled.
+    fn chain_due_at(&self, lease: Duration) -> Option<DateTime<Utc>> {
         self.is_pending().then(|| {
-            let overdue = self.wake_due_at.unwrap_or(self.updated_at) + grace;
-            overdue.min(self.expires_at - lease)
+            self.wake_due_at
+                .unwrap_or(self.updated_at)
+                .min(self.expires_at - lease)
         })
     }
 
+    /// When the timer sweep must look at this record (the due index files it there,
+    /// [`super::due_index`]): `grace` after its chain should have acted (its wake-up
+    /// message lost, dead-lettered or never sent; or its expiry not written by the
+    /// chain's last message). `None` once it is settled. A live chain, expiry included,
+    /// never needs the sweep, so a campaign's requests expiring together cost the
+    /// sweep nothing (BENCHMARKS "Fleet week").
+    pub fn sweep_due_at(&self, grace: Duration, lease: Duration) -> Option<DateTime<Utc>> {
+        self.chain_due_at(lease).map(|at| at + grace)
+    }
+
     /// A pending request whose wake-up message should have arrived by now (plus `grace`)
-    /// but the record shows no delivery: the message is lost (or was never sent).
+    /// but the record shows no delivery: the message is lost (or was never sent). From
+    /// the same instant as [`DesiredState::sweep_due_at`] lists it (its message due
+    /// before its last useful moment), so the sweep never looks without acting.
     pub fn wake_overdue(&self, now: DateTime<Utc>, grace: Duration) -> bool {
-        self.is_pending()
-            && match self.wake_due_at {
-                Some(due) => now > due + grace,
-                // Never had a message (crash between ledger write and send): overdue after grace.
-                None => now > self.updated_at + grace,
-            }
+        self.is_pending() && now >= self.wake_due_at.unwrap_or(self.updated_at) + grace
     }
 }
 
@@ -602,35 +610,41 @@ mod tests {
     }
 
     #[test]
-    fn a_wake_message_is_overdue_only_after_its_due_time_and_grace() {
+    fn a_wake_message_is_overdue_from_its_due_time_plus_grace() {
         let mut r = pending(0);
         r.expect_wake("m1", t(60), t(0));
-        assert!(!r.wake_overdue(t(70), Duration::seconds(30)));
-        // Strictly after: at the instant itself the message may still be on its way
-        // (BENCHMARKS.md "the tie").
-        assert!(!r.wake_overdue(t(90), Duration::seconds(30)));
-        assert!(r.wake_overdue(t(91), Duration::seconds(30)));
+        assert!(!r.wake_overdue(t(89), Duration::seconds(30)));
+        // From the instant the sweep lists it (`sweep_due_at`): a look always acts.
+        assert!(r.wake_overdue(t(90), Duration::seconds(30)));
+        assert_eq!(
+            r.sweep_due_at(Duration::seconds(30), Duration::seconds(1)),
+            Some(t(90))
+        );
     }
 
     #[test]
-    fn the_sweep_is_due_when_the_wake_up_is_overdue_or_one_lease_before_expiry() {
-        // Accepted at 0, expires at 100 (`pending`); grace 30, lease 20.
+    fn the_sweep_is_due_a_grace_after_the_wake_up_or_the_last_useful_moment() {
+        // Accepted at 0, expires at 100 (`pending`); grace 30, lease 20: the last useful
+        // moment is 80.
         let (grace, lease) = (Duration::seconds(30), Duration::seconds(20));
         let mut r = pending(0);
         r.expect_wake("m1", t(10), t(0));
         assert_eq!(r.sweep_due_at(grace, lease), Some(t(40)));
-        // A wake-up due late in the request's life: the expiry comes first, a lease
-        // before it (no PUT may start after that, so the sweep expires it then).
-        r.expect_wake("m2", t(70), t(0));
-        assert_eq!(r.sweep_due_at(grace, lease), Some(t(80)));
+        // The chain's last message is due at the last useful moment and expires the
+        // request: the sweep looks a grace later, only if it did not.
+        r.expect_wake("m2", t(80), t(0));
+        assert_eq!(r.sweep_due_at(grace, lease), Some(t(110)));
+        // A message due past it (a fan-out slot): the expiry is still the chain's deadline.
+        r.expect_wake("m3", t(95), t(0));
+        assert_eq!(r.sweep_due_at(grace, lease), Some(t(110)));
     }
 
     #[test]
     fn a_request_that_never_got_a_message_is_overdue_after_grace() {
         let r = pending(0);
         assert!(!r.wake_overdue(t(20), Duration::seconds(30)));
-        assert!(!r.wake_overdue(t(30), Duration::seconds(30)));
-        assert!(r.wake_overdue(t(31), Duration::seconds(30)));
+        assert!(!r.wake_overdue(t(29), Duration::seconds(30)));
+        assert!(r.wake_overdue(t(30), Duration::seconds(30)));
     }
 
     #[test]

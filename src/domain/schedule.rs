@@ -9,17 +9,6 @@ pub struct Backoff {
     pub max: Duration,
 }
 
-/// Margin kept between the last re-check and expiry so that a message's TTL is never zero.
-pub const EXPIRY_MARGIN: Duration = Duration::seconds(1);
-
-/// When to look at the device next, and how long that wake-up message may live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Recheck {
-    pub at: DateTime<Utc>,
-    /// TTL counted from `at`: the message dies no later than the request.
-    pub ttl: Duration,
-}
-
 impl Backoff {
     /// Delay before re-check number `checks_done + 1`: initial, 2x, 4x, ... capped at `max`.
     pub fn delay(&self, checks_done: u32) -> Duration {
@@ -31,20 +20,17 @@ impl Backoff {
         Duration::milliseconds(ms)
     }
 
-    /// The next re-check, never past expiry. `None` when no re-check fits before the
-    /// request expires; the timer sweep then marks it expired.
+    /// When to look at the device next: after the back-off delay, and at `last` at the
+    /// latest (the request's last useful moment, where the chain's final re-check finds
+    /// it expiring). `None` when `last` has come: the chain has nothing left to do.
     pub fn next_recheck(
         &self,
         checks_done: u32,
         now: DateTime<Utc>,
-        expires_at: DateTime<Utc>,
-    ) -> Option<Recheck> {
-        let latest = expires_at - EXPIRY_MARGIN;
-        let at = (now + self.delay(checks_done)).min(latest);
-        (at > now).then(|| Recheck {
-            at,
-            ttl: expires_at - at,
-        })
+        last: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        let at = (now + self.delay(checks_done)).min(last);
+        (at > now).then_some(at)
     }
 }
 
@@ -76,18 +62,15 @@ mod tests {
     }
 
     #[test]
-    fn recheck_is_never_scheduled_past_expiry_and_its_ttl_ends_with_the_request() {
-        let r = POLICY.next_recheck(5, t(0), t(100)).unwrap();
-        assert_eq!(r.at, t(99));
-        assert_eq!(r.at + r.ttl, t(100));
-        let r = POLICY.next_recheck(0, t(0), t(10_000)).unwrap();
-        assert_eq!(r.at, t(60));
-        assert_eq!(r.at + r.ttl, t(10_000));
+    fn the_last_recheck_falls_on_the_last_useful_moment() {
+        assert_eq!(POLICY.next_recheck(5, t(0), t(100)), Some(t(100)));
+        assert_eq!(POLICY.next_recheck(0, t(0), t(10_000)), Some(t(60)));
+        assert_eq!(POLICY.next_recheck(0, t(99), t(100)), Some(t(100)));
     }
 
     #[test]
-    fn no_recheck_when_the_request_is_about_to_expire() {
-        assert_eq!(POLICY.next_recheck(0, t(99), t(100)), None);
+    fn no_recheck_once_the_last_useful_moment_has_come() {
+        assert_eq!(POLICY.next_recheck(0, t(100), t(100)), None);
         assert_eq!(POLICY.next_recheck(0, t(200), t(100)), None);
     }
 

@@ -1302,19 +1302,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn at_the_instant_a_wake_up_becomes_overdue_the_sweep_looks_but_leaves_the_chain_alone() {
-        // Listed at its sweep-due time exactly (due time plus grace, which the index
-        // lists at or before now), but overdue only strictly after: one status call, no
-        // re-send (BENCHMARKS.md "the tie").
+    async fn at_the_instant_a_wake_up_becomes_overdue_the_sweep_lists_it_and_mends_the_chain() {
+        // Listed at its sweep-due time exactly (due time plus grace; the index lists at
+        // or before now), and overdue from that same instant: a look always acts.
         let h = Harness::new();
         h.device.set_online("a", false);
         post(&h, "a", 50).await;
         h.clock
             .advance(h.svc.policy.backoff.initial + h.svc.policy.wake_grace);
         let sent = h.queue.sent().len();
-        let keys =
-            |entries: Vec<DueEntry>| entries.iter().map(DueEntry::row_key).collect::<Vec<_>>();
-        let entries = keys(index_entries(&h).await);
         let report = run(&h.svc).await.unwrap();
         assert_eq!(
             (
@@ -1323,12 +1319,16 @@ mod tests {
                 report.still_offline,
                 report.resent
             ),
-            (1, 1, 1, 0),
+            (1, 1, 0, 1),
             "{report}"
         );
-        assert_eq!(h.queue.sent().len(), sent);
-        // Still due: its entry stays as it is for the next run.
-        assert_eq!(keys(index_entries(&h).await), entries);
+        assert_eq!(h.queue.sent().len(), sent + 1);
+        // Its entry moved with the chain: nothing is due now.
+        let entries = h.index_entries().await;
+        assert!(
+            entries.iter().all(|e| e.due_at > h.clock.now()),
+            "{entries:?}"
+        );
     }
 
     #[tokio::test]

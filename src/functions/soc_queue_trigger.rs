@@ -431,6 +431,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_live_chain_expires_its_request_at_the_last_useful_moment_leaving_the_sweep_nothing()
+    {
+        // A campaign's requests expire together: their chains, which the host scales
+        // out, write the expiries, not the sweep with its per-run quota.
+        let h = Harness::new();
+        h.device.set_online("d1", false);
+        post(&h, "d1", 40).await;
+        let expires_at = h.ledger_record("d1").await.expires_at;
+        let mut deliveries = 0;
+        let mut calls_before_last = h.device.calls();
+        while h.ledger_record("d1").await.status == RequestStatus::Pending {
+            let next = h.queue.sent().last().unwrap().clone();
+            h.clock.advance(next.scheduled_at.unwrap() - h.clock.now());
+            calls_before_last = h.device.calls();
+            handle(&h.svc, delivery_of(&next)).await;
+            deliveries += 1;
+            assert!(deliveries < 1000, "the chain never ends");
+        }
+        assert_eq!(h.ledger_record("d1").await.status, RequestStatus::Expired);
+        assert_eq!(h.clock.now(), expires_at - h.svc.policy.lease);
+        assert_eq!(
+            h.device.calls(),
+            calls_before_last,
+            "expired without a device call"
+        );
+        assert!(h.index_entries().await.is_empty());
+        h.clock.advance(h.svc.policy.wake_grace);
+        let report = crate::functions::drain_soc_timer::run(&h.svc)
+            .await
+            .unwrap();
+        assert_eq!(report.due, 0, "{report}");
+    }
+
+    #[tokio::test]
     async fn a_malformed_message_is_completed_not_retried_forever() {
         let h = Harness::new();
         let settle = handle(

@@ -57,7 +57,8 @@ pub enum Rescheduled {
         /// after it would return), so the caller need not read it again.
         written: Box<Versioned<DesiredState>>,
     },
-    /// No re-check fits before expiry; the sweep will mark the request expired.
+    /// The request's last useful moment has come: no re-check is left, its expiry is due
+    /// (written by the delivery or sweep that sees it next).
     NoTimeLeft,
     /// The record moved on (newer request, settled, or another chain took over); nothing to do.
     Superseded,
@@ -77,7 +78,8 @@ pub async fn schedule_recheck(
     // The first re-check after the first attempt waits `initial`, then it doubles.
     let checks_done = current.value.attempts.saturating_sub(1);
     // No PUT starts within one lease of expiry (see `apply`), so the last useful
-    // re-check is a lease before it: a re-check never straddles expiry.
+    // re-check is a lease before it: a re-check never straddles expiry, and the last
+    // one, due exactly then, expires the request (the sweep only if it is lost).
     let last_useful = current.value.expires_at - svc.policy.lease;
     let Some(recheck) = svc
         .policy
@@ -87,8 +89,8 @@ pub async fn schedule_recheck(
         return Ok(Rescheduled::NoTimeLeft);
     };
     let at = match not_before {
-        Some(t) if t > recheck.at && t < last_useful => t,
-        _ => recheck.at,
+        Some(t) if t > recheck && t < last_useful => t,
+        _ => recheck,
     };
     send_and_record(svc, current, chain, at).await
 }

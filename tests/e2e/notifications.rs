@@ -153,8 +153,9 @@ async fn a_request_whose_battery_stays_offline_is_published_expired_once() {
     assert_eq!(r.status, 202, "{}", r.body);
     let id = request_id(&r);
     // No PUT may start within one lease of expiresAt, so the service settles the request
-    // as expired from then on (`drain_soc_timer`, `wake::schedule_recheck`): here at the
-    // first sweep a second after the POST, half a minute before expiresAt.
+    // as expired from then on (`wake::schedule_recheck`: the chain's last message, due
+    // then; `drain_soc_timer` if it is lost): here a second after the POST, half a minute
+    // before expiresAt.
     let event_id = format!("{id}.expired");
     wait_event(&app, &event_id, secs(60)).await;
 

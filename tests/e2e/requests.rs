@@ -27,8 +27,8 @@ async fn a_client_follows_its_own_request_to_superseded_applied_failed_and_expir
         // Longer than one lease (35 s with the suite's 1 s device timeout): a request that
         // close to its expiry is expired rather than put on the device (README, the bounds).
         .set("SOC_REQUEST_TTL_SECONDS", "50")
-        // The re-check chain stops one lease before expiry; the sweep writes `expired` once
-        // the request is past it.
+        // The re-check chain's last message is due one lease before expiry and writes
+        // `expired` (the sweep does, a grace later, if that message is lost).
         .set("DRAIN_SOC_SCHEDULE", "*/2 * * * * *")
         .start()
         .await;
