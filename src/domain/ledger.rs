@@ -393,25 +393,25 @@ impl DesiredState {
     }
 
     /// When this pending record's chain must have acted: when its wake-up message is
-    /// due (when it was written, if it has none), or at its last useful moment (one
-    /// `lease` before expiry: the chain's last message is due then and expires it),
-    /// whichever is first. `None` once it is settled.
-    fn chain_due_at(&self, lease: Duration) -> Option<DateTime<Utc>> {
+    /// due (when it was written, if it has none), or when its last re-check is due,
+    /// `last_check` before expiry (that message writes it `expired`), whichever is
+    /// first. `None` once it is settled.
+    fn chain_due_at(&self, last_check: Duration) -> Option<DateTime<Utc>> {
         self.is_pending().then(|| {
             self.wake_due_at
                 .unwrap_or(self.updated_at)
-                .min(self.expires_at - lease)
+                .min(self.expires_at - last_check)
         })
     }
 
     /// When the timer sweep must look at this record (the due index files it there,
     /// [`super::due_index`]): `grace` after its chain should have acted (its wake-up
     /// message lost, dead-lettered or never sent; or its expiry not written by the
-    /// chain's last message). `None` once it is settled. A live chain, expiry included,
-    /// never needs the sweep, so a campaign's requests expiring together cost the
-    /// sweep nothing (BENCHMARKS "Fleet week").
-    pub fn sweep_due_at(&self, grace: Duration, lease: Duration) -> Option<DateTime<Utc>> {
-        self.chain_due_at(lease).map(|at| at + grace)
+    /// chain's last re-check, due `last_check` before expiry). `None` once it is
+    /// settled. A live chain, expiry included, never needs the sweep, so a campaign's
+    /// requests expiring together cost the sweep nothing (BENCHMARKS "Fleet week").
+    pub fn sweep_due_at(&self, grace: Duration, last_check: Duration) -> Option<DateTime<Utc>> {
+        self.chain_due_at(last_check).map(|at| at + grace)
     }
 
     /// A pending request whose wake-up message should have arrived by now (plus `grace`)
@@ -623,15 +623,15 @@ mod tests {
     }
 
     #[test]
-    fn the_sweep_is_due_a_grace_after_the_wake_up_or_the_last_useful_moment() {
-        // Accepted at 0, expires at 100 (`pending`); grace 30, lease 20: the last useful
-        // moment is 80.
+    fn the_sweep_is_due_a_grace_after_the_wake_up_or_the_last_re_check() {
+        // Accepted at 0, expires at 100 (`pending`); grace 30, the last re-check 20
+        // before expiry, at 80.
         let (grace, lease) = (Duration::seconds(30), Duration::seconds(20));
         let mut r = pending(0);
         r.expect_wake("m1", t(10), t(0));
         assert_eq!(r.sweep_due_at(grace, lease), Some(t(40)));
-        // The chain's last message is due at the last useful moment and expires the
-        // request: the sweep looks a grace later, only if it did not.
+        // The chain's last message is due at 80 and expires the request: the sweep
+        // looks a grace later, only if it did not.
         r.expect_wake("m2", t(80), t(0));
         assert_eq!(r.sweep_due_at(grace, lease), Some(t(110)));
         // A message due past it (a fan-out slot): the expiry is still the chain's deadline.

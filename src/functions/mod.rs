@@ -260,7 +260,15 @@ impl Policy {
 
     /// When the sweep must look at `record` ([`DesiredState::sweep_due_at`] with this policy).
     pub fn sweep_due(&self, record: &DesiredState) -> Option<chrono::DateTime<chrono::Utc>> {
-        record.sweep_due_at(self.wake_grace, self.lease)
+        record.sweep_due_at(self.wake_grace, self.last_check_before_expiry())
+    }
+
+    /// How long before expiry a request's last re-check is due: one lease (no PUT starts
+    /// closer to expiry than that, `apply`) less the clock skew, so that whichever
+    /// instance receives it reads the last useful moment or later and writes `expired`
+    /// without a device call (`wake::schedule_recheck`).
+    pub fn last_check_before_expiry(&self) -> Duration {
+        self.lease - self.max_clock_skew
     }
 }
 

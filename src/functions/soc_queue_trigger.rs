@@ -431,11 +431,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_live_chain_expires_its_request_at_the_last_useful_moment_leaving_the_sweep_nothing()
-    {
+    async fn a_live_chain_expires_its_request_with_its_last_re_check_leaving_the_sweep_nothing() {
         // A campaign's requests expire together: their chains, which the host scales
         // out, write the expiries, not the sweep with its per-run quota.
-        let h = Harness::new();
+        let mut h = Harness::new();
+        h.svc.policy.max_clock_skew = chrono::Duration::seconds(2);
         h.device.set_online("d1", false);
         post(&h, "d1", 40).await;
         let expires_at = h.ledger_record("d1").await.expires_at;
@@ -450,7 +450,10 @@ mod tests {
             assert!(deliveries < 1000, "the chain never ends");
         }
         assert_eq!(h.ledger_record("d1").await.status, RequestStatus::Expired);
-        assert_eq!(h.clock.now(), expires_at - h.svc.policy.lease);
+        assert_eq!(
+            h.clock.now(),
+            expires_at - h.svc.policy.last_check_before_expiry()
+        );
         assert_eq!(
             h.device.calls(),
             calls_before_last,

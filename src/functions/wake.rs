@@ -77,15 +77,13 @@ pub async fn schedule_recheck(
     let now = svc.clock.now();
     // The first re-check after the first attempt waits `initial`, then it doubles.
     let checks_done = current.value.attempts.saturating_sub(1);
-    // No PUT starts within one lease of expiry (see `apply`), so the last useful
-    // re-check is a lease before it: a re-check never straddles expiry, and the last
-    // one, due exactly then, expires the request (the sweep only if it is lost).
+    // No PUT starts within one lease of expiry (see `apply`), so a re-check never
+    // straddles expiry. The last one is due when every instance's clock reads the last
+    // useful moment or later: it expires the request without a device call (the sweep,
+    // a grace later, only if it is lost), whichever instance receives it.
     let last_useful = current.value.expires_at - svc.policy.lease;
-    let Some(recheck) = svc
-        .policy
-        .backoff
-        .next_recheck(checks_done, now, last_useful)
-    else {
+    let last = current.value.expires_at - svc.policy.last_check_before_expiry();
+    let Some(recheck) = svc.policy.backoff.next_recheck(checks_done, now, last) else {
         return Ok(Rescheduled::NoTimeLeft);
     };
     let at = match not_before {
@@ -210,21 +208,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_re_check_never_falls_within_one_lease_of_expiry() {
-        // A PUT may not start then (`apply`): the last re-check comes at the last
-        // moment one may, however long the back-off would wait.
-        let h = Harness::new();
+    async fn the_last_re_check_falls_where_every_instance_sees_the_request_too_late_to_put() {
+        // A PUT may not start within one lease of expiry (`apply`): however long the
+        // back-off would wait, the last re-check is due a clock skew after the last
+        // useful moment, so even a receiver whose clock is that far behind expires it.
+        let mut h = Harness::new();
+        h.svc.policy.max_clock_skew = chrono::Duration::seconds(2);
         let rec = accept_pending(&h, "d1", 20).await;
+        let last_useful = rec.expires_at - h.svc.policy.lease;
         h.clock
-            .advance(h.svc.policy.request_ttl - h.svc.policy.lease - chrono::Duration::seconds(30));
+            .advance(last_useful - h.clock.now() - chrono::Duration::seconds(30));
         let current = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
         let out = schedule_recheck(&h.svc, current, None, None).await.unwrap();
         let Rescheduled::Scheduled { at, .. } = out else {
             panic!("{out:?}")
         };
-        assert!(
-            at > h.clock.now() && at <= rec.expires_at - h.svc.policy.lease,
-            "{at}"
+        assert_eq!(at, last_useful + chrono::Duration::seconds(2));
+        // Delivered then to an instance whose clock is the skew behind: too late to PUT.
+        h.clock.advance(last_useful - h.clock.now());
+        let current = h.ledger.get(&h.id("d1")).await.unwrap().unwrap();
+        assert!(current
+            .value
+            .is_expired_at(h.clock.now() + h.svc.policy.lease));
+        // Once its due time has come, no re-check is left.
+        h.clock.advance(at - h.clock.now());
+        assert_eq!(
+            schedule_recheck(&h.svc, current, None, None).await.unwrap(),
+            Rescheduled::NoTimeLeft
         );
     }
 
