@@ -20,6 +20,7 @@
 //!   a body, a key, a signature or a token. Retries are the callers' (no retry here); the
 //!   timeouts are the transport's ([`super::identity::transport`]).
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use azure_core::auth::TokenCredential;
@@ -189,6 +190,8 @@ pub struct TableClient {
     endpoint: Url,
     /// `{endpoint}/{table}`: inserts and queries.
     table_url: Url,
+    /// `{endpoint}/$batch`: transactions.
+    batch_url: Url,
     table: String,
     auth: Auth,
 }
@@ -323,11 +326,13 @@ impl TableClient {
         let mut client = Self {
             http,
             table_url: endpoint.clone(),
+            batch_url: endpoint.clone(),
             endpoint,
             table: table.to_string(),
             auth,
         };
         client.table_url = client.under_endpoint(table);
+        client.batch_url = client.under_endpoint("$batch");
         Ok(client)
     }
 
@@ -512,7 +517,7 @@ impl TableClient {
             .map_err(|_| TableError::Malformed("batch boundary"))?;
         let call = Call {
             method: Method::POST,
-            url: self.under_endpoint("$batch"),
+            url: self.batch_url.clone(),
             content_type: Some(content_type),
             if_match: None,
             no_content: false,
@@ -548,14 +553,16 @@ impl TableClient {
         )?;
         for op in ops {
             let (method, url, entity, if_match) = match *op {
-                BatchOp::Insert(entity) => ("POST", self.table_url.clone(), Some(entity), None),
+                BatchOp::Insert(entity) => {
+                    ("POST", Cow::Borrowed(&self.table_url), Some(entity), None)
+                }
                 BatchOp::Replace {
                     row,
                     entity,
                     if_match,
                 } => (
                     "PUT",
-                    self.entity_url(partition, row),
+                    Cow::Owned(self.entity_url(partition, row)),
                     Some(entity),
                     Some(if_match),
                 ),
@@ -565,16 +572,19 @@ impl TableClient {
                     if_match,
                 } => (
                     "MERGE",
-                    self.entity_url(partition, row),
+                    Cow::Owned(self.entity_url(partition, row)),
                     Some(entity),
                     Some(if_match),
                 ),
-                BatchOp::InsertOrReplace { row, entity } => {
-                    ("PUT", self.entity_url(partition, row), Some(entity), None)
-                }
+                BatchOp::InsertOrReplace { row, entity } => (
+                    "PUT",
+                    Cow::Owned(self.entity_url(partition, row)),
+                    Some(entity),
+                    None,
+                ),
                 BatchOp::Delete { row, if_match } => (
                     "DELETE",
-                    self.entity_url(partition, row),
+                    Cow::Owned(self.entity_url(partition, row)),
                     None,
                     Some(if_match),
                 ),
