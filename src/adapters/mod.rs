@@ -4,7 +4,8 @@
 //! - [`device_budget`]: the device-call budget, a per-instance token bucket wrapped
 //!   around the device client (every status call and PUT of the process).
 //! - [`service_bus`]: the settings queue, sent with `azure_messaging_servicebus`.
-//! - [`table_ledger`]: the desired-state ledger in Azure Table Storage (`azure_data_tables`).
+//! - [`table_ledger`]: the desired-state ledger in Azure Table Storage, through
+//!   [`table_rest`], our own lean client of the Table REST API (shared key or bearer token).
 //! - [`connection_string`]: Service Bus and Storage connection strings, parsed without
 //!   ever echoing a secret.
 //! - [`identity`]: the app's managed identity (tokens from the Functions identity endpoint)
@@ -26,6 +27,7 @@ pub mod event_grid;
 pub mod identity;
 pub mod service_bus;
 pub mod table_ledger;
+pub mod table_rest;
 
 use std::sync::Arc;
 

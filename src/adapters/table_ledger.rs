@@ -1,4 +1,5 @@
-//! The desired-state ledger in Azure Table Storage, through `azure_data_tables`.
+//! The desired-state ledger in Azure Table Storage, through our own Table REST client
+//! ([`super::table_rest`]).
 //!
 //! Entity design (one partition per device):
 //!
@@ -37,11 +38,7 @@
 //! The table is created lazily on first use (construction does no I/O), once per process.
 
 use async_trait::async_trait;
-use azure_core::{auth::Secret, error::ErrorKind, Etag, RetryOptions, TransportOptions};
-use azure_data_tables::prelude::*;
-use azure_storage::{CloudLocation, StorageCredentials};
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures::StreamExt;
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +46,9 @@ use tokio::sync::OnceCell;
 
 use super::connection_string::StorageConnection;
 use super::identity::transport;
+use super::table_rest::{
+    BatchOp, BatchOutcome, Continuation, Entity, IfMatch, Query, TableClient, TableError, Update,
+};
 use crate::domain::due_index::{self, DueEntry};
 use crate::domain::history::{self, HistoryEntry};
 use crate::domain::ledger::{Lease, LeaseHolder};
@@ -145,17 +145,16 @@ impl TableLedger {
         table_name: &str,
         extra_ca_pem: Option<&Path>,
     ) -> Result<Self, StoreError> {
-        let credentials = StorageCredentials::access_key(
-            connection.account.clone(),
-            Secret::new(connection.key.expose().to_string()),
-        );
-        Self::build(
-            &connection.account,
+        let http = transport(STORAGE_TIMEOUT, extra_ca_pem).map_err(StoreError::Unavailable)?;
+        let table = TableClient::shared_key(
+            http,
             &connection.table_endpoint,
-            credentials,
             table_name,
-            extra_ca_pem,
+            &connection.account,
+            connection.key.expose(),
         )
+        .map_err(StoreError::Unavailable)?;
+        Ok(Self::on(table))
     }
 
     /// Builds the client for the app's managed identity (bearer tokens for
@@ -166,52 +165,18 @@ impl TableLedger {
         credential: Arc<dyn TokenCredential>,
         extra_ca_pem: Option<&Path>,
     ) -> Result<Self, StoreError> {
-        // The account name only matters for shared-key signing; take it from the URL
-        // (`acct.table.core.windows.net`, or the path of an emulator URL).
-        let account = match table_endpoint.host_str() {
-            Some(host) if host.contains(".table.") => host.split('.').next().unwrap_or_default(),
-            _ => table_endpoint
-                .path_segments()
-                .and_then(|mut s| s.next())
-                .unwrap_or_default(),
-        }
-        .to_string();
-        Self::build(
-            &account,
-            table_endpoint,
-            StorageCredentials::token_credential(credential),
-            table_name,
-            extra_ca_pem,
-        )
+        let http = transport(STORAGE_TIMEOUT, extra_ca_pem).map_err(StoreError::Unavailable)?;
+        let table = TableClient::bearer(http, table_endpoint, table_name, credential)
+            .map_err(StoreError::Unavailable)?;
+        Ok(Self::on(table))
     }
 
-    fn build(
-        account: &str,
-        table_endpoint: &url::Url,
-        credentials: StorageCredentials,
-        table_name: &str,
-        extra_ca_pem: Option<&Path>,
-    ) -> Result<Self, StoreError> {
-        let transport =
-            transport(STORAGE_TIMEOUT, extra_ca_pem).map_err(StoreError::Unavailable)?;
-        let location = CloudLocation::Custom {
-            account: account.to_string(),
-            uri: table_endpoint.as_str().trim_end_matches('/').to_string(),
-        };
-        let service = azure_data_tables::clients::TableServiceClientBuilder::with_location(
-            location,
-            credentials,
-        )
-        // Retries belong to the functions (Service Bus redelivery, the timer sweep);
-        // here a failure should surface quickly.
-        .retry(RetryOptions::none())
-        .transport(TransportOptions::new(Arc::new(transport)))
-        .build();
-        Ok(Self {
-            table: service.table_client(table_name),
+    fn on(table: TableClient) -> Self {
+        Self {
+            table,
             created: OnceCell::new(),
             logged: WriteLog::default(),
-        })
+        }
     }
 
     /// Creates the table the first time any operation needs it. A failure is not
@@ -219,12 +184,12 @@ impl TableLedger {
     async fn table(&self) -> Result<&TableClient, StoreError> {
         self.created
             .get_or_try_init(|| async {
-                match self.table.create().await {
-                    Ok(_) => {
+                match self.table.create_table().await {
+                    Ok(true) => {
                         tracing::info!(table = %self.table.table_name(), "ledger table created");
                         Ok(())
                     }
-                    Err(e) if status_of(&e) == Some(409) => Ok(()),
+                    Ok(false) => Ok(()),
                     Err(e) => Err(unavailable("create table", &e)),
                 }
             })
@@ -236,16 +201,10 @@ impl TableLedger {
         &self,
         partition: &str,
         row: &str,
-    ) -> Result<Option<(Map<String, Value>, ETag)>, StoreError> {
+    ) -> Result<Option<(Entity, ETag)>, StoreError> {
         let table = self.table().await?;
-        let result = table
-            .partition_key_client(partition)
-            .entity_client(row)
-            .get::<Map<String, Value>>()
-            .await;
-        match result {
-            Ok(response) => Ok(Some((response.entity, etag_of(&response.etag)))),
-            Err(e) if status_of(&e) == Some(404) => Ok(None),
+        match table.get(partition, row).await {
+            Ok(found) => Ok(found.map(|(entity, etag)| (entity, ETag(etag)))),
             Err(e) => Err(unavailable("get", &e)),
         }
     }
@@ -254,34 +213,31 @@ impl TableLedger {
         &self,
         partition: &str,
         row: &str,
-        entity: Map<String, Value>,
+        entity: Entity,
         expected: Option<&ETag>,
     ) -> Result<ETag, StoreError> {
         let table = self.table().await?;
         match expected {
-            None => {
-                let insert = table
-                    .insert::<_, Value>(entity)
-                    .map_err(|e| unavailable("serialise", &e))?;
-                match insert.await {
-                    Ok(response) => Ok(etag_of(&response.etag)),
-                    Err(e) if status_of(&e) == Some(409) => Err(StoreError::Conflict),
-                    Err(e) => Err(unavailable("insert", &e)),
-                }
-            }
-            Some(etag) => {
-                let update = table
-                    .partition_key_client(partition)
-                    .entity_client(row)
-                    .update(entity, IfMatchCondition::Etag(Etag::from(etag.0.clone())))
-                    .map_err(|e| unavailable("serialise", &e))?;
-                match update.await {
-                    Ok(response) => Ok(etag_of(&response.etag)),
-                    // 412: someone wrote first. 404: someone deleted it; the ETag cannot match either.
-                    Err(e) if matches!(status_of(&e), Some(412 | 404)) => Err(StoreError::Conflict),
-                    Err(e) => Err(unavailable("replace", &e)),
-                }
-            }
+            None => match table.insert(&entity).await {
+                Ok(etag) => Ok(ETag(etag)),
+                Err(e) if status_of(&e) == Some(409) => Err(StoreError::Conflict),
+                Err(e) => Err(unavailable("insert", &e)),
+            },
+            Some(etag) => match table
+                .update(
+                    Update::Replace,
+                    partition,
+                    row,
+                    &entity,
+                    IfMatch::Etag(&etag.0),
+                )
+                .await
+            {
+                Ok(etag) => Ok(ETag(etag)),
+                // 412: someone wrote first. 404: someone deleted it; the ETag cannot match either.
+                Err(e) if matches!(status_of(&e), Some(412 | 404)) => Err(StoreError::Conflict),
+                Err(e) => Err(unavailable("replace", &e)),
+            },
         }
     }
 
@@ -315,69 +271,99 @@ impl TableLedger {
         events: &[Notification],
     ) -> Result<ETag, StoreError> {
         let table = self.table().await?;
-        let serialise = |e: azure_core::Error| unavailable("serialise", &e);
-        let if_match = |e: &ETag| Some(IfMatchCondition::Etag(Etag::from(e.0.clone())));
+        let device = state.device_id.as_str();
         let desired = desired_to_entity(state);
-        let tx = table
-            .partition_key_client(state.device_id.as_str())
-            .transaction();
-        let mut tx = match on {
-            None => tx.insert(desired),
-            Some(Precondition::Anchor(anchor)) => tx.insert(desired).and_then(|tx| {
-                tx.merge(
-                    ANCHOR_ROW,
-                    anchor_entity(state.device_id.as_str()),
-                    if_match(anchor),
-                )
-            }),
-            Some(Precondition::Record(etag)) => tx.update(DESIRED_ROW, desired, if_match(etag)),
-        }
-        .map_err(serialise)?;
-        if let Some(key) = key {
-            let row = idempotency_to_entity(key.record);
-            tx = match key.replaces {
-                None => tx.insert(row),
-                Some(etag) => tx.update(idempotency_row(&key.record.key), row, if_match(etag)),
-            }
-            .map_err(serialise)?;
-        }
-        for entry in entries {
-            tx = tx
-                .insert_or_replace(
-                    history_row(&entry.request.request_id),
-                    history_to_entity(entry),
-                )
-                .map_err(serialise)?;
-        }
-        for event in events {
-            tx = tx
-                .insert_or_replace(outbox_row(event.seq), outbox_to_entity(event))
-                .map_err(serialise)?;
-        }
-        let response = tx.await.map_err(|e| unavailable("transaction", &e))?;
-        let statuses: Vec<u16> = response
-            .operation_responses
+        let anchor = anchor_entity(device);
+        let key_row = key.as_ref().map(|k| {
+            (
+                idempotency_row(&k.record.key),
+                idempotency_to_entity(k.record),
+            )
+        });
+        let history: Vec<(String, Entity)> = entries
             .iter()
-            .map(|r| u16::from(r.status_code))
+            .map(|e| (history_row(&e.request.request_id), history_to_entity(e)))
             .collect();
-        match statuses.iter().find(|s| **s >= 300) {
-            Some(409 | 412 | 404) => Err(StoreError::Conflict),
-            Some(status) => {
-                let reason = format!("table transaction: HTTP {status}");
-                tracing::warn!(error = %reason, "ledger: storage error");
+        let outbox: Vec<(String, Entity)> = events
+            .iter()
+            .map(|e| (outbox_row(e.seq), outbox_to_entity(e)))
+            .collect();
+
+        let mut ops = Vec::with_capacity(3 + history.len() + outbox.len());
+        match on {
+            None => ops.push(BatchOp::Insert(&desired)),
+            Some(Precondition::Anchor(etag)) => {
+                ops.push(BatchOp::Insert(&desired));
+                ops.push(BatchOp::Merge {
+                    row: ANCHOR_ROW,
+                    entity: &anchor,
+                    if_match: IfMatch::Etag(&etag.0),
+                });
+            }
+            Some(Precondition::Record(etag)) => ops.push(BatchOp::Replace {
+                row: DESIRED_ROW,
+                entity: &desired,
+                if_match: IfMatch::Etag(&etag.0),
+            }),
+        }
+        if let (Some(key), Some((row, entity))) = (&key, &key_row) {
+            ops.push(match key.replaces {
+                None => BatchOp::Insert(entity),
+                Some(etag) => BatchOp::Replace {
+                    row,
+                    entity,
+                    if_match: IfMatch::Etag(&etag.0),
+                },
+            });
+        }
+        for (row, entity) in history.iter().chain(&outbox) {
+            ops.push(BatchOp::InsertOrReplace { row, entity });
+        }
+        let outcome = table
+            .batch(device, &ops)
+            .await
+            .map_err(|e| unavailable("transaction", &e))?;
+        match outcome {
+            BatchOutcome::Failed(failed) if matches!(failed.status, 409 | 412 | 404) => {
+                Err(StoreError::Conflict)
+            }
+            BatchOutcome::Failed(failed) => {
+                let reason = format!("table transaction: HTTP {}", failed.status);
+                tracing::warn!(error = %reason, operation = ?failed.index, "ledger: storage error");
                 Err(StoreError::Unavailable(reason))
             }
-            None => {
-                let etag = response
-                    .operation_responses
-                    .first()
-                    .and_then(|r| r.etag.as_ref())
-                    .map(etag_of)
-                    .ok_or_else(|| {
-                        StoreError::Unavailable("table transaction: no ETag for the record".into())
-                    })?;
+            BatchOutcome::Committed(etags) => {
+                let etag = etags.into_iter().next().flatten().ok_or_else(|| {
+                    StoreError::Unavailable("table transaction: no ETag for the record".into())
+                })?;
                 self.logged.write(state);
-                Ok(etag)
+                Ok(ETag(etag))
+            }
+        }
+    }
+
+    /// Hands every page of what `query` matches to `take`, page after page, until
+    /// `take` says it has enough (then the listing did not end: `Ok(false)`) or the pages
+    /// end (`Ok(true)`).
+    async fn query_pages(
+        &self,
+        what: &str,
+        query: Query<'_>,
+        mut take: impl FnMut(Vec<Entity>) -> Result<bool, StoreError>,
+    ) -> Result<bool, StoreError> {
+        let table = self.table().await?;
+        let mut from: Option<Continuation> = None;
+        loop {
+            let page = table
+                .query(&query, from.as_ref())
+                .await
+                .map_err(|e| unavailable(what, &e))?;
+            if take(page.entities)? {
+                return Ok(false);
+            }
+            match page.next {
+                Some(next) => from = Some(next),
+                None => return Ok(true),
             }
         }
     }
@@ -387,25 +373,19 @@ impl TableLedger {
     /// `req-…` rows sort together). Best effort: a failure is logged and left for the
     /// next accepted request.
     async fn prune(&self, device: &DeviceId, keep: &RequestId, keys_before: DateTime<Utc>) {
-        let Ok(table) = self.table().await else {
-            return;
-        };
         // Device ids are [A-Za-z0-9._-]: nothing to escape in the filter.
         let filter = format!(
             "PartitionKey eq '{device}' and RowKey ge '{IDEMPOTENCY_ROW_PREFIX}' and RowKey lt 'req.'"
         );
-        let mut pages = table
-            .query()
-            .filter(Filter::new(filter))
-            .select(Select::new("RowKey,RequestId,RequestedAt,CreatedAt"))
-            .into_stream::<Map<String, Value>>();
+        let query = Query {
+            filter: &filter,
+            select: Some("RowKey,RequestId,RequestedAt,CreatedAt"),
+            top: None,
+        };
         let mut entries = Vec::new();
         let mut doomed = Vec::new();
-        while let Some(page) = pages.next().await {
-            let Ok(page) = page.map_err(|e| unavailable("query history", &e)) else {
-                return;
-            };
-            for entity in &page.entities {
+        let read = self.query_pages("query history", query, |page| {
+            for entity in &page {
                 let row = Row { entity };
                 let Ok(row_key) = row.str("RowKey") else {
                     continue;
@@ -418,6 +398,10 @@ impl TableLedger {
                     entries.push((RequestId::from_stored(id), at));
                 }
             }
+            Ok(false)
+        });
+        if read.await.is_err() {
+            return;
         }
         doomed.extend(history::beyond_limit(entries, keep).iter().map(history_row));
         if doomed.is_empty() {
@@ -425,12 +409,15 @@ impl TableLedger {
         }
         // One entity-group transaction (same partition); if a row is gone already (a
         // concurrent prune), the transaction fails as a whole and the rows go one by one.
-        let partition = table.partition_key_client(device.as_str());
-        if doomed.len() <= due_index::MAX_BATCH && self.delete_batch(&partition, &doomed).await {
+        if doomed.len() <= due_index::MAX_BATCH && self.delete_batch(device.as_str(), &doomed).await
+        {
             return;
         }
+        let Ok(table) = self.table().await else {
+            return;
+        };
         for row in doomed {
-            let result = partition.entity_client(row).delete().await;
+            let result = table.delete(device.as_str(), &row, IfMatch::Any).await;
             if let Err(e) = result.map_err(|e| status_of(&e).unwrap_or(0)) {
                 if e != 404 {
                     tracing::warn!(device = %device, status = e, "ledger: could not prune a history entry or key row");
@@ -441,20 +428,21 @@ impl TableLedger {
     }
 
     /// Deletes `rows` of one partition in one transaction; `false` if it did not commit.
-    async fn delete_batch(&self, partition: &PartitionKeyClient, rows: &[String]) -> bool {
-        let mut tx = partition.transaction();
-        for row in rows {
-            tx = match tx.delete(row.as_str(), None) {
-                Ok(tx) => tx,
-                Err(_) => return false,
-            };
-        }
-        tx.await.is_ok_and(|response| {
-            response
-                .operation_responses
-                .iter()
-                .all(|r| u16::from(r.status_code) < 300)
-        })
+    async fn delete_batch(&self, partition: &str, rows: &[String]) -> bool {
+        let Ok(table) = self.table().await else {
+            return false;
+        };
+        let ops: Vec<BatchOp<'_>> = rows
+            .iter()
+            .map(|row| BatchOp::Delete {
+                row,
+                if_match: IfMatch::Any,
+            })
+            .collect();
+        matches!(
+            table.batch(partition, &ops).await,
+            Ok(BatchOutcome::Committed(_))
+        )
     }
 
     async fn delete_row(
@@ -465,17 +453,11 @@ impl TableLedger {
     ) -> Result<(), StoreError> {
         let table = self.table().await?;
         let condition = match expected {
-            Some(etag) => IfMatchCondition::Etag(Etag::from(etag.0.clone())),
-            None => IfMatchCondition::Any,
+            Some(etag) => IfMatch::Etag(&etag.0),
+            None => IfMatch::Any,
         };
-        let result = table
-            .partition_key_client(partition)
-            .entity_client(row)
-            .delete()
-            .if_match(condition)
-            .await;
-        match result {
-            Ok(_) => Ok(()),
+        match table.delete(partition, row, condition).await {
+            Ok(()) => Ok(()),
             Err(e) if status_of(&e) == Some(404) => Ok(()),
             Err(e) if status_of(&e) == Some(412) => Err(StoreError::Conflict),
             Err(e) => Err(unavailable("delete", &e)),
@@ -562,12 +544,16 @@ impl Ledger for TableLedger {
         let mut keys = Map::new();
         keys.insert("PartitionKey".into(), device.as_str().into());
         keys.insert("RowKey".into(), row.into());
-        let merge = table
-            .partition_key_client(device.as_str())
-            .entity_client(row)
-            .merge(keys, IfMatchCondition::Etag(Etag::from(etag.0.clone())))
-            .map_err(|e| unavailable("serialise", &e))?;
-        match merge.await {
+        match table
+            .update(
+                Update::Merge,
+                device.as_str(),
+                row,
+                &keys,
+                IfMatch::Etag(&etag.0),
+            )
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if matches!(status_of(&e), Some(412 | 404)) => Err(StoreError::Conflict),
             Err(e) => Err(unavailable("fence", &e)),
@@ -590,27 +576,23 @@ impl Ledger for TableLedger {
         after: Option<&DeviceId>,
         limit: usize,
     ) -> Result<(PendingPage, Option<DeviceId>), StoreError> {
-        let table = self.table().await?;
         // Device ids are [A-Za-z0-9._-]: nothing to escape in the filter.
         let filter = match after {
             Some(d) => format!("PartitionKey gt '{d}' and {PENDING_FILTER}"),
             None => PENDING_FILTER.to_string(),
         };
-        let mut pages = table
-            .query()
-            .filter(Filter::new(filter))
-            .top(Top::new(limit.min(1000) as u32))
-            .into_stream::<Map<String, Value>>();
+        let query = Query {
+            filter: &filter,
+            select: None,
+            top: Some(limit.min(1000) as u32),
+        };
         let mut entities = Vec::new();
-        let mut ended = true;
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| unavailable("query pending", &e))?;
-            entities.extend(page.entities);
-            if entities.len() >= limit {
-                ended = false;
-                break;
-            }
-        }
+        let ended = self
+            .query_pages("query pending", query, |page| {
+                entities.extend(page);
+                Ok(entities.len() >= limit)
+            })
+            .await?;
         entities.truncate(limit);
         let next = if ended {
             None
@@ -625,34 +607,33 @@ impl Ledger for TableLedger {
     }
 
     async fn outbox(&self, device: &DeviceId) -> Result<Vec<Notification>, StoreError> {
-        let table = self.table().await?;
         // Device ids are [A-Za-z0-9._-]: nothing to escape in the filter.
         let filter = format!(
             "PartitionKey eq '{device}' and RowKey ge '{OUTBOX_ROW_PREFIX}' and RowKey lt 'evt.'"
         );
-        let mut pages = table
-            .query()
-            .filter(Filter::new(filter))
-            .into_stream::<Map<String, Value>>();
+        let query = Query {
+            filter: &filter,
+            select: None,
+            top: None,
+        };
         let mut events = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| unavailable("query outbox", &e))?;
-            for entity in &page.entities {
+        self.query_pages("query outbox", query, |page| {
+            for entity in &page {
                 events.push(outbox_from_entity(entity)?);
             }
-        }
+            Ok(false)
+        })
+        .await?;
         events.sort_by_key(|e| e.seq);
         Ok(events)
     }
 
     async fn remove_outbox(&self, device: &DeviceId, seqs: &[u64]) -> Result<(), StoreError> {
-        let table = self.table().await?;
         let rows: Vec<String> = seqs.iter().map(|s| outbox_row(*s)).collect();
-        let partition = table.partition_key_client(device.as_str());
         for chunk in rows.chunks(due_index::MAX_BATCH) {
             // One transaction; if a row is gone already (another dispatcher removed it),
             // it fails as a whole and the rows go one by one.
-            if self.delete_batch(&partition, chunk).await {
+            if self.delete_batch(device.as_str(), chunk).await {
                 continue;
             }
             for row in chunk {
@@ -664,12 +645,8 @@ impl Ledger for TableLedger {
 
     async fn file_due(&self, entry: &DueEntry) -> Result<(), StoreError> {
         let table = self.table().await?;
-        let upsert = table
-            .partition_key_client(entry.partition_key())
-            .entity_client(entry.row_key())
-            .insert_or_replace(due_entity(entry))
-            .map_err(|e| unavailable("serialise", &e))?;
-        upsert
+        table
+            .insert_or_replace(&entry.partition_key(), &entry.row_key(), &due_entity(entry))
             .await
             .map(|_| ())
             .map_err(|e| unavailable("file due", &e))
@@ -690,25 +667,25 @@ impl Ledger for TableLedger {
             )));
         }
         let table = self.table().await?;
-        let mut tx = table.partition_key_client(partition).transaction();
-        for entry in entries {
-            tx = tx
-                .insert_or_replace(entry.row_key(), due_entity(entry))
-                .map_err(|e| unavailable("serialise", &e))?;
-        }
-        let response = tx.await.map_err(|e| unavailable("file due batch", &e))?;
-        match response
-            .operation_responses
+        let rows: Vec<(String, Entity)> = entries
             .iter()
-            .map(|r| u16::from(r.status_code))
-            .find(|s| *s >= 300)
+            .map(|e| (e.row_key(), due_entity(e)))
+            .collect();
+        let ops: Vec<BatchOp<'_>> = rows
+            .iter()
+            .map(|(row, entity)| BatchOp::InsertOrReplace { row, entity })
+            .collect();
+        match table
+            .batch(&partition, &ops)
+            .await
+            .map_err(|e| unavailable("file due batch", &e))?
         {
-            Some(status) => {
-                let reason = format!("file due batch: HTTP {status}");
-                tracing::warn!(error = %reason, "ledger: storage error");
+            BatchOutcome::Failed(failed) => {
+                let reason = format!("file due batch: HTTP {}", failed.status);
+                tracing::warn!(error = %reason, operation = ?failed.index, "ledger: storage error");
                 Err(StoreError::Unavailable(reason))
             }
-            None => Ok(()),
+            BatchOutcome::Committed(_) => Ok(()),
         }
     }
 
@@ -718,22 +695,19 @@ impl Ledger for TableLedger {
         until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Versioned<DueEntry>>, StoreError> {
-        let table = self.table().await?;
         let filter = format!(
             "PartitionKey eq '{}' and RowKey lt '{}'",
             due_index::partition_key(shard),
             due_index::row_key_bound(until)
         );
-        let mut pages = table
-            .query()
-            .filter(Filter::new(filter))
-            .select(Select::new("RowKey,FiledAt"))
-            .top(Top::new(limit.min(1000) as u32))
-            .into_stream::<Map<String, Value>>();
+        let query = Query {
+            filter: &filter,
+            select: Some("RowKey,FiledAt"),
+            top: Some(limit.min(1000) as u32),
+        };
         let mut entries = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| unavailable("query due", &e))?;
-            for entity in &page.entities {
+        self.query_pages("query due", query, |page| {
+            for entity in &page {
                 let row = entity.get("RowKey").and_then(Value::as_str).unwrap_or("");
                 let etag = entity.get("odata.etag").and_then(Value::as_str);
                 let filed_at = Row { entity }.opt_time("FiledAt").ok().flatten();
@@ -752,10 +726,9 @@ impl Ledger for TableLedger {
                     ),
                 }
             }
-            if entries.len() >= limit {
-                break;
-            }
-        }
+            Ok(entries.len() >= limit)
+        })
+        .await?;
         entries.truncate(limit);
         Ok(entries)
     }
@@ -801,17 +774,10 @@ impl Ledger for TableLedger {
 
 // ---------------------------------------------------------------- errors
 
-fn status_of(err: &azure_core::Error) -> Option<u16> {
-    err.as_http_error().map(|h| u16::from(h.status()))
+fn status_of(err: &TableError) -> Option<u16> {
+    err.status()
 }
 
-fn etag_of(etag: &Etag) -> ETag {
-    ETag(etag.to_string())
-}
-
-/// Everything that is not a conflict is "unavailable": network, 5xx, auth, throttling.
-/// Built from status, service error code and error kind only, never the SDK's text
-/// (which may carry URLs or response bodies).
 /// One line per ledger write: the device's request and the status the ledger now holds.
 /// The on-call queries and alerts (docs/operations.md) read `device=`, `request_id=`,
 /// `outcome=` and, last on the line, `last_error=`.
@@ -835,25 +801,11 @@ fn log_written(state: &DesiredState) {
     }
 }
 
-fn unavailable(op: &str, err: &azure_core::Error) -> StoreError {
-    let reason = match err.as_http_error() {
-        Some(http) => format!(
-            "table {op}: HTTP {}{}",
-            u16::from(http.status()),
-            http.error_code()
-                .map(|c| format!(" ({c})"))
-                .unwrap_or_default()
-        ),
-        None => match err.kind() {
-            ErrorKind::Io => {
-                format!("table {op}: storage could not be reached (connection failed or timed out)")
-            }
-            ErrorKind::Credential => {
-                format!("table {op}: storage credentials are invalid or no token from the managed identity endpoint")
-            }
-            kind => format!("table {op}: failed ({kind})"),
-        },
-    };
+/// Everything that is not a conflict is "unavailable": network, 5xx, auth, throttling.
+/// Built from status, service error code and error kind only ([`TableError`]'s text),
+/// never a URL or a response body.
+fn unavailable(op: &str, err: &TableError) -> StoreError {
+    let reason = format!("table {op}: {err}");
     tracing::warn!(error = %reason, "ledger: storage error");
     StoreError::Unavailable(reason)
 }

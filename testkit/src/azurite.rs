@@ -91,9 +91,9 @@ impl Azurite {
         fresh
     }
 
-    /// Writes `properties` into the entity `partition`/`row` of `table` (insert or merge,
-    /// no ETag check), as a writer with another schema would. Lets a test plant a row
-    /// the ledger cannot read.
+    /// Merges `properties` into the existing entity `partition`/`row` of `table` (no ETag
+    /// check), as a writer with another schema would. Lets a test plant a row the ledger
+    /// cannot read.
     pub async fn merge_entity(
         &self,
         table: &str,
@@ -101,22 +101,17 @@ impl Azurite {
         row: &str,
         properties: serde_json::Value,
     ) {
-        let credentials = azure_storage::StorageCredentials::access_key(
-            ACCOUNT,
-            azure_core::auth::Secret::new(ACCOUNT_KEY),
-        );
-        let location = azure_storage::CloudLocation::Custom {
-            account: ACCOUNT.into(),
-            uri: self.table_endpoint(),
-        };
-        azure_data_tables::clients::TableServiceClientBuilder::with_location(location, credentials)
-            .build()
-            .table_client(table)
-            .partition_key_client(partition)
-            .entity_client(row)
-            .insert_or_merge(properties)
-            .expect("entity serialises")
+        use soc_settings::adapters::table_rest::{IfMatch, TableClient, Update};
+        let http =
+            soc_settings::adapters::identity::transport(std::time::Duration::from_secs(10), None)
+                .expect("an HTTP client");
+        let endpoint = url::Url::parse(&self.table_endpoint()).expect("a URL");
+        let client = TableClient::shared_key(http, &endpoint, table, ACCOUNT, ACCOUNT_KEY)
+            .expect("the well-known key");
+        let properties = properties.as_object().expect("properties are an object");
+        client
+            .update(Update::Merge, partition, row, properties, IfMatch::Any)
             .await
-            .expect("Azurite accepts the entity");
+            .expect("Azurite merges the entity");
     }
 }
