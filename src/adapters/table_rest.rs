@@ -14,7 +14,8 @@
 //!   ([`TableClient::bearer`]), kept here until [`REFRESH_MARGIN`] before their expiry, so
 //!   a request costs no call into the credential.
 //! - **Wire format**: JSON with `odata=minimalmetadata` (`odata.etag` on every queried
-//!   entity), [`API_VERSION`], `Prefer: return-no-content` on writes (the answer carries
+//!   entity), [`API_VERSION`], OData 3.0 (`DataServiceVersion`, also in each batch part),
+//!   `Prefer: return-no-content` on writes (the answer carries
 //!   the ETag header only).
 //! - **Errors** ([`TableError`]) carry the status and the service's error code, never a URL,
 //!   a body, a key, a signature or a token. Retries are the callers' (no retry here); the
@@ -52,6 +53,12 @@ const MINIMAL_METADATA: &str = "application/json;odata=minimalmetadata";
 const RETURN_NO_CONTENT: &str = "return-no-content";
 const X_MS_DATE: HeaderName = HeaderName::from_static("x-ms-date");
 const X_MS_VERSION: HeaderName = HeaderName::from_static("x-ms-version");
+/// The OData version every request (and every part of a batch) names: the Table service
+/// asks for `DataServiceVersion` or `MaxDataServiceVersion` on its OData operations, and
+/// JSON needs 3.0 ("Setting the OData data service version headers").
+const ODATA_VERSION: &str = "3.0";
+const DATA_SERVICE_VERSION: HeaderName = HeaderName::from_static("dataserviceversion");
+const MAX_DATA_SERVICE_VERSION: HeaderName = HeaderName::from_static("maxdataserviceversion");
 const PREFER: HeaderName = HeaderName::from_static("prefer");
 const NEXT_PARTITION: &str = "x-ms-continuation-nextpartitionkey";
 const NEXT_ROW: &str = "x-ms-continuation-nextrowkey";
@@ -590,7 +597,7 @@ impl TableClient {
                 ),
             };
             w(&mut body, format_args!(
-                "--changeset_{id}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n{method} {url} HTTP/1.1\r\nAccept: {MINIMAL_METADATA}\r\n"
+                "--changeset_{id}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n{method} {url} HTTP/1.1\r\nAccept: {MINIMAL_METADATA}\r\nDataServiceVersion: {ODATA_VERSION}\r\n"
             ))?;
             if let Some(if_match) = if_match {
                 w(
@@ -665,6 +672,14 @@ impl TableClient {
             .request(call.method, call.url)
             .header(X_MS_DATE, date)
             .header(X_MS_VERSION, HeaderValue::from_static(API_VERSION))
+            .header(
+                DATA_SERVICE_VERSION,
+                HeaderValue::from_static(ODATA_VERSION),
+            )
+            .header(
+                MAX_DATA_SERVICE_VERSION,
+                HeaderValue::from_static("3.0;NetFx"),
+            )
             .header(ACCEPT, HeaderValue::from_static(MINIMAL_METADATA))
             .header(AUTHORIZATION, authorization);
         if let Some(content_type) = call.content_type {
@@ -996,7 +1011,8 @@ mod tests {
         let body = String::from_utf8(c.batch_body("B", "bat-1", &ops).unwrap()).unwrap();
         let base = "http://127.0.0.1:10002/devstoreaccount1/socsettings";
         let part = "--changeset_B\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n";
-        let accept = "Accept: application/json;odata=minimalmetadata\r\n";
+        let accept =
+            "Accept: application/json;odata=minimalmetadata\r\nDataServiceVersion: 3.0\r\n";
         let json = "Content-Type: application/json\r\nPrefer: return-no-content\r\n\r\n";
         let expected = [
             "--batch_B\r\nContent-Type: multipart/mixed; boundary=changeset_B\r\n\r\n".to_string(),
