@@ -378,10 +378,15 @@ pub(crate) fn is_null(raw: &RawValue) -> bool {
 /// A JSON string value's content (one level of encoding removed, as any JSON
 /// reader does); `None` for every other kind of value.
 pub(crate) fn string(raw: &RawValue) -> Option<Cow<'_, str>> {
-    if !raw.get().starts_with('"') {
+    let text = raw.get();
+    if !text.starts_with('"') {
         return None;
     }
-    serde_json::Deserializer::from_str(raw.get())
+    // Without an escape the content is the text between the quotes.
+    if !text.contains('\\') {
+        return text.get(1..text.len() - 1).map(Cow::Borrowed);
+    }
+    serde_json::Deserializer::from_str(text)
         .deserialize_str(CowStr(PhantomData))
         .ok()
 }
@@ -415,13 +420,23 @@ pub(crate) fn unwrap_double_encoded_cow(text: Cow<'_, str>) -> Cow<'_, str> {
     }
 }
 
+/// The host's usual double encoding of a plain string, `"\"abc\""`, read without
+/// decoding: `abc`, when nothing in it is escaped twice. `None` for any other text.
+fn double_encoded_plain(raw: &str) -> Option<&str> {
+    let inner = raw.strip_prefix("\"\\\"")?.strip_suffix("\\\"\"")?;
+    (!inner.contains(['\\', '"'])).then_some(inner)
+}
+
 /// The text of a primitive wire value after one unwrap: strings per
 /// [`unwrap_double_encoded`], numbers and booleans as their JSON text (a number as
 /// serde_json writes it: `1E2` is `100.0`). `None` for `null`, objects and arrays.
 pub(crate) fn primitive_text(raw: &RawValue) -> Option<Cow<'_, str>> {
     let text = raw.get();
     match text.as_bytes().first()? {
-        b'"' => string(raw).map(unwrap_double_encoded_cow),
+        b'"' => match double_encoded_plain(text) {
+            Some(inner) => Some(Cow::Borrowed(inner)),
+            None => string(raw).map(unwrap_double_encoded_cow),
+        },
         b't' => Some(Cow::Borrowed("true")),
         b'f' => Some(Cow::Borrowed("false")),
         b'n' | b'{' | b'[' => None,
@@ -592,6 +607,38 @@ mod tests {
             }
             assert_eq!(inv.metadata_u64("Absent").unwrap(), None);
         });
+    }
+
+    #[test]
+    fn the_plain_double_encoding_shortcut_reads_what_decoding_twice_reads() {
+        let values = [
+            "abc",
+            "",
+            "\"",
+            "a\"b",
+            "a\\b",
+            "\\",
+            "é ü",
+            "\"abc\"",
+            " \"x\"",
+            "{\"a\":1}",
+            "5",
+        ];
+        for value in values {
+            for wire in [
+                serde_json::to_string(&serde_json::to_string(value).unwrap()).unwrap(),
+                serde_json::to_string(value).unwrap(),
+            ] {
+                let raw = RawValue::from_string(wire.clone()).unwrap();
+                let decoded: String = serde_json::from_str(&wire).unwrap();
+                let expected = unwrap_double_encoded(&decoded).into_owned();
+                assert_eq!(primitive_text(&raw).as_deref(), Some(&*expected), "{wire}");
+                assert_eq!(string(&raw).as_deref(), Some(&*decoded), "{wire}");
+            }
+        }
+        assert_eq!(double_encoded_plain(r#""\"m-1\"""#), Some("m-1"));
+        assert_eq!(double_encoded_plain(r#""\"""#), None);
+        assert_eq!(double_encoded_plain(r#""\"a\\\"b\"""#), None);
     }
 
     #[test]
