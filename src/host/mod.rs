@@ -63,7 +63,15 @@ pub use timer::{ScheduleStatus, TimerInfo, DRAIN_SOC_TIMER_BINDING};
 /// no-I/O invocation (BENCHMARKS P2).
 pub fn json_bytes(value: &serde_json::Value) -> Vec<u8> {
     // Infallible for a `Value` (string keys only); the fallback keeps it panic-free.
-    serde_json::to_vec(value).unwrap_or_else(|_| value.to_string().into_bytes())
+    write_json(value).unwrap_or_else(|| value.to_string().into_bytes())
+}
+
+/// `value` as compact JSON bytes, in a buffer sized for our answers from the start
+/// (grown from empty, a few hundred bytes took seven reallocations).
+pub(crate) fn write_json(value: &impl serde::Serialize) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(512);
+    serde_json::to_writer(&mut out, value).ok()?;
+    Some(out)
 }
 
 /// [`json_bytes`] as a `String`.

@@ -182,7 +182,7 @@ impl IntoResponse for InvocationFailure {
 /// `body` as the JSON answer, serialised straight into its buffer.
 fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
     // Infallible for these types (string keys only); the fallback keeps it panic-free.
-    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let bytes = super::write_json(body).unwrap_or_else(|| b"{}".to_vec());
     let mut response = (status, bytes).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
