@@ -102,21 +102,22 @@ const MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
 /// Largest forwarded request body read; the domain rejects anything above 1 KiB with a 400.
 const MAX_FORWARDED_BODY_BYTES: usize = 64 * 1024;
 
-/// Shared state: the services, or why they could not be built.
+/// Shared state: the services, or why they could not be built. Behind one `Arc`:
+/// axum clones the state for every request.
 #[derive(Clone)]
 pub struct AppState {
-    services: Result<Services, Arc<str>>,
+    services: Arc<Result<Services, String>>,
 }
 
 impl AppState {
     pub fn new(services: Result<Services, StartupError>) -> Self {
         Self {
-            services: services.map_err(|e| Arc::from(e.one_line())),
+            services: Arc::new(services.map_err(|e| e.one_line())),
         }
     }
 
     fn services(&self) -> Result<&Services, &str> {
-        self.services.as_ref().map_err(|e| &**e)
+        self.services.as_ref().as_ref().map_err(String::as_str)
     }
 }
 
@@ -221,7 +222,7 @@ async fn set_soc_envelope(
 ) -> Response {
     let response = set_soc(&state, req.into_call()).await;
     InvocationResponse::ok()
-        .with_http(SET_SOC_HTTP_OUTPUT_BINDING, &http_output(&response))
+        .with_http(SET_SOC_HTTP_OUTPUT_BINDING, http_output(&response))
         .into_response()
 }
 
@@ -274,11 +275,12 @@ async fn device_events_envelope(
     State(state): State<AppState>,
     body: Body,
 ) -> Result<Response, InvocationFailure> {
-    let inv = read_envelope(body).await?;
+    let bytes = read_envelope(body).await?;
+    let inv = InvocationRequest::from_slice(&bytes)?;
     let req = HttpTriggerRequest::from_invocation(&inv, DEVICE_EVENTS_HTTP_TRIGGER_BINDING)?;
     let response = device_events(&state, req.into_call()).await;
     Ok(InvocationResponse::ok()
-        .with_http(DEVICE_EVENTS_HTTP_OUTPUT_BINDING, &http_output(&response))
+        .with_http(DEVICE_EVENTS_HTTP_OUTPUT_BINDING, http_output(&response))
         .into_response())
 }
 
@@ -386,23 +388,23 @@ struct Trigger<T>(T);
 
 /// A trigger type and the `function.json` binding it is read from.
 trait TriggerBinding: Sized {
-    fn decode(inv: &InvocationRequest) -> Result<Self, HostError>;
+    fn decode(inv: &InvocationRequest<'_>) -> Result<Self, HostError>;
 }
 
 impl TriggerBinding for ServiceBusDelivery {
-    fn decode(inv: &InvocationRequest) -> Result<Self, HostError> {
+    fn decode(inv: &InvocationRequest<'_>) -> Result<Self, HostError> {
         Self::from_invocation(inv, SOC_QUEUE_TRIGGER_BINDING)
     }
 }
 
 impl TriggerBinding for TimerInfo {
-    fn decode(inv: &InvocationRequest) -> Result<Self, HostError> {
+    fn decode(inv: &InvocationRequest<'_>) -> Result<Self, HostError> {
         Self::from_invocation(inv, DRAIN_SOC_TIMER_BINDING)
     }
 }
 
 impl TriggerBinding for HttpTriggerRequest {
-    fn decode(inv: &InvocationRequest) -> Result<Self, HostError> {
+    fn decode(inv: &InvocationRequest<'_>) -> Result<Self, HostError> {
         Self::from_invocation(inv, SET_SOC_HTTP_TRIGGER_BINDING)
     }
 }
@@ -411,16 +413,17 @@ impl<S: Send + Sync, T: TriggerBinding> FromRequest<S> for Trigger<T> {
     type Rejection = InvocationFailure;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
-        let inv = read_envelope(req.into_body()).await?;
+        let bytes = read_envelope(req.into_body()).await?;
+        let inv = InvocationRequest::from_slice(&bytes)?;
         Ok(Trigger(T::decode(&inv)?))
     }
 }
 
-async fn read_envelope(body: Body) -> Result<InvocationRequest, InvocationFailure> {
-    let bytes = to_bytes(body, MAX_ENVELOPE_BYTES)
+/// The envelope's bytes, which [`InvocationRequest::from_slice`] then borrows from.
+async fn read_envelope(body: Body) -> Result<axum::body::Bytes, InvocationFailure> {
+    to_bytes(body, MAX_ENVELOPE_BYTES)
         .await
-        .map_err(|_| InvocationFailure::bad_request("invocation body too large or unreadable"))?;
-    InvocationRequest::from_slice(&bytes).map_err(InvocationFailure::from)
+        .map_err(|_| InvocationFailure::bad_request("invocation body too large or unreadable"))
 }
 
 #[cfg(test)]

@@ -64,21 +64,39 @@ pub enum Settle {
 }
 
 pub async fn handle(svc: &Services, delivery: Delivery) -> Settle {
+    match read(&delivery) {
+        // Boxed: the ledger and device path's future is several KB, and the caller's
+        // futures are moved around per invocation; a dropped message never builds it.
+        Ok((message, device)) => Box::pin(wake_up(svc, delivery, message, device)).await,
+        Err(dropped) => dropped,
+    }
+}
+
+/// The message and its device, or why it is dropped (completed).
+fn read(delivery: &Delivery) -> Result<(WakeMessage, DeviceId), Settle> {
     let message: WakeMessage = match serde_json::from_slice(&delivery.body) {
         Ok(m) => m,
         Err(e) => {
             // Redelivering cannot fix a malformed body; complete it and say so loudly.
             warn!(message_id = ?delivery.message_id, error = %e, "malformed wake-up message dropped");
-            return Settle::Complete(format!("malformed message dropped: {e}"));
+            return Err(Settle::Complete(format!("malformed message dropped: {e}")));
         }
     };
-    let device = match DeviceId::parse(&message.device_id) {
-        Ok(d) => d,
+    match DeviceId::parse(&message.device_id) {
+        Ok(device) => Ok((message, device)),
         Err(e) => {
             warn!(message_id = ?delivery.message_id, error = %e, "wake-up message with an invalid device id dropped");
-            return Settle::Complete(format!("invalid device id dropped: {e}"));
+            Err(Settle::Complete(format!("invalid device id dropped: {e}")))
         }
-    };
+    }
+}
+
+async fn wake_up(
+    svc: &Services,
+    delivery: Delivery,
+    message: WakeMessage,
+    device: DeviceId,
+) -> Settle {
     let current = match svc.ledger.get(&device).await {
         Ok(Some(c)) => c,
         Ok(None) => {

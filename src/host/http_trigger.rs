@@ -7,14 +7,17 @@
 //! The response side for envelope mode is [`HttpResponseOut`], rendered by
 //! [`super::InvocationResponse::with_http`].
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use axum::http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, Method};
 use base64::Engine as _;
 use bytes::Bytes;
-use serde_json::{Map, Value};
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::value::RawValue;
+use serde_json::Value;
 
-use super::envelope::{get_ci, primitive_text, InvocationRequest};
+use super::envelope::{is_null, primitive_text, string, InvocationRequest, Members, Shallow};
 use super::HostError;
 
 /// Trigger binding name of `SetSocHttp/function.json`.
@@ -72,35 +75,38 @@ pub struct HttpTriggerRequest {
 }
 
 impl HttpTriggerRequest {
-    /// Reads `Data.<binding>` (ours: [`SET_SOC_HTTP_TRIGGER_BINDING`]).
-    pub fn from_invocation(inv: &InvocationRequest, binding: &str) -> Result<Self, HostError> {
+    /// Reads `Data.<binding>` (ours: [`SET_SOC_HTTP_TRIGGER_BINDING`]): only the
+    /// members used here; `Identities` and anything else is scanned over.
+    pub fn from_invocation(inv: &InvocationRequest<'_>, binding: &str) -> Result<Self, HostError> {
         let invalid = |reason: &str| HostError::InvalidBinding {
             binding: binding.to_string(),
             reason: reason.to_string(),
         };
         let req = match inv.data(binding) {
             None => return Err(HostError::MissingBinding(binding.to_string())),
-            Some(Value::Object(map)) => map,
+            Some(Shallow::Object(req)) => req,
             Some(_) => return Err(invalid("not an object")),
         };
-        let method = get_ci(req, "Method")
-            .and_then(Value::as_str)
+        let method = req
+            .get("Method")
+            .and_then(string)
             .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
             .ok_or_else(|| invalid("Method missing or invalid"))?;
-        let url = get_ci(req, "Url")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        let query = string_map(get_ci(req, "Query")).map_err(|r| invalid(&format!("Query {r}")))?;
-        let params =
-            string_map(get_ci(req, "Params")).map_err(|r| invalid(&format!("Params {r}")))?;
-        let headers = headers(get_ci(req, "Headers")).map_err(|r| invalid(&r))?;
-        let body = match get_ci(req, "Body") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(text)) => {
+        let url = req
+            .get("Url")
+            .and_then(string)
+            .map(Cow::into_owned)
+            .unwrap_or_default();
+        let query = string_map(req.get("Query")).map_err(|r| invalid(&format!("Query {r}")))?;
+        let params = string_map(req.get("Params")).map_err(|r| invalid(&format!("Params {r}")))?;
+        let headers = headers(req.get("Headers")).map_err(|r| invalid(&r))?;
+        let body = match req.get("Body") {
+            None => None,
+            Some(raw) if is_null(raw) => None,
+            Some(raw) => {
+                let text = string(raw).ok_or_else(|| invalid("Body is not a string"))?;
                 Some(decode_body(text, headers.get("Content-Type")).map_err(|r| invalid(&r))?)
             }
-            Some(_) => return Err(invalid("Body is not a string")),
         };
         Ok(Self {
             method,
@@ -220,48 +226,36 @@ impl HttpResponseOut {
         self
     }
 
-    /// The `Outputs.<res>` object: `{"statusCode":..,"headers":{..},"body":"<string>"}`.
-    pub fn to_output(&self) -> Value {
-        let headers: Map<String, Value> = self
-            .headers
-            .iter()
-            .map(|(n, v)| (n.clone(), Value::String(v.clone())))
-            .collect();
-        serde_json::json!({
-            "statusCode": self.status,
-            "headers": headers,
-            "body": self.body,
-        })
-    }
-
     /// Reads an `Outputs.<res>` object back (tests, stand-ins). Accepts what the
     /// host accepts: any key casing, numeric or numeric-string `statusCode`
     /// (missing = 200), string body (object/array bodies become their JSON text).
     pub fn from_output(value: &Value) -> Result<Self, String> {
-        let Value::Object(map) = value else {
+        let raw = serde_json::value::to_raw_value(value).map_err(|e| e.to_string())?;
+        let Ok(Some(map)) = Members::of(&raw) else {
             return Err("http output is not an object".into());
         };
-        let status = match get_ci(map, "statusCode") {
-            None | Some(Value::Null) => 200,
+        let status = match map.get("statusCode") {
+            None => 200,
+            Some(v) if is_null(v) => 200,
             Some(v) => primitive_text(v)
                 .and_then(|t| t.parse::<u16>().ok())
                 .ok_or("statusCode is not a number")?,
         };
-        let headers = match get_ci(map, "headers") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Object(h)) => h
+        let headers = match map.get("headers").map(Members::of) {
+            None | Some(Ok(None)) => Vec::new(),
+            Some(Ok(Some(h))) => h
                 .iter()
-                .map(|(k, v)| match v {
-                    Value::String(s) => Ok((k.clone(), s.clone())),
-                    _ => Err(format!("header {k} is not a string")),
+                .map(|(k, v)| match string(v) {
+                    Some(s) => Ok((k.to_string(), s.into_owned())),
+                    None => Err(format!("header {k} is not a string")),
                 })
                 .collect::<Result<_, _>>()?,
-            Some(_) => return Err("headers is not an object".into()),
+            Some(Err(_)) => return Err("headers is not an object".into()),
         };
-        let body = match get_ci(map, "body") {
-            None | Some(Value::Null) => String::new(),
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
+        let body = match map.get("body") {
+            None => String::new(),
+            Some(v) if is_null(v) => String::new(),
+            Some(v) => string(v).map_or_else(|| v.get().to_string(), Cow::into_owned),
         };
         Ok(Self {
             status,
@@ -271,53 +265,100 @@ impl HttpResponseOut {
     }
 }
 
-fn string_map(value: Option<&Value>) -> Result<BTreeMap<String, String>, String> {
-    match value {
-        None | Some(Value::Null) => Ok(BTreeMap::new()),
-        Some(Value::Object(map)) => Ok(map
-            .iter()
-            .filter_map(|(k, v)| primitive_text(v).map(|t| (k.clone(), t)))
-            .collect()),
-        // The docs show `"Query": "{}"` (a string); the source sends objects.
-        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
-            Ok(inner @ Value::Object(_)) => string_map(Some(&inner)),
-            _ => Err("is not an object".into()),
-        },
-        Some(_) => Err("is not an object".into()),
+/// The `Outputs.<res>` object: `{"statusCode":..,"headers":{..},"body":"<string>"}`,
+/// written straight into the answer (no tree).
+impl Serialize for HttpResponseOut {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        /// The headers object; of a name given twice, the last.
+        struct HeaderObject<'a>(&'a [(String, String)]);
+        impl Serialize for HeaderObject<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut map = serializer.serialize_map(None)?;
+                for (i, (name, value)) in self.0.iter().enumerate() {
+                    if !self.0[i + 1..].iter().any(|(later, _)| later == name) {
+                        map.serialize_entry(name, value)?;
+                    }
+                }
+                map.end()
+            }
+        }
+        let mut map = serializer.serialize_map(Some(3))?;
+        map.serialize_entry("statusCode", &self.status)?;
+        map.serialize_entry("headers", &HeaderObject(&self.headers))?;
+        map.serialize_entry("body", &self.body)?;
+        map.end()
     }
 }
 
-fn headers(value: Option<&Value>) -> Result<Headers, String> {
-    let map = match value {
-        None | Some(Value::Null) => return Ok(Headers::default()),
-        Some(Value::Object(map)) => map,
-        Some(_) => return Err("Headers is not an object".into()),
+/// `Query`/`Params`: name -> text (primitives unwrapped once, others left out).
+fn string_map(value: Option<&RawValue>) -> Result<BTreeMap<String, String>, String> {
+    let Some(raw) = value else {
+        return Ok(BTreeMap::new());
     };
-    let mut out = Vec::with_capacity(map.len());
-    for (name, v) in map {
-        let values = match v {
-            Value::Array(items) => items.iter().filter_map(primitive_text).collect(),
-            // Metadata.Headers style (one string) tolerated.
-            other => primitive_text(other).into_iter().collect(),
+    // The docs show `"Query": "{}"` (a string); the source sends objects.
+    let text = string(raw);
+    let members = match &text {
+        Some(inner) => Members::parse(inner),
+        None => Members::of(raw),
+    };
+    match members {
+        Ok(Some(members)) => Ok(members
+            .iter()
+            .filter_map(|(k, v)| primitive_text(v).map(|t| (k.to_string(), t.into_owned())))
+            .collect()),
+        Ok(None) if text.is_none() => Ok(BTreeMap::new()),
+        _ => Err("is not an object".into()),
+    }
+}
+
+/// `Headers`: name -> array of values (one plain value tolerated, `Metadata.Headers`
+/// style). Entries keep the document's order; a name given twice with the same
+/// spelling keeps the last.
+fn headers(value: Option<&RawValue>) -> Result<Headers, String> {
+    let members = match value.map(Members::of) {
+        None | Some(Ok(None)) => return Ok(Headers::default()),
+        Some(Ok(Some(members))) => members,
+        Some(Err(_)) => return Err("Headers is not an object".into()),
+    };
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for (name, raw) in members.iter() {
+        let values = if raw.get().starts_with('[') {
+            serde_json::from_str::<Vec<&RawValue>>(raw.get())
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|v| primitive_text(v).map(Cow::into_owned))
+                .collect()
+        } else {
+            primitive_text(raw)
+                .map(Cow::into_owned)
+                .into_iter()
+                .collect()
         };
-        out.push((name.clone(), values));
+        match out.iter_mut().find(|(n, _)| n == name.as_ref()) {
+            Some(entry) => entry.1 = values,
+            None => out.push((name.to_string(), values)),
+        }
     }
     Ok(Headers(out))
 }
 
 /// §3.2: `application/octet-stream` and `multipart/*` bodies are base64,
 /// everything else is the body decoded as UTF-8 text.
-fn decode_body(text: &str, content_type: Option<&str>) -> Result<Vec<u8>, String> {
+fn decode_body(text: Cow<'_, str>, content_type: Option<&str>) -> Result<Vec<u8>, String> {
     let media = content_type
         .and_then(|c| c.split(';').next())
-        .map(|m| m.trim().to_ascii_lowercase())
+        .map(str::trim)
         .unwrap_or_default();
-    if media == "application/octet-stream" || media.starts_with("multipart/") {
+    if media.eq_ignore_ascii_case("application/octet-stream")
+        || media
+            .get(..10)
+            .is_some_and(|p| p.eq_ignore_ascii_case("multipart/"))
+    {
         base64::engine::general_purpose::STANDARD
             .decode(text.as_bytes())
             .map_err(|_| "Body is not valid base64".to_string())
     } else {
-        Ok(text.as_bytes().to_vec())
+        Ok(text.into_owned().into_bytes())
     }
 }
 
@@ -327,7 +368,13 @@ mod tests {
     use serde_json::json;
 
     fn request(req: Value) -> Result<HttpTriggerRequest, HostError> {
-        let inv = InvocationRequest::from_value(json!({"Data": {"req": req}})).unwrap();
+        request_text(&json!({ "req": req }).to_string())
+    }
+
+    /// `data` as the envelope's `Data` text, as written (member order kept).
+    fn request_text(data: &str) -> Result<HttpTriggerRequest, HostError> {
+        let body = format!(r#"{{"Data": {data}}}"#);
+        let inv = InvocationRequest::from_slice(body.as_bytes()).unwrap();
         HttpTriggerRequest::from_invocation(&inv, "req")
     }
 
@@ -405,6 +452,63 @@ mod tests {
     }
 
     #[test]
+    fn request_members_match_exactly_first_then_in_any_casing_the_last_one_winning() {
+        let r = request_text(
+            r#"{"req": {"method": "DELETE", "Method": "POST", "METHOD": "GET",
+                "headers": {"X-A": ["1"]}, "HEADERS": {"X-A": ["2"]},
+                "params": [], "Params": {"deviceId": "d1"}, "Body": "b"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.method, Method::POST);
+        assert_eq!(r.headers.get_all("x-a"), ["2"]);
+        assert_eq!(r.params.get("deviceId").map(String::as_str), Some("d1"));
+        assert_eq!(r.body.as_deref(), Some(&b"b"[..]));
+    }
+
+    #[test]
+    fn a_header_given_twice_keeps_the_last_and_other_casings_add_values() {
+        let r = request_text(
+            r#"{"req": {"Method": "GET", "Headers": {"X-A": ["1"], "X-A": ["2"], "x-a": ["3"]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.headers.get_all("X-A"), ["2"]);
+        let call = r.into_call();
+        let values: Vec<_> = call.headers.get_all("x-a").iter().collect();
+        assert_eq!(values, ["2", "3"]);
+    }
+
+    #[test]
+    fn query_and_params_may_be_json_text_null_or_absent() {
+        let r = request(json!({"Method": "GET", "Query": "{\"a\":\"1\",\"n\":2}", "Params": null}))
+            .unwrap();
+        assert_eq!(r.query.get("a").map(String::as_str), Some("1"));
+        assert_eq!(r.query.get("n").map(String::as_str), Some("2"));
+        assert!(r.params.is_empty());
+        for bad in [json!("null"), json!("[]"), json!("{"), json!(5), json!([])] {
+            assert!(
+                matches!(
+                    request(json!({"Method": "GET", "Query": bad})),
+                    Err(HostError::InvalidBinding { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn identities_and_unknown_members_are_skipped_whatever_they_hold() {
+        let r = request_text(
+            r#"{"req": {"Method": "POST",
+                "Identities": [{"Claims": [{"Type": "x", "Properties": {}}], "Actor": null}],
+                "Extra": {"deep": [[1, 2.5e300, "\u00e9"]]},
+                "Headers": {"Content-Type": ["text/plain"]},
+                "Body": "caf\u00e9 \"quoted\""}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.body.as_deref(), Some("café \"quoted\"".as_bytes()));
+    }
+
+    #[test]
     fn headers_that_http_forbids_are_dropped_not_fatal() {
         let r = request(json!({"Method": "GET", "Headers": {
             "bad name": ["x"], "X-Ok": ["a", "b"], "X-Bad": ["line\nbreak"]
@@ -438,7 +542,7 @@ mod tests {
         let out = HttpResponseOut::json(202, &json!({"status": "pending"}))
             .with_header("Location", "/api/devices/d1/soc")
             .with_header("content-type", "application/problem+json");
-        let v = out.to_output();
+        let v = serde_json::to_value(&out).unwrap();
         assert_eq!(v["statusCode"], json!(202));
         assert_eq!(v["body"], json!("{\"status\":\"pending\"}"));
         assert_eq!(v["headers"]["Location"], json!("/api/devices/d1/soc"));

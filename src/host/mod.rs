@@ -11,7 +11,7 @@
 //!                                      -> HttpTriggerRequest::from_invocation(&inv, SET_SOC_HTTP_TRIGGER_BINDING)
 //!                                      -> .into_call() : HttpCall
 //! /api/devices/{id}/soc (forwarded)    HttpCall::from_forwarded(&parts, params, body)
-//!   answer (envelope)                  InvocationResponse::ok().with_http(SET_SOC_HTTP_OUTPUT_BINDING, &HttpResponseOut)
+//!   answer (envelope)                  InvocationResponse::ok().with_http(SET_SOC_HTTP_OUTPUT_BINDING, HttpResponseOut)
 //!   answer (forwarded)                 a plain HTTP response (any status is a successful invocation)
 //! POST /SocQueueTrigger                ServiceBusDelivery::from_invocation(&inv, SOC_QUEUE_TRIGGER_BINDING)
 //! POST /DrainSocTimer                  TimerInfo::from_invocation(&inv, DRAIN_SOC_TIMER_BINDING)
@@ -21,7 +21,8 @@
 //! # Host quirks and the one place each is handled
 //! | Quirk | Where |
 //! |---|---|
-//! | `Data`/`Metadata` and all keys matched case-insensitively (Newtonsoft, host dictionaries) | `envelope::get_ci`, `InvocationRequest::from_value` |
+//! | `Data`/`Metadata` and all keys matched case-insensitively (Newtonsoft, host dictionaries): exact spelling first, then the last of any casing | `envelope::Members::get`, [`InvocationRequest::from_slice`] |
+//! | A 1-2 KB envelope per invocation, most of it unused (`Identities`, `Client`, ...) | [`InvocationRequest::from_slice`]: one pass, members borrowed as raw JSON text; each binding reads only what it uses |
 //! | Primitive Metadata values double-encoded (`"\"abc\""`, `"5"`) (§2.2, §8.1) | [`unwrap_double_encoded`], `InvocationRequest::metadata_text` |
 //! | Dates: offset or none (`*Utc` keys, local timer times), 0-7 fractional digits (§2.2, §4, §8.3) | [`parse_host_datetime`] |
 //! | Service Bus body: double-encoded string (no `dataType`), base64 (`dataType: binary`, ours), single-encoded JSON text, JSON object (§5.1) | `service_bus::decode_body` |
@@ -33,7 +34,7 @@
 //! | `RetryContext` with an opaque `Exception` (§2.2) | [`InvocationRequest::retry_context`] |
 //! | Response must be 2xx + `application/json` + non-empty body, else hang/failure (§6, §8.7) | [`InvocationResponse`] |
 //! | Non-2xx fails the invocation (Service Bus abandon + redeliver) (§5.3, §6.1) | [`InvocationFailure`] |
-//! | HTTP output: object with `statusCode`, string header values, string body written verbatim (§3.5) | [`HttpResponseOut::to_output`] |
+//! | HTTP output: object with `statusCode`, string header values, string body written verbatim (§3.5) | `HttpResponseOut`'s `Serialize` |
 //! | Queue outputs: base64 trap and re-indenting (§5.5, §8.8) | [`InvocationResponse::with_queue_messages`] (array of strings) |
 //! | Forwarded body over the limit: read and discarded before answering, or the caller may see a reset | [`body::read_forwarded_body`] |
 //!
@@ -62,7 +63,15 @@ pub use timer::{ScheduleStatus, TimerInfo, DRAIN_SOC_TIMER_BINDING};
 /// no-I/O invocation (BENCHMARKS P2).
 pub fn json_bytes(value: &serde_json::Value) -> Vec<u8> {
     // Infallible for a `Value` (string keys only); the fallback keeps it panic-free.
-    serde_json::to_vec(value).unwrap_or_else(|_| value.to_string().into_bytes())
+    write_json(value).unwrap_or_else(|| value.to_string().into_bytes())
+}
+
+/// `value` as compact JSON bytes, in a buffer sized for our answers from the start
+/// (grown from empty, a few hundred bytes took seven reallocations).
+pub(crate) fn write_json(value: &impl serde::Serialize) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(512);
+    serde_json::to_writer(&mut out, value).ok()?;
+    Some(out)
 }
 
 /// [`json_bytes`] as a `String`.
@@ -111,15 +120,16 @@ mod tests {
             json!({"Method": "G E T", "Headers": {"a": [null, 1, {}]}, "Query": [], "Body": ""}),
             json!({"ScheduleStatus": {"Last": 5, "Next": null}, "IsPastDue": []}),
         ];
+        let mut parsed = 0;
         for data in &odd {
             for meta in &odd {
                 let envelope = json!({"Data": {"b": data}, "Metadata": {
                     "DeliveryCount": meta, "ExpiresAt": meta, "sys": meta, "RetryContext": meta,
                     "SequenceNumber": meta, "ApplicationProperties": meta
-                }});
-                let Ok(inv) = InvocationRequest::from_value(envelope) else {
-                    continue;
-                };
+                }})
+                .to_string();
+                let inv = InvocationRequest::from_slice(envelope.as_bytes()).unwrap();
+                parsed += 1;
                 let _ = HttpTriggerRequest::from_invocation(&inv, "b").map(|r| r.into_call());
                 let _ = ServiceBusDelivery::from_invocation(&inv, "b");
                 let _ = TimerInfo::from_invocation(&inv, "b");
@@ -127,5 +137,6 @@ mod tests {
             }
             let _ = HttpResponseOut::from_output(data);
         }
+        assert_eq!(parsed, odd.len() * odd.len());
     }
 }

@@ -10,18 +10,29 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Map, Value};
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::Value;
 
 use super::http_trigger::HttpResponseOut;
 
 /// Longest log line sent to the host; longer lines are cut.
 pub const MAX_LOG_LINE: usize = 512;
 
-/// A successful invocation: `{"Outputs":{..},"Logs":[..],"ReturnValue":null}`.
+/// A successful invocation: `{"Outputs":{..},"Logs":[..],"ReturnValue":null}`,
+/// serialised straight into the answer's bytes (no tree).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct InvocationResponse {
-    outputs: Map<String, Value>,
+    /// By binding name; setting a binding again replaces it.
+    outputs: Vec<(String, Output)>,
     logs: Vec<String>,
+}
+
+/// One output binding's value.
+#[derive(Debug, Clone, PartialEq)]
+enum Output {
+    Http(HttpResponseOut),
+    /// An array of strings (§5.5).
+    Messages(Vec<String>),
 }
 
 impl InvocationResponse {
@@ -47,18 +58,22 @@ impl InvocationResponse {
     }
 
     /// Sets the HTTP output binding (ours: [`super::SET_SOC_HTTP_OUTPUT_BINDING`]).
-    pub fn with_http(mut self, binding: &str, out: &HttpResponseOut) -> Self {
-        self.outputs.insert(binding.to_string(), out.to_output());
-        self
+    pub fn with_http(self, binding: &str, out: HttpResponseOut) -> Self {
+        self.with_output(binding, Output::Http(out))
     }
 
     /// Sets a Service Bus/queue output binding. Sent as an array of strings,
     /// the one form the host neither base64-decodes nor re-indents (§5.5):
     /// one message per element, exact text, `ContentType: text/plain`.
-    pub fn with_queue_messages(mut self, binding: &str, messages: Vec<String>) -> Self {
-        let items = messages.into_iter().map(Value::String).collect();
-        self.outputs
-            .insert(binding.to_string(), Value::Array(items));
+    pub fn with_queue_messages(self, binding: &str, messages: Vec<String>) -> Self {
+        self.with_output(binding, Output::Messages(messages))
+    }
+
+    fn with_output(mut self, binding: &str, output: Output) -> Self {
+        match self.outputs.iter_mut().find(|(name, _)| name == binding) {
+            Some(existing) => existing.1 = output,
+            None => self.outputs.push((binding.to_string(), output)),
+        }
         self
     }
 
@@ -66,19 +81,38 @@ impl InvocationResponse {
         &self.logs
     }
 
-    /// The response body.
+    /// The response body as a JSON value (tests, fixtures).
     pub fn to_json(&self) -> Value {
-        json!({
-            "Outputs": self.outputs,
-            "Logs": self.logs,
-            "ReturnValue": null,
-        })
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+impl Serialize for InvocationResponse {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct Outputs<'a>(&'a [(String, Output)]);
+        impl Serialize for Outputs<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut map = serializer.serialize_map(Some(self.0.len()))?;
+                for (binding, output) in self.0 {
+                    match output {
+                        Output::Http(out) => map.serialize_entry(binding, out)?,
+                        Output::Messages(messages) => map.serialize_entry(binding, messages)?,
+                    }
+                }
+                map.end()
+            }
+        }
+        let mut map = serializer.serialize_map(Some(3))?;
+        map.serialize_entry("Outputs", &Outputs(&self.outputs))?;
+        map.serialize_entry("Logs", &self.logs)?;
+        map.serialize_entry("ReturnValue", &())?;
+        map.end()
     }
 }
 
 impl IntoResponse for InvocationResponse {
     fn into_response(self) -> Response {
-        json_response(StatusCode::OK, self.to_json())
+        json_response(StatusCode::OK, &self)
     }
 }
 
@@ -132,12 +166,24 @@ impl From<super::HostError> for InvocationFailure {
 impl IntoResponse for InvocationFailure {
     fn into_response(self) -> Response {
         tracing::warn!(status = self.status.as_u16(), reason = %self.reason, "invocation failed");
-        json_response(self.status, json!({"error": self.reason}))
+        #[derive(serde::Serialize)]
+        struct Failure<'a> {
+            error: &'a str,
+        }
+        json_response(
+            self.status,
+            &Failure {
+                error: &self.reason,
+            },
+        )
     }
 }
 
-fn json_response(status: StatusCode, body: Value) -> Response {
-    let mut response = (status, super::json_bytes(&body)).into_response();
+/// `body` as the JSON answer, serialised straight into its buffer.
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
+    // Infallible for these types (string keys only); the fallback keeps it panic-free.
+    let bytes = super::write_json(body).unwrap_or_else(|| b"{}".to_vec());
+    let mut response = (status, bytes).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -149,6 +195,7 @@ fn json_response(status: StatusCode, body: Value) -> Response {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use serde_json::json;
 
     async fn parts(response: Response) -> (StatusCode, Option<String>, Value) {
         let status = response.status();
@@ -176,7 +223,7 @@ mod tests {
     async fn an_http_result_lands_in_outputs_under_the_binding_name() {
         let out = HttpResponseOut::json(200, &json!({"ok": true}));
         let response = InvocationResponse::ok()
-            .with_http("res", &out)
+            .with_http("res", out)
             .with_log("applied");
         let (_, _, body) = parts(response.into_response()).await;
         assert_eq!(body["Outputs"]["res"]["statusCode"], json!(200));
@@ -204,6 +251,22 @@ mod tests {
             .with_queue_messages("out", vec!["{\"a\":1}".into(), "test".into()])
             .to_json();
         assert_eq!(body["Outputs"]["out"], json!(["{\"a\":1}", "test"]));
+    }
+
+    #[test]
+    fn a_binding_set_twice_keeps_the_last_value_and_a_repeated_header_its_last() {
+        let mut out = HttpResponseOut::json(200, &json!({}));
+        out.headers.push(("X-A".into(), "1".into()));
+        out.headers.push(("X-A".into(), "2".into()));
+        let response = InvocationResponse::ok()
+            .with_queue_messages("res", vec!["x".into()])
+            .with_http("res", out);
+        let text = serde_json::to_string(&response).unwrap();
+        assert_eq!(text.matches("\"res\"").count(), 1, "{text}");
+        assert_eq!(text.matches("\"X-A\"").count(), 1, "{text}");
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(body["Outputs"]["res"]["headers"]["X-A"], json!("2"));
+        assert_eq!(body["Outputs"]["res"]["statusCode"], json!(200));
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Service Bus trigger (protocol §5): the message body and the Metadata the
 //! host derives from the message.
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use super::envelope::InvocationRequest;
+use super::envelope::{InvocationRequest, Members, Shallow};
 use super::HostError;
 
 /// Trigger binding name of `SocQueueTrigger/function.json`.
@@ -46,7 +48,7 @@ impl ServiceBusDelivery {
     ///
     /// Errors when the body is missing or undecodable, or when `DeliveryCount`
     /// is missing/invalid (the host always sends it).
-    pub fn from_invocation(inv: &InvocationRequest, binding: &str) -> Result<Self, HostError> {
+    pub fn from_invocation(inv: &InvocationRequest<'_>, binding: &str) -> Result<Self, HostError> {
         let raw = inv
             .data(binding)
             .ok_or_else(|| HostError::MissingBinding(binding.to_string()))?;
@@ -95,21 +97,26 @@ impl ServiceBusDelivery {
             None => date("ExpiresAtUtc")?,
         };
         let application_properties = match inv.metadata("ApplicationProperties") {
-            Some(Value::Object(map)) if trusted("ApplicationProperties") => map.clone(),
+            Some(raw) if trusted("ApplicationProperties") => {
+                serde_json::from_str(raw.get()).unwrap_or_default()
+            }
             _ => Map::new(),
         };
+        // `body` last: the names it shadows are borrowed from it until then.
         Ok(Self {
-            body,
-            message_id: text("MessageId"),
+            message_id: text("MessageId").map(Cow::into_owned),
             delivery_count,
             enqueued_time,
             expires_at,
             sequence_number,
-            content_type: text("ContentType"),
-            correlation_id: text("CorrelationId"),
-            session_id: text("SessionId"),
-            subject: text("Subject").or_else(|| text("Label")),
+            content_type: text("ContentType").map(Cow::into_owned),
+            correlation_id: text("CorrelationId").map(Cow::into_owned),
+            session_id: text("SessionId").map(Cow::into_owned),
+            subject: text("Subject")
+                .or_else(|| text("Label"))
+                .map(Cow::into_owned),
             application_properties,
+            body,
         })
     }
 
@@ -126,12 +133,29 @@ impl ServiceBusDelivery {
 /// 3. a string starting with `{` or `[` that is valid JSON: single-encoded JSON text;
 /// 4. any other string: base64 (`"dataType": "binary"`, what we deploy);
 ///    a string that is not valid base64 is taken as plain text.
-fn decode_body(raw: &Value) -> Result<Vec<u8>, String> {
+fn decode_body(raw: &Shallow<'_>) -> Result<Vec<u8>, String> {
+    let compact = |value: &Value| {
+        serde_json::to_vec(value).map_err(|e| format!("cannot re-serialise body: {e}"))
+    };
     match raw {
-        Value::Object(_) | Value::Array(_) => {
-            serde_json::to_vec(raw).map_err(|e| format!("cannot re-serialise body: {e}"))
+        Shallow::Object(members) => {
+            let mut map = Map::new();
+            for (name, value) in members.iter() {
+                let value = serde_json::from_str(value.get())
+                    .map_err(|e| format!("cannot re-serialise body: {e}"))?;
+                map.insert(name.to_string(), value);
+            }
+            compact(&Value::Object(map))
         }
-        Value::String(s) => {
+        Shallow::Array(items) => {
+            let items = items
+                .iter()
+                .map(|item| serde_json::from_str(item.get()))
+                .collect::<Result<Vec<Value>, _>>()
+                .map_err(|e| format!("cannot re-serialise body: {e}"))?;
+            compact(&Value::Array(items))
+        }
+        Shallow::String(s) => {
             let trimmed = s.trim_start();
             if trimmed.starts_with('"') {
                 return serde_json::from_str::<String>(s)
@@ -141,23 +165,23 @@ fn decode_body(raw: &Value) -> Result<Vec<u8>, String> {
             if (trimmed.starts_with('{') || trimmed.starts_with('['))
                 && serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok()
             {
-                return Ok(s.clone().into_bytes());
+                return Ok(s.as_bytes().to_vec());
             }
             match base64::engine::general_purpose::STANDARD.decode(s.as_bytes()) {
                 Ok(bytes) => Ok(bytes),
-                Err(_) => Ok(s.clone().into_bytes()),
+                Err(_) => Ok(s.as_bytes().to_vec()),
             }
         }
-        Value::Null => Err("body is null".into()),
-        Value::Bool(_) | Value::Number(_) => Err("body is not a string".into()),
+        Shallow::Null => Err("body is null".into()),
+        Shallow::Scalar => Err("body is not a string".into()),
     }
 }
 
 /// Top-level property names of a JSON-object body: the Metadata keys it may
 /// have overwritten. Empty for any other body.
-fn body_property_names(body: &[u8]) -> Vec<String> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => map.keys().cloned().collect(),
+fn body_property_names(body: &[u8]) -> Vec<Cow<'_, str>> {
+    match std::str::from_utf8(body).map(Members::parse) {
+        Ok(Ok(Some(members))) => members.iter().map(|(k, _)| k.clone()).collect(),
         _ => Vec::new(),
     }
 }
@@ -168,9 +192,8 @@ mod tests {
     use serde_json::json;
 
     fn delivery(data: Value, metadata: Value) -> Result<ServiceBusDelivery, HostError> {
-        let inv =
-            InvocationRequest::from_value(json!({"Data": {"msg": data}, "Metadata": metadata}))
-                .unwrap();
+        let body = json!({"Data": {"msg": data}, "Metadata": metadata}).to_string();
+        let inv = InvocationRequest::from_slice(body.as_bytes()).unwrap();
         ServiceBusDelivery::from_invocation(&inv, "msg")
     }
 
@@ -205,7 +228,8 @@ mod tests {
     #[test]
     fn missing_null_or_numeric_bodies_are_errors() {
         let meta = json!({"DeliveryCount": "1"});
-        let inv = InvocationRequest::from_value(json!({"Data": {}, "Metadata": meta})).unwrap();
+        let body = json!({"Data": {}, "Metadata": meta}).to_string();
+        let inv = InvocationRequest::from_slice(body.as_bytes()).unwrap();
         assert!(matches!(
             ServiceBusDelivery::from_invocation(&inv, "msg"),
             Err(HostError::MissingBinding(_))

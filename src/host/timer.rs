@@ -1,9 +1,11 @@
 //! Timer trigger (protocol §4): `Data.<timer>` is the host's `TimerInfo`.
 
 use chrono::{DateTime, Datelike, Utc};
-use serde_json::{Map, Value};
 
-use super::envelope::{get_ci, parse_host_datetime, primitive_text, InvocationRequest};
+use super::envelope::{
+    is_null, parse_host_datetime, primitive_text, unwrap_double_encoded, InvocationRequest,
+    Members, Shallow,
+};
 use super::HostError;
 
 /// Trigger binding name of `DrainSocTimer/function.json`.
@@ -30,29 +32,28 @@ pub struct ScheduleStatus {
 impl TimerInfo {
     /// Reads `Data.<binding>` (ours: [`DRAIN_SOC_TIMER_BINDING`]). Any
     /// `Metadata.RetryContext` is left to [`InvocationRequest::retry_context`].
-    pub fn from_invocation(inv: &InvocationRequest, binding: &str) -> Result<Self, HostError> {
+    pub fn from_invocation(inv: &InvocationRequest<'_>, binding: &str) -> Result<Self, HostError> {
         let invalid = |reason: &str| HostError::InvalidBinding {
             binding: binding.to_string(),
             reason: reason.to_string(),
         };
-        let raw = inv
-            .data(binding)
-            .ok_or_else(|| HostError::MissingBinding(binding.to_string()))?;
         // Tolerate a TimerInfo that arrives as JSON text (string-typed input).
-        let parsed;
-        let map: &Map<String, Value> = match raw {
-            Value::Object(map) => map,
-            Value::String(s) => {
-                parsed = serde_json::from_str::<Value>(&super::unwrap_double_encoded(s))
-                    .map_err(|_| invalid("not a TimerInfo object"))?;
+        let (text, parsed);
+        let map = match inv.data(binding) {
+            None => return Err(HostError::MissingBinding(binding.to_string())),
+            Some(Shallow::Object(map)) => map,
+            Some(Shallow::String(s)) => {
+                text = unwrap_double_encoded(s);
+                parsed = Members::parse(&text).ok().flatten();
                 parsed
-                    .as_object()
+                    .as_ref()
                     .ok_or_else(|| invalid("not a TimerInfo object"))?
             }
-            _ => return Err(invalid("not a TimerInfo object")),
+            Some(_) => return Err(invalid("not a TimerInfo object")),
         };
-        let is_past_due = match get_ci(map, "IsPastDue") {
-            None | Some(Value::Null) => false,
+        let is_past_due = match map.get("IsPastDue") {
+            None => false,
+            Some(v) if is_null(v) => false,
             Some(v) => match primitive_text(v)
                 .as_deref()
                 .map(str::to_ascii_lowercase)
@@ -63,11 +64,12 @@ impl TimerInfo {
                 _ => return Err(invalid("IsPastDue is not a boolean")),
             },
         };
-        let schedule_status = match get_ci(map, "ScheduleStatus") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(status)) => {
+        let schedule_status = match map.get("ScheduleStatus").map(Members::of) {
+            None | Some(Ok(None)) => None,
+            Some(Ok(Some(status))) => {
                 let date = |key: &str| -> Result<DateTime<Utc>, HostError> {
-                    get_ci(status, key)
+                    status
+                        .get(key)
                         .and_then(primitive_text)
                         .and_then(|t| parse_host_datetime(&t))
                         .ok_or_else(|| invalid(&format!("ScheduleStatus.{key} is not a date")))
@@ -79,7 +81,7 @@ impl TimerInfo {
                     last_updated: date("LastUpdated")?,
                 })
             }
-            Some(_) => return Err(invalid("ScheduleStatus is not an object")),
+            Some(Err(_)) => return Err(invalid("ScheduleStatus is not an object")),
         };
         Ok(Self {
             is_past_due,
@@ -91,10 +93,11 @@ impl TimerInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn timer(value: Value) -> Result<TimerInfo, HostError> {
-        let inv = InvocationRequest::from_value(json!({"Data": {"timer": value}})).unwrap();
+        let body = json!({"Data": {"timer": value}}).to_string();
+        let inv = InvocationRequest::from_slice(body.as_bytes()).unwrap();
         TimerInfo::from_invocation(&inv, "timer")
     }
 

@@ -121,11 +121,17 @@ pub async fn handle(svc: &Services, req: ApiRequest) -> ApiResponse {
         Ok(d) => d,
         Err(e) => return ApiResponse::invalid(e),
     };
+    // Each store path boxed: their futures are several KB, and the caller's futures are
+    // moved around per invocation; a request refused above or by `post_input` never
+    // builds one.
     match (resource, method.as_str()) {
-        (Resource::Request(id), "DELETE") => cancel::delete(svc, &device, id).await,
-        (Resource::Request(id), _) => requests::get(svc, &device, id).await,
-        (_, "POST") => post(svc, device, req.idempotency_key.as_deref(), &req.body).await,
-        _ => get(svc, &device).await,
+        (Resource::Request(id), "DELETE") => Box::pin(cancel::delete(svc, &device, id)).await,
+        (Resource::Request(id), _) => Box::pin(requests::get(svc, &device, id)).await,
+        (_, "POST") => match post_input(req.idempotency_key.as_deref(), &req.body) {
+            Ok((key, setting)) => Box::pin(post(svc, device, key, setting)).await,
+            Err(refused) => refused,
+        },
+        _ => Box::pin(get(svc, &device)).await,
     }
 }
 
@@ -144,15 +150,25 @@ async fn get(svc: &Services, device: &DeviceId) -> ApiResponse {
     }
 }
 
-async fn post(svc: &Services, device: DeviceId, key: Option<&[u8]>, body: &[u8]) -> ApiResponse {
-    let key = match key.map(IdempotencyKey::parse).transpose() {
-        Ok(k) => k,
-        Err(e) => return ApiResponse::invalid(e),
-    };
-    let setting = match SettingRequest::parse(body) {
-        Ok(s) => s,
-        Err(e) => return ApiResponse::invalid(e),
-    };
+/// A POST's own input: its `Idempotency-Key` and setting, or the `400` that refuses it.
+fn post_input(
+    key: Option<&[u8]>,
+    body: &[u8],
+) -> Result<(Option<IdempotencyKey>, SettingRequest), ApiResponse> {
+    let key = key
+        .map(IdempotencyKey::parse)
+        .transpose()
+        .map_err(ApiResponse::invalid)?;
+    let setting = SettingRequest::parse(body).map_err(ApiResponse::invalid)?;
+    Ok((key, setting))
+}
+
+async fn post(
+    svc: &Services,
+    device: DeviceId,
+    key: Option<IdempotencyKey>,
+    setting: SettingRequest,
+) -> ApiResponse {
     let fingerprint = format!("minSoc={}", setting.min_soc.percent());
     let key = match key {
         None => None,
