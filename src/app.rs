@@ -24,7 +24,6 @@ use axum::body::{to_bytes, Body};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
@@ -138,7 +137,7 @@ pub fn router(state: AppState) -> Router {
         .route("/SocQueueTrigger", post(soc_queue_trigger))
         .route("/DrainSocTimer", post(drain_soc_timer))
         .fallback(not_found)
-        .layer(middleware::from_fn(catch_panic))
+        .layer(CatchPanicLayer)
         .with_state(state)
 }
 
@@ -152,25 +151,67 @@ async fn not_found() -> Response {
 }
 
 /// A panic in one invocation must not take the process (and every other
-/// in-flight invocation) down: it becomes a failed invocation.
-async fn catch_panic(req: Request, next: Next) -> Response {
-    match AssertUnwindSafe(next.run(req)).catch_unwind().await {
-        Ok(response) => response,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            error!(panic = %what, "invocation panicked");
-            // A problem document, as every other error the API answers (docs/openapi.yaml).
-            api_response(ApiResponse::problem(
-                500,
-                "Internal error",
-                "the request failed unexpectedly; operators have been alerted",
-            ))
-        }
+/// in-flight invocation) down: it becomes a failed invocation. A tower layer rather than
+/// `middleware::from_fn`, which clones the route and boxes a future on every request.
+#[derive(Debug, Clone, Copy)]
+struct CatchPanicLayer;
+
+impl<S> tower_layer::Layer<S> for CatchPanicLayer {
+    type Service = CatchPanic<S>;
+
+    fn layer(&self, inner: S) -> CatchPanic<S> {
+        CatchPanic(inner)
     }
+}
+
+/// The service [`CatchPanicLayer`] wraps a route in.
+#[derive(Debug, Clone)]
+struct CatchPanic<S>(S);
+
+type Caught = std::thread::Result<Result<Response, std::convert::Infallible>>;
+
+impl<S> tower_service::Service<Request> for CatchPanic<S>
+where
+    S: tower_service::Service<Request, Response = Response, Error = std::convert::Infallible>,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::Map<
+        futures::future::CatchUnwind<AssertUnwindSafe<S::Future>>,
+        fn(Caught) -> Result<Response, std::convert::Infallible>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        AssertUnwindSafe(self.0.call(req))
+            .catch_unwind()
+            .map(answer_panic as fn(Caught) -> _)
+    }
+}
+
+fn answer_panic(caught: Caught) -> Result<Response, std::convert::Infallible> {
+    let panic = match caught {
+        Ok(answered) => return answered,
+        Err(panic) => panic,
+    };
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    error!(panic = %what, "invocation panicked");
+    // A problem document, as every other error the API answers (docs/openapi.yaml).
+    Ok(api_response(ApiResponse::problem(
+        500,
+        "Internal error",
+        "the request failed unexpectedly; operators have been alerted",
+    )))
 }
 
 // ------------------------------------------------------------------ SetSocHttp
@@ -904,7 +945,7 @@ mod tests {
         let app = Router::new()
             .route("/boom", get(|| async { panic!("kaboom") as &str }))
             .route("/ok", get(|| async { "fine" }))
-            .layer(middleware::from_fn(catch_panic));
+            .layer(CatchPanicLayer);
         let (status, _, _) = call(
             app.clone(),
             HttpRequest::get("/boom").body(Body::empty()).unwrap(),
