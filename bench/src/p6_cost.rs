@@ -94,13 +94,15 @@ pub async fn run(env: &Env, rows: &mut Vec<Row>) -> Result<()> {
             )
             .target(format!("≤ {bound}"), sends <= bound),
         );
+        // The PUTs are what P6 bounds; since verified apply (issue 21) the applying
+        // invocation also reads the device once to confirm the value landed.
         rows.push(
             row(
                 "P6",
-                format!("applied after k={k} re-checks: device calls (GET + PUT)"),
-                format!("{} ({gets} + {puts})", gets + puts),
+                format!("applied after k={k} re-checks: device PUTs (+ confirmation reads)"),
+                format!("{puts} (+ {gets})"),
             )
-            .target(format!("≤ {bound}"), gets + puts <= bound),
+            .target(format!("≤ {bound} (+ ≤ 1)"), puts <= bound && gets <= 1),
         );
     }
     Ok(())

@@ -224,8 +224,9 @@ async fn measure(
     let cpu1 = cpu();
     let (gets, puts) = env.stub.calls();
     ensure!(
-        applies == k && puts == k as u64 && gets == 0,
-        "{tag}: {applies} applied, device calls {gets} GET {puts} PUT (expected {k} PUTs)"
+        // One PUT per device, and (verified apply, issue 21) at most one confirmation read.
+        applies == k && puts == k as u64 && gets <= k as u64,
+        "{tag}: {applies} applied, device calls {gets} GET {puts} PUT (expected {k} PUTs, at most {k} GETs)"
     );
     Ok(Measured {
         applies,
