@@ -267,19 +267,24 @@ async fn set_soc_envelope(
         .into_response()
 }
 
-/// An answer as the envelope's HTTP output (§3.5): its headers, and its body unless it
-/// has none.
+/// An answer as the envelope's HTTP output (§3.5): its headers (a repeated name keeps
+/// the last), and its body unless it has none.
 fn http_output(response: &ApiResponse) -> HttpResponseOut {
-    let mut out = HttpResponseOut::json(response.status, &response.body);
-    out.headers
-        .retain(|(k, _)| !k.eq_ignore_ascii_case("content-type"));
-    if response.body.is_null() {
-        out.body.clear();
-    }
+    let mut headers: Vec<(String, String)> = Vec::with_capacity(response.headers.len());
     for (name, value) in &response.headers {
-        out = out.with_header(*name, value.clone());
+        headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        headers.push(((*name).to_string(), value.clone()));
     }
-    out
+    let body = if response.body.is_null() {
+        String::new()
+    } else {
+        crate::host::json_string(&response.body)
+    };
+    HttpResponseOut {
+        status: response.status,
+        headers,
+        body,
+    }
 }
 
 fn api_request(call: HttpCall) -> ApiRequest {
