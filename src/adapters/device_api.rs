@@ -423,9 +423,7 @@ mod tests {
             .route("/v1/devices/{id}", get(get_device))
             .route("/v1/devices/{id}/settings/min-soc", put(put_min_soc))
             .with_state(stand.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let addr = crate::adapters::serve_on_loopback(app).await;
         (format!("http://{addr}/v1/"), stand)
     }
 
@@ -783,9 +781,7 @@ mod tests {
                 AxumStatus::NOT_FOUND
             }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let addr = crate::adapters::serve_on_loopback(app).await;
         (format!("http://{addr}/v1"), seen)
     }
 

@@ -309,9 +309,7 @@ mod tests {
         let app = Router::new()
             .route("/api/events", post(events))
             .with_state(t.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let addr = crate::adapters::serve_on_loopback(app).await;
         let url = url::Url::parse(&format!("http://{addr}/api/events")).unwrap();
         (url, t)
     }
@@ -561,9 +559,7 @@ mod tests {
                 async move { (AxumStatus::TEMPORARY_REDIRECT, [("location", to)]).into_response() }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let addr = crate::adapters::serve_on_loopback(app).await;
         let redirecting = url::Url::parse(&format!("http://{addr}/api/events")).unwrap();
         let err = keyed(&redirecting).publish(&batch()).await.unwrap_err();
         assert_eq!(

@@ -346,9 +346,7 @@ mod tests {
         let app = Router::new()
             .route("/msi/token", get(token))
             .with_state(e.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let addr = crate::adapters::serve_on_loopback(app).await;
         (format!("http://{addr}/msi/token"), e)
     }
 

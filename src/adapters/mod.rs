@@ -166,6 +166,16 @@ pub fn build(config: &Config) -> Result<Adapters, BuildError> {
     }
 }
 
+/// Serves `app` on a free loopback port for as long as the test runs (the adapters'
+/// stand-ins for the services they talk to); returns its address.
+#[cfg(test)]
+pub(crate) async fn serve_on_loopback(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
