@@ -397,11 +397,14 @@ impl DesiredState {
     /// `last_check` before expiry (that message writes it `expired`), whichever is
     /// first. `None` once it is settled.
     fn chain_due_at(&self, last_check: Duration) -> Option<DateTime<Utc>> {
-        self.is_pending().then(|| {
-            self.wake_due_at
-                .unwrap_or(self.updated_at)
-                .min(self.expires_at - last_check)
-        })
+        self.is_pending()
+            .then(|| self.wake_expected_at().min(self.expires_at - last_check))
+    }
+
+    /// When the wake-up message is due; when the record was written, if it names none
+    /// (a crash between the ledger write and the send).
+    fn wake_expected_at(&self) -> DateTime<Utc> {
+        self.wake_due_at.unwrap_or(self.updated_at)
     }
 
     /// When the timer sweep must look at this record (the due index files it there,
@@ -419,7 +422,7 @@ impl DesiredState {
     /// the same instant as [`DesiredState::sweep_due_at`] lists it (its message due
     /// before its last useful moment), so the sweep never looks without acting.
     pub fn wake_overdue(&self, now: DateTime<Utc>, grace: Duration) -> bool {
-        self.is_pending() && now >= self.wake_due_at.unwrap_or(self.updated_at) + grace
+        self.is_pending() && now >= self.wake_expected_at() + grace
     }
 }
 
