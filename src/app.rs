@@ -287,16 +287,16 @@ fn http_output(response: &ApiResponse) -> HttpResponseOut {
     }
 }
 
-fn api_request(call: HttpCall) -> ApiRequest {
+fn api_request(mut call: HttpCall) -> ApiRequest {
     ApiRequest {
         method: call.method.as_str().to_string(),
-        device_id: call.params.get("deviceId").cloned().unwrap_or_default(),
+        device_id: call.params.remove("deviceId").unwrap_or_default(),
         idempotency_key: call
             .headers
             .get("idempotency-key")
             .map(|v| v.as_bytes().to_vec()),
-        body: call.body.to_vec(),
-        rest: call.params.get("rest").cloned(),
+        body: Vec::from(call.body),
+        rest: call.params.remove("rest"),
     }
 }
 

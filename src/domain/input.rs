@@ -1,5 +1,6 @@
 //! Parsing the API's input: "parse, don't validate". Each type can only hold a valid value.
 
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use std::fmt;
 
@@ -142,6 +143,24 @@ impl SettingRequest {
         )
     }
 
+    fn unknown_field(name: &str) -> InputError {
+        InputError::new(
+            "body",
+            format!("unknown field {name:?}; send exactly one of \"dod\" or \"minSoc\""),
+        )
+    }
+
+    fn both_given() -> InputError {
+        InputError::new(
+            "body",
+            "send exactly one of \"dod\" or \"minSoc\", not both",
+        )
+    }
+
+    fn neither_given() -> InputError {
+        InputError::new("body", "one of \"dod\" or \"minSoc\" is required")
+    }
+
     pub fn parse(body: &[u8]) -> Result<Self, InputError> {
         if body.len() > Self::MAX_BODY_BYTES {
             return Err(Self::too_large());
@@ -152,33 +171,121 @@ impl SettingRequest {
                 "a JSON object with \"dod\" or \"minSoc\" is required",
             ));
         }
-        let value: Value = serde_json::from_slice(body)
+        let body: Body = serde_json::from_slice(body)
             .map_err(|e| InputError::new("body", format!("malformed JSON: {e}")))?;
-        let Value::Object(fields) = value else {
+        let Body::Object(fields) = body else {
             return Err(InputError::new("body", "must be a JSON object"));
         };
-        if let Some(other) = fields.keys().find(|k| *k != "dod" && *k != "minSoc") {
-            return Err(InputError::new(
-                "body",
-                format!("unknown field {other:?}; send exactly one of \"dod\" or \"minSoc\""),
-            ));
+        if let Some(other) = fields.first_unknown {
+            return Err(Self::unknown_field(&other));
         }
-        match (fields.get("dod"), fields.get("minSoc")) {
-            (Some(_), Some(_)) => Err(InputError::new(
-                "body",
-                "send exactly one of \"dod\" or \"minSoc\", not both",
-            )),
-            (None, None) => Err(InputError::new(
-                "body",
-                "one of \"dod\" or \"minSoc\" is required",
-            )),
+        match (fields.dod, fields.min_soc) {
+            (Some(_), Some(_)) => Err(Self::both_given()),
+            (None, None) => Err(Self::neither_given()),
             (Some(dod), None) => Ok(Self {
-                min_soc: MinSoc::from_dod(percent("dod", dod)?).expect("checked range"),
+                min_soc: MinSoc::from_dod(percent("dod", &dod)?).expect("checked range"),
             }),
             (None, Some(min)) => Ok(Self {
-                min_soc: MinSoc::new(percent("minSoc", min)?).expect("checked range"),
+                min_soc: MinSoc::new(percent("minSoc", &min)?).expect("checked range"),
             }),
         }
+    }
+}
+
+/// A setting body's top level as [`SettingRequest::parse`] reads it: what a JSON object
+/// would hold, without building one (no map, no owned key for a known name). Every value
+/// is still parsed whole, so what is malformed JSON stays exactly that.
+enum Body {
+    Object(Fields),
+    NotObject,
+}
+
+/// An object's members: the last `dod` and `minSoc` (a repeated name keeps the last, as
+/// a JSON object does), and the first unknown name in byte order (the one named back).
+#[derive(Default)]
+struct Fields {
+    dod: Option<Value>,
+    min_soc: Option<Value>,
+    first_unknown: Option<String>,
+}
+
+/// A member name, owned only when it is not one of ours.
+enum Name {
+    Dod,
+    MinSoc,
+    Unknown(String),
+}
+
+impl<'de> Deserialize<'de> for Body {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(BodyVisitor)
+    }
+}
+
+struct BodyVisitor;
+
+impl<'de> Visitor<'de> for BodyVisitor {
+    type Value = Body;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Body, E> {
+        Ok(Body::NotObject)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Body, E> {
+        Ok(Body::NotObject)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Body, E> {
+        Ok(Body::NotObject)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Body, E> {
+        Ok(Body::NotObject)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Body, E> {
+        Ok(Body::NotObject)
+    }
+    fn visit_unit<E>(self) -> Result<Body, E> {
+        Ok(Body::NotObject)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Body, A::Error> {
+        while seq.next_element::<Value>()?.is_some() {}
+        Ok(Body::NotObject)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Body, A::Error> {
+        let mut fields = Fields::default();
+        while let Some(name) = map.next_key::<Name>()? {
+            let value: Value = map.next_value()?;
+            match name {
+                Name::Dod => fields.dod = Some(value),
+                Name::MinSoc => fields.min_soc = Some(value),
+                Name::Unknown(other) => match &fields.first_unknown {
+                    Some(first) if *first <= other => {}
+                    _ => fields.first_unknown = Some(other),
+                },
+            }
+        }
+        Ok(Body::Object(fields))
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl Visitor<'_> for NameVisitor {
+            type Value = Name;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E>(self, name: &str) -> Result<Name, E> {
+                Ok(match name {
+                    "dod" => Name::Dod,
+                    "minSoc" => Name::MinSoc,
+                    other => Name::Unknown(other.to_string()),
+                })
+            }
+        }
+        d.deserialize_str(NameVisitor)
     }
 }
 
@@ -358,6 +465,72 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(body)
             );
+        }
+    }
+
+    /// The reading before the typed one: the body as a `serde_json::Value` object.
+    fn parse_as_value(body: &[u8]) -> Result<u8, InputError> {
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| InputError::new("body", format!("malformed JSON: {e}")))?;
+        let Value::Object(fields) = value else {
+            return Err(InputError::new("body", "must be a JSON object"));
+        };
+        if let Some(other) = fields.keys().find(|k| *k != "dod" && *k != "minSoc") {
+            return Err(SettingRequest::unknown_field(other));
+        }
+        match (fields.get("dod"), fields.get("minSoc")) {
+            (Some(_), Some(_)) => Err(SettingRequest::both_given()),
+            (None, None) => Err(SettingRequest::neither_given()),
+            (Some(dod), None) => Ok(100 - percent("dod", dod)?),
+            (None, Some(min)) => percent("minSoc", min),
+        }
+    }
+
+    #[test]
+    fn the_typed_reading_answers_every_body_as_reading_it_as_a_json_object_did() {
+        let bodies: &[&str] = &[
+            r#"{"minSoc":50}"#,
+            r#"{"dod":80}"#,
+            r#"{"minSoc":50,"minSoc":60}"#,
+            r#"{"dod":10,"dod":"x"}"#,
+            r#"{"zeta":1,"alpha":2,"minSoc":5}"#,
+            r#"{"b\u0061d":1}"#,
+            r#"{"min\u0053oc":7}"#,
+            r#"{"x":1e400}"#,
+            r#"{"minSoc":1e400}"#,
+            r#"{"x":{"y":[1,{"z":null}]},"dod":3}"#,
+            r#"{"minSoc":5} x"#,
+            r#"{"minSoc":5"#,
+            r#"[1,2"#,
+            r#"[1,{"a":1e400}]"#,
+            r#"[]"#,
+            r#""text""#,
+            r#"12"#,
+            r#"null"#,
+            r#"true"#,
+            r#"{}"#,
+            r#"{"dod":null,"minSoc":null}"#,
+            r#"{"minSoc":-0.0}"#,
+            r#"{"minSoc":18446744073709551616}"#,
+            r#"{"":1}"#,
+            " {\"dod\" : 20 } \n",
+        ];
+        for body in bodies {
+            let typed = SettingRequest::parse(body.as_bytes()).map(|s| s.min_soc.percent());
+            assert_eq!(typed, parse_as_value(body.as_bytes()), "{body}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(2000))]
+        #[test]
+        fn any_body_of_json_like_text_reads_as_it_did_as_a_json_object(
+            body in r#"[ {}\[\]",:0-9.eE+\-a-z]{0,40}|\{("(dod|minSoc|x|a)":(-?[0-9]{1,3}(\.[0-9])?|"s"|null|\[\]|\{\}),?){0,4}\}"#
+        ) {
+            let typed = SettingRequest::parse(body.as_bytes()).map(|s| s.min_soc.percent());
+            if !body.bytes().all(|b| b.is_ascii_whitespace()) {
+                proptest::prop_assert_eq!(typed, parse_as_value(body.as_bytes()), "{}", body);
+            }
         }
     }
 

@@ -11,13 +11,14 @@
 //! A body that is not JSON at all is left to the setting's own parser, which names the field.
 //! Other methods and paths pass unchecked (their `405`/`404` come from the function).
 
-use std::collections::HashSet;
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::json;
 
 use super::set_soc_http::ApiResponse;
+use crate::domain::SettingRequest;
 use crate::host::HttpCall;
 
 /// `Some(answer)` when the call breaks one of the rules above.
@@ -37,6 +38,11 @@ pub fn check(call: &HttpCall) -> Option<ApiResponse> {
     }
     if call.headers.get_all("idempotency-key").iter().count() > 1 {
         return Some(invalid("Idempotency-Key", "must be given at most once"));
+    }
+    // A body over the setting's limit is refused as too large by its parser; the
+    // look for repeated keys (linear per key) stays within that limit.
+    if call.body.len() > SettingRequest::MAX_BODY_BYTES {
+        return None;
     }
     if let Some(key) = duplicate_key(&call.body) {
         return Some(invalid(
@@ -118,14 +124,39 @@ impl<'de> Visitor<'de> for NoDuplicates {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
-        let mut seen = HashSet::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if !seen.insert(key.clone()) {
-                return Err(de::Error::custom(format!("{DUPLICATE}{key}\u{0}")));
+        // A few keys per object: a list, and keys borrowed from the body where unescaped.
+        let mut seen: Vec<Key<'de>> = Vec::new();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            if seen.contains(&key) {
+                return Err(de::Error::custom(format!("{DUPLICATE}{}\u{0}", key.0)));
             }
+            seen.push(key);
             map.next_value::<NoDuplicates>()?;
         }
         Ok(NoDuplicates)
+    }
+}
+
+/// An object key, borrowed from the body unless it had escapes.
+#[derive(PartialEq)]
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(key)))
+            }
+            fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(key.to_string())))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
     }
 }
 
@@ -202,6 +233,31 @@ mod tests {
         assert!(check(&fine).is_none());
         let not_json = call(Some("application/json"), &[], "{minSoc:30");
         assert!(check(&not_json).is_none(), "left to the setting's parser");
+    }
+
+    #[test]
+    fn a_key_written_once_plain_and_once_escaped_is_the_same_key() {
+        let r = check(&call(
+            Some("application/json"),
+            &[],
+            r#"{"minSoc":30,"min\u0053oc":40}"#,
+        ));
+        assert_eq!(field(r), (400, "body".into()));
+        let escaped_twice = call(Some("application/json"), &[], r#"{"\u0061":1,"\u0061":2}"#);
+        assert!(check(&escaped_twice).is_some());
+        let different = call(Some("application/json"), &[], r#"{"\u0061":1,"b":2}"#);
+        assert!(check(&different).is_none());
+    }
+
+    #[test]
+    fn a_body_over_the_settings_limit_is_left_to_the_parser_which_refuses_it_as_too_large() {
+        let pad = " ".repeat(SettingRequest::MAX_BODY_BYTES);
+        let body = format!(r#"{{"minSoc":30,"minSoc":40}}{pad}"#);
+        assert!(check(&call(Some("application/json"), &[], &body)).is_none());
+        assert_eq!(
+            SettingRequest::parse(body.as_bytes()).unwrap_err(),
+            SettingRequest::too_large()
+        );
     }
 
     #[test]

@@ -62,9 +62,6 @@ impl Headers {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpTriggerRequest {
     pub method: Method,
-    /// Original public URL incl. `/api` and the raw query. **Contains the
-    /// function key (`code=`) when one was used: never log it.**
-    pub url: String,
     /// Query values; repeated keys arrive comma-joined (`tag=a,b`). Includes `code`.
     pub query: BTreeMap<String, String>,
     pub headers: Headers,
@@ -76,7 +73,8 @@ pub struct HttpTriggerRequest {
 
 impl HttpTriggerRequest {
     /// Reads `Data.<binding>` (ours: [`SET_SOC_HTTP_TRIGGER_BINDING`]): only the
-    /// members used here; `Identities` and anything else is scanned over.
+    /// members used here; `Url` (which carries the function key when one was used),
+    /// `Identities` and anything else are scanned over.
     pub fn from_invocation(inv: &InvocationRequest<'_>, binding: &str) -> Result<Self, HostError> {
         let invalid = |reason: &str| HostError::InvalidBinding {
             binding: binding.to_string(),
@@ -92,11 +90,6 @@ impl HttpTriggerRequest {
             .and_then(string)
             .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
             .ok_or_else(|| invalid("Method missing or invalid"))?;
-        let url = req
-            .get("Url")
-            .and_then(string)
-            .map(Cow::into_owned)
-            .unwrap_or_default();
         let query = string_map(req.get("Query")).map_err(|r| invalid(&format!("Query {r}")))?;
         let params = string_map(req.get("Params")).map_err(|r| invalid(&format!("Params {r}")))?;
         let headers = headers(req.get("Headers")).map_err(|r| invalid(&r))?;
@@ -110,7 +103,6 @@ impl HttpTriggerRequest {
         };
         Ok(Self {
             method,
-            url,
             query,
             headers,
             params,

@@ -23,7 +23,7 @@ pub const MAX_LOG_LINE: usize = 512;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct InvocationResponse {
     /// By binding name; setting a binding again replaces it.
-    outputs: Vec<(String, Output)>,
+    outputs: Vec<(&'static str, Output)>,
     logs: Vec<String>,
 }
 
@@ -58,21 +58,21 @@ impl InvocationResponse {
     }
 
     /// Sets the HTTP output binding (ours: [`super::SET_SOC_HTTP_OUTPUT_BINDING`]).
-    pub fn with_http(self, binding: &str, out: HttpResponseOut) -> Self {
+    pub fn with_http(self, binding: &'static str, out: HttpResponseOut) -> Self {
         self.with_output(binding, Output::Http(out))
     }
 
     /// Sets a Service Bus/queue output binding. Sent as an array of strings,
     /// the one form the host neither base64-decodes nor re-indents (§5.5):
     /// one message per element, exact text, `ContentType: text/plain`.
-    pub fn with_queue_messages(self, binding: &str, messages: Vec<String>) -> Self {
+    pub fn with_queue_messages(self, binding: &'static str, messages: Vec<String>) -> Self {
         self.with_output(binding, Output::Messages(messages))
     }
 
-    fn with_output(mut self, binding: &str, output: Output) -> Self {
-        match self.outputs.iter_mut().find(|(name, _)| name == binding) {
+    fn with_output(mut self, binding: &'static str, output: Output) -> Self {
+        match self.outputs.iter_mut().find(|(name, _)| *name == binding) {
             Some(existing) => existing.1 = output,
-            None => self.outputs.push((binding.to_string(), output)),
+            None => self.outputs.push((binding, output)),
         }
         self
     }
@@ -89,7 +89,7 @@ impl InvocationResponse {
 
 impl Serialize for InvocationResponse {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        struct Outputs<'a>(&'a [(String, Output)]);
+        struct Outputs<'a>(&'a [(&'static str, Output)]);
         impl Serialize for Outputs<'_> {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                 let mut map = serializer.serialize_map(Some(self.0.len()))?;

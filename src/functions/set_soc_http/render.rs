@@ -23,15 +23,19 @@ pub const PROBLEM_TYPE_PREFIX: &str = "tag:soc-settings.api,2026:problem/";
 /// The `type` of a problem with this title: the title in kebab case after
 /// [`PROBLEM_TYPE_PREFIX`]. Titles are the kinds of problem: one per kind, never reworded.
 pub fn problem_type(title: &str) -> String {
-    let mut kind = String::new();
+    let mut uri = String::with_capacity(PROBLEM_TYPE_PREFIX.len() + title.len());
+    uri.push_str(PROBLEM_TYPE_PREFIX);
     for c in title.chars() {
         if c.is_ascii_alphanumeric() {
-            kind.push(c.to_ascii_lowercase());
-        } else if !kind.is_empty() && !kind.ends_with('-') {
-            kind.push('-');
+            uri.push(c.to_ascii_lowercase());
+        } else if uri.len() > PROBLEM_TYPE_PREFIX.len() && !uri.ends_with('-') {
+            uri.push('-');
         }
     }
-    format!("{PROBLEM_TYPE_PREFIX}{}", kind.trim_end_matches('-'))
+    if uri.ends_with('-') {
+        uri.pop();
+    }
+    uri
 }
 
 /// `Retry-After` (seconds) sent with `503`.
