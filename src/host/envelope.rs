@@ -183,8 +183,13 @@ impl<'a, V> Members<'a, V> {
     where
         V: Deserialize<'de>,
     {
-        let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16));
+        // Room for a request's members from the first one on; an empty object (the
+        // usual `Query`) allocates nothing.
+        let mut members = Vec::new();
         while let Some(Name(name)) = map.next_key()? {
+            if members.is_empty() {
+                members.reserve(map.size_hint().unwrap_or(8));
+            }
             members.push((name, map.next_value()?));
         }
         Ok(Self(members))

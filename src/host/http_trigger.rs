@@ -294,10 +294,15 @@ fn string_map(value: Option<&RawValue>) -> Result<BTreeMap<String, String>, Stri
         None => Members::of(raw),
     };
     match members {
-        Ok(Some(members)) => Ok(members
-            .iter()
-            .filter_map(|(k, v)| primitive_text(v).map(|t| (k.to_string(), t.into_owned())))
-            .collect()),
+        Ok(Some(members)) => {
+            let mut map = BTreeMap::new();
+            for (k, v) in members.iter() {
+                if let Some(text) = primitive_text(v) {
+                    map.insert(k.to_string(), text.into_owned());
+                }
+            }
+            Ok(map)
+        }
         Ok(None) if text.is_none() => Ok(BTreeMap::new()),
         _ => Err("is not an object".into()),
     }
