@@ -282,7 +282,19 @@ impl Serialize for HttpResponseOut {
     }
 }
 
-/// `Query`/`Params`: name -> text (primitives unwrapped once, others left out).
+/// A `Data.req` member's value as text: a string's content, decoded once (§3.2: the
+/// request is a JSON object of plain strings, not the double encoding of Metadata), a
+/// number or boolean as its JSON text; `None` for `null`, objects and arrays. A header
+/// value that is itself quoted (`If-Match: "v1"`) keeps its quotes, as when forwarded.
+fn member_text(raw: &RawValue) -> Option<Cow<'_, str>> {
+    if raw.get().starts_with('"') {
+        string(raw)
+    } else {
+        primitive_text(raw)
+    }
+}
+
+/// `Query`/`Params`: name -> text ([`member_text`]; other values left out).
 fn string_map(value: Option<&RawValue>) -> Result<BTreeMap<String, String>, String> {
     let Some(raw) = value else {
         return Ok(BTreeMap::new());
@@ -297,7 +309,7 @@ fn string_map(value: Option<&RawValue>) -> Result<BTreeMap<String, String>, Stri
         Ok(Some(members)) => {
             let mut map = BTreeMap::new();
             for (k, v) in members.iter() {
-                if let Some(text) = primitive_text(v) {
+                if let Some(text) = member_text(v) {
                     map.insert(k.to_string(), text.into_owned());
                 }
             }
@@ -323,13 +335,10 @@ fn headers(value: Option<&RawValue>) -> Result<Headers, String> {
             serde_json::from_str::<Vec<&RawValue>>(raw.get())
                 .unwrap_or_default()
                 .into_iter()
-                .filter_map(|v| primitive_text(v).map(Cow::into_owned))
+                .filter_map(|v| member_text(v).map(Cow::into_owned))
                 .collect()
         } else {
-            primitive_text(raw)
-                .map(Cow::into_owned)
-                .into_iter()
-                .collect()
+            member_text(raw).map(Cow::into_owned).into_iter().collect()
         };
         match out.iter_mut().find(|(n, _)| n == name.as_ref()) {
             Some(entry) => entry.1 = values,
@@ -503,6 +512,34 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.body.as_deref(), Some("café \"quoted\"".as_bytes()));
+    }
+
+    #[test]
+    fn quoted_header_query_and_route_values_keep_their_quotes_as_when_forwarded() {
+        let r = request(json!({"Method": "POST",
+            "Headers": {"Idempotency-Key": ["\"k1\""], "If-Match": "\"v1\""},
+            "Query": {"q": "\"x\""},
+            "Params": {"deviceId": "\"d1\"", "n": 5}}))
+        .unwrap();
+        assert_eq!(r.headers.get("idempotency-key"), Some("\"k1\""));
+        assert_eq!(r.headers.get("if-match"), Some("\"v1\""));
+        assert_eq!(r.query.get("q").map(String::as_str), Some("\"x\""));
+        assert_eq!(r.params.get("deviceId").map(String::as_str), Some("\"d1\""));
+        assert_eq!(r.params.get("n").map(String::as_str), Some("5"));
+
+        let forwarded = axum::http::Request::builder()
+            .method("POST")
+            .uri("/api/devices/d1/soc")
+            .header("Idempotency-Key", "\"k1\"")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let forwarded = HttpCall::from_forwarded(&forwarded, BTreeMap::new(), Bytes::new());
+        assert_eq!(
+            r.into_call().header("idempotency-key"),
+            forwarded.header("idempotency-key")
+        );
     }
 
     #[test]

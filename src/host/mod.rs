@@ -27,8 +27,8 @@
 //! | Dates: offset or none (`*Utc` keys, local timer times), 0-7 fractional digits (§2.2, §4, §8.3) | [`parse_host_datetime`] |
 //! | Service Bus body: double-encoded string (no `dataType`), base64 (`dataType: binary`, ours), single-encoded JSON text, JSON object (§5.1) | `service_bus::decode_body` |
 //! | Body JSON properties copied into Metadata, overwriting keys such as `ExpiresAt` (§2.2, §8.2) | [`ServiceBusDelivery::from_invocation`] (shadowed keys ignored; `ExpiresAt` falls back to `ExpiresAtUtc`) |
-//! | HTTP envelope: header values are arrays; body is UTF-8 text, base64 for octet-stream/multipart, absent without Content-Length (§3.2, §8.5) | [`HttpTriggerRequest::from_invocation`] |
-//! | Function key in `code=` query and in `Url` | dropped in [`HttpCall`] (both modes) |
+//! | HTTP envelope: header values are arrays; `Data.req` strings single-encoded (unlike Metadata: a quoted header value keeps its quotes); body is UTF-8 text, base64 for octet-stream/multipart, absent without Content-Length (§3.2, §8.5) | [`HttpTriggerRequest::from_invocation`] |
+//! | Function key in `code=` query and in `Url` | dropped in [`HttpCall`] (both modes); `Url` is never read |
 //! | Repeated query keys comma-joined (§8.15) | envelope: by the host; forwarded: [`HttpCall::from_forwarded`] |
 //! | Timer `ScheduleStatus` null without monitor; `Last` = `0001-01-01` before the first run (§4) | [`TimerInfo::from_invocation`] |
 //! | `RetryContext` with an opaque `Exception` (§2.2) | [`InvocationRequest::retry_context`] |
