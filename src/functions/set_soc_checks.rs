@@ -19,6 +19,7 @@ use serde_json::json;
 
 use super::set_soc_http::ApiResponse;
 use crate::domain::SettingRequest;
+use crate::host::envelope::Name;
 use crate::host::HttpCall;
 
 /// `Some(answer)` when the call breaks one of the rules above.
@@ -125,38 +126,15 @@ impl<'de> Visitor<'de> for NoDuplicates {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
         // A few keys per object: a list, and keys borrowed from the body where unescaped.
-        let mut seen: Vec<Key<'de>> = Vec::new();
-        while let Some(key) = map.next_key::<Key<'de>>()? {
+        let mut seen: Vec<Cow<'de, str>> = Vec::new();
+        while let Some(Name(key)) = map.next_key::<Name<'de>>()? {
             if seen.contains(&key) {
-                return Err(de::Error::custom(format!("{DUPLICATE}{}\u{0}", key.0)));
+                return Err(de::Error::custom(format!("{DUPLICATE}{key}\u{0}")));
             }
             seen.push(key);
             map.next_value::<NoDuplicates>()?;
         }
         Ok(NoDuplicates)
-    }
-}
-
-/// An object key, borrowed from the body unless it had escapes.
-#[derive(PartialEq)]
-struct Key<'de>(Cow<'de, str>);
-
-impl<'de> de::Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object key")
-            }
-            fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(key)))
-            }
-            fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(key.to_string())))
-            }
-        }
-        d.deserialize_str(KeyVisitor)
     }
 }
 

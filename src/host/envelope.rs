@@ -296,8 +296,9 @@ impl<'de: 'a, 'a, O: FromObject<'de>> Deserialize<'de> for Shallow<'a, O> {
     }
 }
 
-/// A member name, borrowed from the text unless it had an escape.
-struct Name<'a>(Cow<'a, str>);
+/// A member name, borrowed from the text unless it had an escape (also the request
+/// body's keys in `set_soc_checks`).
+pub(crate) struct Name<'a>(pub(crate) Cow<'a, str>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Name<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
