@@ -225,7 +225,7 @@ async fn set_soc_forwarded(
     // like any other (axum's own rejection would be a text/plain 400).
     let Ok(Path(mut params)) = params else {
         let mut p = ApiResponse::problem(400, "Invalid request", "deviceId: not valid UTF-8");
-        p.body["field"] = json!("deviceId");
+        p = p.with_member("field", json!("deviceId"));
         return api_response(p);
     };
     let device_id = params.remove("device_id").unwrap_or_default();
@@ -238,7 +238,7 @@ async fn set_soc_forwarded(
         Err(_) => {
             let err = SettingRequest::too_large();
             let mut p = ApiResponse::problem(400, "Invalid request", err.to_string());
-            p.body["field"] = json!(err.field);
+            p = p.with_member("field", json!(err.field));
             return api_response(p);
         }
     };
@@ -273,9 +273,9 @@ fn http_output(response: &ApiResponse) -> HttpResponseOut {
     let mut headers: Vec<(String, String)> = Vec::with_capacity(response.headers.len());
     for (name, value) in &response.headers {
         headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-        headers.push(((*name).to_string(), value.clone()));
+        headers.push(((*name).to_string(), value.to_string()));
     }
-    let body = if response.body.is_null() {
+    let body = if response.body.is_empty() {
         String::new()
     } else {
         crate::host::json_string(&response.body)
@@ -309,7 +309,7 @@ async fn device_events_forwarded(State(state): State<AppState>, req: Request) ->
         Err(_) => {
             let err = EventError::too_large();
             let mut p = ApiResponse::problem(400, "Invalid request", err.to_string());
-            p.body["field"] = json!(err.error.field);
+            p = p.with_member("field", json!(err.error.field));
             return api_response(p);
         }
     };
@@ -365,7 +365,7 @@ fn misconfigured(function: &str, reason: &str) -> ApiResponse {
 fn api_response(r: ApiResponse) -> Response {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     // No body: no Content-Type either (a String body would be text/plain).
-    let body = if r.body.is_null() {
+    let body = if r.body.is_empty() {
         Body::empty()
     } else {
         Body::from(crate::host::json_bytes(&r.body))

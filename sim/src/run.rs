@@ -369,12 +369,12 @@ async fn read(host: Host, device: String, request: Option<(String, String)>) {
     let mut w = host.world.lock().unwrap();
     let end = w.ms();
     let shown_request = r
-        .body
+        .body_json()
         .get("requestId")
         .and_then(|v| v.as_str())
         .map(|raw| w.names.request(raw));
     let shown = r
-        .body
+        .body_json()
         .get("status")
         .and_then(|v| v.as_str())
         .map(str::to_string);
@@ -475,7 +475,7 @@ async fn post_once(
         return None;
     };
     let raw = r
-        .body
+        .body_json()
         .get("requestId")
         .and_then(|v| v.as_str())
         .map(str::to_string);
@@ -490,14 +490,14 @@ async fn post_once(
         device: device.to_string(),
         request: request.clone(),
         replayed,
-        applied: r.body.get("status").and_then(|s| s.as_str()) == Some("applied"),
+        applied: r.body_json().get("status").and_then(|s| s.as_str()) == Some("applied"),
         carries_id: raw.is_some(),
     });
     let status = r.status;
     if status == 500 {
         w.shape("POST answered 500 (outcome unknown)");
     }
-    let shown = r.body.get("status").cloned();
+    let shown = r.body_json().get("status").cloned();
     w.log(&inv.who(), |_| {
         format!(
             "ANSWER {status} {} {}",
@@ -566,10 +566,11 @@ async fn cancel(host: Host, device: String, (raw, name): (String, String), at_ms
         };
         let again = {
             let mut w = host.world.lock().unwrap();
+            let body = r.body_json();
             let shown = ["status", "requestStatus"]
                 .into_iter()
                 .filter(|_| matches!(r.status, 200 | 409))
-                .find_map(|field| r.body.get(field).and_then(|v| v.as_str()))
+                .find_map(|field| body.get(field).and_then(|v| v.as_str()))
                 .map(str::to_string);
             let t = w.ms();
             w.log(&inv.who(), |_| {
@@ -662,7 +663,7 @@ async fn vendor_event(host: Host, device: String, id: String, delay_ms: u64) {
             let mut w = host.world.lock().unwrap();
             let retry = match &answered {
                 Some(r) => {
-                    let result = r.body["events"][0]["result"].clone();
+                    let result = r.body_json()["events"][0]["result"].clone();
                     if result == "deferred" {
                         w.shape("connection event deferred to the chain (answer due)");
                     }

@@ -144,11 +144,12 @@ async fn reassert(svc: &Services, device: &DeviceId, record: &DesiredState) -> R
     };
     let answer = set_soc_http::handle(svc, request).await;
     info!(device = %device, status = answer.status, min_soc = record.min_soc.percent(), "drift: the applied value requested again (SOC_DRIFT_POLICY=reassert)");
+    let request_id = answer.body_json()["requestId"]
+        .as_str()
+        .map(RequestId::from_stored);
     Reasserted {
         status: answer.status,
-        request_id: answer.body["requestId"]
-            .as_str()
-            .map(RequestId::from_stored),
+        request_id,
     }
 }
 
@@ -178,7 +179,7 @@ mod tests {
             device_id: device.into(),
             ..Default::default()
         };
-        handle(&h.svc, req).await.body
+        handle(&h.svc, req).await.body_json().into_owned()
     }
 
     async fn request(h: &Harness, device: &str, id: &str) -> Value {
@@ -188,7 +189,7 @@ mod tests {
             rest: Some(format!("requests/{id}")),
             ..Default::default()
         };
-        handle(&h.svc, req).await.body
+        handle(&h.svc, req).await.body_json().into_owned()
     }
 
     #[tokio::test]
@@ -232,7 +233,8 @@ mod tests {
         for event in ["e1", "e2"] {
             let r = device_events_http::handle(&h.svc, connected(event, "d1")).await;
             assert_eq!(
-                r.body["events"][0]["result"], "nothing-pending",
+                r.body_json()["events"][0]["result"],
+                "nothing-pending",
                 "{:?}",
                 r.body
             );
@@ -348,7 +350,12 @@ mod tests {
         let first = post_min_soc(&h, "d1", 30).await;
         h.device.set_reported("d1", 45);
         let r = device_events_http::handle(&h.svc, connected("e1", "d1")).await;
-        assert_eq!(r.body["events"][0]["result"], "applied", "{:?}", r.body);
+        assert_eq!(
+            r.body_json()["events"][0]["result"],
+            "applied",
+            "{:?}",
+            r.body
+        );
         let again = latest(&h, "d1").await;
         assert_ne!(again["requestId"], first["requestId"], "a new request");
         assert_eq!(

@@ -1233,5 +1233,8 @@ pub async fn post_min_soc(h: &Harness, device: &str, min_soc: u8) -> serde_json:
         body: format!(r#"{{"minSoc":{min_soc}}}"#).into_bytes(),
         ..Default::default()
     };
-    super::set_soc_http::handle(&h.svc, request).await.body
+    super::set_soc_http::handle(&h.svc, request)
+        .await
+        .body_json()
+        .into_owned()
 }

@@ -34,7 +34,7 @@ pub fn check(call: &HttpCall) -> Option<ApiResponse> {
             "Unsupported media type",
             "Content-Type must be application/json",
         );
-        p.body["field"] = json!("Content-Type");
+        p = p.with_member("field", json!("Content-Type"));
         return Some(p);
     }
     if call.headers.get_all("idempotency-key").iter().count() > 1 {
@@ -57,7 +57,7 @@ pub fn check(call: &HttpCall) -> Option<ApiResponse> {
 fn invalid(field: &str, detail: impl Into<String>) -> ApiResponse {
     let detail = format!("{field}: {}", detail.into());
     let mut p = ApiResponse::problem(400, "Invalid request", detail);
-    p.body["field"] = json!(field);
+    p = p.with_member("field", json!(field));
     p
 }
 
@@ -163,7 +163,10 @@ mod tests {
 
     fn field(r: Option<ApiResponse>) -> (u16, String) {
         let r = r.expect("an answer");
-        (r.status, r.body["field"].as_str().unwrap().to_string())
+        (
+            r.status,
+            r.body_json()["field"].as_str().unwrap().to_string(),
+        )
     }
 
     #[test]
@@ -199,8 +202,14 @@ mod tests {
             r#"{"minSoc":30,"minSoc":40}"#,
         ))
         .unwrap();
-        assert_eq!((r.status, r.body["field"].as_str()), (400, Some("body")));
-        assert!(r.body["detail"].as_str().unwrap().contains("\"minSoc\""));
+        assert_eq!(
+            (r.status, r.body_json()["field"].as_str()),
+            (400, Some("body"))
+        );
+        assert!(r.body_json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("\"minSoc\""));
         let nested = call(Some("application/json"), &[], r#"{"a":[{"b":1,"b":2}]}"#);
         assert!(check(&nested).is_some());
         let fine = call(
@@ -261,7 +270,7 @@ mod tests {
         );
         let p = ApiResponse::problem(404, "Unknown device", "x");
         assert_eq!(
-            p.body["type"],
+            p.body_json()["type"],
             "tag:soc-settings.api,2026:problem/unknown-device"
         );
     }

@@ -61,9 +61,10 @@ pub use timer::{ScheduleStatus, TimerInfo, DRAIN_SOC_TIMER_BINDING};
 /// `value` as compact JSON bytes. Straight into a buffer: `Value`'s `Display`
 /// (`to_string`) goes through the formatter machinery, a measurable share of a
 /// no-I/O invocation (BENCHMARKS P2).
-pub fn json_bytes(value: &serde_json::Value) -> Vec<u8> {
-    // Infallible for a `Value` (string keys only); the fallback keeps it panic-free.
-    write_json(value).unwrap_or_else(|| value.to_string().into_bytes())
+pub fn json_bytes(value: &impl serde::Serialize) -> Vec<u8> {
+    // Infallible for what we write (a `Value`, a typed answer: string keys only);
+    // the fallback keeps it panic-free.
+    write_json(value).unwrap_or_else(|| b"null".to_vec())
 }
 
 /// `value` as compact JSON bytes, in a buffer sized for our answers from the start
@@ -74,9 +75,9 @@ pub(crate) fn write_json(value: &impl serde::Serialize) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// [`json_bytes`] as a `String`.
-pub fn json_string(value: &serde_json::Value) -> String {
-    String::from_utf8(json_bytes(value)).unwrap_or_else(|_| value.to_string())
+/// [`json_bytes`] as a `String` (serde_json writes UTF-8 only).
+pub fn json_string(value: &impl serde::Serialize) -> String {
+    String::from_utf8(json_bytes(value)).unwrap_or_else(|_| "null".into())
 }
 
 /// Why an invocation payload could not be read. Messages name the binding or

@@ -158,8 +158,8 @@ fn settled(entry: &HistoryEntry) -> ApiResponse {
             status.as_str()
         ),
     );
-    problem.body["requestId"] = serde_json::json!(r.request_id);
-    problem.body["requestStatus"] = serde_json::json!(status.as_str());
+    problem = problem.with_member("requestId", serde_json::json!(r.request_id));
+    problem = problem.with_member("requestStatus", serde_json::json!(status.as_str()));
     problem
 }
 
@@ -177,8 +177,11 @@ fn being_applied(entry: &HistoryEntry, after: chrono::Duration) -> ApiResponse {
             r.request_id, r.device_id
         ),
     );
-    problem.body["requestId"] = serde_json::json!(r.request_id);
-    problem.body["requestStatus"] = serde_json::json!(ShownStatus::Pending.as_str());
+    problem = problem.with_member("requestId", serde_json::json!(r.request_id));
+    problem = problem.with_member(
+        "requestStatus",
+        serde_json::json!(ShownStatus::Pending.as_str()),
+    );
     problem.with_header("Retry-After", seconds.to_string())
 }
 
@@ -214,7 +217,7 @@ mod tests {
     }
 
     fn id_of(r: &ApiResponse) -> String {
-        r.body["requestId"]
+        r.body_json()["requestId"]
             .as_str()
             .expect("a request id")
             .to_string()
@@ -239,16 +242,16 @@ mod tests {
         assert!(due_entries(&h).await > 0);
         let r = delete(&h, &id).await;
         assert_eq!(r.status, 200, "{r:?}");
-        assert_eq!(r.body["status"], "cancelled");
-        assert_eq!(r.body["requestId"], id.as_str());
+        assert_eq!(r.body_json()["status"], "cancelled");
+        assert_eq!(r.body_json()["requestId"], id.as_str());
         let rec = h.ledger_record("d1").await;
         assert_eq!(rec.status, RequestStatus::Cancelled);
         assert!(rec.wake_message_id.is_none(), "its wake-up chain ends");
         assert_eq!(due_entries(&h).await, 0, "its due-index entry moved out");
         let latest = handle(&h.svc, req("GET", "d1", None, "")).await;
-        assert_eq!(latest.body["status"], "cancelled");
+        assert_eq!(latest.body_json()["status"], "cancelled");
         let one = handle(&h.svc, req("GET", "d1", at(&id), "")).await;
-        assert_eq!(one.body["status"], "cancelled");
+        assert_eq!(one.body_json()["status"], "cancelled");
         // The device comes back: a wake-up, the sweep or an event finds nothing to do.
         h.device.set_online("d1", true);
         h.clock.advance(chrono::Duration::minutes(10));
@@ -277,13 +280,13 @@ mod tests {
         assert_eq!(delete(&h, &id).await.status, 200);
         let again = delete(&h, &id).await;
         assert_eq!(
-            (again.status, &again.body["status"]),
+            (again.status, &again.body_json()["status"]),
             (200, &"cancelled".into())
         );
         let replay = handle(&h.svc, key(req("POST", "d1", None, r#"{"minSoc":30}"#))).await;
         assert_eq!(replay.status, 200, "{replay:?}");
-        assert_eq!(replay.body["status"], "cancelled");
-        assert_eq!(replay.body["requestId"], id.as_str());
+        assert_eq!(replay.body_json()["status"], "cancelled");
+        assert_eq!(replay.body_json()["requestId"], id.as_str());
         // Replaced by a newer request, it is still cancelled.
         post(&h, 40).await;
         assert_eq!(delete(&h, &id).await.status, 200);
@@ -300,8 +303,8 @@ mod tests {
             let r = delete(&h, &id).await;
             assert_eq!(r.status, 409, "{r:?}");
             assert_eq!(r.content_type(), "application/problem+json");
-            assert_eq!(r.body["requestStatus"], status);
-            assert_eq!(r.body["requestId"], id.as_str());
+            assert_eq!(r.body_json()["requestStatus"], status);
+            assert_eq!(r.body_json()["requestId"], id.as_str());
         }
         assert_eq!(h.ledger_record("d1").await.status, RequestStatus::Applied);
     }
@@ -316,7 +319,7 @@ mod tests {
             (r.status, r.content_type()),
             (404, "application/problem+json")
         );
-        assert_eq!(delete(&h, "NOPE").await.body["field"], "requestId");
+        assert_eq!(delete(&h, "NOPE").await.body_json()["field"], "requestId");
     }
 
     /// A pending request whose record another holder leased just now, for `secs`.
@@ -336,9 +339,9 @@ mod tests {
         let started = tokio::time::Instant::now();
         let r = delete(&h, &id).await;
         assert_eq!(r.status, 409, "{r:?}");
-        assert_eq!(r.body["requestStatus"], "pending");
+        assert_eq!(r.body_json()["requestStatus"], "pending");
         assert_eq!(
-            r.body["type"],
+            r.body_json()["type"],
             "tag:soc-settings.api,2026:problem/request-being-applied"
         );
         let waited = started.elapsed();

@@ -516,7 +516,7 @@ fn outcome_unknown(device: &DeviceId, request: &RequestId, what: &str) -> ApiRes
              store is back"
         ),
     );
-    problem.body["requestId"] = serde_json::json!(request);
+    problem = problem.with_member("requestId", serde_json::json!(request));
     problem.with_header("Retry-After", "30")
 }
 
@@ -551,13 +551,13 @@ mod tests {
         h.device.set_online("d1", true);
         let r = handle(&h.svc, post_req("d1", r#"{"dod":70}"#, None)).await;
         assert_eq!(r.status, 200, "{r:?}");
-        assert_eq!(r.body["status"], "applied");
-        assert_eq!(r.body["minSoc"], 30);
-        assert_eq!(r.body["dod"], 70);
-        assert!(r.body["appliedAt"].is_string());
+        assert_eq!(r.body_json()["status"], "applied");
+        assert_eq!(r.body_json()["minSoc"], 30);
+        assert_eq!(r.body_json()["dod"], 70);
+        assert!(r.body_json()["appliedAt"].is_string());
         assert_eq!(
             h.device.puts("d1"),
-            vec![(30, r.body["requestId"].as_str().unwrap().to_string())]
+            vec![(30, r.body_json()["requestId"].as_str().unwrap().to_string())]
         );
         assert!(
             h.queue.sent().is_empty(),
@@ -571,19 +571,20 @@ mod tests {
         h.device.set_online("d1", false);
         let r = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
         assert_eq!(r.status, 202, "{r:?}");
-        assert_eq!(r.body["status"], "pending");
+        assert_eq!(r.body_json()["status"], "pending");
         assert!(r.headers.contains(&(
             "Location",
             format!(
                 "/api/devices/d1/soc/requests/{}",
-                r.body["requestId"].as_str().unwrap()
+                r.body_json()["requestId"].as_str().unwrap()
             )
+            .into()
         )));
         let sent = h.queue.sent();
         assert_eq!(sent.len(), 1);
         assert_eq!(
             sent[0].body.request_id.as_str(),
-            r.body["requestId"].as_str().unwrap()
+            r.body_json()["requestId"].as_str().unwrap()
         );
         assert_eq!(
             sent[0].scheduled_at,
@@ -613,7 +614,8 @@ mod tests {
         let r = handle(&h.svc, post_req("ghost", r#"{"minSoc":25}"#, None)).await;
         assert_eq!(r.status, 404);
         assert_eq!(r.content_type(), "application/problem+json");
-        let id = r.body["requestId"]
+        let body = r.body_json();
+        let id = body["requestId"]
             .as_str()
             .expect("the 404 names the request");
         let location = r.headers.iter().find(|(k, _)| *k == "Location").unwrap();
@@ -638,7 +640,7 @@ mod tests {
         ] {
             let r = handle(&h.svc, post_req(device, body, key)).await;
             assert_eq!(r.status, 400, "{body}");
-            assert_eq!(r.body["field"], field);
+            assert_eq!(r.body_json()["field"], field);
             assert_eq!(r.content_type(), "application/problem+json");
         }
         assert_eq!(h.device.calls(), (0, 0));
@@ -657,7 +659,7 @@ mod tests {
         let rec = h.ledger_record("d1").await;
         assert_eq!(
             rec.request_id.as_str(),
-            r.body["requestId"].as_str().unwrap()
+            r.body_json()["requestId"].as_str().unwrap()
         );
         assert_eq!(rec.status, RequestStatus::Pending);
         assert!(rec.wake_message_id.is_none(), "no message was sent");
@@ -683,8 +685,11 @@ mod tests {
         let again = handle(&h.svc, post_req("d1", r#"{"dod":75}"#, Some("k-1"))).await;
         assert_eq!(first.status, 202);
         assert_eq!(again.status, 202);
-        assert_eq!(again.body["requestId"], first.body["requestId"]);
-        assert_eq!(again.body["status"], "pending");
+        assert_eq!(
+            again.body_json()["requestId"],
+            first.body_json()["requestId"]
+        );
+        assert_eq!(again.body_json()["status"], "pending");
         assert_eq!(h.queue.sent().len(), 1, "no second request");
     }
 
@@ -700,7 +705,7 @@ mod tests {
             handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, Some("k-1")))
         );
         assert_eq!((a.status, b.status), (202, 202), "{a:?} {b:?}");
-        assert_eq!(a.body["requestId"], b.body["requestId"]);
+        assert_eq!(a.body_json()["requestId"], b.body_json()["requestId"]);
         let replayed = |r: &ApiResponse| {
             r.headers
                 .iter()
@@ -719,7 +724,10 @@ mod tests {
         assert_eq!(first.status, 422, "{first:?}");
         let replay = handle(&h.svc, post_req("d1", r#"{"minSoc":5}"#, Some("k-1"))).await;
         assert_eq!(replay.status, 422, "{replay:?}");
-        assert_eq!(replay.body["requestId"], first.body["requestId"]);
+        assert_eq!(
+            replay.body_json()["requestId"],
+            first.body_json()["requestId"]
+        );
     }
 
     #[tokio::test]
@@ -727,14 +735,20 @@ mod tests {
         let h = Harness::new();
         h.device.set_online("d1", false);
         let first = handle(&h.svc, post_req("d1", r#"{"minSoc":30}"#, Some("k-1"))).await;
-        assert_eq!(first.body["requestedAt"], "2026-11-21T12:00:00.000Z");
+        assert_eq!(first.body_json()["requestedAt"], "2026-11-21T12:00:00.000Z");
         h.clock
             .advance(crate::domain::IDEMPOTENCY_KEY_RETENTION - chrono::Duration::milliseconds(1));
         let replay = handle(&h.svc, post_req("d1", r#"{"minSoc":30}"#, Some("k-1"))).await;
-        assert_eq!(replay.body["requestId"], first.body["requestId"]);
+        assert_eq!(
+            replay.body_json()["requestId"],
+            first.body_json()["requestId"]
+        );
         h.clock.advance(chrono::Duration::milliseconds(1));
         let fresh = handle(&h.svc, post_req("d1", r#"{"minSoc":30}"#, Some("k-1"))).await;
-        assert_ne!(fresh.body["requestId"], first.body["requestId"]);
+        assert_ne!(
+            fresh.body_json()["requestId"],
+            first.body_json()["requestId"]
+        );
     }
 
     #[tokio::test]
@@ -781,12 +795,15 @@ mod tests {
         h.clock.advance(chrono::Duration::hours(2));
         let retry = handle(&h.svc, post_req("d1", r#"{"minSoc":30}"#, Some("k-1"))).await;
         assert_eq!(retry.status, 200, "{retry:?}");
-        assert_eq!(retry.body["requestId"], first.body["requestId"]);
+        assert_eq!(
+            retry.body_json()["requestId"],
+            first.body_json()["requestId"]
+        );
         // It was applied before the newer one replaced it: its history says so.
-        assert_eq!(retry.body["status"], "applied");
+        assert_eq!(retry.body_json()["status"], "applied");
         assert!(retry
             .headers
-            .contains(&("Idempotent-Replayed", "true".to_string())));
+            .contains(&("Idempotent-Replayed", "true".into())));
         let puts: Vec<u8> = h.device.puts("d1").into_iter().map(|p| p.0).collect();
         assert_eq!(puts, vec![30, 50], "the retry PUT nothing");
         assert_eq!(h.ledger_record("d1").await.min_soc.percent(), 50);
@@ -810,11 +827,14 @@ mod tests {
         .unwrap();
         let replay = handle(&h.svc, post_req("d1", r#"{"minSoc":30}"#, Some("k-1"))).await;
         assert_eq!(replay.status, 200, "applied now: {replay:?}");
-        assert_eq!(replay.body["status"], "applied");
+        assert_eq!(replay.body_json()["status"], "applied");
         h.clock.advance(crate::domain::IDEMPOTENCY_KEY_RETENTION);
         let fresh = handle(&h.svc, post_req("d1", r#"{"minSoc":30}"#, Some("k-1"))).await;
         assert_eq!(fresh.status, 200);
-        assert_ne!(fresh.body["requestId"], first.body["requestId"]);
+        assert_ne!(
+            fresh.body_json()["requestId"],
+            first.body_json()["requestId"]
+        );
         assert!(!fresh
             .headers
             .iter()
@@ -864,7 +884,7 @@ mod tests {
         let rec = h.ledger_record("d1").await;
         assert_eq!(
             rec.request_id.as_str(),
-            r.body["requestId"].as_str().unwrap()
+            r.body_json()["requestId"].as_str().unwrap()
         );
         assert_eq!(h.queue.sent().len(), 1, "its wake-up chain started");
     }
@@ -877,12 +897,12 @@ mod tests {
         let r = handle(&h.svc, post_req("d1", r#"{"minSoc":20}"#, None)).await;
         let newer = h.ledger_record("d1").await;
         assert_eq!(newer.min_soc.percent(), 80);
-        assert_eq!(r.body["minSoc"], 20, "{r:?}");
+        assert_eq!(r.body_json()["minSoc"], 20, "{r:?}");
         assert_ne!(
-            r.body["requestId"],
+            r.body_json()["requestId"],
             serde_json::json!(newer.request_id.as_str())
         );
-        assert_eq!(r.body["status"], "superseded", "{r:?}");
+        assert_eq!(r.body_json()["status"], "superseded", "{r:?}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -894,7 +914,7 @@ mod tests {
         let r = handle(&h.svc, post_req("d1", r#"{"minSoc":25}"#, None)).await;
         assert_eq!(r.status, 500, "{r:?}");
         assert_eq!(r.content_type(), "application/problem+json");
-        assert!(r.body["requestId"].is_string());
+        assert!(r.body_json()["requestId"].is_string());
         assert!(r.headers.iter().any(|(k, _)| *k == "Retry-After"));
         // The fence kept trying for its whole window first: 0.1 s doubling to 5 s,
         // 14 tries (46.3 s).
@@ -977,17 +997,17 @@ mod tests {
         let rec = h.ledger_record("d1").await;
         assert_eq!(
             rec.request_id.as_str(),
-            r.body["requestId"].as_str().unwrap()
+            r.body_json()["requestId"].as_str().unwrap()
         );
         assert_eq!(rec.status, RequestStatus::Failed);
         let old = requests::answer_for(
             &h.svc,
             &h.id("d1"),
-            &RequestId::from_stored(a.body["requestId"].as_str().unwrap()),
+            &RequestId::from_stored(a.body_json()["requestId"].as_str().unwrap()),
         )
         .await
         .unwrap();
-        assert_eq!(old.body["status"], "superseded");
+        assert_eq!(old.body_json()["status"], "superseded");
     }
 
     #[tokio::test]
@@ -1057,9 +1077,9 @@ mod tests {
         let r = handle(&h.svc, post_req("d1", r#"{"minSoc":10}"#, None)).await;
         let newer = h.ledger_record("d1").await;
         assert_eq!(newer.status, RequestStatus::Failed);
-        assert_eq!(r.body["minSoc"], 10, "{r:?}");
+        assert_eq!(r.body_json()["minSoc"], 10, "{r:?}");
         assert_ne!(
-            r.body["requestId"],
+            r.body_json()["requestId"],
             serde_json::json!(newer.request_id.as_str())
         );
         assert_ne!(
@@ -1077,13 +1097,14 @@ mod tests {
         h.accept_during_next_put("d1", 90, |_| {});
         let r = handle(&h.svc, post_req("d1", r#"{"minSoc":10}"#, None)).await;
         assert_eq!(r.status, 200, "{r:?}");
-        assert_eq!(r.body["status"], "applied");
+        assert_eq!(r.body_json()["status"], "applied");
         assert_eq!(
-            r.body["minSoc"], 10,
+            r.body_json()["minSoc"],
+            10,
             "the answer is about this POST's request"
         );
         assert_ne!(
-            r.body["requestId"],
+            r.body_json()["requestId"],
             serde_json::json!(h.ledger_record("d1").await.request_id.as_str())
         );
     }
@@ -1118,22 +1139,26 @@ mod tests {
         let b = handle(&h.svc, post_req("d1", r#"{"minSoc":35}"#, None)).await;
         let r = handle(&h.svc, get_req("d1")).await;
         assert_eq!(r.status, 200);
-        assert_eq!(r.body["requestId"], b.body["requestId"]);
-        assert_eq!(r.body["status"], "pending");
-        assert_eq!(r.body["attempts"], 1, "the POST tried the device once");
-        assert_eq!(r.body["lastError"], "device offline");
+        assert_eq!(r.body_json()["requestId"], b.body_json()["requestId"]);
+        assert_eq!(r.body_json()["status"], "pending");
+        assert_eq!(
+            r.body_json()["attempts"],
+            1,
+            "the POST tried the device once"
+        );
+        assert_eq!(r.body_json()["lastError"], "device offline");
         // Reads show what the ledger says, so instances with different clocks never
         // disagree: pending past `expiresAt` until the sweep writes the expiry.
         h.clock.advance(h.svc.policy.request_ttl);
         assert_eq!(
-            handle(&h.svc, get_req("d1")).await.body["status"],
+            handle(&h.svc, get_req("d1")).await.body_json()["status"],
             "pending"
         );
         crate::functions::drain_soc_timer::run(&h.svc)
             .await
             .unwrap();
         assert_eq!(
-            handle(&h.svc, get_req("d1")).await.body["status"],
+            handle(&h.svc, get_req("d1")).await.body_json()["status"],
             "expired"
         );
     }

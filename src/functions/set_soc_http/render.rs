@@ -10,7 +10,11 @@
 //! (`SocRequest` in `docs/openapi.yaml`); a `202` carries `Location`, the request's
 //! own status (`/api/devices/{deviceId}/soc/requests/{requestId}`).
 
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
+
 use chrono::{DateTime, SecondsFormat, Utc};
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{json, Value};
 
 use crate::domain::history::HistoryEntry;
@@ -23,19 +27,7 @@ pub const PROBLEM_TYPE_PREFIX: &str = "tag:soc-settings.api,2026:problem/";
 /// The `type` of a problem with this title: the title in kebab case after
 /// [`PROBLEM_TYPE_PREFIX`]. Titles are the kinds of problem: one per kind, never reworded.
 pub fn problem_type(title: &str) -> String {
-    let mut uri = String::with_capacity(PROBLEM_TYPE_PREFIX.len() + title.len());
-    uri.push_str(PROBLEM_TYPE_PREFIX);
-    for c in title.chars() {
-        if c.is_ascii_alphanumeric() {
-            uri.push(c.to_ascii_lowercase());
-        } else if uri.len() > PROBLEM_TYPE_PREFIX.len() && !uri.ends_with('-') {
-            uri.push('-');
-        }
-    }
-    if uri.ends_with('-') {
-        uri.pop();
-    }
-    uri
+    ProblemType(title).to_string()
 }
 
 /// `Retry-After` (seconds) sent with `503`.
@@ -45,20 +37,136 @@ const RETRY_AFTER_SECONDS: u32 = 5;
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiResponse {
     pub status: u16,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: Value,
+    pub headers: Vec<(&'static str, Cow<'static, str>)>,
+    pub body: ResponseBody,
+}
+
+/// What an answer carries. A problem stays typed until it is written: an error answer
+/// builds no JSON tree (P2 in BENCHMARKS.md measures the rejected-input path).
+#[derive(Debug, Clone)]
+pub enum ResponseBody {
+    /// No body (and no `Content-Type`).
+    Empty,
+    Json(Value),
+    Problem(Problem),
+}
+
+/// An RFC 9457 problem document: `type` (derived from `title`, see [`problem_type`]),
+/// `title`, `status`, `detail`, then its extension members (`field`, `requestId`, ...).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub status: u16,
+    /// The kind of problem; never reworded (it names the `type`).
+    pub title: &'static str,
+    pub detail: String,
+    /// Extension members in the order they were set; setting one again replaces it.
+    pub extensions: Vec<(&'static str, Value)>,
+}
+
+impl ResponseBody {
+    /// No body to write: empty, or a JSON `null`.
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Self::Empty | Self::Json(Value::Null))
+    }
+
+    /// The body as a JSON value (`null` when empty): for tests and for readers that
+    /// need a tree; answers are written with [`Serialize`] instead.
+    pub fn to_value(&self) -> Cow<'_, Value> {
+        match self {
+            Self::Empty => Cow::Owned(Value::Null),
+            Self::Json(v) => Cow::Borrowed(v),
+            Self::Problem(p) => Cow::Owned(serde_json::to_value(p).unwrap_or(Value::Null)),
+        }
+    }
+}
+
+/// The body's JSON text (empty for no body).
+impl fmt::Display for ResponseBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return Ok(());
+        }
+        f.write_str(&crate::host::json_string(self))
+    }
+}
+
+/// Equal when they would read the same as JSON (a problem and its tree are equal).
+impl PartialEq for ResponseBody {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Problem(a), Self::Problem(b)) => a == b,
+            _ => self.to_value() == other.to_value(),
+        }
+    }
+}
+
+impl Serialize for ResponseBody {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Empty => serializer.serialize_unit(),
+            Self::Json(v) => v.serialize(serializer),
+            Self::Problem(p) => p.serialize(serializer),
+        }
+    }
+}
+
+impl Serialize for Problem {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(4 + self.extensions.len()))?;
+        map.serialize_entry("type", &ProblemType(self.title))?;
+        map.serialize_entry("title", self.title)?;
+        map.serialize_entry("status", &self.status)?;
+        map.serialize_entry("detail", &self.detail)?;
+        for (name, value) in &self.extensions {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
+/// A problem's `type`, written without building the string first.
+struct ProblemType<'a>(&'a str);
+
+impl Serialize for ProblemType<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl fmt::Display for ProblemType<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(PROBLEM_TYPE_PREFIX)?;
+        let mut dash = false;
+        let mut started = false;
+        for c in self.0.chars() {
+            if c.is_ascii_alphanumeric() {
+                if dash && started {
+                    f.write_char('-')?;
+                }
+                f.write_char(c.to_ascii_lowercase())?;
+                (dash, started) = (false, true);
+            } else {
+                dash = true;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ApiResponse {
     pub(crate) fn json(status: u16, body: Value) -> Self {
         Self {
             status,
-            headers: vec![("Content-Type", "application/json".into())],
-            body,
+            headers: vec![("Content-Type", Cow::Borrowed("application/json"))],
+            body: ResponseBody::Json(body),
         }
     }
 
-    pub(crate) fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+    pub(crate) fn with_header(
+        mut self,
+        name: &'static str,
+        value: impl Into<Cow<'static, str>>,
+    ) -> Self {
         self.headers.push((name, value.into()));
         self
     }
@@ -68,35 +176,49 @@ impl ApiResponse {
         Self {
             status,
             headers: Vec::new(),
-            body: Value::Null,
+            body: ResponseBody::Empty,
         }
     }
 
     /// An RFC 9457 problem document.
-    pub fn problem(status: u16, title: &str, detail: impl Into<String>) -> Self {
-        Self::problem_body(
-            status,
-            json!({ "type": problem_type(title), "title": title, "status": status, "detail": detail.into() }),
-        )
-    }
-
-    /// A problem document given whole (e.g. one stored for an idempotent replay).
-    pub(super) fn problem_body(status: u16, body: Value) -> Self {
+    pub fn problem(status: u16, title: &'static str, detail: impl Into<String>) -> Self {
         Self {
             status,
-            headers: vec![("Content-Type", "application/problem+json".into())],
-            body,
+            headers: vec![("Content-Type", Cow::Borrowed("application/problem+json"))],
+            body: ResponseBody::Problem(Problem {
+                status,
+                title,
+                detail: detail.into(),
+                extensions: Vec::new(),
+            }),
         }
     }
 
+    /// Sets an extension member of a problem (`field`, `requestId`, ...), or a member
+    /// of a JSON object body; replaces one of the same name.
+    pub(crate) fn with_member(mut self, name: &'static str, value: Value) -> Self {
+        match &mut self.body {
+            ResponseBody::Problem(p) => match p.extensions.iter_mut().find(|(n, _)| *n == name) {
+                Some(existing) => existing.1 = value,
+                None => p.extensions.push((name, value)),
+            },
+            ResponseBody::Json(Value::Object(members)) => {
+                members.insert(name.to_string(), value);
+            }
+            ResponseBody::Json(_) | ResponseBody::Empty => {
+                debug_assert!(false, "member {name} set on a body that is not an object")
+            }
+        }
+        self
+    }
+
     pub(crate) fn invalid(err: InputError) -> Self {
-        let mut p = Self::problem(400, "Invalid request", err.to_string());
-        p.body["field"] = json!(err.field);
-        p
+        let field = err.field;
+        Self::problem(400, "Invalid request", err.to_string()).with_member("field", json!(field))
     }
 
     pub(crate) fn unavailable(detail: &str) -> Self {
-        Self::problem(503, "Service unavailable", detail)
+        Self::problem(503, "Service unavailable", detail.to_string())
             .with_header("Retry-After", RETRY_AFTER_SECONDS.to_string())
     }
 
@@ -104,8 +226,13 @@ impl ApiResponse {
         self.headers
             .iter()
             .find(|(k, _)| *k == "Content-Type")
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v.as_ref())
             .unwrap_or("application/json")
+    }
+
+    /// The body as JSON (`null` when empty); see [`ResponseBody::to_value`].
+    pub fn body_json(&self) -> Cow<'_, Value> {
+        self.body.to_value()
     }
 }
 
@@ -191,6 +318,26 @@ mod tests {
             problem_type(" Idempotency-Key  reused (again) "),
             format!("{PROBLEM_TYPE_PREFIX}idempotency-key-reused-again")
         );
+    }
+
+    #[test]
+    fn a_problem_is_written_type_title_status_detail_then_its_members_once_each() {
+        let p = ApiResponse::problem(409, "Request not pending", "request r1 is applied")
+            .with_member("requestId", json!("r1"))
+            .with_member("requestStatus", json!("pending"))
+            .with_member("requestStatus", json!("applied"));
+        assert_eq!(
+            p.body.to_string(),
+            format!(
+                r#"{{"type":"{PROBLEM_TYPE_PREFIX}request-not-pending","title":"Request not pending","status":409,"detail":"request r1 is applied","requestId":"r1","requestStatus":"applied"}}"#
+            )
+        );
+        assert_eq!(p.content_type(), "application/problem+json");
+        // The same document as a tree, and equal to that tree as a JSON body.
+        let tree = p.body_json().into_owned();
+        assert_eq!(tree["type"], problem_type("Request not pending"));
+        assert_eq!(p.body, ResponseBody::Json(tree));
+        assert_ne!(p.body, ResponseBody::Empty);
     }
 
     #[test]

@@ -97,7 +97,7 @@ pub(super) fn refused(entry: &HistoryEntry) -> ApiResponse {
             ),
         )
     };
-    problem.body["requestId"] = serde_json::json!(r.request_id);
+    problem = problem.with_member("requestId", serde_json::json!(r.request_id));
     problem.with_header("Location", location(device, &r.request_id))
 }
 
@@ -145,7 +145,7 @@ mod tests {
         r.headers
             .iter()
             .find(|(k, _)| *k == "Location")
-            .map(|(_, v)| v.clone())
+            .map(|(_, v)| v.to_string())
             .expect("a Location")
     }
 
@@ -165,17 +165,25 @@ mod tests {
             "requestedAt",
             "expiresAt",
         ] {
-            assert_eq!(shown.body[field], a.body[field], "{field} as in the 202");
+            assert_eq!(
+                shown.body_json()[field],
+                a.body_json()[field],
+                "{field} as in the 202"
+            );
         }
         assert_eq!(
-            shown.body["lastError"], "device offline",
+            shown.body_json()["lastError"],
+            "device offline",
             "what the POST's try found"
         );
         let b = handle(&h.svc, post("d1", 20)).await;
         let shown = handle(&h.svc, get("d1", &a_at)).await;
-        assert_eq!(shown.body["status"], "superseded");
-        assert_eq!(shown.body["supersededBy"], b.body["requestId"]);
-        assert_eq!(shown.body["minSoc"], 10);
+        assert_eq!(shown.body_json()["status"], "superseded");
+        assert_eq!(
+            shown.body_json()["supersededBy"],
+            b.body_json()["requestId"]
+        );
+        assert_eq!(shown.body_json()["minSoc"], 10);
         let latest = handle(
             &h.svc,
             ApiRequest {
@@ -186,7 +194,8 @@ mod tests {
         )
         .await;
         assert_eq!(
-            latest.body["requestId"], b.body["requestId"],
+            latest.body_json()["requestId"],
+            b.body_json()["requestId"],
             "GET /soc keeps its meaning"
         );
     }
@@ -199,8 +208,8 @@ mod tests {
         h.clock.advance(h.svc.policy.request_ttl);
         handle(&h.svc, post("d1", 20)).await;
         let shown = handle(&h.svc, get("d1", &rest_of(&location(&a)))).await;
-        assert_eq!(shown.body["status"], "expired");
-        assert!(shown.body.get("supersededBy").is_none());
+        assert_eq!(shown.body_json()["status"], "expired");
+        assert!(shown.body_json().get("supersededBy").is_none());
     }
 
     #[tokio::test]
@@ -213,7 +222,7 @@ mod tests {
         assert_eq!(unknown.content_type(), "application/problem+json");
         let bad = handle(&h.svc, get("d1", "requests/NOPE")).await;
         assert_eq!(
-            (bad.status, bad.body["field"].as_str()),
+            (bad.status, bad.body_json()["field"].as_str()),
             (400, Some("requestId"))
         );
         for rest in ["requests", "requests/a/b", "history"] {
