@@ -16,6 +16,7 @@
 //! stop the process (the host would restart it in a loop): every invocation
 //! fails with the reason logged instead.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -43,8 +44,8 @@ use crate::host::body::read_forwarded_body;
 use crate::host::{
     HostError, HttpCall, HttpResponseOut, HttpTriggerRequest, InvocationFailure, InvocationRequest,
     InvocationResponse, ServiceBusDelivery, TimerInfo, DEVICE_EVENTS_HTTP_OUTPUT_BINDING,
-    DEVICE_EVENTS_HTTP_TRIGGER_BINDING, DRAIN_SOC_TIMER_BINDING, SET_SOC_HTTP_OUTPUT_BINDING,
-    SET_SOC_HTTP_TRIGGER_BINDING, SOC_QUEUE_TRIGGER_BINDING,
+    DEVICE_EVENTS_HTTP_TRIGGER_BINDING, DRAIN_SOC_TIMER_BINDING, IDEMPOTENCY_KEY,
+    SET_SOC_HTTP_OUTPUT_BINDING, SET_SOC_HTTP_TRIGGER_BINDING, SOC_QUEUE_TRIGGER_BINDING,
 };
 use crate::ports::SystemClock;
 
@@ -263,17 +264,18 @@ async fn set_soc_envelope(
 ) -> Response {
     let response = set_soc(&state, req.into_call()).await;
     InvocationResponse::ok()
-        .with_http(SET_SOC_HTTP_OUTPUT_BINDING, http_output(&response))
+        .with_http(SET_SOC_HTTP_OUTPUT_BINDING, http_output(response))
         .into_response()
 }
 
 /// An answer as the envelope's HTTP output (§3.5): its headers (a repeated name keeps
 /// the last), and its body unless it has none.
-fn http_output(response: &ApiResponse) -> HttpResponseOut {
-    let mut headers: Vec<(String, String)> = Vec::with_capacity(response.headers.len());
-    for (name, value) in &response.headers {
+fn http_output(response: ApiResponse) -> HttpResponseOut {
+    let mut headers: Vec<(Cow<'static, str>, Cow<'static, str>)> =
+        Vec::with_capacity(response.headers.len());
+    for (name, value) in response.headers {
         headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-        headers.push(((*name).to_string(), value.to_string()));
+        headers.push((Cow::Borrowed(name), value));
     }
     let body = if response.body.is_empty() {
         String::new()
@@ -293,7 +295,7 @@ fn api_request(mut call: HttpCall) -> ApiRequest {
         device_id: call.params.remove("deviceId").unwrap_or_default(),
         idempotency_key: call
             .headers
-            .get("idempotency-key")
+            .get(IDEMPOTENCY_KEY)
             .map(|v| v.as_bytes().to_vec()),
         body: Vec::from(call.body),
         rest: call.params.remove("rest"),
@@ -326,7 +328,7 @@ async fn device_events_envelope(
     let req = HttpTriggerRequest::from_invocation(&inv, DEVICE_EVENTS_HTTP_TRIGGER_BINDING)?;
     let response = device_events(&state, req.into_call()).await;
     Ok(InvocationResponse::ok()
-        .with_http(DEVICE_EVENTS_HTTP_OUTPUT_BINDING, http_output(&response))
+        .with_http(DEVICE_EVENTS_HTTP_OUTPUT_BINDING, http_output(response))
         .into_response())
 }
 

@@ -20,7 +20,7 @@ use serde_json::json;
 use super::set_soc_http::ApiResponse;
 use crate::domain::SettingRequest;
 use crate::host::envelope::Name;
-use crate::host::HttpCall;
+use crate::host::{HttpCall, IDEMPOTENCY_KEY};
 
 /// `Some(answer)` when the call breaks one of the rules above.
 pub fn check(call: &HttpCall) -> Option<ApiResponse> {
@@ -37,7 +37,7 @@ pub fn check(call: &HttpCall) -> Option<ApiResponse> {
         p = p.with_member("field", json!("Content-Type"));
         return Some(p);
     }
-    if call.headers.get_all("idempotency-key").iter().count() > 1 {
+    if call.headers.get_all(IDEMPOTENCY_KEY).iter().count() > 1 {
         return Some(invalid("Idempotency-Key", "must be given at most once"));
     }
     // A body over the setting's limit is refused as too large by its parser; the

@@ -175,6 +175,10 @@ impl<'a, V> Members<'a, V> {
         other_casing
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&Cow<'a, str>, &V)> + '_ {
         self.0.iter().map(|(k, v)| (k, v))
     }

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use axum::http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, Method};
 use base64::Engine as _;
 use bytes::Bytes;
+use serde::de::{Deserializer as _, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -28,33 +29,37 @@ pub const SET_SOC_HTTP_OUTPUT_BINDING: &str = "res";
 pub const DEVICE_EVENTS_HTTP_TRIGGER_BINDING: &str = "req";
 /// Output binding name of `DeviceEventsHttp/function.json`.
 pub const DEVICE_EVENTS_HTTP_OUTPUT_BINDING: &str = "res";
+/// The `Idempotency-Key` request header, as a name that needs no parsing per lookup.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The query parameter carrying the function key. Kept out of [`HttpCall`]
 /// so it can never reach a log line.
 const FUNCTION_KEY_PARAM: &str = "code";
 
-/// Request headers as the envelope carries them: name -> list of values.
-/// Lookups ignore case (HTTP header names are case-insensitive; the host
-/// keeps Kestrel's casing).
+/// Request headers as the envelope carries them, already in HTTP's form: names
+/// and values HTTP does not allow are dropped, a header with several values keeps
+/// them as separate entries. Lookups ignore case.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Headers(Vec<(String, Vec<String>)>);
+pub struct Headers(HeaderMap);
 
 impl Headers {
-    /// First value of a header.
+    /// First value of a header, if it is visible ASCII.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.get_all(name).first().map(String::as_str)
+        self.0.get(name).and_then(|v| v.to_str().ok())
     }
 
-    /// All values of a header (empty if absent).
-    pub fn get_all(&self, name: &str) -> &[String] {
+    fn content_type(&self) -> Option<&str> {
         self.0
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
-            .unwrap_or(&[])
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &[String])> {
-        self.0.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
+    /// All values of a header that are visible ASCII (empty if absent).
+    pub fn get_all(&self, name: &str) -> Vec<&str> {
+        self.0
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect()
     }
 }
 
@@ -98,7 +103,7 @@ impl HttpTriggerRequest {
             Some(raw) if is_null(raw) => None,
             Some(raw) => {
                 let text = string(raw).ok_or_else(|| invalid("Body is not a string"))?;
-                Some(decode_body(text, headers.get("Content-Type")).map_err(|r| invalid(&r))?)
+                Some(decode_body(text, headers.content_type()).map_err(|r| invalid(&r))?)
             }
         };
         Ok(Self {
@@ -110,27 +115,15 @@ impl HttpTriggerRequest {
         })
     }
 
-    /// Converts to the mode-neutral request. Headers whose name or value HTTP
-    /// does not allow are dropped; multiple values stay separate entries.
+    /// Converts to the mode-neutral request.
     pub fn into_call(self) -> HttpCall {
-        let mut headers = HeaderMap::new();
-        for (name, values) in self.headers.0 {
-            let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
-                continue;
-            };
-            for value in values {
-                if let Ok(value) = HeaderValue::from_str(&value) {
-                    headers.append(name.clone(), value);
-                }
-            }
-        }
         let mut query = self.query;
         query.remove(FUNCTION_KEY_PARAM);
         HttpCall {
             method: self.method,
             params: self.params,
             query,
-            headers,
+            headers: self.headers.0,
             body: self.body.map(Bytes::from).unwrap_or_default(),
         }
     }
@@ -185,7 +178,9 @@ impl HttpCall {
     }
 
     pub fn content_type(&self) -> Option<&str> {
-        self.header(header::CONTENT_TYPE.as_str())
+        self.headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
     }
 }
 
@@ -194,7 +189,7 @@ impl HttpCall {
 pub struct HttpResponseOut {
     pub status: u16,
     /// Header values are strings on the wire; a repeated name keeps the last.
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(Cow<'static, str>, Cow<'static, str>)>,
     /// Written verbatim by the host (a string body is never re-indented).
     pub body: String,
 }
@@ -205,13 +200,20 @@ impl HttpResponseOut {
     pub fn json(status: u16, body: &Value) -> Self {
         Self {
             status,
-            headers: vec![("Content-Type".into(), "application/json".into())],
+            headers: vec![(
+                Cow::Borrowed("Content-Type"),
+                Cow::Borrowed("application/json"),
+            )],
             body: super::json_string(body),
         }
     }
 
     /// Adds a header, replacing an earlier one of the same name (any casing).
-    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn with_header(
+        mut self,
+        name: impl Into<Cow<'static, str>>,
+        value: impl Into<Cow<'static, str>>,
+    ) -> Self {
         let name = name.into();
         self.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
         self.headers.push((name, value.into()));
@@ -238,7 +240,7 @@ impl HttpResponseOut {
             Some(Ok(Some(h))) => h
                 .iter()
                 .map(|(k, v)| match string(v) {
-                    Some(s) => Ok((k.to_string(), s.into_owned())),
+                    Some(s) => Ok((Cow::Owned(k.to_string()), Cow::Owned(s.into_owned()))),
                     None => Err(format!("header {k} is not a string")),
                 })
                 .collect::<Result<_, _>>()?,
@@ -262,7 +264,7 @@ impl HttpResponseOut {
 impl Serialize for HttpResponseOut {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         /// The headers object; of a name given twice, the last.
-        struct HeaderObject<'a>(&'a [(String, String)]);
+        struct HeaderObject<'a>(&'a [(Cow<'static, str>, Cow<'static, str>)]);
         impl Serialize for HeaderObject<'_> {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                 let mut map = serializer.serialize_map(None)?;
@@ -321,31 +323,54 @@ fn string_map(value: Option<&RawValue>) -> Result<BTreeMap<String, String>, Stri
 }
 
 /// `Headers`: name -> array of values (one plain value tolerated, `Metadata.Headers`
-/// style). Entries keep the document's order; a name given twice with the same
-/// spelling keeps the last.
+/// style), straight into HTTP's form (see [`Headers`]). A name given twice with the
+/// same spelling keeps the last (a JSON object's rule); other casings of it add values.
 fn headers(value: Option<&RawValue>) -> Result<Headers, String> {
     let members = match value.map(Members::of) {
         None | Some(Ok(None)) => return Ok(Headers::default()),
         Some(Ok(Some(members))) => members,
         Some(Err(_)) => return Err("Headers is not an object".into()),
     };
-    let mut out: Vec<(String, Vec<String>)> = Vec::new();
-    for (name, raw) in members.iter() {
-        let values = if raw.get().starts_with('[') {
-            serde_json::from_str::<Vec<&RawValue>>(raw.get())
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|v| member_text(v).map(Cow::into_owned))
-                .collect()
-        } else {
-            member_text(raw).map(Cow::into_owned).into_iter().collect()
+    let mut out = HeaderMap::with_capacity(members.len());
+    for (i, (name, raw)) in members.iter().enumerate() {
+        if members.iter().skip(i + 1).any(|(later, _)| later == name) {
+            continue;
+        }
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
         };
-        match out.iter_mut().find(|(n, _)| n == name.as_ref()) {
-            Some(entry) => entry.1 = values,
-            None => out.push((name.to_string(), values)),
+        let mut add = |value: &RawValue| {
+            if let Some(value) = member_text(value).and_then(|t| HeaderValue::from_str(&t).ok()) {
+                out.append(name.clone(), value);
+            }
+        };
+        if raw.get().starts_with('[') {
+            for_each_element(raw, add);
+        } else {
+            add(raw);
         }
     }
     Ok(Headers(out))
+}
+
+/// Calls `f` with each element of the JSON array `raw`, in order, without collecting
+/// them (stops at the first element that is not JSON; `raw` was read whole, so none).
+fn for_each_element<'a>(raw: &'a RawValue, f: impl FnMut(&'a RawValue)) {
+    struct Elements<F>(F);
+    impl<'de, F: FnMut(&'de RawValue)> Visitor<'de> for Elements<F> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+            while let Some(element) = seq.next_element::<&'de RawValue>()? {
+                (self.0)(element);
+            }
+            Ok(())
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let _ = de.deserialize_seq(Elements(f));
 }
 
 /// §3.2: `application/octet-stream` and `multipart/*` bodies are base64,
@@ -477,7 +502,8 @@ mod tests {
             r#"{"req": {"Method": "GET", "Headers": {"X-A": ["1"], "X-A": ["2"], "x-a": ["3"]}}}"#,
         )
         .unwrap();
-        assert_eq!(r.headers.get_all("X-A"), ["2"]);
+        // Read straight into HTTP's form: the casings are one header already.
+        assert_eq!(r.headers.get_all("X-A"), ["2", "3"]);
         let call = r.into_call();
         let values: Vec<_> = call.headers.get_all("x-a").iter().collect();
         assert_eq!(values, ["2", "3"]);

@@ -52,7 +52,8 @@ pub mod timer;
 pub use envelope::{parse_host_datetime, unwrap_double_encoded, InvocationRequest, RetryContext};
 pub use http_trigger::{
     Headers, HttpCall, HttpResponseOut, HttpTriggerRequest, DEVICE_EVENTS_HTTP_OUTPUT_BINDING,
-    DEVICE_EVENTS_HTTP_TRIGGER_BINDING, SET_SOC_HTTP_OUTPUT_BINDING, SET_SOC_HTTP_TRIGGER_BINDING,
+    DEVICE_EVENTS_HTTP_TRIGGER_BINDING, IDEMPOTENCY_KEY, SET_SOC_HTTP_OUTPUT_BINDING,
+    SET_SOC_HTTP_TRIGGER_BINDING,
 };
 pub use response::{InvocationFailure, InvocationResponse, MAX_LOG_LINE};
 pub use service_bus::{ServiceBusDelivery, SOC_QUEUE_TRIGGER_BINDING};

@@ -102,10 +102,11 @@ impl<'a> Resource<'a> {
     }
 }
 
-pub async fn handle(svc: &Services, req: ApiRequest) -> ApiResponse {
+pub async fn handle(svc: &Services, mut req: ApiRequest) -> ApiResponse {
+    req.method.make_ascii_uppercase();
+    let method = req.method.as_str();
     let resource = Resource::of(req.rest.as_deref());
-    let method = req.method.to_ascii_uppercase();
-    match (resource, method.as_str()) {
+    match (resource, method) {
         (Resource::Unknown, _) => return ApiResponse::problem(404, "Not found", "no such route"),
         (Resource::Device, "GET" | "POST") | (Resource::Request(_), "GET" | "DELETE") => {}
         _ => {
@@ -124,7 +125,7 @@ pub async fn handle(svc: &Services, req: ApiRequest) -> ApiResponse {
     // Each store path boxed: their futures are several KB, and the caller's futures are
     // moved around per invocation; a request refused above or by `post_input` never
     // builds one.
-    match (resource, method.as_str()) {
+    match (resource, method) {
         (Resource::Request(id), "DELETE") => Box::pin(cancel::delete(svc, &device, id)).await,
         (Resource::Request(id), _) => Box::pin(requests::get(svc, &device, id)).await,
         (_, "POST") => match post_input(req.idempotency_key.as_deref(), &req.body) {
