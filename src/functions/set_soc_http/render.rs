@@ -129,27 +129,55 @@ struct ProblemType<'a>(&'a str);
 
 impl Serialize for ProblemType<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        // On the stack: a title is a few words (a longer one takes a `String`).
+        let mut buf = [0u8; 128];
+        let mut len = PROBLEM_TYPE_PREFIX.len();
+        buf[..len].copy_from_slice(PROBLEM_TYPE_PREFIX.as_bytes());
+        let mut fits = true;
+        self.kebab(|b| match buf.get_mut(len) {
+            Some(slot) => {
+                *slot = b;
+                len += 1;
+            }
+            None => fits = false,
+        });
+        match std::str::from_utf8(&buf[..len]) {
+            Ok(text) if fits => serializer.serialize_str(text),
+            _ => serializer.serialize_str(&self.to_string()),
+        }
+    }
+}
+
+impl ProblemType<'_> {
+    /// The title in kebab case, byte by byte: ASCII letters and digits lowercased,
+    /// every run of anything else one `-` between words.
+    fn kebab(&self, mut push: impl FnMut(u8)) {
+        let mut dash = false;
+        let mut started = false;
+        for b in self.0.bytes() {
+            if b.is_ascii_alphanumeric() {
+                if dash && started {
+                    push(b'-');
+                }
+                push(b.to_ascii_lowercase());
+                (dash, started) = (false, true);
+            } else {
+                dash = true;
+            }
+        }
     }
 }
 
 impl fmt::Display for ProblemType<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(PROBLEM_TYPE_PREFIX)?;
-        let mut dash = false;
-        let mut started = false;
-        for c in self.0.chars() {
-            if c.is_ascii_alphanumeric() {
-                if dash && started {
-                    f.write_char('-')?;
-                }
-                f.write_char(c.to_ascii_lowercase())?;
-                (dash, started) = (false, true);
-            } else {
-                dash = true;
+        let mut result = Ok(());
+        self.kebab(|b| {
+            if result.is_ok() {
+                result = f.write_char(char::from(b));
             }
-        }
-        Ok(())
+        });
+        result
     }
 }
 
@@ -318,6 +346,13 @@ mod tests {
             problem_type(" Idempotency-Key  reused (again) "),
             format!("{PROBLEM_TYPE_PREFIX}idempotency-key-reused-again")
         );
+        // Written as JSON the same way, whether it fits the stack buffer or not.
+        for title in ["Not found", &"Very long title ".repeat(20)] {
+            assert_eq!(
+                serde_json::to_value(ProblemType(title)).unwrap(),
+                problem_type(title),
+            );
+        }
     }
 
     #[test]
