@@ -183,7 +183,9 @@ impl IntoResponse for InvocationFailure {
 fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
     // Infallible for these types (string keys only); the fallback keeps it panic-free.
     let bytes = super::write_json(body).unwrap_or_else(|| b"{}".to_vec());
-    let mut response = (status, bytes).into_response();
+    // Built whole: `(status, Vec<u8>)` would set a `Content-Type` only to be replaced.
+    let mut response = Response::new(axum::body::Body::from(bytes));
+    *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

@@ -241,8 +241,9 @@ impl ApiResponse {
     }
 
     pub(crate) fn invalid(err: InputError) -> Self {
-        let field = err.field;
-        Self::problem(400, "Invalid request", err.to_string()).with_member("field", json!(field))
+        // `err.to_string()` in one allocation, without the formatter.
+        let detail = [err.field, ": ", &err.reason].concat();
+        Self::problem(400, "Invalid request", detail).with_member("field", json!(err.field))
     }
 
     pub(crate) fn unavailable(detail: &str) -> Self {
@@ -373,6 +374,17 @@ mod tests {
         assert_eq!(tree["type"], problem_type("Request not pending"));
         assert_eq!(p.body, ResponseBody::Json(tree));
         assert_ne!(p.body, ResponseBody::Empty);
+    }
+
+    #[test]
+    fn an_invalid_input_is_a_400_whose_detail_is_the_error_and_field_names_it() {
+        let err = InputError::new("minSoc", "must be a whole number from 0 to 100");
+        let p = ApiResponse::invalid(err.clone()).body_json().into_owned();
+        assert_eq!(p["detail"], err.to_string());
+        assert_eq!(
+            (p["status"].as_u64(), p["field"].as_str()),
+            (Some(400), Some("minSoc"))
+        );
     }
 
     #[test]
