@@ -8,7 +8,7 @@
 //! [`super::InvocationResponse::with_http`].
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, Method};
 use base64::Engine as _;
@@ -331,9 +331,12 @@ fn headers(value: Option<&RawValue>) -> Result<Headers, String> {
         Some(Ok(Some(members))) => members,
         Some(Err(_)) => return Err("Headers is not an object".into()),
     };
-    let mut out = HeaderMap::with_capacity(members.len());
+    // Room for a request's usual headers; `HeaderMap` panics when it is full, so names
+    // past its limit are dropped (`try_append`), never a reason to fail.
+    let mut out = HeaderMap::with_capacity(members.len().min(64));
+    let superseded = superseded_names(&members);
     for (i, (name, raw)) in members.iter().enumerate() {
-        if members.iter().skip(i + 1).any(|(later, _)| later == name) {
+        if superseded(i, name) {
             continue;
         }
         let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
@@ -341,7 +344,7 @@ fn headers(value: Option<&RawValue>) -> Result<Headers, String> {
         };
         let mut add = |value: &RawValue| {
             if let Some(value) = member_text(value).and_then(|t| HeaderValue::from_str(&t).ok()) {
-                out.append(name.clone(), value);
+                let _ = out.try_append(name.clone(), value);
             }
         };
         if raw.get().starts_with('[') {
@@ -351,6 +354,24 @@ fn headers(value: Option<&RawValue>) -> Result<Headers, String> {
         }
     }
     Ok(Headers(out))
+}
+
+/// Whether member `i` (named `name`) is followed by one of the same spelling, which then
+/// counts instead. A request's few headers are compared pairwise; past that, each name's
+/// last position is looked up, so no envelope makes this quadratic.
+fn superseded_names<'m>(members: &'m Members<'_>) -> impl Fn(usize, &str) -> bool + 'm {
+    const PAIRWISE_UP_TO: usize = 32;
+    let last: Option<HashMap<&str, usize>> = (members.len() > PAIRWISE_UP_TO).then(|| {
+        let mut last = HashMap::with_capacity(members.len());
+        for (i, (name, _)) in members.iter().enumerate() {
+            last.insert(name.as_ref(), i);
+        }
+        last
+    });
+    move |i, name| match &last {
+        Some(last) => last.get(name).is_some_and(|&at| at != i),
+        None => members.iter().skip(i + 1).any(|(later, _)| later == name),
+    }
 }
 
 /// Calls `f` with each element of the JSON array `raw`, in order, without collecting
@@ -566,6 +587,30 @@ mod tests {
             r.into_call().header("idempotency-key"),
             forwarded.header("idempotency-key")
         );
+    }
+
+    #[test]
+    fn more_header_names_than_http_can_hold_are_dropped_not_fatal() {
+        let headers: serde_json::Map<String, Value> = (0..40_000)
+            .map(|i| (format!("X-H{i}"), json!(["v"])))
+            .collect();
+        let r = request(json!({"Method": "GET", "Headers": headers})).unwrap();
+        let call = r.into_call();
+        assert!(call.headers.contains_key("x-h0"));
+        assert!(call.headers.keys_len() < 40_000);
+    }
+
+    #[test]
+    fn many_headers_keep_the_last_of_a_name_given_twice_like_a_few() {
+        let mut text = String::from(r#"{"req": {"Method": "GET", "Headers": {"X-A": ["1"], "#);
+        for i in 0..100 {
+            text.push_str(&format!(r#""X-H{i}": ["v"], "#));
+        }
+        text.push_str(r#""X-A": ["2"], "x-a": ["3"]}}}"#);
+        let call = request_text(&text).unwrap().into_call();
+        let values: Vec<_> = call.headers.get_all("x-a").iter().collect();
+        assert_eq!(values, ["2", "3"]);
+        assert_eq!(call.headers.keys_len(), 101);
     }
 
     #[test]

@@ -225,6 +225,10 @@ impl ApiResponse {
     /// Sets an extension member of a problem (`field`, `requestId`, ...), or a member
     /// of a JSON object body; replaces one of the same name.
     pub(crate) fn with_member(mut self, name: &'static str, value: Value) -> Self {
+        debug_assert!(
+            !matches!(name, "type" | "title" | "status" | "detail"),
+            "{name} is a problem's own member, set by `problem`"
+        );
         match &mut self.body {
             ResponseBody::Problem(p) => match p.extensions.iter_mut().find(|(n, _)| *n == name) {
                 Some(existing) => existing.1 = value,
