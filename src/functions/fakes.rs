@@ -1203,7 +1203,10 @@ impl Harness {
     }
 }
 
-/// Writes a newly accepted pending request the way the HTTP function does.
+/// Writes a newly accepted pending request: the record and its due-index entry, as the
+/// HTTP function does, but not its history entries (neither the new request's nor the
+/// one it replaces, which `Ledger::accept` writes in the same transaction). Tests of
+/// the history go through [`post_min_soc`] or `set_soc_http::handle`.
 pub async fn accept_pending(h: &Harness, device: &str, min_soc: u8) -> DesiredState {
     loop {
         let current = h.ledger.get(&h.id(device)).await.unwrap();
