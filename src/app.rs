@@ -35,7 +35,7 @@ use tracing::{error, info};
 use crate::adapters::BuildError;
 use crate::config::{Config, ConfigError};
 use crate::domain::device_event::{self, EventError};
-use crate::domain::SettingRequest;
+use crate::domain::{InputError, SettingRequest};
 use crate::functions::device_events_http::{self, EventsRequest};
 use crate::functions::set_soc_http::{self, ApiRequest, ApiResponse};
 use crate::functions::soc_queue_trigger::{self, Delivery, Settle};
@@ -225,9 +225,8 @@ async fn set_soc_forwarded(
     // A path segment that does not percent-decode to UTF-8 is a bad deviceId, answered
     // like any other (axum's own rejection would be a text/plain 400).
     let Ok(Path(mut params)) = params else {
-        let mut p = ApiResponse::problem(400, "Invalid request", "deviceId: not valid UTF-8");
-        p = p.with_member("field", json!("deviceId"));
-        return api_response(p);
+        let err = InputError::new("deviceId", "not valid UTF-8");
+        return api_response(ApiResponse::invalid(err));
     };
     let device_id = params.remove("device_id").unwrap_or_default();
     // The route's catch-all, named as in function.json (`{*rest}`).
@@ -237,10 +236,7 @@ async fn set_soc_forwarded(
     let body = match read_forwarded_body(body, MAX_FORWARDED_BODY_BYTES).await {
         Ok(b) => b,
         Err(_) => {
-            let err = SettingRequest::too_large();
-            let mut p = ApiResponse::problem(400, "Invalid request", err.to_string());
-            p = p.with_member("field", json!(err.field));
-            return api_response(p);
+            return api_response(ApiResponse::invalid(SettingRequest::too_large()));
         }
     };
     let call = HttpCall::from_forwarded(&parts, route_params, body);
@@ -310,8 +306,8 @@ async fn device_events_forwarded(State(state): State<AppState>, req: Request) ->
         Ok(b) => b,
         Err(_) => {
             let err = EventError::too_large();
-            let mut p = ApiResponse::problem(400, "Invalid request", err.to_string());
-            p = p.with_member("field", json!(err.error.field));
+            let p = ApiResponse::problem(400, "Invalid request", err.to_string())
+                .with_member("field", json!(err.error.field));
             return api_response(p);
         }
     };

@@ -182,9 +182,8 @@ async fn receive(svc: &Services, content_type: Option<&str>, body: &[u8]) -> Api
     let encoding = match Encoding::of(content_type) {
         Ok(e) => e,
         Err(e) => {
-            let mut p = ApiResponse::problem(415, "Unsupported media type", e.to_string());
-            p = p.with_member("field", json!(e.field));
-            return p;
+            return ApiResponse::problem(415, "Unsupported media type", e.to_string())
+                .with_member("field", json!(e.field));
         }
     };
     let events = match device_event::parse(encoding, body) {
@@ -418,8 +417,8 @@ fn unreadable(device: &DeviceId, row: &crate::ports::CorruptRow) -> Fate {
 /// A `400` naming the event (its position in a batch) and the attribute.
 fn rejected(e: &EventError) -> ApiResponse {
     warn!(index = ?e.index, field = e.error.field, "device events rejected");
-    let mut p = ApiResponse::problem(400, "Invalid request", e.to_string());
-    p = p.with_member("field", json!(e.error.field));
+    let mut p = ApiResponse::problem(400, "Invalid request", e.to_string())
+        .with_member("field", json!(e.error.field));
     if let Some(i) = e.index {
         p = p.with_member("index", json!(i));
     }

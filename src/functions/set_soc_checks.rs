@@ -18,7 +18,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::json;
 
 use super::set_soc_http::ApiResponse;
-use crate::domain::SettingRequest;
+use crate::domain::{InputError, SettingRequest};
 use crate::host::envelope::Name;
 use crate::host::{HttpCall, IDEMPOTENCY_KEY};
 
@@ -29,13 +29,12 @@ pub fn check(call: &HttpCall) -> Option<ApiResponse> {
         return None;
     }
     if !is_json(call.content_type()) {
-        let mut p = ApiResponse::problem(
+        let p = ApiResponse::problem(
             415,
             "Unsupported media type",
             "Content-Type must be application/json",
         );
-        p = p.with_member("field", json!("Content-Type"));
-        return Some(p);
+        return Some(p.with_member("field", json!("Content-Type")));
     }
     if call.headers.get_all(IDEMPOTENCY_KEY).iter().count() > 1 {
         return Some(invalid("Idempotency-Key", "must be given at most once"));
@@ -54,11 +53,8 @@ pub fn check(call: &HttpCall) -> Option<ApiResponse> {
     None
 }
 
-fn invalid(field: &str, detail: impl Into<String>) -> ApiResponse {
-    let detail = format!("{field}: {}", detail.into());
-    let mut p = ApiResponse::problem(400, "Invalid request", detail);
-    p = p.with_member("field", json!(field));
-    p
+fn invalid(field: &'static str, detail: impl Into<String>) -> ApiResponse {
+    ApiResponse::invalid(InputError::new(field, detail))
 }
 
 /// `application/json`, any case, with or without parameters.

@@ -148,7 +148,7 @@ fn settled(entry: &HistoryEntry) -> ApiResponse {
         return ApiResponse::json(200, entry_view(entry));
     }
     let r = &entry.request;
-    let mut problem = ApiResponse::problem(
+    ApiResponse::problem(
         409,
         "Request not pending",
         format!(
@@ -157,10 +157,9 @@ fn settled(entry: &HistoryEntry) -> ApiResponse {
             r.device_id,
             status.as_str()
         ),
-    );
-    problem = problem.with_member("requestId", serde_json::json!(r.request_id));
-    problem = problem.with_member("requestStatus", serde_json::json!(status.as_str()));
-    problem
+    )
+    .with_member("requestId", serde_json::json!(r.request_id))
+    .with_member("requestStatus", serde_json::json!(status.as_str()))
 }
 
 /// A pending request a PUT of which may still land: nothing is written; try again
@@ -168,7 +167,7 @@ fn settled(entry: &HistoryEntry) -> ApiResponse {
 fn being_applied(entry: &HistoryEntry, after: chrono::Duration) -> ApiResponse {
     let r = &entry.request;
     let seconds = (after.num_milliseconds() + 999).div_euclid(1000).max(1);
-    let mut problem = ApiResponse::problem(
+    ApiResponse::problem(
         409,
         "Request being applied",
         format!(
@@ -176,13 +175,13 @@ fn being_applied(entry: &HistoryEntry, after: chrono::Duration) -> ApiResponse {
              cancelled (if it is still pending) once that attempt is over, in {seconds} s",
             r.request_id, r.device_id
         ),
-    );
-    problem = problem.with_member("requestId", serde_json::json!(r.request_id));
-    problem = problem.with_member(
+    )
+    .with_member("requestId", serde_json::json!(r.request_id))
+    .with_member(
         "requestStatus",
         serde_json::json!(ShownStatus::Pending.as_str()),
-    );
-    problem.with_header("Retry-After", seconds.to_string())
+    )
+    .with_header("Retry-After", seconds.to_string())
 }
 
 #[cfg(test)]

@@ -509,7 +509,7 @@ fn store_failed(device: &DeviceId, why: &str) -> ApiResponse {
 /// doing to the request.
 fn outcome_unknown(device: &DeviceId, request: &RequestId, what: &str) -> ApiResponse {
     warn!(device = %device, request_id = %request, "write of unknown outcome: the storage stayed unreachable");
-    let mut problem = ApiResponse::problem(
+    let problem = ApiResponse::problem(
         500,
         "Outcome unknown",
         format!(
@@ -517,8 +517,9 @@ fn outcome_unknown(device: &DeviceId, request: &RequestId, what: &str) -> ApiRes
              store is back"
         ),
     );
-    problem = problem.with_member("requestId", serde_json::json!(request));
-    problem.with_header("Retry-After", "30")
+    problem
+        .with_member("requestId", serde_json::json!(request))
+        .with_header("Retry-After", "30")
 }
 
 #[cfg(test)]

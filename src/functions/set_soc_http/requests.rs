@@ -76,7 +76,7 @@ pub(super) fn refused(entry: &HistoryEntry) -> ApiResponse {
     let r = &entry.request;
     let device = r.device_id.as_str();
     let unknown = r.last_error.as_deref() == Some(&DeviceError::UnknownDevice.to_string());
-    let mut problem = if unknown {
+    let problem = if unknown {
         ApiResponse::problem(
             404,
             "Unknown device",
@@ -97,8 +97,9 @@ pub(super) fn refused(entry: &HistoryEntry) -> ApiResponse {
             ),
         )
     };
-    problem = problem.with_member("requestId", serde_json::json!(r.request_id));
-    problem.with_header("Location", location(device, &r.request_id))
+    problem
+        .with_member("requestId", serde_json::json!(r.request_id))
+        .with_header("Location", location(device, &r.request_id))
 }
 
 async fn lookup(
